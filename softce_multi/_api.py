@@ -1,0 +1,146 @@
+"""Public functions: validate the arguments, pick the implementation, call it."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import array_api_compat
+
+from softce_multi import _core
+from softce_multi._validate import check_reduction, validate_inputs
+
+Array = Any
+Reduction = Literal["mean", "sum", "none"]
+
+
+def masked_soft_cross_entropy(
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    reduction: Reduction = "mean",
+    num_valid: Array | float | None = None,
+) -> Array:
+    """Masked soft-target cross entropy, the loss of EAGLE-3 draft models.
+
+    Per position, ``c = -sum_v p_v * log_softmax(z)_v``, where a term with ``p_v == 0`` is
+    exactly 0. The positions are weighted by ``position_mask`` and reduced.
+
+    Parameters
+    ----------
+    logits : array, shape ``[..., V]``
+        Draft logits ``z`` in float16, bfloat16, float32 or float64.
+    target_probs : array, shape ``[..., V]``
+        Target distribution ``p`` over the same vocabulary, floating. It need not sum to 1.
+    position_mask : array, shape ``[...]`` or ``[..., 1]``
+        Weights ``w`` of the positions: bool, 0/1 or non-negative numbers. Positions with
+        ``w == 0`` are padding: whatever their logits and targets hold, NaN and inf included,
+        they change neither the loss nor the gradient.
+    reduction : {"mean", "sum", "none"}, default "mean"
+        ``"mean"`` gives ``sum(w * c) / max(sum(w), 1)``; ``"sum"`` gives ``sum(w * c)``;
+        ``"none"`` gives ``w * c`` with shape ``logits.shape[:-1]``.
+    num_valid : number or 0-d array, optional
+        Replaces the denominator of ``"mean"``, for example the global count of valid positions
+        under data parallelism, or ``batch * seq`` to reproduce the EAGLE/SpecForge reduction.
+        A 0-d array stays on its device (it is never read on the host). 0 gives a loss of 0.
+
+    Returns
+    -------
+    array
+        The loss, in float32 (float64 when either input is float64), of the inputs' namespace
+        and device. On PyTorch it is differentiable with respect to ``logits`` and
+        ``target_probs``; on JAX it works under ``jax.grad``, ``jax.jit`` and ``jax.vmap``.
+
+    Raises
+    ------
+    TypeError
+        If an argument is not an array of a floating (mask: bool, integer or floating) dtype,
+        or the arrays come from different libraries.
+    ValueError
+        If shapes disagree, the vocabulary axis is empty, the arrays are on different devices,
+        ``reduction`` is unknown or ``num_valid`` is negative.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import softce_multi as sc
+    >>> logits = np.array([[[2.0, 0.0, -1.0], [0.5, 0.5, 0.5]]])
+    >>> target = np.array([[[1.0, 0.0, 0.0], [0.2, 0.3, 0.5]]])
+    >>> mask = np.array([[[True], [False]]])
+    >>> round(float(sc.masked_soft_cross_entropy(logits, target, mask)), 6)
+    0.169846
+    """
+    xp = validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
+    if array_api_compat.is_torch_namespace(xp):
+        from softce_multi.torch import _differentiable_loss
+
+        return _differentiable_loss(logits, target_probs, position_mask, reduction, num_valid)
+    if array_api_compat.is_jax_namespace(xp):
+        from softce_multi.jax import _differentiable_loss as _jax_loss
+
+        return _jax_loss(logits, target_probs, position_mask, reduction, num_valid)
+    return _core.forward(
+        logits,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        with_logits_grad=False,
+        block_rows=_core.default_block_rows(logits.shape[-1]),
+        xp=xp,
+    ).loss
+
+
+def masked_soft_cross_entropy_with_grad(
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    reduction: Literal["mean", "sum"] = "mean",
+    num_valid: Array | float | None = None,
+) -> tuple[Array, Array]:
+    """Return the loss of :func:`masked_soft_cross_entropy` and its gradient to the logits.
+
+    This is how NumPy and CuPy users train, and it works for every backend. The loss and the
+    gradient come out of one pass over the inputs; the inputs are never written to.
+
+    Parameters
+    ----------
+    logits, target_probs, position_mask, num_valid
+        As in :func:`masked_soft_cross_entropy`.
+    reduction : {"mean", "sum"}, default "mean"
+        ``"none"`` is refused: it has no single gradient.
+
+    Returns
+    -------
+    loss : array, shape ``()``
+        As :func:`masked_soft_cross_entropy` returns it.
+    grad_logits : array, shape and dtype of ``logits``
+        ``w / den * (sum(p) * softmax(z) - p)``, exactly 0 at masked positions.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import softce_multi as sc
+    >>> logits = np.array([[0.0, 0.0]])
+    >>> target = np.array([[1.0, 0.0]])
+    >>> loss, grad = sc.masked_soft_cross_entropy_with_grad(logits, target, np.array([1]))
+    >>> grad
+    array([[-0.5,  0.5]])
+    """
+    xp = validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
+    check_reduction(reduction, with_grad=True)
+    traced = array_api_compat.is_jax_namespace(xp)
+    result = _core.forward(
+        logits,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        with_logits_grad=True,
+        block_rows=None if traced else _core.default_block_rows(logits.shape[-1]),
+        xp=xp,
+    )
+    return result.loss, result.logits_grad

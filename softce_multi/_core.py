@@ -1,0 +1,312 @@
+"""Masked soft-target cross entropy and its gradients, written once against the array API.
+
+Every function here takes the array namespace ``xp`` explicitly and creates its arrays on the
+device of its inputs. The work is split in two reusable steps:
+
+1. :func:`row_statistics` reduces a block of rows to four numbers per row (the row maximum, the
+   sum of exponentials relative to it, the target mass and the target-weighted logits).
+2. :func:`row_losses`, :func:`logits_gradient_rows` and :func:`targets_gradient_rows` turn those
+   statistics, and the same block, into per-row losses and gradient rows.
+
+The drivers (:func:`forward`, :func:`logits_gradient`, :func:`targets_gradient`) run the two
+steps over blocks of rows, so that no ``[N, V]`` float32 intermediate outlives one block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+Array = Any
+Namespace = Any
+
+#: Elements per block on eager backends: large enough to amortise per-call overhead, small
+#: enough that a block's float32 temporaries stay in cache.
+BLOCK_ELEMENTS = 1 << 18
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+class RowStatistics(NamedTuple):
+    """Per-row reductions of a block of logits ``z`` and targets ``p``.
+
+    All fields have shape ``[n]``. ``target_dot`` is taken relative to ``row_max`` so that the
+    loss never subtracts two large numbers.
+    """
+
+    row_max: Array
+    """``max_v z_v``, or 0 where that maximum is not finite."""
+    sum_exp: Array
+    """``sum_v exp(z_v - row_max)``."""
+    target_sum: Array
+    """``sum_v p_v``."""
+    target_dot: Array
+    """``sum_v p_v * (z_v - row_max)``, where a term with ``p_v == 0`` is exactly 0."""
+
+
+class ForwardResult(NamedTuple):
+    """What one pass over the inputs produces."""
+
+    loss: Array
+    """The reduced loss, in the computation dtype."""
+    logits_grad: Array | None
+    """``d loss / d logits`` in the logits' dtype and shape, if it was asked for."""
+    log_normalizer: Array
+    """``logsumexp_v z_v`` per row, shape ``[N]``; saved for a later backward pass."""
+    target_sum: Array
+    """``sum_v p_v`` per row, shape ``[N]``."""
+    row_scale: Array
+    """``d loss / d c_row`` per row, shape ``[N]``: ``w / den`` (``w`` for ``"none"``)."""
+
+
+def compute_dtype(logits: Array, target_probs: Array, *, xp: Namespace) -> Any:
+    """Return float64 when either input is float64, else float32."""
+    if xp.float64 in (logits.dtype, target_probs.dtype):
+        return xp.float64
+    return xp.float32
+
+
+def row_statistics(z: Array, p: Array, *, xp: Namespace) -> RowStatistics:
+    """Reduce a ``[n, V]`` block of logits and targets to its :class:`RowStatistics`."""
+    row_max = xp.max(z, axis=-1, keepdims=True)
+    # A row with no finite maximum (all -inf, or padding holding inf/NaN) is shifted by 0, so
+    # that z - row_max does not turn every entry of the row into NaN.
+    row_max = xp.where(xp.isfinite(row_max), row_max, 0.0)
+    shifted = z - row_max
+    sum_exp = xp.sum(xp.exp(shifted), axis=-1)
+    target_sum = xp.sum(p, axis=-1)
+    # 0 * -inf is NaN; a target of exactly 0 must contribute exactly 0.
+    target_dot = xp.sum(xp.where(p == 0, 0.0, p * shifted), axis=-1)
+    return RowStatistics(row_max[..., 0], sum_exp, target_sum, target_dot)
+
+
+def log_normalizer(stats: RowStatistics, *, xp: Namespace) -> Array:
+    """Return ``logsumexp_v z_v`` per row."""
+    return stats.row_max + xp.log(stats.sum_exp)
+
+
+def row_losses(stats: RowStatistics, *, xp: Namespace) -> Array:
+    """Return ``c = -sum_v p_v log_softmax(z)_v`` per row."""
+    return stats.target_sum * xp.log(stats.sum_exp) - stats.target_dot
+
+
+def logits_gradient_rows(
+    z: Array, p: Array, lse: Array, target_sum: Array, row_scale: Array, *, xp: Namespace
+) -> Array:
+    """Return ``row_scale * (sum(p) * softmax(z) - p)`` for a ``[n, V]`` block.
+
+    Rows whose ``row_scale`` is 0 are exactly 0, whatever ``z`` and ``p`` hold there.
+    """
+    scale = row_scale[:, None]
+    grad = (scale * target_sum[:, None]) * xp.exp(z - lse[:, None]) - scale * p
+    return xp.where(scale != 0, grad, 0.0)
+
+
+def targets_gradient_rows(z: Array, lse: Array, row_scale: Array, *, xp: Namespace) -> Array:
+    """Return ``-row_scale * log_softmax(z)`` for a ``[n, V]`` block; 0 where ``row_scale`` is."""
+    scale = row_scale[:, None]
+    return xp.where(scale != 0, scale * (lse[:, None] - z), 0.0)
+
+
+def row_blocks(n_rows: int, block_rows: int | None) -> Iterator[slice]:
+    """Yield slices covering ``range(n_rows)`` in blocks of ``block_rows`` (all at once if None)."""
+    step = n_rows if block_rows is None else block_rows
+    for start in range(0, n_rows, max(step, 1)):
+        yield slice(start, min(start + step, n_rows))
+
+
+def default_block_rows(vocab_size: int) -> int:
+    """Rows per block on eager backends, for a vocabulary of ``vocab_size``."""
+    return max(1, BLOCK_ELEMENTS // vocab_size)
+
+
+def inverse_denominator(
+    weights: Array, reduction: str, num_valid: Array | float | None, *, xp: Namespace
+) -> Array:
+    """Return ``1 / den`` for the reduction, as a 0-d array; 0 when ``num_valid`` is 0.
+
+    ``weights`` are the per-row mask values, already in the computation dtype.
+    """
+    dtype = weights.dtype
+    device = _device(weights, xp=xp)
+    if reduction != "mean":
+        return xp.asarray(1.0, dtype=dtype, device=device)
+    if num_valid is None:
+        return 1.0 / xp.clip(xp.sum(weights), min=1.0)
+    count = xp.asarray(num_valid, dtype=dtype, device=device)
+    safe = xp.where(count == 0, 1.0, count)
+    return xp.where(count == 0, 0.0, 1.0 / safe)
+
+
+def flatten_rows(
+    logits: Array, target_probs: Array, position_mask: Array, *, xp: Namespace
+) -> tuple[Array, Array, Array]:
+    """Reshape the inputs to ``[N, V]``, ``[N, V]`` and ``[N]``."""
+    vocab_size = logits.shape[-1]
+    n_rows = math.prod(logits.shape[:-1])
+    return (
+        xp.reshape(logits, (n_rows, vocab_size)),
+        xp.reshape(target_probs, (n_rows, vocab_size)),
+        xp.reshape(position_mask, (n_rows,)),
+    )
+
+
+def forward(
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    *,
+    reduction: str,
+    num_valid: Array | float | None,
+    with_logits_grad: bool,
+    block_rows: int | None,
+    xp: Namespace,
+) -> ForwardResult:
+    """Compute the loss, and optionally ``d loss / d logits``, in one pass over row blocks.
+
+    Parameters
+    ----------
+    logits, target_probs, position_mask
+        Validated inputs: ``[..., V]``, ``[..., V]`` and ``[...]`` or ``[..., 1]``.
+    reduction
+        ``"mean"``, ``"sum"`` or ``"none"``.
+    num_valid
+        Replacement denominator of ``"mean"``, or None.
+    with_logits_grad
+        Whether to compute the logits gradient (scaled for a unit upstream gradient).
+    block_rows
+        Rows per block, or None to process every row at once (for traced backends).
+    xp
+        The array namespace of the inputs.
+    """
+    dtype = compute_dtype(logits, target_probs, xp=xp)
+    z, p, mask = flatten_rows(logits, target_probs, position_mask, xp=xp)
+    weights = xp.astype(mask, dtype)
+    valid = weights != 0
+    inv_den = inverse_denominator(weights, reduction, num_valid, xp=xp)
+    row_scale = weights * inv_den
+
+    losses, lses, target_sums, grad_blocks = [], [], [], []
+    grad = _allocate_if_blocked(z, block_rows, with_logits_grad, xp=xp)
+    for rows in row_blocks(z.shape[0], block_rows):
+        z_block = xp.astype(z[rows, ...], dtype, copy=False)
+        p_block = xp.astype(p[rows, ...], dtype, copy=False)
+        stats = row_statistics(z_block, p_block, xp=xp)
+        lse = log_normalizer(stats, xp=xp)
+        losses.append(xp.where(valid[rows], weights[rows] * row_losses(stats, xp=xp), 0.0))
+        lses.append(lse)
+        target_sums.append(stats.target_sum)
+        if with_logits_grad:
+            block = logits_gradient_rows(
+                z_block, p_block, lse, stats.target_sum, row_scale[rows], xp=xp
+            )
+            block = xp.astype(block, logits.dtype, copy=False)
+            if grad is None:
+                grad_blocks.append(block)
+            else:
+                grad[rows, ...] = block
+
+    weighted = _concat(losses, xp=xp)
+    if reduction == "none":
+        loss = xp.reshape(weighted, logits.shape[:-1])
+    elif reduction == "sum":
+        loss = xp.sum(weighted)
+    else:
+        loss = xp.where(inv_den == 0, 0.0, xp.sum(weighted) * inv_den)
+
+    logits_grad = None
+    if with_logits_grad:
+        logits_grad = grad if grad is not None else _concat(grad_blocks, xp=xp)
+        logits_grad = xp.reshape(logits_grad, logits.shape)
+    return ForwardResult(
+        loss, logits_grad, _concat(lses, xp=xp), _concat(target_sums, xp=xp), row_scale
+    )
+
+
+def logits_gradient(
+    logits: Array,
+    target_probs: Array,
+    lse: Array,
+    target_sum: Array,
+    row_scale: Array,
+    *,
+    block_rows: int | None,
+    xp: Namespace,
+) -> Array:
+    """Return ``d loss / d logits`` from saved row statistics, in the logits' dtype and shape."""
+    dtype = lse.dtype
+    z, p = _as_rows(logits, xp=xp), _as_rows(target_probs, xp=xp)
+
+    def block(rows: slice) -> Array:
+        z_block = xp.astype(z[rows, ...], dtype, copy=False)
+        p_block = xp.astype(p[rows, ...], dtype, copy=False)
+        return logits_gradient_rows(
+            z_block, p_block, lse[rows], target_sum[rows], row_scale[rows], xp=xp
+        )
+
+    grad = _map_row_blocks(block, z, logits.dtype, block_rows, xp=xp)
+    return xp.reshape(grad, logits.shape)
+
+
+def targets_gradient(
+    logits: Array,
+    lse: Array,
+    row_scale: Array,
+    *,
+    out_dtype: Any,
+    block_rows: int | None,
+    xp: Namespace,
+) -> Array:
+    """Return ``d loss / d target_probs`` from saved row statistics, in ``out_dtype``."""
+    dtype = lse.dtype
+    z = _as_rows(logits, xp=xp)
+
+    def block(rows: slice) -> Array:
+        z_block = xp.astype(z[rows, ...], dtype, copy=False)
+        return targets_gradient_rows(z_block, lse[rows], row_scale[rows], xp=xp)
+
+    grad = _map_row_blocks(block, z, out_dtype, block_rows, xp=xp)
+    return xp.reshape(grad, logits.shape)
+
+
+def _as_rows(x: Array, *, xp: Namespace) -> Array:
+    return xp.reshape(x, (math.prod(x.shape[:-1]), x.shape[-1]))
+
+
+def _device(x: Array, *, xp: Namespace) -> Any:
+    # None under a JAX trace, where arrays carry no concrete device.
+    return array_api_compat.device(x)
+
+
+def _concat(blocks: list[Array], *, xp: Namespace) -> Array:
+    return blocks[0] if len(blocks) == 1 else xp.concat(blocks, axis=0)
+
+
+def _allocate_if_blocked(
+    z: Array, block_rows: int | None, needed: bool, *, xp: Namespace, dtype: Any = None
+) -> Array | None:
+    """Preallocate an ``[N, V]`` output when it will be filled block by block."""
+    if not needed or block_rows is None or block_rows >= z.shape[0]:
+        return None
+    out_dtype = z.dtype if dtype is None else dtype
+    return xp.empty(z.shape, dtype=out_dtype, device=_device(z, xp=xp))
+
+
+def _map_row_blocks(
+    block: Callable[[slice], Array],
+    z: Array,
+    out_dtype: Any,
+    block_rows: int | None,
+    *,
+    xp: Namespace,
+) -> Array:
+    """Assemble an ``[N, V]`` array of ``out_dtype`` from ``block(rows)`` over row blocks."""
+    out = _allocate_if_blocked(z, block_rows, True, xp=xp, dtype=out_dtype)
+    if out is None:
+        return xp.astype(block(slice(0, z.shape[0])), out_dtype, copy=False)
+    for rows in row_blocks(z.shape[0], block_rows):
+        out[rows, ...] = xp.astype(block(rows), out_dtype, copy=False)
+    return out

@@ -1,0 +1,144 @@
+"""JAX adapter: a ``jax.custom_vjp`` around the shared core, safe under ``jit`` and ``vmap``.
+
+The core runs unblocked here: under ``jax.jit`` XLA fuses the row statistics and the gradient
+rows into a few loops over the inputs, without an ``[N, V]`` float32 temporary in between.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from softce_multi import _core
+from softce_multi._api import Reduction
+from softce_multi._validate import validate_inputs
+
+__all__ = ["masked_soft_cross_entropy"]
+
+
+def masked_soft_cross_entropy(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    /,
+    *,
+    reduction: Reduction = "mean",
+    num_valid: jax.Array | float | None = None,
+) -> jax.Array:
+    """Masked soft-target cross entropy for JAX, differentiable with a custom VJP.
+
+    Same function as :func:`softce_multi.masked_soft_cross_entropy`, for ``jax.Array`` inputs.
+
+    Args:
+      logits: draft logits, shape ``[..., V]``, float16/bfloat16/float32/float64.
+      target_probs: target distribution over the same vocabulary, shape ``[..., V]``; need not
+        be normalised. Its gradient is ``-w / den * log_softmax(logits)``; wrap it in
+        ``jax.lax.stop_gradient`` when it is a constant target.
+      position_mask: position weights, shape ``[...]`` or ``[..., 1]``, bool, integer or float.
+        Positions with weight 0 are ignored, even if they hold NaN or inf.
+      reduction: ``"mean"`` (``sum(w*c) / max(sum(w), 1)``), ``"sum"`` or ``"none"``.
+      num_valid: replaces the denominator of ``"mean"``; a number or a 0-d ``jax.Array``
+        (traced values are fine). 0 gives a loss of 0.
+
+    Returns:
+      The loss in float32 (float64 when an input is float64 and x64 is enabled); shape ``()``,
+      or ``logits.shape[:-1]`` for ``"none"``. Gradients come back in the inputs' dtypes.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from softce_multi.jax import masked_soft_cross_entropy
+      >>> logits = jax.random.normal(jax.random.key(0), (2, 4, 16))
+      >>> target = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 4, 16)))
+      >>> mask = jnp.ones((2, 4, 1), dtype=bool)
+      >>> grad = jax.jit(jax.grad(masked_soft_cross_entropy))(logits, target, mask)
+      >>> grad.shape
+      (2, 4, 16)
+    """
+    validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
+    return _differentiable_loss(logits, target_probs, position_mask, reduction, num_valid)
+
+
+def _differentiable_loss(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    reduction: str,
+    num_valid: jax.Array | float | None,
+) -> jax.Array:
+    """Convert the mask and count to constants of the computation dtype and apply the VJP."""
+    dtype = _core.compute_dtype(logits, target_probs, xp=jnp)
+    weights = jax.lax.stop_gradient(jnp.astype(position_mask, dtype))
+    count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
+    return _loss(logits, target_probs, weights, count, reduction)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _loss(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    weights: jax.Array,
+    count: jax.Array | None,
+    reduction: str,
+) -> jax.Array:
+    return _forward(logits, target_probs, weights, count, reduction).loss
+
+
+def _forward(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    weights: jax.Array,
+    count: jax.Array | None,
+    reduction: str,
+) -> _core.ForwardResult:
+    return _core.forward(
+        logits,
+        target_probs,
+        weights,
+        reduction=reduction,
+        num_valid=count,
+        with_logits_grad=False,
+        block_rows=None,
+        xp=jnp,
+    )
+
+
+def _loss_fwd(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    weights: jax.Array,
+    count: jax.Array | None,
+    reduction: str,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    result = _forward(logits, target_probs, weights, count, reduction)
+    residuals = (
+        logits,
+        target_probs,
+        result.log_normalizer,
+        result.target_sum,
+        result.row_scale,
+        weights,
+        count,
+    )
+    return result.loss, residuals
+
+
+def _loss_bwd(
+    reduction: str, residuals: tuple[Any, ...], grad_output: jax.Array
+) -> tuple[Any, ...]:
+    logits, target_probs, lse, target_sum, row_scale, weights, count = residuals
+    upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
+    row_scale = row_scale * upstream
+    grad_logits = _core.logits_gradient(
+        logits, target_probs, lse, target_sum, row_scale, block_rows=None, xp=jnp
+    )
+    grad_targets = _core.targets_gradient(
+        logits, lse, row_scale, out_dtype=target_probs.dtype, block_rows=None, xp=jnp
+    )
+    zero_count = None if count is None else jnp.zeros_like(count)
+    return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
+
+
+_loss.defvjp(_loss_fwd, _loss_bwd)
