@@ -1,0 +1,379 @@
+"""Pallas kernels for JAX on GPU, behind the contract of :func:`softce_multi._core.forward`.
+
+The kernels target the Triton backend of Pallas and mirror :mod:`softce_multi.kernels.triton`:
+the grid has one program per row, and each program loops over the vocabulary in chunks of
+``block_size`` entries (a power of two, which the Triton backend requires of every block it
+loads), so any ``V`` works without padding or copying the inputs.
+
+* The **forward kernel** sweeps a row once with an online maximum, accumulating the statistics
+  of :func:`softce_multi._core.row_statistics`, and writes the weighted loss, the
+  log-normalizer and the target mass of the row. With the gradient requested it sweeps the row a
+  second time (from L2 while the rows in flight fit there) and writes
+  ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype.
+* The **backward kernel** recomputes the gradients to the logits and/or the targets from saved
+  row statistics in one sweep.
+
+Rows of weight (forward) or scale (backward) 0 are not read and get zeros. Every function takes
+``interpret``: with ``interpret=True`` Pallas runs the kernels on any backend, which is how they
+are tested on the CPU. The functions are traceable: they work under ``jax.jit``.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from softce_multi import _core
+
+__all__ = ["backward", "forward"]
+
+#: Largest chunk of the vocabulary a program holds at once (a power of two).
+MAX_BLOCK_SIZE = 4096
+
+
+def _load_chunk(
+    ref: Any, row: Any, chunk: Any, block_size: int, other: float, dtype: Any, eviction: str
+) -> Any:
+    """Load chunk ``chunk`` of row ``row`` of ``ref`` in ``dtype``; ``other`` past the row's end."""
+    start = chunk * block_size
+    cols = start + jnp.arange(block_size)
+    values = plgpu.load(
+        ref.at[row, pl.ds(start, block_size)],
+        mask=cols < ref.shape[-1],
+        other=other,
+        eviction_policy=eviction,
+    )
+    return values.astype(dtype)
+
+
+def _store_chunk(ref: Any, row: Any, chunk: Any, value: Any) -> None:
+    """Store ``value`` as chunk ``chunk`` of row ``row`` of ``ref``, up to the row's end."""
+    block_size = value.shape[0]
+    start = chunk * block_size
+    cols = start + jnp.arange(block_size)
+    plgpu.store(
+        ref.at[row, pl.ds(start, block_size)], value.astype(ref.dtype), mask=cols < ref.shape[-1]
+    )
+
+
+def _zero_row(out_ref: Any, row: Any, block_size: int) -> None:
+    """Write zeros over row ``row`` of ``out_ref``."""
+
+    def write(chunk: Any, carry: None) -> None:
+        _store_chunk(out_ref, row, chunk, jnp.zeros(block_size, out_ref.dtype))
+
+    jax.lax.fori_loop(0, pl.cdiv(out_ref.shape[-1], block_size), write, None)
+
+
+def _gradient_sweep(
+    z_ref: Any,
+    p_ref: Any,
+    logits_out: Any | None,
+    targets_out: Any | None,
+    row: Any,
+    lse: Any,
+    target_sum: Any,
+    scale: Any,
+    *,
+    last_first: bool,
+    compute: Any,
+    block_size: int,
+) -> None:
+    """Write one row of the logits and/or targets gradients (None: not wanted); 0 if scale is 0.
+
+    ``last_first`` walks the chunks from the end of the row, so that a sweep right after the
+    statistics sweep starts with the chunks most recently brought into the cache.
+    """
+    n_chunks = pl.cdiv(z_ref.shape[-1], block_size)
+    outs = [out for out in (logits_out, targets_out) if out is not None]
+
+    def write(i: Any, carry: None) -> None:
+        chunk = n_chunks - 1 - i if last_first else i
+        z = _load_chunk(z_ref, row, chunk, block_size, 0.0, compute, "evict_first")
+        if logits_out is not None:
+            p = _load_chunk(p_ref, row, chunk, block_size, 0.0, compute, "evict_first")
+            grad = (scale * target_sum) * jnp.exp(z - lse) - scale * p
+            _store_chunk(logits_out, row, chunk, grad)
+        if targets_out is not None:
+            _store_chunk(targets_out, row, chunk, scale * (lse - z))
+
+    def write_zeros() -> None:
+        for out in outs:
+            _zero_row(out, row, block_size)
+
+    jax.lax.cond(scale == 0, write_zeros, lambda: jax.lax.fori_loop(0, n_chunks, write, None))
+
+
+def _row_statistics(
+    z_ref: Any, p_ref: Any, row: Any, *, compute: Any, block_size: int, eviction: str
+) -> tuple[Any, Any, Any, Any]:
+    """Return ``(shift, sum_exp, target_sum, target_dot)`` of one row, in one online sweep.
+
+    ``shift`` is the row maximum where it is finite and 0 otherwise, as in
+    :func:`softce_multi._core.row_statistics`; the sums are taken relative to it.
+    """
+
+    def accumulate(chunk: Any, state: tuple[Any, ...]) -> tuple[Any, ...]:
+        running_max, shift, sum_exp, target_sum, target_dot = state
+        z = _load_chunk(z_ref, row, chunk, block_size, -jnp.inf, compute, eviction)
+        p = _load_chunk(p_ref, row, chunk, block_size, 0.0, compute, eviction)
+        running_max = jnp.maximum(running_max, jnp.max(z))
+        new_shift = jnp.where(jnp.isfinite(running_max), running_max, 0.0)
+        moved = shift - new_shift
+        # The shift only grows while it is the maximum; ``min`` keeps an empty sum at 0 when it
+        # leaves the -inf convention (0) for a negative maximum.
+        sum_exp = sum_exp * jnp.exp(jnp.minimum(moved, 0.0)) + jnp.sum(jnp.exp(z - new_shift))
+        # sum p * (z - new) = sum p * (z - old) + (old - new) * sum p; p == 0 adds exactly 0
+        # (never 0 * -inf, which is NaN).
+        dot = jnp.sum(p * jnp.where(p == 0, 0.0, z - new_shift))
+        target_dot = target_dot + moved * target_sum + dot
+        target_sum = target_sum + jnp.sum(p)
+        return running_max, new_shift, sum_exp, target_sum, target_dot
+
+    zero = jnp.zeros((), compute)
+    initial = (jnp.full((), -jnp.inf, compute), zero, zero, zero, zero)
+    n_chunks = pl.cdiv(z_ref.shape[-1], block_size)
+    _, shift, sum_exp, target_sum, target_dot = jax.lax.fori_loop(0, n_chunks, accumulate, initial)
+    return shift, sum_exp, target_sum, target_dot
+
+
+def _forward_kernel(
+    z_ref: Any,
+    p_ref: Any,
+    weight_ref: Any,
+    scale_ref: Any,
+    loss_ref: Any,
+    lse_ref: Any,
+    target_sum_ref: Any,
+    *grad_ref: Any,
+    compute: Any,
+    block_size: int,
+) -> None:
+    row = pl.program_id(0)
+    weight = weight_ref[row]
+    logits_out = grad_ref[0] if grad_ref else None
+
+    def valid_row() -> None:
+        shift, sum_exp, target_sum, target_dot = _row_statistics(
+            z_ref,
+            p_ref,
+            row,
+            compute=compute,
+            block_size=block_size,
+            # Keep the row in L2 for the gradient sweep that follows.
+            eviction="evict_last" if grad_ref else "evict_first",
+        )
+        log_sum_exp = jnp.log(sum_exp)
+        lse = shift + log_sum_exp
+        loss_ref[row] = weight * (target_sum * log_sum_exp - target_dot)
+        lse_ref[row] = lse
+        target_sum_ref[row] = target_sum
+        if logits_out is not None:
+            _gradient_sweep(
+                z_ref,
+                p_ref,
+                logits_out,
+                None,
+                row,
+                lse,
+                target_sum,
+                scale_ref[row],
+                last_first=True,
+                compute=compute,
+                block_size=block_size,
+            )
+
+    def masked_row() -> None:
+        for ref in (loss_ref, lse_ref, target_sum_ref):
+            ref[row] = jnp.zeros((), compute)
+        if logits_out is not None:
+            _zero_row(logits_out, row, block_size)
+
+    jax.lax.cond(weight == 0, masked_row, valid_row)
+
+
+def _backward_kernel(
+    z_ref: Any,
+    p_ref: Any,
+    lse_ref: Any,
+    target_sum_ref: Any,
+    scale_ref: Any,
+    *out_refs: Any,
+    logits_grad: bool,
+    targets_grad: bool,
+    compute: Any,
+    block_size: int,
+) -> None:
+    row = pl.program_id(0)
+    outs = iter(out_refs)
+    _gradient_sweep(
+        z_ref,
+        p_ref,
+        next(outs) if logits_grad else None,
+        next(outs) if targets_grad else None,
+        row,
+        lse_ref[row].astype(compute),
+        target_sum_ref[row].astype(compute),
+        scale_ref[row].astype(compute),
+        last_first=False,
+        compute=compute,
+        block_size=block_size,
+    )
+
+
+def forward(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    /,
+    *,
+    reduction: str,
+    num_valid: jax.Array | float | None,
+    with_logits_grad: bool,
+    block_size: int | None = None,
+    interpret: bool = False,
+) -> _core.ForwardResult:
+    """Compute the loss, and optionally ``d loss / d logits``, with one Pallas program per row.
+
+    Same contract as :func:`softce_multi._core.forward` for validated JAX arrays. Rows of weight
+    0 are not read; their ``log_normalizer`` and ``target_sum`` entries are 0 and their gradient
+    rows exactly 0.
+
+    Parameters
+    ----------
+    logits, target_probs, position_mask
+        Validated inputs: ``[..., V]``, ``[..., V]`` and ``[...]`` or ``[..., 1]``.
+    reduction
+        ``"mean"``, ``"sum"`` or ``"none"``.
+    num_valid
+        Replacement denominator of ``"mean"`` (a number or a 0-d array), or None.
+    with_logits_grad
+        Whether to write the logits gradient (scaled for a unit upstream gradient).
+    block_size
+        Vocabulary entries per chunk, a power of two; by default ``min(next_pow2(V), 4096)``.
+    interpret
+        Run the kernel through the Pallas interpreter (any backend) instead of compiling it.
+    """
+    dtype = _core.compute_dtype(logits, target_probs, xp=jnp)
+    z, p, mask = _core.flatten_rows(logits, target_probs, position_mask, xp=jnp)
+    weights = mask.astype(dtype)
+    inv_den = _core.inverse_denominator(weights, reduction, num_valid, xp=jnp)
+    row_scale = weights * inv_den
+
+    n_rows, n_cols = z.shape
+    out_shape = [jax.ShapeDtypeStruct((n_rows,), dtype)] * 3
+    if with_logits_grad:
+        out_shape.append(jax.ShapeDtypeStruct((n_rows, n_cols), logits.dtype))
+    block, num_warps = _launch_config(n_cols, block_size)
+    kernel = functools.partial(_forward_kernel, compute=dtype, block_size=block)
+    weighted, lse, target_sum, *grad = _call(
+        kernel, out_shape, (z, p, weights, row_scale), num_warps, interpret
+    )
+
+    if reduction == "none":
+        loss = jnp.reshape(weighted, logits.shape[:-1])
+    elif reduction == "sum":
+        loss = jnp.sum(weighted)
+    else:
+        loss = jnp.where(inv_den == 0, 0.0, jnp.sum(weighted) * inv_den)
+    logits_grad = jnp.reshape(grad[0], logits.shape) if with_logits_grad else None
+    return _core.ForwardResult(loss, logits_grad, lse, target_sum, row_scale)
+
+
+def backward(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    lse: jax.Array,
+    target_sum: jax.Array,
+    row_scale: jax.Array,
+    /,
+    *,
+    logits_grad: bool,
+    targets_grad: bool,
+    block_size: int | None = None,
+    interpret: bool = False,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """Recompute the gradients from saved row statistics, reading each needed input once.
+
+    Equivalent to :func:`softce_multi._core.logits_gradient` and
+    :func:`softce_multi._core.targets_gradient` together. Rows whose ``row_scale`` is 0 are not
+    read and get exactly 0.
+
+    Parameters
+    ----------
+    logits, target_probs
+        The forward inputs, ``[..., V]``. ``target_probs`` is read only for ``logits_grad``.
+    lse, target_sum, row_scale
+        Per-row statistics of :class:`softce_multi._core.ForwardResult`, shape ``[N]``;
+        ``row_scale`` already multiplied by the upstream gradient.
+    logits_grad, targets_grad
+        Which gradients to return.
+    block_size, interpret
+        As in :func:`forward`.
+
+    Returns
+    -------
+    tuple
+        ``d loss / d logits`` in the logits' dtype and ``d loss / d target_probs`` in the targets'
+        dtype, both of the logits' shape, or None for a gradient not asked for.
+    """
+    n_cols = logits.shape[-1]
+    z = jnp.reshape(logits, (-1, n_cols))
+    p = jnp.reshape(target_probs, (-1, n_cols))
+    out_shape = []
+    if logits_grad:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, logits.dtype))
+    if targets_grad:
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, target_probs.dtype))
+    if not out_shape:
+        return None, None
+    block, num_warps = _launch_config(n_cols, block_size)
+    kernel = functools.partial(
+        _backward_kernel,
+        logits_grad=logits_grad,
+        targets_grad=targets_grad,
+        compute=lse.dtype,
+        block_size=block,
+    )
+    grads = iter(
+        jnp.reshape(grad, logits.shape)
+        for grad in _call(
+            kernel, out_shape, (z, p, lse, target_sum, row_scale), num_warps, interpret
+        )
+    )
+    return (next(grads) if logits_grad else None, next(grads) if targets_grad else None)
+
+
+def _call(
+    kernel: Any,
+    out_shape: list[jax.ShapeDtypeStruct],
+    inputs: tuple[jax.Array, ...],
+    num_warps: int,
+    interpret: bool,
+) -> list[jax.Array]:
+    """Run ``kernel`` with one program per row of ``inputs[0]``; whole arrays as refs."""
+    n_rows = inputs[0].shape[0]
+    if n_rows == 0:
+        return [jnp.empty(out.shape, out.dtype) for out in out_shape]
+    return pl.pallas_call(
+        kernel,
+        out_shape=out_shape,
+        grid=(n_rows,),
+        interpret=interpret,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps),
+    )(*inputs)
+
+
+def _launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
+    """Return the chunk size and the number of warps for rows of ``n_cols`` entries."""
+    if block_size is None:
+        block_size = min(pl.next_power_of_2(n_cols), MAX_BLOCK_SIZE)
+    if block_size < 1 or block_size & (block_size - 1):
+        msg = f"block_size must be a positive power of two, got {block_size}"
+        raise ValueError(msg)
+    return block_size, 8 if block_size >= 2048 else 4

@@ -1,0 +1,396 @@
+"""Triton kernels for torch tensors on CUDA, behind the contract of ``_core.forward``.
+
+One program handles one row of ``V`` entries and walks the vocabulary in chunks of
+``block_size``:
+
+* The **forward kernel** sweeps the row once with an online maximum, accumulating the statistics
+  of :func:`softce_multi._core.row_statistics`; it writes the weighted loss, the log-normalizer
+  and the target mass of the row. With the gradient requested it sweeps the row a second time and
+  writes ``row_scale * (sum(p) * softmax(z) - p)`` straight in the logits' dtype. The second
+  sweep reads the row the first one just brought in, so it comes from L2 while the rows in flight
+  fit there.
+* The **backward kernel** recomputes the gradients from saved row statistics in one sweep: to the
+  logits, to the targets (``-row_scale * log_softmax(z)``), or both.
+
+A row whose weight (forward) or scale (backward) is 0 is never read: its outputs are written as
+zeros, whatever NaN or inf it holds. The weights, the denominator of the reduction and the
+final sum run as small torch operations on the device, so nothing waits on the host. The
+computation is float32, or float64 when either input is float64; the inputs are never written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import array_api_compat
+import torch
+import triton
+import triton.language as tl
+
+from softce_multi import _core
+
+__all__ = ["backward", "forward"]
+
+#: Largest chunk of the vocabulary a program holds at once (a power of two).
+MAX_BLOCK_SIZE = 4096
+
+
+@triton.jit
+def _gradient_sweep(
+    z_row,
+    z_col_stride,
+    p_row,
+    p_col_stride,
+    logits_out,
+    targets_out,
+    n_cols,
+    lse,
+    target_sum,
+    scale,
+    LOGITS: tl.constexpr,
+    TARGETS: tl.constexpr,
+    LAST_FIRST: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    """Write one contiguous row of the logits and/or targets gradients; zeros if scale is 0.
+
+    ``LAST_FIRST`` walks the chunks from the end of the row, so that a sweep right after the
+    statistics sweep starts with the chunks most recently brought into the cache.
+    """
+    if scale == 0:
+        if LOGITS:
+            _zero_row(logits_out, n_cols, BLOCK_SIZE)
+        if TARGETS:
+            _zero_row(targets_out, n_cols, BLOCK_SIZE)
+    else:
+        offsets = tl.arange(0, BLOCK_SIZE)
+        softmax_scale = scale * target_sum
+        n_chunks = tl.cdiv(n_cols, BLOCK_SIZE)
+        for i in range(0, n_chunks):
+            chunk = n_chunks - 1 - i if LAST_FIRST else i
+            cols = chunk * BLOCK_SIZE + offsets
+            inside = cols < n_cols
+            z = tl.load(
+                z_row + cols * z_col_stride, mask=inside, other=0.0, eviction_policy="evict_first"
+            ).to(COMPUTE)
+            if LOGITS:
+                p = tl.load(
+                    p_row + cols * p_col_stride,
+                    mask=inside,
+                    other=0.0,
+                    eviction_policy="evict_first",
+                ).to(COMPUTE)
+                grad = softmax_scale * tl.exp(z - lse) - scale * p
+                tl.store(logits_out + cols, grad.to(logits_out.dtype.element_ty), mask=inside)
+            if TARGETS:
+                grad = scale * (lse - z)
+                tl.store(targets_out + cols, grad.to(targets_out.dtype.element_ty), mask=inside)
+
+
+@triton.jit
+def _zero_row(out_row, n_cols, BLOCK_SIZE: tl.constexpr):
+    """Write zeros over one contiguous row."""
+    zeros = tl.zeros([BLOCK_SIZE], dtype=out_row.dtype.element_ty)
+    for start in range(0, n_cols, BLOCK_SIZE):
+        cols = start + tl.arange(0, BLOCK_SIZE)
+        tl.store(out_row + cols, zeros, mask=cols < n_cols)
+
+
+@triton.jit
+def _forward_kernel(
+    z_ptr,
+    z_row_stride,
+    z_col_stride,
+    p_ptr,
+    p_row_stride,
+    p_col_stride,
+    weight_ptr,
+    scale_ptr,
+    loss_ptr,
+    lse_ptr,
+    target_sum_ptr,
+    grad_ptr,
+    n_cols,
+    WITH_GRAD: tl.constexpr,
+    STATS_EVICTION: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    z_row = z_ptr + row * z_row_stride
+    p_row = p_ptr + row * p_row_stride
+    grad_row = grad_ptr + row * n_cols
+    weight = tl.load(weight_ptr + row)
+    zero = tl.zeros([], COMPUTE)
+    if weight == 0:
+        tl.store(loss_ptr + row, zero)
+        tl.store(lse_ptr + row, zero)
+        tl.store(target_sum_ptr + row, zero)
+        if WITH_GRAD:
+            _zero_row(grad_row, n_cols, BLOCK_SIZE)
+    else:
+        # Running statistics relative to ``shift``: the running maximum where it is finite, else
+        # 0 (the convention of _core.row_statistics for rows without a finite maximum).
+        running_max = tl.full([], float("-inf"), COMPUTE)
+        shift = zero
+        sum_exp = zero
+        target_sum = zero
+        target_dot = zero
+        for start in range(0, n_cols, BLOCK_SIZE):
+            cols = start + tl.arange(0, BLOCK_SIZE)
+            inside = cols < n_cols
+            z = tl.load(
+                z_row + cols * z_col_stride,
+                mask=inside,
+                other=float("-inf"),
+                eviction_policy=STATS_EVICTION,
+            ).to(COMPUTE)
+            p = tl.load(
+                p_row + cols * p_col_stride,
+                mask=inside,
+                other=0.0,
+                eviction_policy=STATS_EVICTION,
+            ).to(COMPUTE)
+            running_max = tl.maximum(running_max, tl.max(z, axis=0))
+            new_shift = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
+            moved = shift - new_shift
+            # The shift only grows while it is the maximum; ``min`` keeps an empty sum at 0 when
+            # it leaves the -inf convention (0) for a negative maximum.
+            sum_exp = sum_exp * tl.exp(tl.minimum(moved, 0.0))
+            sum_exp += tl.sum(tl.exp(z - new_shift), axis=0)
+            # sum p * (z - new) = sum p * (z - old) + (old - new) * sum p; p == 0 adds exactly 0
+            # (never 0 * -inf, which is NaN).
+            target_dot += moved * target_sum
+            target_dot += tl.sum(p * tl.where(p == 0, 0.0, z - new_shift), axis=0)
+            target_sum += tl.sum(p, axis=0)
+            shift = new_shift
+        log_sum_exp = tl.log(sum_exp)
+        lse = shift + log_sum_exp
+        tl.store(loss_ptr + row, weight * (target_sum * log_sum_exp - target_dot))
+        tl.store(lse_ptr + row, lse)
+        tl.store(target_sum_ptr + row, target_sum)
+        if WITH_GRAD:
+            _gradient_sweep(
+                z_row,
+                z_col_stride,
+                p_row,
+                p_col_stride,
+                grad_row,
+                grad_row,
+                n_cols,
+                lse,
+                target_sum,
+                tl.load(scale_ptr + row),
+                True,
+                False,
+                True,
+                COMPUTE,
+                BLOCK_SIZE,
+            )
+
+
+@triton.jit
+def _backward_kernel(
+    z_ptr,
+    z_row_stride,
+    z_col_stride,
+    p_ptr,
+    p_row_stride,
+    p_col_stride,
+    lse_ptr,
+    target_sum_ptr,
+    scale_ptr,
+    logits_grad_ptr,
+    targets_grad_ptr,
+    n_cols,
+    LOGITS_GRAD: tl.constexpr,
+    TARGETS_GRAD: tl.constexpr,
+    COMPUTE: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    _gradient_sweep(
+        z_ptr + row * z_row_stride,
+        z_col_stride,
+        p_ptr + row * p_row_stride,
+        p_col_stride,
+        logits_grad_ptr + row * n_cols,
+        targets_grad_ptr + row * n_cols,
+        n_cols,
+        tl.load(lse_ptr + row).to(COMPUTE),
+        tl.load(target_sum_ptr + row).to(COMPUTE),
+        tl.load(scale_ptr + row).to(COMPUTE),
+        LOGITS_GRAD,
+        TARGETS_GRAD,
+        False,
+        COMPUTE,
+        BLOCK_SIZE,
+    )
+
+
+def forward(
+    logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    position_mask: torch.Tensor,
+    /,
+    *,
+    reduction: str,
+    num_valid: torch.Tensor | float | None,
+    with_logits_grad: bool,
+    block_size: int | None = None,
+) -> _core.ForwardResult:
+    """Compute the loss, and optionally ``d loss / d logits``, with one Triton program per row.
+
+    Same contract as :func:`softce_multi._core.forward` for validated torch tensors on a CUDA
+    device (or on the CPU under ``TRITON_INTERPRET=1``). Rows of weight 0 are not read; their
+    ``log_normalizer`` and ``target_sum`` entries are 0 and their gradient rows exactly 0.
+
+    Parameters
+    ----------
+    logits, target_probs, position_mask
+        Validated inputs: ``[..., V]``, ``[..., V]`` and ``[...]`` or ``[..., 1]``.
+    reduction
+        ``"mean"``, ``"sum"`` or ``"none"``.
+    num_valid
+        Replacement denominator of ``"mean"`` (a number or a 0-d tensor), or None.
+    with_logits_grad
+        Whether to write the logits gradient (scaled for a unit upstream gradient).
+    block_size
+        Vocabulary entries per chunk, a power of two; by default ``min(next_pow2(V), 4096)``.
+    """
+    xp = array_api_compat.array_namespace(logits)
+    dtype = _core.compute_dtype(logits, target_probs, xp=xp)
+    z, p, mask = _core.flatten_rows(logits, target_probs, position_mask, xp=xp)
+    weights = mask.to(dtype)
+    inv_den = _core.inverse_denominator(weights, reduction, num_valid, xp=xp)
+    row_scale = weights * inv_den
+
+    n_rows, n_cols = z.shape
+    weighted = torch.empty(n_rows, dtype=dtype, device=z.device)
+    lse = torch.empty_like(weighted)
+    target_sum = torch.empty_like(weighted)
+    grad = _empty_rows(n_rows if with_logits_grad else 0, n_cols, logits.dtype, z.device)
+    block, num_warps = _launch_config(n_cols, block_size)
+    if n_rows > 0:
+        with _on_device(z):
+            _forward_kernel[(n_rows,)](
+                z,
+                *z.stride(),
+                p,
+                *p.stride(),
+                weights,
+                row_scale,
+                weighted,
+                lse,
+                target_sum,
+                grad,
+                n_cols,
+                WITH_GRAD=with_logits_grad,
+                # Keep the row in L2 for the gradient sweep that follows.
+                STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
+                COMPUTE=_TRITON_DTYPES[dtype],
+                BLOCK_SIZE=block,
+                num_warps=num_warps,
+            )
+
+    if reduction == "none":
+        loss = weighted.reshape(logits.shape[:-1])
+    elif reduction == "sum":
+        loss = weighted.sum()
+    else:
+        loss = torch.where(inv_den == 0, 0.0, weighted.sum() * inv_den)
+    logits_grad = grad.reshape(logits.shape) if with_logits_grad else None
+    return _core.ForwardResult(loss, logits_grad, lse, target_sum, row_scale)
+
+
+def backward(
+    logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    lse: torch.Tensor,
+    target_sum: torch.Tensor,
+    row_scale: torch.Tensor,
+    /,
+    *,
+    logits_grad: bool,
+    targets_grad: bool,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Recompute the gradients from saved row statistics, reading each needed input once.
+
+    Equivalent to :func:`softce_multi._core.logits_gradient` and
+    :func:`softce_multi._core.targets_gradient` together. Rows whose ``row_scale`` is 0 are not
+    read and get exactly 0.
+
+    Parameters
+    ----------
+    logits, target_probs
+        The forward inputs, ``[..., V]``. ``target_probs`` is read only for ``logits_grad``.
+    lse, target_sum, row_scale
+        Per-row statistics of :class:`softce_multi._core.ForwardResult`, shape ``[N]``;
+        ``row_scale`` already multiplied by the upstream gradient.
+    logits_grad, targets_grad
+        Which gradients to return.
+    block_size
+        As in :func:`forward`.
+
+    Returns
+    -------
+    tuple
+        ``d loss / d logits`` in the logits' dtype and ``d loss / d target_probs`` in the targets'
+        dtype, both of the logits' shape, or None for a gradient not asked for.
+    """
+    n_cols = logits.shape[-1]
+    z = logits.reshape(-1, n_cols)
+    p = target_probs.reshape(-1, n_cols)
+    n_rows = z.shape[0]
+    grad_z = _empty_rows(n_rows if logits_grad else 0, n_cols, logits.dtype, z.device)
+    grad_p = _empty_rows(n_rows if targets_grad else 0, n_cols, target_probs.dtype, z.device)
+    block, num_warps = _launch_config(n_cols, block_size)
+    if n_rows > 0 and (logits_grad or targets_grad):
+        with _on_device(z):
+            _backward_kernel[(n_rows,)](
+                z,
+                *z.stride(),
+                p,
+                *p.stride(),
+                lse,
+                target_sum,
+                row_scale,
+                grad_z,
+                grad_p,
+                n_cols,
+                LOGITS_GRAD=logits_grad,
+                TARGETS_GRAD=targets_grad,
+                COMPUTE=_TRITON_DTYPES[lse.dtype],
+                BLOCK_SIZE=block,
+                num_warps=num_warps,
+            )
+    return (
+        grad_z.reshape(logits.shape) if logits_grad else None,
+        grad_p.reshape(logits.shape) if targets_grad else None,
+    )
+
+
+_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def _launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
+    """Return the chunk size and the number of warps for rows of ``n_cols`` entries."""
+    if block_size is None:
+        block_size = min(triton.next_power_of_2(n_cols), MAX_BLOCK_SIZE)
+    if block_size < 1 or block_size & (block_size - 1):
+        msg = f"block_size must be a positive power of two, got {block_size}"
+        raise ValueError(msg)
+    return block_size, 8 if block_size >= 2048 else 4
+
+
+def _empty_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Allocate an output of ``n_rows`` rows (0 for a gradient that is not asked for)."""
+    return torch.empty((n_rows, n_cols), dtype=dtype, device=device)
+
+
+def _on_device(x: torch.Tensor) -> Any:
+    """Make ``x``'s GPU the current one for a launch (nothing to do for CPU tensors)."""
+    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
