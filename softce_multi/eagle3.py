@@ -384,10 +384,11 @@ def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
         raise ValueError(msg)
     axis = operator.index(axis) % x.ndim
     value = _fill_value(fill, x.dtype, xp=xp)
+    step = min(x.shape[axis], 1)  # 0 for an empty axis, which stays empty
     rest = [slice(None)] * x.ndim
-    rest[axis] = slice(1, None)
+    rest[axis] = slice(step, None)
     pad_shape = list(x.shape)
-    pad_shape[axis] = min(pad_shape[axis], 1)
+    pad_shape[axis] = step
     pad = xp.full(tuple(pad_shape), value, dtype=x.dtype, device=array_api_compat.device(x))
     return xp.concat([x[tuple(rest)], pad], axis=axis)
 
@@ -430,7 +431,9 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) 
     """
     xp = validate_inputs(logits, target_probs, position_mask, "mean", None)
     hit = xp.argmax(logits, axis=-1) == xp.argmax(target_probs, axis=-1)
-    valid = xp.reshape(position_mask, hit.shape) != 0
+    valid = xp.reshape(position_mask, hit.shape)
+    if valid.dtype != xp.bool:
+        valid = valid != 0
     dtype = compute_dtype(logits, target_probs, xp=xp)
     device = array_api_compat.device(logits)
     index_dtype = _index_dtype(xp, device)

@@ -1,0 +1,779 @@
+"""Specification of softce_multi.eagle3, checked against a plain PyTorch formulation.
+
+Each ``torch_*`` function below is the step as an EAGLE-3 trainer writes it in PyTorch: boolean
+indexing with ``t2d``, ``argmax``, ``softmax`` of the upcast draft columns, ``torch.cat`` to shift.
+The parity tests run the library on NumPy, array-api-strict, PyTorch and JAX and compare.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+
+import softce_multi as sc
+from softce_multi.eagle3 import (
+    build_vocab_mapping,
+    draft_accuracy,
+    draft_to_target_ids,
+    multi_step_loss,
+    prepare_targets,
+    shift_left,
+    target_to_draft_ids,
+)
+
+# Tolerances of the design brief: float32 results within 1e-5 relative, float64 within 1e-12.
+RTOL = {np.float32: 1e-5, np.float64: 1e-12}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library: converts NumPy arrays to it and back."""
+
+    name: str
+    module: Any
+
+    def asarray(self, a: Any, dtype: str | None = None) -> Any:
+        """Convert a NumPy array; ``dtype`` names a low-precision float (``"bfloat16"``)."""
+        a = np.asarray(a)
+        if self.name == "numpy":
+            out = a.copy()
+        elif self.name == "torch":
+            out = self.module.from_numpy(a.copy())
+        elif self.name == "jax":
+            out = self.module.numpy.asarray(a)
+        else:
+            out = self.module.asarray(a)
+        if dtype is not None:
+            out = _cast(self, out, dtype)
+        return out
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if self.name == "torch":
+            x = x.detach()
+            return (x.float() if x.dtype == self.module.bfloat16 else x).numpy()
+        if self.name == "jax" and x.dtype == self.module.numpy.bfloat16:
+            x = x.astype(self.module.numpy.float32)
+        return np.asarray(x)
+
+    def namespace_is_mine(self, x: Any) -> bool:
+        import array_api_compat
+
+        checks = {
+            "numpy": array_api_compat.is_numpy_array,
+            "torch": array_api_compat.is_torch_array,
+            "jax": array_api_compat.is_jax_array,
+            "array_api_strict": array_api_compat.is_array_api_strict_namespace,
+        }
+        if self.name == "array_api_strict":
+            return checks[self.name](array_api_compat.array_namespace(x))
+        return checks[self.name](x)
+
+
+def _cast(backend: Backend, x: Any, dtype: str) -> Any:
+    if backend.name == "torch":
+        return x.to(getattr(backend.module, dtype))
+    if backend.name == "jax":
+        return x.astype(getattr(backend.module.numpy, dtype))
+    return x.astype(dtype)
+
+
+ALL_BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
+
+
+def _load(name: str) -> Backend:
+    if name == "numpy":
+        return Backend("numpy", np)
+    module = pytest.importorskip(name, reason=f"{name} is not installed")
+    if name == "jax":
+        importlib.import_module("jax.numpy")
+    return Backend(name, module)
+
+
+@pytest.fixture(params=ALL_BACKENDS)
+def backend(request: pytest.FixtureRequest) -> Backend:
+    return _load(request.param)
+
+
+@pytest.fixture(params=["torch", "jax"])
+def autodiff_backend(request: pytest.FixtureRequest) -> Backend:
+    return _load(request.param)
+
+
+@pytest.fixture
+def torch() -> Any:
+    return pytest.importorskip("torch", reason="the PyTorch formulation needs torch")
+
+
+@pytest.fixture
+def jax() -> Any:
+    module = pytest.importorskip("jax", reason="jax is not installed")
+    importlib.import_module("jax.numpy")
+    return module
+
+
+@contextlib.contextmanager
+def float64_enabled(backend: Backend) -> Iterator[None]:
+    """Let JAX make float64 and int64 arrays for the duration (other libraries always do)."""
+    if backend.name == "jax":
+        with backend.module.enable_x64(True):
+            yield
+    else:
+        yield
+
+
+# --- the plain PyTorch formulation ------------------------------------------------------------
+
+
+def torch_vocab_mapping(counts: np.ndarray, size: int, forced: tuple[int, ...] = ()) -> tuple:
+    import torch
+
+    ranked = sorted(range(len(counts)), key=lambda v: (v not in forced, -counts[v], v))
+    chosen = torch.tensor(sorted(ranked[:size]))
+    t2d = torch.zeros(len(counts), dtype=torch.bool)
+    t2d[chosen] = True
+    return (chosen - torch.arange(size)).numpy(), t2d.numpy()
+
+
+def torch_prepare_targets(target_logits: Any, loss_mask: np.ndarray, t2d: np.ndarray) -> tuple:
+    import torch
+
+    t2d = torch.from_numpy(t2d)
+    loss_mask = torch.from_numpy(loss_mask)
+    dtype = torch.float64 if target_logits.dtype == torch.float64 else torch.float32
+    target_probs = torch.softmax(target_logits[..., t2d].to(dtype), dim=-1)
+    position_mask = t2d[target_logits.argmax(dim=-1)].int() * loss_mask.int()
+    return target_probs.numpy(), position_mask[..., None].numpy()
+
+
+def torch_shift_left(x: np.ndarray) -> np.ndarray:
+    import torch
+
+    x = torch.from_numpy(x)
+    return torch.cat([x[:, 1:], torch.zeros_like(x[:, -1:])], dim=1).numpy()
+
+
+def torch_draft_accuracy(logits: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+    import torch
+
+    logits, target = torch.from_numpy(logits), torch.from_numpy(target)
+    valid = torch.from_numpy(mask).reshape(logits.shape[:-1]) != 0
+    hits = (logits.argmax(-1) == target.argmax(-1)) & valid
+    return (hits.sum() / valid.sum().clamp_min(1)).item()
+
+
+def torch_multi_step_loss(losses: list[float], decay: float, normalize: bool) -> float:
+    import torch
+
+    weights = [decay**i for i in range(len(losses))]
+    total = sum(
+        w * loss for w, loss in zip(weights, torch.tensor(losses, dtype=torch.float64), strict=True)
+    )
+    return (total / sum(weights) if normalize else total).item()
+
+
+def torch_draft_ids_lookup(t2d: np.ndarray) -> np.ndarray:
+    import torch
+
+    t2d = torch.from_numpy(t2d)
+    lookup = torch.full(t2d.shape, -1, dtype=torch.int64)
+    lookup[t2d] = torch.arange(int(t2d.sum()))
+    return lookup.numpy()
+
+
+# --- random inputs ----------------------------------------------------------------------------
+
+
+def random_mapping(rng: np.random.Generator, target_vocab: int, draft_vocab: int) -> tuple:
+    chosen = np.sort(rng.choice(target_vocab, size=draft_vocab, replace=False))
+    t2d = np.zeros(target_vocab, dtype=bool)
+    t2d[chosen] = True
+    return chosen - np.arange(draft_vocab), t2d
+
+
+def random_target_logits(rng: np.random.Generator, shape: tuple, t2d: np.ndarray) -> np.ndarray:
+    """Logits whose top token lands both inside and outside the draft vocabulary."""
+    logits = rng.standard_normal(shape).astype(np.float32)
+    outside = np.flatnonzero(~t2d)
+    rows = logits.reshape(-1, shape[-1])
+    rows[::2, rng.choice(outside, size=rows[::2].shape[0])] = 8.0
+    return logits
+
+
+# --- build_vocab_mapping ----------------------------------------------------------------------
+
+
+def test_build_vocab_mapping_matches_torch_formulation(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(0)
+    counts = rng.integers(0, 40, size=1000)  # many equal counts: ties decide
+    d2t, t2d = build_vocab_mapping(backend.asarray(counts), 100)
+    expected_d2t, expected_t2d = torch_vocab_mapping(counts, 100)
+    np.testing.assert_array_equal(backend.to_numpy(d2t), expected_d2t)
+    np.testing.assert_array_equal(backend.to_numpy(t2d), expected_t2d)
+
+
+def test_build_vocab_mapping_forces_always_include(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(1)
+    counts = rng.integers(0, 40, size=500).astype(np.float32)
+    rare = tuple(int(i) for i in np.argsort(counts)[:3])
+    d2t, t2d = build_vocab_mapping(backend.asarray(counts), 50, always_include=rare + rare[:1])
+    expected_d2t, expected_t2d = torch_vocab_mapping(counts, 50, forced=rare)
+    np.testing.assert_array_equal(backend.to_numpy(d2t), expected_d2t)
+    np.testing.assert_array_equal(backend.to_numpy(t2d), expected_t2d)
+
+
+def test_build_vocab_mapping_breaks_ties_by_lower_id_and_fills_with_unseen_tokens() -> None:
+    counts = np.array([0, 3, 0, 3, 0, 7])
+    d2t, t2d = build_vocab_mapping(counts, 5)
+    # 5 (count 7), then 1 and 3 (count 3), then the unseen 0 and 2 in id order.
+    np.testing.assert_array_equal(np.arange(5) + d2t, [0, 1, 2, 3, 5])
+    np.testing.assert_array_equal(t2d, [True, True, True, True, False, True])
+
+
+def test_build_vocab_mapping_accepts_always_include_as_array() -> None:
+    counts = np.array([9, 8, 7, 1])
+    d2t, _ = build_vocab_mapping(counts, 2, always_include=np.array([3]))
+    np.testing.assert_array_equal(np.arange(2) + d2t, [0, 3])
+
+
+def test_build_vocab_mapping_at_llama3_sizes(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(2)
+    counts = rng.zipf(1.3, size=128256) % 100_000
+    d2t, t2d = build_vocab_mapping(backend.asarray(counts), 32000)
+    expected_d2t, expected_t2d = torch_vocab_mapping(counts, 32000)
+    np.testing.assert_array_equal(backend.to_numpy(d2t), expected_d2t)
+    np.testing.assert_array_equal(backend.to_numpy(t2d), expected_t2d)
+
+
+def test_build_vocab_mapping_returns_index_dtype_and_bool(backend: Backend) -> None:
+    d2t, t2d = build_vocab_mapping(backend.asarray(np.array([4, 1, 6])), 2)
+    assert backend.namespace_is_mine(d2t) and backend.namespace_is_mine(t2d)
+    assert "int" in str(d2t.dtype) and "bool" in str(t2d.dtype)
+    assert tuple(d2t.shape) == (2,) and tuple(t2d.shape) == (3,)
+
+
+def test_build_vocab_mapping_runs_under_jax_jit(jax: Any) -> None:
+    counts = np.random.default_rng(3).integers(0, 9, size=64)
+    build = jax.jit(build_vocab_mapping, static_argnums=1, static_argnames="always_include")
+    d2t, t2d = build(jax.numpy.asarray(counts), 10, always_include=(63,))
+    expected_d2t, expected_t2d = build_vocab_mapping(counts, 10, always_include=[63])
+    np.testing.assert_array_equal(np.asarray(d2t), expected_d2t)
+    np.testing.assert_array_equal(np.asarray(t2d), expected_t2d)
+
+
+def test_build_vocab_mapping_refuses_more_tokens_than_exist() -> None:
+    with pytest.raises(ValueError, match=r"draft_vocab_size.*target vocabulary size 4, got 5"):
+        build_vocab_mapping(np.ones(4), 5)
+
+
+def test_build_vocab_mapping_refuses_counts_that_are_not_1d() -> None:
+    with pytest.raises(ValueError, match=r"token_counts must be 1-D.*\(2, 3\)"):
+        build_vocab_mapping(np.ones((2, 3)), 2)
+
+
+@pytest.mark.parametrize(
+    ("always_include", "error", "match"),
+    [
+        ([7], ValueError, r"always_include ids must lie in \[0, 5\).*\[7\]"),
+        ([0, 1, 2], ValueError, "3 distinct ids, more than draft_vocab_size=2"),
+        ([1.5], TypeError, "always_include must hold ints"),
+    ],
+)
+def test_build_vocab_mapping_checks_always_include(
+    always_include: list, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        build_vocab_mapping(np.ones(5), 2, always_include=always_include)
+
+
+@pytest.mark.parametrize(
+    ("counts", "size", "error", "match"),
+    [
+        (np.ones(5, dtype=bool), 2, TypeError, "token_counts must have an integer or real"),
+        ([1, 2, 3], 2, TypeError, "token_counts must be an array"),
+        (np.ones(5), 2.0, TypeError, "draft_vocab_size must be an int"),
+        (np.ones(5), 0, ValueError, "draft_vocab_size must be between 1"),
+    ],
+)
+def test_build_vocab_mapping_checks_its_arguments(
+    counts: Any, size: Any, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        build_vocab_mapping(counts, size)
+
+
+# --- draft_to_target_ids and target_to_draft_ids ----------------------------------------------
+
+
+def test_draft_to_target_ids_matches_torch_formulation(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(4)
+    d2t, _ = random_mapping(rng, 5000, 300)
+    draft_ids = rng.integers(0, 300, size=(3, 7))
+    out = draft_to_target_ids(backend.asarray(draft_ids), backend.asarray(d2t))
+    ids, offsets = torch.from_numpy(draft_ids), torch.from_numpy(d2t)
+    np.testing.assert_array_equal(backend.to_numpy(out), (ids + offsets[ids]).numpy())
+
+
+def test_target_to_draft_ids_matches_torch_formulation(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(5)
+    _, t2d = random_mapping(rng, 5000, 300)
+    target_ids = rng.integers(0, 5000, size=(4, 9))
+    target_ids[0, :3] = np.flatnonzero(t2d)[:3]  # some hits for sure
+    out = target_to_draft_ids(backend.asarray(target_ids), backend.asarray(t2d))
+    np.testing.assert_array_equal(backend.to_numpy(out), torch_draft_ids_lookup(t2d)[target_ids])
+
+
+def test_id_translations_invert_each_other(backend: Backend) -> None:
+    rng = np.random.default_rng(6)
+    d2t, t2d = random_mapping(rng, 2000, 128)
+    draft_ids = backend.asarray(np.arange(128))
+    target_ids = draft_to_target_ids(draft_ids, backend.asarray(d2t))
+    np.testing.assert_array_equal(backend.to_numpy(target_ids), np.flatnonzero(t2d))
+    back = target_to_draft_ids(target_ids, backend.asarray(t2d))
+    np.testing.assert_array_equal(backend.to_numpy(back), np.arange(128))
+
+
+def test_ids_outside_the_vocabularies_map_to_minus_one(backend: Backend) -> None:
+    d2t, t2d = np.array([1, 1, 2]), np.array([False, True, True, False, True])
+    to_target = draft_to_target_ids(backend.asarray(np.array([-1, 3, 2])), backend.asarray(d2t))
+    np.testing.assert_array_equal(backend.to_numpy(to_target), [-1, -1, 4])
+    labels = np.array([[-100, 0, 4, 5]])
+    to_draft = target_to_draft_ids(backend.asarray(labels), backend.asarray(t2d))
+    np.testing.assert_array_equal(backend.to_numpy(to_draft), [[-1, -1, 2, -1]])
+
+
+def test_id_translations_keep_0d_shape(backend: Backend) -> None:
+    t2d = backend.asarray(np.array([False, True]))
+    out = target_to_draft_ids(backend.asarray(np.asarray(1)), t2d)
+    assert tuple(out.shape) == ()
+    assert int(backend.to_numpy(out)) == 0
+
+
+def test_id_translations_run_under_jax_jit(jax: Any) -> None:
+    d2t, t2d = random_mapping(np.random.default_rng(7), 300, 40)
+    ids = jax.numpy.arange(40)
+    target = jax.jit(draft_to_target_ids)(ids, jax.numpy.asarray(d2t))
+    draft = jax.jit(target_to_draft_ids)(target, jax.numpy.asarray(t2d))
+    np.testing.assert_array_equal(np.asarray(draft), np.arange(40))
+
+
+@pytest.mark.parametrize(
+    ("ids", "mapping", "error", "match"),
+    [
+        (np.array([1], dtype=np.uint8), np.ones(3, bool), TypeError, "signed integer.*uint8"),
+        (np.array([1.0]), np.ones(3, bool), TypeError, "target_ids must have an integer dtype"),
+        (np.array([1]), np.ones(3, np.int64), TypeError, "t2d must be a bool array"),
+        (np.array([1]), np.ones((3, 1), bool), ValueError, r"t2d must be 1-D.*\(3, 1\)"),
+    ],
+)
+def test_target_to_draft_ids_checks_its_arguments(
+    ids: np.ndarray, mapping: np.ndarray, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        target_to_draft_ids(ids, mapping)
+
+
+def test_draft_to_target_ids_refuses_a_2d_mapping() -> None:
+    with pytest.raises(ValueError, match=r"d2t must be 1-D.*\(2, 2\)"):
+        draft_to_target_ids(np.array([0]), np.zeros((2, 2), dtype=np.int64))
+
+
+def test_id_translations_refuse_mixed_libraries(torch: Any) -> None:
+    with pytest.raises(TypeError, match="same array library"):
+        draft_to_target_ids(np.array([0]), torch.zeros(3, dtype=torch.int64))
+
+
+# --- prepare_targets --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss_mask_dtype", [bool, np.int32, np.float32])
+def test_prepare_targets_matches_torch_formulation(
+    backend: Backend, torch: Any, loss_mask_dtype: type
+) -> None:
+    rng = np.random.default_rng(8)
+    _, t2d = random_mapping(rng, 3000, 500)
+    logits = random_target_logits(rng, (2, 6, 3000), t2d)
+    loss_mask = (rng.random((2, 6)) < 0.7).astype(loss_mask_dtype)
+    probs, position_mask = prepare_targets(
+        backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d)
+    )
+    expected_probs, expected_mask = torch_prepare_targets(torch.from_numpy(logits), loss_mask, t2d)
+    assert backend.to_numpy(probs).dtype == np.float32
+    np.testing.assert_allclose(backend.to_numpy(probs), expected_probs, rtol=RTOL[np.float32])
+    np.testing.assert_array_equal(backend.to_numpy(position_mask), expected_mask)
+    assert backend.to_numpy(position_mask).dtype == np.dtype(loss_mask_dtype)
+
+
+def test_prepare_targets_in_float64_matches_torch_formulation(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(9)
+    _, t2d = random_mapping(rng, 1000, 100)
+    logits = random_target_logits(rng, (3, 5, 1000), t2d).astype(np.float64)
+    logits += rng.standard_normal(logits.shape) * 1e-3  # bits beyond float32
+    loss_mask = rng.random((3, 5)) < 0.8
+    with float64_enabled(backend):
+        probs, position_mask = prepare_targets(
+            backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d)
+        )
+        probs, position_mask = backend.to_numpy(probs), backend.to_numpy(position_mask)
+    expected_probs, expected_mask = torch_prepare_targets(torch.from_numpy(logits), loss_mask, t2d)
+    assert probs.dtype == np.float64
+    np.testing.assert_allclose(probs, expected_probs, rtol=RTOL[np.float64])
+    np.testing.assert_array_equal(position_mask, expected_mask)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_prepare_targets_in_low_precision_matches_torch_on_the_same_values(
+    autodiff_backend: Backend, torch: Any, dtype: str
+) -> None:
+    rng = np.random.default_rng(10)
+    _, t2d = random_mapping(rng, 2000, 400)
+    logits = autodiff_backend.asarray(random_target_logits(rng, (2, 5, 2000), t2d), dtype)
+    loss_mask = rng.random((2, 5)) < 0.9
+    probs, position_mask = prepare_targets(
+        logits, autodiff_backend.asarray(loss_mask), autodiff_backend.asarray(t2d)
+    )
+    rounded = torch.from_numpy(autodiff_backend.to_numpy(logits).astype(np.float32))
+    expected_probs, expected_mask = torch_prepare_targets(
+        rounded.to(getattr(torch, dtype)), loss_mask, t2d
+    )
+    assert autodiff_backend.to_numpy(probs).dtype == np.float32
+    np.testing.assert_allclose(autodiff_backend.to_numpy(probs), expected_probs, rtol=1e-5)
+    np.testing.assert_array_equal(autodiff_backend.to_numpy(position_mask), expected_mask)
+
+
+def test_prepare_targets_at_llama3_sizes(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(11)
+    _, t2d = random_mapping(rng, 128256, 32000)
+    logits = random_target_logits(rng, (1, 4, 128256), t2d)
+    loss_mask = np.array([[True, True, False, True]])
+    probs, position_mask = prepare_targets(
+        backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d)
+    )
+    expected_probs, expected_mask = torch_prepare_targets(torch.from_numpy(logits), loss_mask, t2d)
+    assert tuple(probs.shape) == (1, 4, 32000)
+    np.testing.assert_allclose(backend.to_numpy(probs), expected_probs, rtol=RTOL[np.float32])
+    np.testing.assert_array_equal(backend.to_numpy(position_mask), expected_mask)
+
+
+def test_prepare_targets_accepts_a_trailing_unit_axis_on_the_loss_mask(backend: Backend) -> None:
+    rng = np.random.default_rng(12)
+    _, t2d = random_mapping(rng, 50, 10)
+    logits = backend.asarray(random_target_logits(rng, (2, 3, 50), t2d))
+    loss_mask = rng.random((2, 3)) < 0.5
+    flat = prepare_targets(logits, backend.asarray(loss_mask), backend.asarray(t2d))
+    unit = prepare_targets(logits, backend.asarray(loss_mask[..., None]), backend.asarray(t2d))
+    for a, b in zip(flat, unit, strict=True):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+
+
+def test_prepare_targets_keeps_loss_mask_weights(backend: Backend) -> None:
+    t2d = np.array([True, False, True])
+    logits = np.array([[[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]]])
+    weights = np.array([[0.5, 2.0, 0.25]])
+    _, position_mask = prepare_targets(
+        backend.asarray(logits), backend.asarray(weights), backend.asarray(t2d)
+    )
+    np.testing.assert_array_equal(backend.to_numpy(position_mask)[..., 0], [[0.5, 0.0, 0.25]])
+
+
+def test_prepare_targets_with_given_draft_vocab_size_equals_counted(backend: Backend) -> None:
+    rng = np.random.default_rng(13)
+    _, t2d = random_mapping(rng, 300, 37)
+    logits = backend.asarray(random_target_logits(rng, (2, 4, 300), t2d))
+    mask, mapping = backend.asarray(np.ones((2, 4), bool)), backend.asarray(t2d)
+    counted = prepare_targets(logits, mask, mapping)
+    given = prepare_targets(logits, mask, mapping, draft_vocab_size=37)
+    for a, b in zip(counted, given, strict=True):
+        np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+
+
+def test_prepare_targets_returns_constants_in_torch(torch: Any) -> None:
+    rng = np.random.default_rng(14)
+    _, t2d = random_mapping(rng, 100, 20)
+    logits = torch.tensor(random_target_logits(rng, (2, 3, 100), t2d), requires_grad=True)
+    probs, position_mask = prepare_targets(
+        logits, torch.ones(2, 3, dtype=torch.bool), torch.from_numpy(t2d)
+    )
+    assert not probs.requires_grad and not position_mask.requires_grad
+
+
+def test_prepare_targets_stops_the_gradient_in_jax(jax: Any) -> None:
+    jnp = jax.numpy
+    rng = np.random.default_rng(15)
+    _, t2d = random_mapping(rng, 100, 20)
+    logits = jnp.asarray(random_target_logits(rng, (2, 3, 100), t2d))
+    weights = jnp.asarray(rng.standard_normal((2, 3, 20)), dtype=jnp.float32)
+
+    def objective(target_logits: Any) -> Any:
+        probs, _ = prepare_targets(target_logits, jnp.ones((2, 3)), jnp.asarray(t2d))
+        return jnp.sum(probs * weights)
+
+    assert float(objective(logits)) != 0.0
+    np.testing.assert_array_equal(np.asarray(jax.grad(objective)(logits)), 0.0)
+
+
+def test_prepare_targets_runs_under_jax_jit_with_draft_vocab_size(jax: Any) -> None:
+    jnp = jax.numpy
+    rng = np.random.default_rng(16)
+    _, t2d = random_mapping(rng, 400, 64)
+    logits = jnp.asarray(random_target_logits(rng, (2, 5, 400), t2d))
+    mask, mapping = jnp.asarray(rng.random((2, 5)) < 0.7), jnp.asarray(t2d)
+    jitted = jax.jit(prepare_targets, static_argnames="draft_vocab_size")
+    for a, b in zip(
+        jitted(logits, mask, mapping, draft_vocab_size=64),
+        prepare_targets(logits, mask, mapping),
+        strict=True,
+    ):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
+def test_prepare_targets_under_jax_jit_asks_for_draft_vocab_size(jax: Any) -> None:
+    jnp = jax.numpy
+    with pytest.raises(TypeError, match=r"t2d is traced.*draft_vocab_size"):
+        jax.jit(prepare_targets)(jnp.zeros((1, 2, 4)), jnp.ones((1, 2)), jnp.ones(4, dtype=bool))
+
+
+@pytest.mark.parametrize(
+    ("logits_shape", "mask_shape", "t2d", "error", "match"),
+    [
+        ((2, 3, 5), (2, 3), np.ones(6, bool), ValueError, r"t2d; got target_logits \(2, 3, 5\)"),
+        ((2, 3, 5), (3, 2), np.ones(5, bool), ValueError, r"loss_mask must have shape \(2, 3\)"),
+        ((2, 3, 5), (2, 3), np.ones(5, np.int8), TypeError, "t2d must be a bool array"),
+        ((2, 3, 5), (2, 3), np.zeros(5, bool), ValueError, "t2d selects no token"),
+    ],
+)
+def test_prepare_targets_checks_its_arguments(
+    logits_shape: tuple, mask_shape: tuple, t2d: np.ndarray, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        prepare_targets(np.zeros(logits_shape), np.ones(mask_shape), t2d)
+
+
+def test_prepare_targets_refuses_integer_logits() -> None:
+    with pytest.raises(TypeError, match="target_logits must have a real floating dtype"):
+        prepare_targets(np.zeros((1, 2, 3), dtype=np.int64), np.ones((1, 2)), np.ones(3, bool))
+
+
+def test_prepare_targets_refuses_a_draft_vocab_size_beyond_the_target_vocabulary() -> None:
+    with pytest.raises(ValueError, match=r"draft_vocab_size must be between 1 and .* 3, got 4"):
+        prepare_targets(np.zeros((1, 2, 3)), np.ones((1, 2)), np.ones(3, bool), draft_vocab_size=4)
+
+
+# --- shift_left -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.bool_, np.float32])
+def test_shift_left_matches_torch_formulation(backend: Backend, torch: Any, dtype: type) -> None:
+    x = (np.random.default_rng(17).random((3, 6, 4)) * 10).astype(dtype)
+    out = shift_left(backend.asarray(x))
+    np.testing.assert_array_equal(backend.to_numpy(out), torch_shift_left(x))
+
+
+def test_shift_left_along_another_axis_with_a_fill_value(backend: Backend) -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    out = backend.to_numpy(shift_left(backend.asarray(x), axis=-1, fill=-np.inf))
+    np.testing.assert_array_equal(out[:, :-1], x[:, 1:])
+    np.testing.assert_array_equal(out[:, -1], -np.inf)
+
+
+def test_shift_left_of_an_empty_axis_is_empty(backend: Backend) -> None:
+    out = shift_left(backend.asarray(np.zeros((2, 0), dtype=np.int64)))
+    assert tuple(out.shape) == (2, 0)
+
+
+def test_shift_left_passes_gradients_to_the_shifted_values(torch: Any) -> None:
+    x = torch.randn(2, 5, requires_grad=True)
+    (shift_left(x) * torch.arange(5.0)).sum().backward()
+    expected = torch.cat([torch.zeros(2, 1), torch.arange(4.0).expand(2, 4)], dim=1)
+    torch.testing.assert_close(x.grad, expected)
+
+
+def test_shift_left_together_removes_the_last_position_from_training(backend: Backend) -> None:
+    rng = np.random.default_rng(18)
+    _, t2d = random_mapping(rng, 40, 40)  # every token is a draft token
+    logits = backend.asarray(rng.standard_normal((2, 5, 40)).astype(np.float32))
+    loss_mask = backend.asarray(np.ones((2, 5), dtype=bool))
+    _, position_mask = prepare_targets(
+        shift_left(logits), shift_left(loss_mask), backend.asarray(t2d)
+    )
+    np.testing.assert_array_equal(backend.to_numpy(position_mask)[:, :, 0], [[1, 1, 1, 1, 0]] * 2)
+
+
+@pytest.mark.parametrize(
+    ("x", "kwargs", "error", "match"),
+    [
+        (np.zeros((2, 3)), {"axis": 2}, ValueError, r"axis 2 is out of range.*\(2, 3\)"),
+        (np.zeros((2, 3)), {"axis": 1.0}, TypeError, "axis must be an int"),
+        (np.zeros((2, 3), np.int32), {"fill": 0.5}, TypeError, "whole number.*int32"),
+        (np.zeros((2, 3), bool), {"fill": 2}, TypeError, "fill must be 0, 1, False or True"),
+        (np.zeros((2, 3)), {"fill": "0"}, TypeError, "fill must be a bool or a real number"),
+    ],
+)
+def test_shift_left_checks_its_arguments(
+    x: np.ndarray, kwargs: dict, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        shift_left(x, **kwargs)
+
+
+# --- draft_accuracy ---------------------------------------------------------------------------
+
+
+def test_draft_accuracy_matches_torch_formulation(backend: Backend, torch: Any) -> None:
+    rng = np.random.default_rng(19)
+    target = rng.random((4, 16, 50)).astype(np.float32)
+    logits = np.where(rng.random((4, 16, 1)) < 0.5, target, rng.standard_normal((4, 16, 50)))
+    logits = logits.astype(np.float32)
+    mask = rng.random((4, 16, 1)) < 0.6
+    accuracy = draft_accuracy(
+        backend.asarray(logits), backend.asarray(target), backend.asarray(mask)
+    )
+    assert tuple(accuracy.shape) == ()
+    assert backend.namespace_is_mine(accuracy)
+    expected = torch_draft_accuracy(logits, target, mask)
+    assert 0.2 < expected < 0.9
+    np.testing.assert_allclose(backend.to_numpy(accuracy), expected, rtol=RTOL[np.float32])
+
+
+def test_draft_accuracy_is_zero_without_valid_positions(backend: Backend) -> None:
+    logits = backend.asarray(np.random.default_rng(20).random((2, 3, 4)))
+    mask = backend.asarray(np.zeros((2, 3), dtype=bool))
+    assert float(backend.to_numpy(draft_accuracy(logits, logits, mask))) == 0.0
+
+
+def test_draft_accuracy_counts_each_weighted_position_once(backend: Backend) -> None:
+    target = np.eye(3)[None]  # argmax 0, 1, 2
+    logits = np.array([[[1.0, 0, 0], [1.0, 0, 0], [0, 0, 1.0]]])  # hits at 0 and 2
+    weights = np.array([[5.0, 1.0, 0.5]])
+    accuracy = draft_accuracy(
+        backend.asarray(logits), backend.asarray(target), backend.asarray(weights)
+    )
+    np.testing.assert_allclose(backend.to_numpy(accuracy), 2.0 / 3.0, rtol=1e-12)
+
+
+def test_draft_accuracy_runs_under_jax_jit(jax: Any) -> None:
+    jnp = jax.numpy
+    rng = np.random.default_rng(21)
+    logits, target = (jnp.asarray(rng.random((2, 8, 10)), jnp.float32) for _ in range(2))
+    mask = jnp.asarray(rng.random((2, 8)) < 0.5)
+    np.testing.assert_allclose(
+        np.asarray(jax.jit(draft_accuracy)(logits, target, mask)),
+        np.asarray(draft_accuracy(logits, target, mask)),
+    )
+
+
+def test_draft_accuracy_checks_shapes() -> None:
+    with pytest.raises(ValueError, match=r"target_probs must have the shape of logits"):
+        draft_accuracy(np.zeros((2, 3, 4)), np.zeros((2, 3, 5)), np.ones((2, 3)))
+
+
+# --- multi_step_loss --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("as_sequence", [True, False])
+def test_multi_step_loss_matches_torch_formulation(
+    backend: Backend, torch: Any, normalize: bool, as_sequence: bool
+) -> None:
+    values = np.random.default_rng(22).random(5) * 4
+    with float64_enabled(backend):
+        losses = backend.asarray(values)
+        if as_sequence:
+            losses = [losses[i] for i in range(5)]
+        out = backend.to_numpy(multi_step_loss(losses, decay=0.7, normalize=normalize))
+    assert out.shape == ()
+    expected = torch_multi_step_loss(list(values), 0.7, normalize)
+    np.testing.assert_allclose(out, expected, rtol=RTOL[np.float64])
+
+
+def test_multi_step_loss_defaults_to_decay_0_8_normalized() -> None:
+    losses = [np.asarray(1.0), np.asarray(2.0), np.asarray(4.0)]
+    expected = (1.0 + 0.8 * 2.0 + 0.64 * 4.0) / (1.0 + 0.8 + 0.64)
+    np.testing.assert_allclose(multi_step_loss(losses), expected, rtol=1e-12)
+
+
+def test_multi_step_loss_gradient_is_the_step_weights_in_torch(torch: Any) -> None:
+    losses = [torch.tensor(float(v), requires_grad=True) for v in (0.3, 1.2, 2.5)]
+    multi_step_loss(losses, decay=0.5).backward()
+    grads = [loss.grad.item() for loss in losses]
+    np.testing.assert_allclose(grads, np.array([1.0, 0.5, 0.25]) / 1.75, rtol=1e-6)
+
+
+def test_multi_step_loss_gradient_is_the_step_weights_in_jax(jax: Any) -> None:
+    jnp = jax.numpy
+    grad = jax.jit(jax.grad(lambda v: multi_step_loss([v[0], v[1]], normalize=False)))
+    np.testing.assert_allclose(np.asarray(grad(jnp.asarray([1.0, 3.0]))), [1.0, 0.8], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("losses", "kwargs", "error", "match"),
+    [
+        ([], {}, ValueError, "at least one loss"),
+        (np.zeros((2, 2)), {}, ValueError, r"an array of shape \(2, 2\)"),
+        ([np.zeros(2)], {}, ValueError, r"0-d arrays, got shapes \{'step_losses\[0\]': \(2,\)\}"),
+        ([np.asarray(1)], {}, TypeError, "step_losses must have a real floating dtype"),
+        ([1.0, 2.0], {}, TypeError, r"step_losses\[0\] must be an array"),
+        ([np.asarray(1.0)], {"decay": -0.1}, ValueError, "decay must be finite and non-negative"),
+        ([np.asarray(1.0)], {"normalize": 1}, TypeError, "normalize must be a bool"),
+    ],
+)
+def test_multi_step_loss_checks_its_arguments(
+    losses: Any, kwargs: dict, error: type, match: str
+) -> None:
+    with pytest.raises(error, match=match):
+        multi_step_loss(losses, **kwargs)
+
+
+# --- one training step, end to end ------------------------------------------------------------
+
+
+def test_training_step_matches_torch_formulation_and_trains_only_the_draft(torch: Any) -> None:
+    """Three test-time steps of a linear draft head, against the same loop in plain PyTorch."""
+    rng = np.random.default_rng(23)
+    _, t2d = random_mapping(rng, 600, 120)
+    hidden = torch.from_numpy(rng.standard_normal((2, 9, 16)).astype(np.float32))
+    target_head = torch.nn.Linear(16, 600)  # stands for the frozen target model
+    with torch.no_grad():
+        target_head.bias[torch.from_numpy(t2d)] += 1.5  # most top tokens are draft tokens
+    loss_mask = torch.from_numpy(rng.random((2, 9)) < 0.8)
+
+    def run(library: bool) -> tuple[torch.Tensor, torch.nn.Linear]:
+        torch.manual_seed(0)
+        draft = torch.nn.Linear(16, 120)
+        target, mask, state, losses = target_head(hidden), loss_mask, hidden, []
+        target = torch.cat([target[:, 1:], torch.zeros_like(target[:, -1:])], dim=1)
+        mask = torch.cat([mask[:, 1:], torch.zeros_like(mask[:, -1:])], dim=1)
+        for _ in range(3):
+            logits = draft(state)
+            if library:
+                probs, position_mask = prepare_targets(target, mask, torch.from_numpy(t2d))
+                losses.append(sc.masked_soft_cross_entropy(logits, probs, position_mask))
+            else:
+                with torch.no_grad():
+                    probs = torch.softmax(target[..., torch.from_numpy(t2d)].float(), -1)
+                    top_in_draft = torch.from_numpy(t2d)[target.argmax(-1)]
+                    position_mask = (top_in_draft & mask)[..., None].float()
+                per_position = -(probs * torch.log_softmax(logits, -1)).sum(-1, keepdim=True)
+                losses.append(
+                    (per_position * position_mask).sum() / position_mask.sum().clamp_min(1)
+                )
+            state = torch.tanh(state).roll(1, dims=-1)
+            target, mask = shift_left(target), shift_left(mask)
+        if library:
+            return multi_step_loss(losses), draft
+        weights = [0.8**i for i in range(3)]
+        return sum(w * loss for w, loss in zip(weights, losses, strict=True)) / sum(weights), draft
+
+    loss, draft = run(library=True)
+    expected, expected_draft = run(library=False)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=0)
+    loss.backward()
+    expected.backward()
+    torch.testing.assert_close(draft.weight.grad, expected_draft.weight.grad, rtol=1e-5, atol=1e-7)
+    assert draft.weight.grad.abs().max() > 0
+    assert target_head.weight.grad is None
