@@ -1,0 +1,123 @@
+"""Developer and CI sessions. ``nox -s tests`` runs the CPU test suite; ``nox -l`` lists the rest.
+
+Every session builds its own virtual environment with the standard library's ``venv`` and pip,
+so a machine needs only Python 3.11 and ``python3 -m pip install nox``. Environments are kept in
+``.nox/`` and reused on the next run; ``nox -R`` also skips the install step.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import subprocess
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_venv = "yes"
+nox.options.sessions = ["tests", "lint"]
+
+PYTHON = "3.11"
+
+# The CPU build of torch 2.13.0 installs from local disk. An unpinned "torch" (or a range that
+# admits a newer release) resolves to a CUDA build of several GB, so torch is always pinned and
+# installed in the same pip command as the package.
+TORCH_CPU = os.environ.get("SOFTCE_TORCH_SPEC", "torch==2.13.0")
+JAX_CPU = os.environ.get("SOFTCE_JAX_SPEC", "jax==0.10.2")
+TRITON = "triton==3.9.0"
+ARRAY_API_STRICT = "array-api-strict==2.6.1"
+
+TORCH_GPU = os.environ.get("SOFTCE_TORCH_GPU_SPEC", "torch==2.14.1")
+JAX_GPU = os.environ.get("SOFTCE_JAX_GPU_SPEC", "jax[cuda12]==0.10.2")
+CUPY_GPU = os.environ.get("SOFTCE_CUPY_SPEC", "cupy-cuda12x")
+
+RUFF = "ruff==0.17.6"
+MYPY = "mypy==2.4.1"
+SPHINX = "sphinx==9.0.4"
+
+# Tests of the Triton kernel run on the CPU through Triton's interpreter; JAX stays on the CPU.
+CPU_TEST_ENV = {"TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite on every CPU backend: NumPy, array-api-strict, PyTorch and JAX."""
+    session.install(TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "-e", ".[test]")
+    session.run("pytest", *session.posargs, env=CPU_TEST_ENV)
+
+
+@nox.session(python=PYTHON)
+def tests_numpy(session: nox.Session) -> None:
+    """Run the test suite with NumPy as the only array library installed."""
+    session.install("-e", ".[test]")
+    session.run(
+        "python",
+        "-c",
+        "import importlib.util, sys; "
+        "found = [m for m in ('torch', 'jax', 'array_api_strict', 'cupy') "
+        "if importlib.util.find_spec(m)]; "
+        "sys.exit(f'expected NumPy alone, also found {found}' if found else 0)",
+    )
+    session.run("python", "-c", "import softce_multi")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def gpu(session: nox.Session) -> None:
+    """Run the test suite and ``check`` with PyTorch CUDA, JAX GPU and CuPy on a CUDA device."""
+    device = _cuda_device()
+    if device is None:
+        session.error(
+            "the gpu session needs a CUDA device, and none was found "
+            "(nvidia-smi lists no GPU and there is no /dev/nvidia<N>)"
+        )
+    session.log(f"CUDA device: {device}")
+    session.install(TORCH_GPU, JAX_GPU, CUPY_GPU, ARRAY_API_STRICT, "-e", ".[test]")
+    session.run("pytest", *session.posargs)
+    session.run("python", "-m", "softce_multi", "check")
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """Check style with ruff and types with mypy (which sees torch, JAX and Triton)."""
+    session.install(TORCH_CPU, JAX_CPU, TRITON, RUFF, MYPY, "-e", ".[test]")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("mypy", "softce_multi")
+
+
+@nox.session(python=PYTHON)
+def docs(session: nox.Session) -> None:
+    """Build the HTML documentation into docs/_build/html; any warning is an error."""
+    session.install(TORCH_CPU, JAX_CPU, SPHINX, "-e", ".")
+    session.run(
+        "sphinx-build",
+        "-W",
+        "--keep-going",
+        "-b",
+        "html",
+        "docs",
+        "docs/_build/html",
+        env={"JAX_PLATFORMS": "cpu"},
+    )
+
+
+@nox.session(python=PYTHON)
+def demo(session: nox.Session) -> None:
+    """Check the loss on every installed backend, then train a small EAGLE-3 draft head."""
+    session.install(TORCH_CPU, JAX_CPU, "-e", ".")
+    env = {"JAX_PLATFORMS": "cpu"}
+    session.run("python", "-m", "softce_multi", "check", "--shape", "2", "64", "1000", env=env)
+    session.run("python", "-m", "softce_multi", "demo", *session.posargs, env=env)
+
+
+def _cuda_device() -> str | None:
+    """Return a description of the first CUDA device, or None when there is none."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is not None:
+        listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, check=False)
+        if listing.returncode == 0 and listing.stdout.strip():
+            return listing.stdout.strip().splitlines()[0]
+    nodes = sorted(glob.glob("/dev/nvidia[0-9]*"))
+    return nodes[0] if nodes else None

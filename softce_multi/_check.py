@@ -1,0 +1,520 @@
+"""``python -m softce_multi check``: the loss and its gradient on every installed backend.
+
+Each backend gets the same random inputs of EAGLE-3 size, rounded to the dtype under test. Its
+loss and logits gradient are compared with the oracle run in float64 on exactly those rounded
+values: the PyTorch reference :func:`softce_multi.reference.masked_soft_cross_entropy` (its
+gradient from autograd), or, where PyTorch is not installed, the same formula in NumPy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib
+import importlib.util
+import math
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+import softce_multi as sc
+
+DEFAULT_SHAPE = (2, 512, 32000)
+DEFAULT_DTYPES = ("float32", "bfloat16")
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+BACKENDS = ("numpy", "array_api_strict", "torch", "torch-cuda", "jax", "jax-gpu", "cupy")
+
+#: Largest relative loss error that passes, by the dtype of the inputs. Half-precision inputs
+#: are computed in float32, so they are held to the float32 bound.
+LOSS_TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-5, "float16": 1e-5}
+
+#: Largest gradient error (relative to the largest reference gradient entry) that passes. The
+#: gradient comes back in the logits' dtype, so a half-precision gradient also carries its own
+#: rounding: up to half a unit in the last place of each entry, within one machine epsilon.
+GRAD_TOLERANCE = {
+    "float64": 1e-12,
+    "float32": 1e-5,
+    "bfloat16": 1e-5 + 2.0**-7,
+    "float16": 1e-5 + 2.0**-10,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+    """The random inputs of one check, before rounding to a backend's dtype."""
+
+    logits: np.ndarray
+    target_probs: np.ndarray
+    position_mask: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class Outcome:
+    """What one backend computed, with the rounded inputs it computed it from (in float64)."""
+
+    loss: float
+    grad: np.ndarray
+    logits: np.ndarray
+    target_probs: np.ndarray
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """An installed array library on one device, and how to run the loss on it."""
+
+    name: str
+    device: str
+    dtypes: tuple[str, ...]
+    run: Callable[[Inputs, str], Outcome]
+
+
+@dataclasses.dataclass(frozen=True)
+class Oracle:
+    """The float64 reference: ``compute(logits, target_probs, mask) -> (loss, grad)``."""
+
+    description: str
+    compute: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table: a backend and dtype, its errors and its verdict."""
+
+    backend: str
+    device: str
+    dtype: str
+    loss: float
+    loss_error: float
+    grad_error: float
+    seconds: float
+    passed: bool
+    error: str | None = None
+
+
+def make_inputs(shape: Sequence[int], seed: int) -> Inputs:
+    """Return random logits, soft targets and a position mask of ``shape``, in float32.
+
+    The targets are a softmax of random logits (so each row is a peaked distribution, as a
+    target model's would be); about a quarter of the positions are padding.
+    """
+    rng = np.random.default_rng(seed)
+    shape = tuple(shape)
+    logits = 2.0 * rng.standard_normal(shape, dtype=np.float32)
+    target_logits = 3.0 * rng.standard_normal(shape, dtype=np.float32)
+    target_logits -= target_logits.max(axis=-1, keepdims=True)
+    target = np.exp(target_logits, out=target_logits)
+    target /= target.sum(axis=-1, keepdims=True)
+    mask = rng.random((*shape[:-1], 1)) < 0.75
+    return Inputs(logits, target, mask)
+
+
+def relative_error(value: float, reference: float) -> float:
+    """Return ``|value - reference| / |reference|``, or ``|value|`` when the reference is 0."""
+    if reference == 0:
+        return abs(value)
+    return abs(value - reference) / abs(reference)
+
+
+def gradient_error(grad: np.ndarray, reference: np.ndarray) -> float:
+    """Return ``max |grad - reference| / max |reference|`` (``max |grad|`` if the latter is 0)."""
+    if grad.shape != reference.shape:
+        return math.inf
+    scale = float(np.max(np.abs(reference), initial=0.0))
+    error = float(np.max(np.abs(grad - reference), initial=0.0))
+    return error / scale if scale > 0 else error
+
+
+def numpy_reference(
+    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """Return the ``"mean"`` loss and its logits gradient by the plain formula, in float64."""
+    z = logits.astype(np.float64)
+    p = target_probs.astype(np.float64)
+    w = position_mask.reshape(z.shape[:-1]).astype(np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    per_position = -np.where(p == 0, 0.0, p * log_softmax).sum(axis=-1)
+    denominator = max(float(w.sum()), 1.0)
+    loss = float((w * per_position).sum() / denominator)
+    scale = (w / denominator)[..., None]
+    grad = scale * (p.sum(axis=-1, keepdims=True) * np.exp(log_softmax) - p)
+    return loss, grad
+
+
+def torch_reference(
+    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
+) -> tuple[float, np.ndarray]:
+    """Return the loss of :mod:`softce_multi.reference` in float64 and its autograd gradient."""
+    import torch
+
+    from softce_multi import reference
+
+    z = torch.from_numpy(logits.astype(np.float64)).requires_grad_()
+    p = torch.from_numpy(target_probs.astype(np.float64))
+    loss = reference.masked_soft_cross_entropy(z, p, torch.from_numpy(position_mask))
+    loss.backward()
+    assert z.grad is not None
+    return float(loss.detach()), z.grad.numpy()
+
+
+def select_oracle(name: str) -> Oracle:
+    """Return the oracle called ``name``: ``"torch"``, ``"numpy"``, or ``"auto"`` (torch if any)."""
+    torch_installed = _installed("torch")
+    if name == "torch" or (name == "auto" and torch_installed):
+        return Oracle("softce_multi.reference (PyTorch), float64 on the CPU", torch_reference)
+    description = "NumPy float64 implementation of the formula"
+    if not torch_installed:
+        description += " (PyTorch is not installed, so the PyTorch reference cannot run)"
+    return Oracle(description, numpy_reference)
+
+
+class _CachedOracle:
+    """Run the oracle once per distinct set of rounded inputs (keyed by a digest of them)."""
+
+    def __init__(self, oracle: Oracle) -> None:
+        self._oracle = oracle
+        self._results: dict[bytes, tuple[float, np.ndarray]] = {}
+
+    def __call__(
+        self, logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
+    ) -> tuple[float, np.ndarray]:
+        digest = hashlib.blake2b(digest_size=32)
+        for array in (logits, target_probs, position_mask):
+            digest.update(str((array.dtype, array.shape)).encode())
+            digest.update(np.ascontiguousarray(array).data)
+        key = digest.digest()
+        if key not in self._results:
+            self._results[key] = self._oracle.compute(logits, target_probs, position_mask)
+        return self._results[key]
+
+
+def _timed(fn: Callable[[], Any], synchronize: Callable[[Any], Any]) -> tuple[Any, float]:
+    """Call ``fn`` twice; return the second result and its wall time.
+
+    The first call warms up what a training loop pays for once: JIT compilation, allocator
+    caches, thread pools.
+    """
+    synchronize(fn())
+    start = time.perf_counter()
+    result = synchronize(fn())
+    return result, time.perf_counter() - start
+
+
+def _as_float64(array: Any) -> np.ndarray:
+    return np.asarray(array).astype(np.float64)
+
+
+def _run_numpy(inputs: Inputs, dtype: str) -> Outcome:
+    logits = inputs.logits.astype(dtype)
+    target = inputs.target_probs.astype(dtype)
+    (loss, grad), seconds = _timed(
+        lambda: sc.masked_soft_cross_entropy_with_grad(logits, target, inputs.position_mask),
+        lambda result: result,
+    )
+    return Outcome(
+        float(loss), _as_float64(grad), _as_float64(logits), _as_float64(target), seconds
+    )
+
+
+def _run_array_api_strict(inputs: Inputs, dtype: str) -> Outcome:
+    import array_api_strict as xp
+
+    logits = xp.asarray(inputs.logits, dtype=getattr(xp, dtype))
+    target = xp.asarray(inputs.target_probs, dtype=getattr(xp, dtype))
+    mask = xp.asarray(inputs.position_mask)
+    (loss, grad), seconds = _timed(
+        lambda: sc.masked_soft_cross_entropy_with_grad(logits, target, mask),
+        lambda result: result,
+    )
+
+    def to_numpy(array: Any) -> np.ndarray:
+        return np.from_dlpack(array).astype(np.float64)
+
+    return Outcome(float(loss), to_numpy(grad), to_numpy(logits), to_numpy(target), seconds)
+
+
+def _torch_runner(device: str) -> Callable[[Inputs, str], Outcome]:
+    import torch
+
+    def synchronize(result: Any) -> Any:
+        if device.startswith("cuda"):
+            torch.cuda.synchronize(device)
+        return result
+
+    def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+        return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
+
+    def run(inputs: Inputs, dtype: str) -> Outcome:
+        torch_dtype = getattr(torch, dtype)
+        logits = torch.from_numpy(inputs.logits).to(device=device, dtype=torch_dtype)
+        target = torch.from_numpy(inputs.target_probs).to(device=device, dtype=torch_dtype)
+        mask = torch.from_numpy(inputs.position_mask).to(device=device)
+        logits.requires_grad_()
+        synchronize(None)
+
+        def forward_backward() -> torch.Tensor:
+            logits.grad = None
+            loss = sc.masked_soft_cross_entropy(logits, target, mask)
+            loss.backward()
+            return loss
+
+        loss, seconds = _timed(forward_backward, synchronize)
+        grad = logits.grad if logits.grad is not None else torch.full_like(logits, math.nan)
+        return Outcome(
+            float(loss.detach()), to_numpy(grad), to_numpy(logits), to_numpy(target), seconds
+        )
+
+    return run
+
+
+def _jax_runner(device: Any) -> Callable[[Inputs, str], Outcome]:
+    import jax
+    import jax.numpy as jnp
+
+    loss_and_grad = jax.jit(jax.value_and_grad(sc.masked_soft_cross_entropy))
+
+    def run(inputs: Inputs, dtype: str) -> Outcome:
+        numpy_dtype = jnp.dtype(dtype)
+        logits = jax.device_put(inputs.logits.astype(numpy_dtype), device)
+        target = jax.device_put(inputs.target_probs.astype(numpy_dtype), device)
+        mask = jax.device_put(inputs.position_mask, device)
+        (loss, grad), seconds = _timed(
+            lambda: loss_and_grad(logits, target, mask), jax.block_until_ready
+        )
+        return Outcome(
+            float(loss), _as_float64(grad), _as_float64(logits), _as_float64(target), seconds
+        )
+
+    return run
+
+
+def _run_cupy(inputs: Inputs, dtype: str) -> Outcome:
+    import cupy
+
+    def synchronize(result: Any) -> Any:
+        cupy.cuda.get_current_stream().synchronize()
+        return result
+
+    logits = cupy.asarray(inputs.logits.astype(dtype))
+    target = cupy.asarray(inputs.target_probs.astype(dtype))
+    mask = cupy.asarray(inputs.position_mask)
+    synchronize(None)
+    (loss, grad), seconds = _timed(
+        lambda: sc.masked_soft_cross_entropy_with_grad(logits, target, mask), synchronize
+    )
+
+    def to_numpy(array: Any) -> np.ndarray:
+        return cupy.asnumpy(array).astype(np.float64)
+
+    return Outcome(float(loss), to_numpy(grad), to_numpy(logits), to_numpy(target), seconds)
+
+
+def _installed(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+def available_backends() -> list[Backend]:
+    """Return every backend installed here, with the devices and dtypes it can run."""
+    backends = [Backend("numpy", "cpu", ("float16", "float32", "float64"), _run_numpy)]
+    if _installed("array_api_strict"):
+        backends.append(
+            Backend("array_api_strict", "cpu", ("float32", "float64"), _run_array_api_strict)
+        )
+    if _installed("torch"):
+        import torch
+
+        backends.append(Backend("torch", "cpu", DTYPES, _torch_runner("cpu")))
+        if torch.cuda.is_available():
+            backends.append(Backend("torch-cuda", "cuda:0", DTYPES, _torch_runner("cuda:0")))
+    if _installed("jax"):
+        import jax
+
+        jax_dtypes = DTYPES if jax.config.read("jax_enable_x64") else DTYPES[:3]
+        cpu = jax.devices("cpu")[0]
+        backends.append(Backend("jax", "cpu:0", jax_dtypes, _jax_runner(cpu)))
+        gpus = _jax_gpus()
+        if gpus:
+            backends.append(
+                Backend("jax-gpu", f"gpu:{gpus[0].id}", jax_dtypes, _jax_runner(gpus[0]))
+            )
+    if _installed("cupy") and _cupy_device_count() > 0:
+        backends.append(Backend("cupy", "cuda:0", ("float16", "float32", "float64"), _run_cupy))
+    return backends
+
+
+def _jax_gpus() -> list[Any]:
+    import jax
+
+    try:
+        return list(jax.devices("gpu"))
+    except RuntimeError:
+        return []
+
+
+def _cupy_device_count() -> int:
+    try:
+        import cupy
+
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # a CuPy without a driver raises its own CUDA errors
+        return 0
+
+
+def check_backend(
+    backend: Backend, dtype: str, inputs: Inputs, oracle: Callable[..., tuple[float, np.ndarray]]
+) -> Row:
+    """Run ``backend`` in ``dtype`` on ``inputs`` and compare it with the oracle."""
+    try:
+        outcome = backend.run(inputs, dtype)
+        reference_loss, reference_grad = oracle(
+            outcome.logits, outcome.target_probs, inputs.position_mask
+        )
+    except Exception as error:
+        message = f"{type(error).__name__}: {error}"
+        nan = math.nan
+        return Row(backend.name, backend.device, dtype, nan, nan, nan, nan, False, message)
+    loss_error = relative_error(outcome.loss, reference_loss)
+    grad_error = gradient_error(outcome.grad, reference_grad)
+    # A NaN error compares false, and so fails.
+    passed = loss_error <= LOSS_TOLERANCE[dtype] and grad_error <= GRAD_TOLERANCE[dtype]
+    return Row(
+        backend.name,
+        backend.device,
+        dtype,
+        outcome.loss,
+        loss_error,
+        grad_error,
+        outcome.seconds,
+        passed,
+    )
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """Return the rows as an aligned text table."""
+    header = ("backend", "device", "dtype", "loss", "loss rel err", "grad err", "time", "status")
+    lines = [header]
+    for row in rows:
+        lines.append(
+            (
+                row.backend,
+                row.device,
+                row.dtype,
+                f"{row.loss:.6f}",
+                f"{row.loss_error:.2e}",
+                f"{row.grad_error:.2e}",
+                f"{row.seconds * 1e3:.1f} ms",
+                "PASS" if row.passed else "FAIL",
+            )
+        )
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        msg = f"must be a positive integer, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of ``python -m softce_multi check``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m softce_multi check",
+        description=(
+            "Run the loss and its logits gradient on every installed backend and compare them "
+            "with the float64 reference computed on the same rounded inputs. Exits with status "
+            "1 if any backend fails its tolerance."
+        ),
+    )
+    parser.add_argument(
+        "--shape",
+        type=_positive_int,
+        nargs="+",
+        default=list(DEFAULT_SHAPE),
+        metavar="N",
+        help="shape of the logits, vocabulary last (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=DTYPES,
+        default=list(DEFAULT_DTYPES),
+        help="dtypes of the inputs; each backend runs those it supports (default: %(default)s)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--backend",
+        nargs="+",
+        choices=BACKENDS,
+        help="check only these backends (default: every one installed)",
+    )
+    parser.add_argument(
+        "--oracle",
+        choices=("auto", "torch", "numpy"),
+        default="auto",
+        help="reference implementation; auto uses PyTorch when installed (default: auto)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the check from command-line arguments; return 0 if every row passes, else 1."""
+    args = build_parser().parse_args(argv)
+    backends = available_backends()
+    if args.backend is not None:
+        missing = sorted(set(args.backend) - {backend.name for backend in backends})
+        if missing:
+            print(f"error: backend not available here: {', '.join(missing)}")
+            return 1
+        backends = [backend for backend in backends if backend.name in args.backend]
+    oracle = select_oracle(args.oracle)
+    inputs = make_inputs(args.shape, args.seed)
+    cached_oracle = _CachedOracle(oracle)
+
+    n_valid = int(np.count_nonzero(inputs.position_mask))
+    print(
+        f"softce_multi check: logits shape {tuple(args.shape)}, seed {args.seed}, "
+        f"{n_valid} of {inputs.position_mask.size} positions valid, reduction 'mean'"
+    )
+    print(f"oracle: {oracle.description}, on the same rounded inputs")
+    print("loss rel err = |loss - ref| / |ref|;  grad err = max |grad - ref| / max |ref|")
+    print("time = forward + backward, the second of two calls (JAX: jit of value_and_grad)")
+    print()
+
+    rows, notes = [], []
+    for backend in backends:
+        for dtype in args.dtype:
+            if dtype not in backend.dtypes:
+                notes.append(f"{backend.name}: {dtype} skipped (not supported by this backend)")
+                continue
+            row = check_backend(backend, dtype, inputs, cached_oracle)
+            rows.append(row)
+            if row.error is not None:
+                notes.append(f"{backend.name} {dtype}: {row.error}")
+    print(format_table(rows))
+    print()
+    tolerances = ", ".join(
+        f"{dtype} loss {LOSS_TOLERANCE[dtype]:.0e} grad {GRAD_TOLERANCE[dtype]:.1e}"
+        for dtype in args.dtype
+    )
+    print(f"tolerances: {tolerances}")
+    for note in notes:
+        print(f"note: {note}")
+    failed = sum(not row.passed for row in rows)
+    if not rows:
+        print("check: FAIL, no backend ran in the requested dtypes")
+        return 1
+    if failed:
+        print(f"check: FAIL, {failed} of {len(rows)} rows outside tolerance")
+        return 1
+    print(f"check: PASS, all {len(rows)} rows within tolerance")
+    return 0
