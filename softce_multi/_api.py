@@ -132,6 +132,18 @@ def masked_soft_cross_entropy_with_grad(
     """
     xp = validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
     check_reduction(reduction, with_grad=True)
+    if array_api_compat.is_torch_namespace(xp):
+        from softce_multi.torch import forward as torch_forward
+
+        result = torch_forward(
+            logits,
+            target_probs,
+            position_mask,
+            reduction=reduction,
+            num_valid=num_valid,
+            with_logits_grad=True,
+        )
+        return result.loss, result.logits_grad
     traced = array_api_compat.is_jax_namespace(xp)
     result = _core.forward(
         logits,

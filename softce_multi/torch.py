@@ -4,6 +4,9 @@ The forward pass computes the loss and, for the ``"mean"`` and ``"sum"`` reducti
 gradient in the same pass over the inputs; the backward pass only scales that buffer by the
 upstream gradient. For ``"none"`` (whose upstream gradient differs per position) and for the
 gradient to ``target_probs``, the backward pass recomputes from small per-row statistics.
+
+The forward pass is the core's two steps with the elementwise work done in place on one
+block-sized buffer, which roughly halves the passes over memory of the generic version.
 """
 
 from __future__ import annotations
@@ -23,6 +26,86 @@ __all__ = ["MaskedSoftCrossEntropy", "masked_soft_cross_entropy"]
 masked_soft_cross_entropy = _masked_soft_cross_entropy
 
 
+def forward(
+    logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    position_mask: torch.Tensor,
+    *,
+    reduction: str,
+    num_valid: torch.Tensor | float | None,
+    with_logits_grad: bool,
+) -> _core.ForwardResult:
+    """Eager PyTorch version of :func:`softce_multi._core.forward`, with the same contract."""
+    xp = array_api_compat.array_namespace(logits)
+    dtype = _core.compute_dtype(logits, target_probs, xp=xp)
+    z, p, mask = _core.flatten_rows(logits, target_probs, position_mask, xp=xp)
+    weights = mask.to(dtype)
+    valid = weights != 0
+    inv_den = _core.inverse_denominator(weights, reduction, num_valid, xp=xp)
+    row_scale = weights * inv_den
+
+    n_rows = z.shape[0]
+    losses = torch.empty(n_rows, dtype=dtype, device=z.device)
+    lse = torch.empty_like(losses)
+    target_sum = torch.empty_like(losses)
+    grad = torch.empty(z.shape, dtype=logits.dtype, device=z.device) if with_logits_grad else None
+    for rows in _core.row_blocks(n_rows, _core.default_block_rows(z.shape[1])):
+        z_block = z[rows].to(dtype)
+        p_block = p[rows].to(dtype)
+        stats, softmax = _row_statistics_and_softmax(z_block, p_block)
+        block_valid = valid[rows]
+        block_loss = weights[rows] * _core.row_losses(stats, xp=xp)
+        losses[rows] = torch.where(block_valid, block_loss, 0.0)
+        lse[rows] = _core.log_normalizer(stats, xp=xp)
+        target_sum[rows] = stats.target_sum
+        if grad is not None:
+            scale = row_scale[rows, None]
+            out = grad[rows] if grad.dtype == dtype else softmax
+            torch.mul(softmax, scale * stats.target_sum[:, None], out=out)
+            out.addcmul_(p_block, scale, value=-1)
+            _zero_rows(out, ~block_valid)  # padding may hold NaN or inf
+            if out is softmax:
+                grad[rows] = softmax
+
+    if reduction == "none":
+        loss = losses.reshape(logits.shape[:-1])
+    elif reduction == "sum":
+        loss = losses.sum()
+    else:
+        loss = torch.where(inv_den == 0, 0.0, losses.sum() * inv_den)
+    if grad is not None:
+        grad = grad.reshape(logits.shape)
+    return _core.ForwardResult(loss, grad, lse, target_sum, row_scale)
+
+
+def _row_statistics_and_softmax(
+    z: torch.Tensor, p: torch.Tensor
+) -> tuple[_core.RowStatistics, torch.Tensor]:
+    """:func:`softce_multi._core.row_statistics` of a block, and its softmax.
+
+    PyTorch's fused softmax kernel is faster on the CPU than a separate ``exp``; the sum of
+    exponentials follows from the softmax at the row maximum, ``exp(max - lse)``, which lies in
+    ``[1/V, 1]`` and so loses no precision.
+    """
+    row_max = z.amax(dim=-1, keepdim=True)
+    row_max = torch.where(row_max.isfinite(), row_max, 0.0)
+    softmax = torch.softmax(z, dim=-1)
+    sum_exp = torch.reciprocal(softmax.amax(dim=-1))
+    # The product is NaN only where p == 0 meets an infinite shifted logit, a term that is 0 by
+    # definition; NaN inputs still reach the loss through sum_exp and target_sum.
+    target_dot = (z - row_max).mul_(p).nansum(dim=-1)
+    return _core.RowStatistics(row_max[:, 0], sum_exp, p.sum(dim=-1), target_dot), softmax
+
+
+def _zero_rows(block: torch.Tensor, rows: torch.Tensor) -> None:
+    """Set the rows of ``block`` where the bool vector ``rows`` is true to 0, in place."""
+    if block.device.type == "cpu":
+        # Cheaper than a broadcast masked_fill_; finding the indices would sync a GPU.
+        block.index_fill_(0, torch.nonzero(rows).squeeze(1), 0.0)
+    else:
+        block.masked_fill_(rows[:, None], 0.0)
+
+
 class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -33,15 +116,13 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         reduction: str,
         num_valid: torch.Tensor | float | None,
     ) -> torch.Tensor:
-        result = _core.forward(
+        result = forward(
             logits,
             target_probs,
             position_mask,
             reduction=reduction,
             num_valid=num_valid,
             with_logits_grad=ctx.needs_input_grad[0] and reduction != "none",
-            block_rows=_core.default_block_rows(logits.shape[-1]),
-            xp=array_api_compat.array_namespace(logits),
         )
         ctx.reduction = reduction
         ctx.logits_grad = result.logits_grad
@@ -64,7 +145,8 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
                 # Hand over the buffer computed in forward and scale it in place; it is released
                 # from ctx first, so a second backward (retain_graph=True) recomputes instead.
                 grad_logits, ctx.logits_grad = ctx.logits_grad, None
-                grad_logits.mul_(grad_output)
+                if not _is_one_on_cpu(grad_output):
+                    grad_logits.mul_(grad_output)
             else:
                 grad_logits = _core.logits_gradient(
                     logits, target_probs, lse, target_sum, row_scale, block_rows=block_rows, xp=xp
@@ -74,6 +156,11 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
                 logits, lse, row_scale, out_dtype=target_probs.dtype, block_rows=block_rows, xp=xp
             )
         return grad_logits, grad_targets, None, None, None
+
+
+def _is_one_on_cpu(value: torch.Tensor) -> bool:
+    """Whether ``value`` is exactly 1, asked only where the answer costs no device sync."""
+    return value.device.type == "cpu" and bool(value == 1)
 
 
 def _differentiable_loss(
@@ -88,15 +175,13 @@ def _differentiable_loss(
         return _MaskedSoftCrossEntropyFunction.apply(
             logits, target_probs, position_mask, reduction, num_valid
         )
-    return _core.forward(
+    return forward(
         logits,
         target_probs,
         position_mask,
         reduction=reduction,
         num_valid=num_valid,
         with_logits_grad=False,
-        block_rows=_core.default_block_rows(logits.shape[-1]),
-        xp=array_api_compat.array_namespace(logits),
     ).loss
 
 
