@@ -61,13 +61,19 @@ def _store_chunk(ref: Any, row: Any, chunk: Any, value: Any) -> None:
     )
 
 
+def _chunk_loop(n_cols: int, block_size: int, body: Any, initial: Any) -> Any:
+    """``fori_loop`` over the chunks of a row, counting in int32 like the program ids."""
+    n_chunks = pl.cdiv(n_cols, block_size)
+    return jax.lax.fori_loop(jnp.int32(0), jnp.int32(n_chunks), body, initial)
+
+
 def _zero_row(out_ref: Any, row: Any, block_size: int) -> None:
     """Write zeros over row ``row`` of ``out_ref``."""
 
     def write(chunk: Any, carry: None) -> None:
         _store_chunk(out_ref, row, chunk, jnp.zeros(block_size, out_ref.dtype))
 
-    jax.lax.fori_loop(0, pl.cdiv(out_ref.shape[-1], block_size), write, None)
+    _chunk_loop(out_ref.shape[-1], block_size, write, None)
 
 
 def _gradient_sweep(
@@ -76,7 +82,8 @@ def _gradient_sweep(
     logits_out: Any | None,
     targets_out: Any | None,
     row: Any,
-    lse: Any,
+    shift: Any,
+    log_sum_exp: Any,
     target_sum: Any,
     scale: Any,
     *,
@@ -86,6 +93,8 @@ def _gradient_sweep(
 ) -> None:
     """Write one row of the logits and/or targets gradients (None: not wanted); 0 if scale is 0.
 
+    The row's log-normalizer is ``shift + log_sum_exp``. Taking ``z - shift`` first keeps the
+    softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
     ``last_first`` walks the chunks from the end of the row, so that a sweep right after the
     statistics sweep starts with the chunks most recently brought into the cache.
     """
@@ -94,19 +103,22 @@ def _gradient_sweep(
 
     def write(i: Any, carry: None) -> None:
         chunk = n_chunks - 1 - i if last_first else i
-        z = _load_chunk(z_ref, row, chunk, block_size, 0.0, compute, "evict_first")
+        # Past the row's end: -inf, whose exponential is 0 (nothing is stored there).
+        z = _load_chunk(z_ref, row, chunk, block_size, -jnp.inf, compute, "evict_first")
         if logits_out is not None:
             p = _load_chunk(p_ref, row, chunk, block_size, 0.0, compute, "evict_first")
-            grad = (scale * target_sum) * jnp.exp(z - lse) - scale * p
+            grad = (scale * target_sum) * jnp.exp((z - shift) - log_sum_exp) - scale * p
             _store_chunk(logits_out, row, chunk, grad)
         if targets_out is not None:
-            _store_chunk(targets_out, row, chunk, scale * (lse - z))
+            _store_chunk(targets_out, row, chunk, scale * (log_sum_exp - (z - shift)))
 
     def write_zeros() -> None:
         for out in outs:
             _zero_row(out, row, block_size)
 
-    jax.lax.cond(scale == 0, write_zeros, lambda: jax.lax.fori_loop(0, n_chunks, write, None))
+    jax.lax.cond(
+        scale == 0, write_zeros, lambda: _chunk_loop(z_ref.shape[-1], block_size, write, None)
+    )
 
 
 def _row_statistics(
@@ -137,8 +149,9 @@ def _row_statistics(
 
     zero = jnp.zeros((), compute)
     initial = (jnp.full((), -jnp.inf, compute), zero, zero, zero, zero)
-    n_chunks = pl.cdiv(z_ref.shape[-1], block_size)
-    _, shift, sum_exp, target_sum, target_dot = jax.lax.fori_loop(0, n_chunks, accumulate, initial)
+    _, shift, sum_exp, target_sum, target_dot = _chunk_loop(
+        z_ref.shape[-1], block_size, accumulate, initial
+    )
     return shift, sum_exp, target_sum, target_dot
 
 
@@ -180,7 +193,8 @@ def _forward_kernel(
                 logits_out,
                 None,
                 row,
-                lse,
+                shift,
+                log_sum_exp,
                 target_sum,
                 scale_ref[row],
                 last_first=True,
@@ -218,6 +232,7 @@ def _backward_kernel(
         next(outs) if targets_grad else None,
         row,
         lse_ref[row].astype(compute),
+        jnp.zeros((), compute),
         target_sum_ref[row].astype(compute),
         scale_ref[row].astype(compute),
         last_first=False,

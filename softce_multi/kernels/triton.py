@@ -45,7 +45,8 @@ def _gradient_sweep(
     logits_out,
     targets_out,
     n_cols,
-    lse,
+    shift,
+    log_sum_exp,
     target_sum,
     scale,
     LOGITS: tl.constexpr,
@@ -56,6 +57,8 @@ def _gradient_sweep(
 ):
     """Write one contiguous row of the logits and/or targets gradients; zeros if scale is 0.
 
+    The row's log-normalizer is ``shift + log_sum_exp``. Taking ``z - shift`` first keeps the
+    softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
     ``LAST_FIRST`` walks the chunks from the end of the row, so that a sweep right after the
     statistics sweep starts with the chunks most recently brought into the cache.
     """
@@ -72,8 +75,12 @@ def _gradient_sweep(
             chunk = n_chunks - 1 - i if LAST_FIRST else i
             cols = chunk * BLOCK_SIZE + offsets
             inside = cols < n_cols
+            # Past the row's end: -inf, whose exponential is 0 (nothing is stored there).
             z = tl.load(
-                z_row + cols * z_col_stride, mask=inside, other=0.0, eviction_policy="evict_first"
+                z_row + cols * z_col_stride,
+                mask=inside,
+                other=float("-inf"),
+                eviction_policy="evict_first",
             ).to(COMPUTE)
             if LOGITS:
                 p = tl.load(
@@ -82,10 +89,10 @@ def _gradient_sweep(
                     other=0.0,
                     eviction_policy="evict_first",
                 ).to(COMPUTE)
-                grad = softmax_scale * tl.exp(z - lse) - scale * p
+                grad = softmax_scale * tl.exp((z - shift) - log_sum_exp) - scale * p
                 tl.store(logits_out + cols, grad.to(logits_out.dtype.element_ty), mask=inside)
             if TARGETS:
-                grad = scale * (lse - z)
+                grad = scale * (log_sum_exp - (z - shift))
                 tl.store(targets_out + cols, grad.to(targets_out.dtype.element_ty), mask=inside)
 
 
@@ -180,7 +187,8 @@ def _forward_kernel(
                 grad_row,
                 grad_row,
                 n_cols,
-                lse,
+                shift,
+                log_sum_exp,
                 target_sum,
                 tl.load(scale_ptr + row),
                 True,
@@ -220,6 +228,7 @@ def _backward_kernel(
         targets_grad_ptr + row * n_cols,
         n_cols,
         tl.load(lse_ptr + row).to(COMPUTE),
+        0.0,
         tl.load(target_sum_ptr + row).to(COMPUTE),
         tl.load(scale_ptr + row).to(COMPUTE),
         LOGITS_GRAD,
