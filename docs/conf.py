@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import softce_multi  # noqa: E402
+import softce_multi
 
 project = "softce_multi"
 author = "the softce_multi authors"
