@@ -1,0 +1,297 @@
+"""Gradients: finite-difference checks and the torch autograd adapter's behaviour."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import (
+    HAS_JAX,
+    HAS_TORCH,
+    assert_gradient_close,
+    assert_loss_close,
+    import_or_skip,
+    random_mask,
+    random_targets,
+    reference,
+)
+
+import softce_multi as sc
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+needs_jax = pytest.mark.skipif(not HAS_JAX, reason="jax not installed")
+
+
+def float64_inputs(seed, shape=(2, 3, 5)):
+    """Normal logits, unnormalised targets and a 0/1/2 weight mask, float64 NumPy."""
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal(shape) * 2
+    targets = random_targets(rng, shape, normalised=False)
+    mask = random_mask(rng, shape[:-1], kind="float")
+    return logits, targets, mask
+
+
+def torch_inputs(seed, shape=(2, 3, 5), dtype="float32", requires_grad=True):
+    torch = import_or_skip("torch")
+    logits, targets, mask = float64_inputs(seed, shape)
+    torch_dtype = getattr(torch, dtype)
+    return (
+        torch.tensor(logits, dtype=torch_dtype, requires_grad=requires_grad),
+        torch.tensor(targets, dtype=torch_dtype, requires_grad=requires_grad),
+        torch.tensor(mask > 0),
+    )
+
+
+def reference_of(logits, targets, mask, **kwargs):
+    """The float64 reference for torch tensors."""
+    return reference(
+        logits.detach().double().numpy(),
+        targets.detach().double().numpy(),
+        mask.double().numpy(),
+        **kwargs,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Finite differences
+# --------------------------------------------------------------------------------------------
+
+
+@needs_torch
+@pytest.mark.parametrize("num_valid", [None, 4.0], ids=["count", "num_valid"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_gradcheck_in_float64(reduction, num_valid):
+    torch = import_or_skip("torch")
+    if num_valid is not None and reduction != "mean":
+        pytest.skip("num_valid is only defined for reduction='mean'")
+    logits, targets, mask = (torch.from_numpy(a) for a in float64_inputs(0))
+    logits.requires_grad_(True)
+    targets.requires_grad_(True)
+
+    def loss(z, p):
+        return sc.masked_soft_cross_entropy(z, p, mask, reduction=reduction, num_valid=num_valid)
+
+    # The first backward scales the gradient buffer made in forward, and a second one recomputes
+    # it; gradcheck runs backward twice and finds the two equal only up to rounding.
+    assert torch.autograd.gradcheck(loss, (logits, targets), eps=1e-6, atol=1e-8, nondet_tol=1e-15)
+
+
+@needs_jax
+@pytest.mark.parametrize("num_valid", [None, 4.0], ids=["count", "num_valid"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_check_grads_in_float64(reduction, num_valid):
+    jax = import_or_skip("jax")
+    from jax.test_util import check_grads
+
+    if num_valid is not None and reduction != "mean":
+        pytest.skip("num_valid is only defined for reduction='mean'")
+    logits, targets, mask = (jax.numpy.asarray(a) for a in float64_inputs(1))
+
+    def loss(z, p):
+        # check_grads evaluates the finite differences on NumPy arrays; the loss wants JAX ones.
+        z, p = jax.numpy.asarray(z), jax.numpy.asarray(p)
+        return sc.masked_soft_cross_entropy(z, p, mask, reduction=reduction, num_valid=num_valid)
+
+    check_grads(loss, (logits, targets), order=1, modes=["rev"], eps=1e-6)
+
+
+@needs_jax
+def test_jax_grad_of_the_mask_is_zero():
+    jax = import_or_skip("jax")
+    logits, targets, mask = (jax.numpy.asarray(a) for a in float64_inputs(2))
+
+    grad = jax.grad(sc.masked_soft_cross_entropy, argnums=2)(logits, targets, mask)
+
+    assert grad.shape == mask.shape
+    assert (grad == 0).all()
+
+
+# --------------------------------------------------------------------------------------------
+# torch autograd adapter
+# --------------------------------------------------------------------------------------------
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_torch_with_grad_equals_autograd_of_the_reference(reduction):
+    logits, targets, mask = torch_inputs(3)
+    expected = reference_of(logits, targets, mask, reduction=reduction)
+
+    loss, grad = sc.masked_soft_cross_entropy_with_grad(
+        logits.detach(), targets.detach(), mask, reduction=reduction
+    )
+
+    assert_loss_close(loss, expected.loss, "float32")
+    assert_gradient_close(grad, expected.grad_logits, "float32")
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_torch_with_grad_equals_autograd_of_the_loss(reduction):
+    logits, targets, mask = torch_inputs(4)
+    sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction).backward()
+
+    _, grad = sc.masked_soft_cross_entropy_with_grad(
+        logits.detach(), targets.detach(), mask, reduction=reduction
+    )
+
+    assert_gradient_close(grad, logits.grad.double().numpy(), "float32")
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_backward_twice_with_retain_graph_gives_the_same_gradient(reduction):
+    # The first backward hands over the gradient buffer computed in forward; the second one
+    # must recompute it rather than reuse (or find scaled) the buffer.
+    logits, targets, mask = torch_inputs(6)
+    loss = sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction).sum()
+    expected = reference_of(logits, targets, mask, reduction=reduction)
+
+    loss.backward(retain_graph=True)
+    first_logits, first_targets = logits.grad.clone(), targets.grad.clone()
+    logits.grad, targets.grad = None, None
+    loss.backward()
+
+    assert_gradient_close(first_logits, expected.grad_logits, "float32")
+    assert_gradient_close(first_targets, expected.grad_targets, "float32")
+    assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+    assert_gradient_close(targets.grad, expected.grad_targets, "float32")
+
+
+@needs_torch
+def test_torch_gradients_accumulate_over_two_backward_passes():
+    logits, targets, mask = torch_inputs(7)
+    loss = sc.masked_soft_cross_entropy(logits, targets, mask)
+    expected = reference_of(logits, targets, mask)
+
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+    assert_gradient_close(logits.grad, 2 * expected.grad_logits, "float32")
+    assert_gradient_close(targets.grad, 2 * expected.grad_targets, "float32")
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_backward_scales_by_a_non_unit_upstream_gradient(reduction):
+    logits, targets, mask = torch_inputs(8)
+    expected = reference_of(logits, targets, mask, reduction=reduction, upstream=3.5)
+
+    (
+        sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction) * 3.5
+    ).sum().backward()
+
+    assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+    assert_gradient_close(targets.grad, expected.grad_targets, "float32")
+
+
+@needs_torch
+def test_torch_backward_of_per_position_losses_uses_each_upstream_value():
+    torch = import_or_skip("torch")
+    logits, targets, mask = torch_inputs(9)
+    upstream = torch.linspace(-2.0, 3.0, 6).reshape(2, 3)
+    expected = reference_of(logits, targets, mask, reduction="none", upstream=upstream.numpy())
+
+    sc.masked_soft_cross_entropy(logits, targets, mask, reduction="none").backward(upstream)
+
+    assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+    assert_gradient_close(targets.grad, expected.grad_targets, "float32")
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_gradient_to_targets_alone(reduction):
+    logits, targets, mask = torch_inputs(10)
+    logits.requires_grad_(False)
+    expected = reference_of(logits, targets, mask, reduction=reduction)
+
+    sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction).sum().backward()
+
+    assert logits.grad is None
+    assert_gradient_close(targets.grad, expected.grad_targets, "float32")
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_gradient_to_logits_alone(reduction):
+    logits, targets, mask = torch_inputs(11)
+    targets.requires_grad_(False)
+    expected = reference_of(logits, targets, mask, reduction=reduction)
+
+    sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction).sum().backward()
+
+    assert targets.grad is None
+    assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+
+
+@needs_torch
+def test_torch_mask_gets_no_gradient():
+    torch = import_or_skip("torch")
+    logits, targets, mask = torch_inputs(12)
+    weights = mask.to(torch.float32).requires_grad_(True)
+
+    sc.masked_soft_cross_entropy(logits, targets, weights).backward()
+
+    assert weights.grad is None
+    assert logits.grad is not None
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_module_matches_the_function_and_trains(reduction):
+    from softce_multi.torch import MaskedSoftCrossEntropy
+
+    logits, targets, mask = torch_inputs(13)
+    criterion = MaskedSoftCrossEntropy(reduction=reduction)
+    expected = reference_of(logits, targets, mask, reduction=reduction)
+
+    loss = criterion(logits, targets, mask)
+    loss.sum().backward()
+
+    assert_loss_close(loss, expected.loss, "float32")
+    assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+    assert repr(criterion) == f"MaskedSoftCrossEntropy(reduction={reduction!r})"
+
+
+@needs_torch
+def test_torch_module_passes_num_valid():
+    from softce_multi.torch import MaskedSoftCrossEntropy
+
+    logits, targets, mask = torch_inputs(14)
+    expected = reference_of(logits, targets, mask, num_valid=9)
+
+    loss = MaskedSoftCrossEntropy()(logits, targets, mask, num_valid=9)
+    loss.backward()
+
+    assert_loss_close(loss, expected.loss, "float32")
+    assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_no_grad_gives_the_same_value_without_a_graph(reduction):
+    torch = import_or_skip("torch")
+    logits, targets, mask = torch_inputs(15)
+    with_graph = sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction)
+
+    with torch.no_grad():
+        without_graph = sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction)
+
+    assert without_graph.grad_fn is None
+    assert not without_graph.requires_grad
+    torch.testing.assert_close(without_graph, with_graph.detach(), rtol=1e-6, atol=0)
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_torch_low_precision_gradients_match_the_reference_on_rounded_values(dtype):
+    logits, targets, mask = torch_inputs(16, shape=(4, 6, 33), dtype=dtype)
+    expected = reference_of(logits, targets, mask)
+
+    loss = sc.masked_soft_cross_entropy(logits, targets, mask)
+    loss.backward()
+
+    assert_loss_close(loss, expected.loss, "float32")
+    assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+    assert_gradient_close(targets.grad, expected.grad_targets, "float32")
