@@ -59,7 +59,7 @@ def validate_inputs(
 ) -> Namespace:
     """Check the arguments of the loss and return their array namespace."""
     arrays = {"logits": logits, "target_probs": target_probs, "position_mask": position_mask}
-    if array_api_compat.is_array_api_obj(num_valid):
+    if is_array(num_valid):
         arrays["num_valid"] = num_valid
     xp = namespace_of(**arrays)
     check_same_device(**arrays)
@@ -96,6 +96,11 @@ def validate_inputs(
     return xp
 
 
+def is_array(value: Any) -> bool:
+    """Whether ``value`` is an array; NumPy scalars such as ``np.int64(3)`` are host numbers."""
+    return array_api_compat.is_array_api_obj(value) and not isinstance(value, numbers.Number)
+
+
 def check_reduction(reduction: Any, *, with_grad: bool) -> None:
     """Raise ValueError for an unknown reduction, or ``"none"`` where a gradient is returned."""
     if reduction not in REDUCTIONS:
@@ -116,7 +121,7 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace) -> None:
     if reduction != "mean":
         msg = f"num_valid replaces the denominator of reduction='mean'; got reduction={reduction!r}"
         raise ValueError(msg)
-    if array_api_compat.is_array_api_obj(num_valid):
+    if is_array(num_valid):
         if tuple(num_valid.shape) != ():
             msg = f"num_valid must be a 0-d array, got shape {tuple(num_valid.shape)}"
             raise ValueError(msg)

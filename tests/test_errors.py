@@ -1,0 +1,301 @@
+"""Bad inputs raise TypeError or ValueError, naming the argument and showing what was wrong.
+
+Nothing is broadcast: an argument of a shape that would broadcast is still refused.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from conftest import HAS_JAX, HAS_TORCH, import_or_skip
+
+import softce_multi as sc
+
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+needs_jax = pytest.mark.skipif(not HAS_JAX, reason="jax not installed")
+
+LOSS_FUNCTIONS = [
+    pytest.param(sc.masked_soft_cross_entropy, id="loss"),
+    pytest.param(sc.masked_soft_cross_entropy_with_grad, id="with_grad"),
+]
+
+
+def inputs(shape=(2, 3, 5), dtype=np.float32):
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(shape).astype(dtype)
+    targets = rng.random(shape).astype(dtype)
+    mask = np.ones(shape[:-1], dtype=bool)
+    return logits, targets, mask
+
+
+def message(*parts):
+    """A regex matching every part, in order, anywhere in the message."""
+    return ".*".join(re.escape(part) for part in parts)
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("target_shape", [(2, 3, 4), (1, 3, 5), (3, 5), (2, 3, 5, 1)])
+def test_targets_of_another_shape_are_refused(loss, target_shape):
+    logits, _, mask = inputs()
+    targets = np.full(target_shape, 0.2, dtype=np.float32)
+
+    with pytest.raises(ValueError, match=message("target_probs", str(target_shape), "(2, 3, 5)")):
+        loss(logits, targets, mask)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize(
+    "mask_shape", [(2, 3, 5), (1, 3), (3,), (2, 1), (2, 3, 1, 1), (6,), (), (2, 3, 2)]
+)
+def test_mask_of_neither_allowed_shape_is_refused(loss, mask_shape):
+    logits, targets, _ = inputs()
+    mask = np.ones(mask_shape, dtype=bool)
+
+    with pytest.raises(
+        ValueError, match=message("position_mask", "(2, 3)", "(2, 3, 1)", str(mask_shape))
+    ):
+        loss(logits, targets, mask)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0,)])
+def test_empty_vocabulary_axis_is_refused(loss, shape):
+    logits, targets, _ = inputs(shape)
+    mask = np.ones(shape[:-1], dtype=bool)
+
+    with pytest.raises(ValueError, match=message("logits", "vocabulary", str(shape))):
+        loss(logits, targets, mask)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_zero_dimensional_logits_are_refused(loss):
+    with pytest.raises(ValueError, match=message("logits", "vocabulary", "()")):
+        loss(np.asarray(1.0), np.asarray(1.0), np.asarray(True))
+
+
+# --------------------------------------------------------------------------------------------
+# Dtypes and types
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex64])
+def test_non_floating_logits_are_refused(loss, dtype):
+    logits, targets, mask = inputs()
+
+    with pytest.raises(TypeError, match=message("logits", np.dtype(dtype).name)):
+        loss(logits.astype(dtype), targets, mask)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("dtype", [np.int32, np.int64, np.bool_, np.complex64])
+def test_non_floating_targets_are_refused(loss, dtype):
+    logits, targets, mask = inputs()
+
+    with pytest.raises(TypeError, match=message("target_probs", np.dtype(dtype).name)):
+        loss(logits, targets.astype(dtype), mask)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_complex_mask_is_refused(loss):
+    logits, targets, mask = inputs()
+
+    with pytest.raises(TypeError, match=message("position_mask", "complex64")):
+        loss(logits, targets, mask.astype(np.complex64))
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("position", [0, 1, 2])
+@pytest.mark.parametrize("value", [[[0.5, 0.5]], 1.0, None, "logits"], ids=type)
+def test_non_array_arguments_are_refused(loss, position, value):
+    args = list(inputs((1, 2)))
+    args[position] = value
+    name = ["logits", "target_probs", "position_mask"][position]
+
+    with pytest.raises(TypeError, match=message(name, "must be an array", type(value).__name__)):
+        loss(*args)
+
+
+# --------------------------------------------------------------------------------------------
+# Namespaces and devices
+# --------------------------------------------------------------------------------------------
+
+
+@needs_torch
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_torch_logits_with_numpy_targets_are_refused(loss):
+    torch = import_or_skip("torch")
+    logits, targets, mask = inputs()
+
+    with pytest.raises(TypeError, match=message("logits", "target_probs", "torch", "numpy")):
+        loss(torch.from_numpy(logits), targets, torch.from_numpy(mask))
+
+
+@needs_torch
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_torch_inputs_with_a_numpy_mask_are_refused(loss):
+    torch = import_or_skip("torch")
+    logits, targets, mask = inputs()
+
+    with pytest.raises(TypeError, match=message("position_mask", "torch", "numpy")):
+        loss(torch.from_numpy(logits), torch.from_numpy(targets), mask)
+
+
+@needs_torch
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_num_valid_array_of_another_library_is_refused(loss):
+    torch = import_or_skip("torch")
+    args = [torch.from_numpy(array) for array in inputs()]
+
+    with pytest.raises(TypeError, match=message("num_valid", "torch", "numpy")):
+        loss(*args, num_valid=np.asarray(4))
+
+
+@needs_jax
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_jax_logits_with_numpy_targets_are_refused(loss):
+    jnp = import_or_skip("jax.numpy")
+    logits, targets, mask = inputs()
+
+    with pytest.raises(TypeError, match=message("logits", "target_probs", "jax", "numpy")):
+        loss(jnp.asarray(logits), targets, jnp.asarray(mask))
+
+
+@needs_torch
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("position", [1, 2])
+def test_arrays_on_different_devices_are_refused(loss, position):
+    # The meta device stands in for a second device on a machine without a GPU.
+    torch = import_or_skip("torch")
+    args = [torch.from_numpy(array) for array in inputs()]
+    args[position] = args[position].to("meta")
+    name = ["logits", "target_probs", "position_mask"][position]
+
+    with pytest.raises(ValueError, match=message("device", "logits on cpu", f"{name} on meta")):
+        loss(*args)
+
+
+@needs_torch
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_num_valid_on_another_device_is_refused(loss):
+    torch = import_or_skip("torch")
+    args = [torch.from_numpy(array) for array in inputs()]
+
+    with pytest.raises(ValueError, match=message("device", "logits on cpu", "num_valid on meta")):
+        loss(*args, num_valid=torch.tensor(4.0, device="meta"))
+
+
+# --------------------------------------------------------------------------------------------
+# reduction and num_valid
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("reduction", ["avg", "Mean", "", None, 1])
+def test_unknown_reduction_is_refused(loss, reduction):
+    with pytest.raises(ValueError, match=message("reduction", "mean", "sum", repr(reduction))):
+        loss(*inputs(), reduction=reduction)
+
+
+def test_with_grad_refuses_reduction_none():
+    with pytest.raises(ValueError, match=message("reduction='none'", "mean", "sum")):
+        sc.masked_soft_cross_entropy_with_grad(*inputs(), reduction="none")
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("num_valid", [-1, -0.5, np.int64(-3), np.float32(-2.0)], ids=repr)
+def test_negative_num_valid_number_is_refused(loss, num_valid):
+    with pytest.raises(ValueError, match=message("num_valid", "non-negative", str(num_valid))):
+        loss(*inputs(), num_valid=num_valid)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("num_valid", [float("nan"), float("inf")], ids=repr)
+def test_non_finite_num_valid_number_is_refused(loss, num_valid):
+    with pytest.raises(ValueError, match=message("num_valid", "finite")):
+        loss(*inputs(), num_valid=num_valid)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("num_valid", [True, "4", [4], 4j], ids=repr)
+def test_num_valid_of_another_type_is_refused(loss, num_valid):
+    with pytest.raises(TypeError, match=message("num_valid", type(num_valid).__name__)):
+        loss(*inputs(), num_valid=num_valid)
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+def test_num_valid_array_that_is_not_zero_dimensional_is_refused(loss):
+    with pytest.raises(ValueError, match=message("num_valid", "0-d", "(1,)")):
+        loss(*inputs(), num_valid=np.asarray([4]))
+
+
+@pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
+@pytest.mark.parametrize("dtype", [np.bool_, np.complex64])
+def test_num_valid_array_of_a_non_real_dtype_is_refused(loss, dtype):
+    with pytest.raises(TypeError, match=message("num_valid", np.dtype(dtype).name)):
+        loss(*inputs(), num_valid=np.asarray(4, dtype=dtype))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_num_valid_with_a_reduction_other_than_mean_is_refused(reduction):
+    with pytest.raises(ValueError, match=message("num_valid", "mean", repr(reduction))):
+        sc.masked_soft_cross_entropy(*inputs(), reduction=reduction, num_valid=4)
+
+
+def test_num_valid_with_sum_is_refused_by_with_grad():
+    with pytest.raises(ValueError, match=message("num_valid", "mean", "'sum'")):
+        sc.masked_soft_cross_entropy_with_grad(*inputs(), reduction="sum", num_valid=4)
+
+
+@needs_torch
+@pytest.mark.parametrize("num_valid", [np.int64(4), np.float32(4.0)], ids=repr)
+def test_numpy_scalar_num_valid_is_a_host_number_for_any_backend(num_valid):
+    torch = import_or_skip("torch")
+    args = [torch.from_numpy(array) for array in inputs()]
+
+    loss = sc.masked_soft_cross_entropy(*args, num_valid=num_valid)
+
+    torch.testing.assert_close(loss, sc.masked_soft_cross_entropy(*args, num_valid=4))
+
+
+# --------------------------------------------------------------------------------------------
+# Other entry points
+# --------------------------------------------------------------------------------------------
+
+
+@needs_torch
+def test_torch_module_refuses_an_unknown_reduction_when_built():
+    from softce_multi.torch import MaskedSoftCrossEntropy
+
+    with pytest.raises(ValueError, match=message("reduction", "'avg'")):
+        MaskedSoftCrossEntropy(reduction="avg")
+
+
+@needs_torch
+def test_torch_module_refuses_bad_shapes():
+    torch = import_or_skip("torch")
+    from softce_multi.torch import MaskedSoftCrossEntropy
+
+    logits, targets, _ = (torch.from_numpy(array) for array in inputs())
+    mask = torch.ones(2, 3, 5, dtype=torch.bool)
+
+    with pytest.raises(ValueError, match=message("position_mask", "(2, 3, 5)")):
+        MaskedSoftCrossEntropy()(logits, targets, mask)
+
+
+@needs_jax
+def test_jax_entry_point_refuses_bad_shapes_under_jit():
+    jax = import_or_skip("jax")
+    from softce_multi.jax import masked_soft_cross_entropy
+
+    logits, targets, mask = (jax.numpy.asarray(array) for array in inputs())
+
+    with pytest.raises(ValueError, match=message("target_probs", "(2, 3, 4)", "(2, 3, 5)")):
+        jax.jit(masked_soft_cross_entropy)(logits, targets[..., :4], mask)

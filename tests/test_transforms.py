@@ -1,0 +1,212 @@
+"""Under jax.jit, jax.vmap and torch.compile the loss and its gradients equal eager results."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import HAS_JAX, HAS_TORCH, import_or_skip, random_mask, random_targets
+
+import softce_multi as sc
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+needs_jax = pytest.mark.skipif(not HAS_JAX, reason="jax not installed")
+
+#: Compiled and eager float32 programs may round differently; they agree to this tolerance.
+RTOL = 1e-6
+
+
+def numpy_inputs(seed, shape=(3, 4, 9)):
+    rng = np.random.default_rng(seed)
+    logits = (rng.standard_normal(shape) * 3).astype(np.float32)
+    targets = random_targets(rng, shape).astype(np.float32)
+    mask = random_mask(rng, shape[:-1])
+    return logits, targets, mask
+
+
+def jax_inputs(seed, shape=(3, 4, 9)):
+    jnp = import_or_skip("jax.numpy")
+    return tuple(jnp.asarray(array) for array in numpy_inputs(seed, shape))
+
+
+def assert_all_close(actual, expected):
+    np.testing.assert_allclose(
+        np.asarray(actual), np.asarray(expected), rtol=RTOL, atol=RTOL * np.abs(expected).max()
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# jax.jit
+# --------------------------------------------------------------------------------------------
+
+
+@needs_jax
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_jit_loss_equals_eager(reduction):
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(0)
+
+    def loss(z, p, w):
+        return sc.masked_soft_cross_entropy(z, p, w, reduction=reduction)
+
+    assert_all_close(jax.jit(loss)(logits, targets, mask), loss(logits, targets, mask))
+
+
+@needs_jax
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_jit_grad_equals_eager_grad(reduction):
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(1)
+
+    def summed(z, p, w):
+        return sc.masked_soft_cross_entropy(z, p, w, reduction=reduction).sum()
+
+    grad = jax.grad(summed, argnums=(0, 1))
+    for compiled, eager in zip(
+        jax.jit(grad)(logits, targets, mask), grad(logits, targets, mask), strict=True
+    ):
+        assert_all_close(compiled, eager)
+
+
+@needs_jax
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_jax_jit_with_grad_equals_eager(reduction):
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(2)
+
+    def loss_and_grad(z, p, w):
+        return sc.masked_soft_cross_entropy_with_grad(z, p, w, reduction=reduction)
+
+    for compiled, eager in zip(
+        jax.jit(loss_and_grad)(logits, targets, mask),
+        loss_and_grad(logits, targets, mask),
+        strict=True,
+    ):
+        assert_all_close(compiled, eager)
+
+
+@needs_jax
+def test_jax_jit_with_a_traced_num_valid_equals_eager_with_a_number():
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(3)
+
+    def loss(z, p, w, n):
+        return sc.masked_soft_cross_entropy_with_grad(z, p, w, num_valid=n)
+
+    compiled = jax.jit(loss)(logits, targets, mask, jax.numpy.asarray(7))
+    eager = loss(logits, targets, mask, 7)
+
+    for compiled_part, eager_part in zip(compiled, eager, strict=True):
+        assert_all_close(compiled_part, eager_part)
+
+
+@needs_jax
+def test_jax_module_entry_point_works_under_jit_and_grad():
+    jax = import_or_skip("jax")
+    from softce_multi.jax import masked_soft_cross_entropy
+
+    logits, targets, mask = jax_inputs(4)
+
+    compiled = jax.jit(jax.value_and_grad(masked_soft_cross_entropy))(logits, targets, mask)
+    eager = jax.value_and_grad(sc.masked_soft_cross_entropy)(logits, targets, mask)
+
+    for compiled_part, eager_part in zip(compiled, eager, strict=True):
+        assert_all_close(compiled_part, eager_part)
+
+
+# --------------------------------------------------------------------------------------------
+# jax.vmap
+# --------------------------------------------------------------------------------------------
+
+
+@needs_jax
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_vmap_equals_a_loop_over_the_batch(reduction):
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(5)
+
+    def loss(z, p, w):
+        return sc.masked_soft_cross_entropy(z, p, w, reduction=reduction)
+
+    batched = jax.vmap(loss)(logits, targets, mask)
+    looped = [loss(logits[i], targets[i], mask[i]) for i in range(logits.shape[0])]
+
+    assert_all_close(batched, np.stack(looped))
+
+
+@needs_jax
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_vmap_of_grad_equals_a_loop_over_the_batch(reduction):
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(6)
+
+    def summed(z, p, w):
+        return sc.masked_soft_cross_entropy(z, p, w, reduction=reduction).sum()
+
+    grad = jax.grad(summed, argnums=(0, 1))
+    batched = jax.vmap(grad)(logits, targets, mask)
+    looped = [grad(logits[i], targets[i], mask[i]) for i in range(logits.shape[0])]
+
+    for part in range(2):
+        assert_all_close(batched[part], np.stack([grads[part] for grads in looped]))
+
+
+@needs_jax
+def test_jax_vmap_of_with_grad_equals_a_loop_over_the_batch():
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(7)
+
+    batched = jax.vmap(sc.masked_soft_cross_entropy_with_grad)(logits, targets, mask)
+    looped = [
+        sc.masked_soft_cross_entropy_with_grad(logits[i], targets[i], mask[i])
+        for i in range(logits.shape[0])
+    ]
+
+    for part in range(2):
+        assert_all_close(batched[part], np.stack([result[part] for result in looped]))
+
+
+@needs_jax
+def test_jax_vmap_with_a_num_valid_per_example():
+    jax = import_or_skip("jax")
+    logits, targets, mask = jax_inputs(8)
+    counts = [5, 0, 2]
+
+    def loss(z, p, w, n):
+        return sc.masked_soft_cross_entropy(z, p, w, num_valid=n)
+
+    batched = jax.vmap(loss)(logits, targets, mask, jax.numpy.asarray(counts))
+    looped = [loss(logits[i], targets[i], mask[i], count) for i, count in enumerate(counts)]
+
+    assert_all_close(batched, np.stack(looped))
+    assert batched[1] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+@needs_torch
+@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+def test_torch_compile_loss_and_gradients_equal_eager():
+    # The "aot_eager" backend runs Dynamo's tracing and AOTAutograd, where graph breaks and
+    # autograd.Function handling happen. Inductor's code generation adds about 40 s on this
+    # project's 2-core machine for one small case, so it is left to the benchmarks.
+    torch = import_or_skip("torch")
+    logits, targets, mask = (torch.from_numpy(array) for array in numpy_inputs(9))
+    compiled_loss = torch.compile(sc.masked_soft_cross_entropy, backend="aot_eager")
+
+    eager_logits = logits.clone().requires_grad_(True)
+    eager_targets = targets.clone().requires_grad_(True)
+    eager = sc.masked_soft_cross_entropy(eager_logits, eager_targets, mask)
+    eager.backward()
+    compiled_logits = logits.clone().requires_grad_(True)
+    compiled_targets = targets.clone().requires_grad_(True)
+    compiled = compiled_loss(compiled_logits, compiled_targets, mask)
+    compiled.backward()
+
+    assert_all_close(compiled.detach(), eager.detach())
+    assert_all_close(compiled_logits.grad, eager_logits.grad)
+    assert_all_close(compiled_targets.grad, eager_targets.grad)
