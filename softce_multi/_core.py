@@ -47,6 +47,21 @@ class RowStatistics(NamedTuple):
     """``sum_v p_v * (z_v - row_max)``, where a term with ``p_v == 0`` is exactly 0."""
 
 
+class SavedRows(NamedTuple):
+    """What a backward pass needs of the forward pass, per row: three ``[N]`` arrays."""
+
+    row_max: Array
+    """:attr:`RowStatistics.row_max`."""
+    log_sum_exp: Array
+    """``log(sum_exp)``; the log-normalizer is ``row_max + log_sum_exp``.
+
+    The two are kept apart because ``exp((z - row_max) - log_sum_exp)`` is accurate where
+    ``exp(z - logsumexp(z))`` with a rounded ``logsumexp`` is not (logits far from 0).
+    """
+    target_sum: Array
+    """:attr:`RowStatistics.target_sum`."""
+
+
 class ForwardResult(NamedTuple):
     """What one pass over the inputs produces."""
 
@@ -54,10 +69,8 @@ class ForwardResult(NamedTuple):
     """The reduced loss, in the computation dtype."""
     logits_grad: Array | None
     """``d loss / d logits`` in the logits' dtype and shape, if it was asked for."""
-    log_normalizer: Array
-    """``logsumexp_v z_v`` per row, shape ``[N]``; saved for a later backward pass."""
-    target_sum: Array
-    """``sum_v p_v`` per row, shape ``[N]``."""
+    saved: SavedRows
+    """Row statistics for a later backward pass."""
     row_scale: Array
     """``d loss / d c_row`` per row, shape ``[N]``: ``w / den`` (``w`` for ``"none"``)."""
 
@@ -83,32 +96,42 @@ def row_statistics(z: Array, p: Array, *, xp: Namespace) -> RowStatistics:
     return RowStatistics(row_max[..., 0], sum_exp, target_sum, target_dot)
 
 
-def log_normalizer(stats: RowStatistics, *, xp: Namespace) -> Array:
-    """Return ``logsumexp_v z_v`` per row."""
-    return stats.row_max + xp.log(stats.sum_exp)
-
-
 def row_losses(stats: RowStatistics, *, xp: Namespace) -> Array:
     """Return ``c = -sum_v p_v log_softmax(z)_v`` per row."""
     return stats.target_sum * xp.log(stats.sum_exp) - stats.target_dot
 
 
+def log_softmax_rows(z: Array, row_max: Array, log_sum_exp: Array) -> Array:
+    """Return ``log_softmax(z)`` of a ``[n, V]`` block from its row statistics."""
+    return (z - row_max[:, None]) - log_sum_exp[:, None]
+
+
 def logits_gradient_rows(
-    z: Array, p: Array, lse: Array, target_sum: Array, row_scale: Array, *, xp: Namespace
+    z: Array,
+    p: Array,
+    row_max: Array,
+    log_sum_exp: Array,
+    target_sum: Array,
+    row_scale: Array,
+    *,
+    xp: Namespace,
 ) -> Array:
     """Return ``row_scale * (sum(p) * softmax(z) - p)`` for a ``[n, V]`` block.
 
     Rows whose ``row_scale`` is 0 are exactly 0, whatever ``z`` and ``p`` hold there.
     """
     scale = row_scale[:, None]
-    grad = (scale * target_sum[:, None]) * xp.exp(z - lse[:, None]) - scale * p
+    softmax = xp.exp(log_softmax_rows(z, row_max, log_sum_exp))
+    grad = (scale * target_sum[:, None]) * softmax - scale * p
     return xp.where(scale != 0, grad, 0.0)
 
 
-def targets_gradient_rows(z: Array, lse: Array, row_scale: Array, *, xp: Namespace) -> Array:
+def targets_gradient_rows(
+    z: Array, row_max: Array, log_sum_exp: Array, row_scale: Array, *, xp: Namespace
+) -> Array:
     """Return ``-row_scale * log_softmax(z)`` for a ``[n, V]`` block; 0 where ``row_scale`` is."""
     scale = row_scale[:, None]
-    return xp.where(scale != 0, scale * (lse[:, None] - z), 0.0)
+    return xp.where(scale != 0, -scale * log_softmax_rows(z, row_max, log_sum_exp), 0.0)
 
 
 def row_blocks(n_rows: int, block_rows: int | None) -> Iterator[slice]:
@@ -189,19 +212,26 @@ def forward(
     inv_den = inverse_denominator(weights, reduction, num_valid, xp=xp)
     row_scale = weights * inv_den
 
-    losses, lses, target_sums, grad_blocks = [], [], [], []
+    losses, row_maxes, log_sum_exps, target_sums, grad_blocks = [], [], [], [], []
     grad = _allocate_if_blocked(z, block_rows, with_logits_grad, xp=xp)
     for rows in row_blocks(z.shape[0], block_rows):
         z_block = xp.astype(z[rows, ...], dtype, copy=False)
         p_block = xp.astype(p[rows, ...], dtype, copy=False)
         stats = row_statistics(z_block, p_block, xp=xp)
-        lse = log_normalizer(stats, xp=xp)
+        log_sum_exp = xp.log(stats.sum_exp)
         losses.append(xp.where(valid[rows], weights[rows] * row_losses(stats, xp=xp), 0.0))
-        lses.append(lse)
+        row_maxes.append(stats.row_max)
+        log_sum_exps.append(log_sum_exp)
         target_sums.append(stats.target_sum)
         if with_logits_grad:
             block = logits_gradient_rows(
-                z_block, p_block, lse, stats.target_sum, row_scale[rows], xp=xp
+                z_block,
+                p_block,
+                stats.row_max,
+                log_sum_exp,
+                stats.target_sum,
+                row_scale[rows],
+                xp=xp,
             )
             block = xp.astype(block, logits.dtype, copy=False)
             if grad is None:
@@ -213,7 +243,7 @@ def forward(
     if reduction == "none":
         loss = xp.reshape(weighted, logits.shape[:-1])
     elif reduction == "sum":
-        loss = xp.sum(weighted)
+        loss = xp.asarray(xp.sum(weighted))  # NumPy reductions return scalars
     else:
         loss = xp.where(inv_den == 0, 0.0, xp.sum(weighted) * inv_den)
 
@@ -221,30 +251,40 @@ def forward(
     if with_logits_grad:
         logits_grad = grad if grad is not None else _concat(grad_blocks, xp=xp)
         logits_grad = xp.reshape(logits_grad, logits.shape)
-    return ForwardResult(
-        loss, logits_grad, _concat(lses, xp=xp), _concat(target_sums, xp=xp), row_scale
+    saved = SavedRows(
+        _concat(row_maxes, xp=xp), _concat(log_sum_exps, xp=xp), _concat(target_sums, xp=xp)
     )
+    return ForwardResult(loss, logits_grad, saved, row_scale)
 
 
 def logits_gradient(
     logits: Array,
     target_probs: Array,
-    lse: Array,
-    target_sum: Array,
+    saved: SavedRows,
     row_scale: Array,
     *,
     block_rows: int | None,
     xp: Namespace,
 ) -> Array:
-    """Return ``d loss / d logits`` from saved row statistics, in the logits' dtype and shape."""
-    dtype = lse.dtype
+    """Return ``d loss / d logits`` from the row statistics ``saved`` by :func:`forward`.
+
+    ``row_scale`` is ``d loss / d c_row`` (the forward's, times the upstream gradient). The
+    result has the logits' dtype and shape.
+    """
+    dtype = saved.row_max.dtype
     z, p = _as_rows(logits, xp=xp), _as_rows(target_probs, xp=xp)
 
     def block(rows: slice) -> Array:
         z_block = xp.astype(z[rows, ...], dtype, copy=False)
         p_block = xp.astype(p[rows, ...], dtype, copy=False)
         return logits_gradient_rows(
-            z_block, p_block, lse[rows], target_sum[rows], row_scale[rows], xp=xp
+            z_block,
+            p_block,
+            saved.row_max[rows],
+            saved.log_sum_exp[rows],
+            saved.target_sum[rows],
+            row_scale[rows],
+            xp=xp,
         )
 
     grad = _map_row_blocks(block, z, logits.dtype, block_rows, xp=xp)
@@ -253,20 +293,22 @@ def logits_gradient(
 
 def targets_gradient(
     logits: Array,
-    lse: Array,
+    saved: SavedRows,
     row_scale: Array,
     *,
     out_dtype: Any,
     block_rows: int | None,
     xp: Namespace,
 ) -> Array:
-    """Return ``d loss / d target_probs`` from saved row statistics, in ``out_dtype``."""
-    dtype = lse.dtype
+    """Return ``d loss / d target_probs`` from the row statistics ``saved``, in ``out_dtype``."""
+    dtype = saved.row_max.dtype
     z = _as_rows(logits, xp=xp)
 
     def block(rows: slice) -> Array:
         z_block = xp.astype(z[rows, ...], dtype, copy=False)
-        return targets_gradient_rows(z_block, lse[rows], row_scale[rows], xp=xp)
+        return targets_gradient_rows(
+            z_block, saved.row_max[rows], saved.log_sum_exp[rows], row_scale[rows], xp=xp
+        )
 
     grad = _map_row_blocks(block, z, out_dtype, block_rows, xp=xp)
     return xp.reshape(grad, logits.shape)

@@ -113,29 +113,21 @@ def _loss_fwd(
     reduction: str,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
     result = _forward(logits, target_probs, weights, count, reduction)
-    residuals = (
-        logits,
-        target_probs,
-        result.log_normalizer,
-        result.target_sum,
-        result.row_scale,
-        weights,
-        count,
-    )
+    residuals = (logits, target_probs, result.saved, result.row_scale, weights, count)
     return result.loss, residuals
 
 
 def _loss_bwd(
     reduction: str, residuals: tuple[Any, ...], grad_output: jax.Array
 ) -> tuple[Any, ...]:
-    logits, target_probs, lse, target_sum, row_scale, weights, count = residuals
+    logits, target_probs, saved, row_scale, weights, count = residuals
     upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
     row_scale = row_scale * upstream
     grad_logits = _core.logits_gradient(
-        logits, target_probs, lse, target_sum, row_scale, block_rows=None, xp=jnp
+        logits, target_probs, saved, row_scale, block_rows=None, xp=jnp
     )
     grad_targets = _core.targets_gradient(
-        logits, lse, row_scale, out_dtype=target_probs.dtype, block_rows=None, xp=jnp
+        logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=None, xp=jnp
     )
     zero_count = None if count is None else jnp.zeros_like(count)
     return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count

@@ -46,8 +46,7 @@ def forward(
 
     n_rows = z.shape[0]
     losses = torch.empty(n_rows, dtype=dtype, device=z.device)
-    lse = torch.empty_like(losses)
-    target_sum = torch.empty_like(losses)
+    saved = _core.SavedRows(*(torch.empty_like(losses) for _ in _core.SavedRows._fields))
     grad = torch.empty(z.shape, dtype=logits.dtype, device=z.device) if with_logits_grad else None
     for rows in _core.row_blocks(n_rows, _core.default_block_rows(z.shape[1])):
         z_block = z[rows].to(dtype)
@@ -56,8 +55,9 @@ def forward(
         block_valid = valid[rows]
         block_loss = weights[rows] * _core.row_losses(stats, xp=xp)
         losses[rows] = torch.where(block_valid, block_loss, 0.0)
-        lse[rows] = _core.log_normalizer(stats, xp=xp)
-        target_sum[rows] = stats.target_sum
+        saved.row_max[rows] = stats.row_max
+        saved.log_sum_exp[rows] = torch.log(stats.sum_exp)
+        saved.target_sum[rows] = stats.target_sum
         if grad is not None:
             scale = row_scale[rows, None]
             out = grad[rows] if grad.dtype == dtype else softmax
@@ -75,7 +75,7 @@ def forward(
         loss = torch.where(inv_den == 0, 0.0, losses.sum() * inv_den)
     if grad is not None:
         grad = grad.reshape(logits.shape)
-    return _core.ForwardResult(loss, grad, lse, target_sum, row_scale)
+    return _core.ForwardResult(loss, grad, saved, row_scale)
 
 
 def _row_statistics_and_softmax(
@@ -126,14 +126,13 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         )
         ctx.reduction = reduction
         ctx.logits_grad = result.logits_grad
-        ctx.save_for_backward(
-            logits, target_probs, result.log_normalizer, result.target_sum, result.row_scale
-        )
+        ctx.save_for_backward(logits, target_probs, result.row_scale, *result.saved)
         return result.loss
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, target_probs, lse, target_sum, row_scale = ctx.saved_tensors
+        logits, target_probs, row_scale, *saved_rows = ctx.saved_tensors
+        saved = _core.SavedRows(*saved_rows)
         upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
         row_scale = row_scale * upstream
         xp = array_api_compat.array_namespace(logits)
@@ -149,11 +148,11 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
                     grad_logits.mul_(grad_output)
             else:
                 grad_logits = _core.logits_gradient(
-                    logits, target_probs, lse, target_sum, row_scale, block_rows=block_rows, xp=xp
+                    logits, target_probs, saved, row_scale, block_rows=block_rows, xp=xp
                 )
         if ctx.needs_input_grad[1]:
             grad_targets = _core.targets_gradient(
-                logits, lse, row_scale, out_dtype=target_probs.dtype, block_rows=block_rows, xp=xp
+                logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=block_rows, xp=xp
             )
         return grad_logits, grad_targets, None, None, None
 
