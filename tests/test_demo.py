@@ -1,0 +1,110 @@
+"""The demo trains a draft head: its loss falls and its accuracy rises, on PyTorch and on JAX."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from softce_multi import _demo
+from softce_multi._demo import DemoConfig, DemoResult, run
+
+# Small enough for the test suite: a few seconds per backend.
+SMALL = {"steps": 40, "train_sequences": 128, "eval_sequences": 32, "log_every": 10}
+
+
+def _run(backend: str) -> tuple[DemoResult, str]:
+    pytest.importorskip(backend, reason=f"the {backend} demo needs {backend}")
+    out = io.StringIO()
+    result = run(DemoConfig(backend=backend, **SMALL), out=out)
+    return result, out.getvalue()
+
+
+@pytest.fixture(scope="module", params=["torch", "jax"])
+def demo_run(request: pytest.FixtureRequest) -> tuple[DemoResult, str]:
+    return _run(request.param)
+
+
+def test_demo_lowers_the_held_out_loss(demo_run: tuple[DemoResult, str]) -> None:
+    result, _ = demo_run
+    assert result.loss_after < 0.8 * result.loss_before
+
+
+def test_demo_lowers_the_training_loss_between_logged_windows(
+    demo_run: tuple[DemoResult, str],
+) -> None:
+    result, _ = demo_run
+    assert len(result.train_losses) == SMALL["steps"] // SMALL["log_every"]
+    assert result.train_losses[-1] < result.train_losses[0]
+
+
+def test_demo_raises_the_accuracy_of_every_test_time_step(
+    demo_run: tuple[DemoResult, str],
+) -> None:
+    result, _ = demo_run
+    assert len(result.accuracy_before) == len(result.accuracy_after) == DemoConfig().ttt_steps
+    for before, after in zip(result.accuracy_before, result.accuracy_after, strict=True):
+        assert after > before + 0.1
+
+
+def test_demo_prints_each_logging_step_and_the_accuracy_before_and_after(
+    demo_run: tuple[DemoResult, str],
+) -> None:
+    _, text = demo_run
+    logged = [line for line in text.splitlines() if line.startswith("step ")]
+    assert len(logged) == SMALL["steps"] // SMALL["log_every"]
+    assert all("loss" in line and "accuracy" in line for line in logged)
+    assert "before training: held-out loss" in text
+    assert "after training: held-out loss" in text
+    assert text.splitlines()[-1].startswith("draft accuracy (first test-time step)")
+
+
+def test_demo_starts_from_the_same_loss_on_both_backends() -> None:
+    pytest.importorskip("torch", reason="comparing backends needs torch")
+    pytest.importorskip("jax", reason="comparing backends needs jax")
+    config = {**SMALL, "steps": 1, "log_every": 1}
+    torch_run = run(DemoConfig(backend="torch", **config), out=io.StringIO())
+    jax_run = run(DemoConfig(backend="jax", **config), out=io.StringIO())
+    assert torch_run.loss_before == pytest.approx(jax_run.loss_before, rel=1e-5)
+    assert torch_run.accuracy_before == pytest.approx(jax_run.accuracy_before, abs=1e-6)
+
+
+def test_progress_bar_draws_on_a_terminal() -> None:
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    bar = _demo.ProgressBar(total=4, out=out, width=8)
+    bar.update(2, "loss 1.0")
+    assert "\r[####....] 2/4  loss 1.0" in out.getvalue()
+
+
+def test_progress_bar_stays_silent_off_a_terminal() -> None:
+    out = io.StringIO()
+    bar = _demo.ProgressBar(total=4, out=out)
+    bar.update(2, "loss 1.0")
+    bar.log("step 2/4")
+    assert out.getvalue() == "step 2/4\n"
+
+
+def test_main_explains_a_missing_backend(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_demo.importlib.util, "find_spec", lambda name: None)
+    assert _demo.main(["--backend", "jax"]) == 2
+    error = capsys.readouterr().err
+    assert "needs jax, which is not installed" in error
+    assert "pip install 'softce_multi[jax]'" in error
+
+
+def test_main_refuses_a_non_positive_number_of_steps(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _demo.main(["--steps", "0"])
+    assert exit_info.value.code == 2
+    assert "must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_run_refuses_an_unknown_backend() -> None:
+    with pytest.raises(ValueError, match="backend must be one of"):
+        run(DemoConfig(backend="numpy"), out=io.StringIO())
