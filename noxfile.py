@@ -43,8 +43,10 @@ CPU_TEST_ENV = {"TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the test suite on every CPU backend: NumPy, array-api-strict, PyTorch and JAX."""
-    session.install(TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "-e", ".[test]")
-    session.run("pytest", *session.posargs, env=CPU_TEST_ENV)
+    session.install(TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "pytest-xdist", "-e", ".[test]")
+    # One worker per core, each test file on one worker (its module fixtures are built once);
+    # "nox -s tests -- -n 0" runs in a single process.
+    session.run("pytest", "-n", "auto", "--dist", "loadfile", *session.posargs, env=CPU_TEST_ENV)
 
 
 @nox.session(python=PYTHON)
