@@ -43,6 +43,8 @@ if HAS_JAX:
 
 hypothesis.settings.register_profile("default", deadline=None, max_examples=30)
 hypothesis.settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True)
+# For a long search by hand: pytest --hypothesis-profile=thorough tests/test_properties.py
+hypothesis.settings.register_profile("thorough", deadline=None, max_examples=1000)
 hypothesis.settings.load_profile("ci" if os.environ.get("CI") else "default")
 
 
