@@ -334,24 +334,22 @@ def available_backends() -> list[Backend]:
         import jax
 
         jax_dtypes = DTYPES if jax.config.read("jax_enable_x64") else DTYPES[:3]
-        cpu = jax.devices("cpu")[0]
-        backends.append(Backend("jax", "cpu:0", jax_dtypes, _jax_runner(cpu)))
-        gpus = _jax_gpus()
-        if gpus:
-            backends.append(
-                Backend("jax-gpu", f"gpu:{gpus[0].id}", jax_dtypes, _jax_runner(gpus[0]))
-            )
+        for name, platform in (("jax", "cpu"), ("jax-gpu", "gpu")):
+            devices = _jax_devices(platform)
+            if devices:
+                label = "cpu" if platform == "cpu" else f"gpu:{devices[0].id}"
+                backends.append(Backend(name, label, jax_dtypes, _jax_runner(devices[0])))
     if _installed("cupy") and _cupy_device_count() > 0:
         backends.append(Backend("cupy", "cuda:0", ("float16", "float32", "float64"), _run_cupy))
     return backends
 
 
-def _jax_gpus() -> list[Any]:
+def _jax_devices(platform: str) -> list[Any]:
     import jax
 
     try:
-        return list(jax.devices("gpu"))
-    except RuntimeError:
+        return list(jax.devices(platform))
+    except RuntimeError:  # no such platform in this jaxlib, or excluded by JAX_PLATFORMS
         return []
 
 
