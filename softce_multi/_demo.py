@@ -49,7 +49,7 @@ class DemoConfig:
     hidden: int = 64
     draft_hidden: int = 128
     seq_len: int = 32
-    train_sequences: int = 768
+    train_sequences: int = 2048
     eval_sequences: int = 128
     batch_size: int = 32
     ttt_steps: int = 3

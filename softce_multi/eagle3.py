@@ -315,7 +315,7 @@ def prepare_targets(
     shifted = xp.exp(draft_logits - xp.max(draft_logits, axis=-1, keepdims=True))
     target_probs = shifted / xp.sum(shifted, axis=-1, keepdims=True)
 
-    top = xp.argmax(logits, axis=-1)
+    top = _top_index(logits, xp=xp)
     in_draft = xp.reshape(xp.take(t2d, xp.reshape(top, (-1,))), top.shape)
     mask = xp.reshape(loss_mask, top.shape)
     if mask.dtype == xp.bool:
@@ -430,7 +430,7 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) 
     array(0.5)
     """
     xp = validate_inputs(logits, target_probs, position_mask, "mean", None)
-    hit = xp.argmax(logits, axis=-1) == xp.argmax(target_probs, axis=-1)
+    hit = _top_index(logits, xp=xp) == _top_index(target_probs, xp=xp)
     valid = xp.reshape(position_mask, hit.shape)
     if valid.dtype != xp.bool:
         valid = valid != 0
@@ -695,6 +695,25 @@ def _fill_value(fill: Any, dtype: Any, *, xp: Namespace) -> bool | int | float:
 def _index_dtype(xp: Namespace, device: Any) -> Any:
     """The default integer dtype for indexing in ``xp`` (int64; int32 on JAX without x64)."""
     return xp.__array_namespace_info__().default_dtypes(device=device)["indexing"]
+
+
+def _top_index(x: Array, *, xp: Namespace) -> Array:
+    """``argmax`` over the last axis: the first index of the maximum, NaN counting as maximal."""
+    if not (array_api_compat.is_jax_namespace(xp) and _jax_runs_on_cpu()):
+        return xp.argmax(x, axis=-1)
+    # XLA's argmax on the CPU (a reduction over value-index pairs) is several times slower than
+    # a max followed by a min over the positions of the maximum.
+    top = xp.max(x, axis=-1, keepdims=True)
+    is_top = xp.where(xp.isnan(top), xp.isnan(x), x == top)
+    size = x.shape[-1]
+    positions = xp.arange(size, dtype=_index_dtype(xp, None))
+    return xp.min(xp.where(is_top, positions, size), axis=-1)
+
+
+def _jax_runs_on_cpu() -> bool:
+    import jax
+
+    return jax.default_backend() == "cpu"
 
 
 def _zero_d(x: Array, *, xp: Namespace) -> Array:

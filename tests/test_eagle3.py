@@ -460,6 +460,19 @@ def test_prepare_targets_at_llama3_sizes(backend: Backend, torch: Any) -> None:
     np.testing.assert_array_equal(backend.to_numpy(position_mask), expected_mask)
 
 
+def test_prepare_targets_takes_the_first_of_tied_top_tokens_like_argmax(backend: Backend) -> None:
+    t2d = np.array([False, True, True, False])
+    # Row 0: tie between 1 (draft) and 3; row 1: tie between 0 (not draft) and 2; row 2: NaN
+    # at 2 counts as the maximum, as in argmax.
+    logits = np.array([[[0.0, 5.0, 1.0, 5.0], [4.0, 0.0, 4.0, 1.0], [0.0, 9.0, np.nan, 1.0]]])
+    _, position_mask = prepare_targets(
+        backend.asarray(logits), backend.asarray(np.ones((1, 3), bool)), backend.asarray(t2d)
+    )
+    expected = t2d[np.argmax(logits, axis=-1)]
+    np.testing.assert_array_equal(expected, [[True, False, True]])
+    np.testing.assert_array_equal(backend.to_numpy(position_mask)[..., 0], expected)
+
+
 def test_prepare_targets_accepts_a_trailing_unit_axis_on_the_loss_mask(backend: Backend) -> None:
     rng = np.random.default_rng(12)
     _, t2d = random_mapping(rng, 50, 10)
@@ -638,6 +651,15 @@ def test_draft_accuracy_matches_torch_formulation(backend: Backend, torch: Any) 
     expected = torch_draft_accuracy(logits, target, mask)
     assert 0.2 < expected < 0.9
     np.testing.assert_allclose(backend.to_numpy(accuracy), expected, rtol=RTOL[np.float32])
+
+
+def test_draft_accuracy_compares_the_first_of_tied_top_tokens(backend: Backend) -> None:
+    target = np.array([[[0.2, 0.4, 0.4], [0.5, 0.0, 0.5]]])
+    logits = np.array([[[0.0, 2.0, 1.0], [0.0, 0.0, 3.0]]])  # a hit, then a miss
+    accuracy = draft_accuracy(
+        backend.asarray(logits), backend.asarray(target), backend.asarray(np.ones((1, 2), bool))
+    )
+    np.testing.assert_allclose(backend.to_numpy(accuracy), 0.5, rtol=1e-12)
 
 
 def test_draft_accuracy_is_zero_without_valid_positions(backend: Backend) -> None:
