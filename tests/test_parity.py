@@ -303,7 +303,7 @@ def test_gradient_has_the_dtype_of_the_logits(backend, logits_dtype, target_dtyp
 
 @pytest.mark.parametrize("target_dtype", TARGET_DTYPES)
 @pytest.mark.parametrize("logits_dtype", LOGITS_DTYPES)
-def test_autodiff_gradients_have_the_dtypes_of_the_inputs(
+def test_autodiff_loss_and_gradients_have_the_documented_dtypes(
     autodiff_backend, logits_dtype, target_dtype
 ):
     case = make_case(
@@ -314,8 +314,9 @@ def test_autodiff_gradients_have_the_dtypes_of_the_inputs(
         target_dtype=target_dtype,
     )
 
-    _, grad_logits, grad_targets = differentiate(autodiff_backend, case)
+    loss, grad_logits, grad_targets = differentiate(autodiff_backend, case)
 
+    assert dtype_name(loss) == compute_dtype(logits_dtype, target_dtype)
     assert dtype_name(grad_logits) == logits_dtype
     assert dtype_name(grad_targets) == target_dtype
 
