@@ -92,7 +92,7 @@ def lint(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
     """Build the HTML documentation into docs/_build/html; any warning is an error."""
-    session.install(TORCH_CPU, JAX_CPU, SPHINX, "-e", ".")
+    session.install(TORCH_CPU, JAX_CPU, SPHINX, "-e", ".[docs]")
     session.run(
         "sphinx-build",
         "-W",
