@@ -231,9 +231,8 @@ class _TorchTrainer:
         self.config = config
 
     def _losses(self, split: Split) -> tuple[list[Any], list[Any]]:
-        batch = tuple(
-            self.torch.as_tensor(a) for a in (split.states, split.tokens, split.loss_mask)
-        )
+        as_tensor = self.torch.as_tensor
+        batch = (as_tensor(split.states), as_tensor(split.tokens), as_tensor(split.loss_mask))
         return draft_losses(
             self.params,
             batch,

@@ -342,6 +342,11 @@ def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
     known off-by-one bug: the mask then selects the wrong positions, and the last position
     keeps a mask of 1 while its target logits are ``fill``.
 
+    :func:`prepare_targets` works position by position, so after the first shift a trainer may
+    shift its outputs (``target_probs`` and ``position_mask``) instead of the target logits and
+    the loss mask: the results agree wherever the position mask is set (the shifted-in last
+    position is masked either way), and the full-vocabulary logits are read only once.
+
     Parameters
     ----------
     x : array, at least 1-D
@@ -508,7 +513,7 @@ def multi_step_loss(
     return _zero_d(total / math.fsum(weights) if normalize else total, xp=xp)
 
 
-def _stack_losses(step_losses: Sequence[Array] | Array) -> tuple[Array, Namespace]:
+def _stack_losses(step_losses: Any) -> tuple[Array, Namespace]:
     """Return ``step_losses`` as one 1-D floating array, and its namespace."""
     if array_api_compat.is_array_api_obj(step_losses):
         xp = namespace_of(step_losses=step_losses)
@@ -601,10 +606,11 @@ def _check_size(size: Any, limit: int, *, name: str) -> int:
     if isinstance(size, bool) or not isinstance(size, numbers.Integral):
         msg = f"{name} must be an int, got {type(size).__name__}"
         raise TypeError(msg)
-    if not 1 <= size <= limit:
-        msg = f"{name} must be between 1 and the target vocabulary size {limit}, got {size}"
+    value = operator.index(size)
+    if not 1 <= value <= limit:
+        msg = f"{name} must be between 1 and the target vocabulary size {limit}, got {value}"
         raise ValueError(msg)
-    return operator.index(size)
+    return value
 
 
 def _forced_ids(always_include: Any, target_vocab_size: int, size: int) -> list[int]:
@@ -685,10 +691,13 @@ def _fill_value(fill: Any, dtype: Any, *, xp: Namespace) -> bool | int | float:
             raise TypeError(msg)
         return bool(fill)
     if xp.isdtype(dtype, "integral"):
-        if not (math.isfinite(fill) and fill == math.floor(fill)):
+        if isinstance(fill, numbers.Integral):
+            return int(fill)
+        value = float(fill)
+        if not value.is_integer():
             msg = f"fill must be a whole number for x of dtype {dtype}, got {fill!r}"
             raise TypeError(msg)
-        return int(fill)
+        return int(value)
     return float(fill)
 
 

@@ -140,7 +140,7 @@ def torch_vocab_mapping(counts: np.ndarray, size: int, forced: tuple[int, ...] =
     return (chosen - torch.arange(size)).numpy(), t2d.numpy()
 
 
-def torch_prepare_targets(target_logits: Any, loss_mask: np.ndarray, t2d: np.ndarray) -> tuple:
+def torch_prepare_targets(target_logits: Any, loss_mask: Any, t2d: Any) -> tuple:
     import torch
 
     t2d = torch.from_numpy(t2d)
@@ -151,14 +151,14 @@ def torch_prepare_targets(target_logits: Any, loss_mask: np.ndarray, t2d: np.nda
     return target_probs.numpy(), position_mask[..., None].numpy()
 
 
-def torch_shift_left(x: np.ndarray) -> np.ndarray:
+def torch_shift_left(x: Any) -> Any:
     import torch
 
     x = torch.from_numpy(x)
     return torch.cat([x[:, 1:], torch.zeros_like(x[:, -1:])], dim=1).numpy()
 
 
-def torch_draft_accuracy(logits: np.ndarray, target: np.ndarray, mask: np.ndarray) -> float:
+def torch_draft_accuracy(logits: Any, target: Any, mask: Any) -> float:
     import torch
 
     logits, target = torch.from_numpy(logits), torch.from_numpy(target)
@@ -177,7 +177,7 @@ def torch_multi_step_loss(losses: list[float], decay: float, normalize: bool) ->
     return (total / sum(weights) if normalize else total).item()
 
 
-def torch_draft_ids_lookup(t2d: np.ndarray) -> np.ndarray:
+def torch_draft_ids_lookup(t2d: Any) -> Any:
     import torch
 
     t2d = torch.from_numpy(t2d)
@@ -398,7 +398,7 @@ def test_prepare_targets_matches_torch_formulation(
     rng = np.random.default_rng(8)
     _, t2d = random_mapping(rng, 3000, 500)
     logits = random_target_logits(rng, (2, 6, 3000), t2d)
-    loss_mask = (rng.random((2, 6)) < 0.7).astype(loss_mask_dtype)
+    loss_mask: np.ndarray = (rng.random((2, 6)) < 0.7).astype(loss_mask_dtype)
     probs, position_mask = prepare_targets(
         backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d)
     )
@@ -582,7 +582,7 @@ def test_prepare_targets_refuses_a_draft_vocab_size_beyond_the_target_vocabulary
 
 @pytest.mark.parametrize("dtype", [np.int64, np.bool_, np.float32])
 def test_shift_left_matches_torch_formulation(backend: Backend, torch: Any, dtype: type) -> None:
-    x = (np.random.default_rng(17).random((3, 6, 4)) * 10).astype(dtype)
+    x: np.ndarray = (np.random.default_rng(17).random((3, 6, 4)) * 10).astype(dtype)
     out = shift_left(backend.asarray(x))
     np.testing.assert_array_equal(backend.to_numpy(out), torch_shift_left(x))
 
@@ -615,6 +615,24 @@ def test_shift_left_together_removes_the_last_position_from_training(backend: Ba
         shift_left(logits), shift_left(loss_mask), backend.asarray(t2d)
     )
     np.testing.assert_array_equal(backend.to_numpy(position_mask)[:, :, 0], [[1, 1, 1, 1, 0]] * 2)
+
+
+def test_shifting_prepared_targets_agrees_with_preparing_shifted_logits(backend: Backend) -> None:
+    rng = np.random.default_rng(24)
+    _, t2d = random_mapping(rng, 60, 20)
+    logits = backend.asarray(random_target_logits(rng, (2, 7, 60), t2d))
+    loss_mask, mapping = backend.asarray(rng.random((2, 7)) < 0.8), backend.asarray(t2d)
+    probs, position_mask = prepare_targets(logits, loss_mask, mapping)
+    shifted_probs, shifted_mask = prepare_targets(
+        shift_left(logits), shift_left(loss_mask), mapping
+    )
+    assert backend.to_numpy(shifted_mask).any()
+    np.testing.assert_array_equal(
+        backend.to_numpy(shift_left(position_mask)), backend.to_numpy(shifted_mask)
+    )
+    np.testing.assert_array_equal(
+        backend.to_numpy(shift_left(probs))[:, :-1], backend.to_numpy(shifted_probs)[:, :-1]
+    )
 
 
 @pytest.mark.parametrize(
