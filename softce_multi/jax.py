@@ -2,6 +2,11 @@
 
 The core runs unblocked here: under ``jax.jit`` XLA fuses the row statistics and the gradient
 rows into a few loops over the inputs, without an ``[N, V]`` float32 temporary in between.
+
+On a GPU, with the Triton backend of Pallas available, the forward and backward passes run the
+kernels of :mod:`softce_multi.kernels.pallas` instead (imported on first use). Both versions are
+then staged with ``jax.lax.platform_dependent``, which keeps the one for the platform the
+computation is compiled for, so arrays placed on the CPU of a GPU host still get the core.
 """
 
 from __future__ import annotations
@@ -12,11 +17,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from softce_multi import _core
+from softce_multi import _core, kernels
 from softce_multi._api import Reduction
 from softce_multi._validate import validate_inputs
 
 __all__ = ["masked_soft_cross_entropy"]
+
+#: Platforms, as ``jax.lax.platform_dependent`` names them, that run the Pallas kernels: those of
+#: the Triton backend of Pallas.
+_KERNEL_PLATFORMS = ("cuda", "rocm")
 
 
 def masked_soft_cross_entropy(
@@ -93,16 +102,33 @@ def _forward(
     count: jax.Array | None,
     reduction: str,
 ) -> _core.ForwardResult:
-    return _core.forward(
-        logits,
-        target_probs,
-        weights,
-        reduction=reduction,
-        num_valid=count,
-        with_logits_grad=False,
-        block_rows=None,
-        xp=jnp,
-    )
+    """The loss and the row statistics, from the Pallas kernel where it runs, else the core."""
+
+    def core(logits: Any, target_probs: Any, weights: Any, count: Any) -> _core.ForwardResult:
+        return _core.forward(
+            logits,
+            target_probs,
+            weights,
+            reduction=reduction,
+            num_valid=count,
+            with_logits_grad=False,
+            block_rows=None,
+            xp=jnp,
+        )
+
+    def kernel(logits: Any, target_probs: Any, weights: Any, count: Any) -> _core.ForwardResult:
+        from softce_multi.kernels import pallas
+
+        return pallas.forward(
+            logits,
+            target_probs,
+            weights,
+            reduction=reduction,
+            num_valid=count,
+            with_logits_grad=False,
+        )
+
+    return _per_platform(kernel, core, logits, target_probs, weights, count)
 
 
 def _loss_fwd(
@@ -123,14 +149,65 @@ def _loss_bwd(
     logits, target_probs, saved, row_scale, weights, count = residuals
     upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
     row_scale = row_scale * upstream
-    grad_logits = _core.logits_gradient(
-        logits, target_probs, saved, row_scale, block_rows=None, xp=jnp
-    )
-    grad_targets = _core.targets_gradient(
-        logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=None, xp=jnp
-    )
+    # One computation per gradient, so that jit drops the one that is not used.
+    grad_logits = _logits_gradient(logits, target_probs, saved, row_scale)
+    grad_targets = _targets_gradient(logits, target_probs, saved, row_scale)
     zero_count = None if count is None else jnp.zeros_like(count)
     return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
+
+
+def _logits_gradient(
+    logits: jax.Array, target_probs: jax.Array, saved: _core.SavedRows, row_scale: jax.Array
+) -> jax.Array:
+    """``d loss / d logits`` from the row statistics, by the Pallas kernel or the core."""
+
+    def core(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> jax.Array:
+        return _core.logits_gradient(
+            logits, target_probs, saved, row_scale, block_rows=None, xp=jnp
+        )
+
+    def kernel(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> Any:
+        from softce_multi.kernels import pallas
+
+        grad_logits, _ = pallas.backward(
+            logits, target_probs, saved, row_scale, logits_grad=True, targets_grad=False
+        )
+        return grad_logits
+
+    return _per_platform(kernel, core, logits, target_probs, saved, row_scale)
+
+
+def _targets_gradient(
+    logits: jax.Array, target_probs: jax.Array, saved: _core.SavedRows, row_scale: jax.Array
+) -> jax.Array:
+    """``d loss / d target_probs`` from the row statistics, by the Pallas kernel or the core."""
+
+    def core(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> jax.Array:
+        return _core.targets_gradient(
+            logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=None, xp=jnp
+        )
+
+    def kernel(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> Any:
+        from softce_multi.kernels import pallas
+
+        _, grad_targets = pallas.backward(
+            logits, target_probs, saved, row_scale, logits_grad=False, targets_grad=True
+        )
+        return grad_targets
+
+    return _per_platform(kernel, core, logits, target_probs, saved, row_scale)
+
+
+def _per_platform(kernel: Any, core: Any, logits: jax.Array, *arrays: Any) -> Any:
+    """Return ``kernel(logits, *arrays)`` where the Pallas kernels run, else ``core(...)``.
+
+    Where :func:`softce_multi.kernels.use_pallas` says no (no GPU, or no Pallas), only the core
+    is traced. Otherwise both are, and the platform the computation is compiled for picks one.
+    """
+    if not kernels.use_pallas(logits):
+        return core(logits, *arrays)
+    branches = dict.fromkeys(_KERNEL_PLATFORMS, kernel)
+    return jax.lax.platform_dependent(logits, *arrays, default=core, **branches)
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)

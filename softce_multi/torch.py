@@ -6,7 +6,9 @@ upstream gradient. For ``"none"`` (whose upstream gradient differs per position)
 gradient to ``target_probs``, the backward pass recomputes from small per-row statistics.
 
 The forward pass is the core's two steps with the elementwise work done in place on one
-block-sized buffer, which roughly halves the passes over memory of the generic version.
+block-sized buffer, which roughly halves the passes over memory of the generic version. On CUDA
+tensors, with Triton installed, the forward and backward passes run the kernels of
+:mod:`softce_multi.kernels.triton` instead (imported on first use).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 import array_api_compat
 import torch
 
-from softce_multi import _core
+from softce_multi import _core, kernels
 from softce_multi._api import Reduction
 from softce_multi._api import masked_soft_cross_entropy as _masked_soft_cross_entropy
 from softce_multi._validate import check_reduction
@@ -35,7 +37,22 @@ def forward(
     num_valid: torch.Tensor | float | None,
     with_logits_grad: bool,
 ) -> _core.ForwardResult:
-    """Eager PyTorch version of :func:`softce_multi._core.forward`, with the same contract."""
+    """Eager PyTorch version of :func:`softce_multi._core.forward`, with the same contract.
+
+    Runs :func:`softce_multi.kernels.triton.forward` where :func:`softce_multi.kernels.use_triton`
+    says the kernels apply (CUDA tensors, Triton installed).
+    """
+    if kernels.use_triton(logits):
+        from softce_multi.kernels import triton as triton_kernels
+
+        return triton_kernels.forward(
+            logits,
+            target_probs,
+            position_mask,
+            reduction=reduction,
+            num_valid=num_valid,
+            with_logits_grad=with_logits_grad,
+        )
     xp = array_api_compat.array_namespace(logits)
     dtype = _core.compute_dtype(logits, target_probs, xp=xp)
     z, p, mask = _core.flatten_rows(logits, target_probs, position_mask, xp=xp)
@@ -108,7 +125,7 @@ def _zero_rows(block: torch.Tensor, rows: torch.Tensor) -> None:
 
 class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(  # type: ignore[override]
+    def forward(
         ctx: Any,
         logits: torch.Tensor,
         target_probs: torch.Tensor,
@@ -135,26 +152,62 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         saved = _core.SavedRows(*saved_rows)
         upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
         row_scale = row_scale * upstream
-        xp = array_api_compat.array_namespace(logits)
-        block_rows = _core.default_block_rows(logits.shape[-1])
 
-        grad_logits = grad_targets = None
-        if ctx.needs_input_grad[0]:
-            if ctx.logits_grad is not None:
-                # Hand over the buffer computed in forward and scale it in place; it is released
-                # from ctx first, so a second backward (retain_graph=True) recomputes instead.
-                grad_logits, ctx.logits_grad = ctx.logits_grad, None
-                if not _is_one_on_cpu(grad_output):
-                    grad_logits.mul_(grad_output)
-            else:
-                grad_logits = _core.logits_gradient(
-                    logits, target_probs, saved, row_scale, block_rows=block_rows, xp=xp
-                )
-        if ctx.needs_input_grad[1]:
-            grad_targets = _core.targets_gradient(
-                logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=block_rows, xp=xp
-            )
+        grad_logits = None
+        if ctx.needs_input_grad[0] and ctx.logits_grad is not None:
+            # Hand over the buffer computed in forward and scale it in place; it is released
+            # from ctx first, so a second backward (retain_graph=True) recomputes instead.
+            grad_logits, ctx.logits_grad = ctx.logits_grad, None
+            if not _is_one_on_cpu(grad_output):
+                grad_logits.mul_(grad_output)
+        recomputed, grad_targets = _gradients_from_saved(
+            logits,
+            target_probs,
+            saved,
+            row_scale,
+            logits_grad=ctx.needs_input_grad[0] and grad_logits is None,
+            targets_grad=ctx.needs_input_grad[1],
+        )
+        if grad_logits is None:
+            grad_logits = recomputed
         return grad_logits, grad_targets, None, None, None
+
+
+def _gradients_from_saved(
+    logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    saved: _core.SavedRows,
+    row_scale: torch.Tensor,
+    *,
+    logits_grad: bool,
+    targets_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Recompute the gradients asked for from the row statistics; None for the others."""
+    if not (logits_grad or targets_grad):
+        return None, None
+    if kernels.use_triton(logits):
+        from softce_multi.kernels import triton as triton_kernels
+
+        return triton_kernels.backward(
+            logits,
+            target_probs,
+            saved,
+            row_scale,
+            logits_grad=logits_grad,
+            targets_grad=targets_grad,
+        )
+    xp = array_api_compat.array_namespace(logits)
+    block_rows = _core.default_block_rows(logits.shape[-1])
+    grad_logits = grad_targets = None
+    if logits_grad:
+        grad_logits = _core.logits_gradient(
+            logits, target_probs, saved, row_scale, block_rows=block_rows, xp=xp
+        )
+    if targets_grad:
+        grad_targets = _core.targets_gradient(
+            logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=block_rows, xp=xp
+        )
+    return grad_logits, grad_targets
 
 
 def _is_one_on_cpu(value: torch.Tensor) -> bool:

@@ -1,8 +1,10 @@
 """The accelerated kernels keep the contract of ``_core.forward`` and agree with the reference.
 
-Each test runs on both kernels: Triton on torch tensors, and Pallas on JAX arrays under
+Most tests run on both kernels: Triton on torch tensors, and Pallas on JAX arrays under
 ``jax.jit``. Without a GPU they run interpreted: Pallas with ``interpret=True``, Triton when the
-environment sets ``TRITON_INTERPRET=1`` before the test run starts (the nox sessions do).
+environment sets ``TRITON_INTERPRET=1`` before the test run starts (the nox sessions do). The
+last section checks that the torch and JAX adapters run the kernels where they apply, and only
+there.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from conftest import (
 )
 
 import softce_multi
-from softce_multi import _core
+from softce_multi import _core, kernels
 
 #: A vocabulary that the test chunk size does not divide: three chunks, the last one partial.
 SHAPE = (2, 3, 37)
@@ -136,11 +138,11 @@ def valid_rows(case) -> np.ndarray:
     return case.w.reshape(-1) != 0
 
 
-def assert_statistics_match_core(result, core_result, case) -> None:
-    """``log_normalizer`` and ``target_sum`` agree with the core at every row that is read."""
+def assert_saved_rows_match_core(result, core_result, case) -> None:
+    """Every saved row statistic agrees with the core at every row that is read."""
     rows = valid_rows(case)
-    for name in ("log_normalizer", "target_sum"):
-        actual, expected = to_float64(getattr(result, name)), to_float64(getattr(core_result, name))
+    for actual, expected in zip(result.saved, core_result.saved, strict=True):
+        actual, expected = to_float64(actual), to_float64(expected)
         np.testing.assert_allclose(actual[rows], expected[rows], rtol=1e-6, atol=1e-6)
 
 
@@ -178,7 +180,7 @@ def test_loss_and_gradient_match_reference_and_core(kernel, logits_dtype, target
     assert_gradient_close(result.logits_grad, expected.grad_logits, compute)
     assert result.logits_grad.dtype == case.logits.dtype
     assert_gradient_close(result.logits_grad, to_float64(core_result.logits_grad), compute)
-    assert_statistics_match_core(result, core_result, case)
+    assert_saved_rows_match_core(result, core_result, case)
 
 
 @pytest.mark.parametrize("reduction", ["sum", "none"])
@@ -207,16 +209,15 @@ def test_backward_matches_reference_for_a_per_position_upstream(kernel, logits_g
     case = make_case(kernel.backend, rng, SHAPE, logits_dtype="bfloat16", mask_kind="float")
     upstream = rng.uniform(0.5, 2.0, size=SHAPE[:-1]).astype(np.float32)
     expected = reference(case.z, case.p, case.w, reduction="none", upstream=upstream)
-    saved = kernel.forward(
+    forward = kernel.forward(
         *case[:3], reduction="none", num_valid=None, with_logits_grad=False, block_size=BLOCK
     )
-    row_scale = saved.row_scale * kernel.backend.asarray(upstream.reshape(-1))
+    row_scale = forward.row_scale * kernel.backend.asarray(upstream.reshape(-1))
 
     grad_logits, grad_targets = kernel.backward(
         case.logits,
         case.target_probs,
-        saved.log_normalizer,
-        saved.target_sum,
+        forward.saved,
         row_scale,
         logits_grad=logits_grad,
         targets_grad=targets_grad,
@@ -271,7 +272,8 @@ def test_masked_rows_are_ignored_whatever_they_hold(kernel):
     np.testing.assert_array_equal(to_float64(result.loss), to_float64(clean.loss))
     np.testing.assert_array_equal(to_float64(result.logits_grad), to_float64(clean.logits_grad))
     assert np.all(to_float64(result.logits_grad)[masked] == 0)
-    assert np.all(np.isfinite(to_float64(result.log_normalizer)))
+    for statistic in result.saved:
+        assert np.all(np.isfinite(to_float64(statistic)))
 
 
 def test_no_valid_position_gives_zero_loss_and_gradient(kernel):
@@ -378,6 +380,32 @@ def test_logits_far_from_zero_match_reference(kernel, offset):
     assert_gradient_close(result.logits_grad, expected.grad_logits, "float32")
 
 
+def test_backward_from_saved_rows_is_accurate_far_from_zero(kernel):
+    # float32 logits near 1000: a log-normalizer rounded there is off by up to 3e-5, which
+    # exp(z - lse) would turn into a relative gradient error of that size.
+    rng = np.random.default_rng(24)
+    case = make_case(kernel.backend, rng, SHAPE, offset=1000.0, mask_kind="float")
+    upstream = rng.uniform(0.5, 2.0, size=SHAPE[:-1]).astype(np.float32)
+    expected = reference(case.z, case.p, case.w, reduction="none", upstream=upstream)
+    forward = kernel.forward(
+        *case[:3], reduction="none", num_valid=None, with_logits_grad=False, block_size=BLOCK
+    )
+    row_scale = forward.row_scale * kernel.backend.asarray(upstream.reshape(-1))
+
+    grad_logits, grad_targets = kernel.backward(
+        case.logits,
+        case.target_probs,
+        forward.saved,
+        row_scale,
+        logits_grad=True,
+        targets_grad=True,
+        block_size=BLOCK,
+    )
+
+    assert_gradient_close(grad_logits, expected.grad_logits, "float32")
+    assert_gradient_close(grad_targets, expected.grad_targets, "float32")
+
+
 def test_empty_batch_gives_zero_loss_and_empty_gradient(kernel):
     rng = np.random.default_rng(19)
     case = make_case(kernel.backend, rng, (0, 5), valid="none")
@@ -437,15 +465,14 @@ def test_triton_never_writes_its_inputs(triton_kernel):
     case = make_case(triton_kernel.backend, rng, SHAPE, logits_dtype="bfloat16")
     before = [array.clone() for array in case[:3]]
 
-    saved = triton_kernel.forward(
+    forward = triton_kernel.forward(
         *case[:3], reduction="mean", num_valid=None, with_logits_grad=True, block_size=BLOCK
     )
     triton_kernel.backward(
         case.logits,
         case.target_probs,
-        saved.log_normalizer,
-        saved.target_sum,
-        saved.row_scale,
+        forward.saved,
+        forward.row_scale,
         logits_grad=True,
         targets_grad=True,
         block_size=BLOCK,
@@ -534,12 +561,13 @@ def test_pallas_kernels_lower_for_cuda(with_logits_grad):
             z, p, w, reduction="mean", num_valid=None, with_logits_grad=with_logits_grad
         )
 
-    def backward(z, p, lse, target_sum, scale):
+    def backward(z, p, saved, scale):
         return kernel.kernels.backward(
-            z, p, lse, target_sum, scale, logits_grad=True, targets_grad=with_logits_grad
+            z, p, saved, scale, logits_grad=True, targets_grad=with_logits_grad
         )
 
-    calls = [(forward, (logits, targets, rows)), (backward, (logits, targets, rows, rows, rows))]
+    saved = _core.SavedRows(rows, rows, rows)
+    calls = [(forward, (logits, targets, rows)), (backward, (logits, targets, saved, rows))]
     for function, arrays in calls:
         lowered = jax.jit(function).trace(*arrays).lower(lowering_platforms=("cuda",))
         assert "triton" in lowered.as_text()
@@ -567,3 +595,259 @@ def test_pallas_forward_maps_over_a_leading_axis_under_vmap():
 
     assert_loss_close(result.loss, to_float64(expected.loss), "float32")
     assert_gradient_close(result.logits_grad, to_float64(expected.logits_grad), "float32")
+
+
+# --------------------------------------------------------------------------------------------
+# The adapters run the kernels where they apply
+# --------------------------------------------------------------------------------------------
+
+
+class KernelSpy:
+    """Replaces ``forward`` and ``backward`` of a kernel module with wrappers that record calls.
+
+    A call is recorded as the function's name and the flags saying which gradients it computes.
+    ``options`` are added to every call. With ``when_run=True`` a call is recorded when the
+    kernel runs, through a JAX debug callback, rather than when it is traced: under ``jax.jit``
+    the adapter traces both the kernel and the core, and the platform picks one at compile time.
+    """
+
+    def __init__(
+        self,
+        kernel: TritonKernel | PallasKernel,
+        monkeypatch: pytest.MonkeyPatch,
+        *,
+        when_run: bool = False,
+        **options: Any,
+    ) -> None:
+        self.backend = kernel.backend
+        self.calls: list[tuple[str, dict[str, bool]]] = []
+        for name in ("forward", "backward"):
+            function = getattr(kernel.kernels, name)
+            monkeypatch.setattr(kernel.kernels, name, self._wrap(name, function, when_run, options))
+
+    def _wrap(self, name: str, function: Any, when_run: bool, options: dict[str, Any]) -> Any:
+        def spied(*arrays: Any, **kwargs: Any) -> Any:
+            flags = {key: value for key, value in kwargs.items() if key.endswith("grad")}
+            record = functools.partial(self.calls.append, (name, flags))
+            if when_run:
+                import jax
+
+                jax.debug.callback(record)
+            else:
+                record()
+            return function(*arrays, **kwargs, **options)
+
+        return spied
+
+
+@pytest.fixture
+def triton_spy(monkeypatch: pytest.MonkeyPatch) -> KernelSpy:
+    """The Triton kernels apply to every torch tensor, and their calls are recorded."""
+    kernel = _triton_kernel()
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
+    return KernelSpy(kernel, monkeypatch)
+
+
+@pytest.fixture
+def pallas_spy(monkeypatch: pytest.MonkeyPatch) -> KernelSpy:
+    """The Pallas kernels apply to every JAX array, and the calls that run are recorded.
+
+    Without a GPU, the CPU stands in for the GPU platforms and the kernels run interpreted.
+    """
+    kernel = _pallas_kernel()
+    monkeypatch.setattr(kernels, "use_pallas", lambda *arrays: True)
+    if not kernel.interpret:
+        return KernelSpy(kernel, monkeypatch, when_run=True)
+    jax_adapter = importlib.import_module("softce_multi.jax")
+    monkeypatch.setattr(jax_adapter, "_KERNEL_PLATFORMS", ("cpu",))
+    return KernelSpy(kernel, monkeypatch, when_run=True, interpret=True)
+
+
+WANTED = {"logits": (True, False), "targets": (False, True), "both": (True, True)}
+
+
+@pytest.mark.parametrize(("logits_grad", "targets_grad"), WANTED.values(), ids=WANTED.keys())
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_torch_adapter_runs_the_triton_kernels(triton_spy, reduction, logits_grad, targets_grad):
+    rng = np.random.default_rng(30)
+    case = make_case(triton_spy.backend, rng, SHAPE, mask_kind="float")
+    positions = SHAPE[:-1] if reduction == "none" else ()
+    upstream = rng.uniform(0.5, 2.0, size=positions).astype(np.float32)
+    expected = reference(case.z, case.p, case.w, reduction=reduction, upstream=upstream)
+    logits = case.logits.requires_grad_(logits_grad)
+    targets = case.target_probs.requires_grad_(targets_grad)
+
+    loss = softce_multi.masked_soft_cross_entropy(
+        logits, targets, case.position_mask, reduction=reduction
+    )
+    loss.backward(triton_spy.backend.asarray(upstream))
+
+    assert_loss_close(loss.detach(), expected.loss, "float32")
+    if logits_grad:
+        assert_gradient_close(logits.grad, expected.grad_logits, "float32")
+    if targets_grad:
+        assert_gradient_close(targets.grad, expected.grad_targets, "float32")
+    # The scalar reductions take the logits gradient from the forward kernel; the backward
+    # kernel computes, in one sweep, whatever else is wanted.
+    fused = logits_grad and reduction != "none"
+    recomputed = logits_grad and not fused
+    expected_calls = [("forward", {"with_logits_grad": fused})]
+    if recomputed or targets_grad:
+        expected_calls.append(
+            ("backward", {"logits_grad": recomputed, "targets_grad": targets_grad})
+        )
+    assert triton_spy.calls == expected_calls
+
+
+def test_torch_second_backward_recomputes_with_the_triton_kernel(triton_spy):
+    rng = np.random.default_rng(31)
+    case = make_case(triton_spy.backend, rng, SHAPE)
+    expected = reference(case.z, case.p, case.w)
+    logits = case.logits.requires_grad_(True)
+
+    loss = softce_multi.masked_soft_cross_entropy(logits, case.target_probs, case.position_mask)
+    loss.backward(retain_graph=True)
+    loss.backward()
+
+    assert_gradient_close(logits.grad, 2 * expected.grad_logits, "float32")
+    assert triton_spy.calls == [
+        ("forward", {"with_logits_grad": True}),
+        ("backward", {"logits_grad": True, "targets_grad": False}),
+    ]
+
+
+def test_torch_loss_with_grad_runs_the_triton_kernel(triton_spy):
+    rng = np.random.default_rng(32)
+    case = make_case(triton_spy.backend, rng, SHAPE, logits_dtype="bfloat16")
+    expected = reference(case.z, case.p, case.w, reduction="sum")
+
+    loss, grad = softce_multi.masked_soft_cross_entropy_with_grad(*case[:3], reduction="sum")
+
+    assert_loss_close(loss, expected.loss, "float32")
+    assert_gradient_close(grad, expected.grad_logits, "float32")
+    assert triton_spy.calls == [("forward", {"with_logits_grad": True})]
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_jax_adapter_runs_the_pallas_kernels(pallas_spy, reduction):
+    import jax
+
+    rng = np.random.default_rng(33)
+    case = make_case(pallas_spy.backend, rng, SHAPE, mask_kind="float")
+    positions = SHAPE[:-1] if reduction == "none" else ()
+    upstream = rng.uniform(0.5, 2.0, size=positions).astype(np.float32)
+    expected = reference(case.z, case.p, case.w, reduction=reduction, upstream=upstream)
+
+    def loss(logits, targets):
+        return softce_multi.masked_soft_cross_entropy(
+            logits, targets, case.position_mask, reduction=reduction
+        )
+
+    @jax.jit
+    def loss_and_grads(logits, targets, upstream):
+        value, pullback = jax.vjp(loss, logits, targets)
+        return value, *pullback(upstream)
+
+    value, grad_logits, grad_targets = loss_and_grads(
+        case.logits, case.target_probs, pallas_spy.backend.asarray(upstream)
+    )
+    jax.effects_barrier()
+
+    assert_loss_close(value, expected.loss, "float32")
+    assert_gradient_close(grad_logits, expected.grad_logits, "float32")
+    assert_gradient_close(grad_targets, expected.grad_targets, "float32")
+    # One backward kernel per gradient, so that jit can drop the one that is not used.
+    assert sorted(pallas_spy.calls, key=str) == [
+        ("backward", {"logits_grad": False, "targets_grad": True}),
+        ("backward", {"logits_grad": True, "targets_grad": False}),
+        ("forward", {"with_logits_grad": False}),
+    ]
+
+
+def test_jax_adapter_runs_the_pallas_kernels_under_vmap(pallas_spy):
+    import jax
+
+    rng = np.random.default_rng(34)
+    case = make_case(pallas_spy.backend, rng, SHAPE, mask_kind="float")
+    expected = [reference(case.z[i], case.p[i], case.w[i]).grad_logits for i in range(SHAPE[0])]
+
+    grad = jax.jit(jax.vmap(jax.grad(softce_multi.masked_soft_cross_entropy)))(*case[:3])
+    jax.effects_barrier()
+
+    assert_gradient_close(grad, np.stack(expected), "float32")
+    assert ("forward", {"with_logits_grad": False}) in pallas_spy.calls
+    assert ("backward", {"logits_grad": True, "targets_grad": False}) in pallas_spy.calls
+
+
+@pytest.mark.parametrize(
+    ("argnums", "backward_kernels"),
+    [(0, 1), (1, 1), ((0, 1), 2)],
+    ids=["logits", "targets", "both"],
+)
+def test_jax_adapter_compiles_the_pallas_kernels_for_gpus_only(
+    monkeypatch, argnums, backward_kernels
+):
+    _pallas_kernel()
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.setattr(kernels, "use_pallas", lambda *arrays: True)
+    logits = jnp.zeros((4, 1000), jnp.bfloat16)
+    targets = jnp.zeros((4, 1000), jnp.float32)
+    mask = jnp.ones(4, bool)
+
+    def loss(logits, targets):
+        return softce_multi.masked_soft_cross_entropy(logits, targets, mask)
+
+    traced = jax.jit(jax.grad(loss, argnums=argnums)).trace(logits, targets)
+    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+
+    assert cuda.count('name = "_forward_kernel"') == 1
+    assert cuda.count('name = "_backward_kernel"') == backward_kernels
+    assert "triton" not in cpu
+
+
+_RUN_ON_THE_CPU = {
+    "torch": """
+        import torch
+        before = set(sys.modules)
+        import softce_multi.torch
+        logits = torch.randn(2, 3, 11, requires_grad=True)
+        target = torch.softmax(torch.randn(2, 3, 11), dim=-1)
+        mask = torch.ones(2, 3, dtype=torch.bool)
+        loss = softce_multi.masked_soft_cross_entropy(logits, target, mask, reduction="none")
+        loss.sum().backward()
+    """,
+    "jax": """
+        import jax, jax.numpy as jnp
+        before = set(sys.modules)
+        import softce_multi.jax
+        logits = jnp.ones((2, 3, 11))
+        target = jax.nn.softmax(jnp.arange(66.0).reshape(2, 3, 11))
+        mask = jnp.ones((2, 3), dtype=bool)
+        jax.jit(jax.grad(softce_multi.masked_soft_cross_entropy))(logits, target, mask)
+    """,
+}
+
+
+@pytest.mark.parametrize("library", _RUN_ON_THE_CPU)
+def test_adapters_load_no_kernel_library_on_the_cpu(library):
+    if not is_installed(library):
+        pytest.skip(f"{library} not installed")
+    script = (
+        "import sys\n"
+        + textwrap.dedent(_RUN_ON_THE_CPU[library])
+        + textwrap.dedent(
+            """
+        loaded = set(sys.modules) - before
+        kernel_modules = [name for name in loaded if "triton" in name or "pallas" in name]
+        assert not kernel_modules, sorted(kernel_modules)
+        """
+        )
+    )
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    package_root = os.path.dirname(os.path.dirname(softce_multi.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -6,12 +6,16 @@ the grid has one program per row, and each program loops over the vocabulary in 
 loads), so any ``V`` works without padding or copying the inputs.
 
 * The **forward kernel** sweeps a row once with an online maximum, accumulating the statistics
-  of :func:`softce_multi._core.row_statistics`, and writes the weighted loss, the
-  log-normalizer and the target mass of the row. With the gradient requested it sweeps the row a
-  second time (from L2 while the rows in flight fit there) and writes
+  of :func:`softce_multi._core.row_statistics`, and writes the weighted loss of the row and what
+  a backward pass needs of it (:class:`softce_multi._core.SavedRows`: the row maximum, the log
+  of the sum of exponentials relative to it, and the target mass). With the gradient requested
+  it sweeps the row a second time (from L2 while the rows in flight fit there) and writes
   ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype.
-* The **backward kernel** recomputes the gradients to the logits and/or the targets from saved
-  row statistics in one sweep.
+* The **backward kernel** recomputes the gradients to the logits and/or the targets from the
+  saved row statistics in one sweep.
+
+Both take the softmax as ``exp((z - row_max) - log_sum_exp)``, never through a rounded
+log-normalizer, so it stays accurate for logits far from 0.
 
 Rows of weight (forward) or scale (backward) 0 are not read and get zeros. Every function takes
 ``interpret``: with ``interpret=True`` Pallas runs the kernels on any backend, which is how they
@@ -82,7 +86,7 @@ def _gradient_sweep(
     logits_out: Any | None,
     targets_out: Any | None,
     row: Any,
-    shift: Any,
+    row_max: Any,
     log_sum_exp: Any,
     target_sum: Any,
     scale: Any,
@@ -93,8 +97,8 @@ def _gradient_sweep(
 ) -> None:
     """Write one row of the logits and/or targets gradients (None: not wanted); 0 if scale is 0.
 
-    The row's log-normalizer is ``shift + log_sum_exp``. Taking ``z - shift`` first keeps the
-    softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
+    The row's log-normalizer is ``row_max + log_sum_exp``. Taking ``z - row_max`` first keeps
+    the softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
     ``last_first`` walks the chunks from the end of the row, so that a sweep right after the
     statistics sweep starts with the chunks most recently brought into the cache.
     """
@@ -107,10 +111,10 @@ def _gradient_sweep(
         z = _load_chunk(z_ref, row, chunk, block_size, -jnp.inf, compute, "evict_first")
         if logits_out is not None:
             p = _load_chunk(p_ref, row, chunk, block_size, 0.0, compute, "evict_first")
-            grad = (scale * target_sum) * jnp.exp((z - shift) - log_sum_exp) - scale * p
+            grad = (scale * target_sum) * jnp.exp((z - row_max) - log_sum_exp) - scale * p
             _store_chunk(logits_out, row, chunk, grad)
         if targets_out is not None:
-            _store_chunk(targets_out, row, chunk, scale * (log_sum_exp - (z - shift)))
+            _store_chunk(targets_out, row, chunk, scale * (log_sum_exp - (z - row_max)))
 
     def write_zeros() -> None:
         for out in outs:
@@ -161,7 +165,8 @@ def _forward_kernel(
     weight_ref: Any,
     scale_ref: Any,
     loss_ref: Any,
-    lse_ref: Any,
+    row_max_ref: Any,
+    log_sum_exp_ref: Any,
     target_sum_ref: Any,
     *grad_ref: Any,
     compute: Any,
@@ -182,9 +187,9 @@ def _forward_kernel(
             eviction="evict_last" if grad_ref else "evict_first",
         )
         log_sum_exp = jnp.log(sum_exp)
-        lse = shift + log_sum_exp
         loss_ref[row] = weight * (target_sum * log_sum_exp - target_dot)
-        lse_ref[row] = lse
+        row_max_ref[row] = shift
+        log_sum_exp_ref[row] = log_sum_exp
         target_sum_ref[row] = target_sum
         if logits_out is not None:
             _gradient_sweep(
@@ -203,7 +208,7 @@ def _forward_kernel(
             )
 
     def masked_row() -> None:
-        for ref in (loss_ref, lse_ref, target_sum_ref):
+        for ref in (loss_ref, row_max_ref, log_sum_exp_ref, target_sum_ref):
             ref[row] = jnp.zeros((), compute)
         if logits_out is not None:
             _zero_row(logits_out, row, block_size)
@@ -214,7 +219,8 @@ def _forward_kernel(
 def _backward_kernel(
     z_ref: Any,
     p_ref: Any,
-    lse_ref: Any,
+    row_max_ref: Any,
+    log_sum_exp_ref: Any,
     target_sum_ref: Any,
     scale_ref: Any,
     *out_refs: Any,
@@ -231,8 +237,8 @@ def _backward_kernel(
         next(outs) if logits_grad else None,
         next(outs) if targets_grad else None,
         row,
-        lse_ref[row].astype(compute),
-        jnp.zeros((), compute),
+        row_max_ref[row].astype(compute),
+        log_sum_exp_ref[row].astype(compute),
         target_sum_ref[row].astype(compute),
         scale_ref[row].astype(compute),
         last_first=False,
@@ -256,8 +262,8 @@ def forward(
     """Compute the loss, and optionally ``d loss / d logits``, with one Pallas program per row.
 
     Same contract as :func:`softce_multi._core.forward` for validated JAX arrays. Rows of weight
-    0 are not read; their ``log_normalizer`` and ``target_sum`` entries are 0 and their gradient
-    rows exactly 0.
+    0 are not read; their entries of :class:`softce_multi._core.SavedRows` are 0 and their
+    gradient rows exactly 0.
 
     Parameters
     ----------
@@ -281,14 +287,14 @@ def forward(
     row_scale = weights * inv_den
 
     n_rows, n_cols = z.shape
-    out_shape = [jax.ShapeDtypeStruct((n_rows,), dtype)] * 3
+    n_saved = len(_core.SavedRows._fields)
+    out_shape = [jax.ShapeDtypeStruct((n_rows,), dtype)] * (1 + n_saved)
     if with_logits_grad:
         out_shape.append(jax.ShapeDtypeStruct((n_rows, n_cols), logits.dtype))
     block, num_warps = _launch_config(n_cols, block_size)
     kernel = functools.partial(_forward_kernel, compute=dtype, block_size=block)
-    weighted, lse, target_sum, *grad = _call(
-        kernel, out_shape, (z, p, weights, row_scale), num_warps, interpret
-    )
+    weighted, *outputs = _call(kernel, out_shape, (z, p, weights, row_scale), num_warps, interpret)
+    saved = _core.SavedRows(*outputs[:n_saved])
 
     if reduction == "none":
         loss = jnp.reshape(weighted, logits.shape[:-1])
@@ -296,15 +302,14 @@ def forward(
         loss = jnp.sum(weighted)
     else:
         loss = jnp.where(inv_den == 0, 0.0, jnp.sum(weighted) * inv_den)
-    logits_grad = jnp.reshape(grad[0], logits.shape) if with_logits_grad else None
-    return _core.ForwardResult(loss, logits_grad, lse, target_sum, row_scale)
+    logits_grad = jnp.reshape(outputs[n_saved], logits.shape) if with_logits_grad else None
+    return _core.ForwardResult(loss, logits_grad, saved, row_scale)
 
 
 def backward(
     logits: jax.Array,
     target_probs: jax.Array,
-    lse: jax.Array,
-    target_sum: jax.Array,
+    saved: _core.SavedRows,
     row_scale: jax.Array,
     /,
     *,
@@ -313,7 +318,7 @@ def backward(
     block_size: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """Recompute the gradients from saved row statistics, reading each needed input once.
+    """Recompute the gradients from the saved row statistics, reading each needed input once.
 
     Equivalent to :func:`softce_multi._core.logits_gradient` and
     :func:`softce_multi._core.targets_gradient` together. Rows whose ``row_scale`` is 0 are not
@@ -323,8 +328,9 @@ def backward(
     ----------
     logits, target_probs
         The forward inputs, ``[..., V]``. ``target_probs`` is read only for ``logits_grad``.
-    lse, target_sum, row_scale
-        Per-row statistics of :class:`softce_multi._core.ForwardResult`, shape ``[N]``;
+    saved, row_scale
+        :attr:`~softce_multi._core.ForwardResult.saved` and
+        :attr:`~softce_multi._core.ForwardResult.row_scale` of the forward pass, ``[N]`` each;
         ``row_scale`` already multiplied by the upstream gradient.
     logits_grad, targets_grad
         Which gradients to return.
@@ -352,14 +358,12 @@ def backward(
         _backward_kernel,
         logits_grad=logits_grad,
         targets_grad=targets_grad,
-        compute=lse.dtype,
+        compute=saved.row_max.dtype,
         block_size=block,
     )
     grads = iter(
         jnp.reshape(grad, logits.shape)
-        for grad in _call(
-            kernel, out_shape, (z, p, lse, target_sum, row_scale), num_warps, interpret
-        )
+        for grad in _call(kernel, out_shape, (z, p, *saved, row_scale), num_warps, interpret)
     )
     return (next(grads) if logits_grad else None, next(grads) if targets_grad else None)
 

@@ -4,18 +4,21 @@ One program handles one row of ``V`` entries and walks the vocabulary in chunks 
 ``block_size``:
 
 * The **forward kernel** sweeps the row once with an online maximum, accumulating the statistics
-  of :func:`softce_multi._core.row_statistics`; it writes the weighted loss, the log-normalizer
-  and the target mass of the row. With the gradient requested it sweeps the row a second time and
-  writes ``row_scale * (sum(p) * softmax(z) - p)`` straight in the logits' dtype. The second
-  sweep reads the row the first one just brought in, so it comes from L2 while the rows in flight
-  fit there.
-* The **backward kernel** recomputes the gradients from saved row statistics in one sweep: to the
-  logits, to the targets (``-row_scale * log_softmax(z)``), or both.
+  of :func:`softce_multi._core.row_statistics`. It writes the weighted loss of the row and what a
+  backward pass needs of it (:class:`softce_multi._core.SavedRows`: the row maximum, the log of
+  the sum of exponentials relative to it, and the target mass). With the gradient requested it
+  sweeps the row a second time and writes ``row_scale * (sum(p) * softmax(z) - p)`` straight in
+  the logits' dtype. The second sweep reads the row the first one just brought in, so it comes
+  from L2 while the rows in flight fit there.
+* The **backward kernel** recomputes the gradients from the saved row statistics in one sweep:
+  to the logits, to the targets (``-row_scale * log_softmax(z)``), or both.
 
-A row whose weight (forward) or scale (backward) is 0 is never read: its outputs are written as
-zeros, whatever NaN or inf it holds. The weights, the denominator of the reduction and the
-final sum run as small torch operations on the device, so nothing waits on the host. The
-computation is float32, or float64 when either input is float64; the inputs are never written.
+Both take the softmax as ``exp((z - row_max) - log_sum_exp)``, never through a rounded
+log-normalizer, so it stays accurate for logits far from 0. A row whose weight (forward) or
+scale (backward) is 0 is never read: its outputs are written as zeros, whatever NaN or inf it
+holds. The weights, the denominator of the reduction and the final sum run as small torch
+operations on the device, so nothing waits on the host. The computation is float32, or float64
+when either input is float64; the inputs are never written.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ def _gradient_sweep(
     logits_out,
     targets_out,
     n_cols,
-    shift,
+    row_max,
     log_sum_exp,
     target_sum,
     scale,
@@ -57,8 +60,8 @@ def _gradient_sweep(
 ):
     """Write one contiguous row of the logits and/or targets gradients; zeros if scale is 0.
 
-    The row's log-normalizer is ``shift + log_sum_exp``. Taking ``z - shift`` first keeps the
-    softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
+    The row's log-normalizer is ``row_max + log_sum_exp``. Taking ``z - row_max`` first keeps
+    the softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
     ``LAST_FIRST`` walks the chunks from the end of the row, so that a sweep right after the
     statistics sweep starts with the chunks most recently brought into the cache.
     """
@@ -89,10 +92,10 @@ def _gradient_sweep(
                     other=0.0,
                     eviction_policy="evict_first",
                 ).to(COMPUTE)
-                grad = softmax_scale * tl.exp((z - shift) - log_sum_exp) - scale * p
+                grad = softmax_scale * tl.exp((z - row_max) - log_sum_exp) - scale * p
                 tl.store(logits_out + cols, grad.to(logits_out.dtype.element_ty), mask=inside)
             if TARGETS:
-                grad = scale * (log_sum_exp - (z - shift))
+                grad = scale * (log_sum_exp - (z - row_max))
                 tl.store(targets_out + cols, grad.to(targets_out.dtype.element_ty), mask=inside)
 
 
@@ -116,7 +119,8 @@ def _forward_kernel(
     weight_ptr,
     scale_ptr,
     loss_ptr,
-    lse_ptr,
+    row_max_ptr,
+    log_sum_exp_ptr,
     target_sum_ptr,
     grad_ptr,
     n_cols,
@@ -133,7 +137,8 @@ def _forward_kernel(
     zero = tl.zeros([], COMPUTE)
     if weight == 0:
         tl.store(loss_ptr + row, zero)
-        tl.store(lse_ptr + row, zero)
+        tl.store(row_max_ptr + row, zero)
+        tl.store(log_sum_exp_ptr + row, zero)
         tl.store(target_sum_ptr + row, zero)
         if WITH_GRAD:
             _zero_row(grad_row, n_cols, BLOCK_SIZE)
@@ -174,9 +179,9 @@ def _forward_kernel(
             target_sum += tl.sum(p, axis=0)
             shift = new_shift
         log_sum_exp = tl.log(sum_exp)
-        lse = shift + log_sum_exp
         tl.store(loss_ptr + row, weight * (target_sum * log_sum_exp - target_dot))
-        tl.store(lse_ptr + row, lse)
+        tl.store(row_max_ptr + row, shift)
+        tl.store(log_sum_exp_ptr + row, log_sum_exp)
         tl.store(target_sum_ptr + row, target_sum)
         if WITH_GRAD:
             _gradient_sweep(
@@ -207,7 +212,8 @@ def _backward_kernel(
     p_ptr,
     p_row_stride,
     p_col_stride,
-    lse_ptr,
+    row_max_ptr,
+    log_sum_exp_ptr,
     target_sum_ptr,
     scale_ptr,
     logits_grad_ptr,
@@ -227,8 +233,8 @@ def _backward_kernel(
         logits_grad_ptr + row * n_cols,
         targets_grad_ptr + row * n_cols,
         n_cols,
-        tl.load(lse_ptr + row).to(COMPUTE),
-        0.0,
+        tl.load(row_max_ptr + row).to(COMPUTE),
+        tl.load(log_sum_exp_ptr + row).to(COMPUTE),
         tl.load(target_sum_ptr + row).to(COMPUTE),
         tl.load(scale_ptr + row).to(COMPUTE),
         LOGITS_GRAD,
@@ -254,7 +260,7 @@ def forward(
 
     Same contract as :func:`softce_multi._core.forward` for validated torch tensors on a CUDA
     device (or on the CPU under ``TRITON_INTERPRET=1``). Rows of weight 0 are not read; their
-    ``log_normalizer`` and ``target_sum`` entries are 0 and their gradient rows exactly 0.
+    entries of :class:`softce_multi._core.SavedRows` are 0 and their gradient rows exactly 0.
 
     Parameters
     ----------
@@ -278,8 +284,7 @@ def forward(
 
     n_rows, n_cols = z.shape
     weighted = torch.empty(n_rows, dtype=dtype, device=z.device)
-    lse = torch.empty_like(weighted)
-    target_sum = torch.empty_like(weighted)
+    saved = _core.SavedRows(*(torch.empty_like(weighted) for _ in _core.SavedRows._fields))
     grad = _empty_rows(n_rows if with_logits_grad else 0, n_cols, logits.dtype, z.device)
     block, num_warps = _launch_config(n_cols, block_size)
     if n_rows > 0:
@@ -292,8 +297,7 @@ def forward(
                 weights,
                 row_scale,
                 weighted,
-                lse,
-                target_sum,
+                *saved,
                 grad,
                 n_cols,
                 WITH_GRAD=with_logits_grad,
@@ -311,14 +315,13 @@ def forward(
     else:
         loss = torch.where(inv_den == 0, 0.0, weighted.sum() * inv_den)
     logits_grad = grad.reshape(logits.shape) if with_logits_grad else None
-    return _core.ForwardResult(loss, logits_grad, lse, target_sum, row_scale)
+    return _core.ForwardResult(loss, logits_grad, saved, row_scale)
 
 
 def backward(
     logits: torch.Tensor,
     target_probs: torch.Tensor,
-    lse: torch.Tensor,
-    target_sum: torch.Tensor,
+    saved: _core.SavedRows,
     row_scale: torch.Tensor,
     /,
     *,
@@ -326,7 +329,7 @@ def backward(
     targets_grad: bool,
     block_size: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Recompute the gradients from saved row statistics, reading each needed input once.
+    """Recompute the gradients from the saved row statistics, reading each needed input once.
 
     Equivalent to :func:`softce_multi._core.logits_gradient` and
     :func:`softce_multi._core.targets_gradient` together. Rows whose ``row_scale`` is 0 are not
@@ -336,8 +339,9 @@ def backward(
     ----------
     logits, target_probs
         The forward inputs, ``[..., V]``. ``target_probs`` is read only for ``logits_grad``.
-    lse, target_sum, row_scale
-        Per-row statistics of :class:`softce_multi._core.ForwardResult`, shape ``[N]``;
+    saved, row_scale
+        :attr:`~softce_multi._core.ForwardResult.saved` and
+        :attr:`~softce_multi._core.ForwardResult.row_scale` of the forward pass, ``[N]`` each;
         ``row_scale`` already multiplied by the upstream gradient.
     logits_grad, targets_grad
         Which gradients to return.
@@ -364,15 +368,14 @@ def backward(
                 *z.stride(),
                 p,
                 *p.stride(),
-                lse,
-                target_sum,
+                *saved,
                 row_scale,
                 grad_z,
                 grad_p,
                 n_cols,
                 LOGITS_GRAD=logits_grad,
                 TARGETS_GRAD=targets_grad,
-                COMPUTE=_TRITON_DTYPES[lse.dtype],
+                COMPUTE=_TRITON_DTYPES[saved.row_max.dtype],
                 BLOCK_SIZE=block,
                 num_warps=num_warps,
             )
