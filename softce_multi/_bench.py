@@ -65,8 +65,11 @@ def _jax_step(loss_fn: Callable[..., Any]) -> Callable[[Any, Any, Any], Any]:
         return jax.block_until_ready(grad_fn(logits, target, mask))
 
     def temp_bytes(logits: Any, target: Any, mask: Any) -> int:
-        compiled = grad_fn.lower(logits, target, mask).compile()
-        return int(compiled.memory_analysis().temp_size_in_bytes)
+        analysis = grad_fn.lower(logits, target, mask).compile().memory_analysis()
+        if analysis is None:
+            msg = "this JAX backend reports no memory analysis"
+            raise RuntimeError(msg)
+        return int(analysis.temp_size_in_bytes)
 
     step.temp_bytes = temp_bytes  # type: ignore[attr-defined]
     return step
@@ -130,7 +133,7 @@ def peak_extra_memory(name: str, shape: tuple[int, ...], dtype: str, seed: int) 
     step = factory()
     inputs = _inputs(framework, shape, dtype, seed)
     if framework == "jax":
-        return step.temp_bytes(*inputs)  # type: ignore[attr-defined, no-any-return]
+        return int(step.temp_bytes(*inputs))  # type: ignore[attr-defined]
     step(*inputs)  # compile and warm up; its result is dropped before measuring
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
     before = _resident_kib("VmRSS")
