@@ -599,6 +599,12 @@ def test_shift_left_of_an_empty_axis_is_empty(backend: Backend) -> None:
     assert tuple(out.shape) == (2, 0)
 
 
+def test_shift_left_runs_under_jax_jit(jax: Any) -> None:
+    x = np.arange(10, dtype=np.int32).reshape(2, 5)
+    out = jax.jit(shift_left, static_argnames=("axis", "fill"))(jax.numpy.asarray(x), fill=-1)
+    np.testing.assert_array_equal(np.asarray(out), [[1, 2, 3, 4, -1], [6, 7, 8, 9, -1]])
+
+
 def test_shift_left_passes_gradients_to_the_shifted_values(torch: Any) -> None:
     x = torch.randn(2, 5, requires_grad=True)
     (shift_left(x) * torch.arange(5.0)).sum().backward()
