@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HAS_JAX, HAS_TORCH, import_or_skip, random_mask, random_targets
+from conftest import HAS_JAX, HAS_TORCH, import_or_skip, random_mask, random_targets, to_numpy
 
 import softce_multi as sc
 
@@ -31,9 +31,8 @@ def jax_inputs(seed, shape=(3, 4, 9)):
 
 
 def assert_all_close(actual, expected):
-    np.testing.assert_allclose(
-        np.asarray(actual), np.asarray(expected), rtol=RTOL, atol=RTOL * np.abs(expected).max()
-    )
+    actual, expected = to_numpy(actual), to_numpy(expected)
+    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=RTOL * np.abs(expected).max())
 
 
 # --------------------------------------------------------------------------------------------
