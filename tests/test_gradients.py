@@ -140,6 +140,20 @@ def test_torch_with_grad_equals_autograd_of_the_loss(reduction):
 
 
 @needs_torch
+@pytest.mark.parametrize("shape", [(2, 3, 5), (3, 4, 32000)], ids=["one block", "several blocks"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_torch_with_grad_accepts_tensors_that_require_grad(reduction, shape):
+    # A model's output requires grad; with_grad must still return the loss and its gradient.
+    logits, targets, mask = torch_inputs(5, shape=shape)
+    expected = reference_of(logits, targets, mask, reduction=reduction)
+
+    loss, grad = sc.masked_soft_cross_entropy_with_grad(logits, targets, mask, reduction=reduction)
+
+    assert_loss_close(loss, expected.loss, "float32")
+    assert_gradient_close(grad, expected.grad_logits, "float32")
+
+
+@needs_torch
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_torch_backward_twice_with_retain_graph_gives_the_same_gradient(reduction):
     # The first backward hands over the gradient buffer computed in forward; the second one
