@@ -450,12 +450,30 @@ def _parser() -> argparse.ArgumentParser:
             "with prepare_targets, masked_soft_cross_entropy and multi_step_loss."
         ),
     )
-    parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
-    parser.add_argument("--steps", type=_positive, default=defaults.steps, help="training steps")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--batch-size", type=_positive, default=defaults.batch_size)
-    parser.add_argument("--ttt-steps", type=_positive, default=defaults.ttt_steps)
-    parser.add_argument("--lr", type=float, default=defaults.learning_rate)
+    parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=defaults.backend,
+        help="array library to train with (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--steps", type=_positive, default=defaults.steps, help="training steps (%(default)s)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed of the target model and data"
+    )
+    parser.add_argument(
+        "--batch-size", type=_positive, default=defaults.batch_size, help="sequences per step"
+    )
+    parser.add_argument(
+        "--ttt-steps",
+        type=_positive,
+        default=defaults.ttt_steps,
+        help="test-time steps per training step (%(default)s)",
+    )
+    parser.add_argument(
+        "--lr", type=float, default=defaults.learning_rate, help="Adam learning rate"
+    )
     parser.add_argument(
         "--log-every", type=_positive, default=defaults.log_every, help="steps per logged line"
     )
