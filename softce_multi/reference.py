@@ -50,4 +50,5 @@ def masked_soft_cross_entropy(
     if num_valid is None:
         return weighted.sum() / mask.sum().clamp_min(1.0)
     count = torch.as_tensor(num_valid, dtype=dtype, device=logits.device)
-    return torch.where(count == 0, 0.0, weighted.sum() / count)
+    safe_count = torch.where(count == 0, 1.0, count)
+    return torch.where(count == 0, 0.0, weighted.sum() / safe_count)

@@ -28,6 +28,7 @@ __all__ = ["MaskedSoftCrossEntropy", "masked_soft_cross_entropy"]
 masked_soft_cross_entropy = _masked_soft_cross_entropy
 
 
+@torch.no_grad()
 def forward(
     logits: torch.Tensor,
     target_probs: torch.Tensor,
