@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import tracemalloc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -471,6 +472,22 @@ def test_prepare_targets_takes_the_first_of_tied_top_tokens_like_argmax(backend:
     expected = t2d[np.argmax(logits, axis=-1)]
     np.testing.assert_array_equal(expected, [[True, False, True]])
     np.testing.assert_array_equal(backend.to_numpy(position_mask)[..., 0], expected)
+
+
+def test_prepare_targets_makes_no_float32_copy_of_the_full_vocabulary_logits() -> None:
+    rng = np.random.default_rng(25)
+    _, t2d = random_mapping(rng, 32768, 512)
+    logits = random_target_logits(rng, (2, 64, 32768), t2d).astype(np.float16)
+    loss_mask = np.ones((2, 64), dtype=bool)
+    prepare_targets(logits, loss_mask, t2d, draft_vocab_size=512)  # first-call set-up
+    tracemalloc.start()
+    try:
+        prepare_targets(logits, loss_mask, t2d, draft_vocab_size=512)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # NumPy reports its buffers to tracemalloc; a float32 copy of the logits would be 16 MiB.
+    assert peak < logits.size * 4 / 8
 
 
 def test_prepare_targets_accepts_a_trailing_unit_axis_on_the_loss_mask(backend: Backend) -> None:
