@@ -165,17 +165,59 @@ def inverse_denominator(
     return xp.where(count == 0, 0.0, 1.0 / safe)
 
 
-def flatten_rows(
-    logits: Array, target_probs: Array, position_mask: Array, *, xp: Namespace
-) -> tuple[Array, Array, Array]:
-    """Reshape the inputs to ``[N, V]``, ``[N, V]`` and ``[N]``."""
+class Rows(NamedTuple):
+    """The inputs as rows, with what every implementation derives from them before the pass."""
+
+    z: Array
+    """The logits as ``[N, V]``, in their own dtype."""
+    p: Array
+    """The targets as ``[N, V]``, in their own dtype."""
+    weights: Array
+    """The mask as ``[N]`` weights, in the computation dtype."""
+    inv_den: Array
+    """``1 / den`` as a 0-d array (see :func:`inverse_denominator`)."""
+    dtype: Any
+    """The computation dtype (see :func:`compute_dtype`)."""
+
+    @property
+    def row_scale(self) -> Array:
+        """``d loss / d c_row`` for a unit upstream gradient: ``w / den``."""
+        return self.weights * self.inv_den
+
+
+def as_rows(
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    *,
+    reduction: str,
+    num_valid: Array | float | None,
+    xp: Namespace,
+) -> Rows:
+    """Reshape validated inputs to rows and compute their weights and denominator."""
+    dtype = compute_dtype(logits, target_probs, xp=xp)
     vocab_size = logits.shape[-1]
     n_rows = math.prod(logits.shape[:-1])
-    return (
+    weights = xp.astype(xp.reshape(position_mask, (n_rows,)), dtype)
+    return Rows(
         xp.reshape(logits, (n_rows, vocab_size)),
         xp.reshape(target_probs, (n_rows, vocab_size)),
-        xp.reshape(position_mask, (n_rows,)),
+        weights,
+        inverse_denominator(weights, reduction, num_valid, xp=xp),
+        dtype,
     )
+
+
+def reduce_loss(
+    weighted: Array, rows: Rows, *, reduction: str, batch_shape: tuple[int, ...], xp: Namespace
+) -> Array:
+    """Reduce the weighted per-row losses ``w * c`` (``[N]``) to the loss."""
+    if reduction == "none":
+        return xp.reshape(weighted, batch_shape)
+    total = xp.asarray(xp.sum(weighted))  # NumPy reductions return scalars
+    if reduction == "sum":
+        return total
+    return xp.where(rows.inv_den == 0, 0.0, total * rows.inv_den)
 
 
 def forward(
@@ -206,12 +248,12 @@ def forward(
     xp
         The array namespace of the inputs.
     """
-    dtype = compute_dtype(logits, target_probs, xp=xp)
-    z, p, mask = flatten_rows(logits, target_probs, position_mask, xp=xp)
-    weights = xp.astype(mask, dtype)
+    rows_in = as_rows(
+        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=xp
+    )
+    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
     valid = weights != 0
-    inv_den = inverse_denominator(weights, reduction, num_valid, xp=xp)
-    row_scale = weights * inv_den
+    row_scale = rows_in.row_scale
 
     losses, row_maxes, log_sum_exps, target_sums, grad_blocks = [], [], [], [], []
     grad = _allocate_if_blocked(z, block_rows, with_logits_grad, xp=xp)
@@ -240,13 +282,13 @@ def forward(
             else:
                 grad[rows, ...] = block
 
-    weighted = _concat(losses, xp=xp)
-    if reduction == "none":
-        loss = xp.reshape(weighted, logits.shape[:-1])
-    elif reduction == "sum":
-        loss = xp.asarray(xp.sum(weighted))  # NumPy reductions return scalars
-    else:
-        loss = xp.where(inv_den == 0, 0.0, xp.sum(weighted) * inv_den)
+    loss = reduce_loss(
+        _concat(losses, xp=xp),
+        rows_in,
+        reduction=reduction,
+        batch_shape=logits.shape[:-1],
+        xp=xp,
+    )
 
     logits_grad = None
     if with_logits_grad:

@@ -55,12 +55,12 @@ def forward(
             with_logits_grad=with_logits_grad,
         )
     xp = array_api_compat.array_namespace(logits)
-    dtype = _core.compute_dtype(logits, target_probs, xp=xp)
-    z, p, mask = _core.flatten_rows(logits, target_probs, position_mask, xp=xp)
-    weights = mask.to(dtype)
+    rows_in = _core.as_rows(
+        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=xp
+    )
+    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
     valid = weights != 0
-    inv_den = _core.inverse_denominator(weights, reduction, num_valid, xp=xp)
-    row_scale = weights * inv_den
+    row_scale = rows_in.row_scale
 
     n_rows = z.shape[0]
     losses = torch.empty(n_rows, dtype=dtype, device=z.device)
@@ -85,12 +85,9 @@ def forward(
             if out is softmax:
                 grad[rows] = softmax
 
-    if reduction == "none":
-        loss = losses.reshape(logits.shape[:-1])
-    elif reduction == "sum":
-        loss = losses.sum()
-    else:
-        loss = torch.where(inv_den == 0, 0.0, losses.sum() * inv_den)
+    loss = _core.reduce_loss(
+        losses, rows_in, reduction=reduction, batch_shape=logits.shape[:-1], xp=xp
+    )
     if grad is not None:
         grad = grad.reshape(logits.shape)
     return _core.ForwardResult(loss, grad, saved, row_scale)

@@ -280,11 +280,11 @@ def forward(
     interpret
         Run the kernel through the Pallas interpreter (any backend) instead of compiling it.
     """
-    dtype = _core.compute_dtype(logits, target_probs, xp=jnp)
-    z, p, mask = _core.flatten_rows(logits, target_probs, position_mask, xp=jnp)
-    weights = mask.astype(dtype)
-    inv_den = _core.inverse_denominator(weights, reduction, num_valid, xp=jnp)
-    row_scale = weights * inv_den
+    rows_in = _core.as_rows(
+        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=jnp
+    )
+    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
+    row_scale = rows_in.row_scale
 
     n_rows, n_cols = z.shape
     n_saved = len(_core.SavedRows._fields)
@@ -296,12 +296,9 @@ def forward(
     weighted, *outputs = _call(kernel, out_shape, (z, p, weights, row_scale), num_warps, interpret)
     saved = _core.SavedRows(*outputs[:n_saved])
 
-    if reduction == "none":
-        loss = jnp.reshape(weighted, logits.shape[:-1])
-    elif reduction == "sum":
-        loss = jnp.sum(weighted)
-    else:
-        loss = jnp.where(inv_den == 0, 0.0, jnp.sum(weighted) * inv_den)
+    loss = _core.reduce_loss(
+        weighted, rows_in, reduction=reduction, batch_shape=logits.shape[:-1], xp=jnp
+    )
     logits_grad = jnp.reshape(outputs[n_saved], logits.shape) if with_logits_grad else None
     return _core.ForwardResult(loss, logits_grad, saved, row_scale)
 

@@ -276,11 +276,11 @@ def forward(
         Vocabulary entries per chunk, a power of two; by default ``min(next_pow2(V), 4096)``.
     """
     xp = array_api_compat.array_namespace(logits)
-    dtype = _core.compute_dtype(logits, target_probs, xp=xp)
-    z, p, mask = _core.flatten_rows(logits, target_probs, position_mask, xp=xp)
-    weights = mask.to(dtype)
-    inv_den = _core.inverse_denominator(weights, reduction, num_valid, xp=xp)
-    row_scale = weights * inv_den
+    rows_in = _core.as_rows(
+        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=xp
+    )
+    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
+    row_scale = rows_in.row_scale
 
     n_rows, n_cols = z.shape
     weighted = torch.empty(n_rows, dtype=dtype, device=z.device)
@@ -308,12 +308,9 @@ def forward(
                 num_warps=num_warps,
             )
 
-    if reduction == "none":
-        loss = weighted.reshape(logits.shape[:-1])
-    elif reduction == "sum":
-        loss = weighted.sum()
-    else:
-        loss = torch.where(inv_den == 0, 0.0, weighted.sum() * inv_den)
+    loss = _core.reduce_loss(
+        weighted, rows_in, reduction=reduction, batch_shape=logits.shape[:-1], xp=xp
+    )
     logits_grad = grad.reshape(logits.shape) if with_logits_grad else None
     return _core.ForwardResult(loss, logits_grad, saved, row_scale)
 
