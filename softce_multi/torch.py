@@ -62,14 +62,25 @@ def forward(
     valid = weights != 0
     row_scale = rows_in.row_scale
 
-    n_rows = z.shape[0]
+    n_rows, vocab_size = z.shape
     losses = torch.empty(n_rows, dtype=dtype, device=z.device)
     saved = _core.SavedRows(*(torch.empty_like(losses) for _ in _core.SavedRows._fields))
     grad = torch.empty(z.shape, dtype=logits.dtype, device=z.device) if with_logits_grad else None
-    for rows in _core.row_blocks(n_rows, _core.default_block_rows(z.shape[1])):
-        z_block = z[rows].to(dtype)
-        p_block = p[rows].to(dtype)
-        stats, softmax = _row_statistics_and_softmax(z_block, p_block)
+    # Block-sized buffers reused by every block: a fresh allocation per block costs page faults.
+    block_rows = min(_core.default_block_rows(vocab_size), n_rows)
+
+    def block_buffer() -> torch.Tensor:
+        return torch.empty((block_rows, vocab_size), dtype=dtype, device=z.device)
+
+    softmax_buf, work_buf = block_buffer(), block_buffer()
+    z_buf = None if z.dtype == dtype else block_buffer()
+    p_buf = None if p.dtype == dtype else block_buffer()
+    for rows in _core.row_blocks(n_rows, block_rows):
+        size = rows.stop - rows.start
+        softmax, work = softmax_buf[:size], work_buf[:size]
+        z_block = z[rows] if z_buf is None else z_buf[:size].copy_(z[rows])
+        p_block = p[rows] if p_buf is None else p_buf[:size].copy_(p[rows])
+        stats = _row_statistics_and_softmax(z_block, p_block, softmax=softmax, work=work)
         block_valid = valid[rows]
         block_loss = weights[rows] * _core.row_losses(stats, xp=xp)
         losses[rows] = torch.where(block_valid, block_loss, 0.0)
@@ -78,12 +89,12 @@ def forward(
         saved.target_sum[rows] = stats.target_sum
         if grad is not None:
             scale = row_scale[rows, None]
-            out = grad[rows] if grad.dtype == dtype else softmax
+            out = grad[rows] if grad.dtype == dtype else work
             torch.mul(softmax, scale * stats.target_sum[:, None], out=out)
             out.addcmul_(p_block, scale, value=-1)
             _zero_rows(out, ~block_valid)  # padding may hold NaN or inf
-            if out is softmax:
-                grad[rows] = softmax
+            if out is work:
+                grad[rows] = work
 
     loss = _core.reduce_loss(
         losses, rows_in, reduction=reduction, batch_shape=logits.shape[:-1], xp=xp
@@ -94,22 +105,22 @@ def forward(
 
 
 def _row_statistics_and_softmax(
-    z: torch.Tensor, p: torch.Tensor
-) -> tuple[_core.RowStatistics, torch.Tensor]:
-    """:func:`softce_multi._core.row_statistics` of a block, and its softmax.
+    z: torch.Tensor, p: torch.Tensor, *, softmax: torch.Tensor, work: torch.Tensor
+) -> _core.RowStatistics:
+    """:func:`softce_multi._core.row_statistics` of a block; its softmax is written to ``softmax``.
 
-    PyTorch's fused softmax kernel is faster on the CPU than a separate ``exp``; the sum of
-    exponentials follows from the softmax at the row maximum, ``exp(max - lse)``, which lies in
-    ``[1/V, 1]`` and so loses no precision.
+    ``work`` is scratch space of the block's shape. PyTorch's fused softmax kernel is faster on
+    the CPU than a separate ``exp``; the sum of exponentials follows from the softmax at the row
+    maximum, ``exp(max - lse)``, which lies in ``[1/V, 1]`` and so loses no precision.
     """
     row_max = z.amax(dim=-1, keepdim=True)
     row_max = torch.where(row_max.isfinite(), row_max, 0.0)
-    softmax = torch.softmax(z, dim=-1)
+    torch.ops.aten._softmax.out(z, -1, False, out=softmax)
     sum_exp = torch.reciprocal(softmax.amax(dim=-1))
     # The product is NaN only where p == 0 meets an infinite shifted logit, a term that is 0 by
     # definition; NaN inputs still reach the loss through sum_exp and target_sum.
-    target_dot = (z - row_max).mul_(p).nansum(dim=-1)
-    return _core.RowStatistics(row_max[:, 0], sum_exp, p.sum(dim=-1), target_dot), softmax
+    target_dot = torch.sub(z, row_max, out=work).mul_(p).nansum(dim=-1)
+    return _core.RowStatistics(row_max[:, 0], sum_exp, p.sum(dim=-1), target_dot)
 
 
 def _zero_rows(block: torch.Tensor, rows: torch.Tensor) -> None:
