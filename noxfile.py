@@ -107,11 +107,18 @@ def docs(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def demo(session: nox.Session) -> None:
-    """Check the loss on every installed backend, then train a small EAGLE-3 draft head."""
+    """Check the loss on every backend, then train a small EAGLE-3 draft head on torch and JAX.
+
+    Arguments after ``--`` go to ``python -m softce_multi demo`` instead, for a single run.
+    """
     session.install(TORCH_CPU, JAX_CPU, "-e", ".")
     env = {"JAX_PLATFORMS": "cpu"}
     session.run("python", "-m", "softce_multi", "check", "--shape", "2", "64", "1000", env=env)
-    session.run("python", "-m", "softce_multi", "demo", *session.posargs, env=env)
+    if session.posargs:
+        session.run("python", "-m", "softce_multi", "demo", *session.posargs, env=env)
+        return
+    for backend in ("torch", "jax"):
+        session.run("python", "-m", "softce_multi", "demo", "--backend", backend, env=env)
 
 
 def _cuda_device() -> str | None:
