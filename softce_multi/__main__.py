@@ -32,14 +32,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name, (_, summary) in COMMANDS.items():
         commands.add_parser(name, help=summary, add_help=False)
     args, rest = parser.parse_known_args(argv)
-    module_name = COMMANDS[args.command][0]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if error.name != module_name:
-            raise
-        print(f"error: the '{args.command}' command is not available in this installation")
-        return 2
+    module = importlib.import_module(COMMANDS[args.command][0])
     status: int = module.main(rest)
     return status
 

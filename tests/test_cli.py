@@ -182,17 +182,6 @@ def test_cli_passes_the_remaining_arguments_to_the_command(
     assert received == [["--steps", "3", "--help", "extra"]]
 
 
-def test_cli_says_when_a_command_is_not_installed(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "softce_multi._bench", None)
-
-    status = cli.main(["bench"])
-
-    assert status == 2
-    assert "'bench' command is not available" in capsys.readouterr().out
-
-
 def test_cli_requires_a_command(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         cli.main([])
