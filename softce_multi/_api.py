@@ -59,7 +59,9 @@ def masked_soft_cross_entropy(
         or the arrays come from different libraries.
     ValueError
         If shapes disagree, the vocabulary axis is empty, the arrays are on different devices,
-        ``reduction`` is unknown or ``num_valid`` is negative.
+        ``reduction`` is unknown or ``num_valid`` is a negative number. Values inside
+        arrays (a negative mask weight, a negative 0-d ``num_valid``) are not checked: that
+        would read them back to the host.
 
     Examples
     --------

@@ -155,11 +155,13 @@ def inverse_denominator(
     ``weights`` are the per-row mask values, already in the computation dtype.
     """
     dtype = weights.dtype
-    device = _device(weights, xp=xp)
+    device = _device(weights)
     if reduction != "mean":
         return xp.asarray(1.0, dtype=dtype, device=device)
     if num_valid is None:
-        return 1.0 / xp.clip(xp.sum(weights), min=1.0)
+        total = xp.sum(weights)
+        # maximum, not clip: array-api-compat's CuPy clip indexes with a mask (a host sync).
+        return 1.0 / xp.maximum(total, xp.ones_like(total))
     count = xp.asarray(num_valid, dtype=dtype, device=device)
     safe = xp.where(count == 0, 1.0, count)
     return xp.where(count == 0, 0.0, 1.0 / safe)
@@ -361,7 +363,7 @@ def _as_rows(x: Array, *, xp: Namespace) -> Array:
     return xp.reshape(x, (math.prod(x.shape[:-1]), x.shape[-1]))
 
 
-def _device(x: Array, *, xp: Namespace) -> Any:
+def _device(x: Array) -> Any:
     # None under a JAX trace, where arrays carry no concrete device.
     return array_api_compat.device(x)
 
@@ -377,7 +379,7 @@ def _allocate_if_blocked(
     if not needed or block_rows is None or block_rows >= z.shape[0]:
         return None
     out_dtype = z.dtype if dtype is None else dtype
-    return xp.empty(z.shape, dtype=out_dtype, device=_device(z, xp=xp))
+    return xp.empty(z.shape, dtype=out_dtype, device=_device(z))
 
 
 def _map_row_blocks(

@@ -444,7 +444,7 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) 
     index_dtype = _index_dtype(xp, device)
     hits = xp.astype(xp.sum(xp.astype(hit & valid, index_dtype)), dtype)
     count = xp.astype(xp.sum(xp.astype(valid, index_dtype)), dtype)
-    return _constant(_zero_d(hits / xp.clip(count, min=1.0), xp=xp), xp=xp)
+    return _constant(_zero_d(hits / xp.maximum(count, xp.ones_like(count)), xp=xp), xp=xp)
 
 
 def multi_step_loss(
@@ -649,7 +649,8 @@ def _forced_ids(always_include: Any, target_vocab_size: int, size: int) -> list[
 def _is_member(values: Array, sorted_set: Array, *, xp: Namespace) -> Array:
     """Return ``values[i] in sorted_set`` elementwise, for a non-empty ascending ``sorted_set``."""
     slots = xp.searchsorted(sorted_set, values)
-    slots = xp.clip(slots, max=sorted_set.shape[0] - 1)
+    last = xp.full_like(slots, sorted_set.shape[0] - 1)
+    slots = xp.minimum(slots, last)  # not clip: CuPy's clip in array-api-compat syncs the host
     return xp.take(sorted_set, slots) == values
 
 

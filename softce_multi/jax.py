@@ -1,7 +1,9 @@
 """JAX adapter: a ``jax.custom_vjp`` around the shared core, safe under ``jit`` and ``vmap``.
 
-The core runs unblocked here: under ``jax.jit`` XLA fuses the row statistics and the gradient
-rows into a few loops over the inputs, without an ``[N, V]`` float32 temporary in between.
+The core runs unblocked here and XLA fuses it under ``jax.jit``. The forward pass keeps only
+per-row statistics; the backward pass recomputes the gradient rows from them and the inputs,
+so a training step reads the logits and targets twice. XLA's compiled step holds one ``[N, V]``
+float32 temporary (``python -m softce_multi bench`` reports it).
 
 On a GPU, with the Triton backend of Pallas available, the forward and backward passes run the
 kernels of :mod:`softce_multi.kernels.pallas` instead (imported on first use). Both versions are

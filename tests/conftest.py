@@ -15,6 +15,7 @@ import importlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -23,6 +24,11 @@ import numpy as np
 import pytest
 
 Array = Any
+
+# Without a CUDA device, the Triton kernels run in Triton's interpreter on CPU tensors; the
+# choice is read when triton is imported, so it is made here, before any test module imports it.
+if not any(Path("/dev").glob("nvidia[0-9]*")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def is_installed(name: str) -> bool:

@@ -15,6 +15,9 @@ from typing import Any
 
 __all__ = ["use_pallas", "use_triton"]
 
+#: The largest chunk of a row that one kernel step loads.
+MAX_BLOCK_SIZE = 4096
+
 
 def use_triton(*tensors: Any) -> bool:
     """Return whether the Triton kernels can run on these torch tensors.
@@ -47,3 +50,16 @@ def _installed(module: str) -> bool:
         return importlib.util.find_spec(module) is not None
     except ImportError:
         return False
+
+
+def launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
+    """Return the chunk size and the number of warps for rows of ``n_cols`` entries.
+
+    By default the chunk is the next power of two of ``n_cols``, at most :data:`MAX_BLOCK_SIZE`.
+    """
+    if block_size is None:
+        block_size = min(1 << max(n_cols - 1, 0).bit_length(), MAX_BLOCK_SIZE)
+    if block_size < 1 or block_size & (block_size - 1):
+        msg = f"block_size must be a positive power of two, got {block_size}"
+        raise ValueError(msg)
+    return block_size, 8 if block_size >= 2048 else 4

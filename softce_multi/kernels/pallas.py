@@ -32,12 +32,9 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from softce_multi import _core
+from softce_multi import _core, kernels
 
 __all__ = ["backward", "forward"]
-
-#: Largest chunk of the vocabulary a program holds at once (a power of two).
-MAX_BLOCK_SIZE = 4096
 
 
 def _load_chunk(
@@ -291,7 +288,7 @@ def forward(
     out_shape = [jax.ShapeDtypeStruct((n_rows,), dtype)] * (1 + n_saved)
     if with_logits_grad:
         out_shape.append(jax.ShapeDtypeStruct((n_rows, n_cols), logits.dtype))
-    block, num_warps = _launch_config(n_cols, block_size)
+    block, num_warps = kernels.launch_config(n_cols, block_size)
     kernel = functools.partial(_forward_kernel, compute=dtype, block_size=block)
     weighted, *outputs = _call(kernel, out_shape, (z, p, weights, row_scale), num_warps, interpret)
     saved = _core.SavedRows(*outputs[:n_saved])
@@ -350,7 +347,7 @@ def backward(
         out_shape.append(jax.ShapeDtypeStruct(z.shape, target_probs.dtype))
     if not out_shape:
         return None, None
-    block, num_warps = _launch_config(n_cols, block_size)
+    block, num_warps = kernels.launch_config(n_cols, block_size)
     kernel = functools.partial(
         _backward_kernel,
         logits_grad=logits_grad,
@@ -383,13 +380,3 @@ def _call(
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
     )(*inputs)
-
-
-def _launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
-    """Return the chunk size and the number of warps for rows of ``n_cols`` entries."""
-    if block_size is None:
-        block_size = min(pl.next_power_of_2(n_cols), MAX_BLOCK_SIZE)
-    if block_size < 1 or block_size & (block_size - 1):
-        msg = f"block_size must be a positive power of two, got {block_size}"
-        raise ValueError(msg)
-    return block_size, 8 if block_size >= 2048 else 4

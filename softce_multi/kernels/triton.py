@@ -31,12 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from softce_multi import _core
+from softce_multi import _core, kernels
 
 __all__ = ["backward", "forward"]
-
-#: Largest chunk of the vocabulary a program holds at once (a power of two).
-MAX_BLOCK_SIZE = 4096
 
 
 @triton.jit
@@ -286,7 +283,7 @@ def forward(
     weighted = torch.empty(n_rows, dtype=dtype, device=z.device)
     saved = _core.SavedRows(*(torch.empty_like(weighted) for _ in _core.SavedRows._fields))
     grad = _empty_rows(n_rows if with_logits_grad else 0, n_cols, logits.dtype, z.device)
-    block, num_warps = _launch_config(n_cols, block_size)
+    block, num_warps = kernels.launch_config(n_cols, block_size)
     if n_rows > 0:
         with _on_device(z):
             _forward_kernel[(n_rows,)](
@@ -357,7 +354,7 @@ def backward(
     n_rows = z.shape[0]
     grad_z = _empty_rows(n_rows if logits_grad else 0, n_cols, logits.dtype, z.device)
     grad_p = _empty_rows(n_rows if targets_grad else 0, n_cols, target_probs.dtype, z.device)
-    block, num_warps = _launch_config(n_cols, block_size)
+    block, num_warps = kernels.launch_config(n_cols, block_size)
     if n_rows > 0 and (logits_grad or targets_grad):
         with _on_device(z):
             _backward_kernel[(n_rows,)](
@@ -383,16 +380,6 @@ def backward(
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def _launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
-    """Return the chunk size and the number of warps for rows of ``n_cols`` entries."""
-    if block_size is None:
-        block_size = min(triton.next_power_of_2(n_cols), MAX_BLOCK_SIZE)
-    if block_size < 1 or block_size & (block_size - 1):
-        msg = f"block_size must be a positive power of two, got {block_size}"
-        raise ValueError(msg)
-    return block_size, 8 if block_size >= 2048 else 4
 
 
 def _empty_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
