@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import array_api_compat
+import numpy as np
 
 from softce_multi import _core
 from softce_multi._validate import check_reduction, validate_inputs
@@ -82,15 +83,8 @@ def masked_soft_cross_entropy(
         from softce_multi.jax import _differentiable_loss as _jax_loss
 
         return _jax_loss(logits, target_probs, position_mask, reduction, num_valid)
-    return _core.forward(
-        logits,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
-        with_logits_grad=False,
-        block_rows=_core.default_block_rows(logits.shape[-1]),
-        xp=xp,
+    return _run_core(
+        logits, target_probs, position_mask, reduction, num_valid, with_logits_grad=False, xp=xp
     ).loss
 
 
@@ -146,15 +140,38 @@ def masked_soft_cross_entropy_with_grad(
             with_logits_grad=True,
         )
         return result.loss, result.logits_grad
-    traced = array_api_compat.is_jax_namespace(xp)
-    result = _core.forward(
-        logits,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
-        with_logits_grad=True,
-        block_rows=None if traced else _core.default_block_rows(logits.shape[-1]),
-        xp=xp,
+    result = _run_core(
+        logits, target_probs, position_mask, reduction, num_valid, with_logits_grad=True, xp=xp
     )
     return result.loss, result.logits_grad
+
+
+def _run_core(
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    reduction: str,
+    num_valid: Array | float | None,
+    *,
+    with_logits_grad: bool,
+    xp: Any,
+) -> _core.ForwardResult:
+    """Run the generic core: in one block on JAX (XLA fuses it), block by block elsewhere."""
+    block_rows = (
+        None
+        if array_api_compat.is_jax_namespace(xp)
+        else _core.default_block_rows(logits.shape[-1])
+    )
+    # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
+    # (under NumPy and array-api-strict) would still warn about computing it.
+    with np.errstate(all="ignore"):
+        return _core.forward(
+            logits,
+            target_probs,
+            position_mask,
+            reduction=reduction,
+            num_valid=num_valid,
+            with_logits_grad=with_logits_grad,
+            block_rows=block_rows,
+            xp=xp,
+        )

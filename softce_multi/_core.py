@@ -98,8 +98,13 @@ def row_statistics(z: Array, p: Array, *, xp: Namespace) -> RowStatistics:
 
 
 def row_losses(stats: RowStatistics, *, xp: Namespace) -> Array:
-    """Return ``c = -sum_v p_v log_softmax(z)_v`` per row."""
-    return stats.target_sum * xp.log(stats.sum_exp) - stats.target_dot
+    """Return ``c = -sum_v p_v log_softmax(z)_v`` per row.
+
+    A row whose targets are all 0 costs exactly 0, even when its logits are all -inf (where
+    ``log(sum_exp)`` is -inf).
+    """
+    normalizer = xp.where(stats.target_sum == 0, 0.0, stats.target_sum * xp.log(stats.sum_exp))
+    return normalizer - stats.target_dot
 
 
 def log_softmax_rows(z: Array, row_max: Array, log_sum_exp: Array) -> Array:
@@ -119,12 +124,18 @@ def logits_gradient_rows(
 ) -> Array:
     """Return ``row_scale * (sum(p) * softmax(z) - p)`` for a ``[n, V]`` block.
 
-    Rows whose ``row_scale`` is 0 are exactly 0, whatever ``z`` and ``p`` hold there.
+    Rows whose ``row_scale`` is 0 are exactly 0, whatever ``z`` and ``p`` hold there, and so
+    are rows whose targets are all 0, even where their softmax is undefined (logits all -inf).
     """
     scale = row_scale[:, None]
-    softmax = xp.exp(log_softmax_rows(z, row_max, log_sum_exp))
-    grad = (scale * target_sum[:, None]) * softmax - scale * p
-    return xp.where(scale != 0, grad, 0.0)
+    grad = (scale * target_sum[:, None]) * xp.exp(log_softmax_rows(z, row_max, log_sum_exp))
+    grad = grad - scale * p
+    return xp.where(rows_with_gradient(row_scale, target_sum)[:, None], grad, 0.0)
+
+
+def rows_with_gradient(row_scale: Array, target_sum: Array) -> Array:
+    """Whether a row's logits gradient can be nonzero: a nonzero scale and some target mass."""
+    return (row_scale != 0) & (target_sum != 0)
 
 
 def targets_gradient_rows(

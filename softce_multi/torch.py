@@ -92,7 +92,8 @@ def forward(
             out = grad[rows] if grad.dtype == dtype else work
             torch.mul(softmax, scale * stats.target_sum[:, None], out=out)
             out.addcmul_(p_block, scale, value=-1)
-            _zero_rows(out, ~block_valid)  # padding may hold NaN or inf
+            # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
+            _zero_rows(out, ~_core.rows_with_gradient(row_scale[rows], stats.target_sum))
             if out is work:
                 grad[rows] = work
 

@@ -8,13 +8,6 @@ from conftest import import_or_skip, make_case, to_numpy
 
 import softce_multi as sc
 
-# Padding that holds NaN or inf makes NumPy warn about values the loss then discards.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
-
 SHAPES = {
     "one block": (2, 3, 17),
     "several blocks": (3, 4, 32000),  # more rows than one block holds on eager backends

@@ -357,6 +357,39 @@ def test_zero_targets_at_minus_infinite_logits_contribute_nothing(kernel):
     assert np.all(to_float64(result.logits_grad)[banned] == 0)
 
 
+def test_a_valid_row_of_minus_inf_logits_and_zero_targets_costs_nothing(kernel):
+    rng = np.random.default_rng(19)
+    case = make_case(kernel.backend, rng, SHAPE, valid="all")
+    z, p = case.z.copy(), case.p.copy()
+    z[0, 1], p[0, 1] = -np.inf, 0.0
+    expected = reference(np.where(np.isinf(z), 0.0, z), p, case.w)  # that row adds 0 either way
+
+    result = kernel.forward(
+        kernel.backend.asarray(z, "float32"),
+        kernel.backend.asarray(p, "float32"),
+        case.position_mask,
+        reduction="mean",
+        num_valid=None,
+        with_logits_grad=True,
+        block_size=BLOCK,
+    )
+    saved = _core.SavedRows(*result.saved)
+    grad_logits, _ = kernel.backward(
+        kernel.backend.asarray(z, "float32"),
+        kernel.backend.asarray(p, "float32"),
+        saved,
+        result.row_scale,
+        logits_grad=True,
+        targets_grad=False,
+        block_size=BLOCK,
+    )
+
+    assert_loss_close(result.loss, expected.loss, "float32")
+    assert_gradient_close(result.logits_grad, expected.grad_logits, "float32")
+    assert np.all(to_float64(result.logits_grad)[0, 1] == 0)
+    assert np.all(to_float64(grad_logits)[0, 1] == 0)
+
+
 @pytest.mark.parametrize("offset", [-1000.0, 1000.0])
 def test_logits_far_from_zero_match_reference(kernel, offset):
     # Every row maximum is about offset: the online statistics must rescale without overflow

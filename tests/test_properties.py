@@ -21,13 +21,6 @@ from hypothesis import strategies as st
 
 import softce_multi as sc
 
-# Padding that holds NaN or inf makes NumPy warn about values the loss then discards.
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
-]
-
 REDUCTIONS = ["mean", "sum", "none"]
 
 # A few shapes, so that backends which compile per shape (JAX) reuse their work.
@@ -274,3 +267,37 @@ def test_num_valid_zero_gives_zero_loss_and_zero_gradient(
 
     assert loss == 0
     assert (grad == 0).all()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_a_valid_row_of_minus_inf_logits_and_zero_targets_costs_nothing(backend, reduction):
+    rng = np.random.default_rng(31)
+    logits, targets, _ = draw_inputs(rng, (3, 4), 9, scale=3.0, normalised=True)
+    mask = np.ones((3, 4), dtype=bool)
+    clean_loss, clean_grad = loss_and_grad(backend, logits, targets, mask, reduction)
+    logits_with_empty_row = np.concatenate([logits, np.full((3, 1, 9), -np.inf, logits.dtype)], 1)
+    targets_with_empty_row = np.concatenate([targets, np.zeros((3, 1, 9), targets.dtype)], 1)
+    mask_with_empty_row = np.ones((3, 5), dtype=bool)
+
+    loss, grad = loss_and_grad(
+        backend, logits_with_empty_row, targets_with_empty_row, mask_with_empty_row, reduction
+    )
+
+    # Only the count of valid positions changes: 15 instead of 12 for "mean".
+    scale = 12 / 15 if reduction == "mean" else 1.0
+    np.testing.assert_allclose(loss, clean_loss * scale, rtol=1e-6)
+    np.testing.assert_allclose(grad[:, :4], clean_grad * scale, rtol=1e-6, atol=1e-12)
+    assert (grad[:, 4] == 0).all()
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_padding_holding_nan_and_inf_raises_no_numpy_warning():
+    rng = np.random.default_rng(32)
+    logits, targets, mask = draw_inputs(rng, (4, 6), 11, scale=3.0)
+    mask[0, :2] = False
+    logits = poison_padding(rng, logits, mask)
+    targets = poison_padding(rng, targets, mask)
+
+    loss, grad = sc.masked_soft_cross_entropy_with_grad(logits, targets, mask)
+
+    assert np.isfinite(loss) and np.isfinite(grad).all()

@@ -108,7 +108,10 @@ def _gradient_sweep(
         z = _load_chunk(z_ref, row, chunk, block_size, -jnp.inf, compute, "evict_first")
         if logits_out is not None:
             p = _load_chunk(p_ref, row, chunk, block_size, 0.0, compute, "evict_first")
-            grad = (scale * target_sum) * jnp.exp((z - row_max) - log_sum_exp) - scale * p
+            # A row with no target mass has a zero softmax term, even with no softmax.
+            softmax_scale = scale * target_sum
+            softmax_term = softmax_scale * jnp.exp((z - row_max) - log_sum_exp)
+            grad = jnp.where(softmax_scale == 0, 0.0, softmax_term) - scale * p
             _store_chunk(logits_out, row, chunk, grad)
         if targets_out is not None:
             _store_chunk(targets_out, row, chunk, scale * (log_sum_exp - (z - row_max)))
@@ -184,7 +187,8 @@ def _forward_kernel(
             eviction="evict_last" if grad_ref else "evict_first",
         )
         log_sum_exp = jnp.log(sum_exp)
-        loss_ref[row] = weight * (target_sum * log_sum_exp - target_dot)
+        normalizer = jnp.where(target_sum == 0, 0.0, target_sum * log_sum_exp)
+        loss_ref[row] = weight * (normalizer - target_dot)
         row_max_ref[row] = shift
         log_sum_exp_ref[row] = log_sum_exp
         target_sum_ref[row] = target_sum

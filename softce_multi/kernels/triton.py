@@ -89,7 +89,9 @@ def _gradient_sweep(
                     other=0.0,
                     eviction_policy="evict_first",
                 ).to(COMPUTE)
-                grad = softmax_scale * tl.exp((z - row_max) - log_sum_exp) - scale * p
+                # A row with no target mass has a zero softmax term, even with no softmax.
+                softmax_term = softmax_scale * tl.exp((z - row_max) - log_sum_exp)
+                grad = tl.where(softmax_scale == 0, 0.0, softmax_term) - scale * p
                 tl.store(logits_out + cols, grad.to(logits_out.dtype.element_ty), mask=inside)
             if TARGETS:
                 grad = scale * (log_sum_exp - (z - row_max))
@@ -176,7 +178,8 @@ def _forward_kernel(
             target_sum += tl.sum(p, axis=0)
             shift = new_shift
         log_sum_exp = tl.log(sum_exp)
-        tl.store(loss_ptr + row, weight * (target_sum * log_sum_exp - target_dot))
+        normalizer = tl.where(target_sum == 0, 0.0, target_sum * log_sum_exp)
+        tl.store(loss_ptr + row, weight * (normalizer - target_dot))
         tl.store(row_max_ptr + row, shift)
         tl.store(log_sum_exp_ptr + row, log_sum_exp)
         tl.store(target_sum_ptr + row, target_sum)
