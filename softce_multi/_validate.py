@@ -64,14 +64,7 @@ def validate_inputs(
     xp = namespace_of(**arrays)
     check_same_device(**arrays)
 
-    for name in ("logits", "target_probs"):
-        dtype = arrays[name].dtype
-        if not xp.isdtype(dtype, "real floating"):
-            msg = f"{name} must have a real floating dtype, got {dtype}"
-            raise TypeError(msg)
-    if not xp.isdtype(position_mask.dtype, ("bool", "integral", "real floating")):
-        msg = f"position_mask must be bool, integer or real floating, got {position_mask.dtype}"
-        raise TypeError(msg)
+    check_floating(xp, logits=logits, target_probs=target_probs)
 
     shape = tuple(logits.shape)
     if len(shape) == 0 or shape[-1] == 0:
@@ -83,13 +76,7 @@ def validate_inputs(
             f"{tuple(target_probs.shape)} and logits {shape}"
         )
         raise ValueError(msg)
-    mask_shape = tuple(position_mask.shape)
-    if mask_shape not in (shape[:-1], (*shape[:-1], 1)):
-        msg = (
-            f"position_mask must have shape {shape[:-1]} or {(*shape[:-1], 1)} for logits of "
-            f"shape {shape}, got {mask_shape}"
-        )
-        raise ValueError(msg)
+    check_mask(xp, position_mask=position_mask, logits=logits)
 
     check_reduction(reduction, with_grad=False)
     check_num_valid(num_valid, reduction, xp=xp)
@@ -99,6 +86,33 @@ def validate_inputs(
 def is_array(value: Any) -> bool:
     """Whether ``value`` is an array; NumPy scalars such as ``np.int64(3)`` are host numbers."""
     return array_api_compat.is_array_api_obj(value) and not isinstance(value, numbers.Number)
+
+
+def check_floating(xp: Namespace, **arrays: Array) -> None:
+    """Raise TypeError unless every array (given by argument name) is real floating."""
+    for name, array in arrays.items():
+        if not xp.isdtype(array.dtype, "real floating"):
+            msg = f"{name} must have a real floating dtype, got {array.dtype}"
+            raise TypeError(msg)
+
+
+def check_mask(xp: Namespace, **mask_and_logits: Array) -> None:
+    """Check a mask against the logits it weighs, both given by argument name, in that order.
+
+    The mask is bool, integer or real floating, of shape ``logits.shape[:-1]`` or that
+    with a trailing 1.
+    """
+    (mask_name, mask), (logits_name, logits) = mask_and_logits.items()
+    if not xp.isdtype(mask.dtype, ("bool", "integral", "real floating")):
+        msg = f"{mask_name} must be bool, integer or real floating, got {mask.dtype}"
+        raise TypeError(msg)
+    shape = tuple(logits.shape)
+    if tuple(mask.shape) not in (shape[:-1], (*shape[:-1], 1)):
+        msg = (
+            f"{mask_name} must have shape {shape[:-1]} or {(*shape[:-1], 1)} for {logits_name} "
+            f"of shape {shape}, got {tuple(mask.shape)}"
+        )
+        raise ValueError(msg)
 
 
 def check_reduction(reduction: Any, *, with_grad: bool) -> None:

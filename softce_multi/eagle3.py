@@ -32,7 +32,13 @@ from typing import Any
 import array_api_compat
 
 from softce_multi._core import compute_dtype
-from softce_multi._validate import check_same_device, namespace_of, validate_inputs
+from softce_multi._validate import (
+    check_floating,
+    check_mask,
+    check_same_device,
+    namespace_of,
+    validate_inputs,
+)
 
 __all__ = [
     "build_vocab_mapping",
@@ -552,12 +558,7 @@ def _check_prepare_inputs(
     xp: Namespace, target_logits: Array, loss_mask: Array, t2d: Array
 ) -> None:
     """Check the dtypes and shapes of the arguments of :func:`prepare_targets`."""
-    if not xp.isdtype(target_logits.dtype, "real floating"):
-        msg = f"target_logits must have a real floating dtype, got {target_logits.dtype}"
-        raise TypeError(msg)
-    if not xp.isdtype(loss_mask.dtype, ("bool", "integral", "real floating")):
-        msg = f"loss_mask must be bool, integer or real floating, got {loss_mask.dtype}"
-        raise TypeError(msg)
+    check_floating(xp, target_logits=target_logits)
     _check_mapping(xp, t2d)
     shape = tuple(target_logits.shape)
     if len(shape) == 0 or shape[-1] != t2d.shape[0]:
@@ -566,12 +567,7 @@ def _check_prepare_inputs(
             f"t2d; got target_logits {shape} and t2d {tuple(t2d.shape)}"
         )
         raise ValueError(msg)
-    if tuple(loss_mask.shape) not in (shape[:-1], (*shape[:-1], 1)):
-        msg = (
-            f"loss_mask must have shape {shape[:-1]} or {(*shape[:-1], 1)} for target_logits "
-            f"of shape {shape}, got {tuple(loss_mask.shape)}"
-        )
-        raise ValueError(msg)
+    check_mask(xp, loss_mask=loss_mask, target_logits=target_logits)
 
 
 def _check_mapping(xp: Namespace, t2d: Array) -> None:
