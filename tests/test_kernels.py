@@ -123,6 +123,23 @@ def _pallas_kernel() -> PallasKernel:
     return PallasKernel()
 
 
+def backward_with_upstream(kernel, case, upstream, *, logits_grad, targets_grad):
+    """The kernel's backward pass for reduction "none" with a per-position ``upstream``."""
+    forward = kernel.forward(
+        *case[:3], reduction="none", num_valid=None, with_logits_grad=False, block_size=BLOCK
+    )
+    row_scale = forward.row_scale * kernel.backend.asarray(upstream.reshape(-1))
+    return kernel.backward(
+        case.logits,
+        case.target_probs,
+        forward.saved,
+        row_scale,
+        logits_grad=logits_grad,
+        targets_grad=targets_grad,
+        block_size=BLOCK,
+    )
+
+
 @pytest.fixture(params=["triton", "pallas"], scope="module")
 def kernel(request: pytest.FixtureRequest) -> TritonKernel | PallasKernel:
     """Each kernel, on the device where it runs (or its interpreter)."""
@@ -209,19 +226,9 @@ def test_backward_matches_reference_for_a_per_position_upstream(kernel, logits_g
     case = make_case(kernel.backend, rng, SHAPE, logits_dtype="bfloat16", mask_kind="float")
     upstream = rng.uniform(0.5, 2.0, size=SHAPE[:-1]).astype(np.float32)
     expected = reference(case.z, case.p, case.w, reduction="none", upstream=upstream)
-    forward = kernel.forward(
-        *case[:3], reduction="none", num_valid=None, with_logits_grad=False, block_size=BLOCK
-    )
-    row_scale = forward.row_scale * kernel.backend.asarray(upstream.reshape(-1))
 
-    grad_logits, grad_targets = kernel.backward(
-        case.logits,
-        case.target_probs,
-        forward.saved,
-        row_scale,
-        logits_grad=logits_grad,
-        targets_grad=targets_grad,
-        block_size=BLOCK,
+    grad_logits, grad_targets = backward_with_upstream(
+        kernel, case, upstream, logits_grad=logits_grad, targets_grad=targets_grad
     )
 
     assert (grad_logits is not None, grad_targets is not None) == (logits_grad, targets_grad)
@@ -420,19 +427,9 @@ def test_backward_from_saved_rows_is_accurate_far_from_zero(kernel):
     case = make_case(kernel.backend, rng, SHAPE, offset=1000.0, mask_kind="float")
     upstream = rng.uniform(0.5, 2.0, size=SHAPE[:-1]).astype(np.float32)
     expected = reference(case.z, case.p, case.w, reduction="none", upstream=upstream)
-    forward = kernel.forward(
-        *case[:3], reduction="none", num_valid=None, with_logits_grad=False, block_size=BLOCK
-    )
-    row_scale = forward.row_scale * kernel.backend.asarray(upstream.reshape(-1))
 
-    grad_logits, grad_targets = kernel.backward(
-        case.logits,
-        case.target_probs,
-        forward.saved,
-        row_scale,
-        logits_grad=True,
-        targets_grad=True,
-        block_size=BLOCK,
+    grad_logits, grad_targets = backward_with_upstream(
+        kernel, case, upstream, logits_grad=True, targets_grad=True
     )
 
     assert_gradient_close(grad_logits, expected.grad_logits, "float32")
