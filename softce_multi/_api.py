@@ -1,17 +1,37 @@
-"""Public functions: validate the arguments, pick the implementation, call it."""
+"""Public functions: validate the arguments, look up the backend's adapter, call it.
+
+Every adapter has the same two functions of validated inputs, ``loss`` and ``loss_with_grad``:
+:mod:`softce_multi.torch` (autograd, the torch CPU path and the Triton kernels),
+:mod:`softce_multi.jax` (``custom_vjp``, XLA and the Pallas kernels), and
+:mod:`softce_multi._generic` (the blocked core) for every other library. The adapters are
+imported on first use, so that importing the package needs NumPy and array-api-compat only.
+"""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
 from typing import Any, Literal
 
 import array_api_compat
-import numpy as np
 
-from softce_multi import _core
+from softce_multi._types import Array, Namespace, Reduction
 from softce_multi._validate import check_reduction, validate_inputs
 
-Array = Any
-Reduction = Literal["mean", "sum", "none"]
+#: The adapter module of each library with one, by the test of its namespace; every other
+#: namespace gets ``softce_multi._generic``.
+_ADAPTERS: tuple[tuple[Callable[[Namespace], bool], str], ...] = (
+    (array_api_compat.is_torch_namespace, "softce_multi.torch"),
+    (array_api_compat.is_jax_namespace, "softce_multi.jax"),
+)
+
+
+def _adapter(xp: Namespace) -> Any:
+    """Return the adapter module for the namespace ``xp``."""
+    for is_namespace, module in _ADAPTERS:
+        if is_namespace(xp):
+            return importlib.import_module(module)
+    return importlib.import_module("softce_multi._generic")
 
 
 def masked_soft_cross_entropy(
@@ -75,17 +95,9 @@ def masked_soft_cross_entropy(
     0.169846
     """
     xp = validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
-    if array_api_compat.is_torch_namespace(xp):
-        from softce_multi.torch import _differentiable_loss
-
-        return _differentiable_loss(logits, target_probs, position_mask, reduction, num_valid)
-    if array_api_compat.is_jax_namespace(xp):
-        from softce_multi.jax import _differentiable_loss as _jax_loss
-
-        return _jax_loss(logits, target_probs, position_mask, reduction, num_valid)
-    return _run_core(
-        logits, target_probs, position_mask, reduction, num_valid, with_logits_grad=False, xp=xp
-    ).loss
+    return _adapter(xp).loss(
+        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid
+    )
 
 
 def masked_soft_cross_entropy_with_grad(
@@ -128,50 +140,6 @@ def masked_soft_cross_entropy_with_grad(
     """
     xp = validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
     check_reduction(reduction, with_grad=True)
-    if array_api_compat.is_torch_namespace(xp):
-        from softce_multi.torch import forward as torch_forward
-
-        result = torch_forward(
-            logits,
-            target_probs,
-            position_mask,
-            reduction=reduction,
-            num_valid=num_valid,
-            with_logits_grad=True,
-        )
-        return result.loss, result.logits_grad
-    result = _run_core(
-        logits, target_probs, position_mask, reduction, num_valid, with_logits_grad=True, xp=xp
+    return _adapter(xp).loss_with_grad(
+        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid
     )
-    return result.loss, result.logits_grad
-
-
-def _run_core(
-    logits: Array,
-    target_probs: Array,
-    position_mask: Array,
-    reduction: str,
-    num_valid: Array | float | None,
-    *,
-    with_logits_grad: bool,
-    xp: Any,
-) -> _core.ForwardResult:
-    """Run the generic core: in one block on JAX (XLA fuses it), block by block elsewhere."""
-    block_rows = (
-        None
-        if array_api_compat.is_jax_namespace(xp)
-        else _core.default_block_rows(logits.shape[-1])
-    )
-    # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
-    # (under NumPy and array-api-strict) would still warn about computing it.
-    with np.errstate(all="ignore"):
-        return _core.forward(
-            logits,
-            target_probs,
-            position_mask,
-            reduction=reduction,
-            num_valid=num_valid,
-            with_logits_grad=with_logits_grad,
-            block_rows=block_rows,
-            xp=xp,
-        )

@@ -1,34 +1,37 @@
 """Masked soft-target cross entropy and its gradients, written once against the array API.
 
 Every function here takes the array namespace ``xp`` explicitly and creates its arrays on the
-device of its inputs. The work is split in two reusable steps:
+device of its inputs. The math is split in two reusable steps:
 
 1. :func:`row_statistics` reduces a block of rows to four numbers per row (the row maximum, the
    sum of exponentials relative to it, the target mass and the target-weighted logits).
 2. :func:`row_losses`, :func:`logits_gradient_rows` and :func:`targets_gradient_rows` turn those
    statistics, and the same block, into per-row losses and gradient rows.
 
-The drivers (:func:`forward`, :func:`logits_gradient`, :func:`targets_gradient`) run the two
-steps over blocks of rows, so that no ``[N, V]`` float32 intermediate outlives one block.
+One driver serves every implementation. :func:`forward` lays out the rows, their weights and the
+denominator (:func:`as_rows`), hands them to the implementation's :class:`RowRoutine`, and
+reduces the result (:func:`reduce_loss`) into a :class:`ForwardResult`; :func:`backward` does the
+same for a :class:`GradientRoutine`. The generic routines (:func:`blocked_row_routine`,
+:func:`blocked_gradient_routine`) run the two steps over blocks of rows, so that no ``[N, V]``
+float32 intermediate outlives one block; the torch CPU path and the Triton and Pallas kernels
+supply their own.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import array_api_compat
+import array_api_extra as xpx
 
-Array = Any
-Namespace = Any
+from softce_multi._types import Array, Namespace
 
 #: Elements per block on eager backends: large enough that few parallel regions are started
 #: (each one costs dearly on a busy machine), small enough that a block's few float32
 #: temporaries (4 MiB each) stay in a server CPU's last-level cache.
 BLOCK_ELEMENTS = 1 << 20
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 class RowStatistics(NamedTuple):
@@ -189,8 +192,11 @@ class Rows(NamedTuple):
     """The mask as ``[N]`` weights, in the computation dtype."""
     inv_den: Array
     """``1 / den`` as a 0-d array (see :func:`inverse_denominator`)."""
-    dtype: Any
-    """The computation dtype (see :func:`compute_dtype`)."""
+
+    @property
+    def dtype(self) -> Any:
+        """The computation dtype (see :func:`compute_dtype`), that of the weights."""
+        return self.weights.dtype
 
     @property
     def row_scale(self) -> Array:
@@ -217,7 +223,6 @@ def as_rows(
         xp.reshape(target_probs, (n_rows, vocab_size)),
         weights,
         inverse_denominator(weights, reduction, num_valid, xp=xp),
-        dtype,
     )
 
 
@@ -233,6 +238,52 @@ def reduce_loss(
     return xp.where(rows.inv_den == 0, 0.0, total * rows.inv_den)
 
 
+class RowResults(NamedTuple):
+    """What a :class:`RowRoutine` computes for every row at once."""
+
+    weighted: Array
+    """``w * c`` per row, shape ``[N]``, in the computation dtype; 0 where ``w`` is 0."""
+    saved: SavedRows
+    """The row statistics a backward pass needs (0 in rows of weight 0)."""
+    logits_grad: Array | None
+    """``row_scale * (sum(p) * softmax(z) - p)``, ``[N, V]`` in the logits' dtype, if asked for."""
+
+
+class RowRoutine(Protocol):
+    """The per-row work of one implementation (generic core, torch CPU path, Triton, Pallas).
+
+    It receives the inputs as :class:`Rows`, with ``N > 0``, and returns their
+    :class:`RowResults`: the statistics of every row of nonzero weight, its weighted loss and,
+    with ``with_logits_grad``, its gradient row (exactly 0 in rows of weight 0, whatever they
+    hold). :func:`forward` does everything before and after it.
+    """
+
+    def __call__(self, rows: Rows, /, *, with_logits_grad: bool) -> RowResults: ...
+
+
+class GradientRoutine(Protocol):
+    """The per-row work of a backward pass, from the row statistics of the forward pass.
+
+    It receives ``[N, V]`` logits and targets with ``N > 0``, the :class:`SavedRows` and the
+    ``[N]`` scale ``d loss / d c_row`` (already multiplied by the upstream gradient), and returns
+    ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype and/or
+    ``-row_scale * log_softmax(z)`` in ``targets_dtype``; None for a gradient not asked for.
+    Rows whose scale is 0 get exactly 0.
+    """
+
+    def __call__(
+        self,
+        z: Array,
+        p: Array,
+        saved: SavedRows,
+        row_scale: Array,
+        /,
+        *,
+        logits_grad: bool,
+        targets_grad: bool,
+    ) -> tuple[Array | None, Array | None]: ...
+
+
 def forward(
     logits: Array,
     target_probs: Array,
@@ -241,10 +292,14 @@ def forward(
     reduction: str,
     num_valid: Array | float | None,
     with_logits_grad: bool,
-    block_rows: int | None,
+    row_routine: RowRoutine,
     xp: Namespace,
 ) -> ForwardResult:
-    """Compute the loss, and optionally ``d loss / d logits``, in one pass over row blocks.
+    """Compute the loss, and optionally ``d loss / d logits``, with one implementation's rows.
+
+    The driver of every implementation: it lays out the rows, their weights and the
+    denominator (:func:`as_rows`), lets ``row_routine`` do the per-row work, and reduces the
+    weighted row losses (:func:`reduce_loss`). An empty batch never reaches the routine.
 
     Parameters
     ----------
@@ -256,118 +311,159 @@ def forward(
         Replacement denominator of ``"mean"``, or None.
     with_logits_grad
         Whether to compute the logits gradient (scaled for a unit upstream gradient).
-    block_rows
-        Rows per block, or None to process every row at once (for traced backends).
+    row_routine
+        The implementation's per-row work, for example :func:`blocked_row_routine`.
     xp
         The array namespace of the inputs.
     """
-    rows_in = as_rows(
+    rows = as_rows(
         logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=xp
     )
-    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
-    valid = weights != 0
-    row_scale = rows_in.row_scale
-
-    losses, row_maxes, log_sum_exps, target_sums, grad_blocks = [], [], [], [], []
-    grad = _allocate_if_blocked(z, block_rows, with_logits_grad, xp=xp)
-    for rows in row_blocks(z.shape[0], block_rows):
-        z_block = xp.astype(z[rows, ...], dtype, copy=False)
-        p_block = xp.astype(p[rows, ...], dtype, copy=False)
-        stats = row_statistics(z_block, p_block, xp=xp)
-        log_sum_exp = xp.log(stats.sum_exp)
-        losses.append(xp.where(valid[rows], weights[rows] * row_losses(stats, xp=xp), 0.0))
-        row_maxes.append(stats.row_max)
-        log_sum_exps.append(log_sum_exp)
-        target_sums.append(stats.target_sum)
-        if with_logits_grad:
-            block = logits_gradient_rows(
-                z_block,
-                p_block,
-                stats.row_max,
-                log_sum_exp,
-                stats.target_sum,
-                row_scale[rows],
-                xp=xp,
-            )
-            block = xp.astype(block, logits.dtype, copy=False)
-            if grad is None:
-                grad_blocks.append(block)
-            else:
-                grad[rows, ...] = block
-
+    if rows.z.shape[0] == 0:
+        results = _empty_row_results(rows, with_logits_grad=with_logits_grad, xp=xp)
+    else:
+        results = row_routine(rows, with_logits_grad=with_logits_grad)
     loss = reduce_loss(
-        _concat(losses, xp=xp),
-        rows_in,
-        reduction=reduction,
-        batch_shape=logits.shape[:-1],
-        xp=xp,
+        results.weighted, rows, reduction=reduction, batch_shape=logits.shape[:-1], xp=xp
     )
-
     logits_grad = None
     if with_logits_grad:
-        logits_grad = grad if grad is not None else _concat(grad_blocks, xp=xp)
-        logits_grad = xp.reshape(logits_grad, logits.shape)
-    saved = SavedRows(
-        _concat(row_maxes, xp=xp), _concat(log_sum_exps, xp=xp), _concat(target_sums, xp=xp)
-    )
-    return ForwardResult(loss, logits_grad, saved, row_scale)
+        logits_grad = xp.reshape(results.logits_grad, logits.shape)
+    return ForwardResult(loss, logits_grad, results.saved, rows.row_scale)
 
 
-def logits_gradient(
+def backward(
     logits: Array,
     target_probs: Array,
     saved: SavedRows,
     row_scale: Array,
     *,
-    block_rows: int | None,
+    logits_grad: bool,
+    targets_grad: bool,
+    gradient_routine: GradientRoutine,
     xp: Namespace,
-) -> Array:
-    """Return ``d loss / d logits`` from the row statistics ``saved`` by :func:`forward`.
+) -> tuple[Array | None, Array | None]:
+    """Return the gradients asked for, from the row statistics ``saved`` by :func:`forward`.
 
-    ``row_scale`` is ``d loss / d c_row`` (the forward's, times the upstream gradient). The
-    result has the logits' dtype and shape.
+    ``row_scale`` is ``d loss / d c_row``: the forward's, times the upstream gradient. The
+    gradient to the logits has their dtype, that to the targets theirs; both have the logits'
+    shape. None stands for a gradient not asked for.
     """
-    dtype = saved.row_max.dtype
+    if not (logits_grad or targets_grad):
+        return None, None
     z, p = _as_rows(logits, xp=xp), _as_rows(target_probs, xp=xp)
-
-    def block(rows: slice) -> Array:
-        z_block = xp.astype(z[rows, ...], dtype, copy=False)
-        p_block = xp.astype(p[rows, ...], dtype, copy=False)
-        return logits_gradient_rows(
-            z_block,
-            p_block,
-            saved.row_max[rows],
-            saved.log_sum_exp[rows],
-            saved.target_sum[rows],
-            row_scale[rows],
-            xp=xp,
+    if z.shape[0] == 0:
+        grads: tuple[Array | None, Array | None] = (
+            xp.empty(z.shape, dtype=z.dtype, device=_device(z)) if logits_grad else None,
+            xp.empty(p.shape, dtype=p.dtype, device=_device(p)) if targets_grad else None,
         )
-
-    grad = _map_row_blocks(block, z, logits.dtype, block_rows, xp=xp)
-    return xp.reshape(grad, logits.shape)
-
-
-def targets_gradient(
-    logits: Array,
-    saved: SavedRows,
-    row_scale: Array,
-    *,
-    out_dtype: Any,
-    block_rows: int | None,
-    xp: Namespace,
-) -> Array:
-    """Return ``d loss / d target_probs`` from the row statistics ``saved``, in ``out_dtype``."""
-    dtype = saved.row_max.dtype
-    z = _as_rows(logits, xp=xp)
-
-    def block(rows: slice) -> Array:
-        z_block = xp.astype(z[rows, ...], dtype, copy=False)
-        return targets_gradient_rows(
-            z_block, saved.row_max[rows], saved.log_sum_exp[rows], row_scale[rows], xp=xp
+    else:
+        grads = gradient_routine(
+            z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
         )
+    return tuple(  # type: ignore[return-value]
+        None if grad is None else xp.reshape(grad, logits.shape) for grad in grads
+    )
 
-    grad = _map_row_blocks(block, z, out_dtype, block_rows, xp=xp)
-    return xp.reshape(grad, logits.shape)
+
+def _empty_row_results(rows: Rows, *, with_logits_grad: bool, xp: Namespace) -> RowResults:
+    """The :class:`RowResults` of zero rows."""
+    device = _device(rows.z)
+    empty = xp.zeros((0,), dtype=rows.dtype, device=device)
+    grad = xp.empty(rows.z.shape, dtype=rows.z.dtype, device=device) if with_logits_grad else None
+    return RowResults(empty, SavedRows(empty, empty, empty), grad)
+
+
+def blocked_row_routine(block_rows: int | None, *, xp: Namespace) -> RowRoutine:
+    """The generic core's :class:`RowRoutine`: the two steps over blocks of ``block_rows`` rows.
+
+    ``None`` processes every row at once, for traced backends (XLA fuses it).
+    """
+
+    def routine(rows: Rows, /, *, with_logits_grad: bool) -> RowResults:
+        z, p, dtype = rows.z, rows.p, rows.dtype
+        valid = rows.weights != 0
+        row_scale = rows.row_scale
+        losses, row_maxes, log_sum_exps, target_sums, grad_blocks = [], [], [], [], []
+        grad = _allocate_if_blocked(z, block_rows, with_logits_grad, xp=xp)
+        for block in row_blocks(z.shape[0], block_rows):
+            z_block = xp.astype(z[block, ...], dtype, copy=False)
+            p_block = xp.astype(p[block, ...], dtype, copy=False)
+            stats = row_statistics(z_block, p_block, xp=xp)
+            log_sum_exp = xp.log(stats.sum_exp)
+            weighted = rows.weights[block] * row_losses(stats, xp=xp)
+            # Rows of weight 0 (padding, which may hold anything) keep zeros, as in the kernels.
+            losses.append(xp.where(valid[block], weighted, 0.0))
+            row_maxes.append(xp.where(valid[block], stats.row_max, 0.0))
+            log_sum_exps.append(xp.where(valid[block], log_sum_exp, 0.0))
+            target_sums.append(xp.where(valid[block], stats.target_sum, 0.0))
+            if with_logits_grad:
+                grad_block = logits_gradient_rows(
+                    z_block,
+                    p_block,
+                    stats.row_max,
+                    log_sum_exp,
+                    stats.target_sum,
+                    row_scale[block],
+                    xp=xp,
+                )
+                grad_block = xp.astype(grad_block, z.dtype, copy=False)
+                if grad is None:
+                    grad_blocks.append(grad_block)
+                else:
+                    grad = xpx.at(grad, (block, ...)).set(grad_block, xp=xp)
+        if with_logits_grad and grad is None:
+            grad = _concat(grad_blocks, xp=xp)
+        saved = SavedRows(
+            _concat(row_maxes, xp=xp), _concat(log_sum_exps, xp=xp), _concat(target_sums, xp=xp)
+        )
+        return RowResults(_concat(losses, xp=xp), saved, grad)
+
+    return routine
+
+
+def blocked_gradient_routine(block_rows: int | None, *, xp: Namespace) -> GradientRoutine:
+    """The generic core's :class:`GradientRoutine`, over blocks of ``block_rows`` rows."""
+
+    def routine(
+        z: Array,
+        p: Array,
+        saved: SavedRows,
+        row_scale: Array,
+        /,
+        *,
+        logits_grad: bool,
+        targets_grad: bool,
+    ) -> tuple[Array | None, Array | None]:
+        dtype = saved.row_max.dtype
+
+        def logits_block(rows: slice) -> Array:
+            return logits_gradient_rows(
+                xp.astype(z[rows, ...], dtype, copy=False),
+                xp.astype(p[rows, ...], dtype, copy=False),
+                saved.row_max[rows],
+                saved.log_sum_exp[rows],
+                saved.target_sum[rows],
+                row_scale[rows],
+                xp=xp,
+            )
+
+        def targets_block(rows: slice) -> Array:
+            return targets_gradient_rows(
+                xp.astype(z[rows, ...], dtype, copy=False),
+                saved.row_max[rows],
+                saved.log_sum_exp[rows],
+                row_scale[rows],
+                xp=xp,
+            )
+
+        grad_z = _map_row_blocks(logits_block, z, z.dtype, block_rows, xp=xp) if logits_grad else None
+        grad_p = (
+            _map_row_blocks(targets_block, z, p.dtype, block_rows, xp=xp) if targets_grad else None
+        )
+        return grad_z, grad_p
+
+    return routine
 
 
 def _as_rows(x: Array, *, xp: Namespace) -> Array:
@@ -406,5 +502,5 @@ def _map_row_blocks(
     if out is None:
         return xp.astype(block(slice(0, z.shape[0])), out_dtype, copy=False)
     for rows in row_blocks(z.shape[0], block_rows):
-        out[rows, ...] = xp.astype(block(rows), out_dtype, copy=False)
+        out = xpx.at(out, (rows, ...)).set(xp.astype(block(rows), out_dtype, copy=False), xp=xp)
     return out

@@ -8,10 +8,7 @@ from typing import Any
 
 import array_api_compat
 
-from softce_multi._core import REDUCTIONS
-
-Array = Any
-Namespace = Any
+from softce_multi._types import REDUCTIONS, Array, Namespace
 
 
 def namespace_of(**arrays: Array) -> Namespace:

@@ -5,10 +5,14 @@ per-row statistics; the backward pass recomputes the gradient rows from them and
 so a training step reads the logits and targets twice. XLA's compiled step holds one ``[N, V]``
 float32 temporary (``python -m softce_multi bench`` reports it).
 
-On a GPU, with the Triton backend of Pallas available, the forward and backward passes run the
-kernels of :mod:`softce_multi.kernels.pallas` instead (imported on first use). Both versions are
-then staged with ``jax.lax.platform_dependent``, which keeps the one for the platform the
+On a GPU, with the Triton backend of Pallas available, the per-row work runs the kernels of
+:mod:`softce_multi.kernels.pallas` instead (imported on first use). Both versions are then
+staged with ``jax.lax.platform_dependent``, which keeps the one for the platform the
 computation is compiled for, so arrays placed on the CPU of a GPU host still get the core.
+
+Like every adapter, the module has ``loss`` and ``loss_with_grad`` of validated inputs, which
+:func:`softce_multi.masked_soft_cross_entropy` and its ``_with_grad`` twin dispatch to; its
+public entry point is :func:`masked_soft_cross_entropy`.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from softce_multi import _core, kernels
-from softce_multi._api import Reduction
+from softce_multi._types import Reduction
 from softce_multi._validate import validate_inputs
 
 __all__ = ["masked_soft_cross_entropy"]
@@ -69,21 +73,52 @@ def masked_soft_cross_entropy(
       (2, 4, 16)
     """
     validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
-    return _differentiable_loss(logits, target_probs, position_mask, reduction, num_valid)
+    return loss(logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid)
 
 
-def _differentiable_loss(
+def loss(
     logits: jax.Array,
     target_probs: jax.Array,
     position_mask: jax.Array,
+    /,
+    *,
     reduction: str,
     num_valid: jax.Array | float | None,
 ) -> jax.Array:
-    """Convert the mask and count to constants of the computation dtype and apply the VJP."""
+    """The differentiable loss of validated inputs (the adapter interface)."""
+    weights, count = _constants(logits, target_probs, position_mask, num_valid)
+    return _loss(logits, target_probs, weights, count, reduction)
+
+
+def loss_with_grad(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    /,
+    *,
+    reduction: str,
+    num_valid: jax.Array | float | None,
+) -> tuple[jax.Array, jax.Array]:
+    """The loss of validated inputs and its logits gradient, from one forward pass.
+
+    On a GPU this is the Pallas forward kernel with its gradient sweep.
+    """
+    weights, count = _constants(logits, target_probs, position_mask, num_valid)
+    result = _forward(logits, target_probs, weights, count, reduction, with_logits_grad=True)
+    return result.loss, result.logits_grad
+
+
+def _constants(
+    logits: jax.Array,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    num_valid: jax.Array | float | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The mask and count as constants of the computation dtype (they get no gradient)."""
     dtype = _core.compute_dtype(logits, target_probs, xp=jnp)
     weights = jax.lax.stop_gradient(jnp.astype(position_mask, dtype))
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
-    return _loss(logits, target_probs, weights, count, reduction)
+    return weights, count
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
@@ -94,7 +129,7 @@ def _loss(
     count: jax.Array | None,
     reduction: str,
 ) -> jax.Array:
-    return _forward(logits, target_probs, weights, count, reduction).loss
+    return _forward(logits, target_probs, weights, count, reduction, with_logits_grad=False).loss
 
 
 def _forward(
@@ -103,34 +138,61 @@ def _forward(
     weights: jax.Array,
     count: jax.Array | None,
     reduction: str,
+    *,
+    with_logits_grad: bool,
 ) -> _core.ForwardResult:
-    """The loss and the row statistics, from the Pallas kernel where it runs, else the core."""
+    """The driver of the core with the per-row work of the platform (Pallas or the core)."""
+    return _core.forward(
+        logits,
+        target_probs,
+        weights,
+        reduction=reduction,
+        num_valid=count,
+        with_logits_grad=with_logits_grad,
+        row_routine=_row_routine,
+        xp=jnp,
+    )
 
-    def core(logits: Any, target_probs: Any, weights: Any, count: Any) -> _core.ForwardResult:
-        return _core.forward(
-            logits,
-            target_probs,
-            weights,
-            reduction=reduction,
-            num_valid=count,
-            with_logits_grad=False,
-            block_rows=None,
-            xp=jnp,
-        )
 
-    def kernel(logits: Any, target_probs: Any, weights: Any, count: Any) -> _core.ForwardResult:
+def _row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
+    """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else the core."""
+
+    def core(rows: _core.Rows) -> _core.RowResults:
+        routine = _core.blocked_row_routine(None, xp=jnp)
+        return routine(rows, with_logits_grad=with_logits_grad)
+
+    def kernel(rows: _core.Rows) -> _core.RowResults:
         from softce_multi.kernels import pallas
 
-        return pallas.forward(
-            logits,
-            target_probs,
-            weights,
-            reduction=reduction,
-            num_valid=count,
-            with_logits_grad=False,
+        return pallas.row_routine(rows, with_logits_grad=with_logits_grad)
+
+    return _per_platform(kernel, core, rows.z, rows)
+
+
+def _gradient_routine(
+    z: jax.Array,
+    p: jax.Array,
+    saved: _core.SavedRows,
+    row_scale: jax.Array,
+    /,
+    *,
+    logits_grad: bool,
+    targets_grad: bool,
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """:class:`softce_multi._core.GradientRoutine` of the Pallas kernel where it runs, else the core."""
+
+    def core(z: Any, p: Any, saved: Any, row_scale: Any) -> Any:
+        routine = _core.blocked_gradient_routine(None, xp=jnp)
+        return routine(z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad)
+
+    def kernel(z: Any, p: Any, saved: Any, row_scale: Any) -> Any:
+        from softce_multi.kernels import pallas
+
+        return pallas.gradient_routine(
+            z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
         )
 
-    return _per_platform(kernel, core, logits, target_probs, weights, count)
+    return _per_platform(kernel, core, z, z, p, saved, row_scale)
 
 
 def _loss_fwd(
@@ -140,7 +202,7 @@ def _loss_fwd(
     count: jax.Array | None,
     reduction: str,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    result = _forward(logits, target_probs, weights, count, reduction)
+    result = _forward(logits, target_probs, weights, count, reduction, with_logits_grad=False)
     residuals = (logits, target_probs, result.saved, result.row_scale, weights, count)
     return result.loss, residuals
 
@@ -152,64 +214,40 @@ def _loss_bwd(
     upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
     row_scale = row_scale * upstream
     # One computation per gradient, so that jit drops the one that is not used.
-    grad_logits = _logits_gradient(logits, target_probs, saved, row_scale)
-    grad_targets = _targets_gradient(logits, target_probs, saved, row_scale)
+    grad_logits, _ = _core.backward(
+        logits,
+        target_probs,
+        saved,
+        row_scale,
+        logits_grad=True,
+        targets_grad=False,
+        gradient_routine=_gradient_routine,
+        xp=jnp,
+    )
+    _, grad_targets = _core.backward(
+        logits,
+        target_probs,
+        saved,
+        row_scale,
+        logits_grad=False,
+        targets_grad=True,
+        gradient_routine=_gradient_routine,
+        xp=jnp,
+    )
     zero_count = None if count is None else jnp.zeros_like(count)
     return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
 
 
-def _logits_gradient(
-    logits: jax.Array, target_probs: jax.Array, saved: _core.SavedRows, row_scale: jax.Array
-) -> jax.Array:
-    """``d loss / d logits`` from the row statistics, by the Pallas kernel or the core."""
-
-    def core(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> jax.Array:
-        return _core.logits_gradient(
-            logits, target_probs, saved, row_scale, block_rows=None, xp=jnp
-        )
-
-    def kernel(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> Any:
-        from softce_multi.kernels import pallas
-
-        grad_logits, _ = pallas.backward(
-            logits, target_probs, saved, row_scale, logits_grad=True, targets_grad=False
-        )
-        return grad_logits
-
-    return _per_platform(kernel, core, logits, target_probs, saved, row_scale)
-
-
-def _targets_gradient(
-    logits: jax.Array, target_probs: jax.Array, saved: _core.SavedRows, row_scale: jax.Array
-) -> jax.Array:
-    """``d loss / d target_probs`` from the row statistics, by the Pallas kernel or the core."""
-
-    def core(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> jax.Array:
-        return _core.targets_gradient(
-            logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=None, xp=jnp
-        )
-
-    def kernel(logits: Any, target_probs: Any, saved: Any, row_scale: Any) -> Any:
-        from softce_multi.kernels import pallas
-
-        _, grad_targets = pallas.backward(
-            logits, target_probs, saved, row_scale, logits_grad=False, targets_grad=True
-        )
-        return grad_targets
-
-    return _per_platform(kernel, core, logits, target_probs, saved, row_scale)
-
-
-def _per_platform(kernel: Any, core: Any, logits: jax.Array, *arrays: Any) -> Any:
-    """Return ``kernel(logits, *arrays)`` where the Pallas kernels run, else ``core(...)``.
+def _per_platform(kernel: Any, core: Any, probe: jax.Array, *arrays: Any) -> Any:
+    """Return ``kernel(*arrays)`` where the Pallas kernels run on ``probe``, else ``core(...)``.
 
     Where :func:`softce_multi.kernels.use_pallas` says no (no GPU, or no Pallas), only the core
     is traced. Otherwise both are, and the platform the computation is compiled for picks one.
     """
-    if not kernels.use_pallas(logits):
-        return core(logits, *arrays)
+    if not kernels.use_pallas(probe):
+        return core(*arrays)
     branches = dict.fromkeys(_KERNEL_PLATFORMS, kernel)
-    return jax.lax.platform_dependent(logits, *arrays, default=core, **branches)
+    return jax.lax.platform_dependent(*arrays, default=core, **branches)
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)

@@ -19,13 +19,72 @@ import array_api_compat
 import torch
 
 from softce_multi import _core, kernels
-from softce_multi._api import Reduction
-from softce_multi._api import masked_soft_cross_entropy as _masked_soft_cross_entropy
-from softce_multi._validate import check_reduction
+from softce_multi._types import Reduction
+from softce_multi._validate import check_reduction, validate_inputs
 
 __all__ = ["MaskedSoftCrossEntropy", "masked_soft_cross_entropy"]
 
-masked_soft_cross_entropy = _masked_soft_cross_entropy
+
+def masked_soft_cross_entropy(
+    logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    position_mask: torch.Tensor,
+    /,
+    *,
+    reduction: Reduction = "mean",
+    num_valid: torch.Tensor | float | None = None,
+) -> torch.Tensor:
+    """Masked soft-target cross entropy for torch tensors, differentiable with autograd.
+
+    Same function and arguments as :func:`softce_multi.masked_soft_cross_entropy`.
+    """
+    validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
+    return loss(logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid)
+
+
+def loss(
+    logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    position_mask: torch.Tensor,
+    /,
+    *,
+    reduction: str,
+    num_valid: torch.Tensor | float | None,
+) -> torch.Tensor:
+    """The loss of validated inputs, through autograd when a gradient is wanted."""
+    if torch.is_grad_enabled() and (logits.requires_grad or target_probs.requires_grad):
+        return _MaskedSoftCrossEntropyFunction.apply(
+            logits, target_probs, position_mask, reduction, num_valid
+        )
+    return forward(
+        logits,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        with_logits_grad=False,
+    ).loss
+
+
+def loss_with_grad(
+    logits: torch.Tensor,
+    target_probs: torch.Tensor,
+    position_mask: torch.Tensor,
+    /,
+    *,
+    reduction: str,
+    num_valid: torch.Tensor | float | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The loss of validated inputs and its logits gradient, from one pass (no autograd)."""
+    result = forward(
+        logits,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        with_logits_grad=True,
+    )
+    return result.loss, result.logits_grad
 
 
 @torch.no_grad()
@@ -38,34 +97,44 @@ def forward(
     num_valid: torch.Tensor | float | None,
     with_logits_grad: bool,
 ) -> _core.ForwardResult:
-    """Eager PyTorch version of :func:`softce_multi._core.forward`, with the same contract.
+    """:func:`softce_multi._core.forward` with the per-row work of the tensors' device.
 
-    Runs :func:`softce_multi.kernels.triton.forward` where :func:`softce_multi.kernels.use_triton`
-    says the kernels apply (CUDA tensors, Triton installed).
+    The Triton kernels where :func:`softce_multi.kernels.use_triton` says they apply (CUDA
+    tensors, Triton installed), else :func:`cpu_row_routine`.
     """
     if kernels.use_triton(logits):
         from softce_multi.kernels import triton as triton_kernels
 
-        return triton_kernels.forward(
-            logits,
-            target_probs,
-            position_mask,
-            reduction=reduction,
-            num_valid=num_valid,
-            with_logits_grad=with_logits_grad,
-        )
-    xp = array_api_compat.array_namespace(logits)
-    rows_in = _core.as_rows(
-        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=xp
+        row_routine: _core.RowRoutine = triton_kernels.row_routine
+    else:
+        row_routine = cpu_row_routine
+    return _core.forward(
+        logits,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        with_logits_grad=with_logits_grad,
+        row_routine=row_routine,
+        xp=array_api_compat.array_namespace(logits),
     )
-    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
+
+
+def cpu_row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
+    """The :class:`~softce_multi._core.RowRoutine` of eager torch outside the kernels.
+
+    The core's two steps with the elementwise work done in place on one block-sized buffer,
+    which roughly halves the passes over memory of the generic version.
+    """
+    xp = array_api_compat.array_namespace(rows.z)
+    z, p, weights, dtype = rows.z, rows.p, rows.weights, rows.dtype
     valid = weights != 0
-    row_scale = rows_in.row_scale
+    row_scale = rows.row_scale
 
     n_rows, vocab_size = z.shape
     losses = torch.empty(n_rows, dtype=dtype, device=z.device)
     saved = _core.SavedRows(*(torch.empty_like(losses) for _ in _core.SavedRows._fields))
-    grad = torch.empty(z.shape, dtype=logits.dtype, device=z.device) if with_logits_grad else None
+    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device) if with_logits_grad else None
     # Block-sized buffers reused by every block: a fresh allocation per block costs page faults.
     block_rows = min(_core.default_block_rows(vocab_size), n_rows)
 
@@ -75,34 +144,29 @@ def forward(
     softmax_buf, work_buf = block_buffer(), block_buffer()
     z_buf = None if z.dtype == dtype else block_buffer()
     p_buf = None if p.dtype == dtype else block_buffer()
-    for rows in _core.row_blocks(n_rows, block_rows):
-        size = rows.stop - rows.start
+    for block in _core.row_blocks(n_rows, block_rows):
+        size = block.stop - block.start
         softmax, work = softmax_buf[:size], work_buf[:size]
-        z_block = z[rows] if z_buf is None else z_buf[:size].copy_(z[rows])
-        p_block = p[rows] if p_buf is None else p_buf[:size].copy_(p[rows])
+        z_block = z[block] if z_buf is None else z_buf[:size].copy_(z[block])
+        p_block = p[block] if p_buf is None else p_buf[:size].copy_(p[block])
         stats = _row_statistics_and_softmax(z_block, p_block, softmax=softmax, work=work)
-        block_valid = valid[rows]
-        block_loss = weights[rows] * _core.row_losses(stats, xp=xp)
-        losses[rows] = torch.where(block_valid, block_loss, 0.0)
-        saved.row_max[rows] = stats.row_max
-        saved.log_sum_exp[rows] = torch.log(stats.sum_exp)
-        saved.target_sum[rows] = stats.target_sum
+        block_loss = weights[block] * _core.row_losses(stats, xp=xp)
+        # Rows of weight 0 (padding, which may hold anything) keep zeros, as in the kernels.
+        block_valid = valid[block]
+        losses[block] = torch.where(block_valid, block_loss, 0.0)
+        saved.row_max[block] = torch.where(block_valid, stats.row_max, 0.0)
+        saved.log_sum_exp[block] = torch.where(block_valid, torch.log(stats.sum_exp), 0.0)
+        saved.target_sum[block] = torch.where(block_valid, stats.target_sum, 0.0)
         if grad is not None:
-            scale = row_scale[rows, None]
-            out = grad[rows] if grad.dtype == dtype else work
+            scale = row_scale[block, None]
+            out = grad[block] if grad.dtype == dtype else work
             torch.mul(softmax, scale * stats.target_sum[:, None], out=out)
             out.addcmul_(p_block, scale, value=-1)
             # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
-            _zero_rows(out, ~_core.rows_with_gradient(row_scale[rows], stats.target_sum))
+            _zero_rows(out, ~_core.rows_with_gradient(row_scale[block], stats.target_sum))
             if out is work:
-                grad[rows] = work
-
-    loss = _core.reduce_loss(
-        losses, rows_in, reduction=reduction, batch_shape=logits.shape[:-1], xp=xp
-    )
-    if grad is not None:
-        grad = grad.reshape(logits.shape)
-    return _core.ForwardResult(loss, grad, saved, row_scale)
+                grad[block] = work
+    return _core.RowResults(losses, saved, grad)
 
 
 def _row_statistics_and_softmax(
@@ -198,53 +262,26 @@ def _gradients_from_saved(
     if kernels.use_triton(logits):
         from softce_multi.kernels import triton as triton_kernels
 
-        return triton_kernels.backward(
-            logits,
-            target_probs,
-            saved,
-            row_scale,
-            logits_grad=logits_grad,
-            targets_grad=targets_grad,
-        )
-    xp = array_api_compat.array_namespace(logits)
-    block_rows = _core.default_block_rows(logits.shape[-1])
-    grad_logits = grad_targets = None
-    if logits_grad:
-        grad_logits = _core.logits_gradient(
-            logits, target_probs, saved, row_scale, block_rows=block_rows, xp=xp
-        )
-    if targets_grad:
-        grad_targets = _core.targets_gradient(
-            logits, saved, row_scale, out_dtype=target_probs.dtype, block_rows=block_rows, xp=xp
-        )
-    return grad_logits, grad_targets
+        gradient_routine: _core.GradientRoutine = triton_kernels.gradient_routine
+    else:
+        xp = array_api_compat.array_namespace(logits)
+        block_rows = _core.default_block_rows(logits.shape[-1])
+        gradient_routine = _core.blocked_gradient_routine(block_rows, xp=xp)
+    return _core.backward(
+        logits,
+        target_probs,
+        saved,
+        row_scale,
+        logits_grad=logits_grad,
+        targets_grad=targets_grad,
+        gradient_routine=gradient_routine,
+        xp=array_api_compat.array_namespace(logits),
+    )
 
 
 def _is_one_on_cpu(value: torch.Tensor) -> bool:
     """Whether ``value`` is exactly 1, asked only where the answer costs no device sync."""
     return value.device.type == "cpu" and bool(value == 1)
-
-
-def _differentiable_loss(
-    logits: torch.Tensor,
-    target_probs: torch.Tensor,
-    position_mask: torch.Tensor,
-    reduction: str,
-    num_valid: torch.Tensor | float | None,
-) -> torch.Tensor:
-    """Run the validated inputs through autograd when a gradient is wanted, else the core."""
-    if torch.is_grad_enabled() and (logits.requires_grad or target_probs.requires_grad):
-        return _MaskedSoftCrossEntropyFunction.apply(
-            logits, target_probs, position_mask, reduction, num_valid
-        )
-    return forward(
-        logits,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
-        with_logits_grad=False,
-    ).loss
 
 
 class MaskedSoftCrossEntropy(torch.nn.Module):

@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -44,39 +45,67 @@ BLOCK = 16
 # --------------------------------------------------------------------------------------------
 
 
-class TritonKernel:
+class Kernel:
+    """One implementation's routines behind :func:`softce_multi._core.forward` and ``backward``.
+
+    ``forward`` and ``backward`` run the core's driver with the implementation's routines;
+    ``core_forward`` runs it with the generic core's, for comparison.
+    """
+
+    backend: Backend
+    module: Any
+    xp: Any
+    routine_options: dict[str, Any]
+
+    def forward(self, logits, target_probs, position_mask, *, block_size=None, **options):
+        routine = functools.partial(self.module.row_routine, **self._options(block_size))
+        return _core.forward(
+            logits, target_probs, position_mask, row_routine=routine, xp=self.xp, **options
+        )
+
+    def backward(self, logits, target_probs, saved, row_scale, *, block_size=None, **options):
+        routine = functools.partial(self.module.gradient_routine, **self._options(block_size))
+        return _core.backward(
+            logits, target_probs, saved, row_scale, gradient_routine=routine, xp=self.xp, **options
+        )
+
+    def core_forward(self, logits, target_probs, position_mask, **options):
+        routine = _core.blocked_row_routine(None, xp=self.xp)
+        return _core.forward(
+            logits, target_probs, position_mask, row_routine=routine, xp=self.xp, **options
+        )
+
+    def _options(self, block_size: int | None) -> dict[str, Any]:
+        return {**self.routine_options, "block_size": block_size}
+
+
+class TritonKernel(Kernel):
     """The Triton kernels on torch tensors: on CUDA if present, else interpreted on the CPU."""
 
     def __init__(self) -> None:
+        import array_api_compat.torch
         import torch
 
-        self.kernels = importlib.import_module("softce_multi.kernels.triton")
+        self.module = importlib.import_module("softce_multi.kernels.triton")
         on_gpu = torch.cuda.is_available()
         self.backend = Backend("torch", "torch", "gpu" if on_gpu else "cpu")
-
-    def forward(self, logits, target_probs, position_mask, **options):
-        return self.kernels.forward(logits, target_probs, position_mask, **options)
-
-    def backward(self, *arrays, **options) -> tuple[Any, Any]:
-        return self.kernels.backward(*arrays, **options)
-
-    def core_forward(self, logits, target_probs, position_mask, **options):
-        import array_api_compat
-
-        xp = array_api_compat.array_namespace(logits)
-        return _core.forward(logits, target_probs, position_mask, block_rows=None, xp=xp, **options)
+        self.xp = array_api_compat.torch
+        self.routine_options = {}
 
 
-class PallasKernel:
+class PallasKernel(Kernel):
     """The Pallas kernels on JAX arrays under ``jax.jit``: compiled on a GPU, else interpreted."""
 
     def __init__(self) -> None:
         import jax
+        import jax.numpy as jnp
 
-        self.kernels = importlib.import_module("softce_multi.kernels.pallas")
+        self.module = importlib.import_module("softce_multi.kernels.pallas")
         on_gpu = jax.default_backend() == "gpu"
         self.backend = Backend("jax", "jax", "gpu" if on_gpu else "cpu")
         self.interpret = not on_gpu
+        self.xp = jnp
+        self.routine_options = {"interpret": self.interpret}
 
     def forward(self, logits, target_probs, position_mask, *, num_valid, **options):
         arrays = (logits, target_probs, position_mask)
@@ -88,19 +117,31 @@ class PallasKernel:
     def backward(self, *arrays, **options) -> tuple[Any, Any]:
         return self._jitted("backward", **options)(*arrays)
 
-    def core_forward(self, logits, target_probs, position_mask, **options):
-        import jax.numpy as jnp
-
-        return _core.forward(
-            logits, target_probs, position_mask, block_rows=None, xp=jnp, **options
-        )
-
     @functools.cache  # noqa: B019 (two instances at most, alive for the session)
     def _jitted(self, name: str, **options: Any) -> Any:
         import jax
 
-        function = getattr(self.kernels, name)
-        return jax.jit(functools.partial(function, interpret=self.interpret, **options))
+        return jax.jit(functools.partial(getattr(Kernel, name), self, **options))
+
+
+class TorchCpuPath(Kernel):
+    """The torch CPU path's row routine, and the generic core's backward, on CPU tensors."""
+
+    def __init__(self) -> None:
+        import array_api_compat.torch
+
+        torch_adapter = importlib.import_module("softce_multi.torch")
+        self.module = SimpleNamespace(
+            row_routine=lambda rows, /, *, block_size, **options: torch_adapter.cpu_row_routine(
+                rows, **options
+            ),
+            gradient_routine=lambda *arrays, block_size, **options: _core.blocked_gradient_routine(
+                16, xp=array_api_compat.torch
+            )(*arrays, **options),
+        )
+        self.backend = Backend("torch-cpu", "torch", "cpu")
+        self.xp = array_api_compat.torch
+        self.routine_options = {}
 
 
 def _triton_kernel() -> TritonKernel:
@@ -140,10 +181,25 @@ def backward_with_upstream(kernel, case, upstream, *, logits_grad, targets_grad)
     )
 
 
+def _torch_cpu_path() -> TorchCpuPath:
+    if not HAS_TORCH:
+        pytest.skip("needs torch")
+    return TorchCpuPath()
+
+
+_IMPLEMENTATIONS = {"triton": _triton_kernel, "pallas": _pallas_kernel, "torch-cpu": _torch_cpu_path}
+
+
+@pytest.fixture(params=list(_IMPLEMENTATIONS), scope="module")
+def kernel(request: pytest.FixtureRequest) -> Kernel:
+    """Each kernel, on the device where it runs (or its interpreter), and the torch CPU path."""
+    return _IMPLEMENTATIONS[request.param]()
+
+
 @pytest.fixture(params=["triton", "pallas"], scope="module")
-def kernel(request: pytest.FixtureRequest) -> TritonKernel | PallasKernel:
-    """Each kernel, on the device where it runs (or its interpreter)."""
-    return _triton_kernel() if request.param == "triton" else _pallas_kernel()
+def gpu_kernel(request: pytest.FixtureRequest) -> Kernel:
+    """Each GPU kernel, on the device where it runs (or its interpreter)."""
+    return _IMPLEMENTATIONS[request.param]()
 
 
 @pytest.fixture(scope="module")
@@ -448,12 +504,12 @@ def test_empty_batch_gives_zero_loss_and_empty_gradient(kernel):
     assert tuple(result.logits_grad.shape) == (0, 5)
 
 
-def test_block_size_must_be_a_power_of_two(kernel):
+def test_block_size_must_be_a_power_of_two(gpu_kernel):
     rng = np.random.default_rng(20)
-    case = make_case(kernel.backend, rng, SHAPE)
+    case = make_case(gpu_kernel.backend, rng, SHAPE)
 
     with pytest.raises(ValueError, match="block_size must be a positive power of two, got 24"):
-        kernel.forward(
+        gpu_kernel.forward(
             *case[:3], reduction="mean", num_valid=None, with_logits_grad=False, block_size=24
         )
 
@@ -587,13 +643,27 @@ def test_pallas_kernels_lower_for_cuda(with_logits_grad):
     rows = jnp.ones(4, jnp.float32)
 
     def forward(z, p, w):
-        return kernel.kernels.forward(
-            z, p, w, reduction="mean", num_valid=None, with_logits_grad=with_logits_grad
+        return _core.forward(
+            z,
+            p,
+            w,
+            reduction="mean",
+            num_valid=None,
+            with_logits_grad=with_logits_grad,
+            row_routine=kernel.module.row_routine,
+            xp=jnp,
         )
 
     def backward(z, p, saved, scale):
-        return kernel.kernels.backward(
-            z, p, saved, scale, logits_grad=True, targets_grad=with_logits_grad
+        return _core.backward(
+            z,
+            p,
+            saved,
+            scale,
+            logits_grad=True,
+            targets_grad=with_logits_grad,
+            gradient_routine=kernel.module.gradient_routine,
+            xp=jnp,
         )
 
     saved = _core.SavedRows(rows, rows, rows)
@@ -613,12 +683,10 @@ def test_pallas_forward_maps_over_a_leading_axis_under_vmap():
     options = dict(reduction="mean", num_valid=None, with_logits_grad=True)
 
     def per_batch(z, p, w):
-        return kernel.kernels.forward(
-            z, p, w, block_size=BLOCK, interpret=kernel.interpret, **options
-        )
+        return Kernel.forward(kernel, z, p, w, block_size=BLOCK, **options)
 
     def per_batch_core(z, p, w):
-        return _core.forward(z, p, w, block_rows=None, xp=jnp, **options)
+        return kernel.core_forward(z, p, w, **options)
 
     result = jax.jit(jax.vmap(per_batch))(*case[:3])
     expected = jax.vmap(per_batch_core)(*case[:3])
@@ -633,7 +701,7 @@ def test_pallas_forward_maps_over_a_leading_axis_under_vmap():
 
 
 class KernelSpy:
-    """Replaces ``forward`` and ``backward`` of a kernel module with wrappers that record calls.
+    """Replaces the ``row_routine`` and ``gradient_routine`` of a kernel module with wrappers that record calls.
 
     A call is recorded as the function's name and the flags saying which gradients it computes.
     ``options`` are added to every call. With ``when_run=True`` a call is recorded when the
@@ -651,9 +719,9 @@ class KernelSpy:
     ) -> None:
         self.backend = kernel.backend
         self.calls: list[tuple[str, dict[str, bool]]] = []
-        for name in ("forward", "backward"):
-            function = getattr(kernel.kernels, name)
-            monkeypatch.setattr(kernel.kernels, name, self._wrap(name, function, when_run, options))
+        for name in ("row_routine", "gradient_routine"):
+            function = getattr(kernel.module, name)
+            monkeypatch.setattr(kernel.module, name, self._wrap(name, function, when_run, options))
 
     def _wrap(self, name: str, function: Any, when_run: bool, options: dict[str, Any]) -> Any:
         def spied(*arrays: Any, **kwargs: Any) -> Any:
@@ -721,10 +789,10 @@ def test_torch_adapter_runs_the_triton_kernels(triton_spy, reduction, logits_gra
     # kernel computes, in one sweep, whatever else is wanted.
     fused = logits_grad and reduction != "none"
     recomputed = logits_grad and not fused
-    expected_calls = [("forward", {"with_logits_grad": fused})]
+    expected_calls = [("row_routine", {"with_logits_grad": fused})]
     if recomputed or targets_grad:
         expected_calls.append(
-            ("backward", {"logits_grad": recomputed, "targets_grad": targets_grad})
+            ("gradient_routine", {"logits_grad": recomputed, "targets_grad": targets_grad})
         )
     assert triton_spy.calls == expected_calls
 
@@ -741,8 +809,8 @@ def test_torch_second_backward_recomputes_with_the_triton_kernel(triton_spy):
 
     assert_gradient_close(logits.grad, 2 * expected.grad_logits, "float32")
     assert triton_spy.calls == [
-        ("forward", {"with_logits_grad": True}),
-        ("backward", {"logits_grad": True, "targets_grad": False}),
+        ("row_routine", {"with_logits_grad": True}),
+        ("gradient_routine", {"logits_grad": True, "targets_grad": False}),
     ]
 
 
@@ -755,7 +823,7 @@ def test_torch_loss_with_grad_runs_the_triton_kernel(triton_spy):
 
     assert_loss_close(loss, expected.loss, "float32")
     assert_gradient_close(grad, expected.grad_logits, "float32")
-    assert triton_spy.calls == [("forward", {"with_logits_grad": True})]
+    assert triton_spy.calls == [("row_routine", {"with_logits_grad": True})]
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -788,9 +856,9 @@ def test_jax_adapter_runs_the_pallas_kernels(pallas_spy, reduction):
     assert_gradient_close(grad_targets, expected.grad_targets, "float32")
     # One backward kernel per gradient, so that jit can drop the one that is not used.
     assert sorted(pallas_spy.calls, key=str) == [
-        ("backward", {"logits_grad": False, "targets_grad": True}),
-        ("backward", {"logits_grad": True, "targets_grad": False}),
-        ("forward", {"with_logits_grad": False}),
+        ("gradient_routine", {"logits_grad": False, "targets_grad": True}),
+        ("gradient_routine", {"logits_grad": True, "targets_grad": False}),
+        ("row_routine", {"with_logits_grad": False}),
     ]
 
 
@@ -805,8 +873,8 @@ def test_jax_adapter_runs_the_pallas_kernels_under_vmap(pallas_spy):
     jax.effects_barrier()
 
     assert_gradient_close(grad, np.stack(expected), "float32")
-    assert ("forward", {"with_logits_grad": False}) in pallas_spy.calls
-    assert ("backward", {"logits_grad": True, "targets_grad": False}) in pallas_spy.calls
+    assert ("row_routine", {"with_logits_grad": False}) in pallas_spy.calls
+    assert ("gradient_routine", {"logits_grad": True, "targets_grad": False}) in pallas_spy.calls
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from softce_multi import _core, kernels
 
-__all__ = ["backward", "forward"]
+__all__ = ["gradient_routine", "row_routine"]
 
 
 def _load_chunk(
@@ -248,65 +248,46 @@ def _backward_kernel(
     )
 
 
-def forward(
-    logits: jax.Array,
-    target_probs: jax.Array,
-    position_mask: jax.Array,
+def row_routine(
+    rows: _core.Rows,
     /,
     *,
-    reduction: str,
-    num_valid: jax.Array | float | None,
     with_logits_grad: bool,
     block_size: int | None = None,
     interpret: bool = False,
-) -> _core.ForwardResult:
-    """Compute the loss, and optionally ``d loss / d logits``, with one Pallas program per row.
+) -> _core.RowResults:
+    """The :class:`~softce_multi._core.RowRoutine` of the Pallas forward kernel.
 
-    Same contract as :func:`softce_multi._core.forward` for validated JAX arrays. Rows of weight
-    0 are not read; their entries of :class:`softce_multi._core.SavedRows` are 0 and their
-    gradient rows exactly 0.
+    Rows of weight 0 are not read; their entries of :class:`softce_multi._core.SavedRows` are 0
+    and their gradient rows exactly 0.
 
     Parameters
     ----------
-    logits, target_probs, position_mask
-        Validated inputs: ``[..., V]``, ``[..., V]`` and ``[...]`` or ``[..., 1]``.
-    reduction
-        ``"mean"``, ``"sum"`` or ``"none"``.
-    num_valid
-        Replacement denominator of ``"mean"`` (a number or a 0-d array), or None.
+    rows
+        The inputs laid out by :func:`softce_multi._core.as_rows`.
     with_logits_grad
         Whether to write the logits gradient (scaled for a unit upstream gradient).
     block_size
-        Vocabulary entries per chunk, a power of two; by default ``min(next_pow2(V), 4096)``.
+        Vocabulary entries per chunk, a power of two; see :func:`softce_multi.kernels.launch_config`.
     interpret
         Run the kernel through the Pallas interpreter (any backend) instead of compiling it.
     """
-    rows_in = _core.as_rows(
-        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=jnp
-    )
-    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
-    row_scale = rows_in.row_scale
-
-    n_rows, n_cols = z.shape
+    n_rows, n_cols = rows.z.shape
     n_saved = len(_core.SavedRows._fields)
-    out_shape = [jax.ShapeDtypeStruct((n_rows,), dtype)] * (1 + n_saved)
+    out_shape = [jax.ShapeDtypeStruct((n_rows,), rows.dtype)] * (1 + n_saved)
     if with_logits_grad:
-        out_shape.append(jax.ShapeDtypeStruct((n_rows, n_cols), logits.dtype))
+        out_shape.append(jax.ShapeDtypeStruct((n_rows, n_cols), rows.z.dtype))
     block, num_warps = kernels.launch_config(n_cols, block_size)
-    kernel = functools.partial(_forward_kernel, compute=dtype, block_size=block)
-    weighted, *outputs = _call(kernel, out_shape, (z, p, weights, row_scale), num_warps, interpret)
-    saved = _core.SavedRows(*outputs[:n_saved])
-
-    loss = _core.reduce_loss(
-        weighted, rows_in, reduction=reduction, batch_shape=logits.shape[:-1], xp=jnp
-    )
-    logits_grad = jnp.reshape(outputs[n_saved], logits.shape) if with_logits_grad else None
-    return _core.ForwardResult(loss, logits_grad, saved, row_scale)
+    kernel = functools.partial(_forward_kernel, compute=rows.dtype, block_size=block)
+    inputs = (rows.z, rows.p, rows.weights, rows.row_scale)
+    weighted, *outputs = _call(kernel, out_shape, inputs, num_warps, interpret)
+    logits_grad = outputs[n_saved] if with_logits_grad else None
+    return _core.RowResults(weighted, _core.SavedRows(*outputs[:n_saved]), logits_grad)
 
 
-def backward(
-    logits: jax.Array,
-    target_probs: jax.Array,
+def gradient_routine(
+    z: jax.Array,
+    p: jax.Array,
     saved: _core.SavedRows,
     row_scale: jax.Array,
     /,
@@ -316,42 +297,18 @@ def backward(
     block_size: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """Recompute the gradients from the saved row statistics, reading each needed input once.
+    """The :class:`~softce_multi._core.GradientRoutine` of the Pallas backward kernel.
 
-    Equivalent to :func:`softce_multi._core.logits_gradient` and
-    :func:`softce_multi._core.targets_gradient` together. Rows whose ``row_scale`` is 0 are not
-    read and get exactly 0.
-
-    Parameters
-    ----------
-    logits, target_probs
-        The forward inputs, ``[..., V]``. ``target_probs`` is read only for ``logits_grad``.
-    saved, row_scale
-        :attr:`~softce_multi._core.ForwardResult.saved` and
-        :attr:`~softce_multi._core.ForwardResult.row_scale` of the forward pass, ``[N]`` each;
-        ``row_scale`` already multiplied by the upstream gradient.
-    logits_grad, targets_grad
-        Which gradients to return.
-    block_size, interpret
-        As in :func:`forward`.
-
-    Returns
-    -------
-    tuple
-        ``d loss / d logits`` in the logits' dtype and ``d loss / d target_probs`` in the targets'
-        dtype, both of the logits' shape, or None for a gradient not asked for.
+    One sweep reads each needed input once; ``p`` is read only for ``logits_grad``. Rows whose
+    ``row_scale`` is 0 are not read and get exactly 0. ``block_size`` and ``interpret`` are as
+    in :func:`row_routine`.
     """
-    n_cols = logits.shape[-1]
-    z = jnp.reshape(logits, (-1, n_cols))
-    p = jnp.reshape(target_probs, (-1, n_cols))
     out_shape = []
     if logits_grad:
-        out_shape.append(jax.ShapeDtypeStruct(z.shape, logits.dtype))
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))
     if targets_grad:
-        out_shape.append(jax.ShapeDtypeStruct(z.shape, target_probs.dtype))
-    if not out_shape:
-        return None, None
-    block, num_warps = kernels.launch_config(n_cols, block_size)
+        out_shape.append(jax.ShapeDtypeStruct(z.shape, p.dtype))
+    block, num_warps = kernels.launch_config(z.shape[-1], block_size)
     kernel = functools.partial(
         _backward_kernel,
         logits_grad=logits_grad,
@@ -359,10 +316,7 @@ def backward(
         compute=saved.row_max.dtype,
         block_size=block,
     )
-    grads = iter(
-        jnp.reshape(grad, logits.shape)
-        for grad in _call(kernel, out_shape, (z, p, *saved, row_scale), num_warps, interpret)
-    )
+    grads = iter(_call(kernel, out_shape, (z, p, *saved, row_scale), num_warps, interpret))
     return (next(grads) if logits_grad else None, next(grads) if targets_grad else None)
 
 
@@ -374,13 +328,10 @@ def _call(
     interpret: bool,
 ) -> list[jax.Array]:
     """Run ``kernel`` with one program per row of ``inputs[0]``; whole arrays as refs."""
-    n_rows = inputs[0].shape[0]
-    if n_rows == 0:
-        return [jnp.empty(out.shape, out.dtype) for out in out_shape]
     return pl.pallas_call(
         kernel,
         out_shape=out_shape,
-        grid=(n_rows,),
+        grid=(inputs[0].shape[0],),
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=num_warps),
     )(*inputs)

@@ -26,14 +26,13 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-import array_api_compat
 import torch
 import triton
 import triton.language as tl
 
 from softce_multi import _core, kernels
 
-__all__ = ["backward", "forward"]
+__all__ = ["gradient_routine", "row_routine"]
 
 
 @triton.jit
@@ -245,79 +244,55 @@ def _backward_kernel(
     )
 
 
-def forward(
-    logits: torch.Tensor,
-    target_probs: torch.Tensor,
-    position_mask: torch.Tensor,
-    /,
-    *,
-    reduction: str,
-    num_valid: torch.Tensor | float | None,
-    with_logits_grad: bool,
-    block_size: int | None = None,
-) -> _core.ForwardResult:
-    """Compute the loss, and optionally ``d loss / d logits``, with one Triton program per row.
+def row_routine(
+    rows: _core.Rows, /, *, with_logits_grad: bool, block_size: int | None = None
+) -> _core.RowResults:
+    """The :class:`~softce_multi._core.RowRoutine` of the Triton forward kernel.
 
-    Same contract as :func:`softce_multi._core.forward` for validated torch tensors on a CUDA
-    device (or on the CPU under ``TRITON_INTERPRET=1``). Rows of weight 0 are not read; their
-    entries of :class:`softce_multi._core.SavedRows` are 0 and their gradient rows exactly 0.
+    For torch tensors on a CUDA device (or on the CPU under ``TRITON_INTERPRET=1``). Rows of
+    weight 0 are not read; their entries of :class:`softce_multi._core.SavedRows` are 0 and
+    their gradient rows exactly 0.
 
     Parameters
     ----------
-    logits, target_probs, position_mask
-        Validated inputs: ``[..., V]``, ``[..., V]`` and ``[...]`` or ``[..., 1]``.
-    reduction
-        ``"mean"``, ``"sum"`` or ``"none"``.
-    num_valid
-        Replacement denominator of ``"mean"`` (a number or a 0-d tensor), or None.
+    rows
+        The inputs laid out by :func:`softce_multi._core.as_rows`.
     with_logits_grad
         Whether to write the logits gradient (scaled for a unit upstream gradient).
     block_size
-        Vocabulary entries per chunk, a power of two; by default ``min(next_pow2(V), 4096)``.
+        Vocabulary entries per chunk, a power of two; see :func:`softce_multi.kernels.launch_config`.
     """
-    xp = array_api_compat.array_namespace(logits)
-    rows_in = _core.as_rows(
-        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=xp
-    )
-    z, p, weights, dtype = rows_in.z, rows_in.p, rows_in.weights, rows_in.dtype
-    row_scale = rows_in.row_scale
-
+    z, p = rows.z, rows.p
     n_rows, n_cols = z.shape
-    weighted = torch.empty(n_rows, dtype=dtype, device=z.device)
+    weighted = torch.empty(n_rows, dtype=rows.dtype, device=z.device)
     saved = _core.SavedRows(*(torch.empty_like(weighted) for _ in _core.SavedRows._fields))
-    grad = _empty_rows(n_rows if with_logits_grad else 0, n_cols, logits.dtype, z.device)
+    grad = _empty_rows(n_rows if with_logits_grad else 0, n_cols, z.dtype, z.device)
     block, num_warps = kernels.launch_config(n_cols, block_size)
-    if n_rows > 0:
-        with _on_device(z):
-            _forward_kernel[(n_rows,)](
-                z,
-                *z.stride(),
-                p,
-                *p.stride(),
-                weights,
-                row_scale,
-                weighted,
-                *saved,
-                grad,
-                n_cols,
-                WITH_GRAD=with_logits_grad,
-                # Keep the row in L2 for the gradient sweep that follows.
-                STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
-                COMPUTE=_TRITON_DTYPES[dtype],
-                BLOCK_SIZE=block,
-                num_warps=num_warps,
-            )
-
-    loss = _core.reduce_loss(
-        weighted, rows_in, reduction=reduction, batch_shape=logits.shape[:-1], xp=xp
-    )
-    logits_grad = grad.reshape(logits.shape) if with_logits_grad else None
-    return _core.ForwardResult(loss, logits_grad, saved, row_scale)
+    with _on_device(z):
+        _forward_kernel[(n_rows,)](
+            z,
+            *z.stride(),
+            p,
+            *p.stride(),
+            rows.weights,
+            rows.row_scale,
+            weighted,
+            *saved,
+            grad,
+            n_cols,
+            WITH_GRAD=with_logits_grad,
+            # Keep the row in L2 for the gradient sweep that follows.
+            STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
+            COMPUTE=_TRITON_DTYPES[rows.dtype],
+            BLOCK_SIZE=block,
+            num_warps=num_warps,
+        )
+    return _core.RowResults(weighted, saved, grad if with_logits_grad else None)
 
 
-def backward(
-    logits: torch.Tensor,
-    target_probs: torch.Tensor,
+def gradient_routine(
+    z: torch.Tensor,
+    p: torch.Tensor,
     saved: _core.SavedRows,
     row_scale: torch.Tensor,
     /,
@@ -326,60 +301,34 @@ def backward(
     targets_grad: bool,
     block_size: int | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Recompute the gradients from the saved row statistics, reading each needed input once.
+    """The :class:`~softce_multi._core.GradientRoutine` of the Triton backward kernel.
 
-    Equivalent to :func:`softce_multi._core.logits_gradient` and
-    :func:`softce_multi._core.targets_gradient` together. Rows whose ``row_scale`` is 0 are not
-    read and get exactly 0.
-
-    Parameters
-    ----------
-    logits, target_probs
-        The forward inputs, ``[..., V]``. ``target_probs`` is read only for ``logits_grad``.
-    saved, row_scale
-        :attr:`~softce_multi._core.ForwardResult.saved` and
-        :attr:`~softce_multi._core.ForwardResult.row_scale` of the forward pass, ``[N]`` each;
-        ``row_scale`` already multiplied by the upstream gradient.
-    logits_grad, targets_grad
-        Which gradients to return.
-    block_size
-        As in :func:`forward`.
-
-    Returns
-    -------
-    tuple
-        ``d loss / d logits`` in the logits' dtype and ``d loss / d target_probs`` in the targets'
-        dtype, both of the logits' shape, or None for a gradient not asked for.
+    One sweep reads each needed input once; ``p`` is read only for ``logits_grad``. Rows whose
+    ``row_scale`` is 0 are not read and get exactly 0. ``block_size`` is as in
+    :func:`row_routine`.
     """
-    n_cols = logits.shape[-1]
-    z = logits.reshape(-1, n_cols)
-    p = target_probs.reshape(-1, n_cols)
-    n_rows = z.shape[0]
-    grad_z = _empty_rows(n_rows if logits_grad else 0, n_cols, logits.dtype, z.device)
-    grad_p = _empty_rows(n_rows if targets_grad else 0, n_cols, target_probs.dtype, z.device)
+    n_rows, n_cols = z.shape
+    grad_z = _empty_rows(n_rows if logits_grad else 0, n_cols, z.dtype, z.device)
+    grad_p = _empty_rows(n_rows if targets_grad else 0, n_cols, p.dtype, z.device)
     block, num_warps = kernels.launch_config(n_cols, block_size)
-    if n_rows > 0 and (logits_grad or targets_grad):
-        with _on_device(z):
-            _backward_kernel[(n_rows,)](
-                z,
-                *z.stride(),
-                p,
-                *p.stride(),
-                *saved,
-                row_scale,
-                grad_z,
-                grad_p,
-                n_cols,
-                LOGITS_GRAD=logits_grad,
-                TARGETS_GRAD=targets_grad,
-                COMPUTE=_TRITON_DTYPES[saved.row_max.dtype],
-                BLOCK_SIZE=block,
-                num_warps=num_warps,
-            )
-    return (
-        grad_z.reshape(logits.shape) if logits_grad else None,
-        grad_p.reshape(logits.shape) if targets_grad else None,
-    )
+    with _on_device(z):
+        _backward_kernel[(n_rows,)](
+            z,
+            *z.stride(),
+            p,
+            *p.stride(),
+            *saved,
+            row_scale,
+            grad_z,
+            grad_p,
+            n_cols,
+            LOGITS_GRAD=logits_grad,
+            TARGETS_GRAD=targets_grad,
+            COMPUTE=_TRITON_DTYPES[saved.row_max.dtype],
+            BLOCK_SIZE=block,
+            num_warps=num_warps,
+        )
+    return (grad_z if logits_grad else None, grad_p if targets_grad else None)
 
 
 _TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
