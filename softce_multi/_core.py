@@ -4,7 +4,10 @@ Every function here takes the array namespace ``xp`` explicitly and creates its 
 device of its inputs. The math is split in two reusable steps:
 
 1. :func:`row_statistics` reduces a block of rows to four numbers per row (the row maximum, the
-   sum of exponentials relative to it, the target mass and the target-weighted logits).
+   sum of exponentials relative to it, the target mass and the target-weighted logits). The
+   statistics of parts of a row's vocabulary combine into those of the row
+   (:func:`merge_statistics` online, or :func:`merge_candidate`, :func:`common_shift` and
+   :func:`shift_statistics` around an all-reduce across vocabulary shards).
 2. :func:`row_losses`, :func:`logits_gradient_rows` and :func:`targets_gradient_rows` turn those
    statistics, and the same block, into per-row losses and gradient rows.
 
@@ -108,6 +111,51 @@ def row_losses(stats: RowStatistics, *, xp: Namespace) -> Array:
     """
     normalizer = xp.where(stats.target_sum == 0, 0.0, stats.target_sum * xp.log(stats.sum_exp))
     return normalizer - stats.target_dot
+
+
+def merge_candidate(stats: RowStatistics, *, xp: Namespace) -> Array:
+    """The row maximum of a part of the vocabulary, to max-reduce over the parts of a row.
+
+    A part whose exponentials sum to 0 (all its logits -inf) offers -inf rather than its shift
+    of 0, so that it cannot raise the common shift above the true maximum.
+    """
+    return xp.where(stats.sum_exp > 0, stats.row_max, -math.inf)
+
+
+def common_shift(maximum: Array, *, xp: Namespace) -> Array:
+    """The shift shared by the parts of a row, from the maximum of their :func:`merge_candidate`.
+
+    0 where that maximum is not finite, the convention of :func:`row_statistics`.
+    """
+    return xp.where(xp.isfinite(maximum), maximum, 0.0)
+
+
+def shift_statistics(stats: RowStatistics, shift: Array, *, xp: Namespace) -> RowStatistics:
+    """Express the statistics of a part of the vocabulary relative to the common ``shift``.
+
+    ``shift`` comes from :func:`common_shift` over every part of the row. Shifted this way, the
+    statistics of the parts of a row add up, field by field (but ``row_max``, which becomes
+    ``shift``), to those of the whole row: that is how vocabulary chunks (online) and
+    vocabulary shards (all-reduce) combine.
+    """
+    moved = stats.row_max - shift
+    # A part with no exponential mass stays at 0, whatever its (conventional) shift was.
+    sum_exp = stats.sum_exp * xp.exp(xp.where(stats.sum_exp == 0, 0.0, moved))
+    # sum p * (z - shift) = sum p * (z - row_max) + (row_max - shift) * sum p.
+    target_dot = xp.where(
+        stats.target_sum == 0, stats.target_dot, stats.target_dot + moved * stats.target_sum
+    )
+    return RowStatistics(shift, sum_exp, stats.target_sum, target_dot)
+
+
+def merge_statistics(first: RowStatistics, second: RowStatistics, *, xp: Namespace) -> RowStatistics:
+    """The statistics of a row made of two parts of its vocabulary (an online update)."""
+    maximum = xp.maximum(merge_candidate(first, xp=xp), merge_candidate(second, xp=xp))
+    shift = common_shift(maximum, xp=xp)
+    a, b = shift_statistics(first, shift, xp=xp), shift_statistics(second, shift, xp=xp)
+    return RowStatistics(
+        shift, a.sum_exp + b.sum_exp, a.target_sum + b.target_sum, a.target_dot + b.target_dot
+    )
 
 
 def log_softmax_rows(z: Array, row_max: Array, log_sum_exp: Array) -> Array:

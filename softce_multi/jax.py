@@ -149,12 +149,12 @@ def _forward(
         reduction=reduction,
         num_valid=count,
         with_logits_grad=with_logits_grad,
-        row_routine=_row_routine,
+        row_routine=row_routine,
         xp=jnp,
     )
 
 
-def _row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
+def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
     """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else the core."""
 
     def core(rows: _core.Rows) -> _core.RowResults:
@@ -169,7 +169,7 @@ def _row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowRes
     return _per_platform(kernel, core, rows.z, rows)
 
 
-def _gradient_routine(
+def gradient_routine(
     z: jax.Array,
     p: jax.Array,
     saved: _core.SavedRows,
@@ -221,7 +221,7 @@ def _loss_bwd(
         row_scale,
         logits_grad=True,
         targets_grad=False,
-        gradient_routine=_gradient_routine,
+        gradient_routine=gradient_routine,
         xp=jnp,
     )
     _, grad_targets = _core.backward(
@@ -231,7 +231,7 @@ def _loss_bwd(
         row_scale,
         logits_grad=False,
         targets_grad=True,
-        gradient_routine=_gradient_routine,
+        gradient_routine=gradient_routine,
         xp=jnp,
     )
     zero_count = None if count is None else jnp.zeros_like(count)
