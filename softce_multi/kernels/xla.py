@@ -24,8 +24,9 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def chunk_rows(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk for ``n_rows`` rows of ``vocab_size`` entries (all of them if few)."""
-    return max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
+    """Rows per chunk: the largest divisor of ``n_rows`` within :data:`CHUNK_ELEMENTS`."""
+    limit = max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
+    return next(size for size in range(limit, 0, -1) if n_rows % size == 0)
 
 
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
@@ -33,13 +34,12 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
     n_rows, vocab_size = rows.z.shape
     chunk = chunk_rows(n_rows, vocab_size)
     core = _core.blocked_row_routine(None, xp=jnp)
-    vector = jnp.zeros((n_rows,), rows.dtype)
+    vector = jax.ShapeDtypeStruct((n_rows,), rows.dtype)
     outputs = [vector, _core.SavedRows(vector, vector, vector)]
     if with_logits_grad:
-        outputs.append(jnp.zeros(rows.z.shape, rows.z.dtype))
+        outputs.append(jax.ShapeDtypeStruct(rows.z.shape, rows.z.dtype))
 
-    def step(index: Any, outputs: list[Any]) -> list[Any]:
-        start = _chunk_start(index, chunk, n_rows)
+    def chunk_results(start: Any) -> list[Any]:
         piece = _core.Rows(
             _rows_at(rows.z, start, chunk),
             _rows_at(rows.p, start, chunk),
@@ -47,18 +47,10 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
             rows.inv_den,
         )
         result = core(piece, with_logits_grad=with_logits_grad)
-        pieces = [result.weighted, result.saved]
-        if with_logits_grad:
-            pieces.append(result.logits_grad)
-        return jax.tree.map(
-            lambda out, new: jax.lax.dynamic_update_slice_in_dim(out, new, start, axis=0),
-            outputs,
-            pieces,
-        )
+        return [result.weighted, result.saved, result.logits_grad][: len(outputs)]
 
-    results = jax.lax.fori_loop(0, _n_chunks(n_rows, chunk), step, outputs)
-    grad = results[2] if with_logits_grad else None
-    return _core.RowResults(results[0], results[1], grad)
+    results = _over_chunks(chunk_results, outputs, n_rows, chunk)
+    return _core.RowResults(results[0], results[1], results[2] if with_logits_grad else None)
 
 
 def gradient_routine(
@@ -77,12 +69,13 @@ def gradient_routine(
     core = _core.blocked_gradient_routine(None, xp=jnp)
     wanted = (logits_grad, targets_grad)
     outputs = [
-        jnp.zeros(z.shape, dtype) for dtype, want in zip((z.dtype, p.dtype), wanted) if want
+        jax.ShapeDtypeStruct(z.shape, dtype)
+        for dtype, want in zip((z.dtype, p.dtype), wanted, strict=True)
+        if want
     ]
 
-    def step(index: Any, outputs: list[Any]) -> list[Any]:
-        start = _chunk_start(index, chunk, n_rows)
-        pieces = core(
+    def chunk_results(start: Any) -> list[Any]:
+        grads = core(
             _rows_at(z, start, chunk),
             _rows_at(p, start, chunk),
             jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk), saved),
@@ -90,24 +83,46 @@ def gradient_routine(
             logits_grad=logits_grad,
             targets_grad=targets_grad,
         )
-        pieces = [piece for piece in pieces if piece is not None]
-        return [
-            jax.lax.dynamic_update_slice_in_dim(out, new, start, axis=0)
-            for out, new in zip(outputs, pieces, strict=True)
-        ]
+        return [grad for grad in grads if grad is not None]
 
-    results = iter(jax.lax.fori_loop(0, _n_chunks(n_rows, chunk), step, outputs))
+    results = iter(_over_chunks(chunk_results, outputs, n_rows, chunk))
     return tuple(next(results) if want else None for want in wanted)  # type: ignore[return-value]
 
 
-def _n_chunks(n_rows: int, chunk: int) -> int:
-    return -(-n_rows // chunk)
+def _over_chunks(chunk_results: Any, outputs: Any, n_rows: int, chunk: int) -> Any:
+    """The pytree ``outputs`` (shapes, rows first) from ``chunk_results(start)`` of each chunk.
+
+    ``chunk`` divides ``n_rows``: ``lax.map`` stacks the chunks' results, and the stack is the
+    output, reshaped for free. 16-bit floats are stacked as their bits: XLA's CPU backend
+    computes them in float32, and would convert the whole stack to float32 and back to write
+    one chunk into it.
+    """
+
+    def bits_of_chunk(start: Any) -> Any:
+        return jax.tree.map(_as_bits, chunk_results(start))
+
+    stacked = jax.lax.map(bits_of_chunk, jnp.arange(0, n_rows, chunk))
+    return jax.tree.map(
+        lambda x, out: _from_bits(jnp.reshape(x, out.shape), out.dtype), stacked, outputs
+    )
 
 
-def _chunk_start(index: Any, chunk: int, n_rows: int) -> Any:
-    """The first row of chunk ``index``; the last chunk ends at the last row."""
-    return jnp.minimum(index * chunk, n_rows - chunk)
+def _as_bits(x: jax.Array) -> jax.Array:
+    """A 16-bit float array as unsigned 16-bit integers; any other array as it is."""
+    if jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        return jax.lax.bitcast_convert_type(x, jnp.uint16)
+    return x
+
+
+def _from_bits(x: jax.Array, dtype: Any) -> jax.Array:
+    return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
 def _rows_at(x: jax.Array, start: Any, chunk: int) -> jax.Array:
-    return jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=0)
+    """Rows ``start`` to ``start + chunk`` of ``x``, as they are stored.
+
+    A 16-bit float array is sliced as its bits, for the reason given in :func:`_over_chunks`:
+    sliced as floats, the whole array would be converted to float32 first.
+    """
+    rows = jax.lax.dynamic_slice_in_dim(_as_bits(x), start, chunk, axis=0)
+    return _from_bits(rows, x.dtype)
