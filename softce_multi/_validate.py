@@ -1,14 +1,33 @@
-"""Input checks for the public functions, and their error messages."""
+"""Input checks for the public functions, and their error messages.
+
+Each check raises TypeError (a wrong type or dtype) or ValueError (a wrong shape, device or
+value) with a message that names the argument and shows what it got. Checks read shapes, dtypes
+and host numbers only, never the values inside an array (that would read a device back to the
+host), except :func:`check_always_include` for an array given as ``always_include``.
+"""
 
 from __future__ import annotations
 
 import math
 import numbers
+import operator
+import sys
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import array_api_compat
 
+from softce_multi._core import compute_dtype
 from softce_multi._types import REDUCTIONS, Array, Namespace
+
+#: The widest floating dtype any backend computes in; NumPy's longdouble is wider.
+_WIDEST_FLOAT_BITS = 64
+
+#: Host numbers longer than this are shown cut in error messages (10**400 has 401 digits).
+_SHOWN_CHARACTERS = 40
+
+
+# --- arrays: namespaces, devices, dtypes, shapes ------------------------------------------
 
 
 def namespace_of(**arrays: Array) -> Namespace:
@@ -47,6 +66,75 @@ def check_same_device(**arrays: Array) -> None:
         raise ValueError(msg)
 
 
+def is_array(value: Any) -> bool:
+    """Whether ``value`` is an array; NumPy scalars such as ``np.int64(3)`` are host numbers."""
+    return array_api_compat.is_array_api_obj(value) and not isinstance(value, numbers.Number)
+
+
+def check_floating(xp: Namespace, **arrays: Array) -> None:
+    """Raise TypeError unless every array (given by argument name) is float16 to float64.
+
+    Real floating dtypes wider than 64 bits (NumPy's longdouble on x86-64 Linux) are refused:
+    no backend computes in them, and converting them would quietly drop their precision.
+    """
+    for name, array in arrays.items():
+        if not xp.isdtype(array.dtype, "real floating"):
+            msg = f"{name} must have a real floating dtype, got {array.dtype}"
+            raise TypeError(msg)
+        bits = xp.finfo(array.dtype).bits
+        if bits > _WIDEST_FLOAT_BITS:
+            msg = (
+                f"{name} must be float16, bfloat16, float32 or float64, got {array.dtype} "
+                f"({bits} bits, wider than any computation dtype); convert it to float64"
+            )
+            raise TypeError(msg)
+
+
+def check_integer(xp: Namespace, **arrays: Array) -> None:
+    """Raise TypeError unless every array (given by argument name) has an integer dtype."""
+    for name, array in arrays.items():
+        if not xp.isdtype(array.dtype, "integral"):
+            msg = f"{name} must have an integer dtype, got {array.dtype}"
+            raise TypeError(msg)
+
+
+def check_signed(xp: Namespace, dtype: Any, *, name: str) -> None:
+    """Raise TypeError unless ``dtype`` (described by ``name``) can hold the id -1."""
+    if not xp.isdtype(dtype, "signed integer"):
+        msg = f"{name} must be a signed integer dtype to hold the id -1, got {dtype}"
+        raise TypeError(msg)
+
+
+def check_1d(array: Array, *, name: str, meaning: str) -> None:
+    """Raise ValueError unless ``array`` is 1-D; ``meaning`` says what its entries are."""
+    if array.ndim != 1:
+        msg = f"{name} must be 1-D ({meaning}), got shape {tuple(array.shape)}"
+        raise ValueError(msg)
+
+
+def check_mask(
+    xp: Namespace, mask: Array, logits: Array, /, *, mask_name: str, logits_name: str
+) -> None:
+    """Check a mask against the logits it weighs.
+
+    The mask is bool, integer or real floating, of shape ``logits.shape[:-1]`` or that with a
+    trailing 1. ``mask_name`` and ``logits_name`` are the argument names the messages show.
+    """
+    if not xp.isdtype(mask.dtype, ("bool", "integral", "real floating")):
+        msg = f"{mask_name} must be bool, integer or real floating, got {mask.dtype}"
+        raise TypeError(msg)
+    shape = tuple(logits.shape)
+    if tuple(mask.shape) not in (shape[:-1], (*shape[:-1], 1)):
+        msg = (
+            f"{mask_name} must have shape {shape[:-1]} or {(*shape[:-1], 1)} for {logits_name} "
+            f"of shape {shape}, got {tuple(mask.shape)}"
+        )
+        raise ValueError(msg)
+
+
+# --- the loss ------------------------------------------------------------------------------
+
+
 def validate_inputs(
     logits: Array,
     target_probs: Array,
@@ -73,43 +161,12 @@ def validate_inputs(
             f"{tuple(target_probs.shape)} and logits {shape}"
         )
         raise ValueError(msg)
-    check_mask(xp, position_mask=position_mask, logits=logits)
+    check_mask(xp, position_mask, logits, mask_name="position_mask", logits_name="logits")
 
     check_reduction(reduction, with_grad=False)
-    check_num_valid(num_valid, reduction, xp=xp)
+    dtype = compute_dtype(logits, target_probs, xp=xp)
+    check_num_valid(num_valid, reduction, xp=xp, dtype=dtype)
     return xp
-
-
-def is_array(value: Any) -> bool:
-    """Whether ``value`` is an array; NumPy scalars such as ``np.int64(3)`` are host numbers."""
-    return array_api_compat.is_array_api_obj(value) and not isinstance(value, numbers.Number)
-
-
-def check_floating(xp: Namespace, **arrays: Array) -> None:
-    """Raise TypeError unless every array (given by argument name) is real floating."""
-    for name, array in arrays.items():
-        if not xp.isdtype(array.dtype, "real floating"):
-            msg = f"{name} must have a real floating dtype, got {array.dtype}"
-            raise TypeError(msg)
-
-
-def check_mask(xp: Namespace, **mask_and_logits: Array) -> None:
-    """Check a mask against the logits it weighs, both given by argument name, in that order.
-
-    The mask is bool, integer or real floating, of shape ``logits.shape[:-1]`` or that
-    with a trailing 1.
-    """
-    (mask_name, mask), (logits_name, logits) = mask_and_logits.items()
-    if not xp.isdtype(mask.dtype, ("bool", "integral", "real floating")):
-        msg = f"{mask_name} must be bool, integer or real floating, got {mask.dtype}"
-        raise TypeError(msg)
-    shape = tuple(logits.shape)
-    if tuple(mask.shape) not in (shape[:-1], (*shape[:-1], 1)):
-        msg = (
-            f"{mask_name} must have shape {shape[:-1]} or {(*shape[:-1], 1)} for {logits_name} "
-            f"of shape {shape}, got {tuple(mask.shape)}"
-        )
-        raise ValueError(msg)
 
 
 def check_reduction(reduction: Any, *, with_grad: bool) -> None:
@@ -125,8 +182,15 @@ def check_reduction(reduction: Any, *, with_grad: bool) -> None:
         raise ValueError(msg)
 
 
-def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace) -> None:
-    """Check ``num_valid``: None, a non-negative finite number, or a 0-d real array."""
+def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any) -> None:
+    """Check ``num_valid``: None, a host number, or a 0-d real array.
+
+    A host number must be 0, or lie where it and its inverse are normal numbers of ``dtype``,
+    the computation dtype (``2**-126`` to ``2**126`` in float32): outside, the denominator
+    would round to 0 or infinity, or its inverse be flushed to 0 on some backends. A host
+    number wider than 64 bits (``np.longdouble``) is refused, since not every backend converts
+    it. A 0-d array is used as it is, unchecked (its value stays on the device).
+    """
     if num_valid is None:
         return
     if reduction != "mean":
@@ -140,9 +204,274 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace) -> None:
             msg = f"num_valid must have an integer or real floating dtype, got {num_valid.dtype}"
             raise TypeError(msg)
         return
-    if isinstance(num_valid, bool) or not isinstance(num_valid, numbers.Real):
+    if not _is_real_number(num_valid):
         msg = f"num_valid must be a number or a 0-d array, got {type(num_valid).__name__}"
         raise TypeError(msg)
-    if not math.isfinite(num_valid) or num_valid < 0:
-        msg = f"num_valid must be finite and non-negative, got {num_valid}"
+    host_dtype = getattr(num_valid, "dtype", None)  # NumPy scalars have one
+    if host_dtype is not None and host_dtype.itemsize * 8 > _WIDEST_FLOAT_BITS:
+        msg = (
+            f"num_valid must be a Python number or a NumPy scalar of at most 64 bits, got "
+            f"{type(num_valid).__name__} ({host_dtype.itemsize * 8} bits); convert it to float"
+        )
+        raise TypeError(msg)
+    # Comparisons, not float(): a huge int or Fraction would overflow the conversion.
+    if num_valid != num_valid or num_valid < 0 or num_valid == math.inf:
+        msg = f"num_valid must be finite and non-negative, got {_shown(num_valid)}"
         raise ValueError(msg)
+    smallest = float(xp.finfo(dtype).smallest_normal)
+    if num_valid != 0 and not smallest <= num_valid <= 1 / smallest:
+        msg = (
+            f"num_valid must be 0 or between {smallest:.7g} and {1 / smallest:.7g}, where it "
+            f"and its inverse are normal numbers of the computation dtype {dtype}; got "
+            f"{_shown(num_valid)}"
+        )
+        raise ValueError(msg)
+
+
+# --- EAGLE-3 -------------------------------------------------------------------------------
+
+
+def check_token_counts(xp: Namespace, token_counts: Array) -> None:
+    """Check the counts of :func:`softce_multi.eagle3.build_vocab_mapping`."""
+    if not xp.isdtype(token_counts.dtype, ("integral", "real floating")):
+        msg = f"token_counts must have an integer or real floating dtype, got {token_counts.dtype}"
+        raise TypeError(msg)
+    check_1d(token_counts, name="token_counts", meaning="one count per target token")
+
+
+def check_size(size: Any, limit: int, *, name: str) -> int:
+    """Check that ``size`` is an int in ``[1, limit]`` and return it."""
+    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
+        msg = f"{name} must be an int, got {type(size).__name__}"
+        raise TypeError(msg)
+    value = operator.index(size)
+    if not 1 <= value <= limit:
+        msg = f"{name} must be between 1 and the target vocabulary size {limit}, got {value}"
+        raise ValueError(msg)
+    return value
+
+
+def check_always_include(
+    always_include: Any, target_vocab_size: int, draft_vocab_size: int
+) -> list[int]:
+    """Return the distinct ids of ``always_include``, sorted, after checking them.
+
+    ``always_include`` is None, an iterable of ints (not a string), or a 1-D integer array,
+    which is read on the host.
+    """
+    if always_include is None:
+        return []
+    if array_api_compat.is_array_api_obj(always_include):
+        xp = array_api_compat.array_namespace(always_include)
+        if not xp.isdtype(always_include.dtype, "integral") or always_include.ndim != 1:
+            msg = (
+                "always_include must be a 1-D integer array or a sequence of ints, got an "
+                f"array of dtype {always_include.dtype} and shape {tuple(always_include.shape)}"
+            )
+            raise TypeError(msg)
+        values = [int(i) for i in always_include]
+    else:
+        if isinstance(always_include, (str, bytes, bytearray)) or not isinstance(
+            always_include, Iterable
+        ):
+            msg = (
+                "always_include must be a sequence of ints or a 1-D integer array, got "
+                f"{type(always_include).__name__}"
+            )
+            raise TypeError(msg)
+        values = list(always_include)
+        bad = [i for i in values if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
+        if bad:
+            msg = f"always_include must hold ints, got {bad[:5]}"
+            raise TypeError(msg)
+    ids = sorted({operator.index(i) for i in values})
+    outside = [i for i in ids if not 0 <= i < target_vocab_size]
+    if outside:
+        msg = (
+            f"always_include ids must lie in [0, {target_vocab_size}) for token_counts of "
+            f"length {target_vocab_size}, got {outside[:5]}"
+        )
+        raise ValueError(msg)
+    if len(ids) > draft_vocab_size:
+        msg = (
+            f"always_include holds {len(ids)} distinct ids, more than "
+            f"draft_vocab_size={draft_vocab_size}"
+        )
+        raise ValueError(msg)
+    return ids
+
+
+def check_mapping(xp: Namespace, t2d: Array) -> None:
+    """Check that ``t2d`` is a 1-D bool array."""
+    if t2d.dtype != xp.bool:
+        msg = f"t2d must be a bool array (True for draft tokens), got dtype {t2d.dtype}"
+        raise TypeError(msg)
+    check_1d(t2d, name="t2d", meaning="one entry per target token")
+
+
+def check_prepare_inputs(
+    xp: Namespace, target_logits: Array, loss_mask: Array, t2d: Array, /
+) -> None:
+    """Check the dtypes and shapes of the arguments of ``prepare_targets``."""
+    check_floating(xp, target_logits=target_logits)
+    check_mapping(xp, t2d)
+    shape = tuple(target_logits.shape)
+    if len(shape) == 0 or shape[-1] != t2d.shape[0]:
+        msg = (
+            "target_logits must have the target vocabulary as its last axis, of the length of "
+            f"t2d; got target_logits {shape} and t2d {tuple(t2d.shape)}"
+        )
+        raise ValueError(msg)
+    check_mask(xp, loss_mask, target_logits, mask_name="loss_mask", logits_name="target_logits")
+
+
+def check_axis(axis: Any, shape: tuple[int, ...]) -> int:
+    """Check ``axis`` against an array of ``shape`` and return it as a non-negative int."""
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        msg = f"axis must be an int, got {type(axis).__name__}"
+        raise TypeError(msg)
+    index, ndim = operator.index(axis), len(shape)
+    if not -ndim <= index < ndim:
+        msg = f"axis {index} is out of range for x of shape {shape}"
+        raise ValueError(msg)
+    return index % ndim
+
+
+def check_fill(xp: Namespace, fill: Any, dtype: Any) -> bool | int | float:
+    """Return ``fill`` as a Python scalar that an array of ``dtype`` holds exactly.
+
+    Bool arrays take 0, 1, False and True. Integer arrays take whole numbers (True and False
+    count as 1 and 0) within the dtype's range. Floating arrays take any real number up to
+    the dtype's largest magnitude, and the infinities and NaN.
+
+    Raises
+    ------
+    TypeError
+        If ``fill`` is not a real number, or does not fit ``dtype``.
+    """
+    if not (isinstance(fill, bool) or _is_real_number(fill)):
+        msg = f"fill must be a bool or a real number, got {type(fill).__name__}"
+        raise TypeError(msg)
+    if xp.isdtype(dtype, "bool"):
+        if fill not in (0, 1):
+            msg = f"fill must be 0, 1, False or True for x of dtype {dtype}, got {_shown(fill)}"
+            raise TypeError(msg)
+        return bool(fill)
+    if xp.isdtype(dtype, "integral"):
+        # Comparisons first: NaN, the infinities and huge numbers do not convert to int safely.
+        whole = fill == fill and abs(fill) != math.inf and int(fill) == fill
+        if not whole:
+            msg = f"fill must be a whole number for x of dtype {dtype}, got {_shown(fill)}"
+            raise TypeError(msg)
+        value = int(fill)
+        info = xp.iinfo(dtype)
+        if not info.min <= value <= info.max:
+            msg = (
+                f"fill {_shown(value)} does not fit x of dtype {dtype}, which holds "
+                f"{info.min} to {info.max}"
+            )
+            raise TypeError(msg)
+        return value
+    largest = float(xp.finfo(dtype).max)
+    if abs(fill) != math.inf and abs(fill) > largest:
+        msg = (
+            f"fill {_shown(fill)} does not fit x of dtype {dtype}, whose largest finite "
+            f"magnitude is {largest:.7g}"
+        )
+        raise TypeError(msg)
+    return float(fill)
+
+
+def check_step_losses(step_losses: Any) -> Namespace:
+    """Check the argument of ``multi_step_loss`` and return its namespace.
+
+    It is a non-empty 1-D real floating array, or a non-empty sequence of 0-d real floating
+    arrays of one namespace and device.
+    """
+    if array_api_compat.is_array_api_obj(step_losses):
+        xp = namespace_of(step_losses=step_losses)
+        if step_losses.ndim != 1 or step_losses.shape[0] == 0:
+            msg = (
+                "step_losses must be a non-empty 1-D array or a sequence of 0-d arrays, got "
+                f"an array of shape {tuple(step_losses.shape)}"
+            )
+            raise ValueError(msg)
+        dtypes = {"step_losses": step_losses.dtype}
+    else:
+        if isinstance(step_losses, (str, bytes)) or not isinstance(step_losses, Sequence):
+            msg = (
+                "step_losses must be a sequence of 0-d arrays or a 1-D array, got "
+                f"{type(step_losses).__name__}"
+            )
+            raise TypeError(msg)
+        if len(step_losses) == 0:
+            msg = "step_losses must hold at least one loss, got an empty sequence"
+            raise ValueError(msg)
+        named = {f"step_losses[{i}]": loss for i, loss in enumerate(step_losses)}
+        xp = namespace_of(**named)
+        check_same_device(**named)
+        shapes = {name: tuple(loss.shape) for name, loss in named.items() if loss.ndim != 0}
+        if shapes:
+            msg = f"step_losses must hold 0-d arrays, got shapes {shapes}"
+            raise ValueError(msg)
+        dtypes = {name: loss.dtype for name, loss in named.items()}
+    for name, dtype in dtypes.items():
+        if not xp.isdtype(dtype, "real floating"):
+            shown = "" if name == "step_losses" else f" ({name})"
+            msg = f"step_losses must have a real floating dtype, got {dtype}{shown}"
+            raise TypeError(msg)
+    return xp
+
+
+def check_decay(decay: Any) -> float:
+    """Check the ``decay`` of ``multi_step_loss`` (a finite non-negative number); as a float."""
+    if not _is_real_number(decay):
+        msg = f"decay must be a real number, got {type(decay).__name__}"
+        raise TypeError(msg)
+    # Comparisons, not math.isfinite: a huge int or Fraction would overflow the conversion.
+    if decay != decay or decay < 0 or decay > sys.float_info.max:
+        msg = f"decay must be finite and non-negative, got {_shown(decay)}"
+        raise ValueError(msg)
+    return float(decay)
+
+
+def check_normalize(normalize: Any) -> None:
+    """Raise TypeError unless ``normalize`` is a bool."""
+    if not isinstance(normalize, bool):
+        msg = f"normalize must be a bool, got {type(normalize).__name__}"
+        raise TypeError(msg)
+
+
+def check_step_weights_fit(decay: float, steps: int, *, xp: Namespace, dtype: Any) -> None:
+    """Refuse a ``decay`` whose weights ``decay**i`` (``i < steps``) sum beyond ``dtype``.
+
+    Only the plain weighted sum (``normalize=False``) needs this: normalized weights are at
+    most 1 whatever the decay.
+    """
+    if decay <= 1:
+        return  # the weights sum to at most `steps`
+    # log(sum_i decay**i) = (steps - 1) * log(decay) + log(sum_k decay**-k), without overflow.
+    relative = math.fsum(decay**-k for k in range(steps))
+    log_total = (steps - 1) * math.log(decay) + math.log(relative)
+    largest = float(xp.finfo(dtype).max)
+    # The margin covers the rounding of the logarithms (the weights are then computed exactly).
+    if log_total > math.log(largest) - 1e-12:
+        msg = (
+            f"decay={decay} over {steps} steps gives step weights summing to about "
+            f"10**{log_total / math.log(10):.0f}, beyond the largest {dtype} number "
+            f"{largest:.7g}; use normalize=True or a smaller decay"
+        )
+        raise ValueError(msg)
+
+
+def _is_real_number(value: Any) -> bool:
+    """Whether ``value`` is a real host number other than a bool (``True`` is no count)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _shown(value: Any) -> str:
+    """``str(value)``, cut when it is long (a huge int) so that a message stays readable."""
+    text = str(value)
+    if len(text) <= _SHOWN_CHARACTERS:
+        return text
+    return f"{text[:12]}...{text[-4:]} ({len(text)} characters)"

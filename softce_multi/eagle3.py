@@ -1,41 +1,48 @@
 """The steps around the loss that every EAGLE-3 trainer needs, for every array-API backend.
 
 An EAGLE-3 draft model predicts over a *draft vocabulary*, a subset of the target model's
-vocabulary made of its most frequent tokens. One training step, per test-time step ``i``:
-
-1. :func:`build_vocab_mapping` (once, before training) chooses the draft vocabulary from token
-   counts and returns the two mappings ``d2t`` and ``t2d`` that EAGLE-3 checkpoints store;
-   :func:`draft_to_target_ids` and :func:`target_to_draft_ids` translate token ids with them.
-2. :func:`shift_left` aligns the target model's logits, the input ids and the loss mask with what
-   the draft predicts, all three together, once before the first step and once after each step.
-3. :func:`prepare_targets` turns the target logits over the full vocabulary into target
-   probabilities over the draft vocabulary and the mask of the positions to train on.
-4. :func:`softce_multi.masked_soft_cross_entropy` gives the loss of the step, and
-   :func:`draft_accuracy` its top-1 agreement with the target.
-5. :func:`multi_step_loss` combines the losses of the test-time steps into the loss to minimise.
+vocabulary. Per training step: :func:`build_vocab_mapping` (once, before training) chooses it
+and returns the ``d2t``/``t2d`` mappings, which :func:`draft_to_target_ids` and
+:func:`target_to_draft_ids` apply to token ids; :func:`shift_left` aligns the target logits, the
+input ids and the loss mask with the draft's predictions; :func:`prepare_targets` gives the
+target probabilities over the draft vocabulary and the position mask;
+:func:`softce_multi.masked_soft_cross_entropy` the loss of a test-time step and
+:func:`draft_accuracy` its top-1 agreement; :func:`multi_step_loss` combines the steps.
+The whole recipe, with the reasons behind it, is in the documentation (:doc:`/eagle3`).
 
 Every function takes NumPy, PyTorch, JAX, CuPy or array-api-strict arrays and returns arrays of
 the same library on the same device. Nothing reads a device array back to the host, except
 :func:`build_vocab_mapping` when ``always_include`` is an array and :func:`prepare_targets` when
-``draft_vocab_size`` is not given (see there). The targets are constants: on PyTorch they come
-back detached, on JAX behind ``jax.lax.stop_gradient``.
+``draft_vocab_size`` is not given. The targets are constants: on PyTorch they come back
+detached, on JAX behind ``jax.lax.stop_gradient``.
 """
 
 from __future__ import annotations
 
 import math
-import numbers
-import operator
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import array_api_compat
+import array_api_extra as xpx
 
 from softce_multi._core import compute_dtype
+from softce_multi._types import Array, Namespace
 from softce_multi._validate import (
-    check_floating,
-    check_mask,
+    check_1d,
+    check_always_include,
+    check_axis,
+    check_decay,
+    check_fill,
+    check_integer,
+    check_mapping,
+    check_normalize,
+    check_prepare_inputs,
     check_same_device,
+    check_signed,
+    check_size,
+    check_step_losses,
+    check_step_weights_fit,
+    check_token_counts,
     namespace_of,
     validate_inputs,
 )
@@ -50,9 +57,6 @@ __all__ = [
     "target_to_draft_ids",
 ]
 
-Array = Any
-Namespace = Any
-
 
 def build_vocab_mapping(
     token_counts: Array,
@@ -63,10 +67,9 @@ def build_vocab_mapping(
 ) -> tuple[Array, Array]:
     """Choose the draft vocabulary: the ``draft_vocab_size`` most frequent target tokens.
 
-    Tokens are ranked by count, from most to least frequent; equal counts are ranked by lower
-    id first, so tokens that never occur fill the vocabulary in id order when too few tokens
-    occur. The ids of ``always_include`` are chosen before all others. The chosen ids are sorted
-    ascending: draft id ``k`` is the ``k``-th smallest chosen target id.
+    Tokens are ranked by count, most frequent first, equal counts by lower id first; the ids of
+    ``always_include`` come before all others. Draft id ``k`` is the ``k``-th smallest chosen
+    target id. See :ref:`eagle3-vocabulary`.
 
     Parameters
     ----------
@@ -74,34 +77,34 @@ def build_vocab_mapping(
         How often each target token occurs in the training data; integer or real floating.
     draft_vocab_size : int
         ``V_draft``, the number of tokens to choose, from 1 to ``V_target``.
-    always_include : sequence of int or 1-D integer array, optional
-        Target ids to choose whatever their counts, for example special tokens such as the end
-        of sequence. At most ``draft_vocab_size`` distinct ids; repeats are allowed. An array is
-        read on the host (this function runs once, before training).
+    always_include : iterable of int or 1-D integer array, optional
+        Target ids to choose whatever their counts (special tokens, for example): at most
+        ``draft_vocab_size`` distinct ids in ``[0, V_target)``; repeats are allowed. An array is
+        read on the host.
 
     Returns
     -------
     d2t : array, shape ``[V_draft]``
-        Offsets such that ``target_id = draft_id + d2t[draft_id]``, the convention of EAGLE-3
-        checkpoints. Integer, of the namespace's default index dtype (int64; int32 on JAX
-        without x64). Non-negative and non-decreasing.
+        Offsets such that ``target_id = draft_id + d2t[draft_id]`` (EAGLE-3 checkpoints'
+        convention), non-negative and non-decreasing, of the default index dtype (int64; int32
+        on JAX without x64).
     t2d : array, shape ``[V_target]``, bool
-        ``t2d[v]`` is True exactly when target token ``v`` is in the draft vocabulary; it has
-        ``V_draft`` True entries.
+        True exactly at the ``V_draft`` target ids of the draft vocabulary.
 
     Raises
     ------
     TypeError
         If ``token_counts`` is not an integer or real floating array, ``draft_vocab_size`` is not
-        an int, or ``always_include`` holds something other than integers.
+        an int, or ``always_include`` is not an iterable of ints (a string, a single int) or a
+        1-D integer array.
     ValueError
-        If ``token_counts`` is not 1-D, ``draft_vocab_size`` is below 1 or above ``V_target``
-        (fewer tokens exist than asked), or ``always_include`` holds ids outside
-        ``[0, V_target)`` or more distinct ids than ``draft_vocab_size``.
+        If ``token_counts`` is not 1-D, ``draft_vocab_size`` is out of ``[1, V_target]``, or
+        ``always_include`` holds ids out of ``[0, V_target)`` or more than
+        ``draft_vocab_size`` distinct ids.
 
     Notes
     -----
-    Without ``always_include`` as an array, nothing is read on the host and the function runs
+    Unless ``always_include`` is an array, nothing is read on the host, and the function runs
     under ``jax.jit`` with ``draft_vocab_size`` and ``always_include`` static.
 
     Examples
@@ -119,16 +122,13 @@ def build_vocab_mapping(
     array([1, 2, 3])
     """
     xp = namespace_of(token_counts=token_counts)
-    if not xp.isdtype(token_counts.dtype, ("integral", "real floating")):
-        msg = f"token_counts must have an integer or real floating dtype, got {token_counts.dtype}"
-        raise TypeError(msg)
-    _check_1d(token_counts, name="token_counts", meaning="one count per target token")
+    check_token_counts(xp, token_counts)
     target_vocab_size = token_counts.shape[0]
-    size = _check_size(draft_vocab_size, target_vocab_size, name="draft_vocab_size")
-    forced = _forced_ids(always_include, target_vocab_size, size)
+    size = check_size(draft_vocab_size, target_vocab_size, name="draft_vocab_size")
+    forced = check_always_include(always_include, target_vocab_size, size)
 
     device = array_api_compat.device(token_counts)
-    index_dtype = _index_dtype(xp, device)
+    index_dtype = xpx.default_dtype(xp, "indexing", device=device)
     target_ids = xp.arange(target_vocab_size, dtype=index_dtype, device=device)
     # Two stable sorts: by count (descending, ties in id order), then forced ids first.
     order = xp.argsort(token_counts, descending=True, stable=True)
@@ -148,21 +148,21 @@ def draft_to_target_ids(draft_ids: Array, d2t: Array, /) -> Array:
     Parameters
     ----------
     draft_ids : array, any shape, integer
-        Draft token ids, for example the argmax of draft logits.
+        Draft token ids, for example the argmax of draft logits; any integer dtype.
     d2t : array, shape ``[V_draft]``, integer
         The offsets of :func:`build_vocab_mapping`.
 
     Returns
     -------
     array, shape of ``draft_ids``
-        The target ids, of the dtype ``draft_ids`` and ``d2t`` promote to (a signed integer).
-        Ids outside ``[0, V_draft)`` map to -1.
+        The target ids, of the default index dtype (int64; int32 on JAX without x64), which
+        holds every target id whatever the dtypes of the arguments. Ids outside
+        ``[0, V_draft)`` map to -1.
 
     Raises
     ------
     TypeError
-        If an argument is not an integer array, the two come from different libraries, or their
-        promoted dtype cannot hold -1.
+        If an argument is not an integer array, or the two come from different libraries.
     ValueError
         If ``d2t`` is not 1-D or the arrays are on different devices.
 
@@ -171,16 +171,16 @@ def draft_to_target_ids(draft_ids: Array, d2t: Array, /) -> Array:
     >>> import numpy as np
     >>> from softce_multi.eagle3 import draft_to_target_ids
     >>> d2t = np.array([2, 2, 3])
-    >>> draft_to_target_ids(np.array([[0, 2], [1, 7]]), d2t)
+    >>> draft_to_target_ids(np.array([[0, 2], [1, 7]], dtype=np.int8), d2t)
     array([[ 2,  5],
            [ 3, -1]])
     """
     xp = namespace_of(draft_ids=draft_ids, d2t=d2t)
     check_same_device(draft_ids=draft_ids, d2t=d2t)
-    _check_integer(xp, draft_ids=draft_ids, d2t=d2t)
-    _check_1d(d2t, name="d2t", meaning="one offset per draft token")
-    dtype = xp.result_type(draft_ids.dtype, d2t.dtype)
-    _check_signed(xp, dtype, name="draft_ids and d2t promote to")
+    check_integer(xp, draft_ids=draft_ids, d2t=d2t)
+    check_1d(d2t, name="d2t", meaning="one offset per draft token")
+    dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(d2t))
+    # Unsigned ids beyond the index dtype wrap to negative ones, which map to -1 as they should.
     ids = xp.astype(xp.reshape(draft_ids, (-1,)), dtype)
     known = (ids >= 0) & (ids < d2t.shape[0])
     safe = xp.where(known, ids, 0)
@@ -194,16 +194,16 @@ def target_to_draft_ids(target_ids: Array, t2d: Array, /) -> Array:
     Parameters
     ----------
     target_ids : array, any shape, signed integer
-        Target token ids, for example labels.
+        Target token ids, for example labels; any signed integer dtype.
     t2d : array, shape ``[V_target]``, bool
         The draft-vocabulary mask of :func:`build_vocab_mapping`.
 
     Returns
     -------
     array, shape and dtype of ``target_ids``
-        The draft id of each target id: the number of True entries of ``t2d`` before it. -1 for
-        ids outside the draft vocabulary, and for ids outside ``[0, V_target)`` such as the
-        -100 of ignored labels.
+        The draft id of each target id (the number of True entries of ``t2d`` before it; never
+        more than the target id, so it fits the dtype). -1 for ids outside the draft
+        vocabulary, and for ids outside ``[0, V_target)`` such as the -100 of ignored labels.
 
     Raises
     ------
@@ -218,20 +218,24 @@ def target_to_draft_ids(target_ids: Array, t2d: Array, /) -> Array:
     >>> import numpy as np
     >>> from softce_multi.eagle3 import target_to_draft_ids
     >>> t2d = np.array([False, False, True, True, False, True])
-    >>> target_to_draft_ids(np.array([5, 4, 2, -100]), t2d)
-    array([ 2, -1,  0, -1])
+    >>> target_to_draft_ids(np.array([5, 4, 2, -100], dtype=np.int16), t2d)
+    array([ 2, -1,  0, -1], dtype=int16)
     """
     xp = namespace_of(target_ids=target_ids, t2d=t2d)
     check_same_device(target_ids=target_ids, t2d=t2d)
-    _check_integer(xp, target_ids=target_ids)
-    _check_signed(xp, target_ids.dtype, name="target_ids")
-    _check_mapping(xp, t2d)
-    positions = xp.cumulative_sum(xp.astype(t2d, target_ids.dtype)) - 1
-    ids = xp.reshape(target_ids, (-1,))
+    check_integer(xp, target_ids=target_ids)
+    check_signed(xp, target_ids.dtype, name="target_ids")
+    check_mapping(xp, t2d)
+    # Indices of the index dtype (PyTorch takes no other); narrow ids would also overflow
+    # the comparison with the vocabulary size.
+    index_dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(t2d))
+    dtype = xp.result_type(target_ids.dtype, index_dtype)
+    positions = xp.cumulative_sum(xp.astype(t2d, dtype)) - 1
+    ids = xp.astype(xp.reshape(target_ids, (-1,)), dtype)
     known = (ids >= 0) & (ids < t2d.shape[0])
     safe = xp.where(known, ids, 0)
     draft = xp.where(known & xp.take(t2d, safe), xp.take(positions, safe), -1)
-    return xp.reshape(draft, target_ids.shape)
+    return xp.astype(xp.reshape(draft, target_ids.shape), target_ids.dtype)
 
 
 def prepare_targets(
@@ -244,54 +248,45 @@ def prepare_targets(
 ) -> tuple[Array, Array]:
     """Turn the target model's logits into the draft model's targets and position mask.
 
-    ``target_probs = softmax(target_logits[..., t2d])`` in float32, and a position is trained
-    on when its loss mask is set *and* the target model's top token is in the draft vocabulary
-    (a draft model cannot predict any other token). Only the draft columns are converted to
-    float32: no float32 copy of the full-vocabulary logits is made. The argmax is taken over the
-    full vocabulary in the logits' own dtype.
-
-    The inputs must already be aligned with the draft's predictions; see :func:`shift_left`.
+    ``target_probs = softmax(target_logits[..., t2d])``; a position is trained on where its
+    loss mask is set *and* the target model's top token (the argmax over the full vocabulary,
+    in the logits' dtype) is in the draft vocabulary. Only the draft columns are converted to
+    float32. The inputs must already be aligned with the draft's predictions
+    (:func:`shift_left`). See :ref:`eagle3-targets`.
 
     Parameters
     ----------
     target_logits : array, shape ``[..., V_target]``, usually ``[B, T, V_target]``
-        The target model's logits over its full vocabulary, floating (bfloat16 is typical).
+        The target model's logits over its full vocabulary: float16, bfloat16, float32 or
+        float64.
     loss_mask : array, shape ``[...]`` or ``[..., 1]``
         Which positions to train on: bool, integer or floating weights.
     t2d : array, shape ``[V_target]``, bool
         The draft-vocabulary mask of :func:`build_vocab_mapping`.
     draft_vocab_size : int, optional
-        The number of True entries of ``t2d`` (``d2t.shape[0]``). Give it to keep the function
-        free of host reads: without it, ``sum(t2d)`` is read on the host at every call (a device
-        synchronisation on a GPU), which is impossible under ``jax.jit``. It is trusted, not
-        checked against ``t2d`` (that check would read the device).
+        The number of True entries of ``t2d`` (``d2t.shape[0]``), trusted, not checked. Give it
+        to keep the function free of host reads and usable under ``jax.jit``; without it,
+        ``sum(t2d)`` is read on the host at every call.
 
     Returns
     -------
     target_probs : array, shape ``[..., V_draft]``
-        The target distribution over the draft vocabulary, in float32 (float64 when
-        ``target_logits`` is float64). Each row sums to 1.
+        Rows that sum to 1, in float32 (float64 when ``target_logits`` is float64).
     position_mask : array, shape ``[..., 1]``
         ``loss_mask`` where ``argmax(target_logits)`` is in the draft vocabulary, 0 (False)
-        elsewhere; of the dtype of ``loss_mask``.
+        elsewhere, of the dtype of ``loss_mask``.
 
     Both outputs are constants: detached on PyTorch, behind ``jax.lax.stop_gradient`` on JAX.
 
     Raises
     ------
     TypeError
-        If ``target_logits`` is not floating, ``loss_mask`` not bool/integer/floating, ``t2d``
-        not bool, the arrays come from different libraries, or ``t2d`` is traced under
+        If ``target_logits`` is not float16 to float64, ``loss_mask`` not bool/integer/floating,
+        ``t2d`` not bool, the arrays come from different libraries, or ``t2d`` is traced under
         ``jax.jit`` and ``draft_vocab_size`` is not given.
     ValueError
         If the shapes disagree, ``draft_vocab_size`` is out of ``[1, V_target]``, ``t2d``
         selects no token, or the arrays are on different devices.
-
-    Notes
-    -----
-    The draft columns are located from ``t2d`` with a cumulative sum and a binary search
-    (``searchsorted``), whose output size is ``draft_vocab_size``: a static size, which is why
-    the function works under ``jax.jit`` once ``draft_vocab_size`` is given.
 
     Examples
     --------
@@ -310,10 +305,10 @@ def prepare_targets(
     """
     xp = namespace_of(target_logits=target_logits, loss_mask=loss_mask, t2d=t2d)
     check_same_device(target_logits=target_logits, loss_mask=loss_mask, t2d=t2d)
-    _check_prepare_inputs(xp, target_logits, loss_mask, t2d)
+    check_prepare_inputs(xp, target_logits, loss_mask, t2d)
     if draft_vocab_size is None:
         draft_vocab_size = _count_draft_tokens(t2d, xp=xp)
-    size = _check_size(draft_vocab_size, t2d.shape[0], name="draft_vocab_size")
+    size = check_size(draft_vocab_size, t2d.shape[0], name="draft_vocab_size")
 
     logits = _constant(target_logits, xp=xp)
     dtype = xp.float64 if logits.dtype == xp.float64 else xp.float32
@@ -334,24 +329,10 @@ def prepare_targets(
 def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
     """Shift ``x`` one position to the left along ``axis``, filling the last position.
 
-    ``out[..., t, ...] = x[..., t + 1, ...]`` and ``out[..., -1, ...] = fill``. This is how an
-    EAGLE-3 trainer aligns tensors with the draft's predictions.
-
-    Which tensors to shift: the draft at position ``t`` is given the target model's hidden
-    state at ``t`` and the embedding of token ``t + 1``, and predicts token ``t + 2``, whose
-    distribution is the target model's output at position ``t + 1``. So, before the first
-    test-time step, shift **the target logits, the input ids and the loss mask together**, and
-    shift the same three again after every test-time step: step ``i`` reads token ``t + 1 + i``,
-    is compared with the target output at ``t + 1 + i``, and is trained only where the loss
-    mask of ``t + 1 + i`` is set. The hidden states are not shifted (the draft's own hidden
-    states replace them after the first step). Shifting the logits but not the loss mask is a
-    known off-by-one bug: the mask then selects the wrong positions, and the last position
-    keeps a mask of 1 while its target logits are ``fill``.
-
-    :func:`prepare_targets` works position by position, so after the first shift a trainer may
-    shift its outputs (``target_probs`` and ``position_mask``) instead of the target logits and
-    the loss mask: the results agree wherever the position mask is set (the shifted-in last
-    position is masked either way), and the full-vocabulary logits are read only once.
+    ``out[..., t, ...] = x[..., t + 1, ...]`` and ``out[..., -1, ...] = fill``. An EAGLE-3
+    trainer shifts the target logits, the input ids and the loss mask *together*, before the
+    first test-time step and after each one; :ref:`eagle3-shift` explains which tensors to
+    shift and why.
 
     Parameters
     ----------
@@ -359,8 +340,11 @@ def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
         Any dtype; gradients flow through the shifted values.
     axis : int, default 1
         The sequence axis (``[B, T, ...]`` layouts); negative values count from the end.
-    fill : bool or number, default 0
-        The value of the last position: 0 (False for a bool mask) marks it as padding.
+    fill : bool or real number, default 0
+        The value of the last position; 0 (False) marks it as padding. It must fit the dtype
+        of ``x`` exactly: 0, 1, False or True for bool; a whole number within the dtype's
+        range for integers (True and False count as 1 and 0); for floating dtypes a number of
+        at most the dtype's largest magnitude, or an infinity or NaN.
 
     Returns
     -------
@@ -370,8 +354,9 @@ def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
     Raises
     ------
     TypeError
-        If ``x`` is not an array, ``axis`` not an int, or ``fill`` does not fit the dtype of
-        ``x`` (a fraction for integers, a number other than 0 and 1 for bool).
+        If ``x`` is not an array, ``axis`` is not an int, or ``fill`` does not fit the dtype
+        of ``x`` (out of its range, a fraction for integers, a number other than 0 and 1 for
+        bool), on every backend: ``fill`` never wraps around or rounds to infinity.
     ValueError
         If ``axis`` is out of range for the shape of ``x``.
 
@@ -387,14 +372,8 @@ def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
     array([[ True,  True,  True, False]])
     """
     xp = namespace_of(x=x)
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        msg = f"axis must be an int, got {type(axis).__name__}"
-        raise TypeError(msg)
-    if not -x.ndim <= axis < x.ndim:
-        msg = f"axis {axis} is out of range for x of shape {tuple(x.shape)}"
-        raise ValueError(msg)
-    axis = operator.index(axis) % x.ndim
-    value = _fill_value(fill, x.dtype, xp=xp)
+    axis = check_axis(axis, tuple(x.shape))
+    value = check_fill(xp, fill, x.dtype)
     step = min(x.shape[axis], 1)  # 0 for an empty axis, which stays empty
     rest = [slice(None)] * x.ndim
     rest[axis] = slice(step, None)
@@ -408,15 +387,15 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) 
     """Fraction of the valid positions where the draft's top token is the target's.
 
     ``sum(valid & (argmax(logits) == argmax(target_probs))) / sum(valid)`` with
-    ``valid = position_mask != 0``: every valid position counts once, whatever its weight. The
-    result is 0 when no position is valid. It stays on the device: nothing is read on the host.
+    ``valid = position_mask != 0``: every valid position counts once, whatever its weight; 0
+    when no position is valid. Nothing is read on the host.
 
     Parameters
     ----------
     logits : array, shape ``[..., V_draft]``
-        Draft logits, floating.
+        Draft logits: float16, bfloat16, float32 or float64.
     target_probs : array, shape ``[..., V_draft]``
-        Target probabilities, floating, as :func:`prepare_targets` returns them.
+        Target probabilities, as :func:`prepare_targets` returns them; the same dtypes.
     position_mask : array, shape ``[...]`` or ``[..., 1]``
         The positions to count: bool, integer or floating.
 
@@ -446,10 +425,9 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) 
     if valid.dtype != xp.bool:
         valid = valid != 0
     dtype = compute_dtype(logits, target_probs, xp=xp)
-    device = array_api_compat.device(logits)
-    index_dtype = _index_dtype(xp, device)
-    hits = xp.astype(xp.sum(xp.astype(hit & valid, index_dtype)), dtype)
-    count = xp.astype(xp.sum(xp.astype(valid, index_dtype)), dtype)
+    count_dtype = xpx.default_dtype(xp, "integral", device=array_api_compat.device(logits))
+    hits = xp.astype(xp.sum(xp.astype(hit & valid, count_dtype)), dtype)
+    count = xp.astype(xp.sum(xp.astype(valid, count_dtype)), dtype)
     return _constant(_zero_d(hits / xp.maximum(count, xp.ones_like(count)), xp=xp), xp=xp)
 
 
@@ -462,18 +440,14 @@ def multi_step_loss(
 ) -> Array:
     """Combine the losses of the test-time steps: ``sum_i decay**i * loss_i``.
 
-    EAGLE-3 trains the draft on several test-time steps, step ``i`` predicting ``i`` tokens
-    further ahead than step 0; later steps are harder and weigh less. With ``normalize=True``
-    the sum is divided by ``sum_i decay**i``, so the result is a weighted mean that stays on the
-    scale of one step's loss whatever the number of steps (as NeMo AutoModel does). With
-    ``normalize=False`` it is the plain weighted sum (as SpecForge and the original EAGLE-3 code
-    do): the same direction of descent, with a learning-rate scale of ``sum_i decay**i`` that
-    grows with the number of steps.
+    With ``normalize=True`` (NeMo AutoModel's choice) the sum is divided by ``sum_i decay**i``,
+    a weighted mean on the scale of one step's loss; with ``normalize=False`` (SpecForge's and
+    the original EAGLE-3 code's) it is the plain weighted sum. See :ref:`eagle3-steps`.
 
     Parameters
     ----------
     step_losses : sequence of 0-d arrays, or a 1-D array
-        ``loss_i`` for ``i = 0, 1, ...``, floating, at least one. Gradients flow to each.
+        ``loss_i`` for ``i = 0, 1, ...``, real floating, at least one. Gradients flow to each.
     decay : float, default 0.8
         The weight ratio between consecutive steps, finite and non-negative.
     normalize : bool, default True
@@ -482,180 +456,69 @@ def multi_step_loss(
     Returns
     -------
     array, shape ``()``
-        In the dtype of the stacked losses, of their namespace and device.
+        In the dtype of the stacked losses, of their namespace and device. The normalized
+        weights are computed relative to the largest one, so that any finite decay and any
+        number of steps give a finite result.
 
     Raises
     ------
     TypeError
-        If ``step_losses`` holds something other than floating arrays of one library, or
+        If ``step_losses`` holds something other than real floating arrays of one library, or
         ``decay`` or ``normalize`` has the wrong type.
     ValueError
         If ``step_losses`` is empty, its arrays are not 0-d (or it is not 1-D), they are on
-        different devices, or ``decay`` is negative or not finite.
+        different devices, ``decay`` is negative or not finite, or (``normalize=False``) the
+        weights sum beyond the largest number of the losses' dtype.
 
     Examples
     --------
     >>> import numpy as np
     >>> from softce_multi.eagle3 import multi_step_loss
     >>> losses = [np.asarray(2.0), np.asarray(3.0)]
-    >>> float(multi_step_loss(losses, decay=0.5))  # (2 + 0.5 * 3) / 1.5
-    2.3333333333333335
-    >>> float(multi_step_loss(losses, decay=0.5, normalize=False))
+    >>> float(multi_step_loss(losses, decay=1.0))  # (2 + 3) / 2
+    2.5
+    >>> float(multi_step_loss(losses, decay=0.5, normalize=False))  # 2 + 0.5 * 3
     3.5
     """
-    losses, xp = _stack_losses(step_losses)
-    if isinstance(decay, bool) or not isinstance(decay, numbers.Real):
-        msg = f"decay must be a real number, got {type(decay).__name__}"
-        raise TypeError(msg)
-    if not math.isfinite(decay) or decay < 0:
-        msg = f"decay must be finite and non-negative, got {decay}"
-        raise ValueError(msg)
-    if not isinstance(normalize, bool):
-        msg = f"normalize must be a bool, got {type(normalize).__name__}"
-        raise TypeError(msg)
-    weights = [float(decay) ** i for i in range(losses.shape[0])]
+    xp = check_step_losses(step_losses)
+    ratio = check_decay(decay)
+    check_normalize(normalize)
+    is_stacked = array_api_compat.is_array_api_obj(step_losses)
+    losses: Array = step_losses if is_stacked else xp.stack(list(step_losses))
+    steps = losses.shape[0]
+    if normalize:
+        weights = _normalized_weights(ratio, steps)
+    else:
+        check_step_weights_fit(ratio, steps, xp=xp, dtype=losses.dtype)
+        weights = [ratio**i for i in range(steps)]
     device = array_api_compat.device(losses)
     total = xp.sum(xp.asarray(weights, dtype=losses.dtype, device=device) * losses)
-    return _zero_d(total / math.fsum(weights) if normalize else total, xp=xp)
+    return _zero_d(total, xp=xp)
 
 
-def _stack_losses(step_losses: Any) -> tuple[Array, Namespace]:
-    """Return ``step_losses`` as one 1-D floating array, and its namespace."""
-    if array_api_compat.is_array_api_obj(step_losses):
-        xp = namespace_of(step_losses=step_losses)
-        if step_losses.ndim != 1 or step_losses.shape[0] == 0:
-            msg = (
-                "step_losses must be a non-empty 1-D array or a sequence of 0-d arrays, got "
-                f"an array of shape {tuple(step_losses.shape)}"
-            )
-            raise ValueError(msg)
-        losses = step_losses
-    else:
-        if isinstance(step_losses, (str, bytes)) or not isinstance(step_losses, Sequence):
-            msg = (
-                "step_losses must be a sequence of 0-d arrays or a 1-D array, got "
-                f"{type(step_losses).__name__}"
-            )
-            raise TypeError(msg)
-        if len(step_losses) == 0:
-            msg = "step_losses must hold at least one loss, got an empty sequence"
-            raise ValueError(msg)
-        named = {f"step_losses[{i}]": loss for i, loss in enumerate(step_losses)}
-        xp = namespace_of(**named)
-        check_same_device(**named)
-        shapes = {name: tuple(loss.shape) for name, loss in named.items() if loss.ndim != 0}
-        if shapes:
-            msg = f"step_losses must hold 0-d arrays, got shapes {shapes}"
-            raise ValueError(msg)
-        losses = xp.stack(list(step_losses))
-    if not xp.isdtype(losses.dtype, "real floating"):
-        msg = f"step_losses must have a real floating dtype, got {losses.dtype}"
-        raise TypeError(msg)
-    return losses, xp
+def _normalized_weights(decay: float, steps: int) -> list[float]:
+    """``decay**i / sum_j decay**j`` for ``i < steps``, without overflow for any finite decay."""
+    # Powers relative to the largest weight (the first, or the last when decay > 1) are at
+    # most 1; the smallest may underflow to 0, which is their value to float precision.
+    largest = steps - 1 if decay > 1 else 0
+    relative = [decay ** (i - largest) for i in range(steps)]
+    total = math.fsum(relative)
+    return [weight / total for weight in relative]
 
 
-def _check_prepare_inputs(
-    xp: Namespace, target_logits: Array, loss_mask: Array, t2d: Array
-) -> None:
-    """Check the dtypes and shapes of the arguments of :func:`prepare_targets`."""
-    check_floating(xp, target_logits=target_logits)
-    _check_mapping(xp, t2d)
-    shape = tuple(target_logits.shape)
-    if len(shape) == 0 or shape[-1] != t2d.shape[0]:
-        msg = (
-            "target_logits must have the target vocabulary as its last axis, of the length of "
-            f"t2d; got target_logits {shape} and t2d {tuple(t2d.shape)}"
-        )
-        raise ValueError(msg)
-    check_mask(xp, loss_mask=loss_mask, target_logits=target_logits)
-
-
-def _check_mapping(xp: Namespace, t2d: Array) -> None:
-    """Check that ``t2d`` is a 1-D bool array."""
-    if t2d.dtype != xp.bool:
-        msg = f"t2d must be a bool array (True for draft tokens), got dtype {t2d.dtype}"
-        raise TypeError(msg)
-    _check_1d(t2d, name="t2d", meaning="one entry per target token")
-
-
-def _check_1d(x: Array, *, name: str, meaning: str) -> None:
-    if x.ndim != 1:
-        msg = f"{name} must be 1-D ({meaning}), got shape {tuple(x.shape)}"
-        raise ValueError(msg)
-
-
-def _check_integer(xp: Namespace, **arrays: Array) -> None:
-    for name, x in arrays.items():
-        if not xp.isdtype(x.dtype, "integral"):
-            msg = f"{name} must have an integer dtype, got {x.dtype}"
-            raise TypeError(msg)
-
-
-def _check_signed(xp: Namespace, dtype: Any, *, name: str) -> None:
-    if not xp.isdtype(dtype, "signed integer"):
-        msg = f"{name} must be a signed integer dtype to hold the id -1, got {dtype}"
-        raise TypeError(msg)
-
-
-def _check_size(size: Any, limit: int, *, name: str) -> int:
-    """Check that ``size`` is an int in ``[1, limit]`` and return it."""
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-        msg = f"{name} must be an int, got {type(size).__name__}"
-        raise TypeError(msg)
-    value = operator.index(size)
-    if not 1 <= value <= limit:
-        msg = f"{name} must be between 1 and the target vocabulary size {limit}, got {value}"
-        raise ValueError(msg)
-    return value
-
-
-def _forced_ids(always_include: Any, target_vocab_size: int, size: int) -> list[int]:
-    """Return the distinct ids of ``always_include``, sorted, after checking them."""
-    if always_include is None:
-        return []
-    if array_api_compat.is_array_api_obj(always_include):
-        xp = array_api_compat.array_namespace(always_include)
-        if not xp.isdtype(always_include.dtype, "integral") or always_include.ndim != 1:
-            msg = (
-                "always_include must be a 1-D integer array or a sequence of ints, got an "
-                f"array of dtype {always_include.dtype} and shape {tuple(always_include.shape)}"
-            )
-            raise TypeError(msg)
-        values = [int(i) for i in always_include]
-    else:
-        values = list(always_include)
-        bad = [i for i in values if isinstance(i, bool) or not isinstance(i, numbers.Integral)]
-        if bad:
-            msg = f"always_include must hold ints, got {bad[:5]}"
-            raise TypeError(msg)
-    ids = sorted({operator.index(i) for i in values})
-    outside = [i for i in ids if not 0 <= i < target_vocab_size]
-    if outside:
-        msg = (
-            f"always_include ids must lie in [0, {target_vocab_size}) for token_counts of "
-            f"length {target_vocab_size}, got {outside[:5]}"
-        )
-        raise ValueError(msg)
-    if len(ids) > size:
-        msg = f"always_include holds {len(ids)} distinct ids, more than draft_vocab_size={size}"
-        raise ValueError(msg)
-    return ids
-
-
-def _is_member(values: Array, sorted_set: Array, *, xp: Namespace) -> Array:
-    """Return ``values[i] in sorted_set`` elementwise, for a non-empty ascending ``sorted_set``."""
-    slots = xp.searchsorted(sorted_set, values)
-    last = xp.full_like(slots, sorted_set.shape[0] - 1)
-    slots = xp.minimum(slots, last)  # not clip: CuPy's clip in array-api-compat syncs the host
-    return xp.take(sorted_set, slots) == values
+def _is_member(values: Array, unique_values: Array, *, xp: Namespace) -> Array:
+    """``values[i] in unique_values`` elementwise, both arrays without repeats."""
+    # By sorting: JAX's default compares all pairs, a [V_target, V_draft] temporary.
+    return xpx.isin(values, unique_values, assume_unique=True, kind="sort", xp=xp)
 
 
 def _draft_token_ids(t2d: Array, size: int, *, xp: Namespace) -> Array:
     """Return the ascending positions of the first ``size`` True entries of ``t2d``."""
-    dtype = _index_dtype(xp, array_api_compat.device(t2d))
+    device = array_api_compat.device(t2d)
+    dtype = xpx.default_dtype(xp, "indexing", device=device)
     running = xp.cumulative_sum(xp.astype(t2d, dtype))
     # The k-th True entry (from 1) is the first position where the running count reaches k.
-    ranks = xp.arange(1, size + 1, dtype=dtype, device=array_api_compat.device(t2d))
+    ranks = xp.arange(1, size + 1, dtype=dtype, device=device)
     return xp.astype(xp.searchsorted(running, ranks), dtype)
 
 
@@ -670,37 +533,12 @@ def _count_draft_tokens(t2d: Array, *, xp: Namespace) -> int:
                 "draft vocabulary is unknown; pass draft_vocab_size=d2t.shape[0] (a Python int)"
             )
             raise TypeError(msg)
-    count = int(xp.sum(xp.astype(t2d, _index_dtype(xp, array_api_compat.device(t2d)))))
+    count_dtype = xpx.default_dtype(xp, "integral", device=array_api_compat.device(t2d))
+    count = int(xp.sum(xp.astype(t2d, count_dtype)))
     if count == 0:
         msg = f"t2d selects no token (all {t2d.shape[0]} entries are False)"
         raise ValueError(msg)
     return count
-
-
-def _fill_value(fill: Any, dtype: Any, *, xp: Namespace) -> bool | int | float:
-    """Convert ``fill`` to a Python scalar of the kind of ``dtype``, or raise TypeError."""
-    if not isinstance(fill, numbers.Real):
-        msg = f"fill must be a bool or a real number, got {type(fill).__name__}"
-        raise TypeError(msg)
-    if xp.isdtype(dtype, "bool"):
-        if fill not in (0, 1):
-            msg = f"fill must be 0, 1, False or True for x of dtype {dtype}, got {fill!r}"
-            raise TypeError(msg)
-        return bool(fill)
-    if xp.isdtype(dtype, "integral"):
-        if isinstance(fill, numbers.Integral):
-            return int(fill)
-        value = float(fill)
-        if not value.is_integer():
-            msg = f"fill must be a whole number for x of dtype {dtype}, got {fill!r}"
-            raise TypeError(msg)
-        return int(value)
-    return float(fill)
-
-
-def _index_dtype(xp: Namespace, device: Any) -> Any:
-    """The default integer dtype for indexing in ``xp`` (int64; int32 on JAX without x64)."""
-    return xp.__array_namespace_info__().default_dtypes(device=device)["indexing"]
 
 
 def _top_index(x: Array, *, xp: Namespace) -> Array:
@@ -712,7 +550,7 @@ def _top_index(x: Array, *, xp: Namespace) -> Array:
     top = xp.max(x, axis=-1, keepdims=True)
     is_top = xp.where(xp.isnan(top), xp.isnan(x), x == top)
     size = x.shape[-1]
-    positions = xp.arange(size, dtype=_index_dtype(xp, None))
+    positions = xp.arange(size, dtype=xpx.default_dtype(xp, "indexing"))
     return xp.min(xp.where(is_top, positions, size), axis=-1)
 
 
