@@ -169,6 +169,12 @@ def test_draft_to_target_ids_of_narrow_dtypes_are_exact(lib: Library, dtype: str
     assert out.dtype == xpx.default_dtype(array_api_compat.array_namespace(out), "indexing")
 
 
+def test_draft_to_target_ids_accept_unsigned_ids(lib: Library) -> None:
+    d2t = np.array([2, 2, 3])
+    out = draft_to_target_ids(lib.asarray([[0, 2], [1, 255]], "uint8"), lib.asarray(d2t))
+    np.testing.assert_array_equal(lib.to_numpy(out), [[2, 5], [3, -1]])
+
+
 # --- defect 4: shift_left's fill must fit the dtype --------------------------------------
 
 
