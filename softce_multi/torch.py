@@ -1,28 +1,57 @@
-"""PyTorch adapter: an ``autograd.Function`` around the shared core, and an ``nn.Module``.
+"""PyTorch adapter: custom operators for the per-row work, an autograd function, an ``nn.Module``.
 
-The forward pass computes the loss and, for the ``"mean"`` and ``"sum"`` reductions, the logits
-gradient in the same pass over the inputs; the backward pass only scales that buffer by the
-upstream gradient. For ``"none"`` (whose upstream gradient differs per position) and for the
-gradient to ``target_probs``, the backward pass recomputes from small per-row statistics.
+The core's driver (:func:`softce_multi._core.forward` and :func:`softce_multi._core.backward`)
+lays out the rows and reduces the losses; the per-row work in between runs in custom operators
+(``torch.library``), each with a fake implementation (shapes and dtypes only) and a vmap rule
+(the batch is folded into the rows):
 
-The forward pass is the core's two steps with the elementwise work done in place on one
-block-sized buffer, which roughly halves the passes over memory of the generic version. On CUDA
-tensors, with Triton installed, the forward and backward passes run the kernels of
-:mod:`softce_multi.kernels.triton` instead (imported on first use).
+``softce_multi::torch_row_routine``, ``softce_multi::torch_gradient_routine``
+    :func:`torch.library.custom_op` operators for the CPU (and any device where Triton does not
+    run): the core's two steps with the elementwise work done in place on block-sized buffers,
+    which roughly halves the passes over memory of the generic core. ``torch.compile`` sees
+    them as opaque calls.
+``softce_multi::triton_row_routine``, ``softce_multi::triton_gradient_routine``
+    :func:`torch.library.triton_op` operators of :mod:`softce_multi.kernels.triton`, for CUDA
+    tensors with Triton installed (imported on first use). ``torch.compile`` sees the kernels.
+
+:func:`row_routine` and :func:`gradient_routine` choose between them by device; other modules
+call them as the :class:`~softce_multi._core.RowRoutine` and
+:class:`~softce_multi._core.GradientRoutine` of torch tensors.
+
+:class:`_MaskedSoftCrossEntropyFunction` is an ``autograd.Function`` in the style that
+``torch.func`` and ``torch.compile`` support (``forward`` without ``ctx``, a separate
+``setup_context``, a vmap rule generated from the operators'). Its forward pass computes the
+loss and, for ``"mean"`` and ``"sum"`` with logits that require grad, the logits gradient in the
+same pass over the inputs. Its backward pass has two modes:
+
+* Grad mode off (a plain ``backward()``): the logits gradient is the buffer made in forward,
+  saved with ``save_for_backward`` and never written, times the upstream gradient (on the CPU
+  in eager mode an upstream of exactly 1 hands the buffer over as it is). The rest (the logits
+  gradient of ``"none"``, the gradient to ``target_probs``) comes from the saved per-row
+  statistics through :func:`gradient_routine`.
+* Grad mode on (``create_graph=True``, ``torch.func.grad``, hessians): the gradients are
+  recomputed from the saved inputs with differentiable torch operations, so that derivatives of
+  the gradient (gradient penalties, hessians, upstream gradients that require grad) are right.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import array_api_compat
 import torch
+from torch import Tensor
 
 from softce_multi import _core, kernels
 from softce_multi._types import Reduction
 from softce_multi._validate import check_reduction, validate_inputs
 
-__all__ = ["MaskedSoftCrossEntropy", "masked_soft_cross_entropy"]
+__all__ = [
+    "MaskedSoftCrossEntropy",
+    "gradient_routine",
+    "masked_soft_cross_entropy",
+    "row_routine",
+]
 
 
 def masked_soft_cross_entropy(
@@ -36,7 +65,21 @@ def masked_soft_cross_entropy(
 ) -> torch.Tensor:
     """Masked soft-target cross entropy for torch tensors, differentiable with autograd.
 
-    Same function and arguments as :func:`softce_multi.masked_soft_cross_entropy`.
+    Same function and arguments as :func:`softce_multi.masked_soft_cross_entropy`. It works
+    under ``torch.compile`` (without graph breaks), ``torch.func.grad``, ``torch.func.vmap``,
+    ``torch.utils.checkpoint`` and higher-order ``torch.autograd`` derivatives.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from softce_multi.torch import masked_soft_cross_entropy
+    >>> logits = torch.randn(2, 5, 11, requires_grad=True)
+    >>> target = torch.softmax(torch.randn(2, 5, 11), dim=-1)
+    >>> mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    >>> loss = masked_soft_cross_entropy(logits, target, mask, num_valid=mask.sum())
+    >>> loss.backward()
+    >>> bool(logits.grad[0, 3:].eq(0).all())
+    True
     """
     validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
     return loss(logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid)
@@ -53,9 +96,11 @@ def loss(
 ) -> torch.Tensor:
     """The loss of validated inputs, through autograd when a gradient is wanted."""
     if torch.is_grad_enabled() and (logits.requires_grad or target_probs.requires_grad):
-        return _MaskedSoftCrossEntropyFunction.apply(
-            logits, target_probs, position_mask, reduction, num_valid
+        with_logits_grad = logits.requires_grad and reduction != "none"
+        outputs = _MaskedSoftCrossEntropyFunction.apply(
+            logits, target_probs, position_mask, reduction, num_valid, with_logits_grad
         )
+        return outputs[0]
     return forward(
         logits,
         target_probs,
@@ -84,7 +129,7 @@ def loss_with_grad(
         num_valid=num_valid,
         with_logits_grad=True,
     )
-    return result.loss, result.logits_grad
+    return result.loss, cast(torch.Tensor, result.logits_grad)
 
 
 @torch.no_grad()
@@ -97,17 +142,7 @@ def forward(
     num_valid: torch.Tensor | float | None,
     with_logits_grad: bool,
 ) -> _core.ForwardResult:
-    """:func:`softce_multi._core.forward` with the per-row work of the tensors' device.
-
-    The Triton kernels where :func:`softce_multi.kernels.use_triton` says they apply (CUDA
-    tensors, Triton installed), else :func:`cpu_row_routine`.
-    """
-    if kernels.use_triton(logits):
-        from softce_multi.kernels import triton as triton_kernels
-
-        row_routine: _core.RowRoutine = triton_kernels.row_routine
-    else:
-        row_routine = cpu_row_routine
+    """:func:`softce_multi._core.forward` with the per-row work of :func:`row_routine`."""
     return _core.forward(
         logits,
         target_probs,
@@ -120,25 +155,100 @@ def forward(
     )
 
 
-def cpu_row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
-    """The :class:`~softce_multi._core.RowRoutine` of eager torch outside the kernels.
+# --------------------------------------------------------------------------------------------
+# The routines: which operator runs the rows
+# --------------------------------------------------------------------------------------------
 
-    The core's two steps with the elementwise work done in place on one block-sized buffer,
-    which roughly halves the passes over memory of the generic version.
+
+def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
+    """The :class:`~softce_multi._core.RowRoutine` of torch tensors.
+
+    :func:`softce_multi.kernels.triton.row_routine` (the ``softce_multi::triton_row_routine``
+    operator) where :func:`softce_multi.kernels.use_triton` says it applies (CUDA tensors,
+    Triton installed), else the ``softce_multi::torch_row_routine`` operator.
     """
-    xp = array_api_compat.array_namespace(rows.z)
-    z, p, weights, dtype = rows.z, rows.p, rows.weights, rows.dtype
-    valid = weights != 0
-    row_scale = rows.row_scale
+    if kernels.use_triton(rows.z):
+        from softce_multi.kernels import triton as triton_kernels
 
+        return triton_kernels.row_routine(rows, with_logits_grad=with_logits_grad)
+    weighted, row_max, log_sum_exp, target_sum, grad = torch_row_routine(
+        rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad
+    )
+    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
+    return _core.RowResults(weighted, saved, grad if with_logits_grad else None)
+
+
+def gradient_routine(
+    z: torch.Tensor,
+    p: torch.Tensor,
+    saved: _core.SavedRows,
+    row_scale: torch.Tensor,
+    /,
+    *,
+    logits_grad: bool,
+    targets_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The :class:`~softce_multi._core.GradientRoutine` of torch tensors.
+
+    :func:`softce_multi.kernels.triton.gradient_routine` (the
+    ``softce_multi::triton_gradient_routine`` operator) where Triton applies, else the
+    ``softce_multi::torch_gradient_routine`` operator.
+    """
+    if kernels.use_triton(z):
+        from softce_multi.kernels import triton as triton_kernels
+
+        return triton_kernels.gradient_routine(
+            z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
+        )
+    grad_z, grad_p = torch_gradient_routine(z, p, *saved, row_scale, logits_grad, targets_grad)
+    return (grad_z if logits_grad else None, grad_p if targets_grad else None)
+
+
+# --------------------------------------------------------------------------------------------
+# The operators of the torch path
+# --------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("softce_multi::torch_row_routine", mutates_args=())
+def torch_row_routine(
+    z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor, with_logits_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The per-row work of the forward pass, as the operator ``softce_multi::torch_row_routine``.
+
+    The core's two steps with the elementwise work done in place on block-sized buffers, which
+    roughly halves the passes over memory of the generic version.
+
+    Parameters
+    ----------
+    z, p : Tensor, shape ``[N, V]``
+        Logits and targets, ``N > 0``, any floating dtypes and strides.
+    weights : Tensor, shape ``[N]``
+        Row weights in the computation dtype (float32 or float64).
+    row_scale : Tensor, shape ``[N]``
+        ``d loss / d c_row`` for a unit upstream gradient, in the computation dtype.
+    with_logits_grad : bool
+        Whether to compute the logits gradient.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``w * c``, the row maximum, the log of the sum of exponentials and the target mass
+        (:class:`softce_multi._core.SavedRows`), each ``[N]`` in the computation dtype and 0 in
+        rows of weight 0; and ``row_scale * (sum(p) * softmax(z) - p)`` as ``[N, V]`` in the
+        logits' dtype (exactly 0 in rows of weight 0), or ``[0, V]`` without
+        ``with_logits_grad``.
+    """
+    xp = array_api_compat.array_namespace(z)
+    dtype = weights.dtype
+    valid = weights != 0
+    losses, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
+        z, weights, with_logits_grad=with_logits_grad
+    )
     n_rows, vocab_size = z.shape
-    losses = torch.empty(n_rows, dtype=dtype, device=z.device)
-    saved = _core.SavedRows(*(torch.empty_like(losses) for _ in _core.SavedRows._fields))
-    grad = torch.empty(z.shape, dtype=z.dtype, device=z.device) if with_logits_grad else None
     # Block-sized buffers reused by every block: a fresh allocation per block costs page faults.
     block_rows = min(_core.default_block_rows(vocab_size), n_rows)
 
-    def block_buffer() -> torch.Tensor:
+    def block_buffer() -> Tensor:
         return torch.empty((block_rows, vocab_size), dtype=dtype, device=z.device)
 
     softmax_buf, work_buf = block_buffer(), block_buffer()
@@ -154,10 +264,10 @@ def cpu_row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.Row
         # Rows of weight 0 (padding, which may hold anything) keep zeros, as in the kernels.
         block_valid = valid[block]
         losses[block] = torch.where(block_valid, block_loss, 0.0)
-        saved.row_max[block] = torch.where(block_valid, stats.row_max, 0.0)
-        saved.log_sum_exp[block] = torch.where(block_valid, torch.log(stats.sum_exp), 0.0)
-        saved.target_sum[block] = torch.where(block_valid, stats.target_sum, 0.0)
-        if grad is not None:
+        row_max[block] = torch.where(block_valid, stats.row_max, 0.0)
+        log_sum_exp[block] = torch.where(block_valid, torch.log(stats.sum_exp), 0.0)
+        target_sum[block] = torch.where(block_valid, stats.target_sum, 0.0)
+        if with_logits_grad:
             scale = row_scale[block, None]
             out = grad[block] if grad.dtype == dtype else work
             torch.mul(softmax, scale * stats.target_sum[:, None], out=out)
@@ -166,11 +276,82 @@ def cpu_row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.Row
             _zero_rows(out, ~_core.rows_with_gradient(row_scale[block], stats.target_sum))
             if out is work:
                 grad[block] = work
-    return _core.RowResults(losses, saved, grad)
+    return losses, row_max, log_sum_exp, target_sum, grad
+
+
+@torch.library.custom_op("softce_multi::torch_gradient_routine", mutates_args=())
+def torch_gradient_routine(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    logits_grad: bool,
+    targets_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    """The per-row work of the backward pass, as ``softce_multi::torch_gradient_routine``.
+
+    The generic core's gradient routine over cache-sized blocks of rows.
+
+    Parameters
+    ----------
+    z, p : Tensor, shape ``[N, V]``
+        Logits and targets, ``N > 0``.
+    row_max, log_sum_exp, target_sum : Tensor, shape ``[N]``
+        The :class:`softce_multi._core.SavedRows` of the forward pass, in the computation dtype.
+    row_scale : Tensor, shape ``[N]``
+        ``d loss / d c_row`` times the upstream gradient.
+    logits_grad, targets_grad : bool
+        Which gradients to compute.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype and
+        ``-row_scale * log_softmax(z)`` in the targets' dtype, both ``[N, V]`` and exactly 0 in
+        rows whose scale is 0; a gradient not asked for is ``[0, V]``.
+    """
+    xp = array_api_compat.array_namespace(z)
+    routine = _core.blocked_gradient_routine(_core.default_block_rows(z.shape[-1]), xp=xp)
+    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
+    grad_z, grad_p = routine(
+        z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
+    )
+    not_asked = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=False)
+    return (
+        not_asked[0] if grad_z is None else grad_z,
+        not_asked[1] if grad_p is None else grad_p,
+    )
+
+
+@torch_row_routine.register_fake
+def _torch_row_routine_fake(
+    z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor, with_logits_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return kernels.empty_row_outputs(z, weights, with_logits_grad=with_logits_grad)
+
+
+@torch_gradient_routine.register_fake
+def _torch_gradient_routine_fake(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    logits_grad: bool,
+    targets_grad: bool,
+) -> tuple[Tensor, Tensor]:
+    return kernels.empty_gradient_outputs(z, p, logits_grad=logits_grad, targets_grad=targets_grad)
+
+
+torch_row_routine.register_vmap(kernels.row_routine_vmap(torch_row_routine))
+torch_gradient_routine.register_vmap(kernels.gradient_routine_vmap(torch_gradient_routine))
 
 
 def _row_statistics_and_softmax(
-    z: torch.Tensor, p: torch.Tensor, *, softmax: torch.Tensor, work: torch.Tensor
+    z: Tensor, p: Tensor, *, softmax: Tensor, work: Tensor
 ) -> _core.RowStatistics:
     """:func:`softce_multi._core.row_statistics` of a block; its softmax is written to ``softmax``.
 
@@ -180,7 +361,7 @@ def _row_statistics_and_softmax(
     """
     row_max = z.amax(dim=-1, keepdim=True)
     row_max = torch.where(row_max.isfinite(), row_max, 0.0)
-    torch.ops.aten._softmax.out(z, -1, False, out=softmax)
+    torch.softmax(z, dim=-1, out=softmax)
     sum_exp = torch.reciprocal(softmax.amax(dim=-1))
     # The product is NaN only where p == 0 meets an infinite shifted logit, a term that is 0 by
     # definition; NaN inputs still reach the loss through sum_exp and target_sum.
@@ -188,100 +369,165 @@ def _row_statistics_and_softmax(
     return _core.RowStatistics(row_max[:, 0], sum_exp, p.sum(dim=-1), target_dot)
 
 
-def _zero_rows(block: torch.Tensor, rows: torch.Tensor) -> None:
-    """Set the rows of ``block`` where the bool vector ``rows`` is true to 0, in place."""
+def _zero_rows(block: Tensor, rows: Tensor) -> None:
+    """Set the rows of ``block`` where the bool vector ``rows`` is true to 0, in place.
+
+    On the CPU only those rows are written: a broadcast ``masked_fill_`` or ``where`` costs as
+    much as the softmax of the block. The row indices are read on the host, which is free there
+    and invisible to tracing (this runs inside an opaque operator); on other devices it would
+    wait for the device, so they take the broadcast fill.
+    """
     if block.device.type == "cpu":
-        # Cheaper than a broadcast masked_fill_; finding the indices would sync a GPU.
         block.index_fill_(0, torch.nonzero(rows).squeeze(1), 0.0)
     else:
         block.masked_fill_(rows[:, None], 0.0)
 
 
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+
 class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
+    """The loss as an autograd function; see the module docstring for its two backward modes.
+
+    ``forward`` returns the loss, then what the backward pass needs and autograd must not
+    differentiate: the logits gradient made in forward (``[0]`` when it was not asked for), the
+    per-row scale ``d loss / d c_row`` and the :class:`~softce_multi._core.SavedRows`.
+    """
+
+    generate_vmap_rule = True
+
     @staticmethod
     def forward(
-        ctx: Any,
-        logits: torch.Tensor,
-        target_probs: torch.Tensor,
-        position_mask: torch.Tensor,
+        logits: Tensor,
+        target_probs: Tensor,
+        position_mask: Tensor,
         reduction: str,
-        num_valid: torch.Tensor | float | None,
-    ) -> torch.Tensor:
+        num_valid: Tensor | float | None,
+        with_logits_grad: bool,
+    ) -> tuple[Tensor, ...]:
         result = forward(
             logits,
             target_probs,
             position_mask,
             reduction=reduction,
             num_valid=num_valid,
-            with_logits_grad=ctx.needs_input_grad[0] and reduction != "none",
+            with_logits_grad=with_logits_grad,
         )
-        ctx.reduction = reduction
-        ctx.logits_grad = result.logits_grad
-        ctx.save_for_backward(logits, target_probs, result.row_scale, *result.saved)
-        return result.loss
+        logits_grad = logits.new_empty(0) if result.logits_grad is None else result.logits_grad
+        return (result.loss, logits_grad, result.row_scale, *result.saved)
 
     @staticmethod
-    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        logits, target_probs, row_scale, *saved_rows = ctx.saved_tensors
-        saved = _core.SavedRows(*saved_rows)
-        upstream = grad_output.reshape(-1) if ctx.reduction == "none" else grad_output
-        row_scale = row_scale * upstream
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        logits, target_probs, _, reduction, _, with_logits_grad = inputs
+        _, logits_grad, row_scale, *saved = output
+        ctx.mark_non_differentiable(logits_grad, row_scale, *saved)
+        ctx.set_materialize_grads(False)
+        ctx.reduction = reduction
+        ctx.has_logits_grad = with_logits_grad
+        ctx.save_for_backward(logits, target_probs, row_scale, logits_grad, *saved)
 
-        grad_logits = None
-        if ctx.needs_input_grad[0] and ctx.logits_grad is not None:
-            # Hand over the buffer computed in forward and scale it in place; it is released
-            # from ctx first, so a second backward (retain_graph=True) recomputes instead.
-            grad_logits, ctx.logits_grad = ctx.logits_grad, None
-            if not _is_one_on_cpu(grad_output):
-                grad_logits.mul_(grad_output)
-        recomputed, grad_targets = _gradients_from_saved(
+    @staticmethod
+    def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        nothing = (None,) * 6
+        if grad_loss is None:
+            return nothing
+        logits, target_probs, row_scale, logits_grad, *saved_rows = ctx.saved_tensors
+        upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
+        wants_logits, wants_targets = ctx.needs_input_grad[:2]
+        if torch.is_grad_enabled():
+            grad_z, grad_p = differentiable_gradients(
+                logits,
+                target_probs,
+                row_scale,
+                upstream,
+                logits_grad=wants_logits,
+                targets_grad=wants_targets,
+            )
+            return grad_z, grad_p, *nothing[2:]
+        grad_z = None
+        if wants_logits and ctx.has_logits_grad:
+            # Never written in place: a second backward (retain_graph) finds it unchanged.
+            grad_z = logits_grad if _is_one_on_the_cpu(grad_loss) else logits_grad * grad_loss
+        recomputed, grad_p = _core.backward(
             logits,
             target_probs,
-            saved,
-            row_scale,
-            logits_grad=ctx.needs_input_grad[0] and grad_logits is None,
-            targets_grad=ctx.needs_input_grad[1],
+            _core.SavedRows(*saved_rows),
+            row_scale * upstream,
+            logits_grad=wants_logits and grad_z is None,
+            targets_grad=wants_targets,
+            gradient_routine=gradient_routine,
+            xp=array_api_compat.array_namespace(logits),
         )
-        if grad_logits is None:
-            grad_logits = recomputed
-        return grad_logits, grad_targets, None, None, None
+        return (recomputed if grad_z is None else grad_z), grad_p, *nothing[2:]
 
 
-def _gradients_from_saved(
-    logits: torch.Tensor,
-    target_probs: torch.Tensor,
-    saved: _core.SavedRows,
-    row_scale: torch.Tensor,
+def differentiable_gradients(
+    logits: Tensor,
+    target_probs: Tensor,
+    row_scale: Tensor,
+    upstream: Tensor,
     *,
     logits_grad: bool,
     targets_grad: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Recompute the gradients asked for from the row statistics; None for the others."""
-    if not (logits_grad or targets_grad):
-        return None, None
-    if kernels.use_triton(logits):
-        from softce_multi.kernels import triton as triton_kernels
+) -> tuple[Tensor | None, Tensor | None]:
+    """The gradients of the loss as differentiable torch operations of the inputs.
 
-        gradient_routine: _core.GradientRoutine = triton_kernels.gradient_routine
-    else:
-        xp = array_api_compat.array_namespace(logits)
-        block_rows = _core.default_block_rows(logits.shape[-1])
-        gradient_routine = _core.blocked_gradient_routine(block_rows, xp=xp)
-    return _core.backward(
-        logits,
-        target_probs,
-        saved,
-        row_scale,
-        logits_grad=logits_grad,
-        targets_grad=targets_grad,
-        gradient_routine=gradient_routine,
-        xp=array_api_compat.array_namespace(logits),
+    The backward pass of a backward pass that is itself differentiated (``create_graph=True``,
+    ``torch.func.grad``, hessians): ``r * (sum(p) * softmax(z) - p)`` and ``-r * log_softmax(z)``
+    with ``r = row_scale * upstream``, differentiable in ``logits``, ``target_probs`` and
+    ``upstream``. The values equal those of the saved statistics. Rows whose ``row_scale`` is 0
+    are replaced by zeros before any arithmetic, so that whatever they hold, their gradients
+    and every derivative of them are exactly 0. A row whose softmax is undefined (logits all
+    -inf, or holding +inf or NaN) gets NaN, as in the core, except for a zero logits gradient
+    where it has no target mass.
+
+    Parameters
+    ----------
+    logits, target_probs : Tensor, shape ``[..., V]``
+    row_scale : Tensor, shape ``[N]``
+        ``d loss / d c_row`` for a unit upstream, ``N`` the number of positions.
+    upstream : Tensor
+        The upstream gradient: 0-d, or ``[N]`` for ``"none"``.
+    logits_grad, targets_grad : bool
+        Which gradients to compute (None for the other).
+    """
+    vocab_size = logits.shape[-1]
+    dtype = row_scale.dtype
+    live = (row_scale != 0)[:, None]
+    z = torch.where(live, logits.reshape(-1, vocab_size).to(dtype), 0.0)
+    p = torch.where(live, target_probs.reshape(-1, vocab_size).to(dtype), 0.0)
+    defined = z.amax(dim=-1, keepdim=True).isfinite()
+    log_probs = torch.log_softmax(torch.where(defined, z, 0.0), dim=-1)
+    scale = (row_scale * upstream)[:, None]
+    grad_z = grad_p = None
+    if logits_grad:
+        target_sum = p.sum(dim=-1, keepdim=True)
+        rows = scale * (target_sum * torch.exp(log_probs) - p)
+        rows = torch.where(defined | (target_sum == 0), rows, torch.nan)
+        grad_z = rows.to(logits.dtype).reshape(logits.shape)
+    if targets_grad:
+        rows = torch.where(defined, -scale * log_probs, torch.nan)
+        grad_p = rows.to(target_probs.dtype).reshape(target_probs.shape)
+    return grad_z, grad_p
+
+
+def _is_one_on_the_cpu(upstream: Tensor) -> bool:
+    """Whether ``upstream`` is exactly 1, asked only where the answer is free and traceable.
+
+    That is for a plain tensor on the CPU (no device to wait for), in eager mode
+    (``torch.compile`` would break its graph on reading a value), and not batched by
+    ``torch.func.vmap`` or ``is_grads_batched`` (a batch of values has no single value).
+    """
+    return (
+        type(upstream) is torch.Tensor
+        and upstream.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(upstream)
+        and not torch._C._functorch.is_legacy_batchedtensor(upstream)
+        and bool(upstream == 1)
     )
-
-
-def _is_one_on_cpu(value: torch.Tensor) -> bool:
-    """Whether ``value`` is exactly 1, asked only where the answer costs no device sync."""
-    return value.device.type == "cpu" and bool(value == 1)
 
 
 class MaskedSoftCrossEntropy(torch.nn.Module):

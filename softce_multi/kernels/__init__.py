@@ -1,19 +1,73 @@
-"""Optional accelerated kernels, behind the contract of :func:`softce_multi._core.forward`.
+"""Optional accelerated kernels, behind the routines of :func:`softce_multi._core.forward`.
 
-* :mod:`softce_multi.kernels.triton`: Triton kernels for torch tensors on CUDA.
+* :mod:`softce_multi.kernels.triton`: Triton kernels for torch tensors on CUDA, as the
+  ``torch.library`` operators ``softce_multi::triton_row_routine`` and
+  ``softce_multi::triton_gradient_routine``.
 * :mod:`softce_multi.kernels.pallas`: Pallas (Triton backend) kernels for JAX arrays on GPU.
 
 Each module needs its library; importing this package needs neither. The adapters ask
 :func:`use_triton` and :func:`use_pallas` whether a kernel applies to their arrays.
+
+The algorithm
+-------------
+
+Both modules implement it the same way; this is its one description. Each offers a
+:class:`~softce_multi._core.RowRoutine` (``row_routine``) and a
+:class:`~softce_multi._core.GradientRoutine` (``gradient_routine``), each running one kernel.
+The grid has one program per row (one position), and a program walks the row's ``V`` entries
+in chunks of ``block_size`` entries (a power of two, see :func:`launch_config`), so any ``V``
+works without padding or copying the inputs.
+
+* The **forward kernel** sweeps its row once with an online maximum, accumulating the
+  statistics of :func:`softce_multi._core.row_statistics`: the running sums
+  ``s = sum exp(z - m)`` and ``d = sum p * (z - m)`` move to a new maximum ``m'`` as
+  ``s * exp(m - m')`` and ``d + (m - m') * sum(p)``, and a term with ``p == 0`` adds exactly 0,
+  even where ``z`` is -inf. It writes the weighted loss of the row and what a backward pass
+  needs of it (:class:`softce_multi._core.SavedRows`: the row maximum, the log of the sum of
+  exponentials relative to it, the target mass). With the gradient asked for, a second sweep
+  over the same row writes ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype. It
+  walks the chunks from the last one, which the first sweep has just brought into the cache
+  (whose loads carry an ``evict_last`` hint), so the row comes from L2 while the rows in flight
+  fit there.
+* The **backward kernel** recomputes, in one sweep per row, the gradient to the logits
+  (``row_scale * (sum(p) * softmax(z) - p)``), to the targets (``-row_scale * log_softmax(z)``)
+  or both, from the saved statistics; ``p`` is read only for the logits gradient.
+
+Both take the softmax as ``exp((z - row_max) - log_sum_exp)``, never through a rounded
+log-normalizer, so it stays accurate for logits far from 0. A row whose weight (forward) or
+scale (backward) is 0 is never read: its outputs are written as zeros, whatever NaN or inf it
+holds, and its saved statistics are 0. The weights, the denominator of the reduction and the
+final sum are small array operations of the core's driver on the device, so nothing waits on
+the host. The computation is float32, or float64 when either input is float64; the gradients
+come back in the dtype of the input they belong to, and the inputs are never written.
+
+Torch operators
+---------------
+
+The torch path runs its routines as ``torch.library`` operators (those of
+:mod:`softce_multi.kernels.triton` and of :mod:`softce_multi.torch`). The helpers at the end of
+this module give them their common parts: outputs of the right shapes (:func:`empty_row_outputs`,
+:func:`empty_gradient_outputs`, also their fake implementations) and vmap rules that fold the
+batch into the rows (:func:`row_routine_vmap`, :func:`gradient_routine_vmap`). They use only
+tensor methods, so this package still imports no library.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["use_pallas", "use_triton"]
+__all__ = [
+    "empty_gradient_outputs",
+    "empty_row_outputs",
+    "gradient_routine_vmap",
+    "launch_config",
+    "row_routine_vmap",
+    "use_pallas",
+    "use_triton",
+]
 
 #: The largest chunk of a row that one kernel step loads.
 MAX_BLOCK_SIZE = 4096
@@ -63,3 +117,93 @@ def launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
         msg = f"block_size must be a positive power of two, got {block_size}"
         raise ValueError(msg)
     return block_size, 8 if block_size >= 2048 else 4
+
+
+# --------------------------------------------------------------------------------------------
+# Common parts of the torch operators
+# --------------------------------------------------------------------------------------------
+
+
+def empty_row_outputs(z: Any, weights: Any, *, with_logits_grad: bool) -> tuple[Any, ...]:
+    """Uninitialised outputs of a torch row-routine operator, for ``[N, V]`` logits ``z``.
+
+    The weighted losses and the three :class:`~softce_multi._core.SavedRows`, ``[N]`` each in
+    the computation dtype (that of the ``[N]`` ``weights``), then the logits gradient: ``[N, V]``
+    in the logits' dtype, or ``[0, V]`` when it is not asked for (an operator returns tensors
+    only). All contiguous, on the logits' device.
+    """
+    n_rows, n_cols = z.shape
+    rows = tuple(weights.new_empty(n_rows) for _ in range(4))
+    return (*rows, z.new_empty((n_rows if with_logits_grad else 0, n_cols)))
+
+
+def empty_gradient_outputs(
+    z: Any, p: Any, *, logits_grad: bool, targets_grad: bool
+) -> tuple[Any, Any]:
+    """Uninitialised outputs of a torch gradient-routine operator, for ``[N, V]`` ``z`` and ``p``.
+
+    The logits gradient in the logits' dtype and the targets gradient in the targets' dtype,
+    each ``[N, V]`` if asked for, else ``[0, V]``.
+    """
+    n_rows, n_cols = z.shape
+    return (
+        z.new_empty((n_rows if logits_grad else 0, n_cols)),
+        p.new_empty((n_rows if targets_grad else 0, n_cols)),
+    )
+
+
+def row_routine_vmap(operator: Callable[..., tuple[Any, ...]]) -> Callable[..., Any]:
+    """The vmap rule of a torch row-routine operator ``(z, p, weights, row_scale, flag, ...)``.
+
+    The rows are independent, so a batch of ``B`` calls on ``N`` rows is one call on ``B * N``
+    rows; the outputs are split back. Arguments after the four tensors pass through.
+    """
+
+    def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[Any, Any]:
+        tensors = _fold_batch(info.batch_size, args[:4], in_dims[:4])
+        *rows, grad = operator(*tensors, *args[4:])
+        return _unfold_batch(info.batch_size, (*rows, grad))
+
+    return rule
+
+
+def gradient_routine_vmap(operator: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]:
+    """The vmap rule of a torch gradient-routine operator (six tensors, then flags).
+
+    As in :func:`row_routine_vmap`: the batch is folded into the rows.
+    """
+
+    def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[Any, Any]:
+        tensors = _fold_batch(info.batch_size, args[:6], in_dims[:6])
+        return _unfold_batch(info.batch_size, operator(*tensors, *args[6:]))
+
+    return rule
+
+
+def _fold_batch(
+    batch_size: int, tensors: Sequence[Any], in_dims: Sequence[int | None]
+) -> list[Any]:
+    """Each tensor with its batch axis first (expanded if it has none), merged with the rows."""
+    folded = []
+    for tensor, dim in zip(tensors, in_dims, strict=True):
+        batched = (
+            tensor.expand(batch_size, *tensor.shape) if dim is None else tensor.movedim(dim, 0)
+        )
+        folded.append(batched.flatten(0, 1))
+    return folded
+
+
+def _unfold_batch(
+    batch_size: int, outputs: Sequence[Any]
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """Split the rows of each output back into ``batch_size`` calls; ``[0, V]`` stays unbatched."""
+    unfolded: list[Any] = []
+    out_dims: list[int | None] = []
+    for output in outputs:
+        if output.shape[0] == 0:  # a gradient not asked for
+            unfolded.append(output)
+            out_dims.append(None)
+        else:
+            unfolded.append(output.unflatten(0, (batch_size, -1)))
+            out_dims.append(0)
+    return tuple(unfolded), tuple(out_dims)

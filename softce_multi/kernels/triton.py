@@ -1,24 +1,22 @@
-"""Triton kernels for torch tensors on CUDA, behind the contract of ``_core.forward``.
+"""Triton kernels for torch tensors on CUDA, as ``torch.library`` operators.
 
-One program handles one row of ``V`` entries and walks the vocabulary in chunks of
-``block_size``:
+The kernels follow the algorithm described once in :mod:`softce_multi.kernels` (one program per
+row, chunks of ``block_size`` entries, a forward kernel with an optional second gradient sweep,
+a backward kernel from the saved statistics). What is particular to this module:
 
-* The **forward kernel** sweeps the row once with an online maximum, accumulating the statistics
-  of :func:`softce_multi._core.row_statistics`. It writes the weighted loss of the row and what a
-  backward pass needs of it (:class:`softce_multi._core.SavedRows`: the row maximum, the log of
-  the sum of exponentials relative to it, and the target mass). With the gradient requested it
-  sweeps the row a second time and writes ``row_scale * (sum(p) * softmax(z) - p)`` straight in
-  the logits' dtype. The second sweep reads the row the first one just brought in, so it comes
-  from L2 while the rows in flight fit there.
-* The **backward kernel** recomputes the gradients from the saved row statistics in one sweep:
-  to the logits, to the targets (``-row_scale * log_softmax(z)``), or both.
+* The kernels read the logits and targets through their row and column strides, so strided
+  views of torch tensors are read in place, without a copy.
+* They run as two operators made with :func:`torch.library.triton_op`, whose kernels are
+  launched through :func:`torch.library.wrap_triton`: ``softce_multi::triton_row_routine`` and
+  ``softce_multi::triton_gradient_routine``. ``torch.compile`` sees the kernels inside them (and
+  Inductor can schedule them); each has a fake implementation and a vmap rule, shared with the
+  torch CPU operators (:func:`softce_multi.kernels.empty_row_outputs` and the rules next to it).
+  :func:`row_routine` and :func:`gradient_routine` call them as the core's routines.
+* The computation dtype is the dtype of the per-row outputs (float32, or float64 when either
+  input is float64); the kernels take it from their output pointers.
 
-Both take the softmax as ``exp((z - row_max) - log_sum_exp)``, never through a rounded
-log-normalizer, so it stays accurate for logits far from 0. A row whose weight (forward) or
-scale (backward) is 0 is never read: its outputs are written as zeros, whatever NaN or inf it
-holds. The weights, the denominator of the reduction and the final sum run as small torch
-operations on the device, so nothing waits on the host. The computation is float32, or float64
-when either input is float64; the inputs are never written.
+Without a GPU the kernels run in Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, set
+before Triton is imported).
 """
 
 from __future__ import annotations
@@ -29,10 +27,17 @@ from typing import Any
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
+from torch.library import wrap_triton
 
 from softce_multi import _core, kernels
 
-__all__ = ["gradient_routine", "row_routine"]
+__all__ = [
+    "gradient_routine",
+    "row_routine",
+    "triton_gradient_routine",
+    "triton_row_routine",
+]
 
 
 @triton.jit
@@ -124,15 +129,15 @@ def _forward_kernel(
     n_cols,
     WITH_GRAD: tl.constexpr,
     STATS_EVICTION: tl.constexpr,
-    COMPUTE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    compute = loss_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     z_row = z_ptr + row * z_row_stride
     p_row = p_ptr + row * p_row_stride
     grad_row = grad_ptr + row * n_cols
     weight = tl.load(weight_ptr + row)
-    zero = tl.zeros([], COMPUTE)
+    zero = tl.zeros([], compute)
     if weight == 0:
         tl.store(loss_ptr + row, zero)
         tl.store(row_max_ptr + row, zero)
@@ -143,7 +148,7 @@ def _forward_kernel(
     else:
         # Running statistics relative to ``shift``: the running maximum where it is finite, else
         # 0 (the convention of _core.row_statistics for rows without a finite maximum).
-        running_max = tl.full([], float("-inf"), COMPUTE)
+        running_max = tl.full([], float("-inf"), compute)
         shift = zero
         sum_exp = zero
         target_sum = zero
@@ -156,13 +161,13 @@ def _forward_kernel(
                 mask=inside,
                 other=float("-inf"),
                 eviction_policy=STATS_EVICTION,
-            ).to(COMPUTE)
+            ).to(compute)
             p = tl.load(
                 p_row + cols * p_col_stride,
                 mask=inside,
                 other=0.0,
                 eviction_policy=STATS_EVICTION,
-            ).to(COMPUTE)
+            ).to(compute)
             running_max = tl.maximum(running_max, tl.max(z, axis=0))
             new_shift = tl.where(tl.abs(running_max) < float("inf"), running_max, 0.0)
             moved = shift - new_shift
@@ -195,11 +200,11 @@ def _forward_kernel(
                 log_sum_exp,
                 target_sum,
                 tl.load(scale_ptr + row),
-                True,
-                False,
-                True,
-                COMPUTE,
-                BLOCK_SIZE,
+                LOGITS=True,
+                TARGETS=False,
+                LAST_FIRST=True,
+                COMPUTE=compute,
+                BLOCK_SIZE=BLOCK_SIZE,
             )
 
 
@@ -220,9 +225,9 @@ def _backward_kernel(
     n_cols,
     LOGITS_GRAD: tl.constexpr,
     TARGETS_GRAD: tl.constexpr,
-    COMPUTE: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    compute = row_max_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
     _gradient_sweep(
         z_ptr + row * z_row_stride,
@@ -232,15 +237,15 @@ def _backward_kernel(
         logits_grad_ptr + row * n_cols,
         targets_grad_ptr + row * n_cols,
         n_cols,
-        tl.load(row_max_ptr + row).to(COMPUTE),
-        tl.load(log_sum_exp_ptr + row).to(COMPUTE),
-        tl.load(target_sum_ptr + row).to(COMPUTE),
-        tl.load(scale_ptr + row).to(COMPUTE),
-        LOGITS_GRAD,
-        TARGETS_GRAD,
-        False,
-        COMPUTE,
-        BLOCK_SIZE,
+        tl.load(row_max_ptr + row).to(compute),
+        tl.load(log_sum_exp_ptr + row).to(compute),
+        tl.load(target_sum_ptr + row).to(compute),
+        tl.load(scale_ptr + row).to(compute),
+        LOGITS=LOGITS_GRAD,
+        TARGETS=TARGETS_GRAD,
+        LAST_FIRST=False,
+        COMPUTE=compute,
+        BLOCK_SIZE=BLOCK_SIZE,
     )
 
 
@@ -249,9 +254,10 @@ def row_routine(
 ) -> _core.RowResults:
     """The :class:`~softce_multi._core.RowRoutine` of the Triton forward kernel.
 
-    For torch tensors on a CUDA device (or on the CPU under ``TRITON_INTERPRET=1``). Rows of
-    weight 0 are not read; their entries of :class:`softce_multi._core.SavedRows` are 0 and
-    their gradient rows exactly 0.
+    For torch tensors on a CUDA device (or on the CPU under ``TRITON_INTERPRET=1``); it runs the
+    operator ``softce_multi::triton_row_routine`` (:func:`triton_row_routine`). Rows of weight 0
+    are not read; their entries of :class:`softce_multi._core.SavedRows` are 0 and their
+    gradient rows exactly 0.
 
     Parameters
     ----------
@@ -260,33 +266,13 @@ def row_routine(
     with_logits_grad
         Whether to write the logits gradient (scaled for a unit upstream gradient).
     block_size
-        Vocabulary entries per chunk, a power of two; see :func:`softce_multi.kernels.launch_config`.
+        Vocabulary entries per chunk, a power of two (see
+        :func:`softce_multi.kernels.launch_config`).
     """
-    z, p = rows.z, rows.p
-    n_rows, n_cols = z.shape
-    weighted = torch.empty(n_rows, dtype=rows.dtype, device=z.device)
-    saved = _core.SavedRows(*(torch.empty_like(weighted) for _ in _core.SavedRows._fields))
-    grad = _empty_rows(n_rows if with_logits_grad else 0, n_cols, z.dtype, z.device)
-    block, num_warps = kernels.launch_config(n_cols, block_size)
-    with _on_device(z):
-        _forward_kernel[(n_rows,)](
-            z,
-            *z.stride(),
-            p,
-            *p.stride(),
-            rows.weights,
-            rows.row_scale,
-            weighted,
-            *saved,
-            grad,
-            n_cols,
-            WITH_GRAD=with_logits_grad,
-            # Keep the row in L2 for the gradient sweep that follows.
-            STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
-            COMPUTE=_TRITON_DTYPES[rows.dtype],
-            BLOCK_SIZE=block,
-            num_warps=num_warps,
-        )
+    weighted, row_max, log_sum_exp, target_sum, grad = triton_row_routine(
+        rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad, block_size
+    )
+    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     return _core.RowResults(weighted, saved, grad if with_logits_grad else None)
 
 
@@ -303,40 +289,133 @@ def gradient_routine(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The :class:`~softce_multi._core.GradientRoutine` of the Triton backward kernel.
 
-    One sweep reads each needed input once; ``p`` is read only for ``logits_grad``. Rows whose
-    ``row_scale`` is 0 are not read and get exactly 0. ``block_size`` is as in
-    :func:`row_routine`.
+    It runs the operator ``softce_multi::triton_gradient_routine``
+    (:func:`triton_gradient_routine`). ``block_size`` is as in :func:`row_routine`.
+    """
+    grad_z, grad_p = triton_gradient_routine(
+        z, p, *saved, row_scale, logits_grad, targets_grad, block_size
+    )
+    return (grad_z if logits_grad else None, grad_p if targets_grad else None)
+
+
+@torch.library.triton_op("softce_multi::triton_row_routine", mutates_args=())
+def triton_row_routine(
+    z: Tensor,
+    p: Tensor,
+    weights: Tensor,
+    row_scale: Tensor,
+    with_logits_grad: bool,
+    block_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward kernel as the operator ``softce_multi::triton_row_routine``.
+
+    The arguments and results are those of :func:`softce_multi.torch.torch_row_routine` (the
+    weighted losses, the three saved statistics, and the logits gradient or a ``[0, V]``
+    tensor), with ``block_size`` as in :func:`row_routine`.
     """
     n_rows, n_cols = z.shape
-    grad_z = _empty_rows(n_rows if logits_grad else 0, n_cols, z.dtype, z.device)
-    grad_p = _empty_rows(n_rows if targets_grad else 0, n_cols, p.dtype, z.device)
+    weighted, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
+        z, weights, with_logits_grad=with_logits_grad
+    )
     block, num_warps = kernels.launch_config(n_cols, block_size)
     with _on_device(z):
-        _backward_kernel[(n_rows,)](
+        wrap_triton(_forward_kernel)[(n_rows,)](
             z,
             *z.stride(),
             p,
             *p.stride(),
-            *saved,
+            weights,
+            row_scale,
+            weighted,
+            row_max,
+            log_sum_exp,
+            target_sum,
+            grad,
+            n_cols,
+            WITH_GRAD=with_logits_grad,
+            # Keep the row in L2 for the gradient sweep that follows.
+            STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
+            BLOCK_SIZE=block,
+            num_warps=num_warps,
+        )
+    return weighted, row_max, log_sum_exp, target_sum, grad
+
+
+@torch.library.triton_op("softce_multi::triton_gradient_routine", mutates_args=())
+def triton_gradient_routine(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    logits_grad: bool,
+    targets_grad: bool,
+    block_size: int | None,
+) -> tuple[Tensor, Tensor]:
+    """The backward kernel as the operator ``softce_multi::triton_gradient_routine``.
+
+    The arguments and results are those of :func:`softce_multi.torch.torch_gradient_routine`,
+    with ``block_size`` as in :func:`row_routine`. One sweep reads each needed input once;
+    ``p`` is read only for ``logits_grad``.
+    """
+    n_rows, n_cols = z.shape
+    grad_z, grad_p = kernels.empty_gradient_outputs(
+        z, p, logits_grad=logits_grad, targets_grad=targets_grad
+    )
+    block, num_warps = kernels.launch_config(n_cols, block_size)
+    with _on_device(z):
+        wrap_triton(_backward_kernel)[(n_rows,)](
+            z,
+            *z.stride(),
+            p,
+            *p.stride(),
+            row_max,
+            log_sum_exp,
+            target_sum,
             row_scale,
             grad_z,
             grad_p,
             n_cols,
             LOGITS_GRAD=logits_grad,
             TARGETS_GRAD=targets_grad,
-            COMPUTE=_TRITON_DTYPES[saved.row_max.dtype],
             BLOCK_SIZE=block,
             num_warps=num_warps,
         )
-    return (grad_z if logits_grad else None, grad_p if targets_grad else None)
+    return grad_z, grad_p
 
 
-_TRITON_DTYPES = {torch.float32: tl.float32, torch.float64: tl.float64}
+@triton_row_routine.register_fake
+def _triton_row_routine_fake(
+    z: Tensor,
+    p: Tensor,
+    weights: Tensor,
+    row_scale: Tensor,
+    with_logits_grad: bool,
+    block_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    kernels.launch_config(z.shape[-1], block_size)  # the same error for a bad block_size
+    return kernels.empty_row_outputs(z, weights, with_logits_grad=with_logits_grad)
 
 
-def _empty_rows(n_rows: int, n_cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """Allocate an output of ``n_rows`` rows (0 for a gradient that is not asked for)."""
-    return torch.empty((n_rows, n_cols), dtype=dtype, device=device)
+@triton_gradient_routine.register_fake
+def _triton_gradient_routine_fake(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    logits_grad: bool,
+    targets_grad: bool,
+    block_size: int | None,
+) -> tuple[Tensor, Tensor]:
+    kernels.launch_config(z.shape[-1], block_size)
+    return kernels.empty_gradient_outputs(z, p, logits_grad=logits_grad, targets_grad=targets_grad)
+
+
+triton_row_routine.register_vmap(kernels.row_routine_vmap(triton_row_routine))
+triton_gradient_routine.register_vmap(kernels.gradient_routine_vmap(triton_gradient_routine))
 
 
 def _on_device(x: torch.Tensor) -> Any:
