@@ -1,0 +1,620 @@
+"""The torch loss as a torch operator: custom operators, autograd, torch.func and torch.compile.
+
+The oracle is :mod:`softce_multi.reference` (plain torch, differentiable to any order) in
+float64 on the same inputs, so higher derivatives are compared entry by entry.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import (
+    assert_gradient_close,
+    assert_loss_close,
+    import_or_skip,
+    is_installed,
+    random_mask,
+    random_targets,
+    to_float64,
+)
+
+torch = import_or_skip("torch")
+
+import softce_multi  # noqa: E402
+from softce_multi import reference  # noqa: E402
+from softce_multi import torch as torch_adapter  # noqa: E402
+from softce_multi.torch import MaskedSoftCrossEntropy, masked_soft_cross_entropy  # noqa: E402
+
+REDUCTIONS = ["mean", "sum", "none"]
+SHAPE = (2, 3, 7)
+
+#: Differences between two float64 computations of the same derivative (rounding only).
+FLOAT64_TOL = {"rtol": 1e-10, "atol": 1e-12}
+
+#: torch.compile goes through array-api-compat, whose cached helpers Dynamo warns about.
+pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+
+
+def float64_inputs(seed: int, shape: tuple[int, ...] = SHAPE) -> tuple[Any, Any, Any]:
+    """Normal logits, unnormalised targets with exact zeros and a weight mask (some 0)."""
+    rng = np.random.default_rng(seed)
+    logits = torch.tensor(rng.standard_normal(shape) * 2)
+    targets = torch.tensor(random_targets(rng, shape, normalised=False))
+    mask = torch.tensor(random_mask(rng, shape[:-1], kind="float"))
+    return logits, targets, mask
+
+
+def float32_inputs(seed: int, shape: tuple[int, ...] = SHAPE) -> tuple[Any, Any, Any]:
+    logits, targets, mask = float64_inputs(seed, shape)
+    return logits.float(), targets.float(), mask > 0
+
+
+def loss_of(reduction: str, mask: Any, **options: Any) -> Callable[[Any, Any], Any]:
+    """Our loss as a function of the logits and targets."""
+
+    def loss(logits: Any, targets: Any) -> Any:
+        return masked_soft_cross_entropy(logits, targets, mask, reduction=reduction, **options)
+
+    return loss
+
+
+def reference_of(reduction: str, mask: Any, **options: Any) -> Callable[[Any, Any], Any]:
+    """The reference loss as a function of the logits and targets."""
+
+    def loss(logits: Any, targets: Any) -> Any:
+        return reference.masked_soft_cross_entropy(
+            logits, targets, mask, reduction=reduction, **options
+        )
+
+    return loss
+
+
+def summed(function: Callable[..., Any]) -> Callable[..., Any]:
+    return lambda *args: function(*args).sum()
+
+
+def leaves(*tensors: Any) -> list[Any]:
+    return [tensor.detach().clone().requires_grad_(True) for tensor in tensors]
+
+
+# --------------------------------------------------------------------------------------------
+# The operators
+# --------------------------------------------------------------------------------------------
+
+
+def row_routine_arguments(logits_dtype: Any, target_dtype: Any, with_logits_grad: bool) -> tuple:
+    """Arguments of a row-routine operator: rows, weights (one 0) and the scale of "mean"."""
+    logits, targets, _ = float64_inputs(1, (5, 37))
+    weights = torch.tensor([1.0, 0.0, 2.0, 1.0, 0.5])
+    compute = torch.float64 if torch.float64 in (logits_dtype, target_dtype) else torch.float32
+    weights = weights.to(compute)
+    return (
+        logits.to(logits_dtype),
+        targets.to(target_dtype),
+        weights,
+        weights / weights.sum(),
+        with_logits_grad,
+    )
+
+
+def gradient_routine_arguments(row_arguments: tuple, logits_grad: bool, targets_grad: bool):
+    """Arguments of a gradient-routine operator, with the statistics of the row routine."""
+    z, p, weights, row_scale, _ = row_arguments
+    _, *saved, _ = torch_adapter.torch_row_routine(z, p, weights, row_scale, False)
+    return (z, p, *saved, 3.0 * row_scale, logits_grad, targets_grad)
+
+
+DTYPES = {
+    "float32": (torch.float32, torch.float32),
+    "bfloat16 logits": (torch.bfloat16, torch.float32),
+    "float64": (torch.float64, torch.float64),
+}
+GRADIENTS = {"logits": (True, False), "targets": (False, True), "both": (True, True)}
+
+
+@pytest.mark.parametrize("with_logits_grad", [True, False], ids=["with grad", "loss only"])
+@pytest.mark.parametrize(("logits_dtype", "target_dtype"), DTYPES.values(), ids=DTYPES.keys())
+def test_torch_row_routine_passes_opcheck(logits_dtype, target_dtype, with_logits_grad):
+    arguments = row_routine_arguments(logits_dtype, target_dtype, with_logits_grad)
+
+    torch.library.opcheck(torch_adapter.torch_row_routine, arguments)
+
+
+@pytest.mark.parametrize(("logits_grad", "targets_grad"), GRADIENTS.values(), ids=GRADIENTS.keys())
+@pytest.mark.parametrize(("logits_dtype", "target_dtype"), DTYPES.values(), ids=DTYPES.keys())
+def test_torch_gradient_routine_passes_opcheck(
+    logits_dtype, target_dtype, logits_grad, targets_grad
+):
+    rows = row_routine_arguments(logits_dtype, target_dtype, False)
+    arguments = gradient_routine_arguments(rows, logits_grad, targets_grad)
+
+    torch.library.opcheck(torch_adapter.torch_gradient_routine, arguments)
+
+
+def triton_module_and_opcheck_tests() -> tuple[Any, tuple[str, ...]]:
+    """The Triton kernel module, and the opcheck tests that apply where it runs.
+
+    In Triton's interpreter ``torch.library.wrap_triton`` hands back the interpreted kernel, which
+    AOT dispatch would launch on fake tensors, so ``test_aot_dispatch_dynamic`` needs a GPU.
+    """
+    if not is_installed("triton"):
+        pytest.skip("triton not installed")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 to run Triton kernels on the CPU")
+    from softce_multi.kernels import triton as triton_kernels
+
+    tests = ("test_schema", "test_autograd_registration", "test_faketensor")
+    if torch.cuda.is_available():
+        tests = (*tests, "test_aot_dispatch_dynamic")
+    return triton_kernels, tests
+
+
+def on_triton_device(arguments: tuple) -> tuple:
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in arguments)
+
+
+@pytest.mark.parametrize("with_logits_grad", [True, False], ids=["with grad", "loss only"])
+def test_triton_row_routine_passes_opcheck(with_logits_grad):
+    triton_kernels, tests = triton_module_and_opcheck_tests()
+    arguments = row_routine_arguments(torch.bfloat16, torch.float32, with_logits_grad)
+
+    torch.library.opcheck(
+        triton_kernels.triton_row_routine, (*on_triton_device(arguments), 16), test_utils=tests
+    )
+
+
+@pytest.mark.parametrize(("logits_grad", "targets_grad"), GRADIENTS.values(), ids=GRADIENTS.keys())
+def test_triton_gradient_routine_passes_opcheck(logits_grad, targets_grad):
+    triton_kernels, tests = triton_module_and_opcheck_tests()
+    rows = row_routine_arguments(torch.bfloat16, torch.float32, False)
+    arguments = gradient_routine_arguments(rows, logits_grad, targets_grad)
+
+    torch.library.opcheck(
+        triton_kernels.triton_gradient_routine,
+        (*on_triton_device(arguments), 16),
+        test_utils=tests,
+    )
+
+
+def test_operators_batch_under_vmap_as_a_loop_would():
+    # The vmap rule folds the batch into the rows; an argument without a batch axis (here the
+    # targets) is shared by every call.
+    z, p, weights, row_scale, _ = row_routine_arguments(torch.float32, torch.float32, True)
+    batch = torch.stack([z, z.flip(0), 2 * z])
+
+    batched = torch.func.vmap(torch_adapter.torch_row_routine, in_dims=(0, None, None, None, None))(
+        batch, p, weights, row_scale, True
+    )
+    looped = [torch_adapter.torch_row_routine(z, p, weights, row_scale, True) for z in batch]
+
+    for index, output in enumerate(batched):
+        torch.testing.assert_close(output, torch.stack([result[index] for result in looped]))
+
+
+# --------------------------------------------------------------------------------------------
+# No private aten operator
+# --------------------------------------------------------------------------------------------
+
+
+def private_aten_calls(run: Callable[[], Any], directory: Path) -> set[str]:
+    """Private aten operators (``aten::_name``) that code in ``directory`` calls during ``run()``.
+
+    Calls are seen with a profile hook: through ``torch.ops.aten`` (an ``OpOverload`` or its
+    packet) and through torch functions and tensor methods that bind an aten operator. The
+    package's custom operators run their Python code in this thread, so they are seen too.
+    """
+    found: set[str] = set()
+    ours = str(directory)
+
+    def private_aten(name: str) -> bool:
+        return (
+            name.startswith("_")
+            and not name.startswith("__")
+            and bool(torch._C._jit_get_schemas_for_operator(f"aten::{name}"))
+        )
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        if event == "call" and frame.f_code.co_name == "__call__":
+            op = frame.f_locals.get("self")
+            caller = frame.f_back
+            if isinstance(op, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) and (
+                caller is not None and caller.f_code.co_filename.startswith(ours)
+            ):
+                namespace, _, name = str(op).partition(".")
+                if namespace == "aten" and private_aten(name.partition(".")[0]):
+                    found.add(str(op))
+        elif event == "c_call" and frame.f_code.co_filename.startswith(ours):
+            name = getattr(arg, "__name__", "")
+            if private_aten(name):
+                found.add(name)
+
+    sys.setprofile(profile)
+    try:
+        run()
+    finally:
+        sys.setprofile(None)
+    return found
+
+
+def test_the_private_operator_detector_finds_private_calls():
+    z = torch.randn(3, 5)
+
+    def calls_private_operators() -> None:
+        torch.ops.aten._softmax.out(z, -1, False, out=torch.empty_like(z))
+        torch._softmax(z, -1, False)
+        torch.softmax(z, -1)
+
+    found = private_aten_calls(calls_private_operators, Path(__file__).parent)
+
+    assert found == {"aten._softmax.out", "_softmax"}
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_the_eager_path_calls_no_private_aten_operator(reduction):
+    logits, targets = leaves(*float32_inputs(2)[:2])
+    mask = float32_inputs(2)[2]
+    loss = loss_of(reduction, mask)
+
+    def forward_backward_and_double_backward() -> None:
+        value = loss(logits, targets).sum()
+        (grad_logits,) = torch.autograd.grad(value, logits, create_graph=True)
+        (value + grad_logits.square().sum()).backward()
+        softce_multi.masked_soft_cross_entropy_with_grad(
+            logits.detach(), targets.detach(), mask, reduction="sum"
+        )
+
+    package = Path(softce_multi.__file__).parent
+    assert private_aten_calls(forward_backward_and_double_backward, package) == set()
+
+
+# --------------------------------------------------------------------------------------------
+# Saved tensors
+# --------------------------------------------------------------------------------------------
+
+
+def test_saved_tensor_hooks_see_the_gradient_made_in_forward():
+    # A hook that doubles the one saved [N, V] tensor that is not an input doubles the logits
+    # gradient: backward uses what save_for_backward stored, not a private copy.
+    logits, targets, mask = float32_inputs(3)
+    (logits,) = leaves(logits)
+    expected = reference_gradient(logits, targets, mask)
+    packed: list[Any] = []
+
+    def pack(tensor: Any) -> Any:
+        is_buffer = tensor.shape == logits.shape and tensor is not logits and tensor is not targets
+        packed.append(is_buffer)
+        return (tensor, is_buffer)
+
+    def unpack(saved: tuple[Any, bool]) -> Any:
+        tensor, is_buffer = saved
+        return 2 * tensor if is_buffer else tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        loss = masked_soft_cross_entropy(logits, targets, mask)
+    loss.backward()
+
+    assert packed.count(True) == 1
+    assert_gradient_close(logits.grad, 2 * expected, "float32")
+
+
+def reference_gradient(logits: Any, targets: Any, mask: Any, **options: Any) -> np.ndarray:
+    """The float64 reference gradient to the logits."""
+    (z,) = leaves(logits.double())
+    reference.masked_soft_cross_entropy(z, targets.double(), mask, **options).sum().backward()
+    return z.grad.numpy()
+
+
+def test_a_unit_upstream_receives_the_saved_buffer_itself():
+    # Eagerly on the CPU, a unit upstream gradient needs no pass over the buffer.
+    logits, targets, mask = float32_inputs(4)
+    (logits,) = leaves(logits)
+    saved: list[Any] = []
+
+    def pack(tensor: Any) -> Any:
+        saved.append(tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = masked_soft_cross_entropy(logits, targets, mask)
+    (unit,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (scaled,) = torch.autograd.grad(loss, logits, torch.tensor(2.0))
+
+    assert any(tensor is unit for tensor in saved)
+    assert all(tensor is not scaled for tensor in saved)
+    torch.testing.assert_close(scaled, 2 * unit, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_checkpoint_gives_the_same_gradients(reduction):
+    logits, targets, mask = float32_inputs(5)
+    loss = loss_of(reduction, mask)
+    plain_logits, plain_targets = leaves(logits, targets)
+    checkpointed_logits, checkpointed_targets = leaves(logits, targets)
+
+    loss(plain_logits, plain_targets).sum().backward()
+    torch.utils.checkpoint.checkpoint(
+        loss, checkpointed_logits, checkpointed_targets, use_reentrant=False
+    ).sum().backward()
+
+    torch.testing.assert_close(checkpointed_logits.grad, plain_logits.grad, rtol=0, atol=0)
+    torch.testing.assert_close(checkpointed_targets.grad, plain_targets.grad, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Higher derivatives
+# --------------------------------------------------------------------------------------------
+
+#: num_valid only exists for "mean".
+REDUCTION_CASES = {
+    "mean": ("mean", {}),
+    "mean, num_valid": ("mean", {"num_valid": 4.0}),
+    "sum": ("sum", {}),
+    "none": ("none", {}),
+}
+
+
+@pytest.mark.parametrize(("reduction", "options"), REDUCTION_CASES.values(), ids=REDUCTION_CASES)
+def test_hessian_matches_the_reference(reduction, options):
+    logits, targets, mask = float64_inputs(6)
+
+    hessian = torch.autograd.functional.hessian(
+        summed(loss_of(reduction, mask, **options)), (logits, targets)
+    )
+    expected = torch.autograd.functional.hessian(
+        summed(reference_of(reduction, mask, **options)), (logits, targets)
+    )
+
+    for row, expected_row in zip(hessian, expected, strict=True):
+        for block, expected_block in zip(row, expected_row, strict=True):
+            torch.testing.assert_close(block, expected_block, **FLOAT64_TOL)
+    assert expected[0][0].abs().max() > 0.01  # the logits block is not trivially zero
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_a_gradient_penalty_keeps_its_term(reduction):
+    logits, targets, mask = float64_inputs(7)
+
+    def penalised(loss: Callable[[Any, Any], Any]) -> tuple[Any, Any]:
+        z, p = leaves(logits, targets)
+        value = loss(z, p).sum()
+        (grad_z,) = torch.autograd.grad(value, z, create_graph=True)
+        (value + grad_z.square().sum()).backward()
+        return z.grad, p.grad
+
+    actual = penalised(loss_of(reduction, mask))
+    expected = penalised(reference_of(reduction, mask))
+
+    for gradient, expected_gradient in zip(actual, expected, strict=True):
+        torch.testing.assert_close(gradient, expected_gradient, **FLOAT64_TOL)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_an_upstream_gradient_that_requires_grad_is_differentiated(reduction):
+    logits, targets, mask = float64_inputs(8)
+    positions = SHAPE[:-1] if reduction == "none" else ()
+    upstream_values = torch.linspace(-1.0, 2.0, int(np.prod(positions))).reshape(positions)
+
+    def derivative_to_upstream(loss: Callable[[Any, Any], Any]) -> Any:
+        z, p, upstream = leaves(logits, targets, upstream_values.double())
+        grads = torch.autograd.grad(loss(z, p), (z, p), upstream, create_graph=True)
+        (sum(grad.sin().sum() for grad in grads)).backward()
+        return upstream.grad
+
+    actual = derivative_to_upstream(loss_of(reduction, mask))
+    expected = derivative_to_upstream(reference_of(reduction, mask))
+
+    torch.testing.assert_close(actual, expected, **FLOAT64_TOL)
+    assert expected.abs().max() > 0
+
+
+def test_padding_gets_exactly_zero_derivatives_of_every_order():
+    # Rows of weight 0 hold NaN and inf; neither the gradient nor its derivative may see them.
+    logits, targets, mask = float64_inputs(9)
+    padding = mask == 0
+    logits[padding], targets[padding] = torch.nan, torch.inf
+    z, p = leaves(logits, targets)
+
+    value = masked_soft_cross_entropy(z, p, mask).sum()
+    grad_z, grad_p = torch.autograd.grad(value, (z, p), create_graph=True)
+    (grad_z.square().sum() + grad_p.square().sum()).backward()
+
+    for tensor in (grad_z, grad_p, z.grad, p.grad):
+        assert torch.isfinite(tensor).all()
+        assert (tensor[padding] == 0).all()
+
+
+@pytest.mark.parametrize(("reduction", "options"), REDUCTION_CASES.values(), ids=REDUCTION_CASES)
+def test_a_differentiable_backward_gives_the_plain_backward_values(reduction, options):
+    logits, targets, mask = float64_inputs(10)
+    loss = summed(loss_of(reduction, mask, **options))
+
+    z, p = leaves(logits, targets)
+    plain = torch.autograd.grad(loss(z, p), (z, p))
+    differentiable = torch.autograd.grad(loss(z, p), (z, p), create_graph=True)
+
+    for actual, expected in zip(differentiable, plain, strict=True):
+        assert actual.requires_grad
+        torch.testing.assert_close(actual, expected, **FLOAT64_TOL)
+
+
+# --------------------------------------------------------------------------------------------
+# torch.func
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("reduction", "options"), REDUCTION_CASES.values(), ids=REDUCTION_CASES)
+def test_func_grad_equals_autograd(reduction, options):
+    logits, targets, mask = float64_inputs(11)
+    loss = summed(loss_of(reduction, mask, **options))
+
+    func_grads = torch.func.grad(loss, argnums=(0, 1))(logits, targets)
+    z, p = leaves(logits, targets)
+    autograd_grads = torch.autograd.grad(loss(z, p), (z, p))
+
+    for actual, expected in zip(func_grads, autograd_grads, strict=True):
+        torch.testing.assert_close(actual, expected, **FLOAT64_TOL)
+
+
+def test_func_jacrev_of_grad_equals_the_reference_hessian():
+    logits, targets, mask = float64_inputs(12)
+
+    def hessian(loss: Callable[[Any, Any], Any]) -> Any:
+        return torch.func.jacrev(torch.func.grad(lambda z: loss(z, targets)))(logits)
+
+    torch.testing.assert_close(
+        hessian(loss_of("mean", mask)), hessian(reference_of("mean", mask)), **FLOAT64_TOL
+    )
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_func_vmap_equals_a_loop_over_the_batch(reduction):
+    logits, targets, mask = float64_inputs(13, (4, *SHAPE))
+
+    def loss(z: Any, p: Any, w: Any) -> Any:
+        return masked_soft_cross_entropy(z, p, w, reduction=reduction)
+
+    batched = torch.func.vmap(loss)(logits, targets, mask)
+    looped = torch.stack([loss(*example) for example in zip(logits, targets, mask, strict=True)])
+
+    torch.testing.assert_close(batched, looped, **FLOAT64_TOL)
+
+
+def test_func_vmap_of_grad_equals_a_loop_over_the_batch():
+    logits, targets, mask = float64_inputs(14, (4, *SHAPE))
+    grad = torch.func.grad(summed(lambda z, p, w: masked_soft_cross_entropy(z, p, w)))
+
+    # The targets are shared: one argument without a batch axis.
+    batched = torch.func.vmap(grad, in_dims=(0, None, 0))(logits, targets[0], mask)
+    looped = torch.stack([grad(z, targets[0], w) for z, w in zip(logits, mask, strict=True)])
+
+    torch.testing.assert_close(batched, looped, **FLOAT64_TOL)
+
+
+def test_batched_upstream_gradients_equal_a_loop():
+    # is_grads_batched runs backward under vmap: the upstream has no single value to test.
+    logits, targets, mask = float32_inputs(15)
+    (z,) = leaves(logits)
+    loss = masked_soft_cross_entropy(z, targets, mask)
+    upstreams = torch.tensor([1.0, 2.0, -0.5])
+
+    (batched,) = torch.autograd.grad(loss, z, upstreams, retain_graph=True, is_grads_batched=True)
+    looped = [
+        torch.autograd.grad(loss, z, upstream, retain_graph=True)[0] for upstream in upstreams
+    ]
+
+    torch.testing.assert_close(batched, torch.stack(looped))
+
+
+# --------------------------------------------------------------------------------------------
+# torch.compile
+# --------------------------------------------------------------------------------------------
+
+
+class DraftHead(torch.nn.Module):
+    """A linear head over hidden states, trained with a loss criterion (a training step)."""
+
+    def __init__(self, criterion: Callable[..., Any], hidden: int = 8, vocab: int = 33) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Linear(hidden, vocab)
+        self.criterion = criterion
+
+    def forward(self, hidden: Any, targets: Any, mask: Any) -> Any:
+        return self.criterion(self.head(hidden), targets, mask, num_valid=mask.sum())
+
+
+def loss_function(logits: Any, targets: Any, mask: Any, *, num_valid: Any) -> Any:
+    return masked_soft_cross_entropy(logits, targets, mask, num_valid=num_valid)
+
+
+CRITERIA = {"function": loss_function, "module": MaskedSoftCrossEntropy()}
+
+
+def training_inputs(seed: int) -> tuple[Any, Any, Any]:
+    rng = np.random.default_rng(seed)
+    hidden = torch.tensor(rng.standard_normal((2, 5, 8)), dtype=torch.float32)
+    targets = torch.tensor(random_targets(rng, (2, 5, 33)), dtype=torch.float32)
+    mask = torch.tensor(random_mask(rng, (2, 5)))
+    return hidden, targets, mask
+
+
+def train_once(model: DraftHead, inputs: tuple[Any, Any, Any]) -> tuple[Any, list[Any]]:
+    """One forward and backward pass; the loss and the parameters' gradients."""
+    model.zero_grad()
+    loss = model(*inputs)
+    loss.backward()
+    return loss.detach(), [parameter.grad.clone() for parameter in model.parameters()]
+
+
+def assert_same_training_step(compiled: DraftHead, eager: DraftHead, seed: int) -> None:
+    inputs = training_inputs(seed)
+    compiled_loss, compiled_grads = train_once(compiled, inputs)
+    eager_loss, eager_grads = train_once(eager, inputs)
+
+    assert_loss_close(compiled_loss, to_float64(eager_loss), "float32")
+    for grad, eager_grad in zip(compiled_grads, eager_grads, strict=True):
+        assert_gradient_close(grad, to_float64(eager_grad), "float32")
+
+
+@pytest.mark.parametrize("criterion", CRITERIA.values(), ids=CRITERIA.keys())
+def test_aot_eager_training_step_equals_eager(criterion):
+    torch._dynamo.reset()
+    model = DraftHead(criterion)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+
+    assert_same_training_step(compiled, model, seed=16)
+    assert_same_training_step(compiled, model, seed=17)  # a second step reuses the graph
+
+
+def test_inductor_training_step_equals_eager():
+    # Inductor's code generation takes tens of seconds on a 2-core machine: one case.
+    torch._dynamo.reset()
+    model = DraftHead(MaskedSoftCrossEntropy())
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+
+    assert_same_training_step(compiled, model, seed=18)
+
+
+@pytest.mark.parametrize("criterion", CRITERIA.values(), ids=CRITERIA.keys())
+def test_dynamo_finds_no_graph_break(criterion):
+    torch._dynamo.reset()
+    model = DraftHead(criterion)
+
+    explanation = torch._dynamo.explain(model)(*training_inputs(19))
+
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_compiled_backward_scales_the_gradient_made_in_forward():
+    # For "mean", the forward graph computes the logits gradient with the loss, and the backward
+    # graph only multiplies it by the upstream gradient: no gradient operator runs there.
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs: dict[str, Any] = {}
+
+    def keep(name: str) -> Callable[..., Any]:
+        def compiler(graph: Any, example_inputs: Any) -> Any:
+            graphs[name] = graph
+            return make_boxed_func(graph.forward)
+
+        return compiler
+
+    torch._dynamo.reset()
+    backend = aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+    model = DraftHead(MaskedSoftCrossEntropy())
+    train_once(torch.compile(model, backend=backend, fullgraph=True), training_inputs(20))
+
+    def targets_of(graph: Any) -> list[str]:
+        return [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+
+    assert "softce_multi.torch_row_routine.default" in targets_of(graphs["forward"])
+    assert not any("softce_multi" in target for target in targets_of(graphs["backward"]))
