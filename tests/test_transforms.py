@@ -190,9 +190,10 @@ def test_jax_vmap_with_a_num_valid_per_example():
 @needs_torch
 @pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
 def test_torch_compile_loss_and_gradients_equal_eager():
-    # The "aot_eager" backend runs Dynamo's tracing and AOTAutograd, where graph breaks and
-    # autograd.Function handling happen. Inductor's code generation adds about 40 s on this
-    # project's 2-core machine for one small case, so it is left to the benchmarks.
+    # The public entry point of the package, through its dispatch to the torch adapter. The
+    # "aot_eager" backend runs Dynamo's tracing and AOTAutograd, where graph breaks and
+    # autograd.Function handling happen; tests/test_torch_op.py compiles the torch adapter with
+    # fullgraph=True on aot_eager and Inductor.
     torch = import_or_skip("torch")
     logits, targets, mask = (torch.from_numpy(array) for array in numpy_inputs(9))
     compiled_loss = torch.compile(sc.masked_soft_cross_entropy, backend="aot_eager")
