@@ -1,55 +1,62 @@
 """Optional accelerated kernels, behind the routines of :func:`softce_multi._core.forward`.
 
-* :mod:`softce_multi.kernels.triton`: Triton kernels for torch tensors on CUDA, as the
-  ``torch.library`` operators ``softce_multi::triton_row_routine`` and
+* :mod:`softce_multi.kernels.triton`: Triton kernels for torch tensors on a CUDA device, run as
+  the ``torch.library`` operators ``softce_multi::triton_row_routine`` and
   ``softce_multi::triton_gradient_routine``.
-* :mod:`softce_multi.kernels.pallas`: Pallas (Triton backend) kernels for JAX arrays on GPU.
+* :mod:`softce_multi.kernels.pallas`: Pallas kernels, for its Triton backend, for JAX arrays on
+  a GPU (traceable: they work under ``jax.jit`` and ``jax.vmap``).
 
 Each module needs its library; importing this package needs neither. The adapters ask
-:func:`use_triton` and :func:`use_pallas` whether a kernel applies to their arrays.
+:func:`use_triton` and :func:`use_pallas` whether a kernel applies to their arrays. Each module
+offers a :class:`~softce_multi._core.RowRoutine`, ``row_routine`` (the loss, the saved per-row
+statistics and optionally the logits gradient), and a
+:class:`~softce_multi._core.GradientRoutine`, ``gradient_routine`` (the gradients to the logits
+and/or the targets, recomputed from the saved statistics, as the ``"none"`` reduction and the
+targets gradient need). Each runs one kernel. This is the one description of the algorithm
+that both modules implement.
 
-The algorithm
--------------
+**The grid.** One program per row (one position). A program walks the row's ``V`` entries in
+chunks of ``block_size`` entries, a power of two (``min(next_pow2(V), 4096)`` by default, see
+:func:`launch_config`), so any vocabulary works, without padding or copying the inputs.
 
-Both modules implement it the same way; this is its one description. Each offers a
-:class:`~softce_multi._core.RowRoutine` (``row_routine``) and a
-:class:`~softce_multi._core.GradientRoutine` (``gradient_routine``), each running one kernel.
-The grid has one program per row (one position), and a program walks the row's ``V`` entries
-in chunks of ``block_size`` entries (a power of two, see :func:`launch_config`), so any ``V``
-works without padding or copying the inputs.
+**The forward kernel.** One sweep computes the row statistics of
+:func:`softce_multi._core.row_statistics` with an online maximum ``m``: the running sums
+``s = sum_v exp(z_v - m)`` and ``d = sum_v p_v (z_v - m)`` move to a new maximum ``m'`` as
+``s * exp(m - m')`` and ``d + (m - m') * sum_v p_v``, and a term with ``p_v == 0`` adds exactly
+0, even where ``z_v`` is -inf. The program writes ``w * c`` and what a backward pass needs of
+the row (:class:`softce_multi._core.SavedRows`): ``m`` (0 where it is not finite), ``log s`` and
+``sum_v p_v``. With the gradient asked for, a second sweep over the same row writes
+``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype. It walks the chunks from the
+last one, which the first sweep (whose loads carry an ``evict_last`` hint) has just brought into
+the cache, so that the row comes from L2 while the rows in flight fit there.
 
-* The **forward kernel** sweeps its row once with an online maximum, accumulating the
-  statistics of :func:`softce_multi._core.row_statistics`: the running sums
-  ``s = sum exp(z - m)`` and ``d = sum p * (z - m)`` move to a new maximum ``m'`` as
-  ``s * exp(m - m')`` and ``d + (m - m') * sum(p)``, and a term with ``p == 0`` adds exactly 0,
-  even where ``z`` is -inf. It writes the weighted loss of the row and what a backward pass
-  needs of it (:class:`softce_multi._core.SavedRows`: the row maximum, the log of the sum of
-  exponentials relative to it, the target mass). With the gradient asked for, a second sweep
-  over the same row writes ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype. It
-  walks the chunks from the last one, which the first sweep has just brought into the cache
-  (whose loads carry an ``evict_last`` hint), so the row comes from L2 while the rows in flight
-  fit there.
-* The **backward kernel** recomputes, in one sweep per row, the gradient to the logits
-  (``row_scale * (sum(p) * softmax(z) - p)``), to the targets (``-row_scale * log_softmax(z)``)
-  or both, from the saved statistics; ``p`` is read only for the logits gradient.
+**The backward kernel.** One sweep per row reads the logits (and the targets, for the logits
+gradient) and the row's saved statistics, and writes ``r * (sum(p) * softmax(z) - p)`` and/or
+``-r * log_softmax(z)``, with ``r`` the row scale times the upstream gradient; both in one sweep
+when both are asked for.
 
-Both take the softmax as ``exp((z - row_max) - log_sum_exp)``, never through a rounded
-log-normalizer, so it stays accurate for logits far from 0. A row whose weight (forward) or
-scale (backward) is 0 is never read: its outputs are written as zeros, whatever NaN or inf it
-holds, and its saved statistics are 0. The weights, the denominator of the reduction and the
-final sum are small array operations of the core's driver on the device, so nothing waits on
-the host. The computation is float32, or float64 when either input is float64; the gradients
-come back in the dtype of the input they belong to, and the inputs are never written.
+**Accuracy.** The log-normalizer is ``m + log s``, but it is never formed: the kernels take the
+softmax as ``exp((z - m) - log s)`` and the log-softmax as ``(z - m) - log s``, which stay
+accurate for logits far from 0. Rounding a float32 log-normalizer near 1000 moves it by up to
+``3e-5``, a relative error that ``exp(z - (m + log s))`` would carry into every gradient entry.
 
-Torch operators
----------------
+**Padding costs nothing.** A row of weight 0 (forward) or scale 0 (backward) is not read at
+all: its outputs are written as zeros, whatever NaN or inf it holds, and its saved statistics
+are 0 (no backward pass reads them).
 
-The torch path runs its routines as ``torch.library`` operators (those of
-:mod:`softce_multi.kernels.triton` and of :mod:`softce_multi.torch`). The helpers at the end of
-this module give them their common parts: outputs of the right shapes (:func:`empty_row_outputs`,
-:func:`empty_gradient_outputs`, also their fake implementations) and vmap rules that fold the
-batch into the rows (:func:`row_routine_vmap`, :func:`gradient_routine_vmap`). They use only
-tensor methods, so this package still imports no library.
+**Nothing waits on the host.** The weights, the denominator of ``"mean"`` (a ``num_valid``
+given as a 0-d array included) and the final sum are small array operations of the core's
+driver on the device; shapes never depend on values. The computation is float32, or float64
+when either input is float64; the gradients come back in the dtype of the input they belong to,
+and the inputs are never written.
+
+**Torch operators.** The torch path runs its routines as ``torch.library`` operators: those of
+:mod:`softce_multi.kernels.triton` and those of :mod:`softce_multi.torch` for the CPU. The helpers
+at the end of this module are their common parts: outputs of the right shapes
+(:func:`empty_row_outputs`, :func:`empty_gradient_outputs`, also their fake implementations)
+and vmap rules that fold the batch into the rows (:func:`row_routine_vmap`,
+:func:`gradient_routine_vmap`). They use only tensor methods, so this package still imports no
+library.
 """
 
 from __future__ import annotations

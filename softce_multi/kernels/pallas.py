@@ -1,25 +1,15 @@
-"""Pallas kernels for JAX on GPU, behind the contract of :func:`softce_multi._core.forward`.
+"""Pallas kernels for JAX on GPU, behind the routines of :func:`softce_multi._core.forward`.
 
-The kernels target the Triton backend of Pallas and mirror :mod:`softce_multi.kernels.triton`:
-the grid has one program per row, and each program loops over the vocabulary in chunks of
-``block_size`` entries (a power of two, which the Triton backend requires of every block it
-loads), so any ``V`` works without padding or copying the inputs.
+The kernels follow the algorithm described once in :mod:`softce_multi.kernels` (one program per
+row, chunks of ``block_size`` entries, a forward kernel with an optional second gradient sweep,
+a backward kernel from the saved statistics), as :mod:`softce_multi.kernels.triton` does. What is
+particular to this module:
 
-* The **forward kernel** sweeps a row once with an online maximum, accumulating the statistics
-  of :func:`softce_multi._core.row_statistics`, and writes the weighted loss of the row and what
-  a backward pass needs of it (:class:`softce_multi._core.SavedRows`: the row maximum, the log
-  of the sum of exponentials relative to it, and the target mass). With the gradient requested
-  it sweeps the row a second time (from L2 while the rows in flight fit there) and writes
-  ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype.
-* The **backward kernel** recomputes the gradients to the logits and/or the targets from the
-  saved row statistics in one sweep.
-
-Both take the softmax as ``exp((z - row_max) - log_sum_exp)``, never through a rounded
-log-normalizer, so it stays accurate for logits far from 0.
-
-Rows of weight (forward) or scale (backward) 0 are not read and get zeros. Every function takes
-``interpret``: with ``interpret=True`` Pallas runs the kernels on any backend, which is how they
-are tested on the CPU. The functions are traceable: they work under ``jax.jit``.
+* The kernels target the Triton backend of Pallas, which requires every block it loads to have a
+  power-of-two size; the chunks are such blocks, masked past the row's end.
+* Every function takes ``interpret``: with ``interpret=True`` Pallas runs the kernels on any
+  backend, which is how they are tested on the CPU.
+* The functions are traceable: they work under ``jax.jit`` and ``jax.vmap``.
 """
 
 from __future__ import annotations
@@ -94,10 +84,9 @@ def _gradient_sweep(
 ) -> None:
     """Write one row of the logits and/or targets gradients (None: not wanted); 0 if scale is 0.
 
-    The row's log-normalizer is ``row_max + log_sum_exp``. Taking ``z - row_max`` first keeps
-    the softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
-    ``last_first`` walks the chunks from the end of the row, so that a sweep right after the
-    statistics sweep starts with the chunks most recently brought into the cache.
+    The softmax is ``exp((z - row_max) - log_sum_exp)``; ``last_first`` walks the chunks from
+    the end of the row, for a sweep right after the statistics sweep (see
+    :mod:`softce_multi.kernels`).
     """
     n_chunks = pl.cdiv(z_ref.shape[-1], block_size)
     outs = [out for out in (logits_out, targets_out) if out is not None]
@@ -268,7 +257,8 @@ def row_routine(
     with_logits_grad
         Whether to write the logits gradient (scaled for a unit upstream gradient).
     block_size
-        Vocabulary entries per chunk, a power of two; see :func:`softce_multi.kernels.launch_config`.
+        Vocabulary entries per chunk, a power of two (see
+        :func:`softce_multi.kernels.launch_config`).
     interpret
         Run the kernel through the Pallas interpreter (any backend) instead of compiling it.
     """

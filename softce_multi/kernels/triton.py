@@ -61,10 +61,9 @@ def _gradient_sweep(
 ):
     """Write one contiguous row of the logits and/or targets gradients; zeros if scale is 0.
 
-    The row's log-normalizer is ``row_max + log_sum_exp``. Taking ``z - row_max`` first keeps
-    the softmax accurate when the logits are far from 0 (where a rounded log-normalizer is not).
-    ``LAST_FIRST`` walks the chunks from the end of the row, so that a sweep right after the
-    statistics sweep starts with the chunks most recently brought into the cache.
+    The softmax is ``exp((z - row_max) - log_sum_exp)``; ``LAST_FIRST`` walks the chunks from
+    the end of the row, for a sweep right after the statistics sweep (see
+    :mod:`softce_multi.kernels`).
     """
     if scale == 0:
         if LOGITS:
