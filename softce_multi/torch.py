@@ -292,16 +292,18 @@ def torch_gradient_routine(
 ) -> tuple[Tensor, Tensor]:
     """The per-row work of the backward pass, as ``softce_multi::torch_gradient_routine``.
 
-    The generic core's gradient routine over cache-sized blocks of rows.
+    The log-softmax is taken from the saved statistics as ``(z - row_max) - log_sum_exp``, never
+    through a rounded log-normalizer, and every elementwise step runs in place on one
+    block-sized buffer.
 
     Parameters
     ----------
     z, p : Tensor, shape ``[N, V]``
-        Logits and targets, ``N > 0``.
+        Logits and targets, ``N > 0``, any floating dtypes and strides.
     row_max, log_sum_exp, target_sum : Tensor, shape ``[N]``
         The :class:`softce_multi._core.SavedRows` of the forward pass, in the computation dtype.
     row_scale : Tensor, shape ``[N]``
-        ``d loss / d c_row`` times the upstream gradient.
+        ``d loss / d c_row`` times the upstream gradient, in the computation dtype.
     logits_grad, targets_grad : bool
         Which gradients to compute.
 
@@ -310,19 +312,49 @@ def torch_gradient_routine(
     tuple of Tensor
         ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype and
         ``-row_scale * log_softmax(z)`` in the targets' dtype, both ``[N, V]`` and exactly 0 in
-        rows whose scale is 0; a gradient not asked for is ``[0, V]``.
+        rows whose scale is 0 (the logits gradient also in rows without target mass); a
+        gradient not asked for is ``[0, V]``.
     """
-    xp = array_api_compat.array_namespace(z)
-    routine = _core.blocked_gradient_routine(_core.default_block_rows(z.shape[-1]), xp=xp)
-    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
-    grad_z, grad_p = routine(
-        z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
+    dtype = row_max.dtype
+    grad_z, grad_p = kernels.empty_gradient_outputs(
+        z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
-    not_asked = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=False)
-    return (
-        not_asked[0] if grad_z is None else grad_z,
-        not_asked[1] if grad_p is None else grad_p,
-    )
+    n_rows, vocab_size = z.shape
+    block_rows = min(_core.default_block_rows(vocab_size), n_rows)
+
+    def block_buffer() -> Tensor:
+        return torch.empty((block_rows, vocab_size), dtype=dtype, device=z.device)
+
+    log_probs_buf = block_buffer()
+    z_buf = None if z.dtype == dtype else block_buffer()
+    p_buf = block_buffer() if logits_grad and p.dtype != dtype else None
+    # Gradients of another dtype are computed here, then rounded into place.
+    casts = (logits_grad and grad_z.dtype != dtype) or (targets_grad and grad_p.dtype != dtype)
+    cast_buf = block_buffer() if casts else None
+    for block in _core.row_blocks(n_rows, block_rows):
+        size = block.stop - block.start
+        log_probs = log_probs_buf[:size]
+        z_block = z[block] if z_buf is None else z_buf[:size].copy_(z[block])
+        scale = row_scale[block]
+        torch.sub(z_block, row_max[block, None], out=log_probs).sub_(log_sum_exp[block, None])
+        if targets_grad:
+            out = grad_p[block] if cast_buf is None or grad_p.dtype == dtype else cast_buf[:size]
+            torch.mul(log_probs, -scale[:, None], out=out)
+            # Padding may hold NaN or inf.
+            _zero_rows(out, scale == 0)
+            if out.dtype != grad_p.dtype:
+                grad_p[block] = out
+        if logits_grad:
+            p_block = p[block] if p_buf is None else p_buf[:size].copy_(p[block])
+            softmax = log_probs.exp_()
+            out = grad_z[block] if cast_buf is None or grad_z.dtype == dtype else cast_buf[:size]
+            torch.mul(softmax, (scale * target_sum[block])[:, None], out=out)
+            out.addcmul_(p_block, scale[:, None], value=-1)
+            # A row with no target mass may have no softmax.
+            _zero_rows(out, ~_core.rows_with_gradient(scale, target_sum[block]))
+            if out.dtype != grad_z.dtype:
+                grad_z[block] = out
+    return grad_z, grad_p
 
 
 @torch_row_routine.register_fake
@@ -437,7 +469,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
         wants_logits, wants_targets = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
-            grad_z, grad_p = differentiable_gradients(
+            grad_z, grad_p = _differentiable_gradients(
                 logits,
                 target_probs,
                 row_scale,
@@ -463,7 +495,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         return (recomputed if grad_z is None else grad_z), grad_p, *nothing[2:]
 
 
-def differentiable_gradients(
+def _differentiable_gradients(
     logits: Tensor,
     target_probs: Tensor,
     row_scale: Tensor,
