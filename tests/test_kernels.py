@@ -1,10 +1,11 @@
 """The accelerated kernels keep the contract of ``_core.forward`` and agree with the reference.
 
-Most tests run on both kernels: Triton on torch tensors, and Pallas on JAX arrays under
-``jax.jit``. Without a GPU they run interpreted: Pallas with ``interpret=True``, Triton when the
-environment sets ``TRITON_INTERPRET=1`` before the test run starts (the nox sessions do). The
-last section checks that the torch and JAX adapters run the kernels where they apply, and only
-there.
+Most tests run on both kernels, Triton on torch tensors and Pallas on JAX arrays under
+``jax.jit``, and on the torch CPU operators, each held to the reference and to the core's saved
+row statistics. Without a GPU the kernels run interpreted: Pallas with ``interpret=True``, Triton
+when the environment sets ``TRITON_INTERPRET=1`` before the test run starts (the nox sessions
+do). The last section checks that the torch and JAX adapters run the kernels where they apply,
+and only there.
 """
 
 from __future__ import annotations
