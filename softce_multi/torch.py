@@ -32,6 +32,9 @@ same pass over the inputs. Its backward pass has two modes:
 * Grad mode on (``create_graph=True``, ``torch.func.grad``, hessians): the gradients are
   recomputed from the saved inputs with differentiable torch operations, so that derivatives of
   the gradient (gradient penalties, hessians, upstream gradients that require grad) are right.
+
+The function has no ``jvp`` (Dynamo cannot trace one), so forward-mode differentiation is
+refused by PyTorch with an error naming it.
 """
 
 from __future__ import annotations
@@ -94,21 +97,17 @@ def loss(
     reduction: str,
     num_valid: torch.Tensor | float | None,
 ) -> torch.Tensor:
-    """The loss of validated inputs, through autograd when a gradient is wanted."""
-    if torch.is_grad_enabled() and (logits.requires_grad or target_probs.requires_grad):
-        with_logits_grad = logits.requires_grad and reduction != "none"
-        outputs = _MaskedSoftCrossEntropyFunction.apply(
-            logits, target_probs, position_mask, reduction, num_valid, with_logits_grad
-        )
-        return outputs[0]
-    return forward(
-        logits,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
-        with_logits_grad=False,
-    ).loss
+    """The loss of validated inputs, always through the autograd function.
+
+    Without a gradient to record it records nothing; going through it even then makes PyTorch
+    refuse forward-mode differentiation by name (the function has no ``jvp``) rather than lose
+    the tangents.
+    """
+    with_logits_grad = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
+    outputs = _MaskedSoftCrossEntropyFunction.apply(
+        logits, target_probs, position_mask, reduction, num_valid, with_logits_grad
+    )
+    return outputs[0]
 
 
 def loss_with_grad(

@@ -497,6 +497,18 @@ def test_func_vmap_of_grad_equals_a_loop_over_the_batch():
     torch.testing.assert_close(batched, looped, **FLOAT64_TOL)
 
 
+def test_forward_mode_differentiation_is_refused_by_name():
+    # A custom jvp would make Dynamo break the graph, so forward mode (jvp, jacfwd,
+    # torch.func.hessian) is left out; PyTorch says so rather than giving a wrong tangent.
+    logits, targets, mask = float64_inputs(21)
+
+    with pytest.raises(RuntimeError, match="jvp"):
+        torch.func.jvp(lambda z: loss_of("mean", mask)(z, targets), (logits,), (logits,))
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="jvp"):
+        dual = torch.autograd.forward_ad.make_dual(logits, torch.ones_like(logits))
+        loss_of("mean", mask)(dual, targets)
+
+
 def test_batched_upstream_gradients_equal_a_loop():
     # is_grads_batched runs backward under vmap: the upstream has no single value to test.
     logits, targets, mask = float32_inputs(15)
