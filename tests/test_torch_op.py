@@ -497,6 +497,20 @@ def test_func_vmap_of_grad_equals_a_loop_over_the_batch():
     torch.testing.assert_close(batched, looped, **FLOAT64_TOL)
 
 
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inference_mode_gives_the_loss_of_grad_mode(reduction):
+    logits, targets, mask = float32_inputs(22)
+    loss = loss_of(reduction, mask)
+    (z,) = leaves(logits)
+    expected = loss(z, targets)
+
+    with torch.inference_mode():
+        actual = loss(z, targets)
+
+    assert actual.is_inference()
+    torch.testing.assert_close(actual, expected.detach(), rtol=0, atol=0)
+
+
 def test_forward_mode_differentiation_is_refused_by_name():
     # A custom jvp would make Dynamo break the graph, so forward mode (jvp, jacfwd,
     # torch.func.hessian) is left out; PyTorch says so rather than giving a wrong tangent.
