@@ -148,7 +148,9 @@ def shift_statistics(stats: RowStatistics, shift: Array, *, xp: Namespace) -> Ro
     return RowStatistics(shift, sum_exp, stats.target_sum, target_dot)
 
 
-def merge_statistics(first: RowStatistics, second: RowStatistics, *, xp: Namespace) -> RowStatistics:
+def merge_statistics(
+    first: RowStatistics, second: RowStatistics, *, xp: Namespace
+) -> RowStatistics:
     """The statistics of a row made of two parts of its vocabulary (an online update)."""
     maximum = xp.maximum(merge_candidate(first, xp=xp), merge_candidate(second, xp=xp))
     shift = common_shift(maximum, xp=xp)
@@ -505,7 +507,9 @@ def blocked_gradient_routine(block_rows: int | None, *, xp: Namespace) -> Gradie
                 xp=xp,
             )
 
-        grad_z = _map_row_blocks(logits_block, z, z.dtype, block_rows, xp=xp) if logits_grad else None
+        grad_z = (
+            _map_row_blocks(logits_block, z, z.dtype, block_rows, xp=xp) if logits_grad else None
+        )
         grad_p = (
             _map_row_blocks(targets_block, z, p.dtype, block_rows, xp=xp) if targets_grad else None
         )

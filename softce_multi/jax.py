@@ -105,6 +105,7 @@ def loss_with_grad(
     """
     weights, count = _constants(logits, target_probs, position_mask, num_valid)
     result = _forward(logits, target_probs, weights, count, reduction, with_logits_grad=True)
+    assert result.logits_grad is not None  # requested with with_logits_grad=True
     return result.loss, result.logits_grad
 
 
@@ -179,7 +180,7 @@ def gradient_routine(
     logits_grad: bool,
     targets_grad: bool,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """:class:`softce_multi._core.GradientRoutine` of the Pallas kernel where it runs, else the core."""
+    """The gradient routine of the Pallas kernel on a GPU, else of the core."""
 
     def core(z: Any, p: Any, saved: Any, row_scale: Any) -> Any:
         routine = _core.blocked_gradient_routine(None, xp=jnp)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -53,7 +55,7 @@ def test_shifted_parts_add_up_to_the_row_over_many_shards():
     z = rng.standard_normal((5, 20)) * 3
     p = rng.random((5, 20))
     bounds = [0, 2, 9, 10, 20]
-    parts = [statistics(z[:, a:b], p[:, a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
+    parts = [statistics(z[:, a:b], p[:, a:b]) for a, b in itertools.pairwise(bounds)]
 
     maximum = np.max([_core.merge_candidate(part, xp=np) for part in parts], axis=0)
     shift = _core.common_shift(maximum, xp=np)

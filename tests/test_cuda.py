@@ -50,9 +50,7 @@ def test_a_training_step_never_synchronises_with_the_host(reduction):
     torch.cuda.set_sync_debug_mode("error")
     try:
         training_step(logits, targets, mask, reduction)
-        loss, grad = sc.masked_soft_cross_entropy_with_grad(
-            logits.detach(), targets.detach(), mask
-        )
+        loss, grad = sc.masked_soft_cross_entropy_with_grad(logits.detach(), targets.detach(), mask)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
