@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 # Submodules that need an optional library are imported on first use, so that importing the
 # package needs NumPy and array-api-compat only.
-_LAZY_SUBMODULES = ("reference", "torch", "jax", "eagle3")
+_LAZY_SUBMODULES = ("reference", "torch", "jax", "eagle3", "distributed")
 
 
 def __getattr__(name: str) -> ModuleType:

@@ -1,0 +1,801 @@
+"""The loss beyond one device, on real engines: torch.distributed over gloo, JAX over 8 CPU devices.
+
+torch: one spawn of 2 processes and one of 4 (gloo on 127.0.0.1, a free port) run every
+scenario once and save each rank's results; the tests compare them with the float64 reference
+on the full data in this process. The ranks' padding holds NaN and inf, the reference's finite
+values: padding must not matter. Scenarios: data and sequence parallelism with uneven padding
+(:func:`global_num_valid`), the vocabulary-parallel loss over uneven shards (float32 and
+float64, every reduction, ``num_valid``), a 2x2 data x tensor-parallel grid, the docs' recipes
+(DDP with gradient accumulation, FSDP, a tensor-parallel ``lm_head``), a group of one, the
+collectives' sizes, and inputs that disagree across ranks (an error on every rank).
+
+JAX: one subprocess, with ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` set before JAX
+starts, runs :func:`jax_checks` on a 2x4 ("data", "vocab") mesh, under ``jit`` and ``grad``, and
+prints each result's error next to its scale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="torch not installed")
+dist = pytest.importorskip("torch.distributed", reason="torch.distributed not available")
+
+import softce_multi as sc  # noqa: E402
+from softce_multi import distributed  # noqa: E402
+from softce_multi.reference import masked_soft_cross_entropy as reference_loss  # noqa: E402
+
+if not dist.is_available() or not dist.is_gloo_available():
+    pytest.skip("torch.distributed with gloo not available", allow_module_level=True)
+
+BATCH, SEQ, VOCAB, HIDDEN = 6, 5, 37, 8
+#: Uneven vocabulary shards (one of a single column), by world size.
+VOCAB_BOUNDS = {2: (0, 11, 37), 4: (0, 4, 20, 21, 37)}
+DTYPES = ("float32", "float64")
+REDUCTIONS = ("mean", "sum", "none")
+#: ``num_valid`` variants of ``"mean"``: None, a host number, a 0-d tensor, zero.
+NUM_VALID = ("none", "number", "tensor", "zero")
+WORLD_SIZES = (2, 4)
+#: How long a spawn may take before its processes are killed and the tests fail.
+SPAWN_TIMEOUT_SECONDS = 240
+#: Loss and gradient tolerances relative to the loss and to the largest gradient entry.
+TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+
+
+# --------------------------------------------------------------------------------------------
+# The data: the same in every process
+# --------------------------------------------------------------------------------------------
+
+
+def make_case(dtype: str, *, dirty: bool) -> dict[str, Any]:
+    """Logits, targets, mask (uneven padding), upstream weights and a linear head.
+
+    float32 cases have a bool mask, float64 cases float weights. ``dirty`` puts NaN in the
+    padding's logits and inf in its targets; otherwise they hold finite random values.
+    """
+    generator = torch.Generator().manual_seed(1234 + len(dtype))
+    real = getattr(torch, dtype)
+
+    def normal(*shape: int) -> Any:
+        return torch.randn(*shape, generator=generator, dtype=torch.float64)
+
+    logits = (4 * normal(BATCH, SEQ, VOCAB)).to(real)
+    targets = torch.softmax(2 * normal(BATCH, SEQ, VOCAB), dim=-1)
+    targets = torch.where(targets < 0.004, 0.0, targets).to(real)  # exact zeros too
+    valid = torch.rand(BATCH, SEQ, generator=generator) < 0.65
+    valid[0] = False  # a sequence of padding only
+    valid[1] = True
+    if dtype == "float32":
+        mask: Any = valid
+    else:
+        weights = torch.rand(BATCH, SEQ, generator=generator, dtype=torch.float64) + 0.5
+        mask = torch.where(valid, weights, 0.0)
+    hidden = normal(BATCH, SEQ, HIDDEN).to(real)
+    head = (normal(VOCAB, HIDDEN) / 2).to(real)
+    if dirty:
+        logits = logits.masked_fill(~valid[..., None], torch.nan)
+        targets = targets.masked_fill(~valid[..., None], torch.inf)
+    upstream = normal(BATCH, SEQ).to(torch.float64 if dtype == "float64" else torch.float32)
+    return {
+        "logits": logits,
+        "targets": targets,
+        "mask": mask,
+        "hidden": hidden,
+        "head": head,
+        "upstream": upstream,
+        "count": valid.sum().item() if dtype == "float32" else mask.sum().item(),
+    }
+
+
+def num_valid_of(variant: str, case: dict[str, Any]) -> Any:
+    return {
+        "none": None,
+        "number": 7.5,
+        "tensor": torch.tensor(case["count"] + 2.0),
+        "zero": 0,
+    }[variant]
+
+
+def vocab_slice(world_size: int, rank: int) -> slice:
+    bounds = VOCAB_BOUNDS[world_size]
+    return slice(bounds[rank], bounds[rank + 1])
+
+
+def position_slices(world_size: int, size: int) -> list[slice]:
+    """Uneven contiguous slices of ``range(size)``, as ``torch.tensor_split`` makes them."""
+    chunks = torch.tensor_split(torch.arange(size), world_size)
+    return [slice(int(c[0]), int(c[-1]) + 1) if len(c) else slice(0, 0) for c in chunks]
+
+
+# --------------------------------------------------------------------------------------------
+# The torch worker: every scenario, once per spawn
+# --------------------------------------------------------------------------------------------
+
+
+def torch_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    results: dict[Any, Any] = {}
+    try:
+        for dtype in DTYPES:
+            case = make_case(dtype, dirty=True)
+            run_data_parallel(results, case, dtype, rank, world_size)
+            run_vocab_parallel(results, case, dtype, rank, world_size)
+        case = make_case("float32", dirty=True)
+        run_collective_sizes(results, case, rank, world_size)
+        run_disagreements(results, case, rank, world_size)
+        run_group_of_one(results, case, rank, world_size)
+        run_tensor_parallel_head(results, case, rank, world_size)
+        if world_size == 4:
+            run_data_times_vocab(results, case, rank)
+        if world_size == 2:
+            run_ddp_with_accumulation(results, case, rank, world_size)
+            run_fsdp(results, case, rank, world_size)
+    finally:
+        torch.save(results, Path(out_dir) / f"{rank}.pt")
+        dist.destroy_process_group()
+
+
+def leaf(x: Any) -> Any:
+    return x.detach().clone().requires_grad_(True)
+
+
+def run_data_parallel(results: dict, case: dict, dtype: str, rank: int, world_size: int) -> None:
+    """Each rank holds a slice of the batch (or the sequence) and divides by the global count."""
+    for axis in (0, 1):
+        rows = position_slices(world_size, (BATCH, SEQ)[axis])[rank]
+        index = (rows,) if axis == 0 else (slice(None), rows)
+        logits, targets = leaf(case["logits"][index]), leaf(case["targets"][index])
+        mask = case["mask"][index]
+        count = distributed.global_num_valid(mask)
+        loss = sc.masked_soft_cross_entropy(logits, targets, mask, num_valid=count)
+        loss.backward()
+        results["data", dtype, axis] = {
+            "loss": loss.detach(),
+            "count": count,
+            "grad_logits": logits.grad,
+            "grad_targets": targets.grad,
+        }
+
+
+def vocab_parallel_step(
+    case: dict, columns: slice, reduction: str, num_valid: Any, **options: Any
+) -> dict[str, Any]:
+    logits = leaf(case["logits"][..., columns])
+    targets = leaf(case["targets"][..., columns])
+    loss = distributed.vocab_parallel_masked_soft_cross_entropy(
+        logits, targets, case["mask"], reduction=reduction, num_valid=num_valid, **options
+    )
+    (loss * case["upstream"] if reduction == "none" else loss).sum().backward()
+    return {"loss": loss.detach(), "grad_logits": logits.grad, "grad_targets": targets.grad}
+
+
+def run_vocab_parallel(results: dict, case: dict, dtype: str, rank: int, world_size: int) -> None:
+    columns = vocab_slice(world_size, rank)
+    for reduction in REDUCTIONS:
+        for variant in NUM_VALID if reduction == "mean" else ("none",):
+            step = vocab_parallel_step(case, columns, reduction, num_valid_of(variant, case))
+            results["vocab", dtype, reduction, variant] = step
+    unchecked = vocab_parallel_step(case, columns, "mean", None, check_shapes=False)
+    results["vocab unchecked", dtype] = unchecked
+
+
+def run_collective_sizes(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """Every collective of a vocabulary-parallel step: its elements, and whether all are finite."""
+    sizes = []
+    all_reduce, all_gather = dist.all_reduce, dist.all_gather
+
+    def recording_all_reduce(tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(("all_reduce", tensor.numel(), bool(tensor.isfinite().all())))
+        return all_reduce(tensor, *args, **kwargs)
+
+    def recording_all_gather(outputs: Any, tensor: Any, *args: Any, **kwargs: Any) -> Any:
+        sizes.append(("all_gather", sum(out.numel() for out in outputs), True))
+        return all_gather(outputs, tensor, *args, **kwargs)
+
+    dist.all_reduce, dist.all_gather = recording_all_reduce, recording_all_gather
+    try:
+        vocab_parallel_step(case, vocab_slice(world_size, rank), "mean", None)
+    finally:
+        dist.all_reduce, dist.all_gather = all_reduce, all_gather
+    results["collective sizes"] = sizes
+
+
+def outcome(call: Any) -> tuple[str, str]:
+    """``(exception type name, message)`` of ``call()``, or ``("returned", "")``."""
+    try:
+        call()
+    except Exception as error:  # the type is the result
+        return type(error).__name__, str(error)
+    return "returned", ""
+
+
+def run_disagreements(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """Inputs that differ across ranks, or that one rank refuses; the group stays usable."""
+    columns = vocab_slice(world_size, rank)
+    logits, targets, mask = (
+        case["logits"][..., columns],
+        case["targets"][..., columns],
+        case["mask"],
+    )
+    odd = rank == 0  # the rank that differs
+    last = rank == world_size - 1
+
+    def loss(z: Any = logits, p: Any = targets, w: Any = mask, **options: Any) -> Any:
+        return distributed.vocab_parallel_masked_soft_cross_entropy(z, p, w, **options)
+
+    short = (logits[:, 1:], targets[:, 1:], mask[:, 1:])
+    transposed = (
+        logits.transpose(0, 1).contiguous(),
+        targets.transpose(0, 1).contiguous(),
+        mask.T.contiguous(),
+    )
+    scenarios = {
+        "positions": lambda: loss(*short) if odd else loss(),
+        "leading shape": lambda: loss(*transposed) if odd else loss(),
+        "mask trailing axis": lambda: loss(w=mask[..., None]) if last else loss(),
+        "mask refused on one rank": lambda: loss(w=mask[:, 1:]) if last else loss(),
+        "dtype": lambda: loss(z=logits.double(), p=targets.double()) if odd else loss(),
+        "reduction": lambda: loss(reduction="sum") if odd else loss(),
+        "num_valid": lambda: loss(num_valid=3.0) if odd else loss(),
+    }
+    results["disagreements"] = {name: outcome(call) for name, call in scenarios.items()}
+    results["after disagreements"] = loss().detach()
+
+
+def run_group_of_one(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """Every rank alone in its group, holding the whole vocabulary."""
+    groups = [dist.new_group([member]) for member in range(world_size)]
+    results["group of one"] = {
+        "global_num_valid": distributed.global_num_valid(case["mask"], group=groups[rank]),
+        **vocab_parallel_step(case, slice(None), "mean", None, group=groups[rank]),
+    }
+
+
+def run_data_times_vocab(results: dict, case: dict, rank: int) -> None:
+    """Four ranks as a 2 x 2 grid: the batch over data groups, the vocabulary over model groups."""
+    data_groups = [dist.new_group(members) for members in ([0, 2], [1, 3])]
+    model_groups = [dist.new_group(members) for members in ([0, 1], [2, 3])]
+    data_index, model_index = divmod(rank, 2)
+    rows = position_slices(2, BATCH)[data_index]
+    columns = vocab_slice(2, model_index)
+    logits = leaf(case["logits"][rows, :, columns])
+    targets = leaf(case["targets"][rows, :, columns])
+    mask = case["mask"][rows]
+    count = distributed.global_num_valid(mask, group=data_groups[model_index])
+    loss = distributed.vocab_parallel_masked_soft_cross_entropy(
+        logits, targets, mask, group=model_groups[data_index], num_valid=count
+    )
+    loss.backward()
+    results["data x vocab"] = {
+        "loss": loss.detach(),
+        "grad_logits": logits.grad,
+        "grad_targets": targets.grad,
+    }
+
+
+# The recipes of docs/distributed.rst ----------------------------------------------------------
+
+
+def run_tensor_parallel_head(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """Recipe: a vocabulary-parallel ``lm_head``; the hidden states' gradient is all-reduced."""
+    columns = vocab_slice(world_size, rank)
+    hidden = leaf(case["hidden"])
+    head_shard = leaf(case["head"][columns])
+
+    def sum_over_ranks(grad: Any) -> Any:
+        dist.all_reduce(grad)
+        return grad
+
+    hidden.register_hook(sum_over_ranks)
+    logits_shard = hidden @ head_shard.T
+    targets_shard = case["targets"][..., columns]
+    loss = distributed.vocab_parallel_masked_soft_cross_entropy(
+        logits_shard, targets_shard, case["mask"]
+    )
+    loss.backward()
+    results["tensor parallel head"] = {
+        "loss": loss.detach(),
+        "grad_head": head_shard.grad,
+        "grad_hidden": hidden.grad,
+    }
+
+
+def linear_head(case: dict) -> Any:
+    torch.manual_seed(0)  # the same module on every rank
+    head = torch.nn.Linear(HIDDEN, VOCAB, bias=False, dtype=case["head"].dtype)
+    with torch.no_grad():
+        head.weight.copy_(case["head"])
+    return head
+
+
+def run_ddp_with_accumulation(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """Recipe: DDP averages gradients over ranks; the loss is scaled by the world size."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    model = DistributedDataParallel(linear_head(case))
+    rows = position_slices(world_size, BATCH)[rank]
+    hidden, targets, mask = case["hidden"][rows], case["targets"][rows], case["mask"][rows]
+    micro_batches = position_slices(2, hidden.shape[0])
+    count = distributed.global_num_valid(mask)  # over every micro-batch of every rank
+    for index, micro in enumerate(micro_batches):
+        last = index == len(micro_batches) - 1
+        with model.no_sync() if not last else _nothing():
+            loss = sc.masked_soft_cross_entropy(
+                model(hidden[micro]), targets[micro], mask[micro], num_valid=count
+            )
+            (loss * world_size).backward()
+    results["ddp"] = {"grad_head": model.module.weight.grad}
+
+
+def run_fsdp(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """Recipe: FSDP2 averages the gradients too; its full gradient is the global one."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = fully_shard(linear_head(case))
+    rows = position_slices(world_size, BATCH)[rank]
+    hidden, targets, mask = case["hidden"][rows], case["targets"][rows], case["mask"][rows]
+    count = distributed.global_num_valid(mask)
+    loss = sc.masked_soft_cross_entropy(model(hidden), targets, mask, num_valid=count)
+    (loss * world_size).backward()
+    results["fsdp"] = {"grad_head": model.weight.grad.full_tensor()}
+
+
+class _nothing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_: object) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------
+# Spawning
+# --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+_SPAWNED: dict[int, list[dict]] = {}
+
+
+def spawned(world_size: int) -> list[dict]:
+    """Every rank's results of one spawn of ``world_size`` processes (spawned once)."""
+    if world_size not in _SPAWNED:
+        import torch.multiprocessing as mp
+
+        with tempfile.TemporaryDirectory() as out_dir:
+            context = mp.spawn(
+                torch_worker,
+                args=(world_size, free_port(), out_dir),
+                nprocs=world_size,
+                join=False,
+            )
+            deadline = time.monotonic() + SPAWN_TIMEOUT_SECONDS
+            while not context.join(timeout=max(deadline - time.monotonic(), 0.1)):
+                if time.monotonic() > deadline:
+                    for process in context.processes:
+                        process.kill()
+                    pytest.fail(f"the {world_size} processes did not finish in time")
+            _SPAWNED[world_size] = [
+                torch.load(Path(out_dir) / f"{rank}.pt", weights_only=False)
+                for rank in range(world_size)
+            ]
+    return _SPAWNED[world_size]
+
+
+# --------------------------------------------------------------------------------------------
+# The single-process answers
+# --------------------------------------------------------------------------------------------
+
+
+def reference(case: dict, reduction: str = "mean", num_valid: Any = None) -> dict[str, Any]:
+    """The float64 reference loss and gradients on the full (clean) data."""
+    logits = leaf(case["logits"].double())
+    targets = leaf(case["targets"].double())
+    if isinstance(num_valid, torch.Tensor):
+        num_valid = num_valid.double()
+    loss = reference_loss(logits, targets, case["mask"], reduction=reduction, num_valid=num_valid)
+    (loss * case["upstream"].double() if reduction == "none" else loss).sum().backward()
+    return {"loss": loss.detach(), "grad_logits": logits.grad, "grad_targets": targets.grad}
+
+
+def head_reference(case: dict) -> dict[str, Any]:
+    hidden, head = leaf(case["hidden"].double()), leaf(case["head"].double())
+    loss = reference_loss(hidden @ head.T, case["targets"].double(), case["mask"])
+    loss.backward()
+    return {"loss": loss.detach(), "grad_head": head.grad, "grad_hidden": hidden.grad}
+
+
+def assert_close(actual: Any, expected: Any, dtype: str, *, scale: Any = None) -> None:
+    """Within the tolerance of ``dtype``, relative to ``scale`` (default: largest ``expected``)."""
+    actual = torch.as_tensor(actual).double()
+    expected = torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape
+    bound = expected.abs().max() if scale is None else torch.as_tensor(scale).abs().max()
+    error = (actual - expected).abs().max() if actual.numel() else torch.tensor(0.0)
+    assert error <= TOLERANCE[dtype] * max(float(bound), 1e-30), (float(error), float(bound))
+
+
+def assert_result(actual: dict, expected: dict, dtype: str, *, index: Any = ...) -> None:
+    """The loss, and the gradients as :func:`assert_gradients` checks them."""
+    assert actual["loss"].dtype == getattr(torch, dtype)
+    assert_close(actual["loss"], expected["loss"], dtype)
+    assert_gradients(actual, expected, dtype, index=index)
+
+
+def assert_gradients(actual: dict, expected: dict, dtype: str, *, index: Any = ...) -> None:
+    """The gradients are the ``index`` slices of the full ones, scaled by the full gradient."""
+    for name in ("grad_logits", "grad_targets"):
+        assert actual[name].dtype == getattr(torch, dtype)
+        assert torch.isfinite(actual[name]).all()
+        assert_close(actual[name], expected[name][index], dtype, scale=expected[name])
+
+
+# --------------------------------------------------------------------------------------------
+# torch tests
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [0, 1], ids=["data", "sequence"])
+def test_ranks_dividing_by_the_global_count_add_up_to_the_global_mean(world_size, dtype, axis):
+    ranks = spawned(world_size)
+    case = make_case(dtype, dirty=False)
+    expected = reference(case)
+    results = [ranks[rank]["data", dtype, axis] for rank in range(world_size)]
+
+    assert_close(sum(result["loss"] for result in results), expected["loss"], dtype)
+    for rank, result in enumerate(results):
+        rows = position_slices(world_size, (BATCH, SEQ)[axis])[rank]
+        index = (rows,) if axis == 0 else (slice(None), rows)
+        assert float(result["count"]) == pytest.approx(case["count"], rel=1e-12)
+        assert_gradients(result, expected, dtype, index=index)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(
+    ("reduction", "variant"),
+    [("mean", variant) for variant in NUM_VALID] + [("sum", "none"), ("none", "none")],
+)
+def test_vocab_parallel_loss_equals_the_loss_on_the_whole_vocabulary(
+    world_size, dtype, reduction, variant
+):
+    ranks = spawned(world_size)
+    case = make_case(dtype, dirty=False)
+    expected = reference(case, reduction, num_valid_of(variant, case))
+
+    for rank in range(world_size):
+        actual = ranks[rank]["vocab", dtype, reduction, variant]
+        assert_result(actual, expected, dtype, index=(..., vocab_slice(world_size, rank)))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vocab_parallel_loss_without_the_shape_check_is_the_same(world_size, dtype):
+    ranks = spawned(world_size)
+    expected = reference(make_case(dtype, dirty=False))
+
+    for rank in range(world_size):
+        actual = ranks[rank]["vocab unchecked", dtype]
+        assert_result(actual, expected, dtype, index=(..., vocab_slice(world_size, rank)))
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_only_finite_row_sized_vectors_cross_the_network(world_size):
+    n_positions = BATCH * SEQ
+    for rank in spawned(world_size):
+        sizes = rank["collective sizes"]
+        # The shape agreement, the maximum, and the three sums; nothing in the backward pass.
+        # The padding's NaN and inf never reach them.
+        assert sizes == [
+            ("all_gather", world_size * 15, True),
+            ("all_reduce", n_positions, True),
+            ("all_reduce", 3 * n_positions, True),
+        ]
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize(
+    ("scenario", "message"),
+    [
+        ("positions", "number of positions: 24 on rank [0], 30 on rank"),
+        ("leading shape", "leading shape (logits_shard.shape[:-1]): (5, 6) on rank [0]"),
+        ("mask trailing axis", "position_mask trailing axis of size 1"),
+        ("dtype", "computation dtype: float64 on rank [0], float32 on rank"),
+        ("reduction", "reduction: 'sum' on rank [0], 'mean' on rank"),
+        ("num_valid", "num_valid: a number on rank [0], None on rank"),
+    ],
+)
+def test_inputs_that_disagree_across_ranks_raise_on_every_rank(world_size, scenario, message):
+    for rank in spawned(world_size):
+        error, text = rank["disagreements"][scenario]
+        assert error == "ValueError"
+        assert "disagree" in text
+        assert message in text
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_inputs_one_rank_refuses_raise_there_and_name_it_on_the_others(world_size):
+    ranks = spawned(world_size)
+    last = world_size - 1
+
+    error, text = ranks[last]["disagreements"]["mask refused on one rank"]
+    assert error == "ValueError"
+    assert "position_mask must have shape" in text
+    for rank in ranks[:last]:
+        error, text = rank["disagreements"]["mask refused on one rank"]
+        assert error == "ValueError"
+        assert f"rank(s) [{last}] of the group refused their inputs" in text
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_the_group_works_after_the_errors(world_size):
+    expected = reference(make_case("float32", dirty=False))
+    for rank in spawned(world_size):
+        assert_close(rank["after disagreements"], expected["loss"], "float32")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_a_group_of_one_gives_the_plain_loss(world_size):
+    case = make_case("float32", dirty=False)
+    expected = reference(case)
+    for rank in spawned(world_size):
+        result = rank["group of one"]
+        assert int(result["global_num_valid"]) == case["count"]
+        assert_result(result, expected, "float32")
+
+
+def test_vocab_parallel_over_model_groups_with_the_count_over_data_groups():
+    ranks = spawned(4)
+    case = make_case("float32", dirty=False)
+    expected = reference(case)
+    data_shares = [ranks[rank]["data x vocab"]["loss"] for rank in (0, 2)]
+
+    assert_close(sum(data_shares), expected["loss"], "float32")
+    for rank, result in enumerate(ranks):
+        data_index, model_index = divmod(rank, 2)
+        index = (position_slices(2, BATCH)[data_index], ..., vocab_slice(2, model_index))
+        assert_gradients(result["data x vocab"], expected, "float32", index=index)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_recipe_tensor_parallel_head(world_size):
+    expected = head_reference(make_case("float32", dirty=False))
+    for rank, result in enumerate(spawned(world_size)):
+        result = result["tensor parallel head"]
+        assert_close(result["loss"], expected["loss"], "float32")
+        rows = vocab_slice(world_size, rank)
+        assert_close(
+            result["grad_head"], expected["grad_head"][rows], "float32", scale=expected["grad_head"]
+        )
+        assert_close(result["grad_hidden"], expected["grad_hidden"], "float32")
+
+
+@pytest.mark.parametrize("recipe", ["ddp", "fsdp"])
+def test_recipe_data_parallel_wrappers_with_the_world_size_undone(recipe):
+    expected = head_reference(make_case("float32", dirty=False))
+    for rank in spawned(2):
+        assert_close(rank[recipe]["grad_head"], expected["grad_head"], "float32")
+
+
+# --------------------------------------------------------------------------------------------
+# Arguments refused before any communication (this process has no process group)
+# --------------------------------------------------------------------------------------------
+
+
+def small_case(library: Any) -> tuple[Any, Any, Any]:
+    logits = library.ones((2, 3, 5))
+    return logits, library.ones((2, 3, 5)) / 5, library.ones((2, 3)) > 0
+
+
+def test_axis_name_with_torch_tensors_is_a_type_error():
+    with pytest.raises(TypeError, match="axis_name='vocab' is for JAX arrays"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(torch), axis_name="vocab")
+    with pytest.raises(TypeError, match="axis_name='data' is for JAX arrays"):
+        distributed.global_num_valid(small_case(torch)[2], axis_name="data")
+
+
+def test_group_with_jax_arrays_is_a_type_error():
+    jnp = pytest.importorskip("jax.numpy", reason="jax not installed")
+    with pytest.raises(TypeError, match=r"group \(a str\) is a torch.distributed process group"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(jnp), group="world")
+    with pytest.raises(TypeError, match="axis_name is required for JAX arrays"):
+        distributed.global_num_valid(small_case(jnp)[2])
+
+
+def test_arrays_of_other_libraries_are_a_type_error():
+    with pytest.raises(TypeError, match=r"must be torch tensors .* or JAX arrays"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(np))
+
+
+def test_the_default_group_must_exist():
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="not initialized"):
+        distributed.global_num_valid(small_case(torch)[2])
+
+
+def test_a_group_that_is_no_process_group_is_a_type_error():
+    with pytest.raises(TypeError, match=r"group must be a torch\.distributed\.ProcessGroup"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(torch), group=2)
+
+
+# --------------------------------------------------------------------------------------------
+# JAX: 8 CPU devices in a subprocess
+# --------------------------------------------------------------------------------------------
+
+
+def jax_checks() -> dict[str, Any]:
+    """Sharded results against unsharded ones on a 2 x 4 mesh: ``{name: [error, scale]}``.
+
+    Also ``collectives ...``: the collectives XLA compiles for the vocabulary-parallel step and
+    for the plain loss on sharded inputs, as ``[operation, shape]``.
+    """
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    jax.config.update("jax_enable_x64", True)
+    mesh = jax.make_mesh((2, 4), ("data", "vocab"))
+    checks: dict[str, Any] = {}
+
+    def placed(x: Any, *spec: Any) -> Any:
+        return jax.device_put(x, NamedSharding(mesh, P(*spec)))
+
+    vocab = 4 * 9  # shard_map shards evenly
+    for dtype in DTYPES:
+        case = make_case(dtype, dirty=True)
+        z, p = (jax.numpy.asarray(case[k][..., :vocab].numpy()) for k in ("logits", "targets"))
+        w, upstream = (jax.numpy.asarray(case[k].numpy()) for k in ("mask", "upstream"))
+        sharded = (placed(z, "data", None, "vocab"), placed(p, "data", None, "vocab"))
+        for reduction in REDUCTIONS:
+            plain = jax.value_and_grad(jax_plain_objective, argnums=(0, 1))
+            expected = plain(z, p, w, upstream, reduction)
+            step = jax.jit(
+                jax.value_and_grad(jax_vocab_parallel_objective, argnums=(0, 1)),
+                static_argnums=(4, 5),
+            )
+            args = (*sharded, placed(w, "data"), placed(upstream, "data"), reduction, mesh)
+            compare_jax(checks, f"vocab parallel {dtype} {reduction}", step(*args), expected)
+            checks["collectives vocab parallel"] = compiled_collectives(step, *args)
+
+        plain_step = jax.jit(jax.value_and_grad(sc.masked_soft_cross_entropy, argnums=(0, 1)))
+        expected = plain_step(z, p, w)
+        for layout, spec in (("batch", ("data",)), ("vocab", ("data", None, "vocab"))):
+            args = (placed(z, *spec), placed(p, *spec), placed(w, "data"))
+            name = f"plain jit {layout} sharded"
+            compare_jax(checks, f"{name} {dtype}", plain_step(*args), expected)
+            checks[f"collectives {name}"] = compiled_collectives(plain_step, *args)
+    return checks
+
+
+def jax_plain_objective(z: Any, p: Any, w: Any, upstream: Any, reduction: str) -> Any:
+    """The loss (for ``"none"``, weighted by ``upstream`` and summed) on unsharded inputs."""
+    loss = sc.masked_soft_cross_entropy(z, p, w, reduction=reduction)
+    return (loss * upstream).sum() if reduction == "none" else loss
+
+
+def jax_vocab_parallel_objective(
+    z: Any, p: Any, w: Any, upstream: Any, reduction: str, mesh: Any
+) -> Any:
+    """:func:`jax_plain_objective` with the batch over "data" and the vocabulary over "vocab".
+
+    Each block's ``"mean"`` divides by the count over the "data" axis; the blocks' losses are
+    summed over "data".
+    """
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    def block(z: Any, p: Any, w: Any) -> Any:
+        count = distributed.global_num_valid(w, axis_name="data") if reduction == "mean" else None
+        loss = distributed.vocab_parallel_masked_soft_cross_entropy(
+            z, p, w, axis_name="vocab", reduction=reduction, num_valid=count
+        )
+        return loss if reduction == "none" else jax.lax.psum(loss, "data")
+
+    loss = jax.shard_map(
+        block,
+        mesh=mesh,
+        in_specs=(P("data", None, "vocab"), P("data", None, "vocab"), P("data")),
+        out_specs=P("data") if reduction == "none" else P(),
+    )(z, p, w)
+    return (loss * upstream).sum() if reduction == "none" else loss
+
+
+def compare_jax(checks: dict[str, Any], prefix: str, actual: Any, expected: Any) -> None:
+    """Record ``[max error, max |expected|]`` of the loss and both gradients."""
+    names = ("loss", "grad_logits", "grad_targets")
+    pairs = zip((actual[0], *actual[1]), (expected[0], *expected[1]), strict=True)
+    for name, (a, e) in zip(names, pairs, strict=True):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.dtype == e.dtype, (prefix, name, a.dtype, e.dtype)
+        error = float(np.max(np.abs(a.astype(np.float64) - e)))
+        checks[f"{prefix} {name}"] = [error, float(np.max(np.abs(e)))]
+
+
+def compiled_collectives(step: Any, *args: Any) -> list[list[str]]:
+    """``[operation, result shape]`` of every collective in the compiled HLO of ``step``."""
+    text = step.lower(*args).compile().as_text()
+    pattern = r"= (.+?) (all-reduce|all-gather|reduce-scatter|all-to-all)(?:-start)?\("
+    return [[operation, shape] for shape, operation in re.findall(pattern, text)]
+
+
+@pytest.fixture(scope="module")
+def jax_results() -> dict[str, Any]:
+    pytest.importorskip("jax", reason="jax not installed")
+    env = {
+        **os.environ,
+        "XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+        "JAX_PLATFORMS": "cpu",
+    }
+    completed = subprocess.run(
+        [sys.executable, __file__, "jax-checks"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=SPAWN_TIMEOUT_SECONDS,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_vocab_parallel_on_a_2x4_mesh_equals_the_unsharded_loss(jax_results, dtype, reduction):
+    for name in ("loss", "grad_logits", "grad_targets"):
+        error, scale = jax_results[f"vocab parallel {dtype} {reduction} {name}"]
+        assert error <= TOLERANCE[dtype] * scale, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["batch", "vocab"])
+def test_jax_plain_loss_under_jit_on_sharded_inputs_equals_the_unsharded(
+    jax_results, dtype, layout
+):
+    for name in ("loss", "grad_logits", "grad_targets"):
+        error, scale = jax_results[f"plain jit {layout} sharded {dtype} {name}"]
+        assert error <= TOLERANCE[dtype] * scale, name
+
+
+def test_jax_vocab_parallel_step_only_reduces_row_sized_vectors(jax_results):
+    rows_per_block = (BATCH // 2) * SEQ
+    found = jax_results["collectives vocab parallel"]
+    assert found
+    for operation, shape in found:
+        assert operation == "all-reduce"
+        sizes = [
+            math.prod(int(size) for size in dims.split(",") if size)
+            for dims in re.findall(r"\[([\d,]*)\]", shape)
+        ]
+        assert max(sizes) <= 3 * rows_per_block, shape
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["jax-checks"]:
+    print(json.dumps(jax_checks()))
