@@ -3,9 +3,21 @@
 import importlib
 from types import ModuleType
 
-from softce_multi._api import masked_soft_cross_entropy, masked_soft_cross_entropy_with_grad
+from softce_multi._api import (
+    linear_masked_soft_cross_entropy,
+    linear_masked_soft_cross_entropy_with_grad,
+    masked_soft_cross_entropy,
+    masked_soft_cross_entropy_with_grad,
+)
+from softce_multi._linear import LinearGradients
 
-__all__ = ["masked_soft_cross_entropy", "masked_soft_cross_entropy_with_grad"]
+__all__ = [
+    "LinearGradients",
+    "linear_masked_soft_cross_entropy",
+    "linear_masked_soft_cross_entropy_with_grad",
+    "masked_soft_cross_entropy",
+    "masked_soft_cross_entropy_with_grad",
+]
 
 __version__ = "0.1.0"
 

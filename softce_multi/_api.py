@@ -1,6 +1,8 @@
 """Public functions: validate the arguments, look up the backend's adapter, call it.
 
-Every adapter has the same two functions of validated inputs, ``loss`` and ``loss_with_grad``:
+Every adapter has the same functions of validated inputs, ``loss`` and ``loss_with_grad`` for
+the loss of logits, ``linear_loss`` and ``linear_loss_with_grad`` for the loss of hidden states
+and an output projection (:mod:`softce_multi._linear`):
 :mod:`softce_multi.torch` (autograd, the torch CPU path and the Triton kernels),
 :mod:`softce_multi.jax` (``custom_vjp``, XLA and the Pallas kernels), and
 :mod:`softce_multi._generic` (the blocked core) for every other library. The adapters are
@@ -15,8 +17,14 @@ from typing import Any, Literal
 
 import array_api_compat
 
+from softce_multi._linear import LinearGradients
 from softce_multi._types import Array, Namespace, Reduction
-from softce_multi._validate import check_reduction, validate_inputs
+from softce_multi._validate import (
+    check_chunk_rows,
+    check_reduction,
+    validate_inputs,
+    validate_linear_inputs,
+)
 
 #: The adapter module of each library with one, by the test of its namespace; every other
 #: namespace gets ``softce_multi._generic``.
@@ -142,4 +150,152 @@ def masked_soft_cross_entropy_with_grad(
     check_reduction(reduction, with_grad=True)
     return _adapter(xp).loss_with_grad(
         logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid
+    )
+
+
+def linear_masked_soft_cross_entropy(
+    hidden: Array,
+    weight: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    bias: Array | None = None,
+    reduction: Reduction = "mean",
+    num_valid: Array | float | None = None,
+    chunk_rows: int | None = None,
+) -> Array:
+    """The loss of the logits ``hidden @ weight.T + bias``, without ever forming all of them.
+
+    Equals ``masked_soft_cross_entropy(hidden @ weight.T + bias, target_probs, position_mask)``
+    with every rule of :func:`masked_soft_cross_entropy`, padding included, but the rows are
+    processed in chunks: no more than one chunk's ``[chunk_rows, V]`` logits, and in training
+    their gradient, exist at any time, forward or backward. The matmuls run in the inputs'
+    dtype (bfloat16 stays bfloat16); the loss is float32 (float64 with a float64 input). See
+    :doc:`memory` for what it saves.
+
+    Parameters
+    ----------
+    hidden : array, shape ``[..., H]``
+        Hidden states of the positions, floating. Rows at padding positions may hold NaN or
+        inf: they reach no gradient, not even that of ``weight`` or ``bias``.
+    weight : array, shape ``[V, H]``
+        The output projection in the layout of ``torch.nn.Linear.weight`` (an EAGLE-3 draft
+        ``lm_head``).
+    target_probs : array, shape ``[..., V]``
+        Target distribution over the vocabulary of ``weight``, per position of ``hidden``.
+    position_mask : array, shape ``[...]`` or ``[..., 1]``
+        Weights of the positions, as in :func:`masked_soft_cross_entropy`.
+    bias : array, shape ``[V]``, optional
+        Added to the logits.
+    reduction, num_valid
+        As in :func:`masked_soft_cross_entropy`.
+    chunk_rows : int, optional
+        Rows per chunk. By default a chunk's logits and their gradient take about 48 MiB
+        in the computation dtype (196 rows of a 32000-token vocabulary in float32).
+
+    Returns
+    -------
+    array
+        The loss, as :func:`masked_soft_cross_entropy` returns it. On PyTorch it is
+        differentiable with respect to ``hidden``, ``weight``, ``bias`` and ``target_probs``
+        (once: not twice); on JAX it works under ``jax.grad`` and ``jax.jit``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`masked_soft_cross_entropy`; a shape error names the two arguments that
+        disagree (``weight`` and ``hidden``, ``target_probs`` and ``weight``, ``bias`` and
+        ``weight``).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import softce_multi as sc
+    >>> rng = np.random.default_rng(0)
+    >>> hidden = rng.standard_normal((2, 8, 16))
+    >>> weight = rng.standard_normal((50, 16))
+    >>> target = rng.dirichlet(np.ones(50), size=(2, 8))
+    >>> mask = rng.random((2, 8)) < 0.8
+    >>> loss = sc.linear_masked_soft_cross_entropy(hidden, weight, target, mask, chunk_rows=3)
+    >>> plain = sc.masked_soft_cross_entropy(hidden @ weight.T, target, mask)
+    >>> bool(np.isclose(loss, plain, rtol=1e-12))
+    True
+    """
+    xp = validate_linear_inputs(
+        hidden, weight, target_probs, position_mask, bias, reduction, num_valid, chunk_rows
+    )
+    return _adapter(xp).linear_loss(
+        hidden,
+        weight,
+        target_probs,
+        position_mask,
+        bias=bias,
+        reduction=reduction,
+        num_valid=num_valid,
+        chunk_rows=check_chunk_rows(chunk_rows),
+    )
+
+
+def linear_masked_soft_cross_entropy_with_grad(
+    hidden: Array,
+    weight: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    bias: Array | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    num_valid: Array | float | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[Array, LinearGradients]:
+    """Return the loss of :func:`linear_masked_soft_cross_entropy` and its gradients.
+
+    For every backend, NumPy and CuPy included. The gradients come out of the same chunked pass
+    as the loss: three matmuls per chunk, the logits of one chunk at a time.
+
+    Parameters
+    ----------
+    hidden, weight, target_probs, position_mask, bias, num_valid, chunk_rows
+        As in :func:`linear_masked_soft_cross_entropy`.
+    reduction : {"mean", "sum"}, default "mean"
+        ``"none"`` is refused: it has no single gradient.
+
+    Returns
+    -------
+    loss : array, shape ``()``
+        As :func:`linear_masked_soft_cross_entropy` returns it.
+    grads : LinearGradients
+        The named tuple ``(hidden, weight, bias)`` of the gradients, each in the shape and dtype
+        of its input (``bias`` is None without a bias). Padding rows of ``hidden`` get exactly
+        0; the weight and bias gradients are accumulated in float32 (float64) over the chunks.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import softce_multi as sc
+    >>> hidden = np.array([[1.0, 0.0], [np.nan, np.nan]])  # the second row is padding
+    >>> weight = np.array([[1.0, 2.0], [0.0, -1.0], [0.5, 0.5]])
+    >>> target = np.full((2, 3), 1 / 3)
+    >>> loss, grads = sc.linear_masked_soft_cross_entropy_with_grad(
+    ...     hidden, weight, target, np.array([True, False]), bias=np.zeros(3)
+    ... )
+    >>> grads.hidden[1]
+    array([0., 0.])
+    >>> bool(np.isfinite(grads.weight).all())
+    True
+    """
+    xp = validate_linear_inputs(
+        hidden, weight, target_probs, position_mask, bias, reduction, num_valid, chunk_rows
+    )
+    check_reduction(reduction, with_grad=True)
+    return _adapter(xp).linear_loss_with_grad(
+        hidden,
+        weight,
+        target_probs,
+        position_mask,
+        bias=bias,
+        reduction=reduction,
+        num_valid=num_valid,
+        chunk_rows=check_chunk_rows(chunk_rows),
     )

@@ -1,8 +1,9 @@
 """The generic adapter: the blocked core, for NumPy, CuPy, array-api-strict and any other library.
 
 It has the interface of every adapter (:mod:`softce_multi.torch`, :mod:`softce_multi.jax`):
-``loss`` and ``loss_with_grad`` of validated inputs. These libraries have no autodiff, so the
-gradient is computed in the same pass as the loss when it is asked for.
+``loss`` and ``loss_with_grad`` of validated inputs, and ``linear_loss`` and
+``linear_loss_with_grad`` (the chunked loss of :mod:`softce_multi._linear`). These libraries
+have no autodiff, so the gradients are computed in the same pass as the loss when asked for.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 
-from softce_multi import _core
-from softce_multi._types import Array
+from softce_multi import _core, _linear
+from softce_multi._types import Array, Namespace
 
 
 def loss(
@@ -50,7 +51,6 @@ def _forward(
     with_logits_grad: bool,
 ) -> _core.ForwardResult:
     xp = array_api_compat.array_namespace(logits)
-    block_rows = _core.default_block_rows(logits.shape[-1])
     # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
     # (under NumPy and array-api-strict) would still warn about computing it.
     with np.errstate(all="ignore"):
@@ -61,6 +61,79 @@ def _forward(
             reduction=reduction,
             num_valid=num_valid,
             with_logits_grad=with_logits_grad,
-            row_routine=_core.blocked_row_routine(block_rows, xp=xp),
+            row_routine=_row_routine(logits.shape[-1], xp=xp),
+            xp=xp,
+        )
+
+
+def _row_routine(vocab_size: int, *, xp: Namespace) -> _core.RowRoutine:
+    """The row routine for rows of ``vocab_size`` entries of the namespace ``xp``."""
+    return _core.blocked_row_routine(_core.default_block_rows(vocab_size), xp=xp)
+
+
+def linear_loss(
+    hidden: Array,
+    weight: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    bias: Array | None,
+    reduction: str,
+    num_valid: Array | float | None,
+    chunk_rows: int | None,
+) -> Array:
+    """The linear loss of validated inputs (no gradient)."""
+    return _linear_forward(
+        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows, False
+    ).loss
+
+
+def linear_loss_with_grad(
+    hidden: Array,
+    weight: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    bias: Array | None,
+    reduction: str,
+    num_valid: Array | float | None,
+    chunk_rows: int | None,
+) -> tuple[Array, _linear.LinearGradients]:
+    """The linear loss of validated inputs and its three gradients, from one chunked pass."""
+    result = _linear_forward(
+        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows, True
+    )
+    assert result.grads is not None  # asked for
+    return result.loss, result.grads
+
+
+def _linear_forward(
+    hidden: Array,
+    weight: Array,
+    bias: Array | None,
+    target_probs: Array,
+    position_mask: Array,
+    reduction: str,
+    num_valid: Array | float | None,
+    chunk_rows: int | None,
+    with_grads: bool,
+) -> _linear.LinearForwardResult:
+    xp = array_api_compat.array_namespace(hidden)
+    with np.errstate(all="ignore"):  # padding rows of hidden may hold NaN or inf
+        return _linear.forward(
+            hidden,
+            weight,
+            bias,
+            target_probs,
+            position_mask,
+            reduction=reduction,
+            num_valid=num_valid,
+            chunk_rows=chunk_rows,
+            hidden_grad=with_grads,
+            weight_grad=with_grads,
+            bias_grad=with_grads and bias is not None,
+            row_routine=_row_routine(weight.shape[0], xp=xp),
             xp=xp,
         )

@@ -169,6 +169,92 @@ def validate_inputs(
     return xp
 
 
+def validate_linear_inputs(
+    hidden: Array,
+    weight: Array,
+    target_probs: Array,
+    position_mask: Array,
+    bias: Array | None,
+    reduction: str,
+    num_valid: Any,
+    chunk_rows: Any,
+) -> Namespace:
+    """Check the arguments of the linear loss and return their array namespace.
+
+    ``hidden`` is ``[..., H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None and
+    ``target_probs`` ``[..., V]`` over the positions of ``hidden``; the messages name the two
+    arguments that disagree.
+    """
+    arrays = {
+        "hidden": hidden,
+        "weight": weight,
+        "target_probs": target_probs,
+        "position_mask": position_mask,
+    }
+    if bias is not None:
+        arrays["bias"] = bias
+    if is_array(num_valid):
+        arrays["num_valid"] = num_valid
+    xp = namespace_of(**arrays)
+    check_same_device(**arrays)
+    floating = {"hidden": hidden, "weight": weight, "target_probs": target_probs}
+    if bias is not None:
+        floating["bias"] = bias
+    check_floating(xp, **floating)
+
+    hidden_shape, weight_shape = tuple(hidden.shape), tuple(weight.shape)
+    if len(hidden_shape) == 0:
+        msg = "hidden must have the hidden size as its last axis, got a 0-d array"
+        raise ValueError(msg)
+    if len(weight_shape) != 2 or weight_shape[1] != hidden_shape[-1]:
+        msg = (
+            f"weight must have shape [V, H] with H = {hidden_shape[-1]}, the last axis of hidden; "
+            f"got weight {weight_shape} and hidden {hidden_shape}"
+        )
+        raise ValueError(msg)
+    if weight_shape[0] == 0:
+        msg = f"weight must have a non-empty vocabulary axis (the first one), got {weight_shape}"
+        raise ValueError(msg)
+    logits_shape = (*hidden_shape[:-1], weight_shape[0])
+    if tuple(target_probs.shape) != logits_shape:
+        msg = (
+            f"target_probs must have shape {logits_shape}, the positions of hidden "
+            f"{hidden_shape} by the vocabulary of weight {weight_shape}; got "
+            f"{tuple(target_probs.shape)}"
+        )
+        raise ValueError(msg)
+    if bias is not None and tuple(bias.shape) != weight_shape[:1]:
+        msg = (
+            f"bias must have shape {weight_shape[:1]}, one entry per row of weight "
+            f"{weight_shape}; got {tuple(bias.shape)}"
+        )
+        raise ValueError(msg)
+    check_mask(
+        xp, position_mask, target_probs, mask_name="position_mask", logits_name="target_probs"
+    )
+
+    check_reduction(reduction, with_grad=False)
+    dtype = compute_dtype(hidden, target_probs, xp=xp)
+    if xp.float64 in (weight.dtype, getattr(bias, "dtype", None)):
+        dtype = xp.float64
+    check_num_valid(num_valid, reduction, xp=xp, dtype=dtype)
+    check_chunk_rows(chunk_rows)
+    return xp
+
+
+def check_chunk_rows(chunk_rows: Any) -> int | None:
+    """Return ``chunk_rows`` as an int (or None) after checking it is a positive int or None."""
+    if chunk_rows is None:
+        return None
+    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
+        msg = f"chunk_rows must be a positive int or None, got {type(chunk_rows).__name__}"
+        raise TypeError(msg)
+    if chunk_rows < 1:
+        msg = f"chunk_rows must be a positive int or None, got {chunk_rows}"
+        raise ValueError(msg)
+    return operator.index(chunk_rows)
+
+
 def check_reduction(reduction: Any, *, with_grad: bool) -> None:
     """Raise ValueError for an unknown reduction, or ``"none"`` where a gradient is returned."""
     if reduction not in REDUCTIONS:

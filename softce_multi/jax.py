@@ -18,14 +18,16 @@ public entry point is :func:`masked_soft_cross_entropy`.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from softce_multi import _core, kernels
+from softce_multi import _core, _linear, kernels
 from softce_multi._types import Reduction
 from softce_multi._validate import validate_inputs
+from softce_multi.kernels import xla as xla_kernels
 
 __all__ = ["masked_soft_cross_entropy"]
 
@@ -252,3 +254,318 @@ def _per_platform(kernel: Any, core: Any, probe: jax.Array, *arrays: Any) -> Any
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss straight from hidden states
+# --------------------------------------------------------------------------------------------
+
+
+def linear_loss(
+    hidden: jax.Array,
+    weight: jax.Array,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    /,
+    *,
+    bias: jax.Array | None,
+    reduction: str,
+    num_valid: jax.Array | float | None,
+    chunk_rows: int | None,
+) -> jax.Array:
+    """The differentiable linear loss of validated inputs (the adapter interface).
+
+    Under ``jax.grad`` the forward pass computes the gradients to ``hidden``, ``weight`` and
+    ``bias`` in the same ``lax.scan`` over chunks as the loss (for ``"mean"`` and ``"sum"``).
+    """
+    weights, count = _linear_constants(hidden, weight, bias, target_probs, position_mask, num_valid)
+    chunk = _linear_chunk(hidden, weight, bias, target_probs, chunk_rows)
+    return _linear_loss(hidden, weight, bias, target_probs, weights, count, reduction, chunk)
+
+
+def linear_loss_with_grad(
+    hidden: jax.Array,
+    weight: jax.Array,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    /,
+    *,
+    bias: jax.Array | None,
+    reduction: str,
+    num_valid: jax.Array | float | None,
+    chunk_rows: int | None,
+) -> tuple[jax.Array, _linear.LinearGradients]:
+    """The linear loss of validated inputs and its three gradients, from one ``lax.scan``."""
+    weights, count = _linear_constants(hidden, weight, bias, target_probs, position_mask, num_valid)
+    chunk = _linear_chunk(hidden, weight, bias, target_probs, chunk_rows)
+    result = _linear_forward(
+        hidden, weight, bias, target_probs, weights, count, reduction, chunk, with_grads=True
+    )
+    assert result.grads is not None  # asked for
+    return result.loss, result.grads
+
+
+def _linear_constants(
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target_probs: jax.Array,
+    position_mask: jax.Array,
+    num_valid: jax.Array | float | None,
+) -> tuple[jax.Array, jax.Array | None]:
+    """The mask as ``[N]`` weights and the count, constants of the computation dtype."""
+    dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
+    weights = jnp.reshape(jnp.astype(position_mask, dtype), (-1,))
+    count = None if num_valid is None else jnp.asarray(num_valid, dtype)
+    return jax.lax.stop_gradient(weights), jax.lax.stop_gradient(count)
+
+
+def _linear_chunk(
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target_probs: jax.Array,
+    chunk_rows: int | None,
+) -> int:
+    """Rows per chunk: ``chunk_rows`` or the default, at most the number of rows (at least 1)."""
+    n_rows = math.prod(hidden.shape[:-1])
+    if chunk_rows is None:
+        dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
+        chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp)
+    return max(1, min(chunk_rows, n_rows))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _linear_loss(
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target_probs: jax.Array,
+    weights: jax.Array,
+    count: jax.Array | None,
+    reduction: str,
+    chunk: int,
+) -> jax.Array:
+    return _linear_forward(
+        hidden, weight, bias, target_probs, weights, count, reduction, chunk, with_grads=False
+    ).loss
+
+
+def _linear_loss_fwd(
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target_probs: jax.Array,
+    weights: jax.Array,
+    count: jax.Array | None,
+    reduction: str,
+    chunk: int,
+) -> tuple[jax.Array, tuple[Any, ...]]:
+    with_grads = reduction != "none"
+    result = _linear_forward(
+        hidden, weight, bias, target_probs, weights, count, reduction, chunk, with_grads=with_grads
+    )
+    residuals = (
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        result.saved,
+        result.row_scale,
+        result.grads,
+        weights,
+        count,
+    )
+    return result.loss, residuals
+
+
+def _linear_loss_bwd(
+    reduction: str, chunk: int, residuals: tuple[Any, ...], grad_output: jax.Array
+) -> tuple[Any, ...]:
+    hidden, weight, bias, target_probs, saved, row_scale, grads, weights, count = residuals
+    upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
+    row_scale = row_scale * upstream
+    if grads is None:  # "none": the upstream is per row, so the gradients come now
+        grads = _linear_backward(
+            hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=False
+        )
+    else:
+        grads = jax.tree.map(lambda grad: jnp.astype(grad * grad_output, grad.dtype), grads)
+    # A computation of its own, which jit drops when the targets' gradient is not used.
+    grad_targets = _linear_backward(
+        hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=True
+    )
+    zero_count = None if count is None else jnp.zeros_like(count)
+    return (*grads, grad_targets, jnp.zeros_like(weights), zero_count)
+
+
+_linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
+
+
+def _linear_forward(
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target_probs: jax.Array,
+    weights: jax.Array,
+    count: jax.Array | None,
+    reduction: str,
+    chunk: int,
+    *,
+    with_grads: bool,
+) -> _linear.LinearForwardResult:
+    """The loss, the saved rows and optionally the three gradients, by a ``lax.scan`` over chunks.
+
+    Chunk ``i`` covers rows ``[i * chunk, i * chunk + chunk)``, but the last one starts at
+    ``N - chunk`` so that every chunk has the same shape: it recomputes rows of the chunk before
+    it, with the same values, and only its new rows add to the weight and bias gradients.
+    """
+    rows = _linear.as_linear_rows(
+        hidden, weight, bias, target_probs, weights, reduction=reduction, num_valid=count, xp=jnp
+    )
+    n_rows, dtype = weights.shape[0], weights.dtype
+    row_scale = rows.row_scale
+    vector = jnp.zeros((n_rows,), dtype)
+    carry: dict[str, Any] = {"weighted": vector, "saved": _core.SavedRows(vector, vector, vector)}
+    if with_grads:
+        carry["grads"] = _zero_linear_grads(rows)
+
+    def step(carry: dict[str, Any], index: jax.Array) -> tuple[dict[str, Any], None]:
+        start, counted = _chunk_start(index, n_rows, chunk)
+        h = _chunk_of(rows.hidden, start, chunk)
+        piece = _core.Rows(
+            _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
+            _chunk_of(rows.p, start, chunk),
+            _chunk_of(rows.weights, start, chunk),
+            rows.inv_den,
+        )
+        result = row_routine(piece, with_logits_grad=with_grads)
+        carry = dict(carry)
+        carry["weighted"] = _put_chunk(carry["weighted"], result.weighted, start)
+        carry["saved"] = jax.tree.map(
+            lambda total, part: _put_chunk(total, part, start), carry["saved"], result.saved
+        )
+        if with_grads:
+            live = _chunk_of(row_scale, start, chunk) != 0
+            carry["grads"] = _add_chunk_gradients(
+                carry["grads"], result.logits_grad, h, rows, live, live & counted, start
+            )
+        return carry, None
+
+    if n_rows > 0:
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
+    loss = _core.reduce_loss(
+        carry["weighted"],
+        # reduce_loss reads only the denominator of the rows.
+        _core.Rows(rows.hidden, rows.p, rows.weights, rows.inv_den),
+        reduction=reduction,
+        batch_shape=hidden.shape[:-1],
+        xp=jnp,
+    )
+    grads = _finish_linear_grads(carry["grads"], hidden, weight, bias) if with_grads else None
+    return _linear.LinearForwardResult(loss, grads, carry["saved"], row_scale)
+
+
+def _linear_backward(
+    hidden: jax.Array,
+    weight: jax.Array,
+    bias: jax.Array | None,
+    target_probs: jax.Array,
+    saved: _core.SavedRows,
+    row_scale: jax.Array,
+    chunk: int,
+    *,
+    targets: bool,
+) -> Any:
+    """The three gradients (``targets=False``) or the targets' gradient, by a ``lax.scan``.
+
+    ``row_scale`` is multiplied by the upstream gradient already. The logits are recomputed
+    chunk by chunk, and the per-row work is the gradient routine's, from the saved statistics.
+    """
+    n_rows = row_scale.shape[0]
+    rows = _linear.as_linear_rows(
+        hidden, weight, bias, target_probs, row_scale, reduction="sum", num_valid=None, xp=jnp
+    )
+    carry: Any = jnp.zeros_like(rows.p) if targets else _zero_linear_grads(rows)
+
+    def step(carry: Any, index: jax.Array) -> tuple[Any, None]:
+        start, counted = _chunk_start(index, n_rows, chunk)
+        h = _chunk_of(rows.hidden, start, chunk)
+        scale = _chunk_of(row_scale, start, chunk)
+        grad_z, grad_p = gradient_routine(
+            _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
+            _chunk_of(rows.p, start, chunk),
+            jax.tree.map(lambda x: _chunk_of(x, start, chunk), saved),
+            scale,
+            logits_grad=not targets,
+            targets_grad=targets,
+        )
+        if targets:
+            return _put_chunk(carry, grad_p, start), None
+        live = scale != 0
+        return _add_chunk_gradients(carry, grad_z, h, rows, live, live & counted, start), None
+
+    if n_rows > 0:
+        carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
+    if targets:
+        return jnp.reshape(carry, target_probs.shape)
+    return _finish_linear_grads(carry, hidden, weight, bias)
+
+
+def _chunk_start(index: jax.Array, n_rows: int, chunk: int) -> tuple[jax.Array, jax.Array]:
+    """The first row of chunk ``index`` and which of its rows no earlier chunk covered."""
+    first = index * chunk
+    start = jnp.minimum(first, n_rows - chunk)
+    return start, start + jnp.arange(chunk) >= first
+
+
+def _chunk_of(x: jax.Array, start: jax.Array, chunk: int) -> jax.Array:
+    """Rows ``start`` to ``start + chunk`` of ``x`` (16-bit floats sliced as their bits)."""
+    return xla_kernels._rows_at(x, start, chunk)
+
+
+def _put_chunk(total: jax.Array, part: Any, start: jax.Array) -> jax.Array:
+    """``total`` with rows ``start`` onwards replaced by ``part`` (updated in place by XLA)."""
+    return jax.lax.dynamic_update_slice_in_dim(total, jnp.astype(part, total.dtype), start, 0)
+
+
+def _zero_linear_grads(rows: _linear.LinearRows) -> tuple[Any, ...]:
+    """Zero hidden gradient rows (their dtype) and weight and bias totals (computation dtype)."""
+    dtype = rows.weights.dtype
+    bias_total = None if rows.bias is None else jnp.zeros(rows.bias.shape, dtype)
+    return (jnp.zeros_like(rows.hidden), jnp.zeros(rows.weight.shape, dtype), bias_total)
+
+
+def _add_chunk_gradients(
+    grads: tuple[Any, ...],
+    grad_logits: Any,
+    hidden: jax.Array,
+    rows: _linear.LinearRows,
+    live: jax.Array,
+    counted: jax.Array,
+    start: jax.Array,
+) -> tuple[Any, ...]:
+    grad_hidden, weight_total, bias_total = grads
+    parts = _linear.chunk_gradients(
+        grad_logits,
+        hidden,
+        rows.weight,
+        live,
+        weight_total,
+        bias_total,
+        add=functools.partial(_linear.add_product, xp=jnp),
+        xp=jnp,
+        counted=counted,
+    )
+    return (_put_chunk(grad_hidden, parts.hidden, start), parts.weight, parts.bias)
+
+
+def _finish_linear_grads(
+    grads: tuple[Any, ...], hidden: jax.Array, weight: jax.Array, bias: jax.Array | None
+) -> _linear.LinearGradients:
+    grad_hidden, weight_total, bias_total = grads
+    return _linear.LinearGradients(
+        jnp.reshape(grad_hidden, hidden.shape),
+        jnp.astype(weight_total, weight.dtype),
+        None if bias is None else jnp.astype(bias_total, bias.dtype),
+    )

@@ -45,11 +45,17 @@ import array_api_compat
 import torch
 from torch import Tensor
 
-from softce_multi import _core, kernels
+from softce_multi import _core, _linear, kernels
 from softce_multi._types import Reduction
-from softce_multi._validate import check_reduction, validate_inputs
+from softce_multi._validate import (
+    check_chunk_rows,
+    check_reduction,
+    validate_inputs,
+    validate_linear_inputs,
+)
 
 __all__ = [
+    "LinearMaskedSoftCrossEntropy",
     "MaskedSoftCrossEntropy",
     "gradient_routine",
     "masked_soft_cross_entropy",
@@ -601,3 +607,279 @@ class MaskedSoftCrossEntropy(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# The loss straight from hidden states
+# --------------------------------------------------------------------------------------------
+
+
+def linear_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    target_probs: Tensor,
+    position_mask: Tensor,
+    /,
+    *,
+    bias: Tensor | None,
+    reduction: str,
+    num_valid: Tensor | float | None,
+    chunk_rows: int | None,
+) -> Tensor:
+    """The linear loss of validated inputs, through :class:`_LinearMaskedSoftCrossEntropyFunction`.
+
+    For ``"mean"`` and ``"sum"``, the gradients of the inputs that require grad are computed in
+    the forward pass.
+    """
+    wanted = (False, False, False)
+    if torch.is_grad_enabled() and reduction != "none":
+        wanted = (
+            hidden.requires_grad,
+            weight.requires_grad,
+            bias is not None and bias.requires_grad,
+        )
+    outputs = _LinearMaskedSoftCrossEntropyFunction.apply(
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        position_mask,
+        reduction,
+        num_valid,
+        chunk_rows,
+        wanted,
+    )
+    return outputs[0]
+
+
+def linear_loss_with_grad(
+    hidden: Tensor,
+    weight: Tensor,
+    target_probs: Tensor,
+    position_mask: Tensor,
+    /,
+    *,
+    bias: Tensor | None,
+    reduction: str,
+    num_valid: Tensor | float | None,
+    chunk_rows: int | None,
+) -> tuple[Tensor, _linear.LinearGradients]:
+    """The linear loss of validated inputs and its three gradients, from one chunked pass."""
+    result = linear_forward(
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        chunk_rows=chunk_rows,
+        wanted=(True, True, bias is not None),
+    )
+    assert result.grads is not None  # asked for
+    return result.loss, result.grads
+
+
+@torch.no_grad()
+def linear_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target_probs: Tensor,
+    position_mask: Tensor,
+    *,
+    reduction: str,
+    num_valid: Tensor | float | None,
+    chunk_rows: int | None,
+    wanted: tuple[bool, bool, bool],
+) -> _linear.LinearForwardResult:
+    """:func:`softce_multi._linear.forward` with :func:`row_routine` and in-place accumulation.
+
+    ``wanted`` says which of the gradients to ``hidden``, ``weight`` and ``bias`` to compute.
+    """
+    return _linear.forward(
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        hidden_grad=wanted[0],
+        weight_grad=wanted[1],
+        bias_grad=wanted[2],
+        chunk_rows=chunk_rows,
+        row_routine=row_routine,
+        xp=array_api_compat.array_namespace(hidden),
+        add=_add_product,
+    )
+
+
+def _add_product(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``total += a @ b`` in place: one pass over ``total`` where the dtypes allow it."""
+    if a.dtype == total.dtype:
+        return total.addmm_(a, b)
+    return total.add_(a @ b)
+
+
+class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
+    """The linear loss as an autograd function, differentiable once.
+
+    ``forward`` returns the loss, then what the backward pass needs and autograd must not
+    differentiate: the gradients to ``hidden``, ``weight`` and ``bias`` made in the forward pass
+    (``[0]`` for one not made), the per-row scale and the
+    :class:`~softce_multi._core.SavedRows`. The backward pass scales the gradients made in
+    forward by the upstream gradient; what the forward pass could not make (every gradient of
+    ``"none"``, the gradient to ``target_probs``) it computes by one more chunked pass, which
+    recomputes the logits from the saved statistics.
+    """
+
+    @staticmethod
+    def forward(
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        target_probs: Tensor,
+        position_mask: Tensor,
+        reduction: str,
+        num_valid: Tensor | float | None,
+        chunk_rows: int | None,
+        wanted: tuple[bool, bool, bool],
+    ) -> tuple[Tensor, ...]:
+        result = linear_forward(
+            hidden,
+            weight,
+            bias,
+            target_probs,
+            position_mask,
+            reduction=reduction,
+            num_valid=num_valid,
+            chunk_rows=chunk_rows,
+            wanted=wanted,
+        )
+        grads = result.grads or _linear.LinearGradients(None, None, None)
+        made = tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
+        return (result.loss, *made, result.row_scale, *result.saved)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        hidden, weight, bias, target_probs, _, reduction, _, chunk_rows, wanted = inputs
+        _, *made, row_scale = output[:5]
+        saved = output[5:]
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.set_materialize_grads(False)
+        ctx.reduction = reduction
+        ctx.chunk_rows = chunk_rows
+        ctx.made = wanted
+        ctx.save_for_backward(hidden, weight, bias, target_probs, row_scale, *made, *saved)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
+        nothing: tuple[None, ...] = (None,) * 9
+        if grad_loss is None:
+            return nothing
+        hidden, weight, bias, target_probs, row_scale, *rest = ctx.saved_tensors
+        made, saved = rest[:3], _core.SavedRows(*rest[3:])
+        wants = ctx.needs_input_grad[:4]
+        upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
+        # The gradients made in forward are those of a unit upstream (never of "none").
+        scaled = any(ctx.made) and _is_one_on_the_cpu(grad_loss)
+        grads: list[Tensor | None] = [
+            (grad if scaled else grad * grad_loss) if want and was_made else None
+            for grad, want, was_made in zip(made, wants[:3], ctx.made, strict=True)
+        ]
+        missing = [want and grad is None for want, grad in zip(wants[:3], grads, strict=True)]
+        if any(missing) or wants[3]:
+            recomputed, grad_targets = _linear.backward(
+                hidden,
+                weight,
+                bias,
+                target_probs,
+                saved,
+                row_scale * upstream,
+                hidden_grad=missing[0],
+                weight_grad=missing[1],
+                bias_grad=missing[2],
+                targets_grad=wants[3],
+                chunk_rows=ctx.chunk_rows,
+                gradient_routine=gradient_routine,
+                xp=array_api_compat.array_namespace(hidden),
+                add=_add_product,
+            )
+            if recomputed is not None:
+                grads = [
+                    fresh if need else grad
+                    for grad, fresh, need in zip(grads, recomputed, missing, strict=True)
+                ]
+            return (*grads, grad_targets, *nothing[4:])
+        return (*grads, *nothing[3:])
+
+
+class LinearMaskedSoftCrossEntropy(torch.nn.Module):
+    """The loss straight from hidden states and an output projection, as an ``nn.Module``.
+
+    The module form of :func:`softce_multi.linear_masked_soft_cross_entropy`: the loss of the
+    logits ``hidden @ weight.T + bias``, computed one chunk of rows at a time so that the
+    ``[N, V]`` logits never exist.
+
+    Parameters
+    ----------
+    reduction : {"mean", "sum", "none"}, default "mean"
+        As in :func:`softce_multi.masked_soft_cross_entropy`.
+    chunk_rows : int, optional
+        Rows per chunk (by default chosen from a memory budget).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from softce_multi.torch import LinearMaskedSoftCrossEntropy
+    >>> lm_head = torch.nn.Linear(16, 50)
+    >>> criterion = LinearMaskedSoftCrossEntropy()
+    >>> hidden = torch.randn(2, 5, 16, requires_grad=True)
+    >>> target = torch.softmax(torch.randn(2, 5, 50), dim=-1)
+    >>> mask = torch.ones(2, 5, dtype=torch.bool)
+    >>> criterion(hidden, lm_head.weight, target, mask, bias=lm_head.bias).backward()
+    >>> lm_head.weight.grad.shape, hidden.grad.shape
+    (torch.Size([50, 16]), torch.Size([2, 5, 16]))
+    """
+
+    def __init__(self, reduction: Reduction = "mean", chunk_rows: int | None = None) -> None:
+        super().__init__()
+        check_reduction(reduction, with_grad=False)
+        self.reduction = reduction
+        self.chunk_rows = check_chunk_rows(chunk_rows)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        weight: torch.Tensor,
+        target_probs: torch.Tensor,
+        position_mask: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        num_valid: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        """Return the loss; ``num_valid`` replaces the denominator of ``"mean"``."""
+        validate_linear_inputs(
+            hidden,
+            weight,
+            target_probs,
+            position_mask,
+            bias,
+            self.reduction,
+            num_valid,
+            self.chunk_rows,
+        )
+        return linear_loss(
+            hidden,
+            weight,
+            target_probs,
+            position_mask,
+            bias=bias,
+            reduction=self.reduction,
+            num_valid=num_valid,
+            chunk_rows=self.chunk_rows,
+        )
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}, chunk_rows={self.chunk_rows!r}"

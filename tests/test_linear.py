@@ -1,0 +1,611 @@
+"""The loss straight from hidden states equals the loss of the materialised logits.
+
+:func:`softce_multi.linear_masked_soft_cross_entropy` is held, on every backend, to the
+reference formula applied to the logits ``hidden @ weight.T + bias`` computed in float64 from
+the exact values the backend holds; its gradients to ``hidden``, ``weight`` and ``bias`` to the
+chain rule through those logits. torch differentiates with autograd, JAX with ``jax.vjp`` under
+``jax.jit``, and the other libraries return the gradients from
+:func:`softce_multi.linear_masked_soft_cross_entropy_with_grad`. The last sections check what
+the chunking promises: three matmuls per training step, XLA temporaries bounded by the chunk,
+and the Triton routines behind the chunked driver (interpreted without a GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, NamedTuple
+
+import numpy as np
+import pytest
+from conftest import (
+    GRAD_RTOL,
+    HAS_TORCH,
+    Backend,
+    assert_gradient_close,
+    assert_loss_close,
+    dtype_name,
+    import_or_skip,
+    is_installed,
+    random_logits,
+    random_mask,
+    random_targets,
+    reference,
+    to_float64,
+    to_numpy,
+)
+
+import softce_multi as sc
+from softce_multi import _linear
+
+#: Positions ``[2, 9]`` (18 rows), hidden size 8 and a prime vocabulary of 37 entries.
+POSITIONS, HIDDEN, VOCAB = (2, 9), 8, 37
+
+#: Rows per chunk in most tests: 18 rows make four chunks, the last one partial.
+CHUNK = 5
+
+
+class LinearCase(NamedTuple):
+    """Inputs on a backend, and the float64 values they hold."""
+
+    hidden: Any
+    weight: Any
+    bias: Any
+    target_probs: Any
+    position_mask: Any
+    h: np.ndarray
+    W: np.ndarray
+    b: np.ndarray | None
+    p: np.ndarray
+    w: np.ndarray
+
+
+def make_linear_case(
+    backend: Backend,
+    rng: np.random.Generator,
+    *,
+    positions: tuple[int, ...] = POSITIONS,
+    dtype: str = "float64",
+    target_dtype: str | None = None,
+    bias: bool = True,
+    padding: float | None = None,
+    valid: str = "random",
+) -> LinearCase:
+    """Random inputs; ``padding`` (NaN, inf) is written into the hidden rows of weight 0."""
+    target_dtype = target_dtype or dtype
+    backend.require(dtype, target_dtype)
+    mask = random_mask(rng, positions, valid=valid)
+    h = random_logits(rng, (*positions, HIDDEN), scale=1.0)
+    if padding is not None:
+        h[~mask] = padding
+    weight = random_logits(rng, (VOCAB, HIDDEN), scale=0.7)
+    bias_values = random_logits(rng, (VOCAB,), scale=0.5) if bias else None
+    hidden = backend.asarray(h, dtype)
+    weight_array = backend.asarray(weight, dtype)
+    bias_array = None if bias_values is None else backend.asarray(bias_values, dtype)
+    targets = backend.asarray(random_targets(rng, (*positions, VOCAB)), target_dtype)
+    return LinearCase(
+        hidden,
+        weight_array,
+        bias_array,
+        targets,
+        backend.asarray(mask),
+        to_float64(hidden),
+        to_float64(weight_array),
+        None if bias_array is None else to_float64(bias_array),
+        to_float64(targets),
+        mask.astype(np.float64),
+    )
+
+
+class LinearExpected(NamedTuple):
+    loss: np.ndarray
+    hidden: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray | None
+    target_probs: np.ndarray
+
+
+def linear_reference(
+    case: LinearCase,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> LinearExpected:
+    """The reference on the float64 logits, and the gradients by the chain rule through them.
+
+    Padding rows of ``hidden`` enter as zeros (the reference multiplies by the mask, so they
+    must be finite there); their gradient is 0 either way.
+    """
+    valid = case.w[..., None] != 0
+    h = np.where(valid, case.h, 0.0)
+    z = h @ case.W.T + (0.0 if case.b is None else case.b)
+    expected = reference(
+        z, case.p, case.w, reduction=reduction, num_valid=num_valid, upstream=upstream
+    )
+    g = expected.grad_logits.reshape(-1, VOCAB)
+    return LinearExpected(
+        expected.loss,
+        (g @ case.W).reshape(case.h.shape),
+        g.T @ h.reshape(-1, HIDDEN),
+        None if case.b is None else g.sum(axis=0),
+        expected.grad_targets,
+    )
+
+
+class LinearResult(NamedTuple):
+    loss: Any
+    grads: sc.LinearGradients
+    target_probs: Any
+
+
+def run(
+    backend: Backend,
+    case: LinearCase,
+    *,
+    reduction: str = "mean",
+    num_valid: Any = None,
+    upstream: np.ndarray | None = None,
+    chunk_rows: int | None = CHUNK,
+    targets_grad: bool = False,
+) -> LinearResult:
+    """The loss and its gradients for the cotangent ``upstream`` (1 by default), by backend.
+
+    torch: autograd; JAX: ``jax.vjp`` of the jitted loss; other libraries:
+    ``linear_masked_soft_cross_entropy_with_grad`` (unit upstream, no targets gradient).
+    """
+    options = {"reduction": reduction, "num_valid": num_valid, "chunk_rows": chunk_rows}
+    if backend.library == "torch":
+        hidden, weight, targets = (
+            x.detach().clone().requires_grad_(True)
+            for x in (case.hidden, case.weight, case.target_probs)
+        )
+        targets.requires_grad_(targets_grad)
+        bias = None if case.bias is None else case.bias.detach().clone().requires_grad_(True)
+        loss = sc.linear_masked_soft_cross_entropy(
+            hidden, weight, targets, case.position_mask, bias=bias, **options
+        )
+        loss.backward(_upstream_like(backend, loss, upstream))
+        grads = sc.LinearGradients(hidden.grad, weight.grad, None if bias is None else bias.grad)
+        return LinearResult(loss, grads, targets.grad)
+    if backend.library == "jax":
+        import jax
+
+        def loss_of(hidden, weight, bias, targets):
+            return sc.linear_masked_soft_cross_entropy(
+                hidden, weight, targets, case.position_mask, bias=bias, **options
+            )
+
+        if not targets_grad:  # the targets as a constant: no gradient computed for them
+            targets = case.target_probs
+            loss_of = functools.partial(
+                lambda f, hidden, weight, bias: f(hidden, weight, bias, targets), loss_of
+            )
+        primals = (case.hidden, case.weight, case.bias, case.target_probs)[: 3 + targets_grad]
+        loss, vjp = jax.vjp(jax.jit(loss_of), *primals)
+        grad_h, grad_w, grad_b, *grad_p = vjp(_upstream_like(backend, loss, upstream))
+        grads = sc.LinearGradients(grad_h, grad_w, grad_b)
+        return LinearResult(loss, grads, grad_p[0] if grad_p else None)
+    assert upstream is None and not targets_grad, "only autodiff backends take an upstream"
+    loss, grads = sc.linear_masked_soft_cross_entropy_with_grad(
+        case.hidden, case.weight, case.target_probs, case.position_mask, bias=case.bias, **options
+    )
+    return LinearResult(loss, grads, None)
+
+
+def _upstream_like(backend: Backend, loss: Any, upstream: np.ndarray | None) -> Any:
+    values = np.ones(tuple(loss.shape)) if upstream is None else upstream
+    return backend.asarray(values, dtype_name(loss))
+
+
+def assert_matches(result: LinearResult, expected: LinearExpected, case: LinearCase) -> None:
+    """Loss and gradients within the tolerances of their dtypes, gradients in the inputs'."""
+    compute = (
+        "float64"
+        if "float64" in {dtype_name(case.hidden), dtype_name(case.target_probs)}
+        else "float32"
+    )
+    assert_loss_close(result.loss, expected.loss, compute)
+    assert dtype_name(result.grads.hidden) == dtype_name(case.hidden)
+    assert dtype_name(result.grads.weight) == dtype_name(case.weight)
+    assert_gradient_close(result.grads.hidden, expected.hidden, compute)
+    assert_gradient_close(result.grads.weight, expected.weight, compute)
+    if case.bias is None:
+        assert result.grads.bias is None
+    else:
+        assert dtype_name(result.grads.bias) == dtype_name(case.bias)
+        assert_gradient_close(result.grads.bias, expected.bias, compute)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss of the materialised logits, on every backend
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_float64_matches_materialised_path(backend, reduction, with_bias):
+    rng = np.random.default_rng(1)
+    case = make_linear_case(backend, rng, bias=with_bias)
+    if reduction == "none" and not backend.is_autodiff:
+        # No single gradient to return: the per-position losses alone.
+        loss = sc.linear_masked_soft_cross_entropy(
+            case.hidden,
+            case.weight,
+            case.target_probs,
+            case.position_mask,
+            bias=case.bias,
+            reduction="none",
+            chunk_rows=CHUNK,
+        )
+        assert_loss_close(loss, linear_reference(case, reduction="none").loss, "float64")
+        return
+    upstream = rng.random(POSITIONS) * 2 - 0.5 if reduction == "none" else None
+    result = run(backend, case, reduction=reduction, upstream=upstream)
+    expected = linear_reference(
+        case, reduction=reduction, upstream=1.0 if upstream is None else upstream
+    )
+    assert_matches(result, expected, case)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 18, None], ids=lambda c: f"chunk={c}")
+def test_any_chunk_size_gives_the_same_result(backend, chunk_rows):
+    """One row per chunk, a partial last chunk, exactly one chunk, the default (beyond N).
+
+    The vocabulary (37) is prime, so no chunk size divides it either.
+    """
+    case = make_linear_case(backend, np.random.default_rng(2))
+    assert_matches(run(backend, case, chunk_rows=chunk_rows), linear_reference(case), case)
+
+
+def test_float32_matches_materialised_path(backend):
+    case = make_linear_case(backend, np.random.default_rng(3), dtype="float32")
+    result = run(backend, case)
+    assert dtype_name(result.loss) == "float32"
+    assert_matches(result, linear_reference(case), case)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16_bit_inputs_keep_their_dtype(backend, dtype):
+    """The matmuls run in the 16-bit dtype, the loss is float32, the gradients 16-bit.
+
+    The reference sees the exact float64 logits of the rounded inputs; the backend rounds its
+    logits to the 16-bit dtype, which the gradient tolerance of that dtype covers, and the
+    loss is held to the same tolerance.
+    """
+    case = make_linear_case(backend, np.random.default_rng(4), dtype=dtype, target_dtype="float32")
+    result = run(backend, case)
+    expected = linear_reference(case)
+    assert dtype_name(result.loss) == "float32"
+    np.testing.assert_allclose(
+        to_float64(result.loss), expected.loss, rtol=GRAD_RTOL[dtype], atol=0.0
+    )
+    for grad, want in zip(result.grads, expected[1:4], strict=True):
+        assert dtype_name(grad) == dtype
+        assert_gradient_close(grad, want, "float32")
+
+
+@pytest.mark.parametrize("num_valid", [7, 0.5, 0], ids=["7", "0.5", "0"])
+def test_num_valid_replaces_the_denominator(backend, num_valid):
+    case = make_linear_case(backend, np.random.default_rng(5))
+    result = run(backend, case, num_valid=num_valid)
+    assert_matches(result, linear_reference(case, num_valid=num_valid), case)
+
+
+def test_num_valid_as_a_0d_array(backend):
+    case = make_linear_case(backend, np.random.default_rng(6))
+    count = backend.asarray(np.asarray(11.0))
+    result = run(backend, case, num_valid=count)
+    assert_matches(result, linear_reference(case, num_valid=11.0), case)
+
+
+@pytest.mark.parametrize("padding", [np.nan, -np.inf], ids=["nan", "-inf"])
+def test_padded_hidden_rows_reach_no_gradient(backend, padding):
+    """NaN or inf in the hidden rows of padding changes nothing, weight and bias included."""
+    case = make_linear_case(backend, np.random.default_rng(7), padding=padding)
+    result = run(backend, case)
+    assert_matches(result, linear_reference(case), case)
+    padded = case.w == 0
+    assert padded.any()
+    assert np.all(to_numpy(result.grads.hidden)[padded] == 0)
+
+
+def test_with_grad_returns_named_gradients(backend):
+    case = make_linear_case(backend, np.random.default_rng(8), dtype="float32", bias=False)
+    loss, grads = sc.linear_masked_soft_cross_entropy_with_grad(
+        case.hidden, case.weight, case.target_probs, case.position_mask, chunk_rows=CHUNK
+    )
+    assert isinstance(grads, sc.LinearGradients)
+    assert grads.bias is None
+    assert tuple(grads.hidden.shape) == tuple(case.hidden.shape)
+    assert tuple(grads.weight.shape) == (VOCAB, HIDDEN)
+    expected = linear_reference(case)
+    assert_loss_close(loss, expected.loss, "float32")
+    assert_gradient_close(grads.weight, expected.weight, "float32")
+
+
+def test_with_grad_refuses_reduction_none(backend):
+    case = make_linear_case(backend, np.random.default_rng(9))
+    with pytest.raises(ValueError, match="reduction='none'"):
+        sc.linear_masked_soft_cross_entropy_with_grad(
+            case.hidden, case.weight, case.target_probs, case.position_mask, reduction="none"
+        )
+
+
+def test_empty_batch_gives_zero_loss_and_gradients(backend):
+    case = make_linear_case(backend, np.random.default_rng(10), positions=(0, 3), valid="all")
+    loss, grads = sc.linear_masked_soft_cross_entropy_with_grad(
+        case.hidden, case.weight, case.target_probs, case.position_mask, bias=case.bias
+    )
+    assert float(to_float64(loss)) == 0.0
+    assert tuple(grads.hidden.shape) == (0, 3, HIDDEN)
+    assert np.all(to_numpy(grads.weight) == 0) and np.all(to_numpy(grads.bias) == 0)
+
+
+def test_inputs_are_unchanged(backend):
+    case = make_linear_case(backend, np.random.default_rng(11), padding=np.nan)
+    before = [to_numpy(x).copy() for x in (case.hidden, case.weight, case.bias, case.target_probs)]
+    run(backend, case)
+    after = [to_numpy(x) for x in (case.hidden, case.weight, case.bias, case.target_probs)]
+    for old, new in zip(before, after, strict=True):
+        np.testing.assert_array_equal(old, new)
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input
+# --------------------------------------------------------------------------------------------
+
+
+def _call(backend: Backend, **changes: Any) -> None:
+    case = make_linear_case(backend, np.random.default_rng(12))
+    arguments = {
+        "hidden": case.hidden,
+        "weight": case.weight,
+        "target_probs": case.target_probs,
+        "position_mask": case.position_mask,
+        "bias": case.bias,
+    }
+    arguments.update({name: backend.asarray(np.ones(shape)) for name, shape in changes.items()})
+    sc.linear_masked_soft_cross_entropy(
+        arguments["hidden"],
+        arguments["weight"],
+        arguments["target_probs"],
+        arguments["position_mask"],
+        bias=arguments["bias"],
+    )
+
+
+def test_weight_of_another_hidden_size_is_refused(backend):
+    with pytest.raises(ValueError, match=r"weight must have shape \[V, H\] with H = 8.*hidden"):
+        _call(backend, weight=(VOCAB, HIDDEN + 1))
+
+
+def test_weight_of_another_vocabulary_than_the_targets_is_refused(backend):
+    with pytest.raises(ValueError, match=r"target_probs must have shape \(2, 9, 36\).*weight"):
+        _call(backend, weight=(VOCAB - 1, HIDDEN))
+
+
+def test_bias_of_another_vocabulary_is_refused(backend):
+    with pytest.raises(ValueError, match=r"bias must have shape \(37,\).*weight"):
+        _call(backend, bias=(VOCAB + 1,))
+
+
+def test_targets_over_other_positions_are_refused(backend):
+    with pytest.raises(ValueError, match=r"target_probs must have shape \(2, 9, 37\).*hidden"):
+        _call(backend, target_probs=(2, 8, VOCAB))
+
+
+@pytest.mark.parametrize(("chunk_rows", "error"), [(0, ValueError), (2.5, TypeError)])
+def test_bad_chunk_rows_are_refused(chunk_rows, error):
+    case = make_linear_case(Backend("numpy", "numpy", "cpu"), np.random.default_rng(13))
+    with pytest.raises(error, match="chunk_rows"):
+        sc.linear_masked_soft_cross_entropy(
+            case.hidden, case.weight, case.target_probs, case.position_mask, chunk_rows=chunk_rows
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Autodiff: the targets' gradient, the module, three matmuls
+# --------------------------------------------------------------------------------------------
+
+
+def test_target_probs_get_their_gradient_when_asked(autodiff_backend):
+    rng = np.random.default_rng(14)
+    case = make_linear_case(autodiff_backend, rng)
+    upstream = rng.random(POSITIONS)
+    result = run(autodiff_backend, case, reduction="none", upstream=upstream, targets_grad=True)
+    expected = linear_reference(case, reduction="none", upstream=upstream)
+    assert_gradient_close(result.target_probs, expected.target_probs, "float64")
+
+
+def test_torch_target_probs_without_requires_grad_get_none():
+    backend = Backend("torch-cpu", "torch", "cpu")
+    import_or_skip("torch")
+    result = run(backend, make_linear_case(backend, np.random.default_rng(15)))
+    assert result.target_probs is None
+
+
+def test_torch_module_equals_the_function():
+    torch = import_or_skip("torch")
+    from softce_multi.torch import LinearMaskedSoftCrossEntropy
+
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(16))
+    criterion = LinearMaskedSoftCrossEntropy(reduction="sum", chunk_rows=CHUNK)
+    loss = criterion(case.hidden, case.weight, case.target_probs, case.position_mask, case.bias)
+    expected = linear_reference(case, reduction="sum")
+    assert_loss_close(loss, expected.loss, "float64")
+    assert "chunk_rows=5" in repr(criterion)
+    assert isinstance(loss, torch.Tensor)
+
+
+def test_torch_training_step_does_three_matmuls_per_chunk():
+    """The gradients are made in the forward pass: no logits are recomputed in backward."""
+    torch = import_or_skip("torch")
+
+    class CountMatmuls(torch.overrides.TorchFunctionMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.count = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            self.count += name in {"matmul", "__matmul__", "mm", "addmm", "addmm_", "linear"}
+            return func(*args, **(kwargs or {}))
+
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(17), dtype="float32")
+    hidden = case.hidden.clone().requires_grad_(True)
+    weight = case.weight.clone().requires_grad_(True)
+    with CountMatmuls() as counter:
+        loss = sc.linear_masked_soft_cross_entropy(
+            hidden, weight, case.target_probs, case.position_mask, bias=case.bias, chunk_rows=CHUNK
+        )
+        loss.backward()
+    n_chunks = -(-int(np.prod(POSITIONS)) // CHUNK)
+    assert counter.count == 3 * n_chunks
+    assert_gradient_close(weight.grad, linear_reference(case).weight, "float32")
+
+
+def test_torch_second_derivative_is_refused():
+    torch = import_or_skip("torch")
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(18))
+    hidden = case.hidden.clone().requires_grad_(True)
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden, case.weight, case.target_probs, case.position_mask
+    )
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        grad.sum().backward()
+
+
+# --------------------------------------------------------------------------------------------
+# JAX: temporaries bounded by the chunk
+# --------------------------------------------------------------------------------------------
+
+
+def test_jax_temporaries_are_bounded_by_the_chunk():
+    """XLA's temporaries of a jitted training step do not grow with the number of rows.
+
+    With 128-row chunks of a 2048-entry vocabulary (1 MiB of float32 logits each), the step's
+    temporaries stay within a few chunks when N grows from 2048 to 8192 rows, while one
+    ``[N, V]`` float32 buffer grows from 16 MiB to 64 MiB.
+    """
+    jax = import_or_skip("jax")
+    jnp = jax.numpy
+    vocab, hidden_size, chunk = 2048, 64, 128
+    chunk_bytes = chunk * vocab * 4
+
+    def loss(hidden, weight, bias, targets, mask):
+        return sc.linear_masked_soft_cross_entropy(
+            hidden, weight, targets, mask, bias=bias, chunk_rows=chunk
+        )
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
+    temporaries = {}
+    for n_rows in (2048, 8192):
+        shapes = (
+            jax.ShapeDtypeStruct((n_rows, hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((vocab, hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((vocab,), jnp.float32),
+            jax.ShapeDtypeStruct((n_rows, vocab), jnp.float32),
+            jax.ShapeDtypeStruct((n_rows,), jnp.bool_),
+        )
+        analysis = step.lower(*shapes).compile().memory_analysis()
+        temporaries[n_rows] = analysis.temp_size_in_bytes
+        assert temporaries[n_rows] < 4 * chunk_bytes, temporaries
+    assert temporaries[8192] - temporaries[2048] < chunk_bytes, temporaries
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton routines behind the chunked driver
+# --------------------------------------------------------------------------------------------
+
+
+def _triton_or_skip() -> Any:
+    if not HAS_TORCH or not is_installed("triton"):
+        pytest.skip("needs torch and triton")
+    import torch
+
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("set TRITON_INTERPRET=1 to run Triton kernels on the CPU")
+    from softce_multi.kernels import triton
+
+    return triton
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_triton_routines_in_the_chunked_driver(reduction):
+    """Forward with gradients through the Triton row routine; backward through its gradients."""
+    triton = _triton_or_skip()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    backend = Backend(f"torch-{device}", "torch", "gpu" if device == "cuda" else "cpu")
+    rng = np.random.default_rng(19)
+    case = make_linear_case(backend, rng, dtype="float32", padding=np.nan)
+    with_grads = reduction != "none"
+    result = _linear.forward(
+        case.hidden,
+        case.weight,
+        case.bias,
+        case.target_probs,
+        case.position_mask,
+        reduction=reduction,
+        num_valid=None,
+        hidden_grad=with_grads,
+        weight_grad=with_grads,
+        bias_grad=with_grads,
+        chunk_rows=CHUNK,
+        row_routine=triton.row_routine,
+        xp=_namespace(case.hidden),
+    )
+    upstream = rng.random(POSITIONS) if reduction == "none" else 1.0
+    expected = linear_reference(case, reduction=reduction, upstream=upstream)
+    plain = reference(_logits64(case), case.p, case.w, reduction=reduction)
+    assert_loss_close(result.loss, plain.loss, "float32")
+    grads, grad_targets = _linear.backward(
+        case.hidden,
+        case.weight,
+        case.bias,
+        case.target_probs,
+        result.saved,
+        result.row_scale * torch.as_tensor(upstream, dtype=torch.float32).reshape(-1),
+        hidden_grad=True,
+        weight_grad=True,
+        bias_grad=True,
+        targets_grad=True,
+        chunk_rows=CHUNK,
+        gradient_routine=triton.gradient_routine,
+        xp=_namespace(case.hidden),
+    )
+    made = result.grads if with_grads else grads
+    for grad, want in zip(made, expected[1:4], strict=True):
+        assert_gradient_close(grad, want, "float32")
+    for grad, want in zip(grads, expected[1:4], strict=True):
+        assert_gradient_close(grad, want, "float32")
+    assert_gradient_close(grad_targets, expected.target_probs, "float32")
+
+
+def _namespace(x: Any) -> Any:
+    import array_api_compat
+
+    return array_api_compat.array_namespace(x)
+
+
+def _logits64(case: LinearCase) -> np.ndarray:
+    h = np.where(case.w[..., None] != 0, case.h, 0.0)
+    return h @ case.W.T + (0.0 if case.b is None else case.b)
+
+
+def test_default_chunk_follows_the_memory_budget():
+    """A chunk's float32 logits and gradient fill the budget; float64 halves the rows."""
+    import numpy
+
+    rows32 = _linear.default_chunk_rows(32000, numpy.float32, xp=numpy)
+    rows64 = _linear.default_chunk_rows(32000, numpy.float64, xp=numpy)
+    assert 2 * rows32 * 32000 * 4 <= _linear.CHUNK_BYTES < 2 * (rows32 + 1) * 32000 * 4
+    assert rows64 == rows32 // 2
+    assert _linear.default_chunk_rows(10**9, numpy.float32, xp=numpy) == 1
