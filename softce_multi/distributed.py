@@ -30,15 +30,25 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import array_api_compat
 
-from softce_multi import _core
+from softce_multi import _core, _linear
 from softce_multi._types import REDUCTIONS, Array, Namespace, Reduction
-from softce_multi._validate import check_reduction, is_array, namespace_of, validate_inputs
+from softce_multi._validate import (
+    check_reduction,
+    is_array,
+    namespace_of,
+    validate_inputs,
+    validate_linear_inputs,
+)
 
-__all__ = ["global_num_valid", "vocab_parallel_masked_soft_cross_entropy"]
+__all__ = [
+    "global_num_valid",
+    "vocab_parallel_linear_masked_soft_cross_entropy",
+    "vocab_parallel_masked_soft_cross_entropy",
+]
 
 #: Leading dimensions of the inputs that the shape agreement of torch compares one by one
 #: (beyond them, their number and product are compared).
@@ -150,7 +160,7 @@ def vocab_parallel_masked_soft_cross_entropy(
         Replaces the denominator of ``"mean"``, for example :func:`global_num_valid` over the
         data-parallel group when the positions are split too.
     check_shapes : bool, default True
-        On torch, agree on the inputs before computing: one ``all_gather`` of 15 int64 per rank
+        On torch, agree on the inputs before computing: one ``all_gather`` of 17 int64 per rank
         and one host synchronisation per call, so that inputs that disagree across ranks (the
         positions' shape, the mask's shape, the computation dtype, the reduction, whether
         ``num_valid`` is given) or that a rank refuses raise ValueError on every rank instead
@@ -201,16 +211,155 @@ def vocab_parallel_masked_soft_cross_entropy(
         raise TypeError(msg)
     check_reduction(reduction, with_grad=False)
     arguments = (logits_shard, target_probs_shard, position_mask)
-    if library == "torch":
-        torch_group = _torch_group(group)
-        if check_shapes:
-            _agree_on_inputs(*arguments, reduction, num_valid, group=torch_group)
-        else:
-            validate_inputs(*arguments, reduction, num_valid)
-        function = _torch_vocab_parallel_function()
-        return function.apply(*arguments, reduction, num_valid, torch_group)
-    validate_inputs(*arguments, reduction, num_valid)
-    return _jax_vocab_parallel_loss(*arguments, reduction, num_valid, axis_name)
+
+    def validate() -> None:
+        validate_inputs(*arguments, reduction, num_valid)
+
+    if library == "jax":
+        validate()
+        return _jax_vocab_parallel_loss(*arguments, reduction, num_valid, axis_name)
+    torch_group = _torch_group(group)
+    if check_shapes:
+        description = _InputDescription(
+            positions=tuple(logits_shard.shape[:-1]),
+            mask_ndim=position_mask.ndim,
+            arrays=(logits_shard, target_probs_shard),
+            reduction=reduction,
+            num_valid=num_valid,
+        )
+        _agree_on_inputs(validate, description, device=logits_shard.device, group=torch_group)
+    else:
+        validate()
+    function = _torch_vocab_parallel_function()
+    return function.apply(*arguments, reduction, num_valid, torch_group)
+
+
+def vocab_parallel_linear_masked_soft_cross_entropy(
+    hidden: Array,
+    weight_shard: Array,
+    target_probs_shard: Array,
+    position_mask: Array,
+    /,
+    *,
+    bias_shard: Array | None = None,
+    group: Any = None,
+    axis_name: Any = None,
+    reduction: Reduction = "mean",
+    num_valid: Array | float | None = None,
+    check_shapes: bool = True,
+) -> Array:
+    """The loss of a vocabulary-parallel ``lm_head``, straight from the hidden states.
+
+    Rank ``r`` holds rows ``weight[start_r:stop_r]`` of the output projection (the
+    tensor-parallel ``lm_head`` layout, ``[V_r, H]``), the matching slice of the bias and of
+    the targets, and the full (replicated) hidden states. Every rank gets the loss of
+    :func:`softce_multi.linear_masked_soft_cross_entropy` over the whole vocabulary; the
+    gradients to its weight, bias and target slices are the matching slices of that loss's, and
+    the gradient to ``hidden`` is all-reduced over the ranks in the backward pass, as a
+    tensor-parallel linear layer's is, so that every rank holds the full one.
+
+    The logits exist one chunk of rows at a time, as in the single-device linear loss, and only
+    ``[N]``-sized vectors cross the network in the forward pass (as in
+    :func:`vocab_parallel_masked_soft_cross_entropy`). Since each rank's gradients need the
+    statistics of every rank, they are not made in the forward pass: the backward pass
+    recomputes the chunks' logits (one more matmul per chunk than the single-device loss).
+
+    Parameters
+    ----------
+    hidden : torch.Tensor or jax.Array, shape ``[..., H]``
+        The hidden states of the positions, the same on every rank. Padding rows may hold
+        anything, NaN included.
+    weight_shard : torch.Tensor or jax.Array, shape ``[V_r, H]``
+        This rank's rows of the output projection (``torch.nn.Linear.weight`` layout).
+    target_probs_shard : torch.Tensor or jax.Array, shape ``[..., V_r]``
+        This rank's slice of the targets.
+    position_mask : torch.Tensor or jax.Array, shape ``[...]`` or ``[..., 1]``
+        The weights of the positions, the same on every rank.
+    bias_shard : torch.Tensor or jax.Array, shape ``[V_r]``, optional
+        This rank's slice of the bias.
+    group, axis_name, reduction, num_valid, check_shapes
+        As in :func:`vocab_parallel_masked_soft_cross_entropy`; the shape check also compares
+        the hidden size and whether a bias is given.
+
+    Returns
+    -------
+    torch.Tensor or jax.Array
+        The loss, the same on every rank, as
+        :func:`softce_multi.linear_masked_soft_cross_entropy` returns it. On torch it is
+        differentiable once with respect to ``hidden``, ``weight_shard``, ``bias_shard`` and
+        ``target_probs_shard``; on JAX it has a ``jax.custom_vjp``, inside ``jax.shard_map``.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`vocab_parallel_masked_soft_cross_entropy`, for the linear loss's inputs.
+
+    Examples
+    --------
+    In every process of a torch group (here a group of one, which holds the whole vocabulary):
+
+    >>> import os, torch, torch.distributed as dist
+    >>> import softce_multi as sc
+    >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    >>> dist.init_process_group("gloo", rank=0, world_size=1)
+    >>> hidden = torch.randn(2, 5, 8, requires_grad=True)
+    >>> weight = torch.randn(11, 8, requires_grad=True)
+    >>> target = torch.softmax(torch.randn(2, 5, 11), dim=-1)
+    >>> mask = torch.rand(2, 5) < 0.8
+    >>> loss = vocab_parallel_linear_masked_soft_cross_entropy(hidden, weight, target, mask)
+    >>> expected = sc.masked_soft_cross_entropy(hidden @ weight.T, target, mask)
+    >>> bool(torch.isclose(loss, expected))
+    True
+    >>> loss.backward()
+    >>> dist.destroy_process_group()
+    """
+    arrays = {
+        "hidden": hidden,
+        "weight_shard": weight_shard,
+        "target_probs_shard": target_probs_shard,
+        "position_mask": position_mask,
+    }
+    if bias_shard is not None:
+        arrays["bias_shard"] = bias_shard
+    library, _ = _library(**arrays)
+    _check_communicator(library, group=group, axis_name=axis_name)
+    if not isinstance(check_shapes, bool):
+        msg = f"check_shapes must be a bool, got {type(check_shapes).__name__}"
+        raise TypeError(msg)
+    check_reduction(reduction, with_grad=False)
+    arguments = (hidden, weight_shard, bias_shard, target_probs_shard, position_mask)
+
+    def validate() -> None:
+        validate_linear_inputs(
+            hidden,
+            weight_shard,
+            target_probs_shard,
+            position_mask,
+            bias_shard,
+            reduction,
+            num_valid,
+            None,
+        )
+
+    if library == "jax":
+        validate()
+        return _jax_vocab_parallel_linear_loss(*arguments, reduction, num_valid, axis_name)
+    torch_group = _torch_group(group)
+    if check_shapes:
+        description = _InputDescription(
+            positions=tuple(hidden.shape[:-1]),
+            mask_ndim=position_mask.ndim,
+            arrays=(hidden, weight_shard, bias_shard, target_probs_shard),
+            reduction=reduction,
+            num_valid=num_valid,
+            hidden_size=hidden.shape[-1] if hidden.ndim else 0,
+            has_bias=bias_shard is not None,
+        )
+        _agree_on_inputs(validate, description, device=hidden.device, group=torch_group)
+    else:
+        validate()
+    function = _torch_vocab_parallel_linear_function()
+    return function.apply(*arguments, reduction, num_valid, torch_group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -288,6 +437,74 @@ def _mask_total(position_mask: Array, *, xp: Namespace) -> Array:
 # --------------------------------------------------------------------------------------------
 
 
+def _global_forward(
+    local: _core.RowStatistics,
+    weights: Array,
+    inv_den: Array,
+    *,
+    reduction: str,
+    batch_shape: tuple[int, ...],
+    max_over_shards: Callable[[Array], Array],
+    sum_over_shards: Callable[[Array], Array],
+    xp: Namespace,
+) -> _core.ForwardResult:
+    """The loss over every shard from this shard's row statistics, and what a backward needs.
+
+    ``local`` holds the :class:`~softce_multi._core.RowStatistics` of this rank's slice of the
+    vocabulary; ``weights`` (``[N]``) and ``inv_den`` are those of
+    :class:`softce_multi._core.Rows`. ``max_over_shards`` and ``sum_over_shards`` all-reduce an
+    array over the ranks that share the vocabulary.
+    """
+    valid = weights != 0
+    # Padding enters the collectives as the statistics of a row with nothing in it: its NaN
+    # and inf stay out of every reduction (and out of NaN checks such as TORCH_NCCL_NAN_CHECK).
+    empty = (0.0, 1.0, 0.0, 0.0)
+    local = _core.RowStatistics(
+        *(xp.where(valid, field, value) for field, value in zip(local, empty, strict=True))
+    )
+    shift = _core.common_shift(max_over_shards(_core.merge_candidate(local, xp=xp)), xp=xp)
+    shifted = _core.shift_statistics(local, shift, xp=xp)
+    sums = sum_over_shards(xp.stack([shifted.sum_exp, shifted.target_sum, shifted.target_dot]))
+    total = _core.RowStatistics(shift, sums[0, ...], sums[1, ...], sums[2, ...])
+    weighted = xp.where(valid, weights * _core.row_losses(total, xp=xp), 0.0)
+    # reduce_loss reads only the denominator of the rows.
+    rows = _core.Rows(None, None, weights, inv_den)
+    loss = _core.reduce_loss(weighted, rows, reduction=reduction, batch_shape=batch_shape, xp=xp)
+    saved = _core.SavedRows(
+        xp.where(valid, total.row_max, 0.0),
+        xp.where(valid, xp.log(total.sum_exp), 0.0),
+        xp.where(valid, total.target_sum, 0.0),
+    )
+    return _core.ForwardResult(loss, None, saved, rows.row_scale)
+
+
+def _local_statistics(
+    logits_of: Callable[[slice], Array],
+    p: Array,
+    dtype: Any,
+    block_rows: int | None,
+    *,
+    xp: Namespace,
+) -> _core.RowStatistics:
+    """:func:`softce_multi._core.row_statistics` of every row, a block of rows at a time.
+
+    ``logits_of(rows)`` returns the logits of a slice of rows (a slice of the logits, or the
+    chunk's matmul of the linear loss); ``p`` is ``[N, V_r]``.
+    """
+    blocks = [
+        _core.row_statistics(
+            xp.astype(logits_of(block), dtype, copy=False),
+            xp.astype(p[block, ...], dtype, copy=False),
+            xp=xp,
+        )
+        # No rows still make one (empty) block, for the shapes of the statistics.
+        for block in list(_core.row_blocks(p.shape[0], block_rows)) or [slice(0, 0)]
+    ]
+    if len(blocks) == 1:
+        return blocks[0]
+    return _core.RowStatistics(*(xp.concat(field, axis=0) for field in zip(*blocks, strict=True)))
+
+
 def _vocab_parallel_forward(
     logits_shard: Array,
     target_probs_shard: Array,
@@ -300,12 +517,7 @@ def _vocab_parallel_forward(
     block_rows: int | None,
     xp: Namespace,
 ) -> _core.ForwardResult:
-    """The loss over every shard, and what the local backward pass needs.
-
-    ``max_over_shards`` and ``sum_over_shards`` all-reduce an array over the ranks that share
-    the vocabulary; ``block_rows`` is the row block of the local statistics (None: all rows).
-    Rows of weight 0 enter the collectives as the statistics of nothing, whatever they hold.
-    """
+    """:func:`_global_forward` of the logits' local statistics, ``block_rows`` rows at a time."""
     rows = _core.as_rows(
         logits_shard,
         target_probs_shard,
@@ -314,46 +526,20 @@ def _vocab_parallel_forward(
         num_valid=num_valid,
         xp=xp,
     )
-    valid = rows.weights != 0
-    local = _local_statistics(rows, block_rows, xp=xp)
-    # Padding enters the collectives as the statistics of a row with nothing in it: its NaN
-    # and inf stay out of every reduction (and out of NaN checks such as TORCH_NCCL_NAN_CHECK).
-    empty = (0.0, 1.0, 0.0, 0.0)
-    local = _core.RowStatistics(
-        *(xp.where(valid, field, value) for field, value in zip(local, empty, strict=True))
-    )
-    shift = _core.common_shift(max_over_shards(_core.merge_candidate(local, xp=xp)), xp=xp)
-    shifted = _core.shift_statistics(local, shift, xp=xp)
-    sums = sum_over_shards(xp.stack([shifted.sum_exp, shifted.target_sum, shifted.target_dot]))
-    total = _core.RowStatistics(shift, sums[0, ...], sums[1, ...], sums[2, ...])
-    weighted = xp.where(valid, rows.weights * _core.row_losses(total, xp=xp), 0.0)
-    loss = _core.reduce_loss(
-        weighted, rows, reduction=reduction, batch_shape=logits_shard.shape[:-1], xp=xp
-    )
-    saved = _core.SavedRows(
-        xp.where(valid, total.row_max, 0.0),
-        xp.where(valid, xp.log(total.sum_exp), 0.0),
-        xp.where(valid, total.target_sum, 0.0),
-    )
-    return _core.ForwardResult(loss, None, saved, rows.row_scale)
 
+    def logits_of(block: slice) -> Array:
+        return rows.z[block, ...]
 
-def _local_statistics(
-    rows: _core.Rows, block_rows: int | None, *, xp: Namespace
-) -> _core.RowStatistics:
-    """:func:`softce_multi._core.row_statistics` of every row, a block of rows at a time."""
-    blocks = [
-        _core.row_statistics(
-            xp.astype(rows.z[block, ...], rows.dtype, copy=False),
-            xp.astype(rows.p[block, ...], rows.dtype, copy=False),
-            xp=xp,
-        )
-        # No rows still make one (empty) block, for the shapes of the statistics.
-        for block in list(_core.row_blocks(rows.z.shape[0], block_rows)) or [slice(0, 0)]
-    ]
-    if len(blocks) == 1:
-        return blocks[0]
-    return _core.RowStatistics(*(xp.concat(field, axis=0) for field in zip(*blocks, strict=True)))
+    return _global_forward(
+        _local_statistics(logits_of, rows.p, rows.dtype, block_rows, xp=xp),
+        rows.weights,
+        rows.inv_den,
+        reduction=reduction,
+        batch_shape=tuple(logits_shard.shape[:-1]),
+        max_over_shards=max_over_shards,
+        sum_over_shards=sum_over_shards,
+        xp=xp,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,22 +547,25 @@ def _local_statistics(
 # --------------------------------------------------------------------------------------------
 
 
+def _torch_all_reduce(op_name: str, group: Any) -> Callable[[Any], Any]:
+    """A function that all-reduces a tensor over ``group`` with the ``ReduceOp`` named."""
+    import torch.distributed as dist
+
+    def reduce(tensor: Any) -> Any:
+        tensor = tensor.contiguous()
+        dist.all_reduce(tensor, op=getattr(dist.ReduceOp, op_name), group=group)
+        return tensor
+
+    return reduce
+
+
 @functools.cache
 def _torch_vocab_parallel_function() -> Any:
     """The autograd function of the torch vocabulary-parallel loss (made once, on first use)."""
     import torch
-    import torch.distributed as dist
     from torch.autograd.function import once_differentiable
 
     from softce_multi import torch as torch_adapter
-
-    def all_reduce(op: Any, group: Any) -> Callable[[Any], Any]:
-        def reduce(tensor: Any) -> Any:
-            tensor = tensor.contiguous()
-            dist.all_reduce(tensor, op=op, group=group)
-            return tensor
-
-        return reduce
 
     class VocabParallelFunction(torch.autograd.Function):
         """Forward: the loss from all-reduced statistics. Backward: local, no communication."""
@@ -397,8 +586,8 @@ def _torch_vocab_parallel_function() -> Any:
                 position_mask,
                 reduction=reduction,
                 num_valid=num_valid,
-                max_over_shards=all_reduce(dist.ReduceOp.MAX, group),
-                sum_over_shards=all_reduce(dist.ReduceOp.SUM, group),
+                max_over_shards=_torch_all_reduce("MAX", group),
+                sum_over_shards=_torch_all_reduce("SUM", group),
                 block_rows=_core.default_block_rows(logits_shard.shape[-1]),
                 xp=array_api_compat.array_namespace(logits_shard),
             )
@@ -426,33 +615,178 @@ def _torch_vocab_parallel_function() -> Any:
     return VocabParallelFunction
 
 
+@functools.cache
+def _torch_vocab_parallel_linear_function() -> Any:
+    """The autograd function of the torch vocabulary-parallel linear loss (made on first use)."""
+    import torch
+    from torch.autograd.function import once_differentiable
+
+    from softce_multi import torch as torch_adapter
+
+    class VocabParallelLinearFunction(torch.autograd.Function):
+        """Forward: chunked local statistics, all-reduced. Backward: chunked, then the hidden
+        gradient all-reduced."""
+
+        @staticmethod
+        def forward(
+            ctx: Any,
+            hidden: torch.Tensor,
+            weight_shard: torch.Tensor,
+            bias_shard: torch.Tensor | None,
+            target_probs_shard: torch.Tensor,
+            position_mask: torch.Tensor,
+            reduction: str,
+            num_valid: Any,
+            group: Any,
+        ) -> torch.Tensor:
+            xp = array_api_compat.array_namespace(hidden)
+            rows = _linear.as_linear_rows(
+                hidden,
+                weight_shard,
+                bias_shard,
+                target_probs_shard,
+                position_mask,
+                reduction=reduction,
+                num_valid=num_valid,
+                xp=xp,
+            )
+
+            def logits_of(block: slice) -> Any:
+                return _linear.chunk_logits(rows.hidden[block], rows.weight, rows.bias, xp=xp)
+
+            dtype = rows.weights.dtype
+            chunk = _linear.default_chunk_rows(weight_shard.shape[0], dtype, xp=xp)
+            result = _global_forward(
+                _local_statistics(logits_of, rows.p, dtype, chunk, xp=xp),
+                rows.weights,
+                rows.inv_den,
+                reduction=reduction,
+                batch_shape=tuple(hidden.shape[:-1]),
+                max_over_shards=_torch_all_reduce("MAX", group),
+                sum_over_shards=_torch_all_reduce("SUM", group),
+                xp=xp,
+            )
+            ctx.reduction = reduction
+            ctx.group = group
+            ctx.save_for_backward(
+                hidden,
+                weight_shard,
+                bias_shard,
+                target_probs_shard,
+                result.row_scale,
+                *result.saved,
+            )
+            return result.loss
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+            hidden, weight_shard, bias_shard, target_probs_shard, row_scale, *saved = (
+                ctx.saved_tensors
+            )
+            upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
+            wants = ctx.needs_input_grad[:4]
+            grads, grad_targets = _linear.backward(
+                hidden,
+                weight_shard,
+                bias_shard,
+                target_probs_shard,
+                _core.SavedRows(*saved),
+                row_scale * upstream,
+                hidden_grad=wants[0],
+                weight_grad=wants[1],
+                bias_grad=wants[2] and bias_shard is not None,
+                targets_grad=wants[3],
+                chunk_rows=None,
+                gradient_routine=torch_adapter.gradient_routine,
+                xp=array_api_compat.array_namespace(hidden),
+            )
+            grad_hidden = grad_weight = grad_bias = None
+            if grads is not None:
+                grad_hidden, grad_weight, grad_bias = grads
+            if grad_hidden is not None:
+                # Each rank's part covers its slice of the vocabulary.
+                grad_hidden = _torch_all_reduce("SUM", ctx.group)(grad_hidden)
+            return grad_hidden, grad_weight, grad_bias, grad_targets, None, None, None, None
+
+    return VocabParallelLinearFunction
+
+
+class _InputDescription(NamedTuple):
+    """What the ranks must agree on, read from one rank's (already validated) inputs."""
+
+    positions: tuple[int, ...]
+    """The shape of the positions (the inputs' leading axes)."""
+    mask_ndim: int
+    """``position_mask.ndim``."""
+    arrays: tuple[Any, ...]
+    """The floating inputs (None for an absent bias), for the computation dtype."""
+    reduction: str
+    num_valid: Any
+    hidden_size: int = 0
+    """``H`` of the linear loss (0 for the loss of logits)."""
+    has_bias: bool = False
+    """Whether the linear loss has a bias."""
+
+    def as_ints(self) -> list[int]:
+        """The description as :data:`_DESCRIPTION_FIELDS`, then the leading dimensions."""
+        present = [array for array in self.arrays if array is not None]
+        dtype = _linear.compute_dtype(*present, xp=array_api_compat.array_namespace(*present))
+        dims = [*self.positions[:_AGREED_DIMS], *[-1] * (_AGREED_DIMS - len(self.positions))]
+        num_valid_kind = 0 if self.num_valid is None else 2 if is_array(self.num_valid) else 1
+        return [
+            1,
+            len(self.positions),
+            math.prod(self.positions),
+            self.mask_ndim - len(self.positions),
+            dtype.itemsize * 8,
+            REDUCTIONS.index(self.reduction),
+            num_valid_kind,
+            self.hidden_size,
+            int(self.has_bias),
+            *dims,
+        ]
+
+
+#: The fields of :meth:`_InputDescription.as_ints` with how to show them; the leading
+#: dimensions follow.
+_DESCRIPTION_FIELDS: tuple[tuple[str, Callable[[int], str]], ...] = (
+    ("valid", str),
+    ("number of position axes", str),
+    ("number of positions", str),
+    ("position_mask trailing axis of size 1", lambda extra: "yes" if extra else "no"),
+    ("computation dtype", lambda bits: f"float{bits}"),
+    ("reduction", lambda index: repr(REDUCTIONS[index])),
+    ("num_valid", lambda kind: ("None", "a number", "an array")[kind]),
+    ("hidden size", str),
+    ("bias", lambda given: "given" if given else "None"),
+)
+
+#: How many int64 each rank sends to the shape agreement.
+_DESCRIPTION_SIZE = len(_DESCRIPTION_FIELDS) + _AGREED_DIMS
+
+
 def _agree_on_inputs(
-    logits_shard: Any,
-    target_probs_shard: Any,
-    position_mask: Any,
-    reduction: str,
-    num_valid: Any,
-    *,
-    group: Any,
+    validate: Callable[[], None], description: _InputDescription, *, device: Any, group: Any
 ) -> None:
     """Validate the inputs on every rank and check that the ranks agree on them.
 
-    One ``all_gather`` of a fixed-size int64 description per rank, read on the host. Every rank
-    raises: the rank whose inputs are invalid its own error, the others a ValueError naming it;
-    if the descriptions differ, the same ValueError on every rank, showing each rank's values.
+    One ``all_gather`` of :data:`_DESCRIPTION_SIZE` int64 per rank, read on the host. Every
+    rank raises: the rank whose inputs are invalid its own error, the others a ValueError naming
+    it; if the descriptions differ, the same ValueError on every rank, showing each rank's
+    values.
     """
     import torch
     import torch.distributed as dist
 
     try:
-        validate_inputs(logits_shard, target_probs_shard, position_mask, reduction, num_valid)
+        validate()
         local_error = None
+        ints = description.as_ints()
     except (TypeError, ValueError) as error:
         local_error = error
-    description = _describe(
-        logits_shard, target_probs_shard, position_mask, reduction, num_valid, local_error
-    )
-    local = torch.tensor(description, dtype=torch.int64, device=logits_shard.device)
+        ints = [0] * _DESCRIPTION_SIZE
+    local = torch.tensor(ints, dtype=torch.int64, device=device)
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, local, group=group)
     descriptions = [tuple(row) for row in torch.stack(gathered).tolist()]
@@ -469,48 +803,6 @@ def _agree_on_inputs(
         raise ValueError(_disagreement_message(descriptions))
 
 
-def _describe(
-    logits_shard: Any,
-    target_probs_shard: Any,
-    position_mask: Any,
-    reduction: str,
-    num_valid: Any,
-    error: Exception | None,
-) -> list[int]:
-    """What the ranks must agree on, as ints: see :data:`_DESCRIPTION_FIELDS`."""
-    if error is not None:
-        return [0] * (len(_DESCRIPTION_FIELDS) + _AGREED_DIMS)
-    positions = tuple(logits_shard.shape[:-1])
-    dims = [*positions[:_AGREED_DIMS], *[-1] * (_AGREED_DIMS - len(positions))]
-    dtype = _core.compute_dtype(
-        logits_shard, target_probs_shard, xp=array_api_compat.array_namespace(logits_shard)
-    )
-    num_valid_kind = 0 if num_valid is None else 2 if is_array(num_valid) else 1
-    return [
-        1,
-        len(positions),
-        math.prod(positions),
-        position_mask.ndim - len(positions),
-        dtype.itemsize * 8,
-        REDUCTIONS.index(reduction),
-        num_valid_kind,
-        *dims,
-    ]
-
-
-#: The fields of :func:`_describe` after the validity flag, with how to show them; the
-#: leading dimensions follow.
-_DESCRIPTION_FIELDS: tuple[tuple[str, Callable[[int], str]], ...] = (
-    ("valid", str),
-    ("number of position axes (logits_shard.ndim - 1)", str),
-    ("number of positions", str),
-    ("position_mask trailing axis of size 1", lambda extra: "yes" if extra else "no"),
-    ("computation dtype", lambda bits: f"float{bits}"),
-    ("reduction", lambda index: repr(REDUCTIONS[index])),
-    ("num_valid", lambda kind: ("None", "a number", "an array")[kind]),
-)
-
-
 def _disagreement_message(descriptions: list[tuple[int, ...]]) -> str:
     """Which inputs differ across the ranks, and each rank's value."""
     n_fields = len(_DESCRIPTION_FIELDS)
@@ -522,7 +814,7 @@ def _disagreement_message(descriptions: list[tuple[int, ...]]) -> str:
     shapes = [row[n_fields:] for row in descriptions]
     if not differences and len(set(shapes)) > 1:
         shown = [tuple(dim for dim in dims if dim >= 0) for dims in shapes]
-        differences.append("leading shape (logits_shard.shape[:-1]): " + _per_rank(shown, str))
+        differences.append("shape of the positions: " + _per_rank(shown, str))
     return (
         f"the ranks of the group disagree on the inputs of the vocabulary-parallel loss "
         f"({'; '.join(differences)}); every rank must hold the same positions, with the "
@@ -546,6 +838,16 @@ def _per_rank(values: list[Any], show: Callable[[Any], str]) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _jax_constants(position_mask: Any, num_valid: Any, dtype: Any) -> tuple[Any, Any]:
+    """The mask and the count as constants of the computation dtype (they get no gradient)."""
+    import jax
+    import jax.numpy as jnp
+
+    weights = jax.lax.stop_gradient(jnp.astype(position_mask, dtype))
+    count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
+    return weights, count
+
+
 def _jax_vocab_parallel_loss(
     logits_shard: Any,
     target_probs_shard: Any,
@@ -555,12 +857,10 @@ def _jax_vocab_parallel_loss(
     axis_name: Any,
 ) -> Any:
     """The JAX loss of validated inputs: constants for the mask and count, then the VJP."""
-    import jax
     import jax.numpy as jnp
 
     dtype = _core.compute_dtype(logits_shard, target_probs_shard, xp=jnp)
-    weights = jax.lax.stop_gradient(jnp.astype(position_mask, dtype))
-    count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
+    weights, count = _jax_constants(position_mask, num_valid, dtype)
     loss = _jax_vocab_parallel_vjp()
     return loss(logits_shard, target_probs_shard, weights, count, reduction, axis_name)
 
@@ -618,7 +918,262 @@ def _jax_vocab_parallel_vjp() -> Any:
             for want_logits in (True, False)
         ]
         zero_count = None if count is None else jnp.zeros_like(count)
-        return grads[0][0], grads[1][1], jnp.zeros_like(weights), zero_count
+        grad_logits = _like_primal(grads[0][0], logits)
+        grad_targets = _like_primal(grads[1][1], targets)
+        return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
 
     loss.defvjp(loss_fwd, loss_bwd)
     return loss
+
+
+def _jax_vocab_parallel_linear_loss(
+    hidden: Any,
+    weight_shard: Any,
+    bias_shard: Any,
+    target_probs_shard: Any,
+    position_mask: Any,
+    reduction: str,
+    num_valid: Any,
+    axis_name: Any,
+) -> Any:
+    """The JAX linear loss of validated inputs: constants, chunk size, then the VJP."""
+    import jax.numpy as jnp
+
+    arrays = (hidden, weight_shard, bias_shard, target_probs_shard)
+    dtype = _linear.compute_dtype(*arrays, xp=jnp)
+    weights, count = _jax_constants(position_mask, num_valid, dtype)
+    n_rows = math.prod(hidden.shape[:-1])
+    chunk = max(1, min(_linear.default_chunk_rows(weight_shard.shape[0], dtype, xp=jnp), n_rows))
+    loss = _jax_vocab_parallel_linear_vjp()
+    return loss(*arrays, weights, count, reduction, axis_name, chunk)
+
+
+@functools.cache
+def _jax_vocab_parallel_linear_vjp() -> Any:
+    """The ``jax.custom_vjp`` of the JAX vocabulary-parallel linear loss (made on first use).
+
+    The forward pass maps the chunks of rows to their local statistics with ``lax.map``; the
+    backward pass recomputes the chunks' logits in a ``lax.scan`` and makes the gradients from
+    the global statistics, then ``psum``s the hidden gradient.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from softce_multi import jax as jax_adapter
+
+    def local_statistics(rows: _linear.LinearRows, chunk: int) -> _core.RowStatistics:
+        n_rows, dtype = rows.weights.shape[0], rows.weights.dtype
+        if n_rows == 0:
+            empty = jnp.zeros((0,), dtype)
+            return _core.RowStatistics(empty, empty, empty, empty)
+        n_chunks = -(-n_rows // chunk)
+        # Every chunk has ``chunk`` rows: the last one starts at N - chunk.
+        starts = jnp.minimum(jnp.arange(n_chunks) * chunk, n_rows - chunk)
+
+        def chunk_statistics(start: Any) -> _core.RowStatistics:
+            hidden = jax.lax.dynamic_slice_in_dim(rows.hidden, start, chunk)
+            logits = _linear.chunk_logits(hidden, rows.weight, rows.bias, xp=jnp)
+            targets = jax.lax.dynamic_slice_in_dim(rows.p, start, chunk)
+            return _core.row_statistics(
+                jnp.astype(logits, dtype), jnp.astype(targets, dtype), xp=jnp
+            )
+
+        stacked = jax.lax.map(chunk_statistics, starts)
+        # The last chunk's rows that no earlier chunk covered.
+        overlap = (n_chunks - 1) * chunk - (n_rows - chunk)
+        return _core.RowStatistics(
+            *(
+                jnp.concatenate([jnp.reshape(field[:-1], (-1,)), field[-1, overlap:]])
+                for field in stacked
+            )
+        )
+
+    def backward(
+        hidden: Any,
+        weight: Any,
+        bias: Any,
+        targets: Any,
+        saved: _core.SavedRows,
+        row_scale: Any,
+        chunk: int,
+        *,
+        targets_grad: bool,
+    ) -> Any:
+        """The gradients to hidden, weight and bias, or to the targets, by a ``lax.scan``.
+
+        The chunks' logits are recomputed and turned into gradients by the gradient routine
+        of the JAX adapter, from the global statistics ``saved``; ``row_scale`` includes the
+        upstream gradient. The scan's accumulators vary over the mesh axes their inputs vary
+        over, as ``shard_map`` requires of a carry.
+        """
+        n_rows, dtype = row_scale.shape[0], row_scale.dtype
+        rows = _linear.as_linear_rows(
+            hidden, weight, bias, targets, row_scale, reduction="sum", num_valid=None, xp=jnp
+        )
+        arrays = [hidden, weight, bias, targets, *saved, row_scale]
+        axes = frozenset().union(*(_varying_axes(x) for x in arrays if x is not None))
+
+        def varying(zeros: Any) -> Any:
+            missing = tuple(axes - _varying_axes(zeros))
+            return jax.lax.pcast(zeros, missing, to="varying") if missing else zeros
+
+        if targets_grad:
+            carry: Any = varying(jnp.zeros_like(rows.p))
+        else:
+            bias_total = None if bias is None else varying(jnp.zeros(bias.shape, dtype))
+            weight_total = varying(jnp.zeros(weight.shape, dtype))
+            carry = (varying(jnp.zeros_like(rows.hidden)), weight_total, bias_total)
+
+        def rows_at(x: Any, start: Any) -> Any:
+            return jax.lax.dynamic_slice_in_dim(x, start, chunk)
+
+        def step(carry: Any, index: Any) -> tuple[Any, None]:
+            first = index * chunk
+            # Every chunk has ``chunk`` rows: the last one starts at N - chunk, and only its
+            # rows that no earlier chunk covered add to the weight and bias gradients.
+            start = jnp.minimum(first, n_rows - chunk)
+            hidden_rows, scale = rows_at(rows.hidden, start), rows_at(row_scale, start)
+            grad_logits, grad_targets = jax_adapter.gradient_routine(
+                _linear.chunk_logits(hidden_rows, rows.weight, rows.bias, xp=jnp),
+                rows_at(rows.p, start),
+                _core.SavedRows(*(rows_at(x, start) for x in saved)),
+                scale,
+                logits_grad=not targets_grad,
+                targets_grad=targets_grad,
+            )
+            if targets_grad:
+                assert grad_targets is not None  # asked for
+                return jax.lax.dynamic_update_slice_in_dim(carry, grad_targets, start, 0), None
+            live = scale != 0
+            parts = _linear.chunk_gradients(
+                grad_logits,
+                hidden_rows,
+                rows.weight,
+                live,
+                carry[1],
+                carry[2],
+                add=functools.partial(_linear.add_product, xp=jnp),
+                xp=jnp,
+                counted=live & (start + jnp.arange(chunk) >= first),
+            )
+            grad_hidden = jax.lax.dynamic_update_slice_in_dim(carry[0], parts.hidden, start, 0)
+            return (grad_hidden, parts.weight, parts.bias), None
+
+        if n_rows > 0:
+            carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
+        if targets_grad:
+            return jnp.reshape(carry, targets.shape)
+        grad_hidden, weight_total, bias_total = carry
+        return (
+            jnp.reshape(grad_hidden, hidden.shape),
+            jnp.astype(weight_total, weight.dtype),
+            None if bias is None else jnp.astype(bias_total, bias.dtype),
+        )
+
+    def forward(
+        hidden: Any,
+        weight: Any,
+        bias: Any,
+        targets: Any,
+        weights: Any,
+        count: Any,
+        reduction: str,
+        axis_name: Any,
+        chunk: int,
+    ) -> _core.ForwardResult:
+        rows = _linear.as_linear_rows(
+            hidden, weight, bias, targets, weights, reduction=reduction, num_valid=count, xp=jnp
+        )
+        return _global_forward(
+            local_statistics(rows, chunk),
+            rows.weights,
+            rows.inv_den,
+            reduction=reduction,
+            batch_shape=tuple(hidden.shape[:-1]),
+            max_over_shards=functools.partial(jax.lax.pmax, axis_name=axis_name),
+            sum_over_shards=functools.partial(jax.lax.psum, axis_name=axis_name),
+            xp=jnp,
+        )
+
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
+    def loss(
+        hidden: Any,
+        weight: Any,
+        bias: Any,
+        targets: Any,
+        weights: Any,
+        count: Any,
+        reduction: str,
+        axis_name: Any,
+        chunk: int,
+    ) -> Any:
+        args = (hidden, weight, bias, targets, weights, count)
+        return forward(*args, reduction, axis_name, chunk).loss
+
+    def loss_fwd(
+        hidden: Any,
+        weight: Any,
+        bias: Any,
+        targets: Any,
+        weights: Any,
+        count: Any,
+        reduction: str,
+        axis_name: Any,
+        chunk: int,
+    ) -> tuple[Any, Any]:
+        args = (hidden, weight, bias, targets, weights, count)
+        result = forward(*args, reduction, axis_name, chunk)
+        return result.loss, (*args, result.saved, result.row_scale)
+
+    def loss_bwd(reduction: str, axis_name: Any, chunk: int, residuals: Any, grad_loss: Any) -> Any:
+        hidden, weight, bias, targets, weights, count, saved, row_scale = residuals
+        upstream = jnp.reshape(grad_loss, (-1,)) if reduction == "none" else grad_loss
+        arguments = (hidden, weight, bias, targets, saved, row_scale * upstream, chunk)
+        # One computation per result, so that jit drops the targets' gradient if unused.
+        grad_hidden, grad_weight, grad_bias = backward(*arguments, targets_grad=False)
+        grad_targets = backward(*arguments, targets_grad=True)
+        # Each device's part of the hidden gradient covers its slice of the vocabulary.
+        grad_hidden = jax.lax.psum(grad_hidden, axis_name)
+        zero_count = None if count is None else jnp.zeros_like(count)
+        return (
+            _like_primal(grad_hidden, hidden),
+            _like_primal(grad_weight, weight),
+            None if bias is None else _like_primal(grad_bias, bias),
+            _like_primal(grad_targets, targets),
+            jnp.zeros_like(weights),
+            zero_count,
+        )
+
+    loss.defvjp(loss_fwd, loss_bwd)
+    return loss
+
+
+def _varying_axes(x: Any) -> frozenset[Any]:
+    """The mesh axes over which the JAX array ``x`` varies inside ``shard_map`` (none outside).
+
+    JAX types record them as ``mat.varying`` (0.10) or ``vma`` (0.6 to 0.9).
+    """
+    import jax
+
+    aval = jax.typeof(x)
+    manual = getattr(aval, "mat", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def _like_primal(cotangent: Any, primal: Any) -> Any:
+    """``cotangent`` varying over the mesh axes ``primal`` varies over, as a VJP must return it.
+
+    Summed over the axes where only the cotangent varies (a weight replicated over a data axis
+    gets the sum of the data blocks' gradients, as JAX's own transpose rules do), broadcast to
+    those where only the primal does.
+    """
+    import jax
+
+    have, want = _varying_axes(cotangent), _varying_axes(primal)
+    if have - want:
+        cotangent = jax.lax.psum(cotangent, tuple(have - want))
+    if want - have:
+        cotangent = jax.lax.pcast(cotangent, tuple(want - have), to="varying")
+    return cotangent
