@@ -1,9 +1,10 @@
 """The loss beyond one device: global normalisation, and a vocabulary-parallel loss.
 
-Two functions, for the two engines users train with: ``torch.distributed`` (torch tensors,
+Three functions, for the two engines users train with: ``torch.distributed`` (torch tensors,
 a process ``group``) and JAX's sharding (JAX arrays inside ``jax.shard_map`` or ``jax.pmap``,
-an ``axis_name``). Neither brings a communication layer of its own: they call the engine's
-collectives, on ``[N]``-sized vectors only.
+an ``axis_name``). None brings a communication layer of its own: they call the engine's
+collectives, on ``[N]``-sized vectors (and, in the linear loss's backward pass, the ``[N, H]``
+gradient to the hidden states), never on anything of the vocabulary's size.
 
 :func:`global_num_valid`
     The count of valid positions over every rank, to pass as ``num_valid`` when each rank holds
@@ -19,6 +20,10 @@ collectives, on ``[N]``-sized vectors only.
     then holds the statistics of the whole vocabulary, hence the loss, and its gradients to its
     own slice come from them through the backward routine of its adapter (the torch operator or
     Triton kernel, the core or the Pallas kernel on JAX), with no further communication.
+:func:`vocab_parallel_linear_masked_soft_cross_entropy`
+    The same from the hidden states and each rank's rows of the ``lm_head`` weight, with the
+    logits formed one chunk of rows at a time, and the gradient to the hidden states
+    all-reduced in the backward pass.
 
 torch and JAX are imported only for arrays of their own, so importing this module needs
 neither. The recipes (DDP, FSDP, gradient accumulation, sequence and tensor parallelism,
