@@ -56,7 +56,7 @@ __all__ = [
 
 #: Bytes of one chunk's ``[chunk, V]`` logits plus their gradient, in the computation dtype, that
 #: the default chunk size aims for (:func:`default_chunk_rows`).
-CHUNK_BYTES = 48 << 20
+CHUNK_BYTES = 32 << 20
 
 
 class LinearGradients(NamedTuple):
