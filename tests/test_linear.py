@@ -286,6 +286,22 @@ def test_16_bit_inputs_keep_their_dtype(backend, dtype):
         assert_gradient_close(grad, want, "float32")
 
 
+def test_hidden_and_weight_of_different_dtypes_are_promoted(autodiff_backend):
+    """bfloat16 hidden states with a float32 weight multiply in float32, as ``@`` promotes;
+    each gradient comes back in the dtype of its input."""
+    backend = autodiff_backend
+    case = make_linear_case(backend, np.random.default_rng(20), dtype="float32")
+    hidden = backend.asarray(case.h, "bfloat16")
+    case = case._replace(hidden=hidden, h=to_float64(hidden))
+    result = run(backend, case)
+    assert dtype_name(result.grads.hidden) == "bfloat16"
+    assert dtype_name(result.grads.weight) == "float32"
+    expected = linear_reference(case)
+    assert_loss_close(result.loss, expected.loss, "float32")
+    assert_gradient_close(result.grads.weight, expected.weight, "float32")
+    assert_gradient_close(result.grads.hidden, expected.hidden, "float32")
+
+
 @pytest.mark.parametrize("num_valid", [7, 0.5, 0], ids=["7", "0.5", "0"])
 def test_num_valid_replaces_the_denominator(backend, num_valid):
     case = make_linear_case(backend, np.random.default_rng(5))
