@@ -17,6 +17,7 @@ float64: each case costs a few compilations, and the torch tests cover the rest)
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -210,6 +211,13 @@ def run_vocab_parallel(results: dict, case: dict, dtype: str, rank: int, world_s
             results["vocab", dtype, reduction, variant] = step
     unchecked = vocab_parallel_step(case, columns, "mean", None, check_shapes=False)
     results["vocab unchecked", dtype] = unchecked
+    if dtype == "float32":
+        rounded = {
+            **case,
+            "logits": case["logits"].bfloat16(),
+            "targets": case["targets"].bfloat16(),
+        }
+        results["vocab bfloat16"] = vocab_parallel_step(rounded, columns, "mean", None)
 
 
 def vocab_parallel_linear_step(
@@ -405,7 +413,7 @@ def run_ddp_with_accumulation(results: dict, case: dict, rank: int, world_size: 
     count = distributed.global_num_valid(mask)  # over every micro-batch of every rank
     for index, micro in enumerate(micro_batches):
         last = index == len(micro_batches) - 1
-        with model.no_sync() if not last else _nothing():
+        with model.no_sync() if not last else contextlib.nullcontext():
             loss = sc.masked_soft_cross_entropy(
                 model(hidden[micro]), targets[micro], mask[micro], num_valid=count
             )
@@ -424,14 +432,6 @@ def run_fsdp(results: dict, case: dict, rank: int, world_size: int) -> None:
     loss = sc.masked_soft_cross_entropy(model(hidden), targets, mask, num_valid=count)
     (loss * world_size).backward()
     results["fsdp"] = {"grad_head": model.weight.grad.full_tensor()}
-
-
-class _nothing:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None
 
 
 # --------------------------------------------------------------------------------------------
@@ -603,6 +603,26 @@ def test_vocab_parallel_linear_loss_equals_the_loss_of_the_whole_head(world_size
             assert actual[name].dtype == getattr(torch, dtype)
             assert torch.isfinite(actual[name]).all()
             assert_close(actual[name], expected[name][index], dtype, scale=expected[name])
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_vocab_parallel_loss_of_bfloat16_shards_equals_the_loss_of_the_rounded_values(world_size):
+    ranks = spawned(world_size)
+    case = make_case("float32", dirty=False)
+    rounded = {**case, "logits": case["logits"].bfloat16(), "targets": case["targets"].bfloat16()}
+    expected = reference(rounded)
+
+    for rank in range(world_size):
+        actual = ranks[rank]["vocab bfloat16"]
+        columns = vocab_slice(world_size, rank)
+        assert actual["loss"].dtype == torch.float32  # computed in float32
+        assert_close(actual["loss"], expected["loss"], "float32")
+        for name in ("grad_logits", "grad_targets"):
+            assert actual[name].dtype == torch.bfloat16  # returned in the inputs' dtype
+            # Within the rounding of bfloat16 (8 bits), relative to the largest entry.
+            expected_slice = expected[name][..., columns]
+            error = (actual[name].double() - expected_slice).abs().max()
+            assert error <= 2**-8 * expected[name].abs().max()
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
@@ -834,6 +854,20 @@ def jax_checks() -> dict[str, Any]:
 
         if dtype != "float32":
             continue
+        shards = [jax.numpy.stack(jax.numpy.split(x, 4, axis=-1)) for x in (z, p)]
+        pmapped = jax.pmap(
+            jax.value_and_grad(jax_pmap_objective, argnums=(0, 1)),
+            axis_name="vocab",
+            in_axes=(0, 0, None),
+        )
+        loss, (grad_z, grad_p) = pmapped(*shards, w)
+        grads = [jax.numpy.concatenate(list(grad), axis=-1) for grad in (grad_z, grad_p)]
+        unsharded = jax.value_and_grad(sc.masked_soft_cross_entropy, argnums=(0, 1))(z, p, w)
+        compare_jax(checks, "pmap", (loss[0], grads), unsharded)
+        checks["pmap count"] = [
+            float(np.max(np.abs(np.asarray(jax_pmap_count(w)) - float(w.sum())))),
+            float(w.sum()),
+        ]
         plain_step = jax.jit(jax.value_and_grad(sc.masked_soft_cross_entropy, argnums=(0, 1)))
         expected = plain_step(z, p, w)
         for layout, spec in (("batch", ("data",)), ("vocab", ("data", None, "vocab"))):
@@ -875,6 +909,21 @@ def jax_vocab_parallel_objective(
         out_specs=P("data") if reduction == "none" else P(),
     )(z, p, w)
     return (loss * upstream).sum() if reduction == "none" else loss
+
+
+def jax_pmap_objective(z: Any, p: Any, w: Any) -> Any:
+    """The vocabulary-parallel loss of one device's shard, inside ``jax.pmap``."""
+    return distributed.vocab_parallel_masked_soft_cross_entropy(z, p, w, axis_name="vocab")
+
+
+def jax_pmap_count(w: Any) -> Any:
+    """:func:`global_num_valid` of two row blocks of ``w``, inside ``jax.pmap``."""
+    import jax
+
+    blocks = w.reshape(2, -1, *w.shape[1:])
+    return jax.pmap(
+        lambda block: distributed.global_num_valid(block, axis_name="rows"), axis_name="rows"
+    )(blocks)
 
 
 def jax_linear_objective(
@@ -1002,6 +1051,15 @@ def test_jax_plain_loss_under_jit_on_sharded_inputs_equals_the_unsharded(jax_res
     for name in ("loss", "grad_logits", "grad_targets"):
         error, scale = jax_results[f"plain jit {layout} sharded float32 {name}"]
         assert error <= TOLERANCE["float32"] * scale, name
+
+
+def test_jax_vocab_parallel_loss_and_count_inside_pmap(jax_results):
+    for name in ("loss", "grad_logits", "grad_targets"):
+        error, scale = jax_results[f"pmap {name}"]
+        assert error <= TOLERANCE["float32"] * scale, name
+    error, count = jax_results["pmap count"]
+    assert error == 0
+    assert count > 0
 
 
 def test_jax_vocab_parallel_step_only_reduces_row_sized_vectors(jax_results):
