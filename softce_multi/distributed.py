@@ -90,7 +90,9 @@ def global_num_valid(position_mask: Array, /, *, group: Any = None, axis_name: A
     TypeError
         If the mask is neither a torch tensor nor a JAX array, or is not bool, integer or
         floating; if ``axis_name`` is given with torch or ``group`` with JAX; if ``axis_name``
-        is missing with JAX.
+        is missing with JAX; if ``group`` is not a process group.
+    ValueError
+        If ``group`` is None and torch's default process group is not initialized.
 
     Examples
     --------
@@ -185,8 +187,9 @@ def vocab_parallel_masked_soft_cross_entropy(
         For arguments of the wrong type, ``group`` given with JAX arrays, ``axis_name`` with
         torch tensors, or no ``axis_name`` with JAX arrays.
     ValueError
-        For inputs :func:`softce_multi.masked_soft_cross_entropy` refuses, and, with
-        ``check_shapes``, for inputs that disagree across the ranks (on every rank).
+        For inputs :func:`softce_multi.masked_soft_cross_entropy` refuses; with
+        ``check_shapes``, for inputs that disagree across the ranks (on every rank); for
+        ``group=None`` without an initialized default process group.
 
     Examples
     --------
