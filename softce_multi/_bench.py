@@ -225,6 +225,180 @@ def _format(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+# --- the loss straight from hidden states against the materialised logits ------------------
+
+
+def _linear_inputs(
+    framework: str, n_rows: int, hidden: int, vocab: int, dtype: str, seed: int
+) -> tuple[Any, ...]:
+    """Hidden states and weight of ``dtype``, float32 targets and a bool mask, of ``framework``."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    states = rng.standard_normal((n_rows, hidden), dtype=np.float32)
+    weight = rng.standard_normal((vocab, hidden), dtype=np.float32) * np.float32(hidden**-0.5)
+    target = rng.standard_normal((n_rows, vocab), dtype=np.float32)
+    np.exp(target, out=target)
+    target /= target.sum(axis=-1, keepdims=True)
+    mask = rng.random(n_rows) > 0.1
+    if framework == "jax":
+        import jax.numpy as jnp
+
+        kind = getattr(jnp, dtype)
+        return jnp.asarray(states, kind), jnp.asarray(weight, kind), jnp.asarray(target), mask
+    import torch
+
+    kind = getattr(torch, dtype)
+    as_tensor = torch.from_numpy
+    return (
+        as_tensor(states).to(kind),
+        as_tensor(weight).to(kind),
+        as_tensor(target),
+        as_tensor(mask),
+    )
+
+
+def _linear_torch_step(kind: str) -> Callable[..., Any]:
+    """Forward+backward of the linear loss, or of ``hidden @ weight.T`` and the loss."""
+    import softce_multi
+
+    def step(states: Any, weight: Any, target: Any, mask: Any) -> Any:
+        states, weight = states.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+        if kind == "linear":
+            loss = softce_multi.linear_masked_soft_cross_entropy(states, weight, target, mask)
+        else:
+            loss = softce_multi.masked_soft_cross_entropy(states @ weight.T, target, mask)
+        loss.backward()
+        return states.grad, weight.grad
+
+    return step
+
+
+def _linear_jax_step(kind: str, inputs: tuple[Any, ...]) -> tuple[Any, int]:
+    """The jitted forward+backward and XLA's count of its temporaries, in bytes."""
+    import jax
+
+    import softce_multi
+
+    def loss(states: Any, weight: Any, target: Any, mask: Any) -> Any:
+        if kind == "linear":
+            return softce_multi.linear_masked_soft_cross_entropy(states, weight, target, mask)
+        return softce_multi.masked_soft_cross_entropy(states @ weight.T, target, mask)
+
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
+    analysis = step.lower(*inputs).compile().memory_analysis()
+    if analysis is None:
+        msg = "this JAX backend reports no memory analysis"
+        raise RuntimeError(msg)
+    return step, int(analysis.temp_size_in_bytes)
+
+
+def linear_peak_extra_memory(
+    kind: str, n_rows: int, hidden: int, vocab: int, dtype: str, seed: int
+) -> int:
+    """Bytes of extra peak resident memory of one torch forward+backward (``kind``: ``"linear"``
+    or ``"materialised"``): ``VmHWM`` is reset after the inputs exist, and the libraries are
+    warmed up on a tiny case first, so that no freed buffer of this size is reused."""
+    step = _linear_torch_step(kind)
+    step(*_linear_inputs("torch", 8, 8, 16, dtype, seed))
+    inputs = _linear_inputs("torch", n_rows, hidden, vocab, dtype, seed)
+    before = _resident_kib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+    result = step(*inputs)
+    peak = _resident_kib("VmHWM")
+    del result
+    return (peak - before) * 1024
+
+
+def run_linear(
+    lengths: list[int], hidden: int, vocab: int, dtype: str, repeats: int, seed: int
+) -> list[dict[str, Any]]:
+    """Linear loss against the materialised path, per number of rows; torch, then JAX."""
+    rows = []
+    for framework in ("torch", "jax"):
+        if not _available(framework):
+            continue
+        for n_rows in lengths:
+            times, memory = _time_linear(framework, n_rows, hidden, vocab, dtype, repeats, seed)
+            for kind in ("linear", "materialised"):
+                if framework == "torch":
+                    memory[kind] = _measure_linear_memory(kind, n_rows, hidden, vocab, dtype, seed)
+                extra = memory[kind]
+                rows.append(
+                    {
+                        "framework": framework,
+                        "rows": n_rows,
+                        "implementation": kind,
+                        "median_s": statistics.median(times[kind]),
+                        "time_vs_materialised": statistics.median(
+                            [a / b for a, b in zip(times[kind], times["materialised"], strict=True)]
+                        ),
+                        "extra_peak_mib": None if extra is None else extra / MIB,
+                        "extra_peak_in_logits": None
+                        if extra is None
+                        else extra / (n_rows * vocab * 4),
+                    }
+                )
+    return rows
+
+
+def _time_linear(
+    framework: str, n_rows: int, hidden: int, vocab: int, dtype: str, repeats: int, seed: int
+) -> tuple[dict[str, list[float]], dict[str, int | None]]:
+    """Interleaved times of both paths; for JAX, also XLA's temporaries."""
+    times: dict[str, list[float]] = {"linear": [], "materialised": []}
+    memory: dict[str, int | None] = dict.fromkeys(times)
+    inputs = _linear_inputs(framework, n_rows, hidden, vocab, dtype, seed)
+    steps: dict[str, Callable[..., Any]] = {}
+    for kind in times:
+        if framework == "jax":
+            steps[kind], memory[kind] = _linear_jax_step(kind, inputs)
+        else:
+            steps[kind] = _linear_torch_step(kind)
+    for _round in range(repeats + 1):
+        for kind, step in steps.items():
+            start = time.perf_counter()
+            result = step(*inputs)
+            if framework == "jax":
+                result[0].block_until_ready()
+            elapsed = time.perf_counter() - start
+            del result
+            if _round > 0:  # the first round compiles and warms up
+                times[kind].append(elapsed)
+    return times, memory
+
+
+def _measure_linear_memory(
+    kind: str, n_rows: int, hidden: int, vocab: int, dtype: str, seed: int
+) -> int | None:
+    code = (
+        "import json; from softce_multi._bench import linear_peak_extra_memory; print(json.dumps("
+        f"linear_peak_extra_memory({kind!r}, {n_rows}, {hidden}, {vocab}, {dtype!r}, {seed})))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        return None
+    return int(json.loads(done.stdout.strip().splitlines()[-1]))
+
+
+def _format_linear(rows: list[dict[str, Any]]) -> str:
+    header = (
+        f"{'framework':<10} {'rows':>7} {'implementation':<14} {'median s':>9} "
+        f"{'x time':>7} {'extra MiB':>10} {'x [N,V]':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        mib = row["extra_peak_mib"]
+        memory = "n/a" if mib is None else f"{mib:.0f}"
+        buffers = "n/a" if mib is None else f"{row['extra_peak_in_logits']:.3f}"
+        lines.append(
+            f"{row['framework']:<10} {row['rows']:>7} {row['implementation']:<14} "
+            f"{row['median_s']:>9.3f} {row['time_vs_materialised']:>6.2f}x {memory:>10} "
+            f"{buffers:>8}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m softce_multi bench``."""
     parser = argparse.ArgumentParser(
@@ -238,7 +412,34 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    parser.add_argument(
+        "--linear",
+        action="store_true",
+        help=(
+            "compare linear_masked_soft_cross_entropy of [N, H] hidden states and a [V, H] weight "
+            "with the materialised path (hidden @ weight.T, then the loss), for each --rows"
+        ),
+    )
+    parser.add_argument("--rows", type=int, nargs="+", default=[2048, 8192], help="with --linear")
+    parser.add_argument("--hidden", type=int, default=256, help="with --linear")
+    parser.add_argument("--vocab", type=int, default=32000, help="with --linear")
     args = parser.parse_args(argv)
+    if args.linear:
+        rows = run_linear(args.rows, args.hidden, args.vocab, args.dtype, args.repeats, args.seed)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(
+                f"hidden size {args.hidden}, vocabulary {args.vocab}, {args.dtype}, "
+                f"forward+backward, median of {args.repeats} interleaved runs"
+            )
+            print(_format_linear(rows))
+            print("x time: this path's time over the materialised path's, per round, median.")
+            print(
+                "extra MiB: torch, the rise of peak resident memory; JAX, XLA's temporaries. "
+                "x [N,V]: in float32 [N, V] buffers."
+            )
+        return 0
     rows = run(tuple(args.shape), args.dtype, args.repeats, args.seed)
     if args.json:
         print(json.dumps(rows, indent=2))

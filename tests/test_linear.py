@@ -625,3 +625,26 @@ def test_default_chunk_follows_the_memory_budget():
     assert 2 * rows32 * 32000 * 4 <= _linear.CHUNK_BYTES < 2 * (rows32 + 1) * 32000 * 4
     assert rows64 == rows32 // 2
     assert _linear.default_chunk_rows(10**9, numpy.float32, xp=numpy) == 1
+
+
+def test_bench_compares_the_linear_loss_with_the_materialised_path(capsys, monkeypatch):
+    """``python -m softce_multi bench --linear`` reports both paths for each number of rows.
+
+    The torch memory is measured in this process rather than in fresh ones, to save their start.
+    """
+    import json
+
+    from softce_multi import _bench
+
+    monkeypatch.setattr(_bench, "_measure_linear_memory", _bench.linear_peak_extra_memory)
+
+    argv = ["--linear", "--rows", "16", "--hidden", "4", "--vocab", "10", "--repeats", "1"]
+    assert _bench.main([*argv, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    frameworks = {name for name in ("torch", "jax") if is_installed(name)}
+    assert {(row["framework"], row["implementation"]) for row in rows} == {
+        (framework, kind) for framework in frameworks for kind in ("linear", "materialised")
+    }
+    for row in rows:
+        assert row["rows"] == 16 and row["median_s"] > 0
+        assert row["extra_peak_mib"] is not None and row["extra_peak_mib"] >= 0
