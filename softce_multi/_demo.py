@@ -59,6 +59,9 @@ class DemoConfig:
     """PyTorch's intra-op threads during the run (None: leave as is). The demo's tensors are
     small, and one thread avoids the cost of synchronising threads, which dominates on a busy
     machine."""
+    linear: bool = False
+    """Whether the loss takes the draft's states and output weight
+    (:func:`softce_multi.linear_masked_soft_cross_entropy`) instead of its logits."""
 
 
 @dataclass
@@ -180,11 +183,14 @@ def draft_losses(
     *,
     ttt_steps: int,
     draft_vocab: int,
+    linear: bool = False,
 ) -> tuple[list[Any], list[Any]]:
     """Run the draft head over the test-time steps; return each step's loss and accuracy.
 
     ``batch`` is ``(states [B, T, H], tokens [B, T], loss_mask [B, T])`` of the target model;
     ``frozen`` holds the target model's embedding and output layer and the mapping ``t2d``.
+    With ``linear``, the loss takes the draft's states and output weight rather than its
+    logits (the logits still give the accuracy, which needs no gradient).
     """
     states, tokens, loss_mask = batch
     xp = array_api_compat.array_namespace(states)
@@ -205,7 +211,13 @@ def draft_losses(
             xp.concat([embedded, state], axis=-1) @ params["cell"] + params["cell_bias"]
         )
         logits = state @ params["head"]
-        losses.append(sc.masked_soft_cross_entropy(logits, target_probs, position_mask))
+        if linear:
+            weight = xp.matrix_transpose(params["head"])  # [V, D], the layout of nn.Linear
+            losses.append(
+                sc.linear_masked_soft_cross_entropy(state, weight, target_probs, position_mask)
+            )
+        else:
+            losses.append(sc.masked_soft_cross_entropy(logits, target_probs, position_mask))
         accuracies.append(draft_accuracy(logits, target_probs, position_mask))
         # The next test-time step predicts one token further. prepare_targets works position by
         # position, so shifting its outputs equals preparing shifted logits and loss mask, and
@@ -239,6 +251,7 @@ class _TorchTrainer:
             self.frozen,
             ttt_steps=self.config.ttt_steps,
             draft_vocab=self.config.draft_vocab,
+            linear=self.config.linear,
         )
 
     def train_step(self, split: Split) -> tuple[float, list[float]]:
@@ -271,7 +284,12 @@ class _JaxTrainer:
 
         def objective(params: dict[str, Any], batch: tuple[Any, ...]) -> tuple[Any, Any]:
             losses, accuracies = draft_losses(
-                params, batch, frozen, ttt_steps=config.ttt_steps, draft_vocab=config.draft_vocab
+                params,
+                batch,
+                frozen,
+                ttt_steps=config.ttt_steps,
+                draft_vocab=config.draft_vocab,
+                linear=config.linear,
             )
             return multi_step_loss(losses), jnp.stack(accuracies)
 
@@ -390,8 +408,10 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
         f"(d2t[-1] = {int(d2t[-1])}), {100 * coverage:.1f}% of the sampled tokens",
         file=out,
     )
+    loss_name = "linear_masked_soft_cross_entropy" if config.linear else "masked_soft_cross_entropy"
     print(
-        f"training a draft head on {config.backend}: {config.ttt_steps} test-time steps, "
+        f"training a draft head on {config.backend} with {loss_name}: "
+        f"{config.ttt_steps} test-time steps, "
         f"batch {config.batch_size}, {config.steps} steps, Adam lr {config.learning_rate}",
         file=out,
     )
@@ -483,6 +503,11 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.torch_threads,
         help="PyTorch intra-op threads (default: %(default)s; small tensors gain little from more)",
     )
+    parser.add_argument(
+        "--linear",
+        action="store_true",
+        help="train with linear_masked_soft_cross_entropy of the draft's states and output weight",
+    )
     return parser
 
 
@@ -515,6 +540,7 @@ def main(argv: list[str]) -> int:
         learning_rate=args.lr,
         log_every=args.log_every,
         torch_threads=args.torch_threads,
+        linear=args.linear,
     )
     run(config)
     return 0

@@ -286,6 +286,7 @@ def forward(
     n_rows, vocab_size = rows.p.shape
     chunk = _chunk_rows(chunk_rows, vocab_size, dtype, xp=xp)
     wants_grads = hidden_grad or weight_grad or bias_grad
+    add = add or _generic_add(xp)
     row_scale = rows.row_scale
     totals = _zero_totals(rows, weight_grad=weight_grad, bias_grad=bias_grad, xp=xp)
     grad_hidden = _empty(rows.hidden, xp=xp) if hidden_grad else None
@@ -293,9 +294,9 @@ def forward(
     for block in _core.row_blocks(n_rows, chunk):
         h = rows.hidden[block, ...]
         z = chunk_logits(h, rows.weight, rows.bias, xp=xp)
-        chunk_rows_ = _core.Rows(z, rows.p[block, ...], rows.weights[block], rows.inv_den)
-        results = row_routine(chunk_rows_, with_logits_grad=wants_grads)
-        del z, chunk_rows_  # the chunk's logits are no longer needed
+        piece = _core.Rows(z, rows.p[block, ...], rows.weights[block], rows.inv_den)
+        results = row_routine(piece, with_logits_grad=wants_grads)
+        del z, piece  # the chunk's logits are no longer needed
         weighted.append(results.weighted)
         saved.append(results.saved)
         if wants_grads:
@@ -306,7 +307,7 @@ def forward(
                 row_scale[block] != 0,
                 totals[0],
                 totals[1],
-                add=add or _generic_add(xp),
+                add=add,
                 xp=xp,
             )
             totals = (parts.weight, parts.bias)
@@ -355,6 +356,7 @@ def backward(
     ``target_probs`` in its dtype and shape (None if not asked for).
     """
     wants_grads = hidden_grad or weight_grad or bias_grad
+    add = add or _generic_add(xp)
     n_rows = math.prod(hidden.shape[:-1])
     vocab_size = weight.shape[0]
     matmul_dtype = xp.result_type(*(x for x in (hidden, weight, bias) if x is not None))
@@ -393,7 +395,7 @@ def backward(
                 row_scale[block] != 0,
                 totals[0],
                 totals[1],
-                add=add or _generic_add(xp),
+                add=add,
                 xp=xp,
             )
             totals = (parts.weight, parts.bias)

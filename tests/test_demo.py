@@ -108,3 +108,20 @@ def test_main_refuses_a_non_positive_number_of_steps(capsys: pytest.CaptureFixtu
 def test_run_refuses_an_unknown_backend() -> None:
     with pytest.raises(ValueError, match="backend must be one of"):
         run(DemoConfig(backend="numpy"), out=io.StringIO())
+
+
+def test_demo_with_the_linear_loss_trains_as_with_the_logits() -> None:
+    """``--linear`` computes the same loss from the draft's states and output weight.
+
+    On torch only, to keep the suite fast: the JAX training step compiles for many seconds, and
+    the linear loss under ``jax.jit`` and ``jax.grad`` is held to the reference elsewhere.
+    """
+    pytest.importorskip("torch", reason="the torch demo needs torch")
+    config = {**SMALL, "steps": 5, "log_every": 5}
+    plain = run(DemoConfig(backend="torch", **config), out=io.StringIO())
+    out = io.StringIO()
+    linear = run(DemoConfig(backend="torch", linear=True, **config), out=out)
+    assert "with linear_masked_soft_cross_entropy" in out.getvalue()
+    assert linear.loss_before == pytest.approx(plain.loss_before, rel=1e-5)
+    assert linear.loss_after == pytest.approx(plain.loss_after, rel=1e-4)
+    assert linear.loss_after < linear.loss_before
