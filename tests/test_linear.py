@@ -302,7 +302,7 @@ def test_hidden_and_weight_of_different_dtypes_are_promoted(autodiff_backend):
     assert_gradient_close(result.grads.hidden, expected.hidden, "float32")
 
 
-@pytest.mark.parametrize("num_valid", [7, 0.5, 0], ids=["7", "0.5", "0"])
+@pytest.mark.parametrize("num_valid", [7.5, 0], ids=["7.5", "0"])
 def test_num_valid_replaces_the_denominator(backend, num_valid):
     case = make_linear_case(backend, np.random.default_rng(5))
     result = run(backend, case, num_valid=num_valid)
@@ -426,13 +426,22 @@ def test_bad_chunk_rows_are_refused(chunk_rows, error):
 # --------------------------------------------------------------------------------------------
 
 
-def test_target_probs_get_their_gradient_when_asked(autodiff_backend):
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_target_probs_get_their_gradient_when_asked(autodiff_backend, reduction):
     rng = np.random.default_rng(14)
     case = make_linear_case(autodiff_backend, rng)
-    upstream = rng.random(POSITIONS)
-    result = run(autodiff_backend, case, reduction="none", upstream=upstream, targets_grad=True)
-    expected = linear_reference(case, reduction="none", upstream=upstream)
+    upstream = rng.random(POSITIONS) if reduction == "none" else np.asarray(0.75)
+    result = run(autodiff_backend, case, reduction=reduction, upstream=upstream, targets_grad=True)
+    expected = linear_reference(case, reduction=reduction, upstream=upstream)
     assert_gradient_close(result.target_probs, expected.target_probs, "float64")
+    assert_matches(result, expected, case)
+
+
+def test_a_scalar_upstream_scales_the_gradients_made_in_forward(autodiff_backend):
+    case = make_linear_case(autodiff_backend, np.random.default_rng(21))
+    upstream = np.asarray(-2.5)
+    result = run(autodiff_backend, case, reduction="sum", upstream=upstream)
+    assert_matches(result, linear_reference(case, reduction="sum", upstream=upstream), case)
 
 
 def test_torch_target_probs_without_requires_grad_get_none():
