@@ -12,7 +12,12 @@ computation is compiled for, so arrays placed on the CPU of a GPU host still get
 
 Like every adapter, the module has ``loss`` and ``loss_with_grad`` of validated inputs, which
 :func:`softce_multi.masked_soft_cross_entropy` and its ``_with_grad`` twin dispatch to; its
-public entry point is :func:`masked_soft_cross_entropy`.
+public entry point is :func:`masked_soft_cross_entropy`. ``linear_loss`` and
+``linear_loss_with_grad`` serve :func:`softce_multi.linear_masked_soft_cross_entropy`: a second
+``custom_vjp`` whose forward pass is a ``lax.scan`` over chunks of rows (the per-chunk functions
+of :mod:`softce_multi._linear`), so that XLA's temporaries are a few chunks whatever ``N``;
+under ``jax.grad`` the same scan also accumulates the gradients to ``hidden``, ``weight`` and
+``bias``.
 """
 
 from __future__ import annotations

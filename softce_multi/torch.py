@@ -35,6 +35,12 @@ same pass over the inputs. Its backward pass has two modes:
 
 The function has no ``jvp`` (Dynamo cannot trace one), so forward-mode differentiation is
 refused by PyTorch with an error naming it.
+
+:class:`_LinearMaskedSoftCrossEntropyFunction` and :class:`LinearMaskedSoftCrossEntropy` serve
+:func:`softce_multi.linear_masked_soft_cross_entropy`: the chunked driver of
+:mod:`softce_multi._linear` with :func:`row_routine`, the gradients to ``hidden``, ``weight`` and
+``bias`` made in the forward pass, and the weight gradient accumulated in place (``addmm_``).
+That function is differentiable once (its backward pass is ``once_differentiable``).
 """
 
 from __future__ import annotations
