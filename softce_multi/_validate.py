@@ -242,15 +242,18 @@ def validate_linear_inputs(
     return xp
 
 
-def check_chunk_rows(chunk_rows: Any) -> int | None:
-    """Return ``chunk_rows`` as an int (or None) after checking it is a positive int or None."""
+def check_chunk_rows(chunk_rows: Any, *, name: str = "chunk_rows") -> int | None:
+    """Return a chunk size as an int (or None) after checking it is a positive int or None.
+
+    ``name`` is the argument name the messages show.
+    """
     if chunk_rows is None:
         return None
     if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
-        msg = f"chunk_rows must be a positive int or None, got {type(chunk_rows).__name__}"
+        msg = f"{name} must be a positive int or None, got {type(chunk_rows).__name__}"
         raise TypeError(msg)
     if chunk_rows < 1:
-        msg = f"chunk_rows must be a positive int or None, got {chunk_rows}"
+        msg = f"{name} must be a positive int or None, got {chunk_rows}"
         raise ValueError(msg)
     return operator.index(chunk_rows)
 
@@ -409,6 +412,38 @@ def check_prepare_inputs(
         )
         raise ValueError(msg)
     check_mask(xp, loss_mask, target_logits, mask_name="loss_mask", logits_name="target_logits")
+
+
+def check_prepare_from_hidden_inputs(
+    xp: Namespace,
+    target_hidden: Array,
+    target_head_weight: Array,
+    loss_mask: Array,
+    t2d: Array,
+    /,
+) -> None:
+    """Check the dtypes and shapes of the arguments of ``prepare_targets_from_hidden``."""
+    check_floating(xp, target_hidden=target_hidden, target_head_weight=target_head_weight)
+    check_mapping(xp, t2d)
+    hidden_shape = tuple(target_hidden.shape)
+    weight_shape = tuple(target_head_weight.shape)
+    if len(hidden_shape) == 0:
+        msg = "target_hidden must have the hidden size as its last axis, got a 0-d array"
+        raise ValueError(msg)
+    if len(weight_shape) != 2 or weight_shape[1] != hidden_shape[-1]:
+        msg = (
+            "target_head_weight must have shape [V_target, H] with H the last axis of "
+            f"target_hidden; got target_hidden {hidden_shape} and target_head_weight "
+            f"{weight_shape}"
+        )
+        raise ValueError(msg)
+    if weight_shape[0] != t2d.shape[0]:
+        msg = (
+            "target_head_weight must have one row per target token, as many as t2d has "
+            f"entries; got target_head_weight {weight_shape} and t2d {tuple(t2d.shape)}"
+        )
+        raise ValueError(msg)
+    check_mask(xp, loss_mask, target_hidden, mask_name="loss_mask", logits_name="target_hidden")
 
 
 def check_axis(axis: Any, shape: tuple[int, ...]) -> int:

@@ -20,7 +20,8 @@ detached, on JAX behind ``jax.lax.stop_gradient``.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
 
 import array_api_compat
 import array_api_extra as xpx
@@ -31,11 +32,13 @@ from softce_multi._validate import (
     check_1d,
     check_always_include,
     check_axis,
+    check_chunk_rows,
     check_decay,
     check_fill,
     check_integer,
     check_mapping,
     check_normalize,
+    check_prepare_from_hidden_inputs,
     check_prepare_inputs,
     check_same_device,
     check_signed,
@@ -53,6 +56,7 @@ __all__ = [
     "draft_to_target_ids",
     "multi_step_loss",
     "prepare_targets",
+    "prepare_targets_from_hidden",
     "shift_left",
     "target_to_draft_ids",
 ]
@@ -313,17 +317,252 @@ def prepare_targets(
     logits = _constant(target_logits, xp=xp)
     dtype = xp.float64 if logits.dtype == xp.float64 else xp.float32
     draft_logits = xp.astype(xp.take(logits, _draft_token_ids(t2d, size, xp=xp), axis=-1), dtype)
-    shifted = xp.exp(draft_logits - xp.max(draft_logits, axis=-1, keepdims=True))
-    target_probs = shifted / xp.sum(shifted, axis=-1, keepdims=True)
+    target_probs = _softmax(draft_logits, xp=xp)
 
     top = _top_index(logits, xp=xp)
+    return target_probs, _position_mask(loss_mask, top, t2d, xp=xp)
+
+
+def _position_mask(loss_mask: Array, top: Array, t2d: Array, *, xp: Namespace) -> Array:
+    """``loss_mask`` where the top token ``top`` (``[...]``) is a draft token, as ``[..., 1]``."""
     in_draft = xp.reshape(xp.take(t2d, xp.reshape(top, (-1,))), top.shape)
     mask = xp.reshape(loss_mask, top.shape)
     if mask.dtype == xp.bool:
         position_mask = mask & in_draft
     else:
         position_mask = xp.where(in_draft, mask, xp.zeros_like(mask))
-    return target_probs, _constant(position_mask[..., None], xp=xp)
+    return _constant(position_mask[..., None], xp=xp)
+
+
+def prepare_targets_from_hidden(
+    target_hidden: Array,
+    target_head_weight: Array,
+    loss_mask: Array,
+    t2d: Array,
+    /,
+    *,
+    draft_vocab_size: int | None = None,
+    chunk_rows: int | None = None,
+    chunk_vocab: int | None = None,
+) -> tuple[Array, Array]:
+    """:func:`prepare_targets` of ``target_hidden @ target_head_weight.T``, never materialised.
+
+    The result is that of ``prepare_targets(target_hidden @ target_head_weight.T, loss_mask,
+    t2d)``, but the ``[..., V_target]`` logits never exist: the rows are processed in chunks of
+    ``chunk_rows``, and within a chunk the target vocabulary in chunks of ``chunk_vocab``
+    columns, keeping the running maximum and its first index. The draft columns' logits are
+    the chunk's rows times the draft rows of the weight. Only the ``[..., V_draft]`` output is
+    full size. See :ref:`eagle3-targets-from-hidden`.
+
+    Parameters
+    ----------
+    target_hidden : array, shape ``[..., H]``, usually ``[B, T, H]``
+        The target model's last hidden states (after its final norm): float16, bfloat16,
+        float32 or float64.
+    target_head_weight : array, shape ``[V_target, H]``
+        The target model's ``lm_head`` weight (the layout of ``torch.nn.Linear.weight``); the
+        same dtypes. The matmuls run in the promoted dtype of the two (float32 accumulation on
+        the backends that accumulate half precision so).
+    loss_mask : array, shape ``[...]`` or ``[..., 1]``
+        Which positions to train on: bool, integer or floating weights.
+    t2d : array, shape ``[V_target]``, bool
+        The draft-vocabulary mask of :func:`build_vocab_mapping`.
+    draft_vocab_size : int, optional
+        The number of True entries of ``t2d``, trusted, not checked, as in
+        :func:`prepare_targets`. Give it to avoid a host read and to run under ``jax.jit``.
+    chunk_rows : int, optional
+        Rows per chunk; by default about ``2**21 / V_draft``.
+    chunk_vocab : int, optional
+        Target-vocabulary columns per chunk; by default about ``2**21 / chunk_rows``.
+
+    Returns
+    -------
+    target_probs : array, shape ``[..., V_draft]``
+        The softmax of the draft columns' logits: float32 (float64 when the matmul dtype is
+        float64). The logits are computed in the matmul dtype, as the materialised product is,
+        and converted before the softmax.
+    position_mask : array, shape ``[..., 1]``
+        ``loss_mask`` where the argmax of the logits over the full target vocabulary (compared
+        in the matmul dtype; the first index among equal maxima, NaN counting as maximal) is
+        in the draft vocabulary, 0 (False) elsewhere, of the dtype of ``loss_mask``.
+
+    Both outputs are constants: detached on PyTorch, behind ``jax.lax.stop_gradient`` on JAX.
+
+    Raises
+    ------
+    TypeError
+        As :func:`prepare_targets`, for ``target_hidden`` or ``target_head_weight`` not float16
+        to float64, and for chunk sizes that are not ints.
+    ValueError
+        If ``target_head_weight`` is not ``[V_target, H]`` for the ``H`` of ``target_hidden``
+        and the ``V_target`` of ``t2d``, ``loss_mask`` does not fit ``target_hidden``, a chunk
+        size is below 1, or as :func:`prepare_targets` for ``draft_vocab_size`` and ``t2d``.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.eagle3 import prepare_targets, prepare_targets_from_hidden
+    >>> rng = np.random.default_rng(0)
+    >>> hidden, weight = rng.normal(size=(2, 3, 8)), rng.normal(size=(10, 8))
+    >>> loss_mask = np.array([[True, True, False], [True, True, True]])
+    >>> t2d = np.arange(10) % 3 != 0
+    >>> probs, mask = prepare_targets_from_hidden(hidden, weight, loss_mask, t2d, chunk_vocab=4)
+    >>> expected = prepare_targets(hidden @ weight.T, loss_mask, t2d)
+    >>> probs.shape, bool(np.allclose(probs, expected[0])), bool((mask == expected[1]).all())
+    ((2, 3, 7), True, True)
+    """
+    xp = namespace_of(
+        target_hidden=target_hidden,
+        target_head_weight=target_head_weight,
+        loss_mask=loss_mask,
+        t2d=t2d,
+    )
+    check_same_device(
+        target_hidden=target_hidden,
+        target_head_weight=target_head_weight,
+        loss_mask=loss_mask,
+        t2d=t2d,
+    )
+    check_prepare_from_hidden_inputs(xp, target_hidden, target_head_weight, loss_mask, t2d)
+    rows_per_chunk = check_chunk_rows(chunk_rows)
+    columns_per_chunk = check_chunk_rows(chunk_vocab, name="chunk_vocab")
+    if draft_vocab_size is None:
+        draft_vocab_size = _count_draft_tokens(t2d, xp=xp)
+    size = check_size(draft_vocab_size, t2d.shape[0], name="draft_vocab_size")
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, TARGET_CHUNK_ELEMENTS // size)
+    if columns_per_chunk is None:
+        columns_per_chunk = max(1, TARGET_CHUNK_ELEMENTS // rows_per_chunk)
+
+    hidden = _constant(target_hidden, xp=xp)
+    weight = _constant(target_head_weight, xp=xp)
+    matmul_dtype = xp.result_type(hidden.dtype, weight.dtype)
+    batch_shape = tuple(hidden.shape[:-1])
+    rows = xp.reshape(hidden, (math.prod(batch_shape), hidden.shape[-1]))
+    draft_weight = xp.take(weight, _draft_token_ids(t2d, size, xp=xp), axis=0)
+    probs, top = _targets_by_chunks(
+        rows,
+        weight,
+        draft_weight,
+        _ChunkSizes(rows_per_chunk, columns_per_chunk),
+        matmul_dtype,
+        xp=xp,
+    )
+    target_probs = _constant(xp.reshape(probs, (*batch_shape, size)), xp=xp)
+    return target_probs, _position_mask(loss_mask, xp.reshape(top, batch_shape), t2d, xp=xp)
+
+
+#: Elements of one chunk's ``[chunk_rows, V_draft]`` or ``[chunk_rows, chunk_vocab]`` logits that
+#: the default chunk sizes of :func:`prepare_targets_from_hidden` aim for (8 MiB in float32).
+TARGET_CHUNK_ELEMENTS = 2**21
+
+
+class _ChunkSizes(NamedTuple):
+    rows: int
+    vocab: int
+
+
+class _Loops(NamedTuple):
+    """How a backend loops over chunks: eagerly in Python, or with ``jax.lax`` under tracing."""
+
+    fold: Callable[[int, Callable[[Any, Any], Any], Any], Any]
+    """``fold(count, body, carry)``: ``carry = body(i, carry)`` for ``i`` in ``range(count)``."""
+    rows: Callable[[Array, Any, int], Array]
+    """``rows(x, start, size)``: ``x[start:start + size]``, ``start`` possibly traced."""
+    set_rows: Callable[[Array, Any, Array], Array]
+    """``set_rows(out, start, value)``: ``out`` with ``value`` written from row ``start``."""
+
+
+def _eager_fold(count: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
+    for index in range(count):
+        carry = body(index, carry)
+    return carry
+
+
+def _eager_set_rows(out: Array, start: int, value: Array) -> Array:
+    out[start : start + value.shape[0], ...] = value
+    return out
+
+
+_EAGER_LOOPS = _Loops(
+    fold=_eager_fold,
+    rows=lambda x, start, size: x[start : start + size, ...],
+    set_rows=_eager_set_rows,
+)
+
+
+def _jax_loops() -> _Loops:
+    from jax import lax
+
+    return _Loops(
+        fold=lambda count, body, carry: lax.fori_loop(0, count, body, carry),
+        rows=lambda x, start, size: lax.dynamic_slice_in_dim(x, start, size, axis=0),
+        set_rows=lambda out, start, value: lax.dynamic_update_slice_in_dim(out, value, start, 0),
+    )
+
+
+def _over_chunks(
+    total: int, size: int, step: Callable[[Any, int, Any], Any], carry: Any, loops: _Loops
+) -> Any:
+    """Apply ``step(start, rows, carry)`` to ``range(total)`` in chunks of ``size``, in order.
+
+    The full chunks go through ``loops.fold`` (one traced body under JAX); a shorter last chunk
+    gets its own, static, step.
+    """
+    full, rest = divmod(total, size)
+    carry = loops.fold(full, lambda index, state: step(index * size, size, state), carry)
+    return step(full * size, rest, carry) if rest else carry
+
+
+def _targets_by_chunks(
+    rows: Array,
+    weight: Array,
+    draft_weight: Array,
+    chunk: _ChunkSizes,
+    matmul_dtype: Any,
+    *,
+    xp: Namespace,
+) -> tuple[Array, Array]:
+    """The draft softmax ``[N, V_draft]`` and the full-vocabulary argmax ``[N]`` of ``rows``."""
+    loops = _jax_loops() if array_api_compat.is_jax_namespace(xp) else _EAGER_LOOPS
+    device = array_api_compat.device(rows)
+    index_dtype = xpx.default_dtype(xp, "indexing", device=device)
+    dtype = xp.float64 if matmul_dtype == xp.float64 else xp.float32
+
+    def logits(h: Array, w: Array) -> Array:
+        return xp.astype(h, matmul_dtype, copy=False) @ xp.matrix_transpose(
+            xp.astype(w, matmul_dtype, copy=False)
+        )
+
+    def top_of(h: Array) -> Array:
+        def step(start: Any, size: int, best: tuple[Array, Array]) -> tuple[Array, Array]:
+            z = logits(h, loops.rows(weight, start, size))
+            value, index = xp.max(z, axis=-1), xp.astype(_top_index(z, xp=xp), index_dtype)
+            # Later chunks hold later ids: they win only with a strictly larger value, or the
+            # first NaN; so equal maxima keep the first index, as argmax does.
+            wins = (value > best[0]) | (xp.isnan(value) & ~xp.isnan(best[0]))
+            return xp.where(wins, value, best[0]), xp.where(wins, index + start, best[1])
+
+        n = h.shape[0]
+        lowest = xp.full((n,), -math.inf, dtype=matmul_dtype, device=device)
+        first = xp.zeros((n,), dtype=index_dtype, device=device)
+        return _over_chunks(weight.shape[0], chunk.vocab, step, (lowest, first), loops)[1]
+
+    def row_step(start: Any, size: int, out: tuple[Array, Array]) -> tuple[Array, Array]:
+        h = loops.rows(rows, start, size)
+        probs = _softmax(xp.astype(logits(h, draft_weight), dtype), xp=xp)
+        return loops.set_rows(out[0], start, probs), loops.set_rows(out[1], start, top_of(h))
+
+    n_rows = rows.shape[0]
+    probs = xp.empty((n_rows, draft_weight.shape[0]), dtype=dtype, device=device)
+    top = xp.empty((n_rows,), dtype=index_dtype, device=device)
+    return _over_chunks(n_rows, chunk.rows, row_step, (probs, top), loops)
+
+
+def _softmax(x: Array, *, xp: Namespace) -> Array:
+    """``softmax(x)`` over the last axis, in the dtype of ``x``."""
+    shifted = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
+    return shifted / xp.sum(shifted, axis=-1, keepdims=True)
 
 
 def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
