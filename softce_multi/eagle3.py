@@ -509,6 +509,9 @@ def _over_chunks(
     The full chunks go through ``loops.fold`` (one traced body under JAX); a shorter last chunk
     gets its own, static, step.
     """
+    if total == 0:
+        return carry
+    size = min(size, total)  # a chunk beyond the end would be traced even if never run
     full, rest = divmod(total, size)
     carry = loops.fold(full, lambda index, state: step(index * size, size, state), carry)
     return step(full * size, rest, carry) if rest else carry

@@ -1,0 +1,263 @@
+"""Specification of softce_multi.eagle3.prepare_targets_from_hidden.
+
+It must give what ``prepare_targets`` gives on the materialised logits
+``target_hidden @ target_head_weight.T`` (computed on the same backend, in the same dtype),
+whatever the chunk sizes, while the ``[N, V_target]`` logits never exist.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import Backend, to_numpy
+
+from softce_multi.eagle3 import prepare_targets, prepare_targets_from_hidden
+
+V_TARGET, HIDDEN = 50, 16
+BATCH = (3, 7)  # N = 21 rows
+
+# (chunk_rows, chunk_vocab): defaults; one row and one column at a time; chunks dividing
+# neither N nor V_target; a single vocabulary chunk; chunks larger than everything.
+CHUNKS = [(None, None), (1, 1), (4, 7), (5, V_TARGET), (1000, 1000)]
+
+
+def _case(rng: np.random.Generator, *, integer: bool = False) -> dict[str, np.ndarray]:
+    """Hidden states, weight, loss mask and draft mask; integer values give exact logits."""
+    if integer:
+        hidden = rng.integers(-3, 4, size=(*BATCH, HIDDEN)).astype(np.float64)
+        weight = rng.integers(-3, 4, size=(V_TARGET, HIDDEN)).astype(np.float64)
+    else:
+        hidden = rng.normal(size=(*BATCH, HIDDEN))
+        weight = rng.normal(size=(V_TARGET, HIDDEN))
+    return {
+        "hidden": hidden,
+        "weight": weight,
+        "loss_mask": rng.random(BATCH) < 0.8,
+        "t2d": rng.random(V_TARGET) < 0.4,
+    }
+
+
+def _both(backend: Backend, case: dict[str, np.ndarray], dtype: str, **chunks: int | None):
+    """Return (chunked, materialised) results of prepare_targets on the backend."""
+    hidden = backend.asarray(case["hidden"], dtype)
+    weight = backend.asarray(case["weight"], dtype)
+    loss_mask = backend.asarray(case["loss_mask"])
+    t2d = backend.asarray(case["t2d"])
+    size = int(case["t2d"].sum())
+    chunked = prepare_targets_from_hidden(
+        hidden, weight, loss_mask, t2d, draft_vocab_size=size, **chunks
+    )
+    materialised = prepare_targets(hidden @ weight.T, loss_mask, t2d, draft_vocab_size=size)
+    return chunked, materialised
+
+
+def _assert_same(chunked, materialised, *, rtol: float, atol: float = 0.0) -> None:
+    (probs, mask), (expected_probs, expected_mask) = chunked, materialised
+    assert probs.shape == expected_probs.shape
+    assert probs.dtype == expected_probs.dtype
+    np.testing.assert_allclose(to_numpy(probs), to_numpy(expected_probs), rtol=rtol, atol=atol)
+    assert mask.dtype == expected_mask.dtype
+    np.testing.assert_array_equal(to_numpy(mask), to_numpy(expected_mask))
+
+
+@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), CHUNKS)
+def test_float64_equals_the_materialised_path(backend: Backend, chunk_rows, chunk_vocab) -> None:
+    backend.require("float64")
+    case = _case(np.random.default_rng(1))
+    both = _both(backend, case, "float64", chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+    _assert_same(*both, rtol=1e-12)
+
+
+@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), CHUNKS)
+def test_float32_equals_the_materialised_path(backend: Backend, chunk_rows, chunk_vocab) -> None:
+    case = _case(np.random.default_rng(2))
+    both = _both(backend, case, "float32", chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+    _assert_same(*both, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), [(4, 7), (None, None)])
+def test_bfloat16_inputs_give_float32_targets_of_the_rounded_logits(
+    backend: Backend, chunk_rows, chunk_vocab
+) -> None:
+    backend.require("bfloat16")
+    # Small integers: every logit is an integer below 256, exact in bfloat16, so both paths
+    # see the same logits (and many equal maxima).
+    case = _case(np.random.default_rng(3), integer=True)
+    both = _both(backend, case, "bfloat16", chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+    assert both[0][0].dtype == backend.dtype("float32")
+    _assert_same(*both, rtol=1e-6)
+
+
+@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), CHUNKS)
+def test_equal_maxima_keep_the_first_index(backend: Backend, chunk_rows, chunk_vocab) -> None:
+    case = _case(np.random.default_rng(4), integer=True)
+    both = _both(backend, case, "float32", chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
+    _assert_same(*both, rtol=1e-6)
+
+
+@pytest.mark.parametrize("first_in_draft", [False, True])
+@pytest.mark.parametrize("chunk_vocab", [7, 1, 3, V_TARGET])
+def test_a_tie_across_a_vocabulary_chunk_boundary_goes_to_the_lower_id(
+    backend: Backend, first_in_draft: bool, chunk_vocab: int
+) -> None:
+    rng = np.random.default_rng(5)
+    case = _case(rng, integer=True)
+    case["hidden"] = np.abs(case["hidden"]) + 1.0
+    # Target ids 6 and 7 (the two sides of the boundary of chunks of 7) share the top logit;
+    # only one of them is a draft token, so the wrong choice changes the position mask.
+    case["weight"][6] = case["weight"][7] = 10.0
+    case["t2d"][6], case["t2d"][7] = first_in_draft, not first_in_draft
+    chunked, materialised = _both(backend, case, "float32", chunk_rows=4, chunk_vocab=chunk_vocab)
+    _assert_same(chunked, materialised, rtol=1e-6)
+    expected = case["loss_mask"] if first_in_draft else np.zeros(BATCH, dtype=bool)
+    np.testing.assert_array_equal(to_numpy(chunked[1])[..., 0], expected)
+
+
+def test_rows_whose_top_token_is_not_a_draft_token_are_masked(backend: Backend) -> None:
+    case = _case(np.random.default_rng(6))
+    case["loss_mask"][:] = True
+    # Rows of the first sequence point at target id 0, which is not a draft token.
+    case["t2d"][0], case["t2d"][1] = False, True
+    case["weight"][0] = 0.0
+    case["weight"][0, 0] = 100.0
+    case["hidden"][0, :, 0] = 10.0
+    chunked, materialised = _both(backend, case, "float32", chunk_rows=4, chunk_vocab=7)
+    _assert_same(chunked, materialised, rtol=1e-5, atol=1e-7)
+    mask = to_numpy(chunked[1])[..., 0]
+    assert not mask[0].any()
+    assert mask[1:].any()
+
+
+@pytest.mark.parametrize("mask_dtype", ["bool", "int32", "float32"])
+@pytest.mark.parametrize("trailing_one", [False, True])
+def test_the_loss_mask_keeps_its_dtype_and_shape_rules(
+    backend: Backend, mask_dtype: str, trailing_one: bool
+) -> None:
+    rng = np.random.default_rng(7)
+    case = _case(rng)
+    weights = np.where(case["loss_mask"], rng.random(BATCH) + 0.5, 0.0).astype(mask_dtype)
+    case["loss_mask"] = weights[..., None] if trailing_one else weights
+    chunked, materialised = _both(backend, case, "float32", chunk_rows=4, chunk_vocab=7)
+    _assert_same(chunked, materialised, rtol=1e-5, atol=1e-7)
+    assert chunked[1].shape == (*BATCH, 1)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_nan_hidden_rows_give_what_the_materialised_path_gives(backend: Backend) -> None:
+    case = _case(np.random.default_rng(8))
+    case["hidden"][1, 2] = np.nan
+    case["hidden"][2, 0, 3] = np.inf
+    case["loss_mask"][1, 2] = False
+    both = _both(backend, case, "float32", chunk_rows=4, chunk_vocab=7)
+    _assert_same(*both, rtol=1e-5, atol=1e-7)
+
+
+def test_no_rows(backend: Backend) -> None:
+    case = _case(np.random.default_rng(9))
+    case["hidden"] = case["hidden"][:0]
+    case["loss_mask"] = case["loss_mask"][:0]
+    probs, mask = _both(backend, case, "float32", chunk_rows=4, chunk_vocab=7)[0]
+    assert probs.shape == (0, BATCH[1], int(case["t2d"].sum()))
+    assert mask.shape == (0, BATCH[1], 1)
+
+
+def test_without_draft_vocab_size_the_size_is_read_from_t2d(backend: Backend) -> None:
+    case = _case(np.random.default_rng(10))
+    args = [backend.asarray(case[name]) for name in ("hidden", "weight", "loss_mask", "t2d")]
+    probs, mask = prepare_targets_from_hidden(*args, chunk_vocab=7)
+    expected_probs, expected_mask = prepare_targets_from_hidden(
+        *args, chunk_vocab=7, draft_vocab_size=int(case["t2d"].sum())
+    )
+    np.testing.assert_array_equal(to_numpy(probs), to_numpy(expected_probs))
+    np.testing.assert_array_equal(to_numpy(mask), to_numpy(expected_mask))
+
+
+def test_inputs_are_unchanged(backend: Backend) -> None:
+    case = _case(np.random.default_rng(11))
+    args = [backend.asarray(case[name]) for name in ("hidden", "weight", "loss_mask", "t2d")]
+    copies = [to_numpy(arg) for arg in args]
+    prepare_targets_from_hidden(*args, chunk_rows=4, chunk_vocab=7)
+    for arg, copy in zip(args, copies, strict=True):
+        np.testing.assert_array_equal(to_numpy(arg), copy)
+
+
+# --- frameworks -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), [(4, 7), (None, None), (7, 10)])
+def test_under_jax_jit_with_draft_vocab_size(chunk_rows, chunk_vocab) -> None:
+    jax = pytest.importorskip("jax")
+    case = _case(np.random.default_rng(12), integer=True)
+    args = [jax.numpy.asarray(case[name]) for name in ("hidden", "weight", "loss_mask", "t2d")]
+    size = int(case["t2d"].sum())
+
+    @jax.jit
+    def targets(*arrays):
+        return prepare_targets_from_hidden(
+            *arrays, draft_vocab_size=size, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab
+        )
+
+    expected = prepare_targets(args[0] @ args[1].T, args[2], args[3], draft_vocab_size=size)
+    _assert_same(targets(*args), expected, rtol=1e-12)
+
+
+def test_under_jax_jit_without_draft_vocab_size_is_a_type_error() -> None:
+    jax = pytest.importorskip("jax")
+    case = _case(np.random.default_rng(13))
+    args = [jax.numpy.asarray(case[name]) for name in ("hidden", "weight", "loss_mask", "t2d")]
+    with pytest.raises(TypeError, match="draft_vocab_size"):
+        jax.jit(prepare_targets_from_hidden)(*args)
+
+
+def test_torch_outputs_are_detached() -> None:
+    torch = pytest.importorskip("torch")
+    case = _case(np.random.default_rng(14))
+    hidden = torch.tensor(case["hidden"], requires_grad=True)
+    weight = torch.tensor(case["weight"], requires_grad=True)
+    probs, mask = prepare_targets_from_hidden(
+        hidden, weight, torch.tensor(case["loss_mask"]), torch.tensor(case["t2d"])
+    )
+    assert not probs.requires_grad
+    assert not mask.requires_grad
+
+
+# --- bad input ------------------------------------------------------------------------------
+
+
+def _arrays(**changes: np.ndarray) -> list[np.ndarray]:
+    case = _case(np.random.default_rng(15)) | changes
+    return [case[name] for name in ("hidden", "weight", "loss_mask", "t2d")]
+
+
+@pytest.mark.parametrize(
+    ("changes", "words"),
+    [
+        ({"weight": np.ones((V_TARGET, HIDDEN + 1))}, [r"target_head_weight \(50, 17\)", "H"]),
+        ({"weight": np.ones((V_TARGET, HIDDEN, 1))}, [r"target_head_weight \(50, 16, 1\)"]),
+        ({"weight": np.ones((V_TARGET + 1, HIDDEN))}, [r"target_head_weight \(51, 16\)", "t2d"]),
+        ({"loss_mask": np.ones((3, 6), dtype=bool)}, ["loss_mask", "target_hidden"]),
+        ({"t2d": np.zeros(V_TARGET, dtype=bool)}, ["t2d selects no token"]),
+        ({"hidden": np.ones(())}, ["target_hidden"]),
+    ],
+)
+def test_bad_shapes_are_value_errors_naming_the_arguments(changes, words) -> None:
+    with pytest.raises(ValueError, match=words[0]) as error:
+        prepare_targets_from_hidden(*_arrays(**changes))
+    for word in words[1:]:
+        assert word in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("changes", "keywords", "error", "word"),
+    [
+        ({"hidden": np.ones((*BATCH, HIDDEN), dtype=np.int64)}, {}, TypeError, "target_hidden"),
+        ({"weight": np.ones((V_TARGET, HIDDEN), dtype=bool)}, {}, TypeError, "target_head_weight"),
+        ({"t2d": np.ones(V_TARGET, dtype=np.int64)}, {}, TypeError, "t2d"),
+        ({}, {"chunk_rows": 0}, ValueError, "chunk_rows"),
+        ({}, {"chunk_vocab": 2.0}, TypeError, "chunk_vocab"),
+        ({}, {"draft_vocab_size": V_TARGET + 1}, ValueError, "draft_vocab_size"),
+    ],
+)
+def test_bad_types_and_values_are_named(changes, keywords, error, word) -> None:
+    with pytest.raises(error, match=word):
+        prepare_targets_from_hidden(*_arrays(**changes), **keywords)
