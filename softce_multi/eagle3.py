@@ -371,9 +371,9 @@ def prepare_targets_from_hidden(
         The number of True entries of ``t2d``, trusted, not checked, as in
         :func:`prepare_targets`. Give it to avoid a host read and to run under ``jax.jit``.
     chunk_rows : int, optional
-        Rows per chunk; by default about ``2**21 / V_draft``.
+        Rows per chunk; by default about ``2**20 / V_draft``.
     chunk_vocab : int, optional
-        Target-vocabulary columns per chunk; by default about ``2**21 / chunk_rows``.
+        Target-vocabulary columns per chunk; by default about ``2**20 / chunk_rows``.
 
     Returns
     -------
@@ -409,7 +409,7 @@ def prepare_targets_from_hidden(
     >>> probs, mask = prepare_targets_from_hidden(hidden, weight, loss_mask, t2d, chunk_vocab=4)
     >>> expected = prepare_targets(hidden @ weight.T, loss_mask, t2d)
     >>> probs.shape, bool(np.allclose(probs, expected[0])), bool((mask == expected[1]).all())
-    ((2, 3, 7), True, True)
+    ((2, 3, 6), True, True)
     """
     xp = namespace_of(
         target_hidden=target_hidden,
@@ -453,8 +453,8 @@ def prepare_targets_from_hidden(
 
 
 #: Elements of one chunk's ``[chunk_rows, V_draft]`` or ``[chunk_rows, chunk_vocab]`` logits that
-#: the default chunk sizes of :func:`prepare_targets_from_hidden` aim for (8 MiB in float32).
-TARGET_CHUNK_ELEMENTS = 2**21
+#: the default chunk sizes of :func:`prepare_targets_from_hidden` aim for (4 MiB in float32).
+TARGET_CHUNK_ELEMENTS = 2**20
 
 
 class _ChunkSizes(NamedTuple):
@@ -553,7 +553,7 @@ def _targets_by_chunks(
 
     def row_step(start: Any, size: int, out: tuple[Array, Array]) -> tuple[Array, Array]:
         h = loops.rows(rows, start, size)
-        probs = _softmax(xp.astype(logits(h, draft_weight), dtype), xp=xp)
+        probs = _softmax(xp.astype(logits(h, draft_weight), dtype, copy=False), xp=xp)
         return loops.set_rows(out[0], start, probs), loops.set_rows(out[1], start, top_of(h))
 
     n_rows = rows.shape[0]
