@@ -1,4 +1,5 @@
-"""The generic adapter: the blocked core, for NumPy, CuPy, array-api-strict and any other library.
+"""The generic adapter: the blocked core for CuPy, array-api-strict and any other library, and
+an in-place routine for NumPy.
 
 It has the interface of every adapter (:mod:`softce_multi.torch`, :mod:`softce_multi.jax`):
 ``loss`` and ``loss_with_grad`` of validated inputs, and ``linear_loss`` and
@@ -13,6 +14,7 @@ import numpy as np
 
 from softce_multi import _core, _linear
 from softce_multi._types import Array, Namespace
+from softce_multi.kernels import numpy as numpy_kernels
 
 
 def loss(
@@ -67,7 +69,13 @@ def _forward(
 
 
 def _row_routine(vocab_size: int, *, xp: Namespace) -> _core.RowRoutine:
-    """The row routine for rows of ``vocab_size`` entries of the namespace ``xp``."""
+    """The row routine for rows of ``vocab_size`` entries of the namespace ``xp``.
+
+    NumPy gets its in-place routine (:mod:`softce_multi.kernels.numpy`); every other library,
+    array-api-strict and CuPy among them, the blocked core.
+    """
+    if array_api_compat.is_numpy_namespace(xp):
+        return numpy_kernels.row_routine
     return _core.blocked_row_routine(_core.default_block_rows(vocab_size), xp=xp)
 
 

@@ -1,9 +1,10 @@
 """JAX adapter: a ``jax.custom_vjp`` around the shared core, safe under ``jit`` and ``vmap``.
 
-The core runs unblocked here and XLA fuses it under ``jax.jit``. The forward pass keeps only
-per-row statistics; the backward pass recomputes the gradient rows from them and the inputs,
-so a training step reads the logits and targets twice. XLA's compiled step holds one ``[N, V]``
-float32 temporary (``python -m softce_multi bench`` reports it).
+On XLA (CPU, TPU) the per-row work runs the routines of :mod:`softce_multi.kernels.xla`: the
+core, chunk by chunk of rows, so that XLA's compiled step holds temporaries of a few chunks
+rather than an ``[N, V]`` float32 softmax (``python -m softce_multi bench`` reports them). The
+forward pass keeps only per-row statistics; the backward pass recomputes the gradient rows from
+them and the inputs, so a training step reads the logits and targets twice.
 
 On a GPU, with the Triton backend of Pallas available, the per-row work runs the kernels of
 :mod:`softce_multi.kernels.pallas` instead (imported on first use). Both versions are then
@@ -163,11 +164,10 @@ def _forward(
 
 
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
-    """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else the core."""
+    """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else of XLA."""
 
     def core(rows: _core.Rows) -> _core.RowResults:
-        routine = _core.blocked_row_routine(None, xp=jnp)
-        return routine(rows, with_logits_grad=with_logits_grad)
+        return xla_kernels.row_routine(rows, with_logits_grad=with_logits_grad)
 
     def kernel(rows: _core.Rows) -> _core.RowResults:
         from softce_multi.kernels import pallas
@@ -187,11 +187,12 @@ def gradient_routine(
     logits_grad: bool,
     targets_grad: bool,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """The gradient routine of the Pallas kernel on a GPU, else of the core."""
+    """The gradient routine of the Pallas kernel on a GPU, else of XLA, chunk by chunk."""
 
     def core(z: Any, p: Any, saved: Any, row_scale: Any) -> Any:
-        routine = _core.blocked_gradient_routine(None, xp=jnp)
-        return routine(z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad)
+        return xla_kernels.gradient_routine(
+            z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
+        )
 
     def kernel(z: Any, p: Any, saved: Any, row_scale: Any) -> Any:
         from softce_multi.kernels import pallas

@@ -1,11 +1,12 @@
 """The accelerated kernels keep the contract of ``_core.forward`` and agree with the reference.
 
-Most tests run on both kernels, Triton on torch tensors and Pallas on JAX arrays under
-``jax.jit``, and on the torch CPU operators, each held to the reference and to the core's saved
-row statistics. Without a GPU the kernels run interpreted: Pallas with ``interpret=True``, Triton
+Most tests run on both GPU kernels, Triton on torch tensors and Pallas on JAX arrays under
+``jax.jit``, on the torch CPU operators, on the NumPy in-place routine and on the chunked XLA
+routines under ``jax.jit``, each held to the reference and to the core's saved row
+statistics. Without a GPU the kernels run interpreted: Pallas with ``interpret=True``, Triton
 when the environment sets ``TRITON_INTERPRET=1`` before the test run starts (the nox sessions
 do). The last section checks that the torch and JAX adapters run the kernels where they apply,
-and only there.
+and only there, and that XLA's compiled loss and gradient need no logits-sized temporary.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from conftest import (
 
 import softce_multi
 from softce_multi import _core, kernels
+from softce_multi.kernels import numpy as numpy_kernels
 
 #: A vocabulary that the test chunk size does not divide: three chunks, the last one partial.
 SHAPE = (2, 3, 37)
@@ -125,6 +127,51 @@ class PallasKernel(Kernel):
         return jax.jit(functools.partial(getattr(Kernel, name), self, **options))
 
 
+class XlaRoutines(PallasKernel):
+    """The chunked XLA routines on JAX arrays under ``jax.jit``, in chunks of a few rows.
+
+    Chunks of :data:`XLA_CHUNK` rows divide some of the tests' numbers of rows (stacked by
+    ``lax.map``) and not others (written in place by ``lax.fori_loop``).
+    """
+
+    def __init__(self) -> None:
+        import jax.numpy as jnp
+
+        xla_kernels = importlib.import_module("softce_multi.kernels.xla")
+        self.module = SimpleNamespace(
+            row_routine=_without_block_size(xla_kernels.row_routine),
+            gradient_routine=_without_block_size(xla_kernels.gradient_routine),
+        )
+        self.backend = Backend("jax", "jax", "cpu")
+        self.xp = jnp
+        self.routine_options = {"chunk": XLA_CHUNK}
+
+
+#: Rows per chunk of the XLA routines in the tests.
+XLA_CHUNK = 4
+
+
+class NumpyRoutine(Kernel):
+    """The NumPy in-place row routine.
+
+    NumPy has no gradient routine of its own (its gradients come from the forward pass), so the
+    backward tests run the core's on the statistics that the NumPy routine saved.
+    """
+
+    def __init__(self) -> None:
+        self.module = SimpleNamespace(
+            row_routine=_without_block_size(numpy_kernels.row_routine),
+            gradient_routine=_without_block_size(_core.blocked_gradient_routine(None, xp=np)),
+        )
+        self.backend = Backend("numpy", "numpy", "cpu")
+        self.xp = np
+        self.routine_options = {}
+
+    def backward(self, *arrays, **options) -> tuple[Any, Any]:
+        with np.errstate(all="ignore"):  # as the generic adapter runs NumPy: padding may be NaN
+            return super().backward(*arrays, **options)
+
+
 class TorchCpuPath(Kernel):
     """The torch adapter's routines on CPU tensors: its custom operators (no chunk size)."""
 
@@ -193,10 +240,18 @@ def _torch_cpu_path() -> TorchCpuPath:
     return TorchCpuPath()
 
 
+def _xla_routines() -> XlaRoutines:
+    if not HAS_JAX:
+        pytest.skip("needs jax")
+    return XlaRoutines()
+
+
 _IMPLEMENTATIONS = {
     "triton": _triton_kernel,
     "pallas": _pallas_kernel,
     "torch-cpu": _torch_cpu_path,
+    "numpy": NumpyRoutine,
+    "xla": _xla_routines,
 }
 
 
@@ -967,3 +1022,24 @@ def test_adapters_load_no_kernel_module_on_the_cpu(library):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.skipif(not HAS_JAX, reason="needs jax")
+@pytest.mark.parametrize("n_rows", [2048, 2053], ids=["N=2048", "prime N=2053"])
+def test_jax_loss_and_gradient_under_jit_need_no_logits_sized_temporary(n_rows):
+    """On XLA, the compiled step's temporaries stay within an eighth of one float32 gradient."""
+    import jax
+    import jax.numpy as jnp
+
+    import softce_multi.jax
+
+    shape = (1, n_rows, 32000)
+    logits = jax.ShapeDtypeStruct(shape, jnp.float32)
+    targets = jax.ShapeDtypeStruct(shape, jnp.float32)
+    mask = jax.ShapeDtypeStruct(shape[:-1], jnp.bool_)
+    step = jax.jit(jax.value_and_grad(softce_multi.jax.masked_soft_cross_entropy))
+
+    compiled = step.lower(logits, targets, mask).compile()
+
+    gradient_bytes = n_rows * 32000 * 4
+    assert compiled.memory_analysis().temp_size_in_bytes <= gradient_bytes / 8

@@ -1,11 +1,13 @@
 """Row routines for JAX on XLA (CPU, TPU): the generic core, one chunk of rows at a time.
 
 Unchunked, XLA keeps an ``[N, V]`` float32 temporary for the softmax, as large as the gradient
-itself. Here a ``lax.fori_loop`` walks the rows in chunks of :func:`chunk_rows`: each chunk is
-read with ``lax.dynamic_slice``, reduced by the core's two steps, and its results written with
-``lax.dynamic_update_slice`` into the loop's outputs, which XLA updates in place. The last
+itself. Here the rows are walked in chunks of :func:`chunk_rows`: each chunk is read with
+``lax.dynamic_slice`` and reduced by the core's two steps. When the chunk divides ``N``,
+``lax.map`` stacks the chunks' results and the stack is the output. When ``N`` has no divisor
+near the chunk size (a prime ``N``, say), a ``lax.fori_loop`` writes each chunk's results with
+``lax.dynamic_update_slice`` into the loop's outputs, which XLA updates in place; its last
 chunk starts at ``N - chunk`` rather than padding the inputs, so it recomputes a few rows of the
-chunk before it, with the same values. Temporaries are then a few chunks, whatever ``N``.
+chunk before it, with the same values. Temporaries are a few chunks either way, whatever ``N``.
 """
 
 from __future__ import annotations
@@ -24,15 +26,22 @@ CHUNK_ELEMENTS = 1 << 20
 
 
 def chunk_rows(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk: the largest divisor of ``n_rows`` within :data:`CHUNK_ELEMENTS`."""
+    """Rows per chunk: at most :data:`CHUNK_ELEMENTS` elements, a divisor of ``n_rows`` if one
+    is at least half that many rows, else the most rows that fit."""
     limit = max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
-    return next(size for size in range(limit, 0, -1) if n_rows % size == 0)
+    divisors = (size for size in range(limit, (limit + 1) // 2 - 1, -1) if n_rows % size == 0)
+    return next(divisors, limit)
 
 
-def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
-    """The :class:`~softce_multi._core.RowRoutine` of the core, chunk by chunk of rows."""
-    n_rows, vocab_size = rows.z.shape
-    chunk = chunk_rows(n_rows, vocab_size)
+def row_routine(
+    rows: _core.Rows, /, *, with_logits_grad: bool, chunk: int | None = None
+) -> _core.RowResults:
+    """The :class:`~softce_multi._core.RowRoutine` of the core, chunk by chunk of rows.
+
+    ``chunk`` is the number of rows per chunk; None for :func:`chunk_rows`.
+    """
+    chunk = _chunk(rows.z.shape, chunk)
+    n_rows = rows.z.shape[0]
     core = _core.blocked_row_routine(None, xp=jnp)
     vector = jax.ShapeDtypeStruct((n_rows,), rows.dtype)
     outputs = [vector, _core.SavedRows(vector, vector, vector)]
@@ -62,10 +71,14 @@ def gradient_routine(
     *,
     logits_grad: bool,
     targets_grad: bool,
+    chunk: int | None = None,
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """The :class:`~softce_multi._core.GradientRoutine` of the core, chunk by chunk of rows."""
-    n_rows, vocab_size = z.shape
-    chunk = chunk_rows(n_rows, vocab_size)
+    """The :class:`~softce_multi._core.GradientRoutine` of the core, chunk by chunk of rows.
+
+    ``chunk`` is the number of rows per chunk; None for :func:`chunk_rows`.
+    """
+    chunk = _chunk(z.shape, chunk)
+    n_rows = z.shape[0]
     core = _core.blocked_gradient_routine(None, xp=jnp)
     wanted = (logits_grad, targets_grad)
     outputs = [
@@ -89,27 +102,49 @@ def gradient_routine(
     return tuple(next(results) if want else None for want in wanted)  # type: ignore[return-value]
 
 
+def _chunk(shape: tuple[int, ...], chunk: int | None) -> int:
+    """Rows per chunk of an ``[N, V]`` array: ``chunk`` (at most ``N``, at least 1) if given."""
+    if chunk is None:
+        return chunk_rows(*shape)
+    return max(1, min(chunk, shape[0]))
+
+
 def _over_chunks(chunk_results: Any, outputs: Any, n_rows: int, chunk: int) -> Any:
     """The pytree ``outputs`` (shapes, rows first) from ``chunk_results(start)`` of each chunk.
 
-    ``chunk`` divides ``n_rows``: ``lax.map`` stacks the chunks' results, and the stack is the
-    output, reshaped for free. 16-bit floats are stacked as their bits: XLA's CPU backend
-    computes them in float32, and would convert the whole stack to float32 and back to write
-    one chunk into it.
+    When ``chunk`` divides ``n_rows``, ``lax.map`` stacks the chunks' results, and the stack is
+    the output, reshaped for free; otherwise a ``lax.fori_loop`` writes them into the outputs in
+    place, the last chunk overlapping the one before. 16-bit floats are stacked and written as
+    their bits: XLA's CPU backend computes them in float32, and would convert the whole output
+    to float32 and back to write one chunk into it.
     """
 
     def bits_of_chunk(start: Any) -> Any:
         return jax.tree.map(_as_bits, chunk_results(start))
 
-    stacked = jax.lax.map(bits_of_chunk, jnp.arange(0, n_rows, chunk))
-    return jax.tree.map(
-        lambda x, out: _from_bits(jnp.reshape(x, out.shape), out.dtype), stacked, outputs
-    )
+    if n_rows % chunk == 0:
+        stacked = jax.lax.map(bits_of_chunk, jnp.arange(0, n_rows, chunk))
+        bits = jax.tree.map(lambda x, out: jnp.reshape(x, out.shape), stacked, outputs)
+    else:
+
+        def write_chunk(index: Any, bits: Any) -> Any:
+            start = jnp.minimum(index * chunk, n_rows - chunk)
+            return jax.tree.map(
+                lambda out, new: jax.lax.dynamic_update_slice_in_dim(out, new, start, axis=0),
+                bits,
+                bits_of_chunk(start),
+            )
+
+        empty = jax.tree.map(lambda out: jnp.zeros(out.shape, _as_bits(out).dtype), outputs)
+        bits = jax.lax.fori_loop(0, -(-n_rows // chunk), write_chunk, empty)
+    return jax.tree.map(lambda x, out: _from_bits(x, out.dtype), bits, outputs)
 
 
-def _as_bits(x: jax.Array) -> jax.Array:
-    """A 16-bit float array as unsigned 16-bit integers; any other array as it is."""
+def _as_bits(x: Any) -> Any:
+    """A 16-bit float array (or shape) as unsigned 16-bit integers; any other as it is."""
     if jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+        if isinstance(x, jax.ShapeDtypeStruct):
+            return jax.ShapeDtypeStruct(x.shape, jnp.uint16)
         return jax.lax.bitcast_convert_type(x, jnp.uint16)
     return x
 
