@@ -71,9 +71,11 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
 
             if grad is not None:
                 scale = row_scale[block]
-                # scale * (sum(p) * exp(shifted) / sum_exp - p), from the exponentials in place.
-                np.multiply(shifted, (scale * block_target_sum / sum_exp)[:, None], out=shifted)
-                shifted -= scale[:, None] * p_block
+                # scale * (sum(p) * exp(shifted) / sum_exp - p), from the exponentials in place;
+                # scaled last, so that gradients of two scales differ by one rounding only.
+                np.multiply(shifted, (block_target_sum / sum_exp)[:, None], out=shifted)
+                np.subtract(shifted, p_block, out=shifted)
+                np.multiply(shifted, scale[:, None], out=shifted)
                 # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
                 shifted[~_core.rows_with_gradient(scale, block_target_sum)] = 0
                 grad[block] = shifted
