@@ -371,9 +371,10 @@ def prepare_targets_from_hidden(
         The number of True entries of ``t2d``, trusted, not checked, as in
         :func:`prepare_targets`. Give it to avoid a host read and to run under ``jax.jit``.
     chunk_rows : int, optional
-        Rows per chunk; by default about ``2**20 / V_draft``.
+        Rows per chunk; 1024 by default.
     chunk_vocab : int, optional
-        Target-vocabulary columns per chunk; by default about ``2**20 / chunk_rows``.
+        Vocabulary columns per chunk, of the target vocabulary (the argmax) and of the draft
+        vocabulary (the softmax); by default ``2**19 // chunk_rows``.
 
     Returns
     -------
@@ -430,7 +431,7 @@ def prepare_targets_from_hidden(
         draft_vocab_size = _count_draft_tokens(t2d, xp=xp)
     size = check_size(draft_vocab_size, t2d.shape[0], name="draft_vocab_size")
     if rows_per_chunk is None:
-        rows_per_chunk = max(1, TARGET_CHUNK_ELEMENTS // size)
+        rows_per_chunk = DEFAULT_TARGET_CHUNK_ROWS
     if columns_per_chunk is None:
         columns_per_chunk = max(1, TARGET_CHUNK_ELEMENTS // rows_per_chunk)
 
@@ -439,11 +440,10 @@ def prepare_targets_from_hidden(
     matmul_dtype = xp.result_type(hidden.dtype, weight.dtype)
     batch_shape = tuple(hidden.shape[:-1])
     rows = xp.reshape(hidden, (math.prod(batch_shape), hidden.shape[-1]))
-    draft_weight = xp.take(weight, _draft_token_ids(t2d, size, xp=xp), axis=0)
     probs, top = _targets_by_chunks(
         rows,
         weight,
-        draft_weight,
+        _draft_token_ids(t2d, size, xp=xp),
         _ChunkSizes(rows_per_chunk, columns_per_chunk),
         matmul_dtype,
         xp=xp,
@@ -452,9 +452,13 @@ def prepare_targets_from_hidden(
     return target_probs, _position_mask(loss_mask, xp.reshape(top, batch_shape), t2d, xp=xp)
 
 
-#: Elements of one chunk's ``[chunk_rows, V_draft]`` or ``[chunk_rows, chunk_vocab]`` logits that
-#: the default chunk sizes of :func:`prepare_targets_from_hidden` aim for (4 MiB in float32).
-TARGET_CHUNK_ELEMENTS = 2**20
+#: Rows per chunk of :func:`prepare_targets_from_hidden` by default: enough rows that each pass
+#: over the weight does ``2 * DEFAULT_TARGET_CHUNK_ROWS`` flops per weight element it reads.
+DEFAULT_TARGET_CHUNK_ROWS = 1024
+
+#: Elements of one ``[chunk_rows, chunk_vocab]`` block of logits that the default
+#: ``chunk_vocab`` of :func:`prepare_targets_from_hidden` aims for (2 MiB in float32).
+TARGET_CHUNK_ELEMENTS = 2**19
 
 
 class _ChunkSizes(NamedTuple):
@@ -467,10 +471,10 @@ class _Loops(NamedTuple):
 
     fold: Callable[[int, Callable[[Any, Any], Any], Any], Any]
     """``fold(count, body, carry)``: ``carry = body(i, carry)`` for ``i`` in ``range(count)``."""
-    rows: Callable[[Array, Any, int], Array]
-    """``rows(x, start, size)``: ``x[start:start + size]``, ``start`` possibly traced."""
-    set_rows: Callable[[Array, Any, Array], Array]
-    """``set_rows(out, start, value)``: ``out`` with ``value`` written from row ``start``."""
+    get: Callable[[Array, tuple[Any, ...], tuple[int, ...]], Array]
+    """``get(x, starts, sizes)``: the block of ``x`` at ``starts`` (possibly traced)."""
+    put: Callable[[Array, tuple[Any, ...], Array], Array]
+    """``put(out, starts, value)``: ``out`` with the block at ``starts`` set to ``value``."""
 
 
 def _eager_fold(count: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
@@ -479,15 +483,17 @@ def _eager_fold(count: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
     return carry
 
 
-def _eager_set_rows(out: Array, start: int, value: Array) -> Array:
-    out[start : start + value.shape[0], ...] = value
+def _block(starts: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[slice, ...]:
+    return tuple(slice(start, start + size) for start, size in zip(starts, sizes, strict=True))
+
+
+def _eager_put(out: Array, starts: tuple[int, ...], value: Array) -> Array:
+    out[_block(starts, tuple(value.shape))] = value
     return out
 
 
 _EAGER_LOOPS = _Loops(
-    fold=_eager_fold,
-    rows=lambda x, start, size: x[start : start + size, ...],
-    set_rows=_eager_set_rows,
+    fold=_eager_fold, get=lambda x, starts, sizes: x[_block(starts, sizes)], put=_eager_put
 )
 
 
@@ -496,15 +502,15 @@ def _jax_loops() -> _Loops:
 
     return _Loops(
         fold=lambda count, body, carry: lax.fori_loop(0, count, body, carry),
-        rows=lambda x, start, size: lax.dynamic_slice_in_dim(x, start, size, axis=0),
-        set_rows=lambda out, start, value: lax.dynamic_update_slice_in_dim(out, value, start, 0),
+        get=lax.dynamic_slice,
+        put=lambda out, starts, value: lax.dynamic_update_slice(out, value, starts),
     )
 
 
 def _over_chunks(
     total: int, size: int, step: Callable[[Any, int, Any], Any], carry: Any, loops: _Loops
 ) -> Any:
-    """Apply ``step(start, rows, carry)`` to ``range(total)`` in chunks of ``size``, in order.
+    """Apply ``step(start, size, carry)`` to ``range(total)`` in chunks of ``size``, in order.
 
     The full chunks go through ``loops.fold`` (one traced body under JAX); a shorter last chunk
     gets its own, static, step.
@@ -520,17 +526,24 @@ def _over_chunks(
 def _targets_by_chunks(
     rows: Array,
     weight: Array,
-    draft_weight: Array,
+    draft_ids: Array,
     chunk: _ChunkSizes,
     matmul_dtype: Any,
     *,
     xp: Namespace,
 ) -> tuple[Array, Array]:
-    """The draft softmax ``[N, V_draft]`` and the full-vocabulary argmax ``[N]`` of ``rows``."""
+    """The draft softmax ``[N, V_draft]`` and the full-vocabulary argmax ``[N]`` of ``rows``.
+
+    Per chunk of rows: the draft logits go into the output block by block (with their running
+    maximum), then become ``exp(z - max)`` (with their running sum), then are divided by the
+    sum; the argmax comes from a pass over the target vocabulary. Every temporary is one
+    ``[chunk.rows, chunk.vocab]`` block.
+    """
     loops = _jax_loops() if array_api_compat.is_jax_namespace(xp) else _EAGER_LOOPS
     device = array_api_compat.device(rows)
     index_dtype = xpx.default_dtype(xp, "indexing", device=device)
     dtype = xp.float64 if matmul_dtype == xp.float64 else xp.float32
+    hidden_size, draft_size = rows.shape[1], draft_ids.shape[0]
 
     def logits(h: Array, w: Array) -> Array:
         return xp.astype(h, matmul_dtype, copy=False) @ xp.matrix_transpose(
@@ -539,7 +552,7 @@ def _targets_by_chunks(
 
     def top_of(h: Array) -> Array:
         def step(start: Any, size: int, best: tuple[Array, Array]) -> tuple[Array, Array]:
-            z = logits(h, loops.rows(weight, start, size))
+            z = logits(h, loops.get(weight, (start, 0), (size, hidden_size)))
             value, index = xp.max(z, axis=-1), xp.astype(_top_index(z, xp=xp), index_dtype)
             # Later chunks hold later ids: they win only with a strictly larger value, or the
             # first NaN; so equal maxima keep the first index, as argmax does.
@@ -551,13 +564,34 @@ def _targets_by_chunks(
         first = xp.zeros((n,), dtype=index_dtype, device=device)
         return _over_chunks(weight.shape[0], chunk.vocab, step, (lowest, first), loops)[1]
 
-    def row_step(start: Any, size: int, out: tuple[Array, Array]) -> tuple[Array, Array]:
-        h = loops.rows(rows, start, size)
-        probs = _softmax(xp.astype(logits(h, draft_weight), dtype, copy=False), xp=xp)
-        return loops.set_rows(out[0], start, probs), loops.set_rows(out[1], start, top_of(h))
+    def row_step(row: Any, n: int, out: tuple[Array, Array]) -> tuple[Array, Array]:
+        h = loops.get(rows, (row, 0), (n, hidden_size))
+
+        def write_logits(column: Any, size: int, state: tuple[Array, Array]) -> Any:
+            # The draft rows of the weight, gathered one block at a time.
+            w = xp.take(weight, loops.get(draft_ids, (column,), (size,)), axis=0)
+            z = xp.astype(logits(h, w), dtype, copy=False)
+            return loops.put(state[0], (row, column), z), xp.maximum(state[1], xp.max(z, axis=-1))
+
+        def exponentiate(column: Any, size: int, state: tuple[Array, Array]) -> Any:
+            shifted = xp.exp(loops.get(state[0], (row, column), (n, size)) - draft_max[:, None])
+            return loops.put(state[0], (row, column), shifted), state[1] + xp.sum(shifted, axis=-1)
+
+        def normalise(column: Any, size: int, probs: Array) -> Array:
+            block = loops.get(probs, (row, column), (n, size))
+            return loops.put(probs, (row, column), block / total[:, None])
+
+        lowest = xp.full((n,), -math.inf, dtype=dtype, device=device)
+        probs, draft_max = _over_chunks(
+            draft_size, chunk.vocab, write_logits, (out[0], lowest), loops
+        )
+        zero = xp.zeros((n,), dtype=dtype, device=device)
+        probs, total = _over_chunks(draft_size, chunk.vocab, exponentiate, (probs, zero), loops)
+        probs = _over_chunks(draft_size, chunk.vocab, normalise, probs, loops)
+        return probs, loops.put(out[1], (row,), top_of(h))
 
     n_rows = rows.shape[0]
-    probs = xp.empty((n_rows, draft_weight.shape[0]), dtype=dtype, device=device)
+    probs = xp.empty((n_rows, draft_size), dtype=dtype, device=device)
     top = xp.empty((n_rows,), dtype=index_dtype, device=device)
     return _over_chunks(n_rows, chunk.rows, row_step, (probs, top), loops)
 
