@@ -43,7 +43,9 @@ CPU_TEST_ENV = {"TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
 @nox.session(python=PYTHON)
 def tests(session: nox.Session) -> None:
     """Run the test suite on every CPU backend: NumPy, array-api-strict, PyTorch and JAX."""
-    session.install(TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "pytest-xdist", "-e", ".[test]")
+    session.install(
+        TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "pytest-xdist", "-e", ".[test,cli]"
+    )
     # One worker per core, each test file on one worker (its module fixtures are built once);
     # "nox -s tests -- -n 0" runs in a single process.
     session.run("pytest", "-n", "auto", "--dist", "loadfile", *session.posargs, env=CPU_TEST_ENV)
@@ -52,7 +54,7 @@ def tests(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def tests_numpy(session: nox.Session) -> None:
     """Run the test suite with NumPy as the only array library installed."""
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,cli]")
     session.run(
         "python",
         "-c",
@@ -75,7 +77,7 @@ def gpu(session: nox.Session) -> None:
             "(nvidia-smi lists no GPU and there is no /dev/nvidia<N>)"
         )
     session.log(f"CUDA device: {device}")
-    session.install(TORCH_GPU, JAX_GPU, CUPY_GPU, ARRAY_API_STRICT, "-e", ".[test]")
+    session.install(TORCH_GPU, JAX_GPU, CUPY_GPU, ARRAY_API_STRICT, "-e", ".[test,cli]")
     session.run("pytest", *session.posargs)
     session.run("python", "-m", "softce_multi", "check")
 
@@ -83,7 +85,7 @@ def gpu(session: nox.Session) -> None:
 @nox.session(python=PYTHON)
 def lint(session: nox.Session) -> None:
     """Check style with ruff and types with mypy (which sees torch, JAX and Triton)."""
-    session.install(TORCH_CPU, JAX_CPU, TRITON, RUFF, MYPY, "-e", ".[test]")
+    session.install(TORCH_CPU, JAX_CPU, TRITON, RUFF, MYPY, "-e", ".[test,cli]")
     session.run("ruff", "check", ".")
     session.run("ruff", "format", "--check", ".")
     session.run("mypy", "softce_multi")
@@ -111,7 +113,7 @@ def demo(session: nox.Session) -> None:
 
     Arguments after ``--`` go to ``python -m softce_multi demo`` instead, for a single run.
     """
-    session.install(TORCH_CPU, JAX_CPU, "-e", ".")
+    session.install(TORCH_CPU, JAX_CPU, "-e", ".[cli]")
     env = {"JAX_PLATFORMS": "cpu"}
     session.run("python", "-m", "softce_multi", "check", "--shape", "2", "64", "1000", env=env)
     if session.posargs:

@@ -15,7 +15,7 @@ import pytest
 
 import softce_multi
 from softce_multi import __main__ as cli
-from softce_multi import _check
+from softce_multi._cli import check as _check
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_SHAPE = ["--shape", "2", "8", "33"]
@@ -147,7 +147,7 @@ def test_check_rejects_a_non_positive_shape(capsys: pytest.CaptureFixture[str]) 
 def test_check_uses_the_numpy_oracle_when_torch_is_missing(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(_check, "_installed", lambda module: module != "torch")
+    monkeypatch.setattr(_check, "installed", lambda module: module != "torch")
 
     oracle = _check.select_oracle("auto")
 
@@ -172,9 +172,9 @@ def test_cli_passes_the_remaining_arguments_to_the_command(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     received = []
-    demo = types.ModuleType("softce_multi._demo")
+    demo = types.ModuleType("softce_multi._cli.demo")
     demo.main = lambda argv: received.append(argv) or 7  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "softce_multi._demo", demo)
+    monkeypatch.setitem(sys.modules, "softce_multi._cli.demo", demo)
 
     status = cli.main(["demo", "--steps", "3", "--help", "extra"])
 

@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from softce_multi import _demo
-from softce_multi._demo import DemoConfig, DemoResult, run
+from softce_multi._cli import demo as _demo
+from softce_multi._cli.demo import DemoConfig, DemoResult, run
 
 # Small enough for the test suite: a few seconds per backend.
 SMALL = {"steps": 40, "train_sequences": 128, "eval_sequences": 32, "log_every": 10}
@@ -69,29 +69,29 @@ def test_demo_starts_from_the_same_loss_on_both_backends() -> None:
     assert torch_run.accuracy_before == pytest.approx(jax_run.accuracy_before, abs=1e-6)
 
 
-def test_progress_bar_draws_on_a_terminal() -> None:
+def test_progress_bar_draws_on_a_terminal_beside_the_logged_lines() -> None:
     class Terminal(io.StringIO):
         def isatty(self) -> bool:
             return True
 
     out = Terminal()
-    bar = _demo.ProgressBar(total=4, out=out, width=8)
-    bar.update(2, "loss 1.0")
-    assert "\r[####....] 2/4  loss 1.0" in out.getvalue()
+    pytest.importorskip("torch", reason="the torch demo needs torch")
+    run(
+        DemoConfig(backend="torch", steps=2, log_every=2, train_sequences=64, eval_sequences=8),
+        out=out,
+    )
+    assert "2/2" in out.getvalue()
+    assert "step 2/2  loss" in out.getvalue()
 
 
-def test_progress_bar_stays_silent_off_a_terminal() -> None:
-    out = io.StringIO()
-    bar = _demo.ProgressBar(total=4, out=out)
-    bar.update(2, "loss 1.0")
-    bar.log("step 2/4")
-    assert out.getvalue() == "step 2/4\n"
+def test_progress_bar_stays_silent_off_a_terminal(demo_run: tuple[DemoResult, str]) -> None:
+    assert "\r" not in demo_run[1]
 
 
 def test_main_explains_a_missing_backend(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    monkeypatch.setattr(_demo.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(_demo, "installed", lambda name: False)
     assert _demo.main(["--backend", "jax"]) == 2
     error = capsys.readouterr().err
     assert "needs jax, which is not installed" in error

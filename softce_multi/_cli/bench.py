@@ -147,7 +147,7 @@ def _measure_memory_in_subprocess(
     name: str, shape: tuple[int, ...], dtype: str, seed: int
 ) -> int | None:
     code = (
-        "import json, sys; from softce_multi._bench import peak_extra_memory; "
+        "import json, sys; from softce_multi._cli.bench import peak_extra_memory; "
         f"print(json.dumps(peak_extra_memory({name!r}, {shape!r}, {dtype!r}, {seed})))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
@@ -372,7 +372,8 @@ def _measure_linear_memory(
     kind: str, n_rows: int, hidden: int, vocab: int, dtype: str, seed: int
 ) -> int | None:
     code = (
-        "import json; from softce_multi._bench import linear_peak_extra_memory; print(json.dumps("
+        "import json; from softce_multi._cli.bench import linear_peak_extra_memory; "
+        "print(json.dumps("
         f"linear_peak_extra_memory({kind!r}, {n_rows}, {hidden}, {vocab}, {dtype!r}, {seed})))"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)

@@ -11,8 +11,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -21,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import softce_multi as sc
+from softce_multi._cli._common import installed, positive_int
 
 DEFAULT_SHAPE = (2, 512, 32000)
 DEFAULT_DTYPES = ("float32", "bfloat16")
@@ -163,7 +162,7 @@ def torch_reference(
 
 def select_oracle(name: str) -> Oracle:
     """Return the oracle called ``name``: ``"torch"``, ``"numpy"``, or ``"auto"`` (torch if any)."""
-    torch_installed = _installed("torch")
+    torch_installed = installed("torch")
     if name == "torch" or (name == "auto" and torch_installed):
         return Oracle("softce_multi.reference (PyTorch), float64 on the CPU", torch_reference)
     description = "NumPy float64 implementation of the formula"
@@ -313,24 +312,20 @@ def _run_cupy(inputs: Inputs, dtype: str) -> Outcome:
     return Outcome(float(loss), to_numpy(grad), to_numpy(logits), to_numpy(target), seconds)
 
 
-def _installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
-
-
 def available_backends() -> list[Backend]:
     """Return every backend installed here, with the devices and dtypes it can run."""
     backends = [Backend("numpy", "cpu", ("float16", "float32", "float64"), _run_numpy)]
-    if _installed("array_api_strict"):
+    if installed("array_api_strict"):
         backends.append(
             Backend("array_api_strict", "cpu", ("float32", "float64"), _run_array_api_strict)
         )
-    if _installed("torch"):
+    if installed("torch"):
         import torch
 
         backends.append(Backend("torch", "cpu", DTYPES, _torch_runner("cpu")))
         if torch.cuda.is_available():
             backends.append(Backend("torch-cuda", "cuda:0", DTYPES, _torch_runner("cuda:0")))
-    if _installed("jax"):
+    if installed("jax"):
         import jax
 
         jax_dtypes = DTYPES if jax.config.read("jax_enable_x64") else DTYPES[:3]
@@ -339,7 +334,7 @@ def available_backends() -> list[Backend]:
             if devices:
                 label = "cpu" if platform == "cpu" else f"gpu:{devices[0].id}"
                 backends.append(Backend(name, label, jax_dtypes, _jax_runner(devices[0])))
-    if _installed("cupy") and _cupy_device_count() > 0:
+    if installed("cupy") and _cupy_device_count() > 0:
         backends.append(Backend("cupy", "cuda:0", ("float16", "float32", "float64"), _run_cupy))
     return backends
 
@@ -415,14 +410,6 @@ def format_table(rows: Sequence[Row]) -> str:
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        msg = f"must be a positive integer, got {text}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of ``python -m softce_multi check``."""
     parser = argparse.ArgumentParser(
@@ -435,7 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--shape",
-        type=_positive_int,
+        type=positive_int,
         nargs="+",
         default=list(DEFAULT_SHAPE),
         metavar="N",

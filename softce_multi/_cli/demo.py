@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import math
 import sys
 import time
@@ -24,8 +23,10 @@ from typing import Any, TextIO
 
 import array_api_compat
 import numpy as np
+import tqdm
 
 import softce_multi as sc
+from softce_multi._cli._common import installed, positive_int
 from softce_multi.eagle3 import (
     build_vocab_mapping,
     draft_accuracy,
@@ -328,30 +329,6 @@ class _JaxTrainer:
 # --- progress and the command line -------------------------------------------------------------
 
 
-class ProgressBar:
-    """A one-line progress bar on a terminal; on anything else, only the logged lines."""
-
-    def __init__(self, total: int, out: TextIO, width: int = 24) -> None:
-        self.total, self.out, self.width = total, out, width
-        self.interactive = bool(getattr(out, "isatty", lambda: False)())
-        self.start = time.perf_counter()
-
-    def update(self, done: int, status: str) -> None:
-        if not self.interactive:
-            return
-        filled = round(self.width * done / self.total)
-        bar = "#" * filled + "." * (self.width - filled)
-        elapsed = time.perf_counter() - self.start
-        self.out.write(f"\r[{bar}] {done}/{self.total}  {status}  {elapsed:5.1f}s ")
-        self.out.flush()
-
-    def log(self, line: str) -> None:
-        if self.interactive:
-            self.out.write("\r" + " " * (self.width + 60) + "\r")
-        self.out.write(line + "\n")
-        self.out.flush()
-
-
 def _percent(values: Sequence[float]) -> str:
     return " / ".join(f"{100 * v:.1f}%" for v in values)
 
@@ -423,7 +400,10 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
     )
 
     rng = np.random.default_rng(config.seed + 3)
-    progress = ProgressBar(config.steps, out)
+    # A bar on a terminal; elsewhere (a log file, a captured stream) only the logged lines.
+    progress = tqdm.tqdm(
+        total=config.steps, file=out, disable=not out.isatty(), unit="step", leave=False
+    )
     window_losses: list[float] = []
     window_accuracies: list[list[float]] = []
     train_losses: list[float] = []
@@ -432,17 +412,20 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
         loss, accuracies = trainer.train_step(batch)
         window_losses.append(loss)
         window_accuracies.append(accuracies)
-        progress.update(step, f"loss {loss:.4f}  accuracy {100 * accuracies[0]:.1f}%")
+        progress.set_postfix_str(f"loss {loss:.4f}  accuracy {100 * accuracies[0]:.1f}%")
+        progress.update()
         if step % config.log_every == 0 or step == config.steps:
             mean_loss = float(np.mean(window_losses))
             train_losses.append(mean_loss)
             mean_accuracy = np.mean(window_accuracies, axis=0)
-            progress.log(
+            tqdm.tqdm.write(
                 f"step {step:>{len(str(config.steps))}}/{config.steps}  loss {mean_loss:.4f}  "
-                f"accuracy {_percent(mean_accuracy)}"
+                f"accuracy {_percent(mean_accuracy)}",
+                file=out,
             )
             window_losses, window_accuracies = [], []
 
+    progress.close()
     loss_after, accuracy_after = trainer.evaluate(held_out)
     seconds = time.perf_counter() - start
     print(
@@ -477,17 +460,17 @@ def _parser() -> argparse.ArgumentParser:
         help="array library to train with (default: %(default)s)",
     )
     parser.add_argument(
-        "--steps", type=_positive, default=defaults.steps, help="training steps (%(default)s)"
+        "--steps", type=positive_int, default=defaults.steps, help="training steps (%(default)s)"
     )
     parser.add_argument(
         "--seed", type=int, default=defaults.seed, help="seed of the target model and data"
     )
     parser.add_argument(
-        "--batch-size", type=_positive, default=defaults.batch_size, help="sequences per step"
+        "--batch-size", type=positive_int, default=defaults.batch_size, help="sequences per step"
     )
     parser.add_argument(
         "--ttt-steps",
-        type=_positive,
+        type=positive_int,
         default=defaults.ttt_steps,
         help="test-time steps per training step (%(default)s)",
     )
@@ -495,11 +478,11 @@ def _parser() -> argparse.ArgumentParser:
         "--lr", type=float, default=defaults.learning_rate, help="Adam learning rate"
     )
     parser.add_argument(
-        "--log-every", type=_positive, default=defaults.log_every, help="steps per logged line"
+        "--log-every", type=positive_int, default=defaults.log_every, help="steps per logged line"
     )
     parser.add_argument(
         "--torch-threads",
-        type=_positive,
+        type=positive_int,
         default=defaults.torch_threads,
         help="PyTorch intra-op threads (default: %(default)s; small tensors gain little from more)",
     )
@@ -511,18 +494,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        msg = f"must be a positive integer, got {text}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
-
-
 def main(argv: list[str]) -> int:
     """Run the demo with command-line arguments ``argv``; return the exit status."""
     args = _parser().parse_args(argv)
-    if importlib.util.find_spec(args.backend) is None:
+    if not installed(args.backend):
         extra = "torch" if args.backend == "torch" else "jax"
         print(
             f"the {args.backend} backend of the demo needs {args.backend}, which is not "
