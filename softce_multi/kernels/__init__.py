@@ -5,6 +5,10 @@
   ``softce_multi::triton_gradient_routine``.
 * :mod:`softce_multi.kernels.pallas`: Pallas kernels, for its Triton backend, for JAX arrays on
   a GPU (traceable: they work under ``jax.jit`` and ``jax.vmap``).
+* :mod:`softce_multi.kernels.numpy`: the core's row routine in place on cache-sized blocks, for
+  NumPy arrays (the generic adapter runs it; array-api-strict and CuPy keep the core).
+* :mod:`softce_multi.kernels.xla`: the core's routines chunk by chunk of rows, for JAX arrays
+  on XLA (CPU, TPU), so that the compiled step has no ``[N, V]`` temporary.
 
 Each module needs its library; importing this package needs neither. The adapters ask
 :func:`use_triton` and :func:`use_pallas` whether a kernel applies to their arrays. Each module
@@ -12,8 +16,8 @@ offers a :class:`~softce_multi._core.RowRoutine`, ``row_routine`` (the loss, the
 statistics and optionally the logits gradient), and a
 :class:`~softce_multi._core.GradientRoutine`, ``gradient_routine`` (the gradients to the logits
 and/or the targets, recomputed from the saved statistics, as the ``"none"`` reduction and the
-targets gradient need). Each runs one kernel. This is the one description of the algorithm
-that both modules implement.
+targets gradient need). Each GPU routine runs one kernel. What follows is the one description
+of the algorithm that both GPU modules implement; the CPU modules describe themselves.
 
 **The grid.** One program per row (one position). A program walks the row's ``V`` entries in
 chunks of ``block_size`` entries, a power of two (``min(next_pow2(V), 4096)`` by default, see
