@@ -3,26 +3,25 @@ of the README and the getting-started page."""
 
 from __future__ import annotations
 
-import importlib.util
+import json
 import re
 import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 import softce_multi
 from softce_multi import __main__ as cli
+from softce_multi._cli import bench
 from softce_multi._cli import check as _check
+from softce_multi._cli._common import installed
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_SHAPE = ["--shape", "2", "8", "33"]
-
-
-def installed(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def table_rows(output: str) -> list[list[str]]:
@@ -222,3 +221,78 @@ def test_documentation_example_runs(code: str) -> None:
         if re.search(rf"^(import|from) {library}\b", code, flags=re.MULTILINE):
             pytest.importorskip(library, reason=f"this example uses {library}")
     exec(compile(code, "<example>", "exec"), {"__name__": "__example__"})
+
+
+# --- bench ---------------------------------------------------------------------------------
+
+TINY_BENCH = ["--lengths", "4", "8", "--vocab", "50", "--repeats", "1", "--no-memory"]
+
+
+@pytest.fixture(scope="module")
+def bench_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    folder = tmp_path_factory.mktemp("bench")
+    outputs = ["--json", str(folder / "rows.json"), "--plot", str(folder / "plot.png")]
+    status = bench.main([*TINY_BENCH, "--dtypes", "float32", "bfloat16", *outputs])
+    assert status == 0
+    return json.loads((folder / "rows.json").read_text()), folder / "plot.png"
+
+
+def test_bench_measures_or_skips_every_case_at_every_length_and_dtype(
+    bench_output: tuple[dict[str, Any], Path],
+) -> None:
+    report, _ = bench_output
+    measured = {(r["implementation"], r["dtype"], r["length"]) for r in report["rows"]}
+    skipped = {(s["implementation"], s["dtype"]) for s in report["skipped"]}
+    for case in bench.CASES:
+        for dtype in ("float32", "bfloat16"):
+            at_lengths = {(case.name, dtype, length) for length in (4, 8)}
+            assert at_lengths <= measured or (case.name, dtype) in skipped
+
+
+def test_bench_skips_a_case_whose_library_is_missing_and_says_why(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(bench, "installed", lambda module: module != "optax")
+    assert bench.main([*TINY_BENCH, "--lengths", "4", "--dtypes", "float32"]) == 0
+    output = capsys.readouterr().out
+    assert "skipped optax[jax.jit] (float32): not installed: optax" in output
+    assert "softce_multi[numpy]" in output
+
+
+def test_bench_reports_times_against_nemos_formula(
+    bench_output: tuple[dict[str, Any], Path],
+) -> None:
+    rows = bench_output[0]["rows"]
+    nemo = [row for row in rows if row["implementation"] == bench.BASELINE]
+    if not nemo:
+        pytest.skip("NeMo's formula needs torch")
+    assert all(row["time_vs_nemo"] == 1.0 for row in nemo)
+    for row in rows:
+        baseline = next(
+            r for r in nemo if (r["dtype"], r["length"]) == (row["dtype"], row["length"])
+        )
+        assert row["time_vs_nemo"] == pytest.approx(row["median_s"] / baseline["median_s"])
+
+
+def test_bench_draws_a_png_plot(bench_output: tuple[dict[str, Any], Path]) -> None:
+    assert bench_output[1].read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize("name", [case.name for case in bench.CASES])
+def test_each_bench_case_computes_the_gradient_of_its_loss(name: str) -> None:
+    case = next(case for case in bench.CASES if case.name == name)
+    missing = [
+        lib for lib in (case.framework, *case.requires) if lib != "numpy" and not installed(lib)
+    ]
+    if missing:
+        pytest.skip(f"{name} needs {missing}")
+    logits, target, mask = bench.make_inputs(case.framework, (2, 5, 40), "float32", seed=3)
+    result = case.make("cpu")(logits, target, mask)
+    gradient = result[1] if isinstance(result, tuple) else result  # JAX and NumPy: (loss, grad)
+    weights = np.asarray(mask).reshape(2, 5)
+    expected = _check.numpy_reference(
+        np.asarray(logits, dtype=np.float64), np.asarray(target, dtype=np.float64), weights
+    )[1]
+    if name.startswith("SpecForge"):  # its mean runs over every position, padding included
+        expected *= weights.sum() / weights.size
+    np.testing.assert_allclose(np.asarray(gradient, dtype=np.float64), expected, atol=1e-6)
