@@ -1,0 +1,594 @@
+"""Helpers to test code that uses :mod:`softce_multi`, on every array library.
+
+The module is public in the way ``scipy._lib._array_api`` and ``array_api_extra.testing`` are:
+it holds, written once, what a test of the loss needs.
+
+- :class:`Backend`, :func:`backends` and :func:`known_backends`: the array libraries and devices
+  the loss runs on, and which of them this machine has (with the reason a missing one is
+  missing);
+- :func:`to_numpy` and :func:`to_float64`: copies of any backend's array in NumPy (bfloat16
+  becomes float32, exactly);
+- :func:`reference`: the float64 oracle (loss and both gradients, every reduction, ``num_valid``,
+  a per-position cotangent for ``"none"``), from :mod:`softce_multi.reference` and torch autograd
+  when torch is installed, else from :func:`numpy_reference`;
+- :data:`LOSS_RTOL` and :data:`GRAD_RTOL`: the tolerances, by dtype;
+- :func:`assert_loss_close` and :func:`assert_gradient_close`: comparisons that check the
+  namespace, dtype, shape and device before the values.
+
+It imports with NumPy alone; every other library is imported when it is used. The rest of the
+package does not import it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import Any, NamedTuple
+
+import numpy as np
+
+__all__ = [
+    "GRAD_RTOL",
+    "LOSS_RTOL",
+    "Backend",
+    "Expected",
+    "Unavailable",
+    "assert_gradient_close",
+    "assert_loss_close",
+    "availability",
+    "backends",
+    "device_of",
+    "dtype_name",
+    "gradient_tolerance",
+    "known_backends",
+    "library_of",
+    "numpy_reference",
+    "reference",
+    "to_float64",
+    "to_numpy",
+]
+
+Array = Any
+
+#: Relative tolerance of the loss, by the dtype it is computed in.
+LOSS_RTOL: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+#: Gradient tolerance relative to the largest entry of the reference gradient, by dtype: the
+#: larger of the computation dtype's and the returned gradient dtype's applies.
+GRAD_RTOL: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+
+# --------------------------------------------------------------------------------------------
+# Backends
+# --------------------------------------------------------------------------------------------
+
+
+def _is_installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _torch_cuda_count() -> int:
+    import torch
+
+    return int(torch.cuda.device_count()) if torch.cuda.is_available() else 0
+
+
+def _jax_gpu_count() -> int:
+    import jax
+
+    try:
+        return len(jax.devices("gpu"))
+    except RuntimeError:  # JAX raises RuntimeError when the platform has no device
+        return 0
+
+
+def _cupy_gpu_count() -> int:
+    import cupy
+
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount())
+    except Exception:  # no driver: CuPy raises its own runtime error classes
+        return 0
+
+
+_GPU_COUNT: dict[str, Callable[[], int]] = {
+    "torch": _torch_cuda_count,
+    "jax": _jax_gpu_count,
+    "cupy": _cupy_gpu_count,
+}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One array library on one device, with conversions from and to NumPy.
+
+    Parameters
+    ----------
+    name
+        Identifier, e.g. ``"torch-cpu"`` (the test id).
+    library
+        Importable name: ``"numpy"``, ``"array_api_strict"``, ``"torch"``, ``"jax"``, ``"cupy"``.
+    device
+        ``"cpu"`` or ``"gpu"``.
+    float_dtypes
+        Names of the floating dtypes the library has.
+    is_autodiff
+        Whether the library differentiates the loss itself (torch and JAX).
+
+    Examples
+    --------
+    >>> from softce_multi.testing import known_backends
+    >>> numpy_backend = known_backends()[0]
+    >>> numpy_backend.asarray([1.0, 2.0], "float32").dtype
+    dtype('float32')
+    """
+
+    name: str
+    library: str
+    device: str
+    float_dtypes: tuple[str, ...] = ("float64", "float32", "float16")
+    is_autodiff: bool = False
+    _other_dtypes: tuple[str, ...] = field(default=("bool", "int32", "int64"), repr=False)
+
+    @property
+    def module(self) -> ModuleType:
+        """The library's array namespace (``jax.numpy`` for JAX)."""
+        return importlib.import_module("jax.numpy" if self.library == "jax" else self.library)
+
+    def supports(self, dtype: str) -> bool:
+        """Whether the library has the dtype called ``dtype``."""
+        return dtype in self.float_dtypes or dtype in self._other_dtypes
+
+    def dtype(self, name: str) -> Any:
+        """The library's dtype object called ``name``; ``ValueError`` if it has none."""
+        if not self.supports(name):
+            msg = f"{self.library} has no {name} dtype"
+            raise ValueError(msg)
+        return getattr(self.module, name)
+
+    def unavailable_reason(self) -> str | None:
+        """Why this backend cannot run here (library or device missing), or ``None``."""
+        if not _is_installed(self.library):
+            return f"{self.library} not installed"
+        if self.device == "gpu" and _GPU_COUNT[self.library]() == 0:
+            return f"{self.library} sees no GPU"
+        return None
+
+    @property
+    def is_available(self) -> bool:
+        """Whether the library is installed and the device is present."""
+        return self.unavailable_reason() is None
+
+    def asarray(self, values: Any, dtype: str | None = None) -> Array:
+        """Copy ``values`` (NumPy array or nested sequence) to an array of this backend.
+
+        ``dtype`` is a dtype name; by default the NumPy dtype of ``values`` is kept.
+        """
+        values = np.asarray(values)
+        name = values.dtype.name if dtype is None else dtype
+        if self.library == "numpy":
+            return np.array(values, dtype=self.dtype(name), copy=True)
+        if self.library == "array_api_strict":
+            import array_api_strict
+
+            return array_api_strict.asarray(values.astype(name), dtype=self.dtype(name))
+        if self.library == "torch":
+            import torch
+
+            source = values.astype(np.float32) if name == "bfloat16" else values.astype(name)
+            return torch.from_numpy(np.array(source)).to(
+                device="cuda" if self.device == "gpu" else "cpu", dtype=self.dtype(name)
+            )
+        if self.library == "jax":
+            import jax
+
+            return jax.device_put(
+                self.module.asarray(values, dtype=self.dtype(name)), jax.devices(self.device)[0]
+            )
+        if self.library == "cupy":
+            import cupy
+
+            return cupy.asarray(values.astype(name))
+        msg = f"unknown library {self.library!r}"
+        raise ValueError(msg)
+
+    def to_numpy(self, array: Array) -> np.ndarray:
+        """Copy an array of this backend to NumPy (see :func:`to_numpy`)."""
+        return to_numpy(array)
+
+    def __str__(self) -> str:
+        return self.name
+
+
+_FLOATS_WITH_BF16 = ("float64", "float32", "bfloat16", "float16")
+
+_KNOWN = (
+    Backend("numpy", "numpy", "cpu"),
+    Backend("array-api-strict", "array_api_strict", "cpu", ("float64", "float32")),
+    Backend("torch-cpu", "torch", "cpu", _FLOATS_WITH_BF16, is_autodiff=True),
+    Backend("jax-cpu", "jax", "cpu", _FLOATS_WITH_BF16, is_autodiff=True),
+    Backend("torch-cuda", "torch", "gpu", _FLOATS_WITH_BF16, is_autodiff=True),
+    Backend("jax-gpu", "jax", "gpu", _FLOATS_WITH_BF16, is_autodiff=True),
+    Backend("cupy", "cupy", "gpu"),
+)
+
+
+class Unavailable(NamedTuple):
+    """A known backend and why it cannot run here (``None`` when it can)."""
+
+    backend: Backend
+    reason: str | None
+
+
+def known_backends() -> tuple[Backend, ...]:
+    """Every backend the loss supports, installed or not, CPU ones first.
+
+    Examples
+    --------
+    >>> from softce_multi.testing import known_backends
+    >>> [backend.name for backend in known_backends()][:2]
+    ['numpy', 'array-api-strict']
+    """
+    return _KNOWN
+
+
+def availability() -> tuple[Unavailable, ...]:
+    """Each known backend with the reason it is unavailable here, or ``None`` if available.
+
+    Tests parametrized over :func:`known_backends` skip a missing one with this reason.
+    """
+    return tuple(Unavailable(backend, backend.unavailable_reason()) for backend in _KNOWN)
+
+
+def backends(*, autodiff: bool | None = None) -> tuple[Backend, ...]:
+    """The backends whose library is installed and whose device is present.
+
+    Parameters
+    ----------
+    autodiff
+        If given, keep only the backends whose :attr:`Backend.is_autodiff` equals it.
+
+    Examples
+    --------
+    >>> from softce_multi.testing import backends
+    >>> backends()[0].name
+    'numpy'
+    """
+    return tuple(
+        backend
+        for backend in _KNOWN
+        if backend.is_available and (autodiff is None or backend.is_autodiff == autodiff)
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Conversions and descriptions
+# --------------------------------------------------------------------------------------------
+
+
+def library_of(array: Array) -> str:
+    """The library an array belongs to: ``"numpy"``, ``"torch"``, ``"jax"``, ``"cupy"``...
+
+    NumPy scalars count as ``"numpy"``.
+    """
+    module = type(array).__module__.split(".", maxsplit=1)[0]
+    return {"jaxlib": "jax", "builtins": "python"}.get(module, module)
+
+
+def device_of(array: Array) -> str:
+    """``"cpu"`` or ``"gpu"``: where an array of any backend lives."""
+    library = library_of(array)
+    if library == "torch":
+        return "cpu" if array.device.type == "cpu" else "gpu"
+    if library == "jax":
+        platforms = {device.platform for device in array.devices()}
+        return "cpu" if platforms == {"cpu"} else "gpu"
+    if library == "cupy":
+        return "gpu"
+    return "cpu"
+
+
+def dtype_name(array: Array) -> str:
+    """The short name of an array's dtype (``"float32"``, ``"bfloat16"``...), on any backend."""
+    return str(array.dtype).rsplit(".", maxsplit=1)[-1]
+
+
+def to_numpy(array: Array) -> np.ndarray:
+    """Copy an array of any backend to a new NumPy array; bfloat16 becomes float32 exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.testing import to_numpy
+    >>> to_numpy(np.float32(2.5))
+    array(2.5, dtype=float32)
+    """
+    library = library_of(array)
+    if library == "torch":
+        import torch
+
+        tensor = array.detach().cpu()
+        if tensor.dtype == torch.bfloat16:
+            tensor = tensor.to(torch.float32)
+        return np.array(tensor.numpy(), copy=True)
+    if library == "cupy":
+        import cupy
+
+        return np.asarray(cupy.asnumpy(array))
+    if library == "array_api_strict":
+        return np.array(np.from_dlpack(array), copy=True)
+    result = np.array(array, copy=True)
+    if result.dtype.name == "bfloat16":  # JAX arrays come out as ml_dtypes.bfloat16
+        result = result.astype(np.float32)
+    return result
+
+
+def to_float64(array: Array) -> np.ndarray:
+    """Copy an array of any backend to a float64 NumPy array."""
+    return to_numpy(array).astype(np.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle
+# --------------------------------------------------------------------------------------------
+
+
+class Expected(NamedTuple):
+    """The float64 loss and its gradients for the logits and the targets."""
+
+    loss: np.ndarray
+    grad_logits: np.ndarray
+    grad_targets: np.ndarray
+
+
+def reference(
+    logits: np.ndarray,
+    target_probs: np.ndarray,
+    position_mask: np.ndarray,
+    /,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> Expected:
+    """The float64 loss of :mod:`softce_multi.reference` and its gradients.
+
+    Parameters
+    ----------
+    logits, target_probs
+        ``[..., V]`` values (converted to float64).
+    position_mask
+        Weights of shape ``[...]`` or ``[..., 1]``.
+    reduction
+        ``"mean"``, ``"sum"`` or ``"none"``.
+    num_valid
+        Denominator of ``"mean"`` in place of ``max(sum(mask), 1)``.
+    upstream
+        Cotangent of the loss: a number, or an array of the loss's shape for ``"none"``.
+
+    Returns
+    -------
+    Expected
+        ``loss``, ``grad_logits`` and ``grad_targets`` as float64 NumPy arrays. They come from
+        :func:`softce_multi.reference.masked_soft_cross_entropy` with torch autograd when torch
+        is installed, else from :func:`numpy_reference`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.testing import reference
+    >>> expected = reference(np.zeros((1, 2)), np.array([[0.5, 0.5]]), np.ones(1))
+    >>> round(float(expected.loss), 6)
+    0.693147
+    """
+    z, p, w = (to_float64(value) for value in (logits, target_probs, position_mask))
+    if not _is_installed("torch"):
+        return numpy_reference(z, p, w, reduction=reduction, num_valid=num_valid, upstream=upstream)
+    import torch
+
+    from softce_multi.reference import masked_soft_cross_entropy
+
+    z_tensor = torch.tensor(z, requires_grad=True)
+    p_tensor = torch.tensor(p, requires_grad=True)
+    loss = masked_soft_cross_entropy(
+        z_tensor, p_tensor, torch.tensor(w), reduction=reduction, num_valid=num_valid
+    )
+    loss.backward(torch.as_tensor(np.asarray(upstream), dtype=torch.float64).expand_as(loss))
+    assert z_tensor.grad is not None and p_tensor.grad is not None
+    return Expected(
+        loss.detach().numpy(), z_tensor.grad.numpy().copy(), p_tensor.grad.numpy().copy()
+    )
+
+
+def numpy_reference(
+    logits: np.ndarray,
+    target_probs: np.ndarray,
+    position_mask: np.ndarray,
+    /,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> Expected:
+    """The same as :func:`reference`, from the formula and its analytic gradients in NumPy.
+
+    ``d/dz = w/den * (sum(p) * softmax(z) - p)`` and ``d/dp = -w/den * log_softmax(z)``, with
+    ``den`` the mean's denominator (1 for ``"sum"`` and ``"none"``).
+    """
+    z, p = np.asarray(logits, np.float64), np.asarray(target_probs, np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    terms = np.where(p == 0, 0.0, p * np.where(p == 0, 0.0, log_probs))
+    per_position = -terms.sum(axis=-1)
+    weights = np.asarray(position_mask, dtype=np.float64).reshape(per_position.shape)
+    weighted = weights * per_position
+    inverse_den = 1.0
+    if reduction == "none":
+        loss = weighted
+    elif reduction == "sum":
+        loss = weighted.sum()
+    else:
+        den = max(weights.sum(), 1.0) if num_valid is None else float(num_valid)
+        inverse_den = 0.0 if den == 0 else 1.0 / den
+        loss = weighted.sum() * inverse_den
+    scale = (np.broadcast_to(upstream, per_position.shape) * weights * inverse_den)[..., None]
+    grad_logits = scale * (p.sum(axis=-1, keepdims=True) * np.exp(log_probs) - p)
+    grad_targets = -scale * log_probs
+    return Expected(np.asarray(loss), grad_logits, grad_targets)
+
+
+# --------------------------------------------------------------------------------------------
+# Assertions
+# --------------------------------------------------------------------------------------------
+
+
+def _describe(array: Array) -> str:
+    return (
+        f"{library_of(array)} array of dtype {dtype_name(array)}, shape "
+        f"{tuple(array.shape)}, on {device_of(array)}"
+    )
+
+
+def _check_properties(
+    actual: Array,
+    desired: Array,
+    *,
+    library: str | None,
+    dtype: str | None,
+    device: str | None,
+) -> None:
+    """Namespace, dtype, shape and device of ``actual``, before any value is compared.
+
+    Each expectation comes from the keyword when given, else from ``desired`` unless ``desired``
+    is a NumPy array standing for another backend's result (then the keyword is required to
+    check it, and it is skipped otherwise).
+    """
+    desired_is_oracle = library_of(desired) == "numpy" and library_of(actual) != "numpy"
+    expected_library = library or (None if desired_is_oracle else library_of(desired))
+    expected_dtype = dtype or (None if desired_is_oracle else dtype_name(desired))
+    expected_device = device or (None if desired_is_oracle else device_of(desired))
+    both = f"\nactual:  {_describe(actual)}\ndesired: {_describe(desired)}"
+    if expected_library is not None and library_of(actual) != expected_library:
+        msg = f"namespaces differ: expected {expected_library}, got {library_of(actual)}{both}"
+        raise AssertionError(msg)
+    if expected_dtype is not None and dtype_name(actual) != expected_dtype:
+        msg = f"dtypes differ: expected {expected_dtype}, got {dtype_name(actual)}{both}"
+        raise AssertionError(msg)
+    if tuple(actual.shape) != tuple(desired.shape):
+        msg = f"shapes differ: expected {tuple(desired.shape)}, got {tuple(actual.shape)}{both}"
+        raise AssertionError(msg)
+    if expected_device is not None and device_of(actual) != expected_device:
+        msg = f"devices differ: expected {expected_device}, got {device_of(actual)}{both}"
+        raise AssertionError(msg)
+
+
+def assert_loss_close(
+    actual: Array,
+    desired: Array,
+    /,
+    *,
+    compute_dtype: str | None = None,
+    library: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Assert a loss equals the desired one within the relative tolerance of its dtype.
+
+    Parameters
+    ----------
+    actual
+        The loss: a 0-d array, or per position for ``"none"``, of any backend.
+    desired
+        The expected loss: an array of the same backend, or the float64 NumPy oracle
+        (:func:`reference`).
+    compute_dtype
+        Name of the dtype the loss was computed in; picks the tolerance in :data:`LOSS_RTOL`.
+        Default: the dtype of ``actual``.
+    library, dtype, device
+        Expected library (``"torch"``...), dtype name and device (``"cpu"``, ``"gpu"``) of
+        ``actual``. Default: those of ``desired``, unless ``desired`` is a NumPy oracle for
+        another library's result (then they are checked only when given).
+
+    Raises
+    ------
+    AssertionError
+        If the namespace, dtype, shape or device differ (checked in that order, before the
+        values), or a value is further than ``LOSS_RTOL[compute_dtype]`` relatively.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.testing import assert_loss_close
+    >>> assert_loss_close(np.float32(1.0), np.array(1.0, dtype=np.float32))
+    >>> assert_loss_close(np.float32(1.0), np.array(1.0))
+    Traceback (most recent call last):
+    ...
+    AssertionError: dtypes differ: expected float64, got float32...
+    """
+    _check_properties(actual, desired, library=library, dtype=dtype, device=device)
+    rtol = LOSS_RTOL[compute_dtype or dtype_name(actual)]
+    np.testing.assert_allclose(
+        to_float64(actual),
+        to_float64(desired),
+        rtol=rtol,
+        atol=0.0,
+        err_msg=f"loss; actual: {_describe(actual)}; desired: {_describe(desired)}",
+    )
+
+
+def gradient_tolerance(compute_dtype: str, gradient_dtype: str) -> float:
+    """Gradient tolerance relative to the largest entry: the coarser of the two dtypes'."""
+    return max(GRAD_RTOL[compute_dtype], GRAD_RTOL[gradient_dtype])
+
+
+def assert_gradient_close(
+    actual: Array,
+    desired: Array,
+    /,
+    *,
+    compute_dtype: str | None = None,
+    library: str | None = None,
+    dtype: str | None = None,
+    device: str | None = None,
+) -> None:
+    """Assert a gradient equals the desired one within a tolerance of its largest entry.
+
+    Every entry must be within ``gradient_tolerance(compute_dtype, dtype of actual)`` times
+    ``max(abs(desired))`` of the desired entry: the gradient of a loss is judged on the scale of
+    its largest component, since small entries carry the rounding of large ones.
+
+    Parameters
+    ----------
+    actual, desired, compute_dtype, library, dtype, device
+        As in :func:`assert_loss_close`.
+
+    Raises
+    ------
+    AssertionError
+        If the namespace, dtype, shape or device differ (before the values), or a value is
+        outside the tolerance.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.testing import assert_gradient_close
+    >>> assert_gradient_close(np.array([1.0, 1e-13]), np.array([1.0, 0.0]))
+    >>> assert_gradient_close(np.array([1.0, 0.0]), np.array([1.0]))
+    Traceback (most recent call last):
+    ...
+    AssertionError: shapes differ: expected (1,), got (2,)...
+    """
+    _check_properties(actual, desired, library=library, dtype=dtype, device=device)
+    desired_values = to_float64(desired)
+    rtol = gradient_tolerance(compute_dtype or dtype_name(actual), dtype_name(actual))
+    largest = float(np.max(np.abs(desired_values), initial=0.0))
+    np.testing.assert_allclose(
+        to_float64(actual),
+        desired_values,
+        rtol=0.0,
+        atol=rtol * largest,
+        err_msg=f"gradient; actual: {_describe(actual)}; desired: {_describe(desired)}",
+    )
