@@ -77,9 +77,10 @@ def gpu(session: nox.Session) -> None:
             "(nvidia-smi lists no GPU and there is no /dev/nvidia<N>)"
         )
     session.log(f"CUDA device: {device}")
-    session.install(TORCH_GPU, JAX_GPU, CUPY_GPU, ARRAY_API_STRICT, "-e", ".[test,cli]")
+    session.install(TORCH_GPU, JAX_GPU, CUPY_GPU, ARRAY_API_STRICT, "-e", ".[test,bench]")
     session.run("pytest", *session.posargs)
     session.run("python", "-m", "softce_multi", "check")
+    session.run("python", "-m", "softce_multi", "bench", "--device", "cuda", "--dtypes", "bfloat16")
 
 
 @nox.session(python=PYTHON)
@@ -121,6 +122,18 @@ def demo(session: nox.Session) -> None:
         return
     for backend in ("torch", "jax"):
         session.run("python", "-m", "softce_multi", "demo", "--backend", backend, env=env)
+
+
+@nox.session(python=PYTHON)
+def bench(session: nox.Session) -> None:
+    """Time softce_multi against NeMo's formula, F.cross_entropy, SpecForge, optax and NumPy.
+
+    Arguments after ``--`` go to ``python -m softce_multi bench`` (default: the full sweep,
+    with ``bench.json`` and ``bench.png`` written in the working directory).
+    """
+    session.install(TORCH_CPU, JAX_CPU, "-e", ".[bench]")
+    arguments = session.posargs or ["--json", "bench.json", "--plot", "bench.png"]
+    session.run("python", "-m", "softce_multi", "bench", *arguments, env={"JAX_PLATFORMS": "cpu"})
 
 
 def _cuda_device() -> str | None:
