@@ -68,7 +68,7 @@ def test_float64_equals_the_materialised_path(backend: Backend, chunk_rows, chun
     _assert_same(*both, rtol=1e-12)
 
 
-@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), CHUNKS)
+@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), [(None, None), (4, 7), (1000, 1000)])
 def test_float32_equals_the_materialised_path(backend: Backend, chunk_rows, chunk_vocab) -> None:
     case = _case(np.random.default_rng(2))
     both = _both(backend, case, "float32", chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
@@ -88,7 +88,7 @@ def test_bfloat16_inputs_give_float32_targets_of_the_rounded_logits(
     _assert_same(*both, rtol=1e-6)
 
 
-@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), CHUNKS)
+@pytest.mark.parametrize(("chunk_rows", "chunk_vocab"), [(1, 1), (4, 7)])
 def test_equal_maxima_keep_the_first_index(backend: Backend, chunk_rows, chunk_vocab) -> None:
     case = _case(np.random.default_rng(4), integer=True)
     both = _both(backend, case, "float32", chunk_rows=chunk_rows, chunk_vocab=chunk_vocab)
@@ -96,7 +96,7 @@ def test_equal_maxima_keep_the_first_index(backend: Backend, chunk_rows, chunk_v
 
 
 @pytest.mark.parametrize("first_in_draft", [False, True])
-@pytest.mark.parametrize("chunk_vocab", [7, 1, 3, V_TARGET])
+@pytest.mark.parametrize("chunk_vocab", [7, 3])
 def test_a_tie_across_a_vocabulary_chunk_boundary_goes_to_the_lower_id(
     backend: Backend, first_in_draft: bool, chunk_vocab: int
 ) -> None:
