@@ -19,26 +19,24 @@ from typing import Any
 import numpy as np
 
 import softce_multi as sc
+from softce_multi import testing
 from softce_multi._cli._common import installed, positive_int
+from softce_multi.testing import LOSS_RTOL, gradient_tolerance
 
 DEFAULT_SHAPE = (2, 512, 32000)
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 BACKENDS = ("numpy", "array_api_strict", "torch", "torch-cuda", "jax", "jax-gpu", "cupy")
 
-#: Largest relative loss error that passes, by the dtype of the inputs. Half-precision inputs
-#: are computed in float32, so they are held to the float32 bound.
-LOSS_TOLERANCE = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 1e-5, "float16": 1e-5}
 
-#: Largest gradient error (relative to the largest reference gradient entry) that passes. The
-#: gradient comes back in the logits' dtype, so a half-precision gradient also carries its own
-#: rounding: up to half a unit in the last place of each entry, within one machine epsilon.
-GRAD_TOLERANCE = {
-    "float64": 1e-12,
-    "float32": 1e-5,
-    "bfloat16": 1e-5 + 2.0**-7,
-    "float16": 1e-5 + 2.0**-10,
-}
+def loss_tolerance(dtype: str) -> float:
+    """Largest relative loss error that passes: half-precision inputs are computed in float32."""
+    return LOSS_RTOL["float32" if dtype in ("bfloat16", "float16") else dtype]
+
+
+def grad_tolerance(dtype: str) -> float:
+    """Largest gradient error, relative to the largest reference entry, that passes."""
+    return gradient_tolerance("float32" if dtype in ("bfloat16", "float16") else dtype, dtype)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,34 +128,17 @@ def gradient_error(grad: np.ndarray, reference: np.ndarray) -> float:
 def numpy_reference(
     logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
 ) -> tuple[float, np.ndarray]:
-    """Return the ``"mean"`` loss and its logits gradient by the plain formula, in float64."""
-    z = logits.astype(np.float64)
-    p = target_probs.astype(np.float64)
-    w = position_mask.reshape(z.shape[:-1]).astype(np.float64)
-    shifted = z - z.max(axis=-1, keepdims=True)
-    log_softmax = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-    per_position = -np.where(p == 0, 0.0, p * log_softmax).sum(axis=-1)
-    denominator = max(float(w.sum()), 1.0)
-    loss = float((w * per_position).sum() / denominator)
-    scale = (w / denominator)[..., None]
-    grad = scale * (p.sum(axis=-1, keepdims=True) * np.exp(log_softmax) - p)
-    return loss, grad
+    """Return the ``"mean"`` loss and its logits gradient by the NumPy float64 formula."""
+    expected = testing.numpy_reference(logits, target_probs, position_mask)
+    return float(expected.loss), expected.grad_logits
 
 
 def torch_reference(
     logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
 ) -> tuple[float, np.ndarray]:
     """Return the loss of :mod:`softce_multi.reference` in float64 and its autograd gradient."""
-    import torch
-
-    from softce_multi import reference
-
-    z = torch.from_numpy(logits.astype(np.float64)).requires_grad_()
-    p = torch.from_numpy(target_probs.astype(np.float64))
-    loss = reference.masked_soft_cross_entropy(z, p, torch.from_numpy(position_mask))
-    loss.backward()
-    assert z.grad is not None
-    return float(loss.detach()), z.grad.numpy()
+    expected = testing.reference(logits, target_probs, position_mask)
+    return float(expected.loss), expected.grad_logits
 
 
 def select_oracle(name: str) -> Oracle:
@@ -373,7 +354,7 @@ def check_backend(
     loss_error = relative_error(outcome.loss, reference_loss)
     grad_error = gradient_error(outcome.grad, reference_grad)
     # A NaN error compares false, and so fails.
-    passed = loss_error <= LOSS_TOLERANCE[dtype] and grad_error <= GRAD_TOLERANCE[dtype]
+    passed = loss_error <= loss_tolerance(dtype) and grad_error <= grad_tolerance(dtype)
     return Row(
         backend.name,
         backend.device,
@@ -488,7 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_table(rows))
     print()
     tolerances = ", ".join(
-        f"{dtype} loss {LOSS_TOLERANCE[dtype]:.0e} grad {GRAD_TOLERANCE[dtype]:.1e}"
+        f"{dtype} loss {loss_tolerance(dtype):.0e} grad {grad_tolerance(dtype):.1e}"
         for dtype in args.dtype
     )
     print(f"tolerances: {tolerances}")
