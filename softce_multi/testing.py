@@ -34,18 +34,25 @@ __all__ = [
     "GRAD_RTOL",
     "LOSS_RTOL",
     "Backend",
+    "Case",
     "Expected",
     "Unavailable",
     "assert_gradient_close",
     "assert_loss_close",
     "availability",
     "backends",
+    "compute_dtype",
     "device_of",
     "dtype_name",
     "gradient_tolerance",
+    "is_installed",
     "known_backends",
     "library_of",
+    "make_case",
     "numpy_reference",
+    "random_logits",
+    "random_mask",
+    "random_targets",
     "reference",
     "to_float64",
     "to_numpy",
@@ -66,7 +73,8 @@ GRAD_RTOL: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-
 # --------------------------------------------------------------------------------------------
 
 
-def _is_installed(name: str) -> bool:
+def is_installed(name: str) -> bool:
+    """Whether the top-level package ``name`` can be imported (without importing it)."""
     return importlib.util.find_spec(name) is not None
 
 
@@ -142,16 +150,29 @@ class Backend:
         """Whether the library has the dtype called ``dtype``."""
         return dtype in self.float_dtypes or dtype in self._other_dtypes
 
+    def require(self, *dtypes: str) -> None:
+        """Skip the calling pytest test unless the library has every dtype in ``dtypes``."""
+        import pytest
+
+        for dtype in dtypes:
+            if not self.supports(dtype):
+                pytest.skip(f"{self.library} has no {dtype} dtype")
+
     def dtype(self, name: str) -> Any:
-        """The library's dtype object called ``name``; ``ValueError`` if it has none."""
-        if not self.supports(name):
-            msg = f"{self.library} has no {name} dtype"
-            raise ValueError(msg)
+        """The library's dtype object called ``name`` (skips the calling test if none)."""
+        self.require(name)
         return getattr(self.module, name)
+
+    @property
+    def jax_device(self) -> Any:
+        """The JAX device of a JAX backend."""
+        import jax
+
+        return jax.devices(self.device)[0]
 
     def unavailable_reason(self) -> str | None:
         """Why this backend cannot run here (library or device missing), or ``None``."""
-        if not _is_installed(self.library):
+        if not is_installed(self.library):
             return f"{self.library} not installed"
         if self.device == "gpu" and _GPU_COUNT[self.library]() == 0:
             return f"{self.library} sees no GPU"
@@ -332,6 +353,109 @@ def to_float64(array: Array) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------
+# Random inputs
+# --------------------------------------------------------------------------------------------
+
+
+def random_logits(
+    rng: np.random.Generator, shape: tuple[int, ...], scale: float = 3.0
+) -> np.ndarray:
+    """Normal float64 logits of standard deviation ``scale``."""
+    return rng.standard_normal(shape) * scale
+
+
+def random_targets(
+    rng: np.random.Generator, shape: tuple[int, ...], *, normalised: bool = True
+) -> np.ndarray:
+    """Non-negative float64 targets with some exact zeros; rows sum to 1 if ``normalised``."""
+    targets = rng.random(shape) ** 3
+    targets[rng.random(shape) < 0.2] = 0.0
+    if normalised:
+        totals = targets.sum(axis=-1, keepdims=True)
+        targets = np.where(totals > 0, targets / np.where(totals > 0, totals, 1.0), 1.0 / shape[-1])
+    return targets
+
+
+def random_mask(
+    rng: np.random.Generator,
+    positions: tuple[int, ...],
+    *,
+    kind: str = "bool",
+    valid: str = "random",
+) -> np.ndarray:
+    """A mask over ``positions``.
+
+    ``kind`` is ``"bool"``, ``"int"`` (int32 0/1) or ``"float"`` (non-negative weights, some 0);
+    ``valid`` is ``"random"`` (about 70% valid, at least one), ``"all"`` or ``"none"``.
+    """
+    if valid == "all":
+        keep = np.ones(positions, dtype=bool)
+    elif valid == "none":
+        keep = np.zeros(positions, dtype=bool)
+    else:
+        keep = rng.random(positions) < 0.7
+        keep.flat[rng.integers(keep.size)] = True
+    if kind == "bool":
+        return keep
+    if kind == "int":
+        return keep.astype(np.int32)
+    weights = rng.choice(np.array([0.25, 0.5, 1.0, 2.5]), size=positions)
+    return np.where(keep, weights, 0.0)
+
+
+class Case(NamedTuple):
+    """Inputs on a backend, and the exact float64 values they hold (for the oracle)."""
+
+    logits: Array
+    target_probs: Array
+    position_mask: Array
+    z: np.ndarray
+    p: np.ndarray
+    w: np.ndarray
+
+
+def make_case(
+    backend: Backend,
+    rng: np.random.Generator,
+    shape: tuple[int, ...],
+    *,
+    logits_dtype: str = "float32",
+    target_dtype: str = "float32",
+    mask_kind: str = "bool",
+    mask_trailing_one: bool = False,
+    valid: str = "random",
+    scale: float = 3.0,
+    offset: float = 0.0,
+    normalised: bool = True,
+) -> Case:
+    """Random inputs of ``shape`` on ``backend`` (skips the test if a dtype is missing).
+
+    The logits are ``offset`` plus normal noise of standard deviation ``scale``; the other
+    arguments are those of :func:`random_targets` and :func:`random_mask`.
+    """
+    backend.require(logits_dtype, target_dtype)
+    positions = shape[:-1]
+    mask = random_mask(rng, positions, kind=mask_kind, valid=valid)
+    if mask_trailing_one:
+        mask = mask.reshape((*positions, 1))
+    logits = backend.asarray(offset + random_logits(rng, shape, scale), logits_dtype)
+    targets = backend.asarray(random_targets(rng, shape, normalised=normalised), target_dtype)
+    return Case(
+        logits,
+        targets,
+        backend.asarray(mask),
+        to_float64(logits),
+        to_float64(targets),
+        mask.astype(np.float64),
+    )
+
+
+def compute_dtype(logits_dtype: str, target_dtype: str) -> str:
+    """The dtype the loss is computed and returned in, from the inputs' dtype names."""
+    return "float64" if "float64" in (logits_dtype, target_dtype) else "float32"
+
+
+# --------------------------------------------------------------------------------------------
 # The oracle
 # --------------------------------------------------------------------------------------------
 
@@ -385,7 +509,7 @@ def reference(
     0.693147
     """
     z, p, w = (to_float64(value) for value in (logits, target_probs, position_mask))
-    if not _is_installed("torch"):
+    if not is_installed("torch"):
         return numpy_reference(z, p, w, reduction=reduction, num_valid=num_valid, upstream=upstream)
     import torch
 
@@ -455,6 +579,7 @@ def _describe(array: Array) -> str:
 def _check_properties(
     actual: Array,
     desired: Array,
+    compute_dtype: str | None,
     *,
     library: str | None,
     dtype: str | None,
@@ -463,10 +588,13 @@ def _check_properties(
     """Namespace, dtype, shape and device of ``actual``, before any value is compared.
 
     Each expectation comes from the keyword when given, else from ``desired`` unless ``desired``
-    is a NumPy array standing for another backend's result (then the keyword is required to
-    check it, and it is skipped otherwise).
+    is the float64 oracle (a float64 NumPy array with ``compute_dtype`` given, or a NumPy array
+    for another library's result): then only the keywords given are checked.
     """
-    desired_is_oracle = library_of(desired) == "numpy" and library_of(actual) != "numpy"
+    desired_is_oracle = library_of(desired) == "numpy" and (
+        library_of(actual) != "numpy"
+        or (compute_dtype is not None and dtype_name(desired) == "float64")
+    )
     expected_library = library or (None if desired_is_oracle else library_of(desired))
     expected_dtype = dtype or (None if desired_is_oracle else dtype_name(desired))
     expected_device = device or (None if desired_is_oracle else device_of(desired))
@@ -488,9 +616,9 @@ def _check_properties(
 def assert_loss_close(
     actual: Array,
     desired: Array,
+    compute_dtype: str | None = None,
     /,
     *,
-    compute_dtype: str | None = None,
     library: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
@@ -506,11 +634,12 @@ def assert_loss_close(
         (:func:`reference`).
     compute_dtype
         Name of the dtype the loss was computed in; picks the tolerance in :data:`LOSS_RTOL`.
-        Default: the dtype of ``actual``.
+        Default: the dtype of ``actual``. Given with a float64 NumPy ``desired``, it marks
+        ``desired`` as the oracle, whose dtype is not the one ``actual`` must have.
     library, dtype, device
         Expected library (``"torch"``...), dtype name and device (``"cpu"``, ``"gpu"``) of
-        ``actual``. Default: those of ``desired``, unless ``desired`` is a NumPy oracle for
-        another library's result (then they are checked only when given).
+        ``actual``. Default: those of ``desired``, unless ``desired`` is the oracle (then they
+        are checked only when given).
 
     Raises
     ------
@@ -528,7 +657,7 @@ def assert_loss_close(
     ...
     AssertionError: dtypes differ: expected float64, got float32...
     """
-    _check_properties(actual, desired, library=library, dtype=dtype, device=device)
+    _check_properties(actual, desired, compute_dtype, library=library, dtype=dtype, device=device)
     rtol = LOSS_RTOL[compute_dtype or dtype_name(actual)]
     np.testing.assert_allclose(
         to_float64(actual),
@@ -547,9 +676,9 @@ def gradient_tolerance(compute_dtype: str, gradient_dtype: str) -> float:
 def assert_gradient_close(
     actual: Array,
     desired: Array,
+    compute_dtype: str | None = None,
     /,
     *,
-    compute_dtype: str | None = None,
     library: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
@@ -581,7 +710,7 @@ def assert_gradient_close(
     ...
     AssertionError: shapes differ: expected (1,), got (2,)...
     """
-    _check_properties(actual, desired, library=library, dtype=dtype, device=device)
+    _check_properties(actual, desired, compute_dtype, library=library, dtype=dtype, device=device)
     desired_values = to_float64(desired)
     rtol = gradient_tolerance(compute_dtype or dtype_name(actual), dtype_name(actual))
     largest = float(np.max(np.abs(desired_values), initial=0.0))

@@ -9,12 +9,12 @@ import re
 
 import numpy as np
 import pytest
-from conftest import HAS_JAX, HAS_TORCH, import_or_skip
 
 import softce_multi as sc
+from softce_multi.testing import is_installed
 
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
-needs_jax = pytest.mark.skipif(not HAS_JAX, reason="jax not installed")
+needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
+needs_jax = pytest.mark.skipif(not is_installed("jax"), reason="jax not installed")
 
 LOSS_FUNCTIONS = [
     pytest.param(sc.masked_soft_cross_entropy, id="loss"),
@@ -131,7 +131,7 @@ def test_non_array_arguments_are_refused(loss, position, value):
 @needs_torch
 @pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
 def test_torch_logits_with_numpy_targets_are_refused(loss):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = inputs()
 
     with pytest.raises(TypeError, match=message("logits", "target_probs", "torch", "numpy")):
@@ -141,7 +141,7 @@ def test_torch_logits_with_numpy_targets_are_refused(loss):
 @needs_torch
 @pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
 def test_torch_inputs_with_a_numpy_mask_are_refused(loss):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = inputs()
 
     with pytest.raises(TypeError, match=message("position_mask", "torch", "numpy")):
@@ -151,7 +151,7 @@ def test_torch_inputs_with_a_numpy_mask_are_refused(loss):
 @needs_torch
 @pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
 def test_num_valid_array_of_another_library_is_refused(loss):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     args = [torch.from_numpy(array) for array in inputs()]
 
     with pytest.raises(TypeError, match=message("num_valid", "torch", "numpy")):
@@ -161,7 +161,7 @@ def test_num_valid_array_of_another_library_is_refused(loss):
 @needs_jax
 @pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
 def test_jax_logits_with_numpy_targets_are_refused(loss):
-    jnp = import_or_skip("jax.numpy")
+    jnp = pytest.importorskip("jax.numpy")
     logits, targets, mask = inputs()
 
     with pytest.raises(TypeError, match=message("logits", "target_probs", "jax", "numpy")):
@@ -173,7 +173,7 @@ def test_jax_logits_with_numpy_targets_are_refused(loss):
 @pytest.mark.parametrize("position", [1, 2])
 def test_arrays_on_different_devices_are_refused(loss, position):
     # The meta device stands in for a second device on a machine without a GPU.
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     args = [torch.from_numpy(array) for array in inputs()]
     args[position] = args[position].to("meta")
     name = ["logits", "target_probs", "position_mask"][position]
@@ -185,7 +185,7 @@ def test_arrays_on_different_devices_are_refused(loss, position):
 @needs_torch
 @pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
 def test_num_valid_on_another_device_is_refused(loss):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     args = [torch.from_numpy(array) for array in inputs()]
 
     with pytest.raises(ValueError, match=message("device", "logits on cpu", "num_valid on meta")):
@@ -257,7 +257,7 @@ def test_num_valid_with_sum_is_refused_by_with_grad():
 @needs_torch
 @pytest.mark.parametrize("num_valid", [np.int64(4), np.float32(4.0)], ids=repr)
 def test_numpy_scalar_num_valid_is_a_host_number_for_any_backend(num_valid):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     args = [torch.from_numpy(array) for array in inputs()]
 
     loss = sc.masked_soft_cross_entropy(*args, num_valid=num_valid)
@@ -280,7 +280,7 @@ def test_torch_module_refuses_an_unknown_reduction_when_built():
 
 @needs_torch
 def test_torch_module_refuses_bad_shapes():
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     from softce_multi.torch import MaskedSoftCrossEntropy
 
     logits, targets, _ = (torch.from_numpy(array) for array in inputs())
@@ -292,7 +292,7 @@ def test_torch_module_refuses_bad_shapes():
 
 @needs_jax
 def test_jax_entry_point_refuses_bad_shapes_under_jit():
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     from softce_multi.jax import masked_soft_cross_entropy
 
     logits, targets, mask = (jax.numpy.asarray(array) for array in inputs())

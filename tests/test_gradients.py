@@ -4,23 +4,21 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (
-    HAS_JAX,
-    HAS_TORCH,
+
+import softce_multi as sc
+from softce_multi.testing import (
     assert_gradient_close,
     assert_loss_close,
-    import_or_skip,
+    is_installed,
     random_mask,
     random_targets,
     reference,
 )
 
-import softce_multi as sc
-
 REDUCTIONS = ["mean", "sum", "none"]
 
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
-needs_jax = pytest.mark.skipif(not HAS_JAX, reason="jax not installed")
+needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
+needs_jax = pytest.mark.skipif(not is_installed("jax"), reason="jax not installed")
 
 
 def float64_inputs(seed, shape=(2, 3, 5)):
@@ -33,7 +31,7 @@ def float64_inputs(seed, shape=(2, 3, 5)):
 
 
 def torch_inputs(seed, shape=(2, 3, 5), dtype="float32", requires_grad=True):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = float64_inputs(seed, shape)
     torch_dtype = getattr(torch, dtype)
     return (
@@ -63,7 +61,7 @@ REDUCTION_CASES = [(reduction, None) for reduction in REDUCTIONS] + [("mean", 4.
 
 def torch_float64_loss(seed, reduction, num_valid):
     """Our loss of two float64 leaves, as a function for gradcheck, and the leaves."""
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = (torch.from_numpy(a) for a in float64_inputs(seed))
 
     def loss(z, p):
@@ -77,7 +75,7 @@ def torch_float64_loss(seed, reduction, num_valid):
 def test_torch_gradcheck_in_float64(reduction, num_valid):
     # At the default settings, which include running backward twice and finding the results
     # identical (the gradient made in forward is never written).
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     loss, inputs = torch_float64_loss(0, reduction, num_valid)
 
     assert torch.autograd.gradcheck(loss, inputs)
@@ -86,7 +84,7 @@ def test_torch_gradcheck_in_float64(reduction, num_valid):
 @needs_torch
 @pytest.mark.parametrize(("reduction", "num_valid"), REDUCTION_CASES)
 def test_torch_gradgradcheck_in_float64(reduction, num_valid):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     loss, inputs = torch_float64_loss(17, reduction, num_valid)
 
     assert torch.autograd.gradgradcheck(loss, inputs)
@@ -95,7 +93,7 @@ def test_torch_gradgradcheck_in_float64(reduction, num_valid):
 @needs_jax
 @pytest.mark.parametrize(("reduction", "num_valid"), REDUCTION_CASES)
 def test_jax_check_grads_in_float64(reduction, num_valid):
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     from jax.test_util import check_grads
 
     logits, targets, mask = (jax.numpy.asarray(a) for a in float64_inputs(1))
@@ -110,7 +108,7 @@ def test_jax_check_grads_in_float64(reduction, num_valid):
 
 @needs_jax
 def test_jax_grad_of_the_mask_is_zero():
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = (jax.numpy.asarray(a) for a in float64_inputs(2))
 
     grad = jax.grad(sc.masked_soft_cross_entropy, argnums=2)(logits, targets, mask)
@@ -170,7 +168,7 @@ def test_torch_with_grad_accepts_tensors_that_require_grad(reduction, shape):
 def test_torch_backward_twice_with_retain_graph_gives_the_same_gradient(reduction):
     # The gradient buffer made in forward is saved and scaled out of place: the second backward
     # finds it unchanged, and for "none" both recompute from the same statistics.
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = torch_inputs(6)
     loss = sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction).sum()
     upstream = torch.tensor(1.5)
@@ -214,7 +212,7 @@ def test_torch_backward_scales_by_a_non_unit_upstream_gradient(reduction):
 
 @needs_torch
 def test_torch_backward_of_per_position_losses_uses_each_upstream_value():
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = torch_inputs(9)
     upstream = torch.linspace(-2.0, 3.0, 6).reshape(2, 3)
     expected = reference_of(logits, targets, mask, reduction="none", upstream=upstream.numpy())
@@ -253,7 +251,7 @@ def test_torch_gradient_to_logits_alone(reduction):
 
 @needs_torch
 def test_torch_mask_gets_no_gradient():
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = torch_inputs(12)
     weights = mask.to(torch.float32).requires_grad_(True)
 
@@ -297,7 +295,7 @@ def test_torch_module_passes_num_valid():
 @needs_torch
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_torch_no_grad_gives_the_same_value_without_a_graph(reduction):
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = torch_inputs(15)
     with_graph = sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction)
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import import_or_skip, make_case, to_numpy
 
 import softce_multi as sc
+from softce_multi.testing import make_case, to_numpy
 
 SHAPES = {
     "one block": (2, 3, 17),
@@ -88,7 +88,7 @@ def test_autodiff_leaves_inputs_unchanged(autodiff_backend, reduction, shape, dt
         loss.sum().backward(retain_graph=True)
         loss.sum().backward()
     else:
-        jax = import_or_skip("jax")
+        jax = pytest.importorskip("jax")
 
         def summed(z, p):
             return sc.masked_soft_cross_entropy(z, p, case.position_mask, reduction=reduction).sum()

@@ -22,9 +22,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import (
-    HAS_JAX,
-    HAS_TORCH,
+
+import softce_multi
+from softce_multi import _core, kernels
+from softce_multi.kernels import numpy as numpy_kernels
+from softce_multi.testing import (
     Backend,
     assert_gradient_close,
     assert_loss_close,
@@ -33,10 +35,6 @@ from conftest import (
     reference,
     to_float64,
 )
-
-import softce_multi
-from softce_multi import _core, kernels
-from softce_multi.kernels import numpy as numpy_kernels
 
 #: A vocabulary that the test chunk size does not divide: three chunks, the last one partial.
 SHAPE = (2, 3, 37)
@@ -198,7 +196,7 @@ def _without_block_size(routine: Any) -> Any:
 
 
 def _triton_kernel() -> TritonKernel:
-    if not HAS_TORCH or not is_installed("triton"):
+    if not is_installed("torch") or not is_installed("triton"):
         pytest.skip("needs torch and triton")
     import torch
 
@@ -208,7 +206,7 @@ def _triton_kernel() -> TritonKernel:
 
 
 def _pallas_kernel() -> PallasKernel:
-    if not HAS_JAX:
+    if not is_installed("jax"):
         pytest.skip("needs jax")
     try:
         importlib.import_module("jax.experimental.pallas.triton")
@@ -235,13 +233,13 @@ def backward_with_upstream(kernel, case, upstream, *, logits_grad, targets_grad)
 
 
 def _torch_cpu_path() -> TorchCpuPath:
-    if not HAS_TORCH:
+    if not is_installed("torch"):
         pytest.skip("needs torch")
     return TorchCpuPath()
 
 
 def _xla_routines() -> XlaRoutines:
-    if not HAS_JAX:
+    if not is_installed("jax"):
         pytest.skip("needs jax")
     return XlaRoutines()
 
@@ -675,7 +673,7 @@ _COMPILE_TRITON = textwrap.dedent(
 
 
 def _has_nvidia_compiler() -> bool:
-    if not HAS_TORCH or not is_installed("triton"):
+    if not is_installed("torch") or not is_installed("triton"):
         return False
     import triton
 
@@ -1024,7 +1022,7 @@ def test_adapters_load_no_kernel_module_on_the_cpu(library):
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(not HAS_JAX, reason="needs jax")
+@pytest.mark.skipif(not is_installed("jax"), reason="needs jax")
 @pytest.mark.parametrize("n_rows", [2048, 2053], ids=["N=2048", "prime N=2053"])
 def test_jax_loss_and_gradient_under_jit_need_no_logits_sized_temporary(n_rows):
     """On XLA, the compiled step's temporaries stay within an eighth of one float32 gradient."""

@@ -18,14 +18,15 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
-from conftest import (
+
+import softce_multi as sc
+from softce_multi import _linear
+from softce_multi.testing import (
     GRAD_RTOL,
-    HAS_TORCH,
     Backend,
     assert_gradient_close,
     assert_loss_close,
     dtype_name,
-    import_or_skip,
     is_installed,
     random_logits,
     random_mask,
@@ -34,9 +35,6 @@ from conftest import (
     to_float64,
     to_numpy,
 )
-
-import softce_multi as sc
-from softce_multi import _linear
 
 #: Positions ``[2, 9]`` (18 rows), hidden size 8 and a prime vocabulary of 37 entries.
 POSITIONS, HIDDEN, VOCAB = (2, 9), 8, 37
@@ -446,13 +444,13 @@ def test_a_scalar_upstream_scales_the_gradients_made_in_forward(autodiff_backend
 
 def test_torch_target_probs_without_requires_grad_get_none():
     backend = Backend("torch-cpu", "torch", "cpu")
-    import_or_skip("torch")
+    pytest.importorskip("torch")
     result = run(backend, make_linear_case(backend, np.random.default_rng(15)))
     assert result.target_probs is None
 
 
 def test_torch_module_equals_the_function():
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     from softce_multi.torch import LinearMaskedSoftCrossEntropy
 
     backend = Backend("torch-cpu", "torch", "cpu")
@@ -467,7 +465,7 @@ def test_torch_module_equals_the_function():
 
 def test_torch_training_step_does_three_matmuls_per_chunk():
     """The gradients are made in the forward pass: no logits are recomputed in backward."""
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
 
     class CountMatmuls(torch.overrides.TorchFunctionMode):
         def __init__(self) -> None:
@@ -494,7 +492,7 @@ def test_torch_training_step_does_three_matmuls_per_chunk():
 
 
 def test_torch_second_derivative_is_refused():
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     backend = Backend("torch-cpu", "torch", "cpu")
     case = make_linear_case(backend, np.random.default_rng(18))
     hidden = case.hidden.clone().requires_grad_(True)
@@ -518,7 +516,7 @@ def test_jax_temporaries_are_bounded_by_the_chunk():
     temporaries stay within a few chunks when N grows from 2048 to 8192 rows, while one
     ``[N, V]`` float32 buffer grows from 16 MiB to 64 MiB.
     """
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     jnp = jax.numpy
     vocab, hidden_size, chunk = 2048, 64, 128
     chunk_bytes = chunk * vocab * 4
@@ -550,7 +548,7 @@ def test_jax_temporaries_are_bounded_by_the_chunk():
 
 
 def _triton_or_skip() -> Any:
-    if not HAS_TORCH or not is_installed("triton"):
+    if not is_installed("torch") or not is_installed("triton"):
         pytest.skip("needs torch and triton")
     import torch
 

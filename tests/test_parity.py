@@ -9,20 +9,19 @@ from __future__ import annotations
 import array_api_compat
 import numpy as np
 import pytest
-from conftest import (
-    HAS_TORCH,
+
+import softce_multi as sc
+from softce_multi.testing import (
     assert_gradient_close,
     assert_loss_close,
     compute_dtype,
     dtype_name,
-    import_or_skip,
+    is_installed,
     make_case,
     numpy_reference,
     reference,
     to_float64,
 )
-
-import softce_multi as sc
 
 LOGITS_DTYPES = ["float64", "float32", "bfloat16", "float16"]
 TARGET_DTYPES = ["float32", "float64"]
@@ -58,7 +57,7 @@ GRAD_REDUCTIONS = ["mean", "sum"]
 def differentiate(backend, case, *, reduction="mean", num_valid=None, upstream=None):
     """Loss and (d/d logits, d/d target_probs) through the backend's own autodiff."""
     if backend.library == "torch":
-        torch = import_or_skip("torch")
+        torch = pytest.importorskip("torch")
         logits = case.logits.clone().requires_grad_(True)
         targets = case.target_probs.clone().requires_grad_(True)
         loss = sc.masked_soft_cross_entropy(
@@ -67,7 +66,7 @@ def differentiate(backend, case, *, reduction="mean", num_valid=None, upstream=N
         cotangent = torch.ones_like(loss) if upstream is None else backend.asarray(upstream)
         loss.backward(cotangent.to(loss.dtype))
         return loss, logits.grad, targets.grad
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
 
     def loss_of(logits, targets):
         return sc.masked_soft_cross_entropy(
@@ -358,7 +357,7 @@ def test_results_are_arrays_of_the_input_type(backend):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
+@pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_numpy_oracle_agrees_with_the_torch_reference(reduction):
     rng = np.random.default_rng(14)

@@ -8,18 +8,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import (
-    LOSS_RTOL,
-    import_or_skip,
-    random_mask,
-    random_targets,
-    reference,
-    to_float64,
-)
 from hypothesis import given
 from hypothesis import strategies as st
 
 import softce_multi as sc
+from softce_multi.testing import LOSS_RTOL, random_mask, random_targets, reference, to_float64
 
 REDUCTIONS = ["mean", "sum", "none"]
 
@@ -72,7 +65,7 @@ def autodiff_grads(backend, logits, targets, mask, reduction="mean"):
         loss = sc.masked_soft_cross_entropy(logits_t, targets_t, args[2], reduction=reduction)
         loss.sum().backward()
         return to_float64(logits_t.grad), to_float64(targets_t.grad)
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
 
     def summed(z, p):
         return sc.masked_soft_cross_entropy(z, p, args[2], reduction=reduction).sum()

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import Backend, to_numpy
 
 from softce_multi.eagle3 import prepare_targets, prepare_targets_from_hidden
+from softce_multi.testing import Backend, to_numpy
 
 V_TARGET, HIDDEN = 50, 16
 BATCH = (3, 7)  # N = 21 rows

@@ -187,6 +187,6 @@ def test_gradient_tolerance_scales_with_the_largest_entry():
 
 def test_loss_tolerance_follows_the_compute_dtype():
     desired = np.array(1.0)
-    assert_loss_close(np.array(1.0 + 1e-6), desired, compute_dtype="float32")
+    assert_loss_close(np.array(1.0 + 1e-6), desired, "float32")
     with pytest.raises(AssertionError):
         assert_loss_close(np.array(1.0 + 1e-6), desired)

@@ -14,17 +14,17 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import (
+
+from softce_multi.testing import (
     assert_gradient_close,
     assert_loss_close,
-    import_or_skip,
     is_installed,
     random_mask,
     random_targets,
     to_float64,
 )
 
-torch = import_or_skip("torch")
+torch = pytest.importorskip("torch")
 
 import softce_multi  # noqa: E402
 from softce_multi import reference  # noqa: E402

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import HAS_JAX, HAS_TORCH, import_or_skip, random_mask, random_targets, to_numpy
 
 import softce_multi as sc
+from softce_multi.testing import is_installed, random_mask, random_targets, to_numpy
 
 REDUCTIONS = ["mean", "sum", "none"]
 
-needs_torch = pytest.mark.skipif(not HAS_TORCH, reason="torch not installed")
-needs_jax = pytest.mark.skipif(not HAS_JAX, reason="jax not installed")
+needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
+needs_jax = pytest.mark.skipif(not is_installed("jax"), reason="jax not installed")
 
 #: Compiled and eager float32 programs may round differently; they agree to this tolerance.
 RTOL = 1e-6
@@ -26,7 +26,7 @@ def numpy_inputs(seed, shape=(3, 4, 9)):
 
 
 def jax_inputs(seed, shape=(3, 4, 9)):
-    jnp = import_or_skip("jax.numpy")
+    jnp = pytest.importorskip("jax.numpy")
     return tuple(jnp.asarray(array) for array in numpy_inputs(seed, shape))
 
 
@@ -43,7 +43,7 @@ def assert_all_close(actual, expected):
 @needs_jax
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_jit_loss_equals_eager(reduction):
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(0)
 
     def loss(z, p, w):
@@ -55,7 +55,7 @@ def test_jax_jit_loss_equals_eager(reduction):
 @needs_jax
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_jit_grad_equals_eager_grad(reduction):
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(1)
 
     def summed(z, p, w):
@@ -71,7 +71,7 @@ def test_jax_jit_grad_equals_eager_grad(reduction):
 @needs_jax
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_jax_jit_with_grad_equals_eager(reduction):
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(2)
 
     def loss_and_grad(z, p, w):
@@ -87,7 +87,7 @@ def test_jax_jit_with_grad_equals_eager(reduction):
 
 @needs_jax
 def test_jax_jit_with_a_traced_num_valid_equals_eager_with_a_number():
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(3)
 
     def loss(z, p, w, n):
@@ -102,7 +102,7 @@ def test_jax_jit_with_a_traced_num_valid_equals_eager_with_a_number():
 
 @needs_jax
 def test_jax_module_entry_point_works_under_jit_and_grad():
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     from softce_multi.jax import masked_soft_cross_entropy
 
     logits, targets, mask = jax_inputs(4)
@@ -122,7 +122,7 @@ def test_jax_module_entry_point_works_under_jit_and_grad():
 @needs_jax
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_vmap_equals_a_loop_over_the_batch(reduction):
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(5)
 
     def loss(z, p, w):
@@ -137,7 +137,7 @@ def test_jax_vmap_equals_a_loop_over_the_batch(reduction):
 @needs_jax
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_vmap_of_grad_equals_a_loop_over_the_batch(reduction):
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(6)
 
     def summed(z, p, w):
@@ -153,7 +153,7 @@ def test_jax_vmap_of_grad_equals_a_loop_over_the_batch(reduction):
 
 @needs_jax
 def test_jax_vmap_of_with_grad_equals_a_loop_over_the_batch():
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(7)
 
     batched = jax.vmap(sc.masked_soft_cross_entropy_with_grad)(logits, targets, mask)
@@ -168,7 +168,7 @@ def test_jax_vmap_of_with_grad_equals_a_loop_over_the_batch():
 
 @needs_jax
 def test_jax_vmap_with_a_num_valid_per_example():
-    jax = import_or_skip("jax")
+    jax = pytest.importorskip("jax")
     logits, targets, mask = jax_inputs(8)
     counts = [5, 0, 2]
 
@@ -194,7 +194,7 @@ def test_torch_compile_loss_and_gradients_equal_eager():
     # "aot_eager" backend runs Dynamo's tracing and AOTAutograd, where graph breaks and
     # autograd.Function handling happen; tests/test_torch_op.py compiles the torch adapter with
     # fullgraph=True on aot_eager and Inductor.
-    torch = import_or_skip("torch")
+    torch = pytest.importorskip("torch")
     logits, targets, mask = (torch.from_numpy(array) for array in numpy_inputs(9))
     compiled_loss = torch.compile(sc.masked_soft_cross_entropy, backend="aot_eager")
 
