@@ -634,20 +634,21 @@ def test_default_chunk_follows_the_memory_budget():
     assert _linear.default_chunk_rows(10**9, numpy.float32, xp=numpy) == 1
 
 
-def test_bench_compares_the_linear_loss_with_the_materialised_path(capsys, monkeypatch):
+def test_bench_compares_the_linear_loss_with_the_materialised_path(tmp_path, monkeypatch):
     """``python -m softce_multi bench --linear`` reports both paths for each number of rows.
 
     The torch memory is measured in this process rather than in fresh ones, to save their start.
     """
     import json
 
-    from softce_multi import _bench
+    from softce_multi._cli import bench as _bench
 
     monkeypatch.setattr(_bench, "_measure_linear_memory", _bench.linear_peak_extra_memory)
 
     argv = ["--linear", "--rows", "16", "--hidden", "4", "--vocab", "10", "--repeats", "1"]
-    assert _bench.main([*argv, "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    report = tmp_path / "linear.json"
+    assert _bench.main([*argv, "--json", str(report)]) == 0
+    rows = json.loads(report.read_text())
     frameworks = {name for name in ("torch", "jax") if is_installed(name)}
     assert {(row["framework"], row["implementation"]) for row in rows} == {
         (framework, kind) for framework in frameworks for kind in ("linear", "materialised")
