@@ -44,7 +44,7 @@ CPU_TEST_ENV = {"TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu"}
 def tests(session: nox.Session) -> None:
     """Run the test suite on every CPU backend: NumPy, array-api-strict, PyTorch and JAX."""
     session.install(
-        TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "pytest-xdist", "-e", ".[test,cli]"
+        TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "pytest-xdist", "-e", ".[test,bench]"
     )
     # One worker per core, each test file on one worker (its module fixtures are built once);
     # "nox -s tests -- -n 0" runs in a single process.

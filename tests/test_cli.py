@@ -230,6 +230,7 @@ TINY_BENCH = ["--lengths", "4", "8", "--vocab", "50", "--repeats", "1", "--no-me
 
 @pytest.fixture(scope="module")
 def bench_output(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], Path]:
+    pytest.importorskip("matplotlib", reason="the bench plot needs matplotlib (the bench extra)")
     folder = tmp_path_factory.mktemp("bench")
     outputs = ["--json", str(folder / "rows.json"), "--plot", str(folder / "plot.png")]
     status = bench.main([*TINY_BENCH, "--dtypes", "float32", "bfloat16", *outputs])
