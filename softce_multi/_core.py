@@ -311,26 +311,29 @@ class RowRoutine(Protocol):
     def __call__(self, rows: Rows, /, *, with_logits_grad: bool) -> RowResults: ...
 
 
+class BackwardRows(NamedTuple):
+    """What a :class:`GradientRoutine` receives: the rows and what :func:`forward` saved."""
+
+    z: Array
+    """The logits as ``[N, V]``, ``N > 0``, in their own dtype."""
+    p: Array
+    """The targets as ``[N, V]``, in their own dtype."""
+    saved: SavedRows
+    """The row statistics of the forward pass."""
+    row_scale: Array
+    """``[N]`` ``d loss / d c_row``, already multiplied by the upstream gradient."""
+
+
 class GradientRoutine(Protocol):
     """The per-row work of a backward pass, from the row statistics of the forward pass.
 
-    It receives ``[N, V]`` logits and targets with ``N > 0``, the :class:`SavedRows` and the
-    ``[N]`` scale ``d loss / d c_row`` (already multiplied by the upstream gradient), and returns
-    ``row_scale * (sum(p) * softmax(z) - p)`` in the logits' dtype and/or
-    ``-row_scale * log_softmax(z)`` in ``targets_dtype``; None for a gradient not asked for.
-    Rows whose scale is 0 get exactly 0.
+    It receives :class:`BackwardRows` and returns ``row_scale * (sum(p) * softmax(z) - p)`` in
+    the logits' dtype and/or ``-row_scale * log_softmax(z)`` in the targets' dtype; None for a
+    gradient not asked for. Rows whose scale is 0 get exactly 0.
     """
 
     def __call__(
-        self,
-        z: Array,
-        p: Array,
-        saved: SavedRows,
-        row_scale: Array,
-        /,
-        *,
-        logits_grad: bool,
-        targets_grad: bool,
+        self, rows: BackwardRows, /, *, logits_grad: bool, targets_grad: bool
     ) -> tuple[Array | None, Array | None]: ...
 
 
@@ -409,7 +412,7 @@ def backward(
         )
     else:
         grads = gradient_routine(
-            z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
+            BackwardRows(z, p, saved, row_scale), logits_grad=logits_grad, targets_grad=targets_grad
         )
     return tuple(  # type: ignore[return-value]
         None if grad is None else xp.reshape(grad, logits.shape) for grad in grads
@@ -476,34 +479,28 @@ def blocked_gradient_routine(block_rows: int | None, *, xp: Namespace) -> Gradie
     """The generic core's :class:`GradientRoutine`, over blocks of ``block_rows`` rows."""
 
     def routine(
-        z: Array,
-        p: Array,
-        saved: SavedRows,
-        row_scale: Array,
-        /,
-        *,
-        logits_grad: bool,
-        targets_grad: bool,
+        rows: BackwardRows, /, *, logits_grad: bool, targets_grad: bool
     ) -> tuple[Array | None, Array | None]:
+        z, p, saved, row_scale = rows
         dtype = saved.row_max.dtype
 
-        def logits_block(rows: slice) -> Array:
+        def logits_block(block: slice) -> Array:
             return logits_gradient_rows(
-                xp.astype(z[rows, ...], dtype, copy=False),
-                xp.astype(p[rows, ...], dtype, copy=False),
-                saved.row_max[rows],
-                saved.log_sum_exp[rows],
-                saved.target_sum[rows],
-                row_scale[rows],
+                xp.astype(z[block, ...], dtype, copy=False),
+                xp.astype(p[block, ...], dtype, copy=False),
+                saved.row_max[block],
+                saved.log_sum_exp[block],
+                saved.target_sum[block],
+                row_scale[block],
                 xp=xp,
             )
 
-        def targets_block(rows: slice) -> Array:
+        def targets_block(block: slice) -> Array:
             return targets_gradient_rows(
-                xp.astype(z[rows, ...], dtype, copy=False),
-                saved.row_max[rows],
-                saved.log_sum_exp[rows],
-                row_scale[rows],
+                xp.astype(z[block, ...], dtype, copy=False),
+                saved.row_max[block],
+                saved.log_sum_exp[block],
+                row_scale[block],
                 xp=xp,
             )
 

@@ -376,15 +376,15 @@ def backward(
     for block in _core.row_blocks(n_rows, chunk):
         h = rows.hidden[block, ...]
         z = chunk_logits(h, rows.weight, rows.bias, xp=xp)
+        block_rows = _core.BackwardRows(
+            z, rows.p[block, ...], _core.SavedRows(*(s[block] for s in saved)), row_scale[block]
+        )
         grad_z, grad_p = gradient_routine(
-            z,
-            rows.p[block, ...],
-            _core.SavedRows(*(s[block] for s in saved)),
-            row_scale[block],
+            block_rows,
             logits_grad=wants_grads,
             targets_grad=targets_grad,
         )
-        del z
+        del z, block_rows
         if grad_targets is not None:
             grad_targets = xpx.at(grad_targets, (block, ...)).set(cast(Array, grad_p), xp=xp)
         if wants_grads:

@@ -1041,11 +1041,14 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
             # rows that no earlier chunk covered add to the weight and bias gradients.
             start = jnp.minimum(first, n_rows - chunk)
             hidden_rows, scale = rows_at(rows.hidden, start), rows_at(row_scale, start)
-            grad_logits, grad_targets = jax_adapter.gradient_routine(
+            chunk_rows = _core.BackwardRows(
                 _linear.chunk_logits(hidden_rows, rows.weight, rows.bias, xp=jnp),
                 rows_at(rows.p, start),
                 _core.SavedRows(*(rows_at(x, start) for x in saved)),
                 scale,
+            )
+            grad_logits, grad_targets = jax_adapter.gradient_routine(
+                chunk_rows,
                 logits_grad=not targets_grad,
                 targets_grad=targets_grad,
             )

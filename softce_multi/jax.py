@@ -165,43 +165,16 @@ def _forward(
 
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
     """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else of XLA."""
-
-    def core(rows: _core.Rows) -> _core.RowResults:
-        return xla_kernels.row_routine(rows, with_logits_grad=with_logits_grad)
-
-    def kernel(rows: _core.Rows) -> _core.RowResults:
-        from softce_multi.kernels import pallas
-
-        return pallas.row_routine(rows, with_logits_grad=with_logits_grad)
-
-    return _per_platform(kernel, core, rows.z, rows)
+    return _per_platform("row_routine", rows, with_logits_grad=with_logits_grad)
 
 
 def gradient_routine(
-    z: jax.Array,
-    p: jax.Array,
-    saved: _core.SavedRows,
-    row_scale: jax.Array,
-    /,
-    *,
-    logits_grad: bool,
-    targets_grad: bool,
+    rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """The gradient routine of the Pallas kernel on a GPU, else of XLA, chunk by chunk."""
-
-    def core(z: Any, p: Any, saved: Any, row_scale: Any) -> Any:
-        return xla_kernels.gradient_routine(
-            z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
-        )
-
-    def kernel(z: Any, p: Any, saved: Any, row_scale: Any) -> Any:
-        from softce_multi.kernels import pallas
-
-        return pallas.gradient_routine(
-            z, p, saved, row_scale, logits_grad=logits_grad, targets_grad=targets_grad
-        )
-
-    return _per_platform(kernel, core, z, z, p, saved, row_scale)
+    return _per_platform(
+        "gradient_routine", rows, logits_grad=logits_grad, targets_grad=targets_grad
+    )
 
 
 def _loss_fwd(
@@ -247,16 +220,25 @@ def _loss_bwd(
     return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
 
 
-def _per_platform(kernel: Any, core: Any, probe: jax.Array, *arrays: Any) -> Any:
-    """Return ``kernel(*arrays)`` where the Pallas kernels run on ``probe``, else ``core(...)``.
+def _per_platform(routine: str, rows: Any, **flags: bool) -> Any:
+    """The routine named ``routine`` of the Pallas kernels where they run, else of XLA's.
 
-    Where :func:`softce_multi.kernels.use_pallas` says no (no GPU, or no Pallas), only the core
-    is traced. Otherwise both are, and the platform the computation is compiled for picks one.
+    Where :func:`softce_multi.kernels.use_pallas` says no (no GPU, or no Pallas), only XLA's is
+    traced. Otherwise both are, and the platform the computation is compiled for picks one.
     """
-    if not kernels.use_pallas(probe):
-        return core(*arrays)
+
+    def core(rows: Any) -> Any:
+        return getattr(xla_kernels, routine)(rows, **flags)
+
+    if not kernels.use_pallas(rows.z):
+        return core(rows)
+    from softce_multi.kernels import pallas
+
+    def kernel(rows: Any) -> Any:
+        return getattr(pallas, routine)(rows, **flags)
+
     branches = dict.fromkeys(_KERNEL_PLATFORMS, kernel)
-    return jax.lax.platform_dependent(*arrays, default=core, **branches)
+    return jax.lax.platform_dependent(rows, default=core, **branches)
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
@@ -498,11 +480,14 @@ def _linear_backward(
         start, counted = _chunk_start(index, n_rows, chunk)
         h = _chunk_of(rows.hidden, start, chunk)
         scale = _chunk_of(row_scale, start, chunk)
-        grad_z, grad_p = gradient_routine(
+        chunk_rows = _core.BackwardRows(
             _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
             _chunk_of(rows.p, start, chunk),
             jax.tree.map(lambda x: _chunk_of(x, start, chunk), saved),
             scale,
+        )
+        grad_z, grad_p = gradient_routine(
+            chunk_rows,
             logits_grad=not targets,
             targets_grad=targets,
         )

@@ -28,7 +28,7 @@ torch = pytest.importorskip("torch")
 
 import softce_multi  # noqa: E402
 from softce_multi import reference  # noqa: E402
-from softce_multi import torch as torch_adapter  # noqa: E402
+from softce_multi.kernels import torch_cpu  # noqa: E402
 from softce_multi.torch import MaskedSoftCrossEntropy, masked_soft_cross_entropy  # noqa: E402
 
 REDUCTIONS = ["mean", "sum", "none"]
@@ -106,7 +106,7 @@ def row_routine_arguments(logits_dtype: Any, target_dtype: Any, with_logits_grad
 def gradient_routine_arguments(row_arguments: tuple, logits_grad: bool, targets_grad: bool):
     """Arguments of a gradient-routine operator, with the statistics of the row routine."""
     z, p, weights, row_scale, _ = row_arguments
-    _, *saved, _ = torch_adapter.torch_row_routine(z, p, weights, row_scale, False)
+    _, *saved, _ = torch_cpu.torch_row_routine(z, p, weights, row_scale, False)
     return (z, p, *saved, 3.0 * row_scale, logits_grad, targets_grad)
 
 
@@ -123,7 +123,7 @@ GRADIENTS = {"logits": (True, False), "targets": (False, True), "both": (True, T
 def test_torch_row_routine_passes_opcheck(logits_dtype, target_dtype, with_logits_grad):
     arguments = row_routine_arguments(logits_dtype, target_dtype, with_logits_grad)
 
-    torch.library.opcheck(torch_adapter.torch_row_routine, arguments)
+    torch.library.opcheck(torch_cpu.torch_row_routine, arguments)
 
 
 @pytest.mark.parametrize(("logits_grad", "targets_grad"), GRADIENTS.values(), ids=GRADIENTS.keys())
@@ -134,7 +134,7 @@ def test_torch_gradient_routine_passes_opcheck(
     rows = row_routine_arguments(logits_dtype, target_dtype, False)
     arguments = gradient_routine_arguments(rows, logits_grad, targets_grad)
 
-    torch.library.opcheck(torch_adapter.torch_gradient_routine, arguments)
+    torch.library.opcheck(torch_cpu.torch_gradient_routine, arguments)
 
 
 def triton_module_and_opcheck_tests() -> tuple[Any, tuple[str, ...]]:
@@ -189,10 +189,10 @@ def test_operators_batch_under_vmap_as_a_loop_would():
     z, p, weights, row_scale, _ = row_routine_arguments(torch.float32, torch.float32, True)
     batch = torch.stack([z, z.flip(0), 2 * z])
 
-    batched = torch.func.vmap(torch_adapter.torch_row_routine, in_dims=(0, None, None, None, None))(
+    batched = torch.func.vmap(torch_cpu.torch_row_routine, in_dims=(0, None, None, None, None))(
         batch, p, weights, row_scale, True
     )
-    looped = [torch_adapter.torch_row_routine(z, p, weights, row_scale, True) for z in batch]
+    looped = [torch_cpu.torch_row_routine(z, p, weights, row_scale, True) for z in batch]
 
     for index, output in enumerate(batched):
         torch.testing.assert_close(output, torch.stack([result[index] for result in looped]))

@@ -55,12 +55,15 @@ when either input is float64; the gradients come back in the dtype of the input 
 and the inputs are never written.
 
 **Torch operators.** The torch path runs its routines as ``torch.library`` operators: those of
-:mod:`softce_multi.kernels.triton` and those of :mod:`softce_multi.torch` for the CPU. The helpers
-at the end of this module are their common parts: outputs of the right shapes
-(:func:`empty_row_outputs`, :func:`empty_gradient_outputs`, also their fake implementations)
-and vmap rules that fold the batch into the rows (:func:`row_routine_vmap`,
-:func:`gradient_routine_vmap`). They use only tensor methods, so this package still imports no
-library.
+:mod:`softce_multi.kernels.triton` and those of :mod:`softce_multi.kernels.torch_cpu` for the CPU.
+Both pairs take the same tensors, ``(z, p, weights, row_scale, with_logits_grad, *options)`` and
+``(z, p, row_max, log_sum_exp, target_sum, row_scale, logits_grad, targets_grad, *options)``,
+and return the same outputs. The helpers at the end of this module are their common parts:
+outputs of the right shapes (:func:`empty_row_outputs`, :func:`empty_gradient_outputs`), the
+fake implementations and vmap rules that fold the batch into the rows
+(:func:`register_operator_rules`), and the conversion of the operators' outputs to the core's
+results (:func:`row_results`, :func:`gradient_results`). They use only tensor methods, so this
+package still imports no library.
 """
 
 from __future__ import annotations
@@ -70,12 +73,15 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from softce_multi import _core
+
 __all__ = [
     "empty_gradient_outputs",
     "empty_row_outputs",
-    "gradient_routine_vmap",
+    "gradient_results",
     "launch_config",
-    "row_routine_vmap",
+    "register_operator_rules",
+    "row_results",
     "use_pallas",
     "use_triton",
 ]
@@ -163,30 +169,67 @@ def empty_gradient_outputs(
     )
 
 
-def row_routine_vmap(operator: Callable[..., tuple[Any, ...]]) -> Callable[..., Any]:
-    """The vmap rule of a torch row-routine operator ``(z, p, weights, row_scale, flag, ...)``.
+def row_results(outputs: Sequence[Any], /, *, with_logits_grad: bool) -> _core.RowResults:
+    """The :class:`~softce_multi._core.RowResults` of a row-routine operator's five outputs."""
+    weighted, row_max, log_sum_exp, target_sum, grad = outputs
+    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
+    return _core.RowResults(weighted, saved, grad if with_logits_grad else None)
 
-    The rows are independent, so a batch of ``B`` calls on ``N`` rows is one call on ``B * N``
-    rows; the outputs are split back. Arguments after the four tensors pass through.
+
+def gradient_results(
+    outputs: Sequence[Any], /, *, logits_grad: bool, targets_grad: bool
+) -> tuple[Any, Any]:
+    """A gradient-routine operator's two outputs, with None for a gradient not asked for."""
+    grad_z, grad_p = outputs
+    return (grad_z if logits_grad else None, grad_p if targets_grad else None)
+
+
+def register_operator_rules(
+    row_operator: Any,
+    gradient_operator: Any,
+    *,
+    check_options: Callable[..., None] = lambda z, *options: None,
+) -> None:
+    """Register the fake implementations and vmap rules of a pair of torch routine operators.
+
+    The fakes return :func:`empty_row_outputs` and :func:`empty_gradient_outputs` after
+    ``check_options(z, *options)``, which raises what the operator raises for bad options; the
+    vmap rules fold the batch into the rows (the rows are independent, so a batch of ``B``
+    calls on ``N`` rows is one call on ``B * N`` rows) and split the outputs back.
     """
 
+    def row_fake(
+        z: Any, p: Any, weights: Any, row_scale: Any, with_logits_grad: bool, *options: Any
+    ) -> tuple[Any, ...]:
+        check_options(z, *options)
+        return empty_row_outputs(z, weights, with_logits_grad=with_logits_grad)
+
+    def gradient_fake(
+        z: Any,
+        p: Any,
+        row_max: Any,
+        log_sum_exp: Any,
+        target_sum: Any,
+        row_scale: Any,
+        logits_grad: bool,
+        targets_grad: bool,
+        *options: Any,
+    ) -> tuple[Any, Any]:
+        check_options(z, *options)
+        return empty_gradient_outputs(z, p, logits_grad=logits_grad, targets_grad=targets_grad)
+
+    row_operator.register_fake(row_fake)
+    gradient_operator.register_fake(gradient_fake)
+    row_operator.register_vmap(_folded_batch_rule(row_operator, n_tensors=4))
+    gradient_operator.register_vmap(_folded_batch_rule(gradient_operator, n_tensors=6))
+
+
+def _folded_batch_rule(operator: Callable[..., Any], *, n_tensors: int) -> Callable[..., Any]:
+    """The vmap rule of an operator whose first ``n_tensors`` arguments are row tensors."""
+
     def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[Any, Any]:
-        tensors = _fold_batch(info.batch_size, args[:4], in_dims[:4])
-        *rows, grad = operator(*tensors, *args[4:])
-        return _unfold_batch(info.batch_size, (*rows, grad))
-
-    return rule
-
-
-def gradient_routine_vmap(operator: Callable[..., tuple[Any, Any]]) -> Callable[..., Any]:
-    """The vmap rule of a torch gradient-routine operator (six tensors, then flags).
-
-    As in :func:`row_routine_vmap`: the batch is folded into the rows.
-    """
-
-    def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[Any, Any]:
-        tensors = _fold_batch(info.batch_size, args[:6], in_dims[:6])
-        return _unfold_batch(info.batch_size, operator(*tensors, *args[6:]))
+        tensors = _fold_batch(info.batch_size, args[:n_tensors], in_dims[:n_tensors])
+        return _unfold_batch(info.batch_size, operator(*tensors, *args[n_tensors:]))
 
     return rule
 

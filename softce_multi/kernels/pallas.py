@@ -276,10 +276,7 @@ def row_routine(
 
 
 def gradient_routine(
-    z: jax.Array,
-    p: jax.Array,
-    saved: _core.SavedRows,
-    row_scale: jax.Array,
+    rows: _core.BackwardRows,
     /,
     *,
     logits_grad: bool,
@@ -293,6 +290,7 @@ def gradient_routine(
     ``row_scale`` is 0 are not read and get exactly 0. ``block_size`` and ``interpret`` are as
     in :func:`row_routine`.
     """
+    z, p, saved, row_scale = rows
     out_shape = []
     if logits_grad:
         out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))

@@ -256,30 +256,17 @@ def row_routine(
     For torch tensors on a CUDA device (or on the CPU under ``TRITON_INTERPRET=1``); it runs the
     operator ``softce_multi::triton_row_routine`` (:func:`triton_row_routine`). Rows of weight 0
     are not read; their entries of :class:`softce_multi._core.SavedRows` are 0 and their
-    gradient rows exactly 0.
-
-    Parameters
-    ----------
-    rows
-        The inputs laid out by :func:`softce_multi._core.as_rows`.
-    with_logits_grad
-        Whether to write the logits gradient (scaled for a unit upstream gradient).
-    block_size
-        Vocabulary entries per chunk, a power of two (see
-        :func:`softce_multi.kernels.launch_config`).
+    gradient rows exactly 0. ``block_size`` is the number of vocabulary entries per chunk, a
+    power of two (see :func:`softce_multi.kernels.launch_config`).
     """
-    weighted, row_max, log_sum_exp, target_sum, grad = triton_row_routine(
+    outputs = triton_row_routine(
         rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad, block_size
     )
-    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
-    return _core.RowResults(weighted, saved, grad if with_logits_grad else None)
+    return kernels.row_results(outputs, with_logits_grad=with_logits_grad)
 
 
 def gradient_routine(
-    z: torch.Tensor,
-    p: torch.Tensor,
-    saved: _core.SavedRows,
-    row_scale: torch.Tensor,
+    rows: _core.BackwardRows,
     /,
     *,
     logits_grad: bool,
@@ -291,10 +278,10 @@ def gradient_routine(
     It runs the operator ``softce_multi::triton_gradient_routine``
     (:func:`triton_gradient_routine`). ``block_size`` is as in :func:`row_routine`.
     """
-    grad_z, grad_p = triton_gradient_routine(
-        z, p, *saved, row_scale, logits_grad, targets_grad, block_size
+    outputs = triton_gradient_routine(
+        rows.z, rows.p, *rows.saved, rows.row_scale, logits_grad, targets_grad, block_size
     )
-    return (grad_z if logits_grad else None, grad_p if targets_grad else None)
+    return kernels.gradient_results(outputs, logits_grad=logits_grad, targets_grad=targets_grad)
 
 
 @torch.library.triton_op("softce_multi::triton_row_routine", mutates_args=())
@@ -308,36 +295,25 @@ def triton_row_routine(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The forward kernel as the operator ``softce_multi::triton_row_routine``.
 
-    The arguments and results are those of :func:`softce_multi.torch.torch_row_routine` (the
-    weighted losses, the three saved statistics, and the logits gradient or a ``[0, V]``
-    tensor), with ``block_size`` as in :func:`row_routine`.
+    The arguments and results are those of
+    :func:`softce_multi.kernels.torch_cpu.torch_row_routine` (the weighted losses, the three
+    saved statistics, and the logits gradient or a ``[0, V]`` tensor), with ``block_size`` as in
+    :func:`row_routine`.
     """
-    n_rows, n_cols = z.shape
-    weighted, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
-        z, weights, with_logits_grad=with_logits_grad
+    outputs = kernels.empty_row_outputs(z, weights, with_logits_grad=with_logits_grad)
+    _launch(
+        _forward_kernel,
+        z,
+        p,
+        weights,
+        row_scale,
+        *outputs,
+        block_size=block_size,
+        WITH_GRAD=with_logits_grad,
+        # Keep the row in L2 for the gradient sweep that follows.
+        STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
     )
-    block, num_warps = kernels.launch_config(n_cols, block_size)
-    with _on_device(z):
-        wrap_triton(_forward_kernel)[(n_rows,)](
-            z,
-            *z.stride(),
-            p,
-            *p.stride(),
-            weights,
-            row_scale,
-            weighted,
-            row_max,
-            log_sum_exp,
-            target_sum,
-            grad,
-            n_cols,
-            WITH_GRAD=with_logits_grad,
-            # Keep the row in L2 for the gradient sweep that follows.
-            STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
-            BLOCK_SIZE=block,
-            num_warps=num_warps,
-        )
-    return weighted, row_max, log_sum_exp, target_sum, grad
+    return outputs
 
 
 @torch.library.triton_op("softce_multi::triton_gradient_routine", mutates_args=())
@@ -354,69 +330,59 @@ def triton_gradient_routine(
 ) -> tuple[Tensor, Tensor]:
     """The backward kernel as the operator ``softce_multi::triton_gradient_routine``.
 
-    The arguments and results are those of :func:`softce_multi.torch.torch_gradient_routine`,
-    with ``block_size`` as in :func:`row_routine`. One sweep reads each needed input once;
-    ``p`` is read only for ``logits_grad``.
+    The arguments and results are those of
+    :func:`softce_multi.kernels.torch_cpu.torch_gradient_routine`, with ``block_size`` as in
+    :func:`row_routine`. One sweep reads each needed input once; ``p`` is read only for
+    ``logits_grad``.
     """
-    n_rows, n_cols = z.shape
-    grad_z, grad_p = kernels.empty_gradient_outputs(
+    outputs = kernels.empty_gradient_outputs(
         z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
+    _launch(
+        _backward_kernel,
+        z,
+        p,
+        row_max,
+        log_sum_exp,
+        target_sum,
+        row_scale,
+        *outputs,
+        block_size=block_size,
+        LOGITS_GRAD=logits_grad,
+        TARGETS_GRAD=targets_grad,
+    )
+    return outputs
+
+
+def _check_block_size(z: Tensor, block_size: int | None) -> None:
+    kernels.launch_config(z.shape[-1], block_size)  # the fakes raise the operators' error
+
+
+kernels.register_operator_rules(
+    triton_row_routine, triton_gradient_routine, check_options=_check_block_size
+)
+
+
+def _launch(
+    kernel: Any, z: Tensor, p: Tensor, *pointers: Tensor, block_size: int | None, **flags: Any
+) -> None:
+    """Run ``kernel`` with one program per row of ``z``, on ``z``'s device.
+
+    The kernel receives ``z`` and ``p`` with their strides, then ``pointers``, then the row
+    length, and the chunk size and the flags as named compile-time constants.
+    """
+    n_rows, n_cols = z.shape
     block, num_warps = kernels.launch_config(n_cols, block_size)
-    with _on_device(z):
-        wrap_triton(_backward_kernel)[(n_rows,)](
+    device = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
+    with device:
+        wrap_triton(kernel)[(n_rows,)](
             z,
             *z.stride(),
             p,
             *p.stride(),
-            row_max,
-            log_sum_exp,
-            target_sum,
-            row_scale,
-            grad_z,
-            grad_p,
+            *pointers,
             n_cols,
-            LOGITS_GRAD=logits_grad,
-            TARGETS_GRAD=targets_grad,
             BLOCK_SIZE=block,
             num_warps=num_warps,
+            **flags,
         )
-    return grad_z, grad_p
-
-
-@triton_row_routine.register_fake
-def _triton_row_routine_fake(
-    z: Tensor,
-    p: Tensor,
-    weights: Tensor,
-    row_scale: Tensor,
-    with_logits_grad: bool,
-    block_size: int | None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    kernels.launch_config(z.shape[-1], block_size)  # the same error for a bad block_size
-    return kernels.empty_row_outputs(z, weights, with_logits_grad=with_logits_grad)
-
-
-@triton_gradient_routine.register_fake
-def _triton_gradient_routine_fake(
-    z: Tensor,
-    p: Tensor,
-    row_max: Tensor,
-    log_sum_exp: Tensor,
-    target_sum: Tensor,
-    row_scale: Tensor,
-    logits_grad: bool,
-    targets_grad: bool,
-    block_size: int | None,
-) -> tuple[Tensor, Tensor]:
-    kernels.launch_config(z.shape[-1], block_size)
-    return kernels.empty_gradient_outputs(z, p, logits_grad=logits_grad, targets_grad=targets_grad)
-
-
-triton_row_routine.register_vmap(kernels.row_routine_vmap(triton_row_routine))
-triton_gradient_routine.register_vmap(kernels.gradient_routine_vmap(triton_gradient_routine))
-
-
-def _on_device(x: torch.Tensor) -> Any:
-    """Make ``x``'s GPU the current one for a launch (nothing to do for CPU tensors)."""
-    return torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()

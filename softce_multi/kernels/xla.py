@@ -63,10 +63,7 @@ def row_routine(
 
 
 def gradient_routine(
-    z: jax.Array,
-    p: jax.Array,
-    saved: _core.SavedRows,
-    row_scale: jax.Array,
+    rows: _core.BackwardRows,
     /,
     *,
     logits_grad: bool,
@@ -75,8 +72,9 @@ def gradient_routine(
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """The :class:`~softce_multi._core.GradientRoutine` of the core, chunk by chunk of rows.
 
-    ``chunk`` is the number of rows per chunk; None for :func:`chunk_rows`.
+    ``chunk`` is as in :func:`row_routine`.
     """
+    z, p = rows.z, rows.p
     chunk = _chunk(z.shape, chunk)
     n_rows = z.shape[0]
     core = _core.blocked_gradient_routine(None, xp=jnp)
@@ -88,14 +86,13 @@ def gradient_routine(
     ]
 
     def chunk_results(start: Any) -> list[Any]:
-        grads = core(
+        piece = _core.BackwardRows(
             _rows_at(z, start, chunk),
             _rows_at(p, start, chunk),
-            jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk), saved),
-            jax.lax.dynamic_slice_in_dim(row_scale, start, chunk),
-            logits_grad=logits_grad,
-            targets_grad=targets_grad,
+            jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk), rows.saved),
+            jax.lax.dynamic_slice_in_dim(rows.row_scale, start, chunk),
         )
+        grads = core(piece, logits_grad=logits_grad, targets_grad=targets_grad)
         return [grad for grad in grads if grad is not None]
 
     results = iter(_over_chunks(chunk_results, outputs, n_rows, chunk))
