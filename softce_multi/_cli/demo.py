@@ -444,7 +444,26 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
     )
 
 
+#: The command line's valued options: flag, the :class:`DemoConfig` field it sets, its type and
+#: its help.
+_OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
+    ("--steps", "steps", positive_int, "training steps (%(default)s)"),
+    ("--seed", "seed", int, "seed of the target model and data"),
+    ("--batch-size", "batch_size", positive_int, "sequences per step"),
+    ("--ttt-steps", "ttt_steps", positive_int, "test-time steps per training step (%(default)s)"),
+    ("--lr", "learning_rate", float, "Adam learning rate"),
+    ("--log-every", "log_every", positive_int, "steps per logged line"),
+    (
+        "--torch-threads",
+        "torch_threads",
+        positive_int,
+        "PyTorch intra-op threads (default: %(default)s; small tensors gain little from more)",
+    ),
+)
+
+
 def _parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m softce_multi demo``; each option's ``dest`` is a config field."""
     defaults = DemoConfig()
     parser = argparse.ArgumentParser(
         prog="python -m softce_multi demo",
@@ -459,33 +478,8 @@ def _parser() -> argparse.ArgumentParser:
         default=defaults.backend,
         help="array library to train with (default: %(default)s)",
     )
-    parser.add_argument(
-        "--steps", type=positive_int, default=defaults.steps, help="training steps (%(default)s)"
-    )
-    parser.add_argument(
-        "--seed", type=int, default=defaults.seed, help="seed of the target model and data"
-    )
-    parser.add_argument(
-        "--batch-size", type=positive_int, default=defaults.batch_size, help="sequences per step"
-    )
-    parser.add_argument(
-        "--ttt-steps",
-        type=positive_int,
-        default=defaults.ttt_steps,
-        help="test-time steps per training step (%(default)s)",
-    )
-    parser.add_argument(
-        "--lr", type=float, default=defaults.learning_rate, help="Adam learning rate"
-    )
-    parser.add_argument(
-        "--log-every", type=positive_int, default=defaults.log_every, help="steps per logged line"
-    )
-    parser.add_argument(
-        "--torch-threads",
-        type=positive_int,
-        default=defaults.torch_threads,
-        help="PyTorch intra-op threads (default: %(default)s; small tensors gain little from more)",
-    )
+    for flag, name, kind, text in _OPTIONS:
+        parser.add_argument(flag, dest=name, type=kind, default=getattr(defaults, name), help=text)
     parser.add_argument(
         "--linear",
         action="store_true",
@@ -506,16 +500,6 @@ def main(argv: list[str]) -> int:
             file=sys.stderr,
         )
         return 2
-    config = DemoConfig(
-        backend=args.backend,
-        steps=args.steps,
-        seed=args.seed,
-        batch_size=args.batch_size,
-        ttt_steps=args.ttt_steps,
-        learning_rate=args.lr,
-        log_every=args.log_every,
-        torch_threads=args.torch_threads,
-        linear=args.linear,
-    )
+    config = DemoConfig(**vars(args))
     run(config)
     return 0
