@@ -184,12 +184,12 @@ def draft_to_target_ids(draft_ids: Array, d2t: Array, /) -> Array:
     check_integer(xp, draft_ids=draft_ids, d2t=d2t)
     check_1d(d2t, name="d2t", meaning="one offset per draft token")
     dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(d2t))
+
+    def target_of(ids: Array) -> tuple[Array | bool, Array]:
+        return True, ids + xp.astype(xp.take(d2t, ids), dtype)
+
     # Unsigned ids beyond the index dtype wrap to negative ones, which map to -1 as they should.
-    ids = xp.astype(xp.reshape(draft_ids, (-1,)), dtype)
-    known = (ids >= 0) & (ids < d2t.shape[0])
-    safe = xp.where(known, ids, 0)
-    target = xp.where(known, safe + xp.astype(xp.take(d2t, safe), dtype), -1)
-    return xp.reshape(target, draft_ids.shape)
+    return _translate_ids(draft_ids, d2t.shape[0], dtype, target_of, xp=xp)
 
 
 def target_to_draft_ids(target_ids: Array, t2d: Array, /) -> Array:
@@ -219,11 +219,16 @@ def target_to_draft_ids(target_ids: Array, t2d: Array, /) -> Array:
 
     Examples
     --------
+    With the mappings of the example of :func:`build_vocab_mapping`, and back:
+
     >>> import numpy as np
-    >>> from softce_multi.eagle3 import target_to_draft_ids
-    >>> t2d = np.array([False, False, True, True, False, True])
-    >>> target_to_draft_ids(np.array([5, 4, 2, -100], dtype=np.int16), t2d)
+    >>> from softce_multi import eagle3
+    >>> d2t, t2d = eagle3.build_vocab_mapping(np.array([5, 0, 9, 9, 1, 7]), 3)
+    >>> draft_ids = eagle3.target_to_draft_ids(np.array([5, 4, 2, -100], dtype=np.int16), t2d)
+    >>> draft_ids
     array([ 2, -1,  0, -1], dtype=int16)
+    >>> eagle3.draft_to_target_ids(draft_ids[draft_ids >= 0], d2t)
+    array([5, 2])
     """
     xp = namespace_of(target_ids=target_ids, t2d=t2d)
     check_same_device(target_ids=target_ids, t2d=t2d)
@@ -235,11 +240,32 @@ def target_to_draft_ids(target_ids: Array, t2d: Array, /) -> Array:
     index_dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(t2d))
     dtype = xp.result_type(target_ids.dtype, index_dtype)
     positions = xp.cumulative_sum(xp.astype(t2d, dtype)) - 1
-    ids = xp.astype(xp.reshape(target_ids, (-1,)), dtype)
-    known = (ids >= 0) & (ids < t2d.shape[0])
-    safe = xp.where(known, ids, 0)
-    draft = xp.where(known & xp.take(t2d, safe), xp.take(positions, safe), -1)
-    return xp.astype(xp.reshape(draft, target_ids.shape), target_ids.dtype)
+
+    def draft_of(ids: Array) -> tuple[Array | bool, Array]:
+        return xp.take(t2d, ids), xp.take(positions, ids)
+
+    draft = _translate_ids(target_ids, t2d.shape[0], dtype, draft_of, xp=xp)
+    return xp.astype(draft, target_ids.dtype)
+
+
+def _translate_ids(
+    ids: Array,
+    table_size: int,
+    dtype: Any,
+    translate: Callable[[Array], tuple[Array | bool, Array]],
+    *,
+    xp: Namespace,
+) -> Array:
+    """Translate token ids by a table of ``table_size`` entries; -1 where there is no entry.
+
+    The ids are converted to ``dtype``; ``translate(ids)``, given ids in ``[0, table_size)``
+    only, returns whether each has a translation and the translation. The result has the shape
+    of ``ids`` and the dtype of the translation.
+    """
+    flat = xp.astype(xp.reshape(ids, (-1,)), dtype)
+    in_table = (flat >= 0) & (flat < table_size)
+    found, translated = translate(xp.where(in_table, flat, 0))
+    return xp.reshape(xp.where(in_table & found, translated, -1), ids.shape)
 
 
 def prepare_targets(
