@@ -297,3 +297,28 @@ def test_each_bench_case_computes_the_gradient_of_its_loss(name: str) -> None:
     if name.startswith("SpecForge"):  # its mean runs over every position, padding included
         expected *= weights.sum() / weights.size
     np.testing.assert_allclose(np.asarray(gradient, dtype=np.float64), expected, atol=1e-6)
+
+
+def test_bench_compares_targets_from_hidden_with_the_materialised_logits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``bench --targets`` times both paths of each framework and measures their extra memory
+    in ``[N, V_draft]`` float32 outputs (torch's measured in this process, to save a start)."""
+    monkeypatch.setattr(bench, "_memory_from_hidden", bench.peak_extra_memory_from_hidden)
+    sizes = ["--rows", "24", "--hidden", "4", "--vocab", "6", "--target-vocab", "20"]
+    report = tmp_path / "targets.json"
+
+    assert bench.main(["--targets", *sizes, "--repeats", "1", "--json", str(report)]) == 0
+
+    rows = json.loads(report.read_text())
+    frameworks = {name for name in ("torch", "jax") if installed(name)}
+    assert {(row["framework"], row["implementation"]) for row in rows} == {
+        (framework, path) for framework in frameworks for path in ("from_hidden", "materialised")
+    }
+    for row in rows:
+        assert (row["rows"], row["hidden"], row["vocab"], row["target_vocab"]) == (24, 4, 6, 20)
+        assert row["comparison"] == "targets" and row["dtype"] == "float32"
+        assert row["median_s"] > 0 and row["extra_peak_mib"] >= 0
+        assert row["extra_peak_in_logits"] == pytest.approx(
+            row["extra_peak_mib"] * bench.MIB / (24 * 6 * 4)
+        )

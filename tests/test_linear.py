@@ -643,7 +643,7 @@ def test_bench_compares_the_linear_loss_with_the_materialised_path(tmp_path, mon
 
     from softce_multi._cli import bench as _bench
 
-    monkeypatch.setattr(_bench, "_measure_linear_memory", _bench.linear_peak_extra_memory)
+    monkeypatch.setattr(_bench, "_memory_from_hidden", _bench.peak_extra_memory_from_hidden)
 
     argv = ["--linear", "--rows", "16", "--hidden", "4", "--vocab", "10", "--repeats", "1"]
     report = tmp_path / "linear.json"

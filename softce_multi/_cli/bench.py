@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import subprocess
@@ -31,7 +32,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -76,15 +77,17 @@ def _jax_step(loss_fn: Callable[[Any, Any, Any], Any]) -> Step:
     def step(logits: Any, target: Any, mask: Any) -> Any:
         return jax.block_until_ready(grad_fn(logits, target, mask))
 
-    def temp_bytes(logits: Any, target: Any, mask: Any) -> int:
-        analysis = grad_fn.lower(logits, target, mask).compile().memory_analysis()
-        if analysis is None:
-            msg = "this JAX backend reports no memory analysis"
-            raise RuntimeError(msg)
-        return int(analysis.temp_size_in_bytes)
-
-    step.temp_bytes = temp_bytes  # type: ignore[attr-defined]
+    step.temp_bytes = functools.partial(_xla_temp_bytes, grad_fn)  # type: ignore[attr-defined]
     return step
+
+
+def _xla_temp_bytes(jitted: Any, *inputs: Any) -> int:
+    """Bytes of XLA's temporaries of the jitted function ``jitted`` compiled for ``inputs``."""
+    analysis = jitted.lower(*inputs).compile().memory_analysis()
+    if analysis is None:
+        msg = "this JAX backend reports no memory analysis"
+        raise RuntimeError(msg)
+    return int(analysis.temp_size_in_bytes)
 
 
 def _softce_torch(device: str) -> Step:
@@ -257,12 +260,21 @@ def peak_extra_memory(
         torch.cuda.synchronize()
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        result = step(*inputs)
+        step(*inputs)
         torch.cuda.synchronize()
         return int(torch.cuda.max_memory_allocated()) - before
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+    return _resident_rise(lambda: step(*inputs))
+
+
+def _resident_rise(run: Callable[[], Any]) -> int:
+    """Bytes by which ``run()`` raises the peak resident set above the resident set before it.
+
+    The peak (``VmHWM``) is first reset to the current resident set (``VmRSS``), so that what
+    was allocated and freed before the call does not count.
+    """
+    Path("/proc/self/clear_refs").write_text("5")
     before = _resident_kib("VmRSS")
-    result = step(*inputs)
+    result = run()
     peak = _resident_kib("VmHWM")
     del result
     return (peak - before) * 1024
@@ -271,10 +283,14 @@ def peak_extra_memory(
 def _memory_in_subprocess(
     name: str, shape: Sequence[int], dtype: str, seed: int, device: str
 ) -> int | None:
-    code = (
-        "import json; from softce_multi._cli.bench import peak_extra_memory; print(json.dumps("
-        f"peak_extra_memory({name!r}, {tuple(shape)!r}, {dtype!r}, {seed}, {device!r})))"
-    )
+    return _in_fresh_process("peak_extra_memory", name, tuple(shape), dtype, seed, device)
+
+
+def _in_fresh_process(function: str, *arguments: Any) -> int | None:
+    """``function(*arguments)`` of this module, run in a fresh Python process so that its peak
+    memory is its own; None if the process fails."""
+    call = f"{function}({', '.join(repr(argument) for argument in arguments)})"
+    code = f"import json; from softce_multi._cli.bench import {function}; print(json.dumps({call}))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         return None
@@ -301,16 +317,32 @@ def _time_cases(
         steps = {
             case.name: case.make(options.device) for case in cases if case.framework == framework
         }
-        for round_index in range(options.repeats + 1):
-            for name, step in steps.items():
-                start = time.perf_counter()
-                result = step(*inputs)
-                _synchronize(options.device)
-                elapsed = time.perf_counter() - start
-                del result
-                if round_index > 0:  # the first round compiles and warms up
-                    times[name].append(elapsed)
+        synchronize = functools.partial(_synchronize, options.device)
+        times.update(_interleaved_times(steps, inputs, options.repeats, synchronize))
         del inputs, steps
+    return times
+
+
+def _interleaved_times(
+    steps: dict[str, Callable[..., Any]],
+    inputs: Sequence[Any],
+    repeats: int,
+    synchronize: Callable[[], None] = lambda: None,
+) -> dict[str, list[float]]:
+    """Wall times of ``repeats`` rounds, each running every step on ``inputs`` once, in order.
+
+    A first round, not counted, compiles and warms up.
+    """
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for round_index in range(repeats + 1):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            result = step(*inputs)
+            synchronize()
+            elapsed = time.perf_counter() - start
+            del result
+            if round_index > 0:
+                times[name].append(elapsed)
     return times
 
 
@@ -448,179 +480,287 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(figure)
 
 
-# --- the loss straight from hidden states against the materialised logits ------------------
+# --- functions of hidden states that never hold [N, V] logits, against the materialised path --
 
 
-def _linear_inputs(
-    framework: str, n_rows: int, hidden: int, vocab: int, dtype: str, seed: int
-) -> tuple[Any, ...]:
-    """Hidden states and weight of ``dtype``, float32 targets and a bool mask, of ``framework``."""
-    import numpy as np
+class Sizes(NamedTuple):
+    """Sizes of a comparison from hidden states.
 
+    ``rows`` hidden states of size ``hidden``; ``vocab`` columns of the ``[rows, vocab]`` float32
+    array that measures memory (the linear loss's logits, the targets' output, over the draft
+    vocabulary); ``target_vocab`` rows of the target head's weight (targets only).
+    """
+
+    rows: int
+    hidden: int
+    vocab: int
+    target_vocab: int
+
+
+@dataclasses.dataclass(frozen=True)
+class FromHidden:
+    """A function of hidden states that holds only chunks of the logits, and the materialised
+    path it equals (``hidden @ weight.T``, then the function of the logits).
+
+    ``function(path, sizes)`` is the computation of ``path`` (:attr:`own` or
+    ``"materialised"``) as a function of the arrays ``inputs(sizes, seed)``; the first two (the
+    hidden states and the weight) take the dtype under test. With :attr:`differentiate`, a step
+    is forward+backward to those two; otherwise forward only.
+    """
+
+    own: str
+    function: Callable[[str, Sizes], Callable[..., Any]]
+    inputs: Callable[[Sizes, int], tuple[np.ndarray, ...]]
+    differentiate: bool
+    title: str
+    """What is compared, with ``{hidden}``, ``{vocab}``, ``{target_vocab}`` to fill in."""
+    default_rows: tuple[int, ...]
+    default_hidden: int
+
+
+def _random_rows(rng: np.random.Generator, sizes: Sizes, vocab: int) -> tuple[Any, Any]:
+    """Standard normal ``[rows, hidden]`` states and a ``[vocab, hidden]`` weight that keeps the
+    logits near unit scale, in float32."""
+    states = rng.standard_normal((sizes.rows, sizes.hidden), dtype=np.float32)
+    weight = rng.standard_normal((vocab, sizes.hidden), dtype=np.float32)
+    weight *= np.float32(sizes.hidden**-0.5)
+    return states, weight
+
+
+def _linear_inputs(sizes: Sizes, seed: int) -> tuple[np.ndarray, ...]:
+    """Hidden states, the draft head's weight, probability targets and a bool mask."""
     rng = np.random.default_rng(seed)
-    states = rng.standard_normal((n_rows, hidden), dtype=np.float32)
-    weight = rng.standard_normal((vocab, hidden), dtype=np.float32) * np.float32(hidden**-0.5)
-    target = rng.standard_normal((n_rows, vocab), dtype=np.float32)
+    states, weight = _random_rows(rng, sizes, sizes.vocab)
+    target = rng.standard_normal((sizes.rows, sizes.vocab), dtype=np.float32)
     np.exp(target, out=target)
     target /= target.sum(axis=-1, keepdims=True)
-    mask = rng.random(n_rows) > 0.1
+    return states, weight, target, rng.random(sizes.rows) > 0.1
+
+
+def _linear_function(path: str, sizes: Sizes) -> Callable[..., Any]:
+    import softce_multi
+
+    if path == "linear":
+        return softce_multi.linear_masked_soft_cross_entropy
+
+    def materialised(states: Any, weight: Any, target: Any, mask: Any) -> Any:
+        return softce_multi.masked_soft_cross_entropy(states @ weight.T, target, mask)
+
+    return materialised
+
+
+def _targets_inputs(sizes: Sizes, seed: int) -> tuple[np.ndarray, ...]:
+    """The target model's hidden states and head, a bool loss mask and ``t2d``."""
+    rng = np.random.default_rng(seed)
+    states, weight = _random_rows(rng, sizes, sizes.target_vocab)
+    t2d = np.zeros(sizes.target_vocab, dtype=bool)
+    t2d[rng.choice(sizes.target_vocab, sizes.vocab, replace=False)] = True
+    return states, weight, rng.random(sizes.rows) > 0.1, t2d
+
+
+def _targets_function(path: str, sizes: Sizes) -> Callable[..., Any]:
+    from softce_multi.eagle3 import prepare_targets, prepare_targets_from_hidden
+
+    if path == "from_hidden":
+        return functools.partial(prepare_targets_from_hidden, draft_vocab_size=sizes.vocab)
+
+    def materialised(states: Any, weight: Any, loss_mask: Any, t2d: Any) -> Any:
+        return prepare_targets(states @ weight.T, loss_mask, t2d, draft_vocab_size=sizes.vocab)
+
+    return materialised
+
+
+FROM_HIDDEN: dict[str, FromHidden] = {
+    "linear": FromHidden(
+        "linear",
+        _linear_function,
+        _linear_inputs,
+        differentiate=True,
+        title=(
+            "linear_masked_soft_cross_entropy against hidden @ weight.T then "
+            "masked_soft_cross_entropy, forward+backward; H = {hidden}, V = {vocab}"
+        ),
+        default_rows=(2048, 8192),
+        default_hidden=256,
+    ),
+    "targets": FromHidden(
+        "from_hidden",
+        _targets_function,
+        _targets_inputs,
+        differentiate=False,
+        title=(
+            "prepare_targets_from_hidden against prepare_targets(hidden @ weight.T), forward; "
+            "H = {hidden}, V_target = {target_vocab}, V_draft = {vocab}"
+        ),
+        default_rows=(4096,),
+        default_hidden=128,
+    ),
+}
+"""The comparisons from hidden states, by their option (``bench --linear``, ``--targets``)."""
+
+
+def _framework_arrays(framework: str, arrays: Sequence[np.ndarray], dtype: str) -> tuple[Any, ...]:
+    """``arrays`` in ``framework``; the first two (hidden states, weight) in ``dtype``."""
     if framework == "jax":
         import jax.numpy as jnp
 
-        kind = getattr(jnp, dtype)
-        return jnp.asarray(states, kind), jnp.asarray(weight, kind), jnp.asarray(target), mask
+        return tuple(
+            jnp.asarray(array, getattr(jnp, dtype)) if index < 2 else jnp.asarray(array)
+            for index, array in enumerate(arrays)
+        )
     import torch
 
-    kind = getattr(torch, dtype)
-    as_tensor = torch.from_numpy
-    return (
-        as_tensor(states).to(kind),
-        as_tensor(weight).to(kind),
-        as_tensor(target),
-        as_tensor(mask),
+    return tuple(
+        torch.from_numpy(array).to(getattr(torch, dtype)) if index < 2 else torch.from_numpy(array)
+        for index, array in enumerate(arrays)
     )
 
 
-def _linear_torch_step(kind: str) -> Callable[..., Any]:
-    """Forward+backward of the linear loss, or of ``hidden @ weight.T`` and the loss."""
-    import softce_multi
+def _from_hidden_torch_step(comparison: FromHidden, path: str, sizes: Sizes) -> Step:
+    function = comparison.function(path, sizes)
+    if not comparison.differentiate:
+        return function
 
-    def step(states: Any, weight: Any, target: Any, mask: Any) -> Any:
+    def step(states: Any, weight: Any, *rest: Any) -> Any:
         states, weight = states.detach().requires_grad_(True), weight.detach().requires_grad_(True)
-        if kind == "linear":
-            loss = softce_multi.linear_masked_soft_cross_entropy(states, weight, target, mask)
-        else:
-            loss = softce_multi.masked_soft_cross_entropy(states @ weight.T, target, mask)
-        loss.backward()
+        function(states, weight, *rest).backward()
         return states.grad, weight.grad
 
     return step
 
 
-def _linear_jax_step(kind: str, inputs: tuple[Any, ...]) -> tuple[Any, int]:
-    """The jitted forward+backward and XLA's count of its temporaries, in bytes."""
+def _from_hidden_jax_step(
+    comparison: FromHidden, path: str, sizes: Sizes, inputs: Sequence[Any]
+) -> tuple[Step, int]:
+    """The jitted step and XLA's count of its temporaries, in bytes."""
     import jax
 
-    import softce_multi
+    function = comparison.function(path, sizes)
+    if comparison.differentiate:
+        function = jax.value_and_grad(function, argnums=(0, 1))
+    jitted = jax.jit(function)
 
-    def loss(states: Any, weight: Any, target: Any, mask: Any) -> Any:
-        if kind == "linear":
-            return softce_multi.linear_masked_soft_cross_entropy(states, weight, target, mask)
-        return softce_multi.masked_soft_cross_entropy(states @ weight.T, target, mask)
+    def step(*arrays: Any) -> Any:
+        return jax.block_until_ready(jitted(*arrays))
 
-    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-    analysis = step.lower(*inputs).compile().memory_analysis()
-    if analysis is None:
-        msg = "this JAX backend reports no memory analysis"
-        raise RuntimeError(msg)
-    return step, int(analysis.temp_size_in_bytes)
+    return step, _xla_temp_bytes(jitted, *inputs)
 
 
-def linear_peak_extra_memory(
-    kind: str, n_rows: int, hidden: int, vocab: int, dtype: str, seed: int
+def peak_extra_memory_from_hidden(
+    name: str, path: str, sizes: Sequence[int], dtype: str, seed: int
 ) -> int:
-    """Bytes of extra peak resident memory of one torch forward+backward (``kind``: ``"linear"``
-    or ``"materialised"``): ``VmHWM`` is reset after the inputs exist, and the libraries are
-    warmed up on a tiny case first, so that no freed buffer of this size is reused."""
-    step = _linear_torch_step(kind)
-    step(*_linear_inputs("torch", 8, 8, 16, dtype, seed))
-    inputs = _linear_inputs("torch", n_rows, hidden, vocab, dtype, seed)
-    before = _resident_kib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
-    result = step(*inputs)
-    peak = _resident_kib("VmHWM")
-    del result
-    return (peak - before) * 1024
+    """Bytes of extra peak resident memory of one torch step of ``path`` of comparison ``name``.
+
+    The libraries are warmed up on a tiny case first, so that no freed buffer of this size is
+    reused; ``VmHWM`` is reset once the inputs exist.
+    """
+    comparison = FROM_HIDDEN[name]
+    tiny = Sizes(8, 8, 16, 32)
+    warm_up = _from_hidden_torch_step(comparison, path, tiny)
+    warm_up(*_framework_arrays("torch", comparison.inputs(tiny, seed), dtype))
+    full = Sizes(*sizes)
+    step = _from_hidden_torch_step(comparison, path, full)
+    inputs = _framework_arrays("torch", comparison.inputs(full, seed), dtype)
+    return _resident_rise(lambda: step(*inputs))
 
 
-def run_linear(
-    lengths: list[int], hidden: int, vocab: int, dtype: str, repeats: int, seed: int
+def _memory_from_hidden(name: str, path: str, sizes: Sizes, dtype: str, seed: int) -> int | None:
+    return _in_fresh_process("peak_extra_memory_from_hidden", name, path, tuple(sizes), dtype, seed)
+
+
+def run_from_hidden(
+    name: str,
+    sizes: Sequence[Sizes],
+    dtype: str,
+    repeats: int,
+    seed: int,
+    frameworks: Sequence[str] = ("torch", "jax"),
+    *,
+    memory: bool = True,
 ) -> list[dict[str, Any]]:
-    """Linear loss against the materialised path, per number of rows; torch, then JAX."""
+    """Comparison ``name`` at each of ``sizes``: interleaved times of both paths and, with
+    ``memory``, the torch paths' extra peak memory (a fresh process's resident set); the JAX
+    paths' is XLA's count of temporaries."""
+    comparison = FROM_HIDDEN[name]
+    paths = (comparison.own, "materialised")
     rows = []
-    for framework in ("torch", "jax"):
+    for framework in frameworks:
         if not installed(framework):
             continue
-        for n_rows in lengths:
-            times, memory = _time_linear(framework, n_rows, hidden, vocab, dtype, repeats, seed)
-            for kind in ("linear", "materialised"):
-                if framework == "torch":
-                    memory[kind] = _measure_linear_memory(kind, n_rows, hidden, vocab, dtype, seed)
-                extra = memory[kind]
+        for size in sizes:
+            inputs = _framework_arrays(framework, comparison.inputs(size, seed), dtype)
+            steps: dict[str, Step] = {}
+            extras: dict[str, int | None] = dict.fromkeys(paths)
+            for path in paths:
+                if framework == "jax":
+                    steps[path], extras[path] = _from_hidden_jax_step(
+                        comparison, path, size, inputs
+                    )
+                else:
+                    steps[path] = _from_hidden_torch_step(comparison, path, size)
+            times = _interleaved_times(steps, inputs, repeats)
+            del inputs, steps
+            for path in paths:
+                if framework == "torch" and memory:
+                    extras[path] = _memory_from_hidden(name, path, size, dtype, seed)
+                extra = extras[path]
+                ratios = [a / b for a, b in zip(times[path], times["materialised"], strict=True)]
                 rows.append(
                     {
+                        "comparison": name,
                         "framework": framework,
-                        "rows": n_rows,
-                        "implementation": kind,
-                        "median_s": statistics.median(times[kind]),
-                        "time_vs_materialised": statistics.median(
-                            [a / b for a, b in zip(times[kind], times["materialised"], strict=True)]
-                        ),
+                        **size._asdict(),
+                        "dtype": dtype,
+                        "implementation": path,
+                        "median_s": statistics.median(times[path]),
+                        "time_vs_materialised": statistics.median(ratios),
                         "extra_peak_mib": None if extra is None else extra / MIB,
                         "extra_peak_in_logits": None
                         if extra is None
-                        else extra / (n_rows * vocab * 4),
+                        else extra / (size.rows * size.vocab * ITEMSIZE["float32"]),
                     }
                 )
     return rows
 
 
-def _time_linear(
-    framework: str, n_rows: int, hidden: int, vocab: int, dtype: str, repeats: int, seed: int
-) -> tuple[dict[str, list[float]], dict[str, int | None]]:
-    """Interleaved times of both paths; for JAX, also XLA's temporaries."""
-    times: dict[str, list[float]] = {"linear": [], "materialised": []}
-    memory: dict[str, int | None] = dict.fromkeys(times)
-    inputs = _linear_inputs(framework, n_rows, hidden, vocab, dtype, seed)
-    steps: dict[str, Callable[..., Any]] = {}
-    for kind in times:
-        if framework == "jax":
-            steps[kind], memory[kind] = _linear_jax_step(kind, inputs)
-        else:
-            steps[kind] = _linear_torch_step(kind)
-    for _round in range(repeats + 1):
-        for kind, step in steps.items():
-            start = time.perf_counter()
-            result = step(*inputs)
-            if framework == "jax":
-                result[0].block_until_ready()
-            elapsed = time.perf_counter() - start
-            del result
-            if _round > 0:  # the first round compiles and warms up
-                times[kind].append(elapsed)
-    return times, memory
-
-
-def _measure_linear_memory(
-    kind: str, n_rows: int, hidden: int, vocab: int, dtype: str, seed: int
-) -> int | None:
-    code = (
-        "import json; from softce_multi._cli.bench import linear_peak_extra_memory; "
-        "print(json.dumps("
-        f"linear_peak_extra_memory({kind!r}, {n_rows}, {hidden}, {vocab}, {dtype!r}, {seed})))"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        return None
-    return int(json.loads(done.stdout.strip().splitlines()[-1]))
-
-
-def _format_linear(rows: list[dict[str, Any]]) -> str:
+def _format_from_hidden(rows: list[dict[str, Any]]) -> str:
     header = (
         f"{'framework':<10} {'rows':>7} {'implementation':<14} {'median s':>9} "
         f"{'x time':>7} {'extra MiB':>10} {'x [N,V]':>8}"
     )
     lines = [header, "-" * len(header)]
     for row in rows:
-        mib = row["extra_peak_mib"]
-        memory = "n/a" if mib is None else f"{mib:.0f}"
-        buffers = "n/a" if mib is None else f"{row['extra_peak_in_logits']:.3f}"
         lines.append(
             f"{row['framework']:<10} {row['rows']:>7} {row['implementation']:<14} "
-            f"{row['median_s']:>9.3f} {row['time_vs_materialised']:>6.2f}x {memory:>10} "
-            f"{buffers:>8}"
+            f"{row['median_s']:>9.3f} {row['time_vs_materialised']:>6.2f}x "
+            f"{_cell(row['extra_peak_mib'], '{:.0f}'):>10} "
+            f"{_cell(row['extra_peak_in_logits'], '{:.3f}'):>8}"
         )
     return "\n".join(lines)
+
+
+def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
+    comparison = FROM_HIDDEN[name]
+    hidden = args.hidden or comparison.default_hidden
+    sizes = [
+        Sizes(rows, hidden, args.vocab, args.target_vocab)
+        for rows in args.rows or comparison.default_rows
+    ]
+    dtype = args.dtypes[0]
+    rows = run_from_hidden(
+        name, sizes, dtype, args.repeats, args.seed, args.frameworks, memory=args.memory
+    )
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=2))
+    print(comparison.title.format(**sizes[0]._asdict()))
+    print(f"{dtype}, median of {args.repeats} interleaved rounds")
+    print(_format_from_hidden(rows))
+    print("x time: this path's time over the materialised path's, per round, median.")
+    print(
+        "extra MiB: torch, the rise of peak resident memory in a fresh process; JAX, XLA's "
+        "temporaries. x [N,V]: in float32 [N, V] buffers (V: the draft vocabulary)."
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -640,13 +780,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=[512, 1024, 2048, 4096, 8192],
         help="sequence lengths N of [1, N, V] logits (default: %(default)s)",
     )
-    parser.add_argument("--vocab", type=positive_int, default=32000, help="V (%(default)s)")
+    parser.add_argument(
+        "--vocab", type=positive_int, default=32000, help="V; with --targets V_draft (%(default)s)"
+    )
     parser.add_argument(
         "--dtypes",
         nargs="+",
         default=["float32", "bfloat16"],
         choices=list(ITEMSIZE),
-        help="logits dtypes (default: %(default)s)",
+        help="logits dtypes (default: %(default)s); --linear and --targets run the first",
     )
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
     parser.add_argument("--seed", type=int, default=0)
@@ -659,7 +801,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write the rows as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="draw time and memory")
-    parser.add_argument(
+    comparisons = parser.add_mutually_exclusive_group()
+    comparisons.add_argument(
         "--linear",
         action="store_true",
         help=(
@@ -667,25 +810,41 @@ def main(argv: Sequence[str] | None = None) -> int:
             "with the materialised path (hidden @ weight.T, then the loss), for each --rows"
         ),
     )
-    parser.add_argument("--rows", type=int, nargs="+", default=[2048, 8192], help="with --linear")
-    parser.add_argument("--hidden", type=int, default=256, help="with --linear")
+    comparisons.add_argument(
+        "--targets",
+        action="store_true",
+        help=(
+            "compare prepare_targets_from_hidden of [N, H] hidden states and a [V_target, H] "
+            "head with prepare_targets(hidden @ weight.T), V_draft = --vocab, for each --rows"
+        ),
+    )
+    parser.add_argument(
+        "--rows",
+        type=positive_int,
+        nargs="+",
+        help="with --linear or --targets: N (default: 2048 8192; --targets: 4096)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=positive_int,
+        help="with --linear or --targets: H (default: 256; --targets: 128)",
+    )
+    parser.add_argument(
+        "--target-vocab",
+        type=positive_int,
+        default=128000,
+        help="with --targets: V_target (%(default)s)",
+    )
+    parser.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=["torch", "jax"],
+        default=["torch", "jax"],
+        help="with --linear or --targets: the frameworks to run (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
-    if args.linear:
-        dtype = args.dtypes[0]
-        linear_rows = run_linear(args.rows, args.hidden, args.vocab, dtype, args.repeats, args.seed)
-        if args.json:
-            args.json.write_text(json.dumps(linear_rows, indent=2))
-        print(
-            f"hidden size {args.hidden}, vocabulary {args.vocab}, {dtype}, "
-            f"forward+backward, median of {args.repeats} interleaved runs"
-        )
-        print(_format_linear(linear_rows))
-        print("x time: this path's time over the materialised path's, per round, median.")
-        print(
-            "extra MiB: torch, the rise of peak resident memory; JAX, XLA's temporaries. "
-            "x [N,V]: in float32 [N, V] buffers."
-        )
-        return 0
+    if args.linear or args.targets:
+        return _main_from_hidden("linear" if args.linear else "targets", args)
     if args.device == "cuda":
         import torch
 
