@@ -36,9 +36,11 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from softce_multi import testing
 from softce_multi._cli._common import installed, positive_int
 
 MIB = 1 << 20
+_DEVICE_KIND = {"cpu": "cpu", "cuda": "gpu"}  # bench's --device, as softce_multi.testing names it
 ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 BASELINE = "NeMo formula[torch]"
 
@@ -52,7 +54,7 @@ class Case:
     name: str
     framework: str  # "torch", "jax" or "numpy": how inputs are built and memory is measured
     make: Callable[[str], Step]
-    requires: tuple[str, ...] = ()
+    requires: tuple[str, ...] = ()  # libraries it needs beyond its framework
     peer: str | None = None  # the case of the same framework it is compared with
     dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16", "float64")
 
@@ -181,12 +183,12 @@ def _plain_numpy(device: str) -> Step:
 
 
 CASES: list[Case] = [
-    Case("softce_multi[torch]", "torch", _softce_torch, ("torch",), peer=BASELINE),
-    Case(BASELINE, "torch", _nemo_formula, ("torch",)),
-    Case("F.cross_entropy[torch]", "torch", _torch_cross_entropy, ("torch",), peer=BASELINE),
-    Case("SpecForge formula[torch]", "torch", _specforge_formula, ("torch",), peer=BASELINE),
-    Case("softce_multi[jax.jit]", "jax", _softce_jax, ("jax",), peer="optax[jax.jit]"),
-    Case("optax[jax.jit]", "jax", _optax_loss, ("jax", "optax")),
+    Case("softce_multi[torch]", "torch", _softce_torch, peer=BASELINE),
+    Case(BASELINE, "torch", _nemo_formula),
+    Case("F.cross_entropy[torch]", "torch", _torch_cross_entropy, peer=BASELINE),
+    Case("SpecForge formula[torch]", "torch", _specforge_formula, peer=BASELINE),
+    Case("softce_multi[jax.jit]", "jax", _softce_jax, peer="optax[jax.jit]"),
+    Case("optax[jax.jit]", "jax", _optax_loss, ("optax",)),
     Case(
         "softce_multi[numpy]",
         "numpy",
@@ -346,15 +348,28 @@ def _interleaved_times(
     return times
 
 
+def _unavailable(framework: str, device: str) -> str | None:
+    """Why ``framework`` cannot run on ``device`` here, from the backends of
+    :mod:`softce_multi.testing`; None if it can."""
+    (backend,) = (
+        backend
+        for backend in testing.known_backends()
+        if (backend.library, backend.device) == (framework, _DEVICE_KIND[device])
+    )
+    return backend.unavailable_reason()
+
+
 def _skip_reason(case: Case, dtype: str, device: str) -> str | None:
-    missing = [library for library in (case.framework, *case.requires) if library != "numpy"]
-    missing = [library for library in missing if not installed(library)]
+    if device == "cuda" and case.framework != "torch":
+        return "bench runs only the torch cases on CUDA"
+    reason = _unavailable(case.framework, device)
+    if reason is not None:
+        return reason
+    missing = [library for library in case.requires if not installed(library)]
     if missing:
         return f"not installed: {', '.join(missing)}"
     if dtype not in case.dtypes:
         return f"no {dtype}"
-    if device == "cuda" and case.framework != "torch":
-        return "bench runs only the torch cases on CUDA"
     return None
 
 
@@ -685,7 +700,7 @@ def run_from_hidden(
     paths = (comparison.own, "materialised")
     rows = []
     for framework in frameworks:
-        if not installed(framework):
+        if _unavailable(framework, "cpu") is not None:
             continue
         for size in sizes:
             inputs = _framework_arrays(framework, comparison.inputs(size, seed), dtype)

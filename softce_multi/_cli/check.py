@@ -4,6 +4,9 @@ Each backend gets the same random inputs of EAGLE-3 size, rounded to the dtype u
 loss and logits gradient are compared with the oracle run in float64 on exactly those rounded
 values: the PyTorch reference :func:`softce_multi.reference.masked_soft_cross_entropy` (its
 gradient from autograd), or, where PyTorch is not installed, the same formula in NumPy.
+
+The backends are those of :func:`softce_multi.testing.backends`, the enumeration the test suite
+and ``bench`` use, under the same names.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from softce_multi.testing import LOSS_RTOL, gradient_tolerance
 DEFAULT_SHAPE = (2, 512, 32000)
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-BACKENDS = ("numpy", "array_api_strict", "torch", "torch-cuda", "jax", "jax-gpu", "cupy")
+BACKENDS = tuple(backend.name for backend in testing.known_backends())
 
 
 def loss_tolerance(dtype: str) -> float:
@@ -57,16 +60,6 @@ class Outcome:
     logits: np.ndarray
     target_probs: np.ndarray
     seconds: float
-
-
-@dataclasses.dataclass(frozen=True)
-class Backend:
-    """An installed array library on one device, and how to run the loss on it."""
-
-    name: str
-    device: str
-    dtypes: tuple[str, ...]
-    run: Callable[[Inputs, str], Outcome]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,166 +177,85 @@ def _timed(fn: Callable[[], Any], synchronize: Callable[[Any], Any]) -> tuple[An
     return result, time.perf_counter() - start
 
 
-def _as_float64(array: Any) -> np.ndarray:
-    return np.asarray(array).astype(np.float64)
-
-
-def _run_numpy(inputs: Inputs, dtype: str) -> Outcome:
-    logits = inputs.logits.astype(dtype)
-    target = inputs.target_probs.astype(dtype)
-    (loss, grad), seconds = _timed(
-        lambda: sc.masked_soft_cross_entropy_with_grad(logits, target, inputs.position_mask),
-        lambda result: result,
-    )
-    return Outcome(
-        float(loss), _as_float64(grad), _as_float64(logits), _as_float64(target), seconds
-    )
-
-
-def _run_array_api_strict(inputs: Inputs, dtype: str) -> Outcome:
-    import array_api_strict as xp
-
-    logits = xp.asarray(inputs.logits, dtype=getattr(xp, dtype))
-    target = xp.asarray(inputs.target_probs, dtype=getattr(xp, dtype))
-    mask = xp.asarray(inputs.position_mask)
-    (loss, grad), seconds = _timed(
-        lambda: sc.masked_soft_cross_entropy_with_grad(logits, target, mask),
-        lambda result: result,
-    )
-
-    def to_numpy(array: Any) -> np.ndarray:
-        return np.from_dlpack(array).astype(np.float64)
-
-    return Outcome(float(loss), to_numpy(grad), to_numpy(logits), to_numpy(target), seconds)
-
-
-def _torch_runner(device: str) -> Callable[[Inputs, str], Outcome]:
-    import torch
-
-    def synchronize(result: Any) -> Any:
-        if device.startswith("cuda"):
-            torch.cuda.synchronize(device)
-        return result
-
-    def to_numpy(tensor: torch.Tensor) -> np.ndarray:
-        return tensor.detach().to(device="cpu", dtype=torch.float64).numpy()
-
-    def run(inputs: Inputs, dtype: str) -> Outcome:
-        torch_dtype = getattr(torch, dtype)
-        logits = torch.from_numpy(inputs.logits).to(device=device, dtype=torch_dtype)
-        target = torch.from_numpy(inputs.target_probs).to(device=device, dtype=torch_dtype)
-        mask = torch.from_numpy(inputs.position_mask).to(device=device)
-        logits.requires_grad_()
-        synchronize(None)
-
-        def forward_backward() -> torch.Tensor:
-            logits.grad = None
-            loss = sc.masked_soft_cross_entropy(logits, target, mask)
-            loss.backward()
-            return loss
-
-        loss, seconds = _timed(forward_backward, synchronize)
-        grad = logits.grad if logits.grad is not None else torch.full_like(logits, math.nan)
-        return Outcome(
-            float(loss.detach()), to_numpy(grad), to_numpy(logits), to_numpy(target), seconds
-        )
-
-    return run
-
-
-def _jax_runner(device: Any) -> Callable[[Inputs, str], Outcome]:
-    import jax
-    import jax.numpy as jnp
-
-    loss_and_grad = jax.jit(jax.value_and_grad(sc.masked_soft_cross_entropy))
-
-    def run(inputs: Inputs, dtype: str) -> Outcome:
-        numpy_dtype = jnp.dtype(dtype)
-        logits = jax.device_put(inputs.logits.astype(numpy_dtype), device)
-        target = jax.device_put(inputs.target_probs.astype(numpy_dtype), device)
-        mask = jax.device_put(inputs.position_mask, device)
-        (loss, grad), seconds = _timed(
-            lambda: loss_and_grad(logits, target, mask), jax.block_until_ready
-        )
-        return Outcome(
-            float(loss), _as_float64(grad), _as_float64(logits), _as_float64(target), seconds
-        )
-
-    return run
-
-
-def _run_cupy(inputs: Inputs, dtype: str) -> Outcome:
-    import cupy
-
-    def synchronize(result: Any) -> Any:
-        cupy.cuda.get_current_stream().synchronize()
-        return result
-
-    logits = cupy.asarray(inputs.logits.astype(dtype))
-    target = cupy.asarray(inputs.target_probs.astype(dtype))
-    mask = cupy.asarray(inputs.position_mask)
-    synchronize(None)
-    (loss, grad), seconds = _timed(
-        lambda: sc.masked_soft_cross_entropy_with_grad(logits, target, mask), synchronize
-    )
-
-    def to_numpy(array: Any) -> np.ndarray:
-        return cupy.asnumpy(array).astype(np.float64)
-
-    return Outcome(float(loss), to_numpy(grad), to_numpy(logits), to_numpy(target), seconds)
-
-
-def available_backends() -> list[Backend]:
-    """Return every backend installed here, with the devices and dtypes it can run."""
-    backends = [Backend("numpy", "cpu", ("float16", "float32", "float64"), _run_numpy)]
-    if installed("array_api_strict"):
-        backends.append(
-            Backend("array_api_strict", "cpu", ("float32", "float64"), _run_array_api_strict)
-        )
-    if installed("torch"):
-        import torch
-
-        backends.append(Backend("torch", "cpu", DTYPES, _torch_runner("cpu")))
-        if torch.cuda.is_available():
-            backends.append(Backend("torch-cuda", "cuda:0", DTYPES, _torch_runner("cuda:0")))
-    if installed("jax"):
+def _synchronizer(backend: testing.Backend) -> Callable[[Any], Any]:
+    """``synchronize(result) -> result``, once the backend's device has finished its work."""
+    if backend.library == "jax":
         import jax
 
-        jax_dtypes = DTYPES if jax.config.read("jax_enable_x64") else DTYPES[:3]
-        for name, platform in (("jax", "cpu"), ("jax-gpu", "gpu")):
-            devices = _jax_devices(platform)
-            if devices:
-                label = "cpu" if platform == "cpu" else f"gpu:{devices[0].id}"
-                backends.append(Backend(name, label, jax_dtypes, _jax_runner(devices[0])))
-    if installed("cupy") and _cupy_device_count() > 0:
-        backends.append(Backend("cupy", "cuda:0", ("float16", "float32", "float64"), _run_cupy))
-    return backends
+        return jax.block_until_ready
+    if backend.library == "torch" and backend.device == "gpu":
+        import torch
 
+        def synchronize_torch(result: Any) -> Any:
+            torch.cuda.synchronize()
+            return result
 
-def _jax_devices(platform: str) -> list[Any]:
-    import jax
-
-    try:
-        return list(jax.devices(platform))
-    except RuntimeError:  # no such platform in this jaxlib, or excluded by JAX_PLATFORMS
-        return []
-
-
-def _cupy_device_count() -> int:
-    try:
+        return synchronize_torch
+    if backend.library == "cupy":
         import cupy
 
-        return int(cupy.cuda.runtime.getDeviceCount())
-    except Exception:  # a CuPy without a driver raises its own CUDA errors
-        return 0
+        def synchronize_cupy(result: Any) -> Any:
+            cupy.cuda.get_current_stream().synchronize()
+            return result
+
+        return synchronize_cupy
+    return lambda result: result
+
+
+def _loss_and_grad(backend: testing.Backend) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """The ``"mean"`` loss and its logits gradient as a user of the backend computes them:
+    torch autograd, ``jax.jit`` of ``jax.value_and_grad``, or
+    :func:`softce_multi.masked_soft_cross_entropy_with_grad`."""
+    if backend.library == "torch":
+
+        def torch_autograd(logits: Any, target: Any, mask: Any) -> tuple[Any, Any]:
+            leaf = logits.detach().requires_grad_(True)
+            loss = sc.masked_soft_cross_entropy(leaf, target, mask)
+            loss.backward()
+            return loss.detach(), leaf.grad
+
+        return torch_autograd
+    if backend.library == "jax":
+        import jax
+
+        return jax.jit(jax.value_and_grad(sc.masked_soft_cross_entropy))
+    return lambda logits, target, mask: sc.masked_soft_cross_entropy_with_grad(logits, target, mask)
+
+
+def run_backend(backend: testing.Backend, inputs: Inputs, dtype: str) -> Outcome:
+    """Run the loss and its gradient on ``backend`` in ``dtype``; time the second of two calls."""
+    logits = backend.asarray(inputs.logits, dtype)
+    target = backend.asarray(inputs.target_probs, dtype)
+    mask = backend.asarray(inputs.position_mask)
+    loss_and_grad = _loss_and_grad(backend)
+    (loss, grad), seconds = _timed(
+        lambda: loss_and_grad(logits, target, mask), _synchronizer(backend)
+    )
+    to_float64 = testing.to_float64
+    return Outcome(float(loss), to_float64(grad), to_float64(logits), to_float64(target), seconds)
+
+
+def backend_dtypes(backend: testing.Backend) -> tuple[str, ...]:
+    """The dtypes of :data:`DTYPES` that ``backend`` runs here: JAX has float64 only with
+    ``jax_enable_x64``."""
+    dtypes = tuple(dtype for dtype in DTYPES if backend.supports(dtype))
+    if backend.library == "jax":
+        import jax
+
+        if not jax.config.read("jax_enable_x64"):
+            return tuple(dtype for dtype in dtypes if dtype != "float64")
+    return dtypes
 
 
 def check_backend(
-    backend: Backend, dtype: str, inputs: Inputs, oracle: Callable[..., tuple[float, np.ndarray]]
+    backend: testing.Backend,
+    dtype: str,
+    inputs: Inputs,
+    oracle: Callable[..., tuple[float, np.ndarray]],
 ) -> Row:
     """Run ``backend`` in ``dtype`` on ``inputs`` and compare it with the oracle."""
     try:
-        outcome = backend.run(inputs, dtype)
+        outcome = run_backend(backend, inputs, dtype)
         reference_loss, reference_grad = oracle(
             outcome.logits, outcome.target_probs, inputs.position_mask
         )
@@ -421,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         nargs="+",
         choices=BACKENDS,
-        help="check only these backends (default: every one installed)",
+        help="check only these backends (default: every one available here)",
     )
     parser.add_argument(
         "--oracle",
@@ -435,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from command-line arguments; return 0 if every row passes, else 1."""
     args = build_parser().parse_args(argv)
-    backends = available_backends()
+    backends = list(testing.backends())
     if args.backend is not None:
         missing = sorted(set(args.backend) - {backend.name for backend in backends})
         if missing:
@@ -459,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows, notes = [], []
     for backend in backends:
         for dtype in args.dtype:
-            if dtype not in backend.dtypes:
+            if dtype not in backend_dtypes(backend):
                 notes.append(f"{backend.name}: {dtype} skipped (not supported by this backend)")
                 continue
             row = check_backend(backend, dtype, inputs, cached_oracle)
