@@ -209,6 +209,37 @@ def test_under_jax_jit_without_draft_vocab_size_is_a_type_error() -> None:
         jax.jit(prepare_targets_from_hidden)(*args)
 
 
+def test_jax_temporaries_are_bounded_by_the_chunk() -> None:
+    """Under ``jax.jit``, XLA's temporaries hold a few ``[chunk_rows, chunk_vocab]`` blocks of
+    logits, whatever ``N``; the materialised path's hold ``[N, V_target]`` logits."""
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    v_target, v_draft, hidden_size, chunk_rows, chunk_vocab = 4096, 1024, 32, 64, 256
+    block_bytes = chunk_rows * chunk_vocab * 4
+
+    def chunked(*arrays):
+        return prepare_targets_from_hidden(
+            *arrays, draft_vocab_size=v_draft, chunk_rows=chunk_rows, chunk_vocab=chunk_vocab
+        )
+
+    def materialised(hidden, weight, loss_mask, t2d):
+        return prepare_targets(hidden @ weight.T, loss_mask, t2d, draft_vocab_size=v_draft)
+
+    def temporaries(function, n_rows: int) -> int:
+        shapes = (
+            jax.ShapeDtypeStruct((n_rows, hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((v_target, hidden_size), jnp.float32),
+            jax.ShapeDtypeStruct((n_rows,), jnp.bool_),
+            jax.ShapeDtypeStruct((v_target,), jnp.bool_),
+        )
+        return jax.jit(function).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
+
+    few, many = temporaries(chunked, 1024), temporaries(chunked, 4096 + 37)
+    assert many < 4 * block_bytes, (few, many)
+    assert many - few < block_bytes, (few, many)
+    assert temporaries(materialised, 4096 + 37) >= (4096 + 37) * v_target * 4
+
+
 def test_torch_outputs_are_detached() -> None:
     torch = pytest.importorskip("torch")
     case = _case(np.random.default_rng(14))
