@@ -19,6 +19,7 @@ from softce_multi.testing import (
     assert_gradient_close,
     assert_loss_close,
     is_installed,
+    numpy_reference,
     random_mask,
     random_targets,
     to_float64,
@@ -196,6 +197,37 @@ def test_operators_batch_under_vmap_as_a_loop_would():
 
     for index, output in enumerate(batched):
         torch.testing.assert_close(output, torch.stack([result[index] for result in looped]))
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_blocks_shared_among_workers_give_the_reference_loss_and_gradients(
+    monkeypatch, logits_dtype
+):
+    # 3 rows per block, 14 blocks taken by 2 workers; padding holds NaN and inf, and a valid
+    # row has zero targets at -inf logits.
+    monkeypatch.setattr(torch_cpu, "BLOCK_ELEMENTS", 3 * 37)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        logits, targets, mask = float32_inputs(7, (41, 37))
+        valid_row = int(torch.nonzero(mask)[0])
+        logits[valid_row, :5] = -torch.inf
+        targets[valid_row, :5] = 0.0
+        padded = logits.clone()
+        padded[~mask] = torch.nan
+        padded[~mask, 0] = torch.inf
+        z, p = leaves(padded.to(logits_dtype), targets)
+        loss = masked_soft_cross_entropy(z, p, mask)
+        loss.backward()
+    finally:
+        torch.set_num_threads(threads)
+    # The oracle sees the rows before padding: masked rows do not count either way.
+    expected = numpy_reference(to_float64(logits.to(logits_dtype)), to_float64(targets), mask)
+    finite = torch.arange(41) != valid_row  # the targets gradient is inf at -inf logits
+
+    assert_loss_close(loss, expected.loss, "float32", dtype="float32")
+    assert_gradient_close(z.grad, expected.grad_logits, "float32", dtype=str(logits_dtype)[6:])
+    assert_gradient_close(p.grad[finite], expected.grad_targets[finite], "float32")
 
 
 # --------------------------------------------------------------------------------------------

@@ -3,8 +3,12 @@
 ``softce_multi::torch_row_routine`` and ``softce_multi::torch_gradient_routine`` run the core's
 two steps (:func:`softce_multi._core.row_statistics` and the gradients from the saved
 statistics) for torch tensors on the CPU, and on any device where Triton does not run. The
-elementwise work is done in place on block-sized buffers reused by every block, which roughly
-halves the passes over memory of the generic core. Each operator has a fake implementation
+rows are cut into blocks small enough to stay in a core's cache, worked on in place in a few
+block-sized buffers. On the CPU, ``torch.get_num_threads()`` workers, each running PyTorch on
+one thread, take the next block whenever they finish one: a core that another process keeps
+busy slows only its worker, where a PyTorch operator on the whole block, a parallel region,
+would wait for it at every step. The per-row bookkeeping (losses, the log of the sum, zeros in
+padding rows) runs once on ``[N]`` vectors after the blocks. Each operator has a fake implementation
 (shapes and dtypes only) and a vmap rule that folds the batch into the rows, so
 ``torch.compile`` sees an opaque call and ``torch.func.vmap`` works.
 
@@ -15,6 +19,13 @@ call them.
 
 from __future__ import annotations
 
+import functools
+import os
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from queue import Empty, SimpleQueue
+
 import array_api_compat
 import torch
 from torch import Tensor
@@ -22,6 +33,10 @@ from torch import Tensor
 from softce_multi import _core, kernels
 
 __all__ = ["gradient_routine", "row_routine", "torch_gradient_routine", "torch_row_routine"]
+
+#: Elements per block: a few float32 blocks of this size stay in a core's cache while they
+#: are worked on.
+BLOCK_ELEMENTS = 1 << 18
 
 
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
@@ -71,42 +86,48 @@ def torch_row_routine(
     """
     xp = array_api_compat.array_namespace(z)
     dtype = weights.dtype
-    valid = weights != 0
     losses, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
         z, weights, with_logits_grad=with_logits_grad
     )
-    n_rows, vocab_size = z.shape
-    # Block-sized buffers reused by every block: a fresh allocation per block costs page faults.
-    block_rows = min(_core.default_block_rows(vocab_size), n_rows)
+    # Filled block by block, then turned into the losses and the log of the sum in place.
+    target_dot, sum_exp = losses, log_sum_exp
 
-    def block_buffer() -> Tensor:
-        return torch.empty((block_rows, vocab_size), dtype=dtype, device=z.device)
+    def work(blocks: Iterator[slice]) -> None:
+        shifted_buf = _block_buffer(z, dtype)
+        products_buf = torch.empty_like(shifted_buf)
+        for block in blocks:
+            size = block.stop - block.start
+            shifted, products = shifted_buf[:size], products_buf[:size]
+            p_block = p[block]
+            block_max = row_max[block].copy_(torch.amax(z[block], dim=-1))
+            # A row with no finite maximum is shifted by 0 (the core's convention).
+            block_max.nan_to_num_(0.0, 0.0, 0.0)
+            torch.sub(z[block], block_max[:, None], out=shifted)
+            torch.sum(p_block, dim=-1, out=target_sum[block])
+            _row_dots(p_block, shifted, products=products, out=target_dot[block])
+            torch.sum(shifted.exp_(), dim=-1, out=sum_exp[block])
+            if with_logits_grad:
+                # row_scale * (sum(p) * softmax - p), from the exponentials in place; rows that
+                # must get no gradient are zeroed once all blocks are done.
+                scale = row_scale[block, None]
+                out = grad[block] if grad.dtype == dtype else shifted
+                coefficient = (target_sum[block] / sum_exp[block])[:, None] * scale
+                torch.mul(shifted, coefficient, out=out).addcmul_(p_block, scale, value=-1)
+                if out is shifted:
+                    grad[block] = shifted
 
-    softmax_buf, work_buf = block_buffer(), block_buffer()
-    z_buf = None if z.dtype == dtype else block_buffer()
-    p_buf = None if p.dtype == dtype else block_buffer()
-    for block in _core.row_blocks(n_rows, block_rows):
-        size = block.stop - block.start
-        softmax, work = softmax_buf[:size], work_buf[:size]
-        z_block = z[block] if z_buf is None else z_buf[:size].copy_(z[block])
-        p_block = p[block] if p_buf is None else p_buf[:size].copy_(p[block])
-        stats = _row_statistics_and_softmax(z_block, p_block, softmax=softmax, work=work)
-        block_loss = weights[block] * _core.row_losses(stats, xp=xp)
-        # Rows of weight 0 (padding, which may hold anything) keep zeros, as in the kernels.
-        block_valid = valid[block]
-        losses[block] = torch.where(block_valid, block_loss, 0.0)
-        row_max[block] = torch.where(block_valid, stats.row_max, 0.0)
-        log_sum_exp[block] = torch.where(block_valid, torch.log(stats.sum_exp), 0.0)
-        target_sum[block] = torch.where(block_valid, stats.target_sum, 0.0)
-        if with_logits_grad:
-            scale = row_scale[block, None]
-            out = grad[block] if grad.dtype == dtype else work
-            torch.mul(softmax, scale * stats.target_sum[:, None], out=out)
-            out.addcmul_(p_block, scale, value=-1)
-            # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
-            _zero_rows(out, ~_core.rows_with_gradient(row_scale[block], stats.target_sum))
-            if out is work:
-                grad[block] = work
+    _run_blocks(work, z)
+    valid = weights != 0
+    stats = _core.RowStatistics(row_max, sum_exp, target_sum, target_dot)
+    weighted = torch.where(valid, weights * _core.row_losses(stats, xp=xp), 0.0)
+    if with_logits_grad:
+        # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
+        _zero_rows(grad, ~_core.rows_with_gradient(row_scale, target_sum))
+    # Rows of weight 0 (padding, which may hold anything) keep zeros, as in the kernels.
+    losses.copy_(weighted)
+    log_sum_exp.log_()
+    for row_output in (row_max, log_sum_exp, target_sum):
+        row_output.masked_fill_(~valid, 0.0)
     return losses, row_max, log_sum_exp, target_sum, grad
 
 
@@ -150,64 +171,132 @@ def torch_gradient_routine(
     grad_z, grad_p = kernels.empty_gradient_outputs(
         z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
-    n_rows, vocab_size = z.shape
-    block_rows = min(_core.default_block_rows(vocab_size), n_rows)
 
-    def block_buffer() -> Tensor:
-        return torch.empty((block_rows, vocab_size), dtype=dtype, device=z.device)
+    def work(blocks: Iterator[slice]) -> None:
+        log_probs_buf = _block_buffer(z, dtype)
+        # A targets gradient of another dtype is computed here, then rounded into place.
+        cast_buf = None
+        if targets_grad and grad_p.dtype != dtype:
+            cast_buf = torch.empty_like(log_probs_buf)
+        for block in blocks:
+            size = block.stop - block.start
+            log_probs = log_probs_buf[:size]
+            scale = row_scale[block, None]
+            torch.sub(z[block], row_max[block, None], out=log_probs)
+            log_probs.sub_(log_sum_exp[block, None])
+            if targets_grad:
+                out = grad_p[block] if cast_buf is None else cast_buf[:size]
+                torch.mul(log_probs, -scale, out=out)
+                if cast_buf is not None:
+                    grad_p[block] = out
+            if logits_grad:
+                softmax = log_probs.exp_()
+                out = grad_z[block] if grad_z.dtype == dtype else softmax
+                torch.mul(softmax, scale * target_sum[block, None], out=out)
+                out.addcmul_(p[block], scale, value=-1)
+                if out is softmax:
+                    grad_z[block] = softmax
 
-    log_probs_buf = block_buffer()
-    z_buf = None if z.dtype == dtype else block_buffer()
-    p_buf = block_buffer() if logits_grad and p.dtype != dtype else None
-    # Gradients of another dtype are computed here, then rounded into place.
-    casts = (logits_grad and grad_z.dtype != dtype) or (targets_grad and grad_p.dtype != dtype)
-    cast_buf = block_buffer() if casts else None
-    for block in _core.row_blocks(n_rows, block_rows):
-        size = block.stop - block.start
-        log_probs = log_probs_buf[:size]
-        z_block = z[block] if z_buf is None else z_buf[:size].copy_(z[block])
-        scale = row_scale[block]
-        torch.sub(z_block, row_max[block, None], out=log_probs).sub_(log_sum_exp[block, None])
-        if targets_grad:
-            out = grad_p[block] if cast_buf is None or grad_p.dtype == dtype else cast_buf[:size]
-            torch.mul(log_probs, -scale[:, None], out=out)
-            # Padding may hold NaN or inf.
-            _zero_rows(out, scale == 0)
-            if out.dtype != grad_p.dtype:
-                grad_p[block] = out
-        if logits_grad:
-            p_block = p[block] if p_buf is None else p_buf[:size].copy_(p[block])
-            softmax = log_probs.exp_()
-            out = grad_z[block] if cast_buf is None or grad_z.dtype == dtype else cast_buf[:size]
-            torch.mul(softmax, (scale * target_sum[block])[:, None], out=out)
-            out.addcmul_(p_block, scale[:, None], value=-1)
-            # A row with no target mass may have no softmax.
-            _zero_rows(out, ~_core.rows_with_gradient(scale, target_sum[block]))
-            if out.dtype != grad_z.dtype:
-                grad_z[block] = out
+    _run_blocks(work, z)
+    # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
+    if targets_grad:
+        _zero_rows(grad_p, row_scale == 0)
+    if logits_grad:
+        _zero_rows(grad_z, ~_core.rows_with_gradient(row_scale, target_sum))
     return grad_z, grad_p
 
 
 kernels.register_operator_rules(torch_row_routine, torch_gradient_routine)
 
 
-def _row_statistics_and_softmax(
-    z: Tensor, p: Tensor, *, softmax: Tensor, work: Tensor
-) -> _core.RowStatistics:
-    """:func:`softce_multi._core.row_statistics` of a block; its softmax is written to ``softmax``.
+def _block_buffer(z: Tensor, dtype: torch.dtype) -> Tensor:
+    """An uninitialised buffer of one block of the ``[N, V]`` logits ``z``, in ``dtype``."""
+    n_rows, vocab_size = z.shape
+    return torch.empty((_block_rows(n_rows, vocab_size), vocab_size), dtype=dtype, device=z.device)
 
-    ``work`` is scratch space of the block's shape. PyTorch's fused softmax kernel is faster on
-    the CPU than a separate ``exp``; the sum of exponentials follows from the softmax at the row
-    maximum, ``exp(max - lse)``, which lies in ``[1/V, 1]`` and so loses no precision.
+
+def _block_rows(n_rows: int, vocab_size: int) -> int:
+    return max(1, min(BLOCK_ELEMENTS // vocab_size, n_rows))
+
+
+def _row_dots(p: Tensor, shifted: Tensor, *, products: Tensor, out: Tensor) -> None:
+    """``out = sum(p * shifted)`` per row, with a ``p == 0`` term exactly 0 where ``shifted`` is
+    -inf (``0 * -inf`` is NaN); ``products`` is scratch space of the block's shape.
+
+    On the CPU only the rows whose plain sum came out NaN are summed again with those terms set
+    to 0 (a NaN input keeps its row NaN), so no ``where`` runs over whole blocks; elsewhere,
+    where reading the rows on the host would wait for the device, the terms are set to 0 first.
     """
-    row_max = z.amax(dim=-1, keepdim=True)
-    row_max = torch.where(row_max.isfinite(), row_max, 0.0)
-    torch.softmax(z, dim=-1, out=softmax)
-    sum_exp = torch.reciprocal(softmax.amax(dim=-1))
-    # The product is NaN only where p == 0 meets an infinite shifted logit, a term that is 0 by
-    # definition; NaN inputs still reach the loss through sum_exp and target_sum.
-    target_dot = torch.sub(z, row_max, out=work).mul_(p).nansum(dim=-1)
-    return _core.RowStatistics(row_max[:, 0], sum_exp, p.sum(dim=-1), target_dot)
+    torch.mul(p, shifted, out=products)
+    if p.device.type != "cpu":
+        torch.sum(products.masked_fill_(p == 0, 0.0), dim=-1, out=out)
+        return
+    torch.sum(products, dim=-1, out=out)
+    redo = torch.nonzero(out.isnan()).squeeze(1)
+    if redo.numel():
+        terms = torch.where(p[redo] == 0, 0.0, p[redo] * shifted[redo])
+        out[redo] = terms.sum(dim=-1)
+
+
+def _run_blocks(work: Callable[[Iterator[slice]], None], z: Tensor) -> None:
+    """Run ``work(blocks)`` over the row blocks of the ``[N, V]`` logits ``z``: on the CPU, on
+    ``torch.get_num_threads()`` single-threaded workers that each take the next block when done
+    with one; elsewhere in order, on the caller's thread.
+
+    Every PyTorch operator on a large tensor is a parallel region that waits for its slowest
+    thread, so when another process holds a core, each of the many operators of a block waits
+    for a time slice. Here a busy core only slows the worker on it; the other workers take its
+    share of the blocks. ``work`` makes its own buffers, so its memory grows with the number of
+    workers, not of blocks; it runs without autograd, in the caller's process.
+    """
+    n_rows, vocab_size = z.shape
+    blocks = list(_core.row_blocks(n_rows, _block_rows(n_rows, vocab_size)))
+    workers = min(torch.get_num_threads(), len(blocks))
+    if workers < 2 or z.device.type != "cpu":
+        with torch.no_grad():
+            work(iter(blocks))
+        return
+    queue: SimpleQueue[slice] = SimpleQueue()
+    for block in blocks:
+        queue.put(block)
+
+    def take() -> Iterator[slice]:
+        while True:
+            try:
+                yield queue.get_nowait()
+            except Empty:
+                return
+
+    def task() -> None:
+        with torch.no_grad():
+            work(take())
+
+    pool = _single_threaded_pool(workers, os.getpid())
+    for future in [pool.submit(task) for _ in range(workers)]:
+        future.result()
+
+
+@functools.cache
+def _single_threaded_pool(workers: int, process_id: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads whose PyTorch operators run on one thread each.
+
+    One pool per process (``process_id``): a forked child does not inherit the threads.
+    ``torch.set_num_threads`` sets the calling thread's OpenMP thread count and a process-wide
+    default for threads started later; each worker sets its own, then the caller restores the
+    default.
+    """
+    started = threading.Barrier(workers + 1)
+    pool = ThreadPoolExecutor(
+        workers,
+        thread_name_prefix="softce_multi",
+        initializer=torch.set_num_threads,
+        initargs=(1,),
+    )
+    for _ in range(workers):
+        pool.submit(started.wait)
+    started.wait()
+    torch.set_num_threads(torch.get_num_threads())
+    return pool
 
 
 def _zero_rows(block: Tensor, rows: Tensor) -> None:
