@@ -71,6 +71,23 @@ def is_array(value: Any) -> bool:
     return array_api_compat.is_array_api_obj(value) and not isinstance(value, numbers.Number)
 
 
+def is_dtype(xp: Namespace, dtype: Any, kind: str | tuple[str, ...], *, name: str) -> bool:
+    """``xp.isdtype(dtype, kind)``, for the argument called ``name``.
+
+    A dtype the namespace does not know, such as ml_dtypes' bfloat16 or float8 in a NumPy array
+    (NumPy's ``isdtype`` raises on them), is a TypeError naming the argument and the dtype.
+    """
+    try:
+        return bool(xp.isdtype(dtype, kind))
+    except TypeError as error:
+        library = xp.__name__.rsplit(".", maxsplit=1)[-1]
+        msg = (
+            f"{name} has dtype {dtype}, which {library} does not support as an array API dtype; "
+            "convert it to one it supports (bfloat16 converts exactly to float32)"
+        )
+        raise TypeError(msg) from error
+
+
 def check_floating(xp: Namespace, **arrays: Array) -> None:
     """Raise TypeError unless every array (given by argument name) is float16 to float64.
 
@@ -78,7 +95,7 @@ def check_floating(xp: Namespace, **arrays: Array) -> None:
     no backend computes in them, and converting them would quietly drop their precision.
     """
     for name, array in arrays.items():
-        if not xp.isdtype(array.dtype, "real floating"):
+        if not is_dtype(xp, array.dtype, "real floating", name=name):
             msg = f"{name} must have a real floating dtype, got {array.dtype}"
             raise TypeError(msg)
         bits = xp.finfo(array.dtype).bits
@@ -93,14 +110,14 @@ def check_floating(xp: Namespace, **arrays: Array) -> None:
 def check_integer(xp: Namespace, **arrays: Array) -> None:
     """Raise TypeError unless every array (given by argument name) has an integer dtype."""
     for name, array in arrays.items():
-        if not xp.isdtype(array.dtype, "integral"):
+        if not is_dtype(xp, array.dtype, "integral", name=name):
             msg = f"{name} must have an integer dtype, got {array.dtype}"
             raise TypeError(msg)
 
 
 def check_signed(xp: Namespace, dtype: Any, *, name: str) -> None:
     """Raise TypeError unless ``dtype`` (described by ``name``) can hold the id -1."""
-    if not xp.isdtype(dtype, "signed integer"):
+    if not is_dtype(xp, dtype, "signed integer", name=name):
         msg = f"{name} must be a signed integer dtype to hold the id -1, got {dtype}"
         raise TypeError(msg)
 
@@ -120,7 +137,7 @@ def check_mask(
     The mask is bool, integer or real floating, of shape ``logits.shape[:-1]`` or that with a
     trailing 1. ``mask_name`` and ``logits_name`` are the argument names the messages show.
     """
-    if not xp.isdtype(mask.dtype, ("bool", "integral", "real floating")):
+    if not is_dtype(xp, mask.dtype, ("bool", "integral", "real floating"), name=mask_name):
         msg = f"{mask_name} must be bool, integer or real floating, got {mask.dtype}"
         raise TypeError(msg)
     shape = tuple(logits.shape)
@@ -289,7 +306,7 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any
         if tuple(num_valid.shape) != ():
             msg = f"num_valid must be a 0-d array, got shape {tuple(num_valid.shape)}"
             raise ValueError(msg)
-        if not xp.isdtype(num_valid.dtype, ("integral", "real floating")):
+        if not is_dtype(xp, num_valid.dtype, ("integral", "real floating"), name="num_valid"):
             msg = f"num_valid must have an integer or real floating dtype, got {num_valid.dtype}"
             raise TypeError(msg)
         return
@@ -322,7 +339,7 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any
 
 def check_token_counts(xp: Namespace, token_counts: Array) -> None:
     """Check the counts of :func:`softce_multi.eagle3.build_vocab_mapping`."""
-    if not xp.isdtype(token_counts.dtype, ("integral", "real floating")):
+    if not is_dtype(xp, token_counts.dtype, ("integral", "real floating"), name="token_counts"):
         msg = f"token_counts must have an integer or real floating dtype, got {token_counts.dtype}"
         raise TypeError(msg)
     check_1d(token_counts, name="token_counts", meaning="one count per target token")
@@ -352,7 +369,8 @@ def check_always_include(
         return []
     if array_api_compat.is_array_api_obj(always_include):
         xp = array_api_compat.array_namespace(always_include)
-        if not xp.isdtype(always_include.dtype, "integral") or always_include.ndim != 1:
+        is_integral = is_dtype(xp, always_include.dtype, "integral", name="always_include")
+        if not is_integral or always_include.ndim != 1:
             msg = (
                 "always_include must be a 1-D integer array or a sequence of ints, got an "
                 f"array of dtype {always_include.dtype} and shape {tuple(always_include.shape)}"
@@ -473,12 +491,12 @@ def check_fill(xp: Namespace, fill: Any, dtype: Any) -> bool | int | float:
     if not (isinstance(fill, bool) or _is_real_number(fill)):
         msg = f"fill must be a bool or a real number, got {type(fill).__name__}"
         raise TypeError(msg)
-    if xp.isdtype(dtype, "bool"):
+    if is_dtype(xp, dtype, "bool", name="x"):
         if fill not in (0, 1):
             msg = f"fill must be 0, 1, False or True for x of dtype {dtype}, got {_shown(fill)}"
             raise TypeError(msg)
         return bool(fill)
-    if xp.isdtype(dtype, "integral"):
+    if is_dtype(xp, dtype, "integral", name="x"):
         # Comparisons first: NaN, the infinities and huge numbers do not convert to int safely.
         whole = fill == fill and abs(fill) != math.inf and int(fill) == fill
         if not whole:
@@ -537,7 +555,7 @@ def check_step_losses(step_losses: Any) -> Namespace:
             raise ValueError(msg)
         dtypes = {name: loss.dtype for name, loss in named.items()}
     for name, dtype in dtypes.items():
-        if not xp.isdtype(dtype, "real floating"):
+        if not is_dtype(xp, dtype, "real floating", name=name):
             shown = "" if name == "step_losses" else f" ({name})"
             msg = f"step_losses must have a real floating dtype, got {dtype}{shown}"
             raise TypeError(msg)

@@ -20,6 +20,7 @@ from softce_multi.eagle3 import (
     build_vocab_mapping,
     draft_to_target_ids,
     multi_step_loss,
+    prepare_targets,
     shift_left,
     target_to_draft_ids,
 )
@@ -320,3 +321,50 @@ def test_many_steps_with_a_large_decay_unnormalized_are_refused(lib: Library) ->
     losses = [lib.asarray(1.0, "float32")] * 400
     with pytest.raises(ValueError, match=r"decay.*400.*float32"):
         multi_step_loss(losses, decay=10.0, normalize=False)
+
+
+# --- found by the differential fuzzer ------------------------------------------------------
+
+
+_PROBS = np.full((2, 3), 1 / 3, dtype=np.float32)
+_MASK = np.ones(2, dtype=bool)
+
+#: Calls with one NumPy array of the given dtype, by the name of that argument.
+_CALLS_WITH_ONE_ARRAY_OF: dict[str, Any] = {
+    "logits": lambda dtype: sc.masked_soft_cross_entropy(_PROBS.astype(dtype), _PROBS, _MASK),
+    "target_probs": lambda dtype: sc.masked_soft_cross_entropy_with_grad(
+        _PROBS, _PROBS.astype(dtype), _MASK
+    ),
+    "position_mask": lambda dtype: sc.masked_soft_cross_entropy(
+        _PROBS, _PROBS, _MASK.astype(dtype)
+    ),
+    "num_valid": lambda dtype: sc.masked_soft_cross_entropy(
+        _PROBS, _PROBS, _MASK, num_valid=np.asarray(2, dtype)
+    ),
+    "hidden": lambda dtype: sc.linear_masked_soft_cross_entropy(
+        _PROBS.astype(dtype), np.ones((3, 3), np.float32), _PROBS, _MASK
+    ),
+    "x": lambda dtype: shift_left(_PROBS.astype(dtype)),
+    "target_logits": lambda dtype: prepare_targets(_PROBS.astype(dtype), _MASK, np.ones(3, bool)),
+    "step_losses": lambda dtype: multi_step_loss(np.asarray([1.0, 2.0], dtype)),
+    "token_counts": lambda dtype: build_vocab_mapping(np.ones(3, dtype), 1),
+}
+
+
+@pytest.mark.parametrize("argument", list(_CALLS_WITH_ONE_ARRAY_OF))
+def test_numpy_bfloat16_is_refused_naming_the_argument_and_the_dtype(argument: str) -> None:
+    # NumPy's array API knows no bfloat16 (ml_dtypes', which JAX arrays become in NumPy): its
+    # isdtype raised a TypeError naming neither the argument nor the library.
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
+    with pytest.raises(TypeError, match=rf"^{argument} has dtype bfloat16, which numpy does not"):
+        _CALLS_WITH_ONE_ARRAY_OF[argument](np.dtype(ml_dtypes.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64"])
+def test_draft_to_target_ids_take_offsets_of_wide_unsigned_dtypes_in_torch(dtype: str) -> None:
+    # PyTorch's index_select has no uint16/32/64: the lookup raised NotImplementedError.
+    torch = pytest.importorskip("torch", reason="torch is not installed")
+    d2t = torch.tensor([2, 2, 3]).to(getattr(torch, dtype))
+    out = draft_to_target_ids(torch.tensor([[0, 2], [1, 7]]), d2t)
+    np.testing.assert_array_equal(out.numpy(), [[2, 5], [3, -1]])
+    assert out.dtype == torch.int64
