@@ -185,8 +185,12 @@ def draft_to_target_ids(draft_ids: Array, d2t: Array, /) -> Array:
     check_1d(d2t, name="d2t", meaning="one offset per draft token")
     dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(d2t))
 
+    # The offsets in the index dtype before the lookup: PyTorch's take has no unsigned
+    # integers wider than 8 bits.
+    offsets = xp.astype(d2t, dtype, copy=False)
+
     def target_of(ids: Array) -> tuple[Array | bool, Array]:
-        return True, ids + xp.astype(xp.take(d2t, ids), dtype)
+        return True, ids + xp.take(offsets, ids)
 
     # Unsigned ids beyond the index dtype wrap to negative ones, which map to -1 as they should.
     return _translate_ids(draft_ids, d2t.shape[0], dtype, target_of, xp=xp)
