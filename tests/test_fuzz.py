@@ -156,14 +156,9 @@ def place(backend: Backend, values: Any, dtype: str, layout: str) -> Any:
 
 
 def has_dtypes(backend: Backend, dtypes: Sequence[str]) -> bool:
-    """Whether ``backend`` has every dtype in ``dtypes`` (PyTorch has no arithmetic on the
-    unsigned integers wider than 8 bits)."""
-    return all(
-        backend.supports(dtype)
-        if dtype in FLOATS
-        else not (backend.library == "torch" and dtype in UNSIGNED[1:])
-        for dtype in dtypes
-    )
+    """Whether ``backend`` has every floating dtype in ``dtypes`` (every library has every
+    integer dtype, PyTorch's unsigned ones beyond 8 bits included)."""
+    return all(backend.supports(dtype) for dtype in dtypes if dtype in FLOATS)
 
 
 def each_backend(*dtypes: str, autodiff: bool = False) -> list[Backend]:
