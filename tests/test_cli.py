@@ -280,6 +280,32 @@ def test_bench_draws_a_png_plot(bench_output: tuple[dict[str, Any], Path]) -> No
     assert bench_output[1].read_bytes().startswith(b"\x89PNG")
 
 
+def test_each_kernel_modes_byte_floor_counts_the_arrays_it_reads_and_writes() -> None:
+    # [1, 3, 5] bfloat16 logits (2 bytes), float32 targets and targets gradient (4 bytes).
+    floors = {
+        mode: bench.mode_floor_bytes(mode, (1, 3, 5), "bfloat16") for mode in bench.KERNEL_MODES
+    }
+
+    assert floors == {
+        "forward only": 15 * (2 + 4),
+        "forward+gradient": 15 * (2 + 4 + 2),
+        "backward logits": 15 * (2 + 4 + 2),
+        "backward targets": 15 * (2 + 4),
+        "backward both": 15 * (2 + 4 + 2 + 4),
+    }
+
+
+def test_kernel_mode_bandwidth_is_the_byte_floor_over_the_median_time() -> None:
+    pytest.importorskip("torch")
+    rows = bench.kernel_mode_rows((1, 6, 40), "float32", seed=0, repeats=3, device="cpu")
+
+    assert [row["mode"] for row in rows] == list(bench.KERNEL_MODES)
+    for row in rows:
+        assert row["floor_bytes"] == bench.mode_floor_bytes(row["mode"], (1, 6, 40), "float32")
+        assert row["gb_per_s"] == pytest.approx(row["floor_bytes"] / row["median_s"] / 1e9)
+    assert "backward both" in bench.format_kernel_modes(rows)
+
+
 @pytest.mark.parametrize("name", [case.name for case in bench.CASES])
 def test_each_bench_case_computes_the_gradient_of_its_loss(name: str) -> None:
     case = next(case for case in bench.CASES if case.name == name)

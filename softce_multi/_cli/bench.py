@@ -38,6 +38,7 @@ import numpy as np
 
 from softce_multi import testing
 from softce_multi._cli._common import installed, positive_int
+from softce_multi._types import Reduction
 
 MIB = 1 << 20
 _DEVICE_KIND = {"cpu": "cpu", "cuda": "gpu"}  # bench's --device, as softce_multi.testing names it
@@ -433,6 +434,92 @@ def _floor_bytes(shape: Sequence[int], dtype: str) -> int:
     """The bytes any implementation must move: read z and p, write the gradient."""
     count = int(np.prod(shape))
     return count * (2 * ITEMSIZE[dtype] + ITEMSIZE["float32"])
+
+
+#: The modes of softce_multi's kernels that bench times on CUDA, each with the ``[N, V]`` arrays
+#: it must read (``z``, ``p``) or write (``grad_z``, ``grad_p``): its byte floor.
+KERNEL_MODES = {
+    "forward only": ("z", "p"),
+    "forward+gradient": ("z", "p", "grad_z"),
+    "backward logits": ("z", "p", "grad_z"),
+    "backward targets": ("z", "grad_p"),
+    "backward both": ("z", "p", "grad_z", "grad_p"),
+}
+
+
+def mode_floor_bytes(mode: str, shape: Sequence[int], dtype: str) -> int:
+    """Bytes kernel mode ``mode`` must move for ``shape`` logits of ``dtype`` (float32 targets)."""
+    itemsize = {"z": ITEMSIZE[dtype], "grad_z": ITEMSIZE[dtype], "p": 4, "grad_p": 4}
+    return int(np.prod(shape)) * sum(itemsize[array] for array in KERNEL_MODES[mode])
+
+
+def kernel_mode_rows(
+    shape: Sequence[int], dtype: str, seed: int, repeats: int, device: str
+) -> list[dict[str, Any]]:
+    """Median time and achieved bandwidth against its byte floor of each :data:`KERNEL_MODES`.
+
+    The forward modes are the loss without and with a logits leaf (whose gradient the forward
+    pass makes); the backward modes differentiate the per-position loss of ``reduction="none"``,
+    whose forward pass makes no gradient, with respect to the logits, the targets or both.
+    """
+    import torch
+
+    import softce_multi
+
+    logits, target, mask = make_inputs("torch", shape, dtype, seed, device)
+
+    def forward(z: Any, p: Any, reduction: Reduction = "mean") -> Any:
+        return softce_multi.masked_soft_cross_entropy(z, p, mask, reduction=reduction)
+
+    def backward(logits_grad: bool, targets_grad: bool) -> Callable[[], Any]:
+        z = logits.detach().requires_grad_(logits_grad)
+        p = target.detach().requires_grad_(targets_grad)
+        loss = forward(z, p, "none")
+        leaves = [leaf for leaf in (z, p) if leaf.requires_grad]
+        upstream = torch.ones_like(loss)
+        return lambda: torch.autograd.grad(loss, leaves, upstream, retain_graph=True)
+
+    def forward_only() -> Any:
+        with torch.no_grad():
+            return forward(logits, target)
+
+    steps: dict[str, Callable[[], Any]] = {
+        "forward only": forward_only,
+        "forward+gradient": lambda: forward(logits.detach().requires_grad_(True), target),
+        "backward logits": backward(True, False),
+        "backward targets": backward(False, True),
+        "backward both": backward(True, True),
+    }
+    times = _interleaved_times(steps, (), repeats, functools.partial(_synchronize, device))
+    rows = []
+    for mode, mode_times in times.items():
+        median = statistics.median(mode_times)
+        floor = mode_floor_bytes(mode, shape, dtype)
+        rows.append(
+            {
+                "mode": mode,
+                "dtype": dtype,
+                "length": shape[-2],
+                "median_s": median,
+                "floor_bytes": floor,
+                "gb_per_s": floor / median / 1e9,
+            }
+        )
+    return rows
+
+
+def format_kernel_modes(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`kernel_mode_rows` as a fixed-width table."""
+    header = (
+        f"{'kernel mode':<18} {'dtype':<9} {'N':>6} {'median s':>9} {'floor MB':>9} {'GB/s':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for row in rows:
+        lines.append(
+            f"{row['mode']:<18} {row['dtype']:<9} {row['length']:>6} {row['median_s']:>9.5f} "
+            f"{row['floor_bytes'] / 1e6:>9.1f} {row['gb_per_s']:>7.1f}"
+        )
+    return "\n".join(lines)
 
 
 def _cell(value: float | None, pattern: str) -> str:
@@ -878,12 +965,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         "gradient buffers (CPU: peak RSS of a fresh process; CUDA: max_memory_allocated; "
         "JAX: XLA temporaries)."
     )
+    modes = []
     if args.device == "cuda":
         print("GB/s: bytes(z) + bytes(p) + bytes(grad) over the median time.")
+        modes = [
+            row
+            for dtype in args.dtypes
+            for length in args.lengths
+            for row in kernel_mode_rows(
+                (1, length, args.vocab), dtype, args.seed, args.repeats, args.device
+            )
+        ]
+        print(format_kernel_modes(modes))
+        print("GB/s: the bytes each mode must read and write (floor MB) over its median time.")
     for entry in {(item["implementation"], item["reason"]): item for item in skipped}.values():
         print(f"skipped {entry['implementation']} ({entry['dtype']}): {entry['reason']}")
     if args.json:
-        args.json.write_text(json.dumps({"rows": rows, "skipped": skipped}, indent=2))
+        report = {"rows": rows, "skipped": skipped, "kernel_modes": modes}
+        args.json.write_text(json.dumps(report, indent=2))
     if args.plot:
         plot(rows, args.plot, f"[1, N, {args.vocab}] logits on {args.device}, forward+backward")
     return 0
