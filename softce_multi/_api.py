@@ -1,8 +1,9 @@
 """Public functions: validate the arguments, look up the backend's adapter, call it.
 
-Every adapter has the same functions of validated inputs, ``loss`` and ``loss_with_grad`` for
-the loss of logits, ``linear_loss`` and ``linear_loss_with_grad`` for the loss of hidden states
-and an output projection (:mod:`softce_multi._linear`):
+Every adapter has the same four functions of one validated record: ``loss`` and
+``loss_with_grad`` of a :class:`~softce_multi._types.LossInputs` (the loss of logits), and
+``linear_loss`` and ``linear_loss_with_grad`` of a :class:`~softce_multi._types.LinearLossInputs`
+(the loss of hidden states and an output projection, :mod:`softce_multi._linear`):
 :mod:`softce_multi.torch` (autograd, the torch CPU path and the Triton kernels),
 :mod:`softce_multi.jax` (``custom_vjp``, XLA and the Pallas kernels), and
 :mod:`softce_multi._generic` (the blocked core) for every other library. The adapters are
@@ -18,13 +19,8 @@ from typing import Any, Literal
 import array_api_compat
 
 from softce_multi._linear import LinearGradients
-from softce_multi._types import Array, Namespace, Reduction
-from softce_multi._validate import (
-    check_chunk_rows,
-    check_reduction,
-    validate_inputs,
-    validate_linear_inputs,
-)
+from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace, Reduction
+from softce_multi._validate import check_reduction, validate_inputs, validate_linear_inputs
 
 #: The adapter module of each library with one, by the test of its namespace; every other
 #: namespace gets ``softce_multi._generic``.
@@ -102,10 +98,8 @@ def masked_soft_cross_entropy(
     >>> round(float(sc.masked_soft_cross_entropy(logits, target, mask)), 6)
     0.169846
     """
-    xp = validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
-    return _adapter(xp).loss(
-        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid
-    )
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    return _adapter(validate_inputs(inputs)).loss(inputs)
 
 
 def masked_soft_cross_entropy_with_grad(
@@ -146,11 +140,10 @@ def masked_soft_cross_entropy_with_grad(
     >>> grad
     array([[-0.5,  0.5]])
     """
-    xp = validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    xp = validate_inputs(inputs)
     check_reduction(reduction, with_grad=True)
-    return _adapter(xp).loss_with_grad(
-        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid
-    )
+    return _adapter(xp).loss_with_grad(inputs)
 
 
 def linear_masked_soft_cross_entropy(
@@ -222,19 +215,10 @@ def linear_masked_soft_cross_entropy(
     >>> bool(np.isclose(loss, plain, rtol=1e-12))
     True
     """
-    xp = validate_linear_inputs(
-        hidden, weight, target_probs, position_mask, bias, reduction, num_valid, chunk_rows
+    inputs = LinearLossInputs(
+        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows
     )
-    return _adapter(xp).linear_loss(
-        hidden,
-        weight,
-        target_probs,
-        position_mask,
-        bias=bias,
-        reduction=reduction,
-        num_valid=num_valid,
-        chunk_rows=check_chunk_rows(chunk_rows),
-    )
+    return _adapter(validate_linear_inputs(inputs)).linear_loss(inputs)
 
 
 def linear_masked_soft_cross_entropy_with_grad(
@@ -285,17 +269,9 @@ def linear_masked_soft_cross_entropy_with_grad(
     >>> bool(np.isfinite(grads.weight).all())
     True
     """
-    xp = validate_linear_inputs(
-        hidden, weight, target_probs, position_mask, bias, reduction, num_valid, chunk_rows
+    inputs = LinearLossInputs(
+        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows
     )
+    xp = validate_linear_inputs(inputs)
     check_reduction(reduction, with_grad=True)
-    return _adapter(xp).linear_loss_with_grad(
-        hidden,
-        weight,
-        target_probs,
-        position_mask,
-        bias=bias,
-        reduction=reduction,
-        num_valid=num_valid,
-        chunk_rows=check_chunk_rows(chunk_rows),
-    )
+    return _adapter(xp).linear_loss_with_grad(inputs)

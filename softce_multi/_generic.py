@@ -13,45 +13,23 @@ import array_api_compat
 import numpy as np
 
 from softce_multi import _core, _linear
-from softce_multi._types import Array, Namespace
+from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace
 from softce_multi.kernels import numpy as numpy_kernels
 
 
-def loss(
-    logits: Array,
-    target_probs: Array,
-    position_mask: Array,
-    /,
-    *,
-    reduction: str,
-    num_valid: Array | float | None,
-) -> Array:
+def loss(inputs: LossInputs, /) -> Array:
     """The loss of validated inputs."""
-    return _forward(logits, target_probs, position_mask, reduction, num_valid, False).loss
+    return _forward(inputs, with_logits_grad=False).loss
 
 
-def loss_with_grad(
-    logits: Array,
-    target_probs: Array,
-    position_mask: Array,
-    /,
-    *,
-    reduction: str,
-    num_valid: Array | float | None,
-) -> tuple[Array, Array]:
+def loss_with_grad(inputs: LossInputs, /) -> tuple[Array, Array]:
     """The loss of validated inputs and its gradient to the logits, from one pass."""
-    result = _forward(logits, target_probs, position_mask, reduction, num_valid, True)
+    result = _forward(inputs, with_logits_grad=True)
     return result.loss, result.logits_grad
 
 
-def _forward(
-    logits: Array,
-    target_probs: Array,
-    position_mask: Array,
-    reduction: str,
-    num_valid: Array | float | None,
-    with_logits_grad: bool,
-) -> _core.ForwardResult:
+def _forward(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardResult:
+    logits, target_probs, position_mask, reduction, num_valid = inputs
     xp = array_api_compat.array_namespace(logits)
     # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
     # (under NumPy and array-api-strict) would still warn about computing it.
@@ -79,69 +57,26 @@ def _row_routine(vocab_size: int, *, xp: Namespace) -> _core.RowRoutine:
     return _core.blocked_row_routine(_core.default_block_rows(vocab_size), xp=xp)
 
 
-def linear_loss(
-    hidden: Array,
-    weight: Array,
-    target_probs: Array,
-    position_mask: Array,
-    /,
-    *,
-    bias: Array | None,
-    reduction: str,
-    num_valid: Array | float | None,
-    chunk_rows: int | None,
-) -> Array:
+def linear_loss(inputs: LinearLossInputs, /) -> Array:
     """The linear loss of validated inputs (no gradient)."""
-    return _linear_forward(
-        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows, False
-    ).loss
+    return _linear_forward(inputs, with_grads=False).loss
 
 
-def linear_loss_with_grad(
-    hidden: Array,
-    weight: Array,
-    target_probs: Array,
-    position_mask: Array,
-    /,
-    *,
-    bias: Array | None,
-    reduction: str,
-    num_valid: Array | float | None,
-    chunk_rows: int | None,
-) -> tuple[Array, _linear.LinearGradients]:
+def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Array, _linear.LinearGradients]:
     """The linear loss of validated inputs and its three gradients, from one chunked pass."""
-    result = _linear_forward(
-        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows, True
-    )
+    result = _linear_forward(inputs, with_grads=True)
     assert result.grads is not None  # asked for
     return result.loss, result.grads
 
 
-def _linear_forward(
-    hidden: Array,
-    weight: Array,
-    bias: Array | None,
-    target_probs: Array,
-    position_mask: Array,
-    reduction: str,
-    num_valid: Array | float | None,
-    chunk_rows: int | None,
-    with_grads: bool,
-) -> _linear.LinearForwardResult:
-    xp = array_api_compat.array_namespace(hidden)
+def _linear_forward(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.LinearForwardResult:
+    xp = array_api_compat.array_namespace(inputs.hidden)
     with np.errstate(all="ignore"):  # padding rows of hidden may hold NaN or inf
         return _linear.forward(
-            hidden,
-            weight,
-            bias,
-            target_probs,
-            position_mask,
-            reduction=reduction,
-            num_valid=num_valid,
-            chunk_rows=chunk_rows,
+            inputs,
             hidden_grad=with_grads,
             weight_grad=with_grads,
-            bias_grad=with_grads and bias is not None,
-            row_routine=_row_routine(weight.shape[0], xp=xp),
+            bias_grad=with_grads and inputs.bias is not None,
+            row_routine=_row_routine(inputs.weight.shape[0], xp=xp),
             xp=xp,
         )

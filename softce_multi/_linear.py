@@ -40,7 +40,7 @@ import array_api_compat
 import array_api_extra as xpx
 
 from softce_multi import _core
-from softce_multi._types import Array, Namespace
+from softce_multi._types import Array, LinearLossInputs, Namespace
 
 __all__ = [
     "CHUNK_BYTES",
@@ -234,18 +234,12 @@ def chunk_gradients(
 
 
 def forward(
-    hidden: Array,
-    weight: Array,
-    bias: Array | None,
-    target_probs: Array,
-    position_mask: Array,
+    inputs: LinearLossInputs,
+    /,
     *,
-    reduction: str,
-    num_valid: Array | float | None,
     hidden_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
-    chunk_rows: int | None,
     row_routine: _core.RowRoutine,
     xp: Namespace,
     add: AddProduct | None = None,
@@ -254,15 +248,12 @@ def forward(
 
     Parameters
     ----------
-    hidden, weight, bias, target_probs, position_mask
-        Validated inputs: ``[..., H]``, ``[V, H]``, ``[V]`` or None, ``[..., V]``, and ``[...]``
-        or ``[..., 1]``.
-    reduction, num_valid
-        As in :func:`softce_multi.linear_masked_soft_cross_entropy`.
+    inputs
+        Validated inputs: ``hidden`` ``[..., H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or
+        None, ``target_probs`` ``[..., V]``, ``position_mask`` ``[...]`` or ``[..., 1]``, and
+        ``chunk_rows`` (rows per chunk; None for :func:`default_chunk_rows`).
     hidden_grad, weight_grad, bias_grad
         Which gradients to compute, for a unit upstream gradient; not with ``"none"``.
-    chunk_rows
-        Rows per chunk; None for :func:`default_chunk_rows`.
     row_routine
         The implementation's per-row work, for example
         :func:`softce_multi._core.blocked_row_routine`.
@@ -273,23 +264,15 @@ def forward(
         :func:`add_product` by default.
     """
     rows = as_linear_rows(
-        hidden,
-        weight,
-        bias,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
-        xp=xp,
+        *inputs[:5], reduction=inputs.reduction, num_valid=inputs.num_valid, xp=xp
     )
     dtype = rows.weights.dtype
     n_rows, vocab_size = rows.p.shape
-    chunk = _chunk_rows(chunk_rows, vocab_size, dtype, xp=xp)
+    chunk = _chunk_rows(inputs.chunk_rows, vocab_size, dtype, xp=xp)
     wants_grads = hidden_grad or weight_grad or bias_grad
     add = add or _generic_add(xp)
     row_scale = rows.row_scale
-    totals = _zero_totals(rows, weight_grad=weight_grad, bias_grad=bias_grad, xp=xp)
-    grad_hidden = _empty(rows.hidden, xp=xp) if hidden_grad else None
+    sums = _zero_sums(rows, hidden_grad, weight_grad, bias_grad, xp=xp)
     weighted, saved = [], []
     for block in _core.row_blocks(n_rows, chunk):
         h = rows.hidden[block, ...]
@@ -300,31 +283,17 @@ def forward(
         weighted.append(results.weighted)
         saved.append(results.saved)
         if wants_grads:
-            parts = chunk_gradients(
-                results.logits_grad,
-                h,
-                rows.weight,
-                row_scale[block] != 0,
-                totals[0],
-                totals[1],
-                add=add,
-                xp=xp,
-            )
-            totals = (parts.weight, parts.bias)
-            if grad_hidden is not None:
-                grad_hidden = xpx.at(grad_hidden, (block, ...)).set(parts.hidden, xp=xp)
+            sums = _add_chunk(sums, block, results.logits_grad, h, rows, row_scale, add=add, xp=xp)
         del results
     loss = _core.reduce_loss(
         _concat(weighted, rows.weights, xp=xp),
         # reduce_loss reads only the denominator of the rows.
         _core.Rows(rows.hidden, rows.p, rows.weights, rows.inv_den),
-        reduction=reduction,
-        batch_shape=hidden.shape[:-1],
+        reduction=inputs.reduction,
+        batch_shape=inputs.hidden.shape[:-1],
         xp=xp,
     )
-    grads = None
-    if wants_grads:
-        grads = _finish_gradients(hidden, weight, bias, grad_hidden, totals[0], totals[1], xp=xp)
+    grads = _finish_gradients(*inputs[:3], sums, xp=xp) if wants_grads else None
     saved_rows = _core.SavedRows(
         *(_concat([s[i] for s in saved], rows.weights, xp=xp) for i in range(3))
     )
@@ -370,8 +339,7 @@ def backward(
     )
     dtype = row_scale.dtype
     chunk = _chunk_rows(chunk_rows, vocab_size, dtype, xp=xp)
-    totals = _zero_totals(rows, weight_grad=weight_grad, bias_grad=bias_grad, xp=xp)
-    grad_hidden = _empty(rows.hidden, xp=xp) if hidden_grad else None
+    sums = _zero_sums(rows, hidden_grad, weight_grad, bias_grad, xp=xp)
     grad_targets = _empty(rows.p, xp=xp) if targets_grad else None
     for block in _core.row_blocks(n_rows, chunk):
         h = rows.hidden[block, ...]
@@ -388,23 +356,9 @@ def backward(
         if grad_targets is not None:
             grad_targets = xpx.at(grad_targets, (block, ...)).set(cast(Array, grad_p), xp=xp)
         if wants_grads:
-            parts = chunk_gradients(
-                grad_z,
-                h,
-                rows.weight,
-                row_scale[block] != 0,
-                totals[0],
-                totals[1],
-                add=add,
-                xp=xp,
-            )
-            totals = (parts.weight, parts.bias)
-            if grad_hidden is not None:
-                grad_hidden = xpx.at(grad_hidden, (block, ...)).set(parts.hidden, xp=xp)
+            sums = _add_chunk(sums, block, grad_z, h, rows, row_scale, add=add, xp=xp)
         del grad_z, grad_p
-    grads = None
-    if wants_grads:
-        grads = _finish_gradients(hidden, weight, bias, grad_hidden, totals[0], totals[1], xp=xp)
+    grads = _finish_gradients(hidden, weight, bias, sums, xp=xp) if wants_grads else None
     if grad_targets is not None:
         grad_targets = xp.reshape(grad_targets, target_probs.shape)
     return grads, grad_targets
@@ -423,19 +377,53 @@ def _generic_add(xp: Namespace) -> AddProduct:
     return add
 
 
-def _zero_totals(
-    rows: LinearRows, *, weight_grad: bool, bias_grad: bool, xp: Namespace
-) -> tuple[Array | None, Array | None]:
-    """Zero weight and bias gradient totals, in the computation dtype, for those asked for."""
+def _zero_sums(
+    rows: LinearRows, hidden_grad: bool, weight_grad: bool, bias_grad: bool, *, xp: Namespace
+) -> LinearGradients:
+    """The running sums of the gradients asked for, before the first chunk.
+
+    The hidden gradient is an uninitialised ``[N, H]`` array in the dtype of ``hidden`` (each
+    chunk writes its rows); the weight and bias gradients are zeros in the computation dtype.
+    """
     dtype = rows.weights.dtype
     device = array_api_compat.device(rows.weight)
-    weight_total = xp.zeros(rows.weight.shape, dtype=dtype, device=device) if weight_grad else None
-    bias_total = (
-        xp.zeros((rows.weight.shape[0],), dtype=dtype, device=device)
-        if bias_grad and rows.bias is not None
-        else None
+    return LinearGradients(
+        _empty(rows.hidden, xp=xp) if hidden_grad else None,
+        xp.zeros(rows.weight.shape, dtype=dtype, device=device) if weight_grad else None,
+        (
+            xp.zeros((rows.weight.shape[0],), dtype=dtype, device=device)
+            if bias_grad and rows.bias is not None
+            else None
+        ),
     )
-    return weight_total, bias_total
+
+
+def _add_chunk(
+    sums: LinearGradients,
+    block: slice,
+    grad_logits: Array | None,
+    hidden_rows: Array,
+    rows: LinearRows,
+    row_scale: Array,
+    *,
+    add: AddProduct,
+    xp: Namespace,
+) -> LinearGradients:
+    """``sums`` with the parts of the rows ``block`` added (see :func:`chunk_gradients`)."""
+    parts = chunk_gradients(
+        grad_logits,
+        hidden_rows,
+        rows.weight,
+        row_scale[block] != 0,
+        sums.weight,
+        sums.bias,
+        add=add,
+        xp=xp,
+    )
+    grad_hidden = sums.hidden
+    if grad_hidden is not None:
+        grad_hidden = xpx.at(grad_hidden, (block, ...)).set(parts.hidden, xp=xp)
+    return LinearGradients(grad_hidden, parts.weight, parts.bias)
 
 
 def _empty(x: Array, *, xp: Namespace) -> Array:
@@ -450,20 +438,11 @@ def _concat(parts: list[Array], like: Array, *, xp: Namespace) -> Array:
 
 
 def _finish_gradients(
-    hidden: Array,
-    weight: Array,
-    bias: Array | None,
-    grad_hidden: Array | None,
-    weight_total: Array | None,
-    bias_total: Array | None,
-    *,
-    xp: Namespace,
+    hidden: Array, weight: Array, bias: Array | None, sums: LinearGradients, *, xp: Namespace
 ) -> LinearGradients:
-    """The gradients in the shapes and dtypes of their inputs."""
+    """The summed gradients in the shapes and dtypes of their inputs."""
     return LinearGradients(
-        None if grad_hidden is None else xp.reshape(grad_hidden, hidden.shape),
-        None if weight_total is None else xp.astype(weight_total, weight.dtype, copy=False),
-        None
-        if bias_total is None or bias is None
-        else xp.astype(bias_total, bias.dtype, copy=False),
+        None if sums.hidden is None else xp.reshape(sums.hidden, hidden.shape),
+        None if sums.weight is None else xp.astype(sums.weight, weight.dtype, copy=False),
+        None if sums.bias is None or bias is None else xp.astype(sums.bias, bias.dtype, copy=False),
     )

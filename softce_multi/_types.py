@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, get_args
+from typing import Any, Literal, NamedTuple, get_args
 
-__all__ = ["REDUCTIONS", "Array", "Namespace", "Reduction"]
+__all__ = ["REDUCTIONS", "Array", "LinearLossInputs", "LossInputs", "Namespace", "Reduction"]
 
 #: An array of any array-API library (NumPy, PyTorch, JAX, CuPy, array-api-strict).
 Array = Any
@@ -17,3 +17,34 @@ Reduction = Literal["mean", "sum", "none"]
 
 #: Every :data:`Reduction`, in the order the error messages list them.
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
+
+
+class LossInputs(NamedTuple):
+    """The arguments of :func:`softce_multi.masked_soft_cross_entropy`, as one record.
+
+    The public functions validate it (:func:`softce_multi._validate.validate_inputs`) and hand
+    it to an adapter's ``loss`` or ``loss_with_grad``.
+    """
+
+    logits: Array
+    target_probs: Array
+    position_mask: Array
+    reduction: str
+    num_valid: Array | float | None
+
+
+class LinearLossInputs(NamedTuple):
+    """The arguments of :func:`softce_multi.linear_masked_soft_cross_entropy`, as one record.
+
+    Validated by :func:`softce_multi._validate.validate_linear_inputs` and handed to an
+    adapter's ``linear_loss`` or ``linear_loss_with_grad``; ``chunk_rows`` is checked.
+    """
+
+    hidden: Array
+    weight: Array
+    bias: Array | None
+    target_probs: Array
+    position_mask: Array
+    reduction: str
+    num_valid: Array | float | None
+    chunk_rows: int | None

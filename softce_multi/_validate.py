@@ -18,7 +18,7 @@ from typing import Any
 import array_api_compat
 
 from softce_multi._core import compute_dtype
-from softce_multi._types import REDUCTIONS, Array, Namespace
+from softce_multi._types import REDUCTIONS, Array, LinearLossInputs, LossInputs, Namespace
 
 #: The widest floating dtype any backend computes in; NumPy's longdouble is wider.
 _WIDEST_FLOAT_BITS = 64
@@ -152,14 +152,9 @@ def check_mask(
 # --- the loss ------------------------------------------------------------------------------
 
 
-def validate_inputs(
-    logits: Array,
-    target_probs: Array,
-    position_mask: Array,
-    reduction: str,
-    num_valid: Any,
-) -> Namespace:
+def validate_inputs(inputs: LossInputs, /) -> Namespace:
     """Check the arguments of the loss and return their array namespace."""
+    logits, target_probs, position_mask, reduction, num_valid = inputs
     arrays = {"logits": logits, "target_probs": target_probs, "position_mask": position_mask}
     if is_array(num_valid):
         arrays["num_valid"] = num_valid
@@ -186,22 +181,14 @@ def validate_inputs(
     return xp
 
 
-def validate_linear_inputs(
-    hidden: Array,
-    weight: Array,
-    target_probs: Array,
-    position_mask: Array,
-    bias: Array | None,
-    reduction: str,
-    num_valid: Any,
-    chunk_rows: Any,
-) -> Namespace:
+def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
     """Check the arguments of the linear loss and return their array namespace.
 
     ``hidden`` is ``[..., H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None and
     ``target_probs`` ``[..., V]`` over the positions of ``hidden``; the messages name the two
-    arguments that disagree.
+    arguments that disagree. ``chunk_rows`` is checked by :func:`check_chunk_rows`.
     """
+    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
     arrays = {
         "hidden": hidden,
         "weight": weight,

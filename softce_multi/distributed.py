@@ -35,12 +35,19 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import array_api_compat
 
 from softce_multi import _core, _linear
-from softce_multi._types import REDUCTIONS, Array, Namespace, Reduction
+from softce_multi._types import (
+    REDUCTIONS,
+    Array,
+    LinearLossInputs,
+    LossInputs,
+    Namespace,
+    Reduction,
+)
 from softce_multi._validate import (
     check_reduction,
     is_array,
@@ -208,38 +215,11 @@ def vocab_parallel_masked_soft_cross_entropy(
     >>> loss.backward()
     >>> dist.destroy_process_group()
     """
-    library, _ = _library(
-        logits_shard=logits_shard,
-        target_probs_shard=target_probs_shard,
-        position_mask=position_mask,
+    inputs = LossInputs(logits_shard, target_probs_shard, position_mask, reduction, num_valid)
+    names = ("logits_shard", "target_probs_shard", "position_mask")
+    return _vocab_parallel_call(
+        inputs, names, group=group, axis_name=axis_name, check_shapes=check_shapes
     )
-    _check_communicator(library, group=group, axis_name=axis_name)
-    if not isinstance(check_shapes, bool):
-        msg = f"check_shapes must be a bool, got {type(check_shapes).__name__}"
-        raise TypeError(msg)
-    check_reduction(reduction, with_grad=False)
-    arguments = (logits_shard, target_probs_shard, position_mask)
-
-    def validate() -> None:
-        validate_inputs(*arguments, reduction, num_valid)
-
-    if library == "jax":
-        validate()
-        return _jax_vocab_parallel_loss(*arguments, reduction, num_valid, axis_name)
-    torch_group = _torch_group(group)
-    if check_shapes:
-        description = _InputDescription(
-            positions=tuple(logits_shard.shape[:-1]),
-            mask_ndim=position_mask.ndim,
-            arrays=(logits_shard, target_probs_shard),
-            reduction=reduction,
-            num_valid=num_valid,
-        )
-        _agree_on_inputs(validate, description, device=logits_shard.device, group=torch_group)
-    else:
-        validate()
-    function = _torch_vocab_parallel_function()
-    return function.apply(*arguments, reduction, num_valid, torch_group)
 
 
 def vocab_parallel_linear_masked_soft_cross_entropy(
@@ -304,70 +284,89 @@ def vocab_parallel_linear_masked_soft_cross_entropy(
 
     Examples
     --------
-    In every process of a torch group (here a group of one, which holds the whole vocabulary):
+    In every process of a tensor-parallel group, each holding its rows of ``lm_head.weight``
+    (here one process, which holds them all):
 
-    >>> import os, torch, torch.distributed as dist
-    >>> import softce_multi as sc
-    >>> os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
-    >>> dist.init_process_group("gloo", rank=0, world_size=1)
+    >>> import torch, torch.distributed as dist
+    >>> from softce_multi import masked_soft_cross_entropy
+    >>> dist.init_process_group("gloo", "tcp://127.0.0.1:29533", rank=0, world_size=1)
     >>> hidden = torch.randn(2, 5, 8, requires_grad=True)
     >>> weight = torch.randn(11, 8, requires_grad=True)
     >>> target = torch.softmax(torch.randn(2, 5, 11), dim=-1)
     >>> mask = torch.rand(2, 5) < 0.8
     >>> loss = vocab_parallel_linear_masked_soft_cross_entropy(hidden, weight, target, mask)
-    >>> expected = sc.masked_soft_cross_entropy(hidden @ weight.T, target, mask)
+    >>> expected = masked_soft_cross_entropy(hidden @ weight.T, target, mask)
     >>> bool(torch.isclose(loss, expected))
     True
     >>> loss.backward()
     >>> dist.destroy_process_group()
     """
-    arrays = {
-        "hidden": hidden,
-        "weight_shard": weight_shard,
-        "target_probs_shard": target_probs_shard,
-        "position_mask": position_mask,
-    }
-    if bias_shard is not None:
-        arrays["bias_shard"] = bias_shard
-    library, _ = _library(**arrays)
+    inputs = LinearLossInputs(
+        hidden,
+        weight_shard,
+        bias_shard,
+        target_probs_shard,
+        position_mask,
+        reduction,
+        num_valid,
+        None,
+    )
+    names = ("hidden", "weight_shard", "bias_shard", "target_probs_shard", "position_mask")
+    return _vocab_parallel_call(
+        inputs, names, group=group, axis_name=axis_name, check_shapes=check_shapes
+    )
+
+
+def _vocab_parallel_call(
+    inputs: LossInputs | LinearLossInputs,
+    names: tuple[str, ...],
+    *,
+    group: Any,
+    axis_name: Any,
+    check_shapes: Any,
+) -> Array:
+    """The body of both vocabulary-parallel losses, for their arguments as a record.
+
+    ``names`` are the names of the arrays, which come first in the record (an absent bias is
+    None). It finds their library, checks the communicator and the options, validates the
+    inputs (on torch with ``check_shapes``, agreeing across the ranks first) and runs the
+    library's loss.
+    """
+    linear = isinstance(inputs, LinearLossInputs)
+    arrays = dict(zip(names, inputs, strict=False))
+    library, _ = _library(**{name: x for name, x in arrays.items() if x is not None})
     _check_communicator(library, group=group, axis_name=axis_name)
     if not isinstance(check_shapes, bool):
         msg = f"check_shapes must be a bool, got {type(check_shapes).__name__}"
         raise TypeError(msg)
-    check_reduction(reduction, with_grad=False)
-    arguments = (hidden, weight_shard, bias_shard, target_probs_shard, position_mask)
-
-    def validate() -> None:
-        validate_linear_inputs(
-            hidden,
-            weight_shard,
-            target_probs_shard,
-            position_mask,
-            bias_shard,
-            reduction,
-            num_valid,
-            None,
-        )
-
+    check_reduction(inputs.reduction, with_grad=False)
+    arguments = (*arrays.values(), inputs.reduction, inputs.num_valid)
+    validator: Callable[[Any], Namespace] = validate_linear_inputs if linear else validate_inputs
+    validate = functools.partial(validator, inputs)
     if library == "jax":
         validate()
-        return _jax_vocab_parallel_linear_loss(*arguments, reduction, num_valid, axis_name)
+        jax_loss: Callable[..., Array] = (
+            _jax_vocab_parallel_linear_loss if linear else _jax_vocab_parallel_loss
+        )
+        return jax_loss(*arguments, axis_name)
     torch_group = _torch_group(group)
     if check_shapes:
+        leading = cast(Any, arguments[0])  # the logits or the hidden states
         description = _InputDescription(
-            positions=tuple(hidden.shape[:-1]),
-            mask_ndim=position_mask.ndim,
-            arrays=(hidden, weight_shard, bias_shard, target_probs_shard),
-            reduction=reduction,
-            num_valid=num_valid,
-            hidden_size=hidden.shape[-1] if hidden.ndim else 0,
-            has_bias=bias_shard is not None,
+            positions=tuple(leading.shape[:-1]),
+            mask_ndim=inputs.position_mask.ndim,
+            arrays=arguments[: len(names) - 1],
+            reduction=inputs.reduction,
+            num_valid=inputs.num_valid,
+            hidden_size=leading.shape[-1] if linear and leading.ndim else 0,
+            has_bias=linear and arguments[2] is not None,
         )
-        _agree_on_inputs(validate, description, device=hidden.device, group=torch_group)
+        _agree_on_inputs(validate, description, device=leading.device, group=torch_group)
     else:
         validate()
-    function = _torch_vocab_parallel_linear_function()
-    return function.apply(*arguments, reduction, num_valid, torch_group)
+    if linear:
+        return _torch_vocab_parallel_linear_function().apply(*arguments, torch_group)
+    return _torch_vocab_parallel_function().apply(*arguments, torch_group)
 
 
 # --------------------------------------------------------------------------------------------
@@ -947,13 +946,17 @@ def _jax_vocab_parallel_linear_loss(
     """The JAX linear loss of validated inputs: constants, chunk size, then the VJP."""
     import jax.numpy as jnp
 
-    arrays = (hidden, weight_shard, bias_shard, target_probs_shard)
-    dtype = _linear.compute_dtype(*arrays, xp=jnp)
+    from softce_multi import jax as jax_adapter
+
+    dtype = _linear.compute_dtype(hidden, weight_shard, bias_shard, target_probs_shard, xp=jnp)
     weights, count = _jax_constants(position_mask, num_valid, dtype)
+    arrays = jax_adapter.LinearArrays(
+        hidden, weight_shard, bias_shard, target_probs_shard, weights, count
+    )
     n_rows = math.prod(hidden.shape[:-1])
     chunk = max(1, min(_linear.default_chunk_rows(weight_shard.shape[0], dtype, xp=jnp), n_rows))
     loss = _jax_vocab_parallel_linear_vjp()
-    return loss(*arrays, weights, count, reduction, axis_name, chunk)
+    return loss(arrays, reduction, axis_name, chunk)
 
 
 @functools.cache
@@ -1082,16 +1085,9 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
         )
 
     def forward(
-        hidden: Any,
-        weight: Any,
-        bias: Any,
-        targets: Any,
-        weights: Any,
-        count: Any,
-        reduction: str,
-        axis_name: Any,
-        chunk: int,
+        arrays: jax_adapter.LinearArrays, reduction: str, axis_name: Any, chunk: int
     ) -> _core.ForwardResult:
+        hidden, weight, bias, targets, weights, count = arrays
         rows = _linear.as_linear_rows(
             hidden, weight, bias, targets, weights, reduction=reduction, num_valid=count, xp=jnp
         )
@@ -1106,38 +1102,19 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
             xp=jnp,
         )
 
-    @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8))
-    def loss(
-        hidden: Any,
-        weight: Any,
-        bias: Any,
-        targets: Any,
-        weights: Any,
-        count: Any,
-        reduction: str,
-        axis_name: Any,
-        chunk: int,
-    ) -> Any:
-        args = (hidden, weight, bias, targets, weights, count)
-        return forward(*args, reduction, axis_name, chunk).loss
+    @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+    def loss(arrays: jax_adapter.LinearArrays, reduction: str, axis_name: Any, chunk: int) -> Any:
+        return forward(arrays, reduction, axis_name, chunk).loss
 
     def loss_fwd(
-        hidden: Any,
-        weight: Any,
-        bias: Any,
-        targets: Any,
-        weights: Any,
-        count: Any,
-        reduction: str,
-        axis_name: Any,
-        chunk: int,
+        arrays: jax_adapter.LinearArrays, reduction: str, axis_name: Any, chunk: int
     ) -> tuple[Any, Any]:
-        args = (hidden, weight, bias, targets, weights, count)
-        result = forward(*args, reduction, axis_name, chunk)
-        return result.loss, (*args, result.saved, result.row_scale)
+        result = forward(arrays, reduction, axis_name, chunk)
+        return result.loss, (arrays, result.saved, result.row_scale)
 
     def loss_bwd(reduction: str, axis_name: Any, chunk: int, residuals: Any, grad_loss: Any) -> Any:
-        hidden, weight, bias, targets, weights, count, saved, row_scale = residuals
+        arrays, saved, row_scale = residuals
+        hidden, weight, bias, targets, weights, count = arrays
         upstream = jnp.reshape(grad_loss, (-1,)) if reduction == "none" else grad_loss
         arguments = (hidden, weight, bias, targets, saved, row_scale * upstream, chunk)
         # One computation per result, so that jit drops the targets' gradient if unused.
@@ -1146,7 +1123,7 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
         # Each device's part of the hidden gradient covers its slice of the vocabulary.
         grad_hidden = jax.lax.psum(grad_hidden, axis_name)
         zero_count = None if count is None else jnp.zeros_like(count)
-        return (
+        cotangents = jax_adapter.LinearArrays(
             _like_primal(grad_hidden, hidden),
             _like_primal(grad_weight, weight),
             None if bias is None else _like_primal(grad_bias, bias),
@@ -1154,6 +1131,7 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
             jnp.zeros_like(weights),
             zero_count,
         )
+        return (cotangents,)
 
     loss.defvjp(loss_fwd, loss_bwd)
     return loss

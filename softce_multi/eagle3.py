@@ -27,7 +27,7 @@ import array_api_compat
 import array_api_extra as xpx
 
 from softce_multi._core import compute_dtype
-from softce_multi._types import Array, Namespace
+from softce_multi._types import Array, LossInputs, Namespace
 from softce_multi._validate import (
     check_1d,
     check_always_include,
@@ -725,7 +725,7 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) 
     >>> draft_accuracy(logits, target, mask)
     array(0.5)
     """
-    xp = validate_inputs(logits, target_probs, position_mask, "mean", None)
+    xp = validate_inputs(LossInputs(logits, target_probs, position_mask, "mean", None))
     hit = _top_index(logits, xp=xp) == _top_index(target_probs, xp=xp)
     valid = xp.reshape(position_mask, hit.shape)
     if valid.dtype != xp.bool:

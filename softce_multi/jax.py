@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from softce_multi import _core, _linear, kernels
-from softce_multi._types import Reduction
+from softce_multi._types import LinearLossInputs, LossInputs, Reduction
 from softce_multi._validate import validate_inputs
 from softce_multi.kernels import xla as xla_kernels
 
@@ -80,52 +80,40 @@ def masked_soft_cross_entropy(
       >>> grad.shape
       (2, 4, 16)
     """
-    validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
-    return loss(logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid)
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    validate_inputs(inputs)
+    return loss(inputs)
 
 
-def loss(
-    logits: jax.Array,
-    target_probs: jax.Array,
-    position_mask: jax.Array,
-    /,
-    *,
-    reduction: str,
-    num_valid: jax.Array | float | None,
-) -> jax.Array:
+def loss(inputs: LossInputs, /) -> jax.Array:
     """The differentiable loss of validated inputs (the adapter interface)."""
-    weights, count = _constants(logits, target_probs, position_mask, num_valid)
-    return _loss(logits, target_probs, weights, count, reduction)
+    weights, count = _constants(inputs)
+    return _loss(inputs.logits, inputs.target_probs, weights, count, inputs.reduction)
 
 
-def loss_with_grad(
-    logits: jax.Array,
-    target_probs: jax.Array,
-    position_mask: jax.Array,
-    /,
-    *,
-    reduction: str,
-    num_valid: jax.Array | float | None,
-) -> tuple[jax.Array, jax.Array]:
+def loss_with_grad(inputs: LossInputs, /) -> tuple[jax.Array, jax.Array]:
     """The loss of validated inputs and its logits gradient, from one forward pass.
 
     On a GPU this is the Pallas forward kernel with its gradient sweep.
     """
-    weights, count = _constants(logits, target_probs, position_mask, num_valid)
-    result = _forward(logits, target_probs, weights, count, reduction, with_logits_grad=True)
+    weights, count = _constants(inputs)
+    result = _forward(
+        inputs.logits,
+        inputs.target_probs,
+        weights,
+        count,
+        inputs.reduction,
+        with_logits_grad=True,
+    )
     assert result.logits_grad is not None  # requested with with_logits_grad=True
     return result.loss, result.logits_grad
 
 
-def _constants(
-    logits: jax.Array,
-    target_probs: jax.Array,
-    position_mask: jax.Array,
-    num_valid: jax.Array | float | None,
-) -> tuple[jax.Array, jax.Array | None]:
+def _constants(inputs: LossInputs) -> tuple[jax.Array, jax.Array | None]:
     """The mask and count as constants of the computation dtype (they get no gradient)."""
-    dtype = _core.compute_dtype(logits, target_probs, xp=jnp)
-    weights = jax.lax.stop_gradient(jnp.astype(position_mask, dtype))
+    dtype = _core.compute_dtype(inputs.logits, inputs.target_probs, xp=jnp)
+    weights = jax.lax.stop_gradient(jnp.astype(inputs.position_mask, dtype))
+    num_valid = inputs.num_valid
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     return weights, count
 
@@ -249,128 +237,65 @@ _loss.defvjp(_loss_fwd, _loss_bwd)
 # --------------------------------------------------------------------------------------------
 
 
-def linear_loss(
-    hidden: jax.Array,
-    weight: jax.Array,
-    target_probs: jax.Array,
-    position_mask: jax.Array,
-    /,
-    *,
-    bias: jax.Array | None,
-    reduction: str,
-    num_valid: jax.Array | float | None,
-    chunk_rows: int | None,
-) -> jax.Array:
+def linear_loss(inputs: LinearLossInputs, /) -> jax.Array:
     """The differentiable linear loss of validated inputs (the adapter interface).
 
     Under ``jax.grad`` the forward pass computes the gradients to ``hidden``, ``weight`` and
     ``bias`` in the same ``lax.scan`` over chunks as the loss (for ``"mean"`` and ``"sum"``).
     """
-    weights, count = _linear_constants(hidden, weight, bias, target_probs, position_mask, num_valid)
-    chunk = _linear_chunk(hidden, weight, bias, target_probs, chunk_rows)
-    return _linear_loss(hidden, weight, bias, target_probs, weights, count, reduction, chunk)
+    return _linear_loss(*_linear_arguments(inputs))
 
 
-def linear_loss_with_grad(
-    hidden: jax.Array,
-    weight: jax.Array,
-    target_probs: jax.Array,
-    position_mask: jax.Array,
-    /,
-    *,
-    bias: jax.Array | None,
-    reduction: str,
-    num_valid: jax.Array | float | None,
-    chunk_rows: int | None,
-) -> tuple[jax.Array, _linear.LinearGradients]:
+def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[jax.Array, _linear.LinearGradients]:
     """The linear loss of validated inputs and its three gradients, from one ``lax.scan``."""
-    weights, count = _linear_constants(hidden, weight, bias, target_probs, position_mask, num_valid)
-    chunk = _linear_chunk(hidden, weight, bias, target_probs, chunk_rows)
-    result = _linear_forward(
-        hidden, weight, bias, target_probs, weights, count, reduction, chunk, with_grads=True
-    )
+    result = _linear_forward(*_linear_arguments(inputs), with_grads=True)
     assert result.grads is not None  # asked for
     return result.loss, result.grads
 
 
-def _linear_constants(
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    target_probs: jax.Array,
-    position_mask: jax.Array,
-    num_valid: jax.Array | float | None,
-) -> tuple[jax.Array, jax.Array | None]:
-    """The mask as ``[N]`` weights and the count, constants of the computation dtype."""
+class LinearArrays(NamedTuple):
+    """The arrays of the linear loss, one pytree: what its ``custom_vjp`` differentiates."""
+
+    hidden: jax.Array
+    weight: jax.Array
+    bias: jax.Array | None
+    target_probs: jax.Array
+    weights: jax.Array
+    """The mask as ``[N]`` weights, a constant of the computation dtype."""
+    num_valid: jax.Array | None
+    """``num_valid`` as a constant of the computation dtype, or None."""
+
+
+def _linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
+    """The arguments of :func:`_linear_loss`: the arrays, the reduction and the rows per chunk
+    (``chunk_rows`` or the default, at most the number of rows, at least 1)."""
+    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
     dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
-    weights = jnp.reshape(jnp.astype(position_mask, dtype), (-1,))
-    count = None if num_valid is None else jnp.asarray(num_valid, dtype)
-    return jax.lax.stop_gradient(weights), jax.lax.stop_gradient(count)
-
-
-def _linear_chunk(
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    target_probs: jax.Array,
-    chunk_rows: int | None,
-) -> int:
-    """Rows per chunk: ``chunk_rows`` or the default, at most the number of rows (at least 1)."""
-    n_rows = math.prod(hidden.shape[:-1])
+    weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
+    count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     if chunk_rows is None:
-        dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
         chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp)
-    return max(1, min(chunk_rows, n_rows))
+    chunk = max(1, min(chunk_rows, math.prod(hidden.shape[:-1])))
+    return LinearArrays(hidden, weight, bias, target_probs, weights, count), reduction, chunk
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _linear_loss(
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    target_probs: jax.Array,
-    weights: jax.Array,
-    count: jax.Array | None,
-    reduction: str,
-    chunk: int,
-) -> jax.Array:
-    return _linear_forward(
-        hidden, weight, bias, target_probs, weights, count, reduction, chunk, with_grads=False
-    ).loss
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _linear_loss(arrays: LinearArrays, reduction: str, chunk: int) -> jax.Array:
+    return _linear_forward(arrays, reduction, chunk, with_grads=False).loss
 
 
 def _linear_loss_fwd(
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    target_probs: jax.Array,
-    weights: jax.Array,
-    count: jax.Array | None,
-    reduction: str,
-    chunk: int,
+    arrays: LinearArrays, reduction: str, chunk: int
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    with_grads = reduction != "none"
-    result = _linear_forward(
-        hidden, weight, bias, target_probs, weights, count, reduction, chunk, with_grads=with_grads
-    )
-    residuals = (
-        hidden,
-        weight,
-        bias,
-        target_probs,
-        result.saved,
-        result.row_scale,
-        result.grads,
-        weights,
-        count,
-    )
-    return result.loss, residuals
+    result = _linear_forward(arrays, reduction, chunk, with_grads=reduction != "none")
+    return result.loss, (arrays, result.saved, result.row_scale, result.grads)
 
 
 def _linear_loss_bwd(
     reduction: str, chunk: int, residuals: tuple[Any, ...], grad_output: jax.Array
-) -> tuple[Any, ...]:
-    hidden, weight, bias, target_probs, saved, row_scale, grads, weights, count = residuals
+) -> tuple[LinearArrays]:
+    arrays, saved, row_scale, grads = residuals
+    hidden, weight, bias, target_probs, weights, count = arrays
     upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
     row_scale = row_scale * upstream
     if grads is None:  # "none": the upstream is per row, so the gradients come now
@@ -384,23 +309,18 @@ def _linear_loss_bwd(
         hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=True
     )
     zero_count = None if count is None else jnp.zeros_like(count)
-    return (*grads, grad_targets, jnp.zeros_like(weights), zero_count)
+    grad_hidden, grad_weight, grad_bias = grads
+    cotangents = LinearArrays(
+        grad_hidden, grad_weight, grad_bias, grad_targets, jnp.zeros_like(weights), zero_count
+    )
+    return (cotangents,)
 
 
 _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
 
 
 def _linear_forward(
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    target_probs: jax.Array,
-    weights: jax.Array,
-    count: jax.Array | None,
-    reduction: str,
-    chunk: int,
-    *,
-    with_grads: bool,
+    arrays: LinearArrays, reduction: str, chunk: int, *, with_grads: bool
 ) -> _linear.LinearForwardResult:
     """The loss, the saved rows and optionally the three gradients, by a ``lax.scan`` over chunks.
 
@@ -408,6 +328,7 @@ def _linear_forward(
     ``N - chunk`` so that every chunk has the same shape: it recomputes rows of the chunk before
     it, with the same values, and only its new rows add to the weight and bias gradients.
     """
+    hidden, weight, bias, target_probs, weights, count = arrays
     rows = _linear.as_linear_rows(
         hidden, weight, bias, target_probs, weights, reduction=reduction, num_valid=count, xp=jnp
     )

@@ -53,7 +53,7 @@ import torch
 from torch import Tensor
 
 from softce_multi import _core, _linear, kernels
-from softce_multi._types import Reduction
+from softce_multi._types import LinearLossInputs, LossInputs, Reduction
 from softce_multi._validate import (
     check_chunk_rows,
     check_reduction,
@@ -99,73 +99,40 @@ def masked_soft_cross_entropy(
     >>> bool(logits.grad[0, 3:].eq(0).all())
     True
     """
-    validate_inputs(logits, target_probs, position_mask, reduction, num_valid)
-    return loss(logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid)
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    validate_inputs(inputs)
+    return loss(inputs)
 
 
-def loss(
-    logits: torch.Tensor,
-    target_probs: torch.Tensor,
-    position_mask: torch.Tensor,
-    /,
-    *,
-    reduction: str,
-    num_valid: torch.Tensor | float | None,
-) -> torch.Tensor:
+def loss(inputs: LossInputs, /) -> torch.Tensor:
     """The loss of validated inputs, always through the autograd function.
 
     Without a gradient to record it records nothing; going through it even then makes PyTorch
     refuse forward-mode differentiation by name (the function has no ``jvp``) rather than lose
     the tangents.
     """
+    logits, reduction = inputs.logits, inputs.reduction
     with_logits_grad = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
-    outputs = _MaskedSoftCrossEntropyFunction.apply(
-        logits, target_probs, position_mask, reduction, num_valid, with_logits_grad
-    )
+    outputs = _MaskedSoftCrossEntropyFunction.apply(*inputs, with_logits_grad)
     return outputs[0]
 
 
-def loss_with_grad(
-    logits: torch.Tensor,
-    target_probs: torch.Tensor,
-    position_mask: torch.Tensor,
-    /,
-    *,
-    reduction: str,
-    num_valid: torch.Tensor | float | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of validated inputs and its logits gradient, from one pass (no autograd)."""
-    result = forward(
-        logits,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
-        with_logits_grad=True,
-    )
+    result = forward(inputs, with_logits_grad=True)
     return result.loss, cast(torch.Tensor, result.logits_grad)
 
 
 @torch.no_grad()
-def forward(
-    logits: torch.Tensor,
-    target_probs: torch.Tensor,
-    position_mask: torch.Tensor,
-    *,
-    reduction: str,
-    num_valid: torch.Tensor | float | None,
-    with_logits_grad: bool,
-) -> _core.ForwardResult:
+def forward(inputs: LossInputs, /, *, with_logits_grad: bool) -> _core.ForwardResult:
     """:func:`softce_multi._core.forward` with the per-row work of :func:`row_routine`."""
     return _core.forward(
-        logits,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
+        *inputs[:3],
+        reduction=inputs.reduction,
+        num_valid=inputs.num_valid,
         with_logits_grad=with_logits_grad,
         row_routine=row_routine,
-        xp=array_api_compat.array_namespace(logits),
+        xp=array_api_compat.array_namespace(inputs.logits),
     )
 
 
@@ -226,14 +193,8 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         num_valid: Tensor | float | None,
         with_logits_grad: bool,
     ) -> tuple[Tensor, ...]:
-        result = forward(
-            logits,
-            target_probs,
-            position_mask,
-            reduction=reduction,
-            num_valid=num_valid,
-            with_logits_grad=with_logits_grad,
-        )
+        inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+        result = forward(inputs, with_logits_grad=with_logits_grad)
         logits_grad = logits.new_empty(0) if result.logits_grad is None else result.logits_grad
         return (result.loss, logits_grad, result.row_scale, *result.saved)
 
@@ -396,103 +357,42 @@ class MaskedSoftCrossEntropy(torch.nn.Module):
 # --------------------------------------------------------------------------------------------
 
 
-def linear_loss(
-    hidden: Tensor,
-    weight: Tensor,
-    target_probs: Tensor,
-    position_mask: Tensor,
-    /,
-    *,
-    bias: Tensor | None,
-    reduction: str,
-    num_valid: Tensor | float | None,
-    chunk_rows: int | None,
-) -> Tensor:
+def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
     """The linear loss of validated inputs, through :class:`_LinearMaskedSoftCrossEntropyFunction`.
 
     For ``"mean"`` and ``"sum"``, the gradients of the inputs that require grad are computed in
     the forward pass.
     """
+    hidden, weight, bias = inputs[:3]
     wanted = (False, False, False)
-    if torch.is_grad_enabled() and reduction != "none":
-        wanted = (
-            hidden.requires_grad,
-            weight.requires_grad,
-            bias is not None and bias.requires_grad,
-        )
-    outputs = _LinearMaskedSoftCrossEntropyFunction.apply(
-        hidden,
-        weight,
-        bias,
-        target_probs,
-        position_mask,
-        reduction,
-        num_valid,
-        chunk_rows,
-        wanted,
-    )
-    return outputs[0]
+    if torch.is_grad_enabled() and inputs.reduction != "none":
+        with_bias_grad = bias is not None and bias.requires_grad
+        wanted = (hidden.requires_grad, weight.requires_grad, with_bias_grad)
+    return _LinearMaskedSoftCrossEntropyFunction.apply(*inputs, wanted)[0]
 
 
-def linear_loss_with_grad(
-    hidden: Tensor,
-    weight: Tensor,
-    target_probs: Tensor,
-    position_mask: Tensor,
-    /,
-    *,
-    bias: Tensor | None,
-    reduction: str,
-    num_valid: Tensor | float | None,
-    chunk_rows: int | None,
-) -> tuple[Tensor, _linear.LinearGradients]:
+def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Tensor, _linear.LinearGradients]:
     """The linear loss of validated inputs and its three gradients, from one chunked pass."""
-    result = linear_forward(
-        hidden,
-        weight,
-        bias,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
-        chunk_rows=chunk_rows,
-        wanted=(True, True, bias is not None),
-    )
+    result = linear_forward(inputs, wanted=(True, True, inputs.bias is not None))
     assert result.grads is not None  # asked for
     return result.loss, result.grads
 
 
 @torch.no_grad()
 def linear_forward(
-    hidden: Tensor,
-    weight: Tensor,
-    bias: Tensor | None,
-    target_probs: Tensor,
-    position_mask: Tensor,
-    *,
-    reduction: str,
-    num_valid: Tensor | float | None,
-    chunk_rows: int | None,
-    wanted: tuple[bool, bool, bool],
+    inputs: LinearLossInputs, /, *, wanted: tuple[bool, bool, bool]
 ) -> _linear.LinearForwardResult:
     """:func:`softce_multi._linear.forward` with :func:`row_routine` and in-place accumulation.
 
     ``wanted`` says which of the gradients to ``hidden``, ``weight`` and ``bias`` to compute.
     """
     return _linear.forward(
-        hidden,
-        weight,
-        bias,
-        target_probs,
-        position_mask,
-        reduction=reduction,
-        num_valid=num_valid,
+        inputs,
         hidden_grad=wanted[0],
         weight_grad=wanted[1],
         bias_grad=wanted[2],
-        chunk_rows=chunk_rows,
         row_routine=row_routine,
-        xp=array_api_compat.array_namespace(hidden),
+        xp=array_api_compat.array_namespace(inputs.hidden),
         add=_add_product,
     )
 
@@ -528,17 +428,10 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         chunk_rows: int | None,
         wanted: tuple[bool, bool, bool],
     ) -> tuple[Tensor, ...]:
-        result = linear_forward(
-            hidden,
-            weight,
-            bias,
-            target_probs,
-            position_mask,
-            reduction=reduction,
-            num_valid=num_valid,
-            chunk_rows=chunk_rows,
-            wanted=wanted,
+        inputs = LinearLossInputs(
+            hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows
         )
+        result = linear_forward(inputs, wanted=wanted)
         grads = result.grads or _linear.LinearGradients(None, None, None)
         made = tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
         return (result.loss, *made, result.row_scale, *result.saved)
@@ -642,26 +535,18 @@ class LinearMaskedSoftCrossEntropy(torch.nn.Module):
         num_valid: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """Return the loss; ``num_valid`` replaces the denominator of ``"mean"``."""
-        validate_linear_inputs(
+        inputs = LinearLossInputs(
             hidden,
             weight,
+            bias,
             target_probs,
             position_mask,
-            bias,
             self.reduction,
             num_valid,
             self.chunk_rows,
         )
-        return linear_loss(
-            hidden,
-            weight,
-            target_probs,
-            position_mask,
-            bias=bias,
-            reduction=self.reduction,
-            num_valid=num_valid,
-            chunk_rows=self.chunk_rows,
-        )
+        validate_linear_inputs(inputs)
+        return linear_loss(inputs)
 
     def extra_repr(self) -> str:
         return f"reduction={self.reduction!r}, chunk_rows={self.chunk_rows!r}"

@@ -21,6 +21,7 @@ import pytest
 
 import softce_multi as sc
 from softce_multi import _linear
+from softce_multi._types import LinearLossInputs
 from softce_multi.testing import (
     GRAD_RTOL,
     Backend,
@@ -570,18 +571,21 @@ def test_triton_routines_in_the_chunked_driver(reduction):
     rng = np.random.default_rng(19)
     case = make_linear_case(backend, rng, dtype="float32", padding=np.nan)
     with_grads = reduction != "none"
-    result = _linear.forward(
+    inputs = LinearLossInputs(
         case.hidden,
         case.weight,
         case.bias,
         case.target_probs,
         case.position_mask,
-        reduction=reduction,
-        num_valid=None,
+        reduction,
+        None,
+        CHUNK,
+    )
+    result = _linear.forward(
+        inputs,
         hidden_grad=with_grads,
         weight_grad=with_grads,
         bias_grad=with_grads,
-        chunk_rows=CHUNK,
         row_routine=triton.row_routine,
         xp=_namespace(case.hidden),
     )
