@@ -19,6 +19,7 @@ detached, on JAX behind ``jax.lax.stop_gradient``.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
@@ -470,7 +471,10 @@ def prepare_targets_from_hidden(
     matmul_dtype = xp.result_type(hidden.dtype, weight.dtype)
     batch_shape = tuple(hidden.shape[:-1])
     rows = xp.reshape(hidden, (math.prod(batch_shape), hidden.shape[-1]))
-    probs, top = _targets_by_chunks(
+    by_chunks = (
+        _jax_targets_by_chunks() if array_api_compat.is_jax_namespace(xp) else _targets_by_chunks
+    )
+    probs, top = by_chunks(
         rows,
         weight,
         _draft_token_ids(t2d, size, xp=xp),
@@ -624,6 +628,15 @@ def _targets_by_chunks(
     probs = xp.empty((n_rows, draft_size), dtype=dtype, device=device)
     top = xp.empty((n_rows,), dtype=index_dtype, device=device)
     return _over_chunks(n_rows, chunk.rows, row_step, (probs, top), loops)
+
+
+@functools.cache
+def _jax_targets_by_chunks() -> Callable[..., tuple[Array, Array]]:
+    """:func:`_targets_by_chunks` under ``jax.jit``, compiled once per shapes, chunk sizes and
+    dtype: called eagerly, JAX would compile each of its chunk loops again at every call."""
+    import jax
+
+    return jax.jit(_targets_by_chunks, static_argnums=(3, 4), static_argnames=("xp",))
 
 
 def _softmax(x: Array, *, xp: Namespace) -> Array:
