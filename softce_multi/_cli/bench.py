@@ -510,40 +510,54 @@ def kernel_mode_rows(
 
 def format_kernel_modes(rows: Sequence[dict[str, Any]]) -> str:
     """The rows of :func:`kernel_mode_rows` as a fixed-width table."""
-    header = (
-        f"{'kernel mode':<18} {'dtype':<9} {'N':>6} {'median s':>9} {'floor MB':>9} {'GB/s':>7}"
+    return _fixed_width_table(
+        rows,
+        [
+            ("kernel mode", "<18", _value("mode")),
+            ("dtype", "<9", _value("dtype")),
+            ("N", ">6", _value("length")),
+            ("median s", ">9", _value("median_s", "{:.5f}")),
+            ("floor MB", ">9", lambda row: f"{row['floor_bytes'] / 1e6:.1f}"),
+            ("GB/s", ">7", _value("gb_per_s", "{:.1f}")),
+        ],
     )
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row['mode']:<18} {row['dtype']:<9} {row['length']:>6} {row['median_s']:>9.5f} "
-            f"{row['floor_bytes'] / 1e6:>9.1f} {row['gb_per_s']:>7.1f}"
-        )
-    return "\n".join(lines)
 
 
-def _cell(value: float | None, pattern: str) -> str:
+def _cell(value: Any, pattern: str) -> str:
     return "n/a" if value is None else pattern.format(value)
 
 
 def format_table(rows: Sequence[dict[str, Any]], bandwidth: bool = False) -> str:
     """The rows as a fixed-width table, one line per implementation, dtype and length."""
-    header = (
-        f"{'implementation':<26} {'dtype':<9} {'N':>6} {'median s':>9} {'x NeMo':>7} "
-        f"{'x peer':>7} {'extra MiB':>10} {'x grad':>7}"
-    ) + (f" {'GB/s':>7}" if bandwidth else "")
+    columns = [
+        ("implementation", "<26", _value("implementation")),
+        ("dtype", "<9", _value("dtype")),
+        ("N", ">6", _value("length")),
+        ("median s", ">9", _value("median_s", "{:.4f}")),
+        ("x NeMo", ">7", _value("time_vs_nemo", "{:.2f}x")),
+        ("x peer", ">7", _value("time_vs_peer", "{:.2f}x")),
+        ("extra MiB", ">10", _value("extra_peak_mib", "{:.0f}")),
+        ("x grad", ">7", _value("extra_peak_in_grads", "{:.2f}")),
+    ]
+    if bandwidth:
+        columns.append(("GB/s", ">7", _value("floor_gb_per_s", "{:.1f}")))
+    return _fixed_width_table(rows, columns)
+
+
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]
+"""A table column: its title, its format spec (alignment and width), and its cell of a row."""
+
+
+def _value(key: str, pattern: str = "{}") -> Callable[[dict[str, Any]], str]:
+    """The cell of ``row[key]`` formatted by ``pattern``, or ``n/a`` for None."""
+    return lambda row: _cell(row[key], pattern)
+
+
+def _fixed_width_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """``rows`` as a table: a title line, a rule, then one line per row."""
+    header = " ".join(f"{title:{spec}}" for title, spec, _ in columns)
     lines = [header, "-" * len(header)]
-    for row in rows:
-        line = (
-            f"{row['implementation']:<26} {row['dtype']:<9} {row['length']:>6} "
-            f"{row['median_s']:>9.4f} {_cell(row['time_vs_nemo'], '{:.2f}x'):>7} "
-            f"{_cell(row['time_vs_peer'], '{:.2f}x'):>7} "
-            f"{_cell(row['extra_peak_mib'], '{:.0f}'):>10} "
-            f"{_cell(row['extra_peak_in_grads'], '{:.2f}'):>7}"
-        )
-        if bandwidth:
-            line += f" {row['floor_gb_per_s']:>7.1f}"
-        lines.append(line)
+    lines += [" ".join(f"{cell(row):{spec}}" for _, spec, cell in columns) for row in rows]
     return "\n".join(lines)
 
 
@@ -826,19 +840,18 @@ def run_from_hidden(
 
 
 def _format_from_hidden(rows: list[dict[str, Any]]) -> str:
-    header = (
-        f"{'framework':<10} {'rows':>7} {'implementation':<14} {'median s':>9} "
-        f"{'x time':>7} {'extra MiB':>10} {'x [N,V]':>8}"
+    return _fixed_width_table(
+        rows,
+        [
+            ("framework", "<10", _value("framework")),
+            ("rows", ">7", _value("rows")),
+            ("implementation", "<14", _value("implementation")),
+            ("median s", ">9", _value("median_s", "{:.3f}")),
+            ("x time", ">7", _value("time_vs_materialised", "{:.2f}x")),
+            ("extra MiB", ">10", _value("extra_peak_mib", "{:.0f}")),
+            ("x [N,V]", ">8", _value("extra_peak_in_logits", "{:.3f}")),
+        ],
     )
-    lines = [header, "-" * len(header)]
-    for row in rows:
-        lines.append(
-            f"{row['framework']:<10} {row['rows']:>7} {row['implementation']:<14} "
-            f"{row['median_s']:>9.3f} {row['time_vs_materialised']:>6.2f}x "
-            f"{_cell(row['extra_peak_mib'], '{:.0f}'):>10} "
-            f"{_cell(row['extra_peak_in_logits'], '{:.3f}'):>8}"
-        )
-    return "\n".join(lines)
 
 
 def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
