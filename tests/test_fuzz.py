@@ -45,6 +45,7 @@ from softce_multi.testing import (
     assert_loss_close,
     backends,
     compute_dtype,
+    device_of,
     dtype_name,
     gradient_tolerance,
     library_of,
@@ -363,8 +364,75 @@ def largest_term(
     return row_scale[..., None] * (p.sum(axis=-1, keepdims=True) * softmax + np.abs(p))
 
 
+def target_mass(
+    targets: Any,
+    mask: Any,
+    padding: np.ndarray,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+) -> np.ndarray:
+    """The loss's unit, reduced as the loss is: per position ``|w| * sum(|p|)`` (0 at padding).
+
+    A float32 loss is resolved to a few roundings of it, not better: the log-sum-exp of a
+    confident row is the log of 1 plus a tiny sum, rounded to 1 plus a multiple of its epsilon.
+    """
+    p = np.where(padding[..., None], 0.0, to_float64(targets))
+    weights = np.reshape(np.abs(to_float64(mask)), padding.shape)
+    per_position = weights * np.abs(p).sum(axis=-1)
+    if reduction == "none":
+        return per_position
+    if reduction == "sum":
+        return np.asarray(per_position.sum())
+    den = max(weights.sum(), 1.0) if num_valid is None else float(num_valid)
+    return np.asarray(per_position.sum() / den if den else 0.0)
+
+
+def assert_described(actual: Any, shape: tuple[int, ...], *, backend: Backend, dtype: str) -> None:
+    """The library, dtype, shape and device of a result: those of ``backend``, ``dtype``."""
+    library = backend.library
+    assert library_of(actual) == library, f"library {library_of(actual)}, expected {library}"
+    assert device_of(actual) == backend.device, f"device {device_of(actual)}, not {backend}"
+    assert dtype_name(actual) == dtype, f"dtype {dtype_name(actual)}, expected {dtype}"
+    assert tuple(actual.shape) == shape, f"shape {tuple(actual.shape)}, expected {shape}"
+
+
+def assert_loss_agrees(
+    actual: Any,
+    desired: np.ndarray,
+    compute: str,
+    *,
+    mass: np.ndarray,
+    backend: Backend,
+    tolerance: str | None = None,
+) -> None:
+    """:func:`~softce_multi.testing.assert_loss_close` with the tolerance of ``tolerance`` (by
+    default ``compute``, the dtype of the loss); a loss below the rounding of its unit, 8
+    roundings of ``compute`` of the target mass ``mass`` (:func:`target_mass`), within that."""
+    rtol = LOSS_RTOL[tolerance or compute]
+    floor = 8 * EPS[compute] * mass
+    desired = np.asarray(desired)
+    if np.all(rtol * np.abs(desired) >= floor):
+        assert_loss_close(
+            actual,
+            desired,
+            tolerance or compute,
+            library=backend.library,
+            dtype=compute,
+            device=backend.device,
+        )
+        return
+    assert_described(actual, desired.shape, backend=backend, dtype=compute)
+    values = to_float64(actual)
+    wrong = ~(np.abs(values - desired) <= floor + rtol * np.abs(desired))
+    assert not wrong.any(), (
+        f"loss beyond rtol {rtol} and the floor: actual {values[wrong][:5]}, desired "
+        f"{desired[wrong][:5]}, floor {np.broadcast_to(floor, wrong.shape)[wrong][:5]}"
+    )
+
+
 def assert_gradient_agrees(
-    actual: Any, desired: np.ndarray, compute: str, *, terms: float, library: str, dtype: str
+    actual: Any, desired: np.ndarray, compute: str, *, terms: float, backend: Backend, dtype: str
 ) -> None:
     """:func:`~softce_multi.testing.assert_gradient_close`: within the tolerance of the largest
     entry; or, where that is below the rounding of the gradient's ``terms`` (their largest
@@ -372,11 +440,11 @@ def assert_gradient_agrees(
     the gradient's dtype (float16 resolves nothing below ``2**-24``), within that."""
     floor = max(8 * EPS[compute] * terms, SMALLEST_SPACING[dtype])
     if gradient_tolerance(compute, dtype) * np.max(np.abs(desired), initial=0.0) >= floor:
-        assert_gradient_close(actual, desired, compute, library=library, dtype=dtype)
+        assert_gradient_close(
+            actual, desired, compute, library=backend.library, dtype=dtype, device=backend.device
+        )
         return
-    assert library_of(actual) == library, f"library {library_of(actual)}, expected {library}"
-    assert dtype_name(actual) == dtype, f"dtype {dtype_name(actual)}, expected {dtype}"
-    assert tuple(actual.shape) == desired.shape, f"shape {tuple(actual.shape)} != {desired.shape}"
+    assert_described(actual, desired.shape, backend=backend, dtype=dtype)
     np.testing.assert_allclose(to_float64(actual), desired, rtol=0.0, atol=floor)
 
 
@@ -469,9 +537,8 @@ def test_loss_agrees_with_the_oracle_on_every_backend(data: Any, structure: dict
         args = inputs.build(backend)
         loss = call(backend, sc.masked_soft_cross_entropy, *args, reduction=reduction)
         expected = expected_loss(inputs, *args, reduction=reduction)
-        assert_loss_close(
-            loss, expected.loss, dtype, library=backend.library, dtype=dtype, device=backend.device
-        )
+        mass = target_mass(*args[1:], inputs.padding, reduction=reduction)
+        assert_loss_agrees(loss, expected.loss, dtype, mass=mass, backend=backend)
 
     on_each(each_backend(*inputs.dtypes), check)
 
@@ -496,7 +563,8 @@ def test_num_valid_is_the_denominator_of_the_mean_on_every_backend(
         else:
             loss = call(backend, sc.masked_soft_cross_entropy, *args, num_valid=count)
         expected = expected_loss(inputs, *args, num_valid=num_valid.value)
-        assert_loss_close(loss, expected.loss, dtype, library=backend.library, dtype=dtype)
+        mass = target_mass(*args[1:], inputs.padding, num_valid=num_valid.value)
+        assert_loss_agrees(loss, expected.loss, dtype, mass=mass, backend=backend)
 
     on_each(each_backend(*inputs.dtypes, *num_valid.dtypes), check)
 
@@ -528,14 +596,17 @@ def test_loss_with_grad_agrees_with_the_oracle_on_every_backend(data: Any, struc
             )
         loss, grad = result
         expected = expected_loss(inputs, *args, reduction=reduction, num_valid=num_valid.value)
-        assert_loss_close(loss, expected.loss, dtype, library=backend.library, dtype=dtype)
+        mass = target_mass(
+            *args[1:], inputs.padding, reduction=reduction, num_valid=num_valid.value
+        )
+        assert_loss_agrees(loss, expected.loss, dtype, mass=mass, backend=backend)
         terms = oracle_terms(inputs, *args, reduction=reduction, num_valid=num_valid.value)
         assert_gradient_agrees(
             grad,
             expected.grad_logits,
             dtype,
             terms=terms,
-            library=backend.library,
+            backend=backend,
             dtype=inputs.logits_dtype,
         )
         assert_zero_at_padding(grad, inputs.padding)
@@ -591,12 +662,13 @@ def test_autodiff_gradients_agree_with_the_oracle(data: Any, structure: dict, se
             cotangent = on_backend(backend, upstream, "float64")
             loss, *grads = call(backend, jax_gradients, *args, cotangent, reduction=reduction)
         expected = expected_loss(inputs, *args, reduction=reduction, upstream=upstream)
-        assert_loss_close(loss, expected.loss, dtype, library=backend.library, dtype=dtype)
+        mass = target_mass(*args[1:], inputs.padding, reduction=reduction)
+        assert_loss_agrees(loss, expected.loss, dtype, mass=mass, backend=backend)
         terms = oracle_terms(inputs, *args, reduction=reduction, upstream=upstream)
         desired = (expected.grad_logits, expected.grad_targets)
         for grad, want, grad_dtype in zip(grads, desired, inputs.dtypes[:2], strict=True):
             assert_gradient_agrees(
-                grad, want, dtype, terms=terms, library=backend.library, dtype=grad_dtype
+                grad, want, dtype, terms=terms, backend=backend, dtype=grad_dtype
             )
             assert_zero_at_padding(grad, inputs.padding)
 
@@ -755,9 +827,8 @@ def test_linear_loss_agrees_with_the_oracle_on_every_backend(data: Any, structur
         args = inputs.build(backend)
         loss = call(backend, linear_loss, *args, reduction=reduction, chunk_rows=chunk_rows)
         expected, _, _ = expected_linear(inputs, args, reduction=reduction)
-        assert_loss_close(
-            loss, expected, tolerance, library=backend.library, dtype=compute, device=backend.device
-        )
+        mass = target_mass(args[2], args[3], inputs.padding, reduction=reduction)
+        assert_loss_agrees(loss, expected, compute, mass=mass, backend=backend, tolerance=tolerance)
 
     on_each(each_backend(*inputs.used_dtypes), check)
 
@@ -788,7 +859,8 @@ def test_linear_loss_with_grad_agrees_with_the_oracle_on_every_backend(
             backend, linear_with_grad, *args, reduction=reduction, chunk_rows=chunk_rows
         )
         expected, wanted, terms = expected_linear(inputs, args, reduction=reduction)
-        assert_loss_close(loss, expected, tolerance, library=backend.library, dtype=compute)
+        mass = target_mass(args[2], args[3], inputs.padding, reduction=reduction)
+        assert_loss_agrees(loss, expected, compute, mass=mass, backend=backend, tolerance=tolerance)
         for grad, want, size, name in zip(
             grads, wanted, terms, ("hidden", "weight", "bias"), strict=False
         ):
@@ -800,7 +872,7 @@ def test_linear_loss_with_grad_agrees_with_the_oracle_on_every_backend(
                 want,
                 tolerance,
                 terms=size,
-                library=backend.library,
+                backend=backend,
                 dtype=inputs.dtypes[name],
             )
         assert_zero_at_padding(grads.hidden, inputs.padding)
