@@ -2,16 +2,14 @@
 
 Each ``torch_*`` function below is the step as an EAGLE-3 trainer writes it in PyTorch: boolean
 indexing with ``t2d``, ``argmax``, ``softmax`` of the upcast draft columns, ``torch.cat`` to shift.
-The parity tests run the library on NumPy, array-api-strict, PyTorch and JAX and compare.
+The parity tests run the library on every backend :mod:`softce_multi.testing` finds (NumPy,
+array-api-strict, PyTorch and JAX on the CPU; CuPy and the GPUs where present) and compare.
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import tracemalloc
-from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -27,83 +25,14 @@ from softce_multi.eagle3 import (
     shift_left,
     target_to_draft_ids,
 )
+from softce_multi.testing import LOSS_RTOL, Backend, device_of, library_of
 
-# Tolerances of the design brief: float32 results within 1e-5 relative, float64 within 1e-12.
-RTOL = {np.float32: 1e-5, np.float64: 1e-12}
-
-
-@dataclass(frozen=True)
-class Backend:
-    """One array library: converts NumPy arrays to it and back."""
-
-    name: str
-    module: Any
-
-    def asarray(self, a: Any, dtype: str | None = None) -> Any:
-        """Convert a NumPy array; ``dtype`` names a low-precision float (``"bfloat16"``)."""
-        a = np.asarray(a)
-        if self.name == "numpy":
-            out = a.copy()
-        elif self.name == "torch":
-            out = self.module.from_numpy(a.copy())
-        elif self.name == "jax":
-            out = self.module.numpy.asarray(a)
-        else:
-            out = self.module.asarray(a)
-        if dtype is not None:
-            out = _cast(self, out, dtype)
-        return out
-
-    def to_numpy(self, x: Any) -> np.ndarray:
-        if self.name == "torch":
-            x = x.detach()
-            return (x.float() if x.dtype == self.module.bfloat16 else x).numpy()
-        if self.name == "jax" and x.dtype == self.module.numpy.bfloat16:
-            x = x.astype(self.module.numpy.float32)
-        return np.asarray(x)
-
-    def namespace_is_mine(self, x: Any) -> bool:
-        import array_api_compat
-
-        checks = {
-            "numpy": array_api_compat.is_numpy_array,
-            "torch": array_api_compat.is_torch_array,
-            "jax": array_api_compat.is_jax_array,
-            "array_api_strict": array_api_compat.is_array_api_strict_namespace,
-        }
-        if self.name == "array_api_strict":
-            return checks[self.name](array_api_compat.array_namespace(x))
-        return checks[self.name](x)
+RTOL_32, RTOL_64 = LOSS_RTOL["float32"], LOSS_RTOL["float64"]
 
 
-def _cast(backend: Backend, x: Any, dtype: str) -> Any:
-    if backend.name == "torch":
-        return x.to(getattr(backend.module, dtype))
-    if backend.name == "jax":
-        return x.astype(getattr(backend.module.numpy, dtype))
-    return x.astype(dtype)
-
-
-ALL_BACKENDS = ["numpy", "array_api_strict", "torch", "jax"]
-
-
-def _load(name: str) -> Backend:
-    if name == "numpy":
-        return Backend("numpy", np)
-    module = pytest.importorskip(name, reason=f"{name} is not installed")
-    if name == "jax":
-        importlib.import_module("jax.numpy")
-    return Backend(name, module)
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def backend(request: pytest.FixtureRequest) -> Backend:
-    return _load(request.param)
-
-
-@pytest.fixture(params=["torch", "jax"])
-def autodiff_backend(request: pytest.FixtureRequest) -> Backend:
-    return _load(request.param)
+def is_of(backend: Backend, x: Any) -> bool:
+    """Whether ``x`` is an array of ``backend``'s library on its device."""
+    return library_of(x) == backend.library and device_of(x) == backend.device
 
 
 @pytest.fixture
@@ -116,16 +45,6 @@ def jax() -> Any:
     module = pytest.importorskip("jax", reason="jax is not installed")
     importlib.import_module("jax.numpy")
     return module
-
-
-@contextlib.contextmanager
-def float64_enabled(backend: Backend) -> Iterator[None]:
-    """Let JAX make float64 and int64 arrays for the duration (other libraries always do)."""
-    if backend.name == "jax":
-        with backend.module.enable_x64(True):
-            yield
-    else:
-        yield
 
 
 # --- the plain PyTorch formulation ------------------------------------------------------------
@@ -253,7 +172,7 @@ def test_build_vocab_mapping_at_llama3_sizes(backend: Backend, torch: Any) -> No
 
 def test_build_vocab_mapping_returns_index_dtype_and_bool(backend: Backend) -> None:
     d2t, t2d = build_vocab_mapping(backend.asarray(np.array([4, 1, 6])), 2)
-    assert backend.namespace_is_mine(d2t) and backend.namespace_is_mine(t2d)
+    assert is_of(backend, d2t) and is_of(backend, t2d)
     assert "int" in str(d2t.dtype) and "bool" in str(t2d.dtype)
     assert tuple(d2t.shape) == (2,) and tuple(t2d.shape) == (3,)
 
@@ -405,7 +324,7 @@ def test_prepare_targets_matches_torch_formulation(
     )
     expected_probs, expected_mask = torch_prepare_targets(torch.from_numpy(logits), loss_mask, t2d)
     assert backend.to_numpy(probs).dtype == np.float32
-    np.testing.assert_allclose(backend.to_numpy(probs), expected_probs, rtol=RTOL[np.float32])
+    np.testing.assert_allclose(backend.to_numpy(probs), expected_probs, rtol=RTOL_32)
     np.testing.assert_array_equal(backend.to_numpy(position_mask), expected_mask)
     assert backend.to_numpy(position_mask).dtype == np.dtype(loss_mask_dtype)
 
@@ -416,14 +335,13 @@ def test_prepare_targets_in_float64_matches_torch_formulation(backend: Backend, 
     logits = random_target_logits(rng, (3, 5, 1000), t2d).astype(np.float64)
     logits += rng.standard_normal(logits.shape) * 1e-3  # bits beyond float32
     loss_mask = rng.random((3, 5)) < 0.8
-    with float64_enabled(backend):
-        probs, position_mask = prepare_targets(
-            backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d)
-        )
-        probs, position_mask = backend.to_numpy(probs), backend.to_numpy(position_mask)
+    probs, position_mask = prepare_targets(
+        backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d)
+    )
+    probs, position_mask = backend.to_numpy(probs), backend.to_numpy(position_mask)
     expected_probs, expected_mask = torch_prepare_targets(torch.from_numpy(logits), loss_mask, t2d)
     assert probs.dtype == np.float64
-    np.testing.assert_allclose(probs, expected_probs, rtol=RTOL[np.float64])
+    np.testing.assert_allclose(probs, expected_probs, rtol=RTOL_64)
     np.testing.assert_array_equal(position_mask, expected_mask)
 
 
@@ -457,7 +375,7 @@ def test_prepare_targets_at_llama3_sizes(backend: Backend, torch: Any) -> None:
     )
     expected_probs, expected_mask = torch_prepare_targets(torch.from_numpy(logits), loss_mask, t2d)
     assert tuple(probs.shape) == (1, 4, 32000)
-    np.testing.assert_allclose(backend.to_numpy(probs), expected_probs, rtol=RTOL[np.float32])
+    np.testing.assert_allclose(backend.to_numpy(probs), expected_probs, rtol=RTOL_32)
     np.testing.assert_array_equal(backend.to_numpy(position_mask), expected_mask)
 
 
@@ -688,10 +606,10 @@ def test_draft_accuracy_matches_torch_formulation(backend: Backend, torch: Any) 
         backend.asarray(logits), backend.asarray(target), backend.asarray(mask)
     )
     assert tuple(accuracy.shape) == ()
-    assert backend.namespace_is_mine(accuracy)
+    assert is_of(backend, accuracy)
     expected = torch_draft_accuracy(logits, target, mask)
     assert 0.2 < expected < 0.9
-    np.testing.assert_allclose(backend.to_numpy(accuracy), expected, rtol=RTOL[np.float32])
+    np.testing.assert_allclose(backend.to_numpy(accuracy), expected, rtol=RTOL_32)
 
 
 def test_draft_accuracy_compares_the_first_of_tied_top_tokens(backend: Backend) -> None:
@@ -744,14 +662,13 @@ def test_multi_step_loss_matches_torch_formulation(
     backend: Backend, torch: Any, normalize: bool, as_sequence: bool
 ) -> None:
     values = np.random.default_rng(22).random(5) * 4
-    with float64_enabled(backend):
-        losses = backend.asarray(values)
-        if as_sequence:
-            losses = [losses[i] for i in range(5)]
-        out = backend.to_numpy(multi_step_loss(losses, decay=0.7, normalize=normalize))
+    losses = backend.asarray(values)
+    if as_sequence:
+        losses = [losses[i] for i in range(5)]
+    out = backend.to_numpy(multi_step_loss(losses, decay=0.7, normalize=normalize))
     assert out.shape == ()
     expected = torch_multi_step_loss(list(values), 0.7, normalize)
-    np.testing.assert_allclose(out, expected, rtol=RTOL[np.float64])
+    np.testing.assert_allclose(out, expected, rtol=RTOL_64)
 
 
 def test_multi_step_loss_defaults_to_decay_0_8_normalized() -> None:
