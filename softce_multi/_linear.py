@@ -32,6 +32,7 @@ adapter.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
@@ -44,6 +45,7 @@ from softce_multi._types import Array, LinearLossInputs, Namespace
 
 __all__ = [
     "CHUNK_BYTES",
+    "ChunkLogits",
     "LinearForwardResult",
     "LinearGradients",
     "LinearRows",
@@ -54,8 +56,9 @@ __all__ = [
     "forward",
 ]
 
-#: Bytes of one chunk's ``[chunk, V]`` logits plus their gradient, in the computation dtype, that
-#: the default chunk size aims for (:func:`default_chunk_rows`).
+#: Bytes of the ``[chunk, V]`` arrays that one chunk holds at once (its logits and, unless the
+#: row routine writes it over them, their gradient), in the computation dtype, that the default
+#: chunk size aims for (:func:`default_chunk_rows`).
 CHUNK_BYTES = 32 << 20
 
 
@@ -112,12 +115,13 @@ def compute_dtype(*arrays: Array | None, xp: Namespace) -> Any:
     return xp.float32
 
 
-def default_chunk_rows(vocab_size: int, dtype: Any, *, xp: Namespace) -> int:
-    """Rows per chunk: a chunk's logits and their gradient take :data:`CHUNK_BYTES` in ``dtype``.
+def default_chunk_rows(vocab_size: int, dtype: Any, *, xp: Namespace, copies: int = 2) -> int:
+    """Rows per chunk: ``copies`` ``[chunk, V]`` arrays take :data:`CHUNK_BYTES` in ``dtype``.
 
-    ``dtype`` is the computation dtype (float32 or float64); at least one row.
+    ``dtype`` is the computation dtype (float32 or float64); ``copies`` is 2 for a chunk's
+    logits and their gradient, 1 when the gradient is written over the logits. At least one row.
     """
-    row_bytes = 2 * vocab_size * xp.finfo(dtype).bits // 8
+    row_bytes = copies * vocab_size * xp.finfo(dtype).bits // 8
     return max(1, CHUNK_BYTES // max(row_bytes, 1))
 
 
@@ -154,6 +158,11 @@ def chunk_logits(hidden: Array, weight: Array, bias: Array | None, *, xp: Namesp
     """``hidden @ weight.T + bias`` of a ``[chunk, H]`` block, in the dtype of ``weight``."""
     logits = xp.astype(hidden, weight.dtype, copy=False) @ xp.matrix_transpose(weight)
     return logits if bias is None else logits + bias
+
+
+#: ``logits(hidden_rows, weight, bias)`` returns a chunk's logits, as :func:`chunk_logits` does;
+#: an implementation may return a view of one buffer that it reuses for every chunk.
+ChunkLogits = Callable[[Array, Array, "Array | None"], Array]
 
 
 #: ``add_product(total, a, b)`` returns ``total + a @ b`` in the dtype of ``total``; it may
@@ -243,6 +252,8 @@ def forward(
     row_routine: _core.RowRoutine,
     xp: Namespace,
     add: AddProduct | None = None,
+    logits: ChunkLogits | None = None,
+    logits_copies: int = 2,
 ) -> LinearForwardResult:
     """The loss of validated inputs, and the gradients asked for, chunk by chunk of rows.
 
@@ -262,21 +273,29 @@ def forward(
     add
         How to add a product to the weight gradient (:data:`AddProduct`); the generic
         :func:`add_product` by default.
+    logits
+        How to compute a chunk's logits (:data:`ChunkLogits`); :func:`chunk_logits` by
+        default.
+    logits_copies
+        How many ``[chunk, V]`` arrays a chunk holds, for the default chunk size
+        (:func:`default_chunk_rows`): 2, or 1 when ``row_routine`` writes the logits gradient
+        over the logits.
     """
     rows = as_linear_rows(
         *inputs[:5], reduction=inputs.reduction, num_valid=inputs.num_valid, xp=xp
     )
     dtype = rows.weights.dtype
     n_rows, vocab_size = rows.p.shape
-    chunk = _chunk_rows(inputs.chunk_rows, vocab_size, dtype, xp=xp)
+    chunk = inputs.chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
     wants_grads = hidden_grad or weight_grad or bias_grad
     add = add or _generic_add(xp)
+    logits = logits or functools.partial(chunk_logits, xp=xp)
     row_scale = rows.row_scale
     sums = _zero_sums(rows, hidden_grad, weight_grad, bias_grad, xp=xp)
     weighted, saved = [], []
     for block in _core.row_blocks(n_rows, chunk):
         h = rows.hidden[block, ...]
-        z = chunk_logits(h, rows.weight, rows.bias, xp=xp)
+        z = logits(h, rows.weight, rows.bias)
         piece = _core.Rows(z, rows.p[block, ...], rows.weights[block], rows.inv_den)
         results = row_routine(piece, with_logits_grad=wants_grads)
         del z, piece  # the chunk's logits are no longer needed
@@ -338,7 +357,7 @@ def backward(
         xp.asarray(1.0, dtype=row_scale.dtype),
     )
     dtype = row_scale.dtype
-    chunk = _chunk_rows(chunk_rows, vocab_size, dtype, xp=xp)
+    chunk = chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp)
     sums = _zero_sums(rows, hidden_grad, weight_grad, bias_grad, xp=xp)
     grad_targets = _empty(rows.p, xp=xp) if targets_grad else None
     for block in _core.row_blocks(n_rows, chunk):
@@ -362,12 +381,6 @@ def backward(
     if grad_targets is not None:
         grad_targets = xp.reshape(grad_targets, target_probs.shape)
     return grads, grad_targets
-
-
-def _chunk_rows(chunk_rows: int | None, vocab_size: int, dtype: Any, *, xp: Namespace) -> int:
-    if chunk_rows is None:
-        return default_chunk_rows(vocab_size, dtype, xp=xp)
-    return chunk_rows
 
 
 def _generic_add(xp: Namespace) -> AddProduct:

@@ -382,19 +382,47 @@ def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Tensor, _linear.
 def linear_forward(
     inputs: LinearLossInputs, /, *, wanted: tuple[bool, bool, bool]
 ) -> _linear.LinearForwardResult:
-    """:func:`softce_multi._linear.forward` with :func:`row_routine` and in-place accumulation.
+    """:func:`softce_multi._linear.forward`, in place where torch allows it.
 
-    ``wanted`` says which of the gradients to ``hidden``, ``weight`` and ``bias`` to compute.
+    Every chunk's logits go into one buffer, and the row routine of :func:`kernels_for` them
+    writes their gradient over them (``row_routine_over_logits``), so a chunk holds one
+    ``[chunk, V]`` tensor and the default chunk is twice as long; the weight gradient is
+    accumulated in place. ``wanted`` says which of the gradients to ``hidden``, ``weight`` and
+    ``bias`` to compute.
     """
     return _linear.forward(
         inputs,
         hidden_grad=wanted[0],
         weight_grad=wanted[1],
         bias_grad=wanted[2],
-        row_routine=row_routine,
+        row_routine=kernels_for(inputs.hidden).row_routine_over_logits,
         xp=array_api_compat.array_namespace(inputs.hidden),
         add=_add_product,
+        logits=_LogitsBuffer(),
+        logits_copies=1,
     )
+
+
+class _LogitsBuffer:
+    """A :data:`softce_multi._linear.ChunkLogits` that writes every chunk into one buffer.
+
+    The buffer is made for the first chunk, the longest; later chunks take its leading rows.
+    Reusing it spares the allocator a ``[chunk, V]`` block per chunk, which it would otherwise
+    map and fault in afresh (or keep, fragmented, in the process's peak memory).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+
+    def __call__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        rows = hidden.shape[0]
+        if self._buffer is None or self._buffer.shape[0] < rows:
+            self._buffer = weight.new_empty((rows, weight.shape[0]))
+        out = self._buffer[:rows]
+        hidden = hidden.to(weight.dtype)
+        if bias is None:
+            return torch.mm(hidden, weight.T, out=out)
+        return torch.addmm(bias, hidden, weight.T, out=out)
 
 
 def _add_product(total: Tensor, a: Tensor, b: Tensor) -> Tensor:

@@ -621,9 +621,11 @@ def _triton_or_skip() -> Any:
     return triton
 
 
+@pytest.mark.parametrize("over_logits", [False, True], ids=["gradient apart", "over the logits"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_triton_routines_in_the_chunked_driver(reduction):
-    """Forward with gradients through the Triton row routine; backward through its gradients."""
+def test_triton_routines_in_the_chunked_driver(reduction, over_logits):
+    """Forward with gradients through a Triton row routine (the gradient in its own tensor, or
+    written over the chunk's logits); backward through its gradients."""
     triton = _triton_or_skip()
     import torch
 
@@ -647,7 +649,7 @@ def test_triton_routines_in_the_chunked_driver(reduction):
         hidden_grad=with_grads,
         weight_grad=with_grads,
         bias_grad=with_grads,
-        row_routine=triton.row_routine,
+        row_routine=triton.row_routine_over_logits if over_logits else triton.row_routine,
         xp=_namespace(case.hidden),
     )
     upstream = rng.random(POSITIONS) if reduction == "none" else 1.0
@@ -697,6 +699,37 @@ def test_default_chunk_follows_the_memory_budget():
     assert 2 * rows32 * 32000 * 4 <= _linear.CHUNK_BYTES < 2 * (rows32 + 1) * 32000 * 4
     assert rows64 == rows32 // 2
     assert _linear.default_chunk_rows(10**9, numpy.float32, xp=numpy) == 1
+    one_copy = _linear.default_chunk_rows(32000, numpy.float32, xp=numpy, copies=1)
+    assert rows32 * 32000 * 4 * 2 <= one_copy * 32000 * 4 <= _linear.CHUNK_BYTES
+
+
+def test_torch_chunks_share_one_logits_buffer_that_takes_their_gradient(monkeypatch):
+    """The torch path writes every chunk's logits into one buffer, the row operator writes the
+    gradient over them, and the default chunk is sized for that one ``[chunk, V]`` tensor."""
+    pytest.importorskip("torch")
+    from softce_multi.kernels import torch_cpu
+
+    monkeypatch.setattr(_linear, "CHUNK_BYTES", CHUNK * VOCAB * 8)  # float64
+    seen: list[tuple[int, int]] = []
+    in_place = torch_cpu.torch_row_routine_
+
+    def spy(z: Any, *arguments: Any) -> Any:
+        seen.append((z.shape[0], z.untyped_storage().data_ptr()))
+        return in_place(z, *arguments)
+
+    monkeypatch.setattr(torch_cpu, "torch_row_routine_", spy)
+    case = make_linear_case(Backend("torch-cpu", "torch", "cpu"), np.random.default_rng(23))
+    hidden, weight, bias = (x.clone().requires_grad_() for x in case[:3])
+
+    sc.linear_masked_soft_cross_entropy(
+        hidden, weight, case.target_probs, case.position_mask, bias=bias
+    ).backward()
+
+    assert [rows for rows, _ in seen] == [5, 5, 5, 3]
+    assert len({storage for _, storage in seen}) == 1
+    expected = linear_reference(case)
+    for grad, want in zip((hidden.grad, weight.grad, bias.grad), expected[1:4], strict=True):
+        assert_gradient_close(grad, want, "float64")
 
 
 def test_bench_compares_the_linear_loss_with_the_materialised_path(tmp_path, monkeypatch):

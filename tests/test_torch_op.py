@@ -138,6 +138,28 @@ def test_torch_gradient_routine_passes_opcheck(
     torch.library.opcheck(torch_cpu.torch_gradient_routine, arguments)
 
 
+@pytest.mark.parametrize(("logits_dtype", "target_dtype"), DTYPES.values(), ids=DTYPES.keys())
+def test_torch_row_routine_in_place_passes_opcheck(logits_dtype, target_dtype):
+    arguments = row_routine_arguments(logits_dtype, target_dtype, True)[:4]
+
+    torch.library.opcheck(torch_cpu.torch_row_routine_, arguments)
+
+
+@pytest.mark.parametrize(("logits_dtype", "target_dtype"), DTYPES.values(), ids=DTYPES.keys())
+def test_torch_row_routine_in_place_writes_the_gradient_over_the_logits(logits_dtype, target_dtype):
+    """The in-place operator's outputs, and the gradient left in ``z``, are the functional
+    operator's, bit for bit; NaN in the row of weight 0 leaves a zero gradient row."""
+    z, p, weights, row_scale, _ = row_routine_arguments(logits_dtype, target_dtype, True)
+    z[1] = float("nan")
+    expected = torch_cpu.torch_row_routine(z, p, weights, row_scale, True)
+
+    stats = torch_cpu.torch_row_routine_(z, p, weights, row_scale)
+
+    for got, want in zip((*stats, z), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.all(z[1] == 0)
+
+
 def triton_module_and_opcheck_tests() -> tuple[Any, tuple[str, ...]]:
     """The Triton kernel module, and the opcheck tests that apply where it runs.
 
@@ -169,6 +191,42 @@ def test_triton_row_routine_passes_opcheck(with_logits_grad):
     torch.library.opcheck(
         triton_kernels.triton_row_routine, (*on_triton_device(arguments), 16), test_utils=tests
     )
+
+
+def test_triton_row_routine_in_place_passes_opcheck():
+    triton_kernels, tests = triton_module_and_opcheck_tests()
+    arguments = row_routine_arguments(torch.bfloat16, torch.float32, True)[:4]
+
+    torch.library.opcheck(
+        triton_kernels.triton_row_routine_, (*on_triton_device(arguments), 16), test_utils=tests
+    )
+
+
+def test_triton_row_routine_in_place_writes_the_gradient_over_the_logits():
+    """As the functional Triton operator, with the gradient left in ``z``."""
+    triton_kernels, _ = triton_module_and_opcheck_tests()
+    z, p, weights, row_scale, _ = on_triton_device(
+        row_routine_arguments(torch.float32, torch.float32, True)
+    )
+    z[1] = float("nan")
+    expected = triton_kernels.triton_row_routine(z, p, weights, row_scale, True, 16)
+
+    stats = triton_kernels.triton_row_routine_(z, p, weights, row_scale, 16)
+
+    for got, want in zip((*stats, z), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.all(z[1] == 0)
+
+
+def test_triton_row_routine_in_place_refuses_strided_logits():
+    triton_kernels, _ = triton_module_and_opcheck_tests()
+    z, p, weights, row_scale, _ = on_triton_device(
+        row_routine_arguments(torch.float32, torch.float32, True)
+    )
+    strided = torch.cat([z, z], dim=1)[:, ::2]
+
+    with pytest.raises(ValueError, match="z must be contiguous"):
+        triton_kernels.triton_row_routine_(strided, p, weights, row_scale, 16)
 
 
 @pytest.mark.parametrize(("logits_grad", "targets_grad"), GRADIENTS.values(), ids=GRADIENTS.keys())

@@ -14,7 +14,8 @@ padding rows) runs once on ``[N]`` vectors after the blocks. Each operator has a
 
 :func:`row_routine` and :func:`gradient_routine` are the
 :class:`~softce_multi._core.RowRoutine` and :class:`~softce_multi._core.GradientRoutine` that
-call them.
+call them. ``softce_multi::torch_row_routine_`` is the row operator writing the logits gradient
+over the logits, for the chunks of the linear loss (:func:`row_routine_over_logits`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,14 @@ from torch import Tensor
 
 from softce_multi import _core, kernels
 
-__all__ = ["gradient_routine", "row_routine", "torch_gradient_routine", "torch_row_routine"]
+__all__ = [
+    "gradient_routine",
+    "row_routine",
+    "row_routine_over_logits",
+    "torch_gradient_routine",
+    "torch_row_routine",
+    "torch_row_routine_",
+]
 
 #: Elements per block: a few float32 blocks of this size stay in a core's cache while they
 #: are worked on.
@@ -43,6 +51,19 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
     """The :class:`~softce_multi._core.RowRoutine` of the operator :func:`torch_row_routine`."""
     outputs = torch_row_routine(rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad)
     return kernels.row_results(outputs, with_logits_grad=with_logits_grad)
+
+
+def row_routine_over_logits(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
+    """:func:`row_routine` for logits that are scratch: the gradient is written over ``rows.z``.
+
+    With ``with_logits_grad``, it runs the operator :func:`torch_row_routine_` and the logits
+    gradient it returns is ``rows.z`` itself, so that a chunk of the linear loss holds one
+    ``[chunk, V]`` tensor, not two.
+    """
+    if not with_logits_grad:
+        return row_routine(rows, with_logits_grad=False)
+    outputs = torch_row_routine_(rows.z, rows.p, rows.weights, rows.row_scale)
+    return kernels.row_results((*outputs, rows.z), with_logits_grad=True)
 
 
 def gradient_routine(
@@ -84,11 +105,48 @@ def torch_row_routine(
         logits' dtype (exactly 0 in rows of weight 0), or ``[0, V]`` without
         ``with_logits_grad``.
     """
-    xp = array_api_compat.array_namespace(z)
-    dtype = weights.dtype
     losses, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
         z, weights, with_logits_grad=with_logits_grad
     )
+    outputs = (losses, row_max, log_sum_exp, target_sum)
+    _row_work(z, p, weights, row_scale, outputs, grad if with_logits_grad else None)
+    return losses, row_max, log_sum_exp, target_sum, grad
+
+
+@torch.library.custom_op("softce_multi::torch_row_routine_", mutates_args=("z",))
+def torch_row_routine_(
+    z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`torch_row_routine` with the logits gradient written over ``z``.
+
+    For a caller whose logits are scratch (the chunks of the linear loss): the gradient needs
+    no ``[N, V]`` array of its own. ``z`` is read block by block before its block is written,
+    so it must not overlap itself (no expanded strides). Returns the four ``[N]`` outputs of
+    :func:`torch_row_routine`; ``z`` holds the fifth.
+    """
+    outputs = kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4]
+    _row_work(z, p, weights, row_scale, outputs, z)
+    return outputs
+
+
+@torch_row_routine_.register_fake
+def _(z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor) -> tuple[Tensor, ...]:
+    return tuple(kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4])
+
+
+def _row_work(
+    z: Tensor,
+    p: Tensor,
+    weights: Tensor,
+    row_scale: Tensor,
+    outputs: tuple[Tensor, Tensor, Tensor, Tensor],
+    grad: Tensor | None,
+) -> None:
+    """Fill the four ``[N]`` ``outputs`` of :func:`torch_row_routine` and, unless ``grad`` is
+    None, the ``[N, V]`` logits gradient ``grad`` (which may be ``z`` itself)."""
+    xp = array_api_compat.array_namespace(z)
+    dtype = weights.dtype
+    losses, row_max, log_sum_exp, target_sum = outputs
     # Filled block by block, then turned into the losses and the log of the sum in place.
     target_dot, sum_exp = losses, log_sum_exp
 
@@ -106,7 +164,7 @@ def torch_row_routine(
             torch.sum(p_block, dim=-1, out=target_sum[block])
             _row_dots(p_block, shifted, products=products, out=target_dot[block])
             torch.sum(shifted.exp_(), dim=-1, out=sum_exp[block])
-            if with_logits_grad:
+            if grad is not None:
                 # row_scale * (sum(p) * softmax - p), from the exponentials in place; rows that
                 # must get no gradient are zeroed once all blocks are done.
                 scale = row_scale[block, None]
@@ -120,7 +178,7 @@ def torch_row_routine(
     valid = weights != 0
     stats = _core.RowStatistics(row_max, sum_exp, target_sum, target_dot)
     weighted = torch.where(valid, weights * _core.row_losses(stats, xp=xp), 0.0)
-    if with_logits_grad:
+    if grad is not None:
         # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
         _zero_rows(grad, ~_core.rows_with_gradient(row_scale, target_sum))
     # Rows of weight 0 (padding, which may hold anything) keep zeros, as in the kernels.
@@ -128,7 +186,6 @@ def torch_row_routine(
     log_sum_exp.log_()
     for row_output in (row_max, log_sum_exp, target_sum):
         row_output.masked_fill_(~valid, 0.0)
-    return losses, row_max, log_sum_exp, target_sum, grad
 
 
 @torch.library.custom_op("softce_multi::torch_gradient_routine", mutates_args=())

@@ -35,8 +35,10 @@ from softce_multi import _core, kernels
 __all__ = [
     "gradient_routine",
     "row_routine",
+    "row_routine_over_logits",
     "triton_gradient_routine",
     "triton_row_routine",
+    "triton_row_routine_",
 ]
 
 
@@ -265,6 +267,20 @@ def row_routine(
     return kernels.row_results(outputs, with_logits_grad=with_logits_grad)
 
 
+def row_routine_over_logits(
+    rows: _core.Rows, /, *, with_logits_grad: bool, block_size: int | None = None
+) -> _core.RowResults:
+    """:func:`row_routine` for logits that are scratch: the gradient is written over ``rows.z``.
+
+    With ``with_logits_grad``, it runs the operator ``softce_multi::triton_row_routine_``
+    (:func:`triton_row_routine_`), and the logits gradient it returns is ``rows.z`` itself.
+    """
+    if not with_logits_grad:
+        return row_routine(rows, with_logits_grad=False, block_size=block_size)
+    outputs = triton_row_routine_(rows.z, rows.p, rows.weights, rows.row_scale, block_size)
+    return kernels.row_results((*outputs, rows.z), with_logits_grad=True)
+
+
 def gradient_routine(
     rows: _core.BackwardRows,
     /,
@@ -314,6 +330,42 @@ def triton_row_routine(
         STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
     )
     return outputs
+
+
+@torch.library.triton_op("softce_multi::triton_row_routine_", mutates_args=("z",))
+def triton_row_routine_(
+    z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor, block_size: int | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """:func:`triton_row_routine` with the logits gradient written over ``z``.
+
+    ``z`` must be contiguous: the gradient sweep of each row stores every chunk where it has
+    just loaded it. Returns the four ``[N]`` outputs; ``z`` holds the fifth.
+    """
+    if not z.is_contiguous():
+        msg = f"z must be contiguous to take its own gradient, got strides {z.stride()}"
+        raise ValueError(msg)
+    outputs = kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4]
+    _launch(
+        _forward_kernel,
+        z,
+        p,
+        weights,
+        row_scale,
+        *outputs,
+        z,
+        block_size=block_size,
+        WITH_GRAD=True,
+        STATS_EVICTION="evict_last",
+    )
+    return outputs
+
+
+@triton_row_routine_.register_fake
+def _(
+    z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor, block_size: int | None
+) -> tuple[Tensor, ...]:
+    _check_block_size(z, block_size)
+    return tuple(kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4])
 
 
 @torch.library.triton_op("softce_multi::triton_gradient_routine", mutates_args=())
