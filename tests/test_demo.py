@@ -125,3 +125,19 @@ def test_demo_with_the_linear_loss_trains_as_with_the_logits() -> None:
     assert linear.loss_before == pytest.approx(plain.loss_before, rel=1e-5)
     assert linear.loss_after == pytest.approx(plain.loss_after, rel=1e-4)
     assert linear.loss_after < linear.loss_before
+
+
+@pytest.mark.parametrize(
+    ("backend", "flags", "uses_linear"),
+    [
+        ("jax", [], True),
+        ("torch", [], False),
+        ("jax", ["--no-linear"], False),
+        ("torch", ["--linear"], True),
+    ],
+)
+def test_the_linear_loss_is_the_default_where_it_is_faster(backend, flags, uses_linear) -> None:
+    """The demo trains with the linear loss on JAX unless told not to, and on torch if told to."""
+    arguments = _demo._parser().parse_args(["--backend", backend, *flags])
+
+    assert DemoConfig(**vars(arguments)).uses_linear is uses_linear
