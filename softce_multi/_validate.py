@@ -129,6 +129,13 @@ def check_1d(array: Array, *, name: str, meaning: str) -> None:
         raise ValueError(msg)
 
 
+def check_mask_dtype(xp: Namespace, mask: Array, /, *, name: str) -> None:
+    """Check that the mask called ``name`` is bool, integer or real floating."""
+    if not is_dtype(xp, mask.dtype, ("bool", "integral", "real floating"), name=name):
+        msg = f"{name} must be bool, integer or real floating, got {mask.dtype}"
+        raise TypeError(msg)
+
+
 def check_mask(
     xp: Namespace, mask: Array, logits: Array, /, *, mask_name: str, logits_name: str
 ) -> None:
@@ -137,9 +144,7 @@ def check_mask(
     The mask is bool, integer or real floating, of shape ``logits.shape[:-1]`` or that with a
     trailing 1. ``mask_name`` and ``logits_name`` are the argument names the messages show.
     """
-    if not is_dtype(xp, mask.dtype, ("bool", "integral", "real floating"), name=mask_name):
-        msg = f"{mask_name} must be bool, integer or real floating, got {mask.dtype}"
-        raise TypeError(msg)
+    check_mask_dtype(xp, mask, name=mask_name)
     shape = tuple(logits.shape)
     if tuple(mask.shape) not in (shape[:-1], (*shape[:-1], 1)):
         msg = (

@@ -49,6 +49,7 @@ from softce_multi._types import (
     Reduction,
 )
 from softce_multi._validate import (
+    check_mask_dtype,
     check_reduction,
     is_array,
     namespace_of,
@@ -114,9 +115,7 @@ def global_num_valid(position_mask: Array, /, *, group: Any = None, axis_name: A
     >>> dist.destroy_process_group()
     """
     library, xp = _library(position_mask=position_mask)
-    if not xp.isdtype(position_mask.dtype, ("bool", "integral", "real floating")):
-        msg = f"position_mask must be bool, integer or real floating, got {position_mask.dtype}"
-        raise TypeError(msg)
+    check_mask_dtype(xp, position_mask, name="position_mask")
     _check_communicator(library, group=group, axis_name=axis_name)
     total = _mask_total(position_mask, xp=xp)
     if library == "torch":

@@ -778,6 +778,12 @@ def test_arrays_of_other_libraries_are_a_type_error():
         distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(np))
 
 
+def test_a_mask_of_another_kind_is_a_type_error_naming_it():
+    mask = torch.ones((2, 3), dtype=torch.complex64)
+    with pytest.raises(TypeError, match="position_mask must be bool, integer or real floating"):
+        distributed.global_num_valid(mask)
+
+
 def test_the_default_group_must_exist():
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="not initialized"):

@@ -396,7 +396,9 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
         f"(d2t[-1] = {int(d2t[-1])}), {100 * coverage:.1f}% of the sampled tokens",
         file=out,
     )
-    loss_name = "linear_masked_soft_cross_entropy" if config.uses_linear else "masked_soft_cross_entropy"
+    loss_name = (
+        "linear_masked_soft_cross_entropy" if config.uses_linear else "masked_soft_cross_entropy"
+    )
     print(
         f"training a draft head on {config.backend} with {loss_name}: "
         f"{config.ttt_steps} test-time steps, "
