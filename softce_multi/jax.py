@@ -86,9 +86,14 @@ def masked_soft_cross_entropy(
 
 
 def loss(inputs: LossInputs, /) -> jax.Array:
-    """The differentiable loss of validated inputs (the adapter interface)."""
+    """The differentiable loss of validated inputs (the adapter interface).
+
+    The computation is jitted and cached by shape, dtype and reduction (as every entry point of
+    this module is), so an eager call compiles once per shape, not at every call; under an
+    outer ``jax.jit`` it is inlined.
+    """
     weights, count = _constants(inputs)
-    return _loss(inputs.logits, inputs.target_probs, weights, count, inputs.reduction)
+    return _jitted_loss(inputs.logits, inputs.target_probs, weights, count, inputs.reduction)
 
 
 def loss_with_grad(inputs: LossInputs, /) -> tuple[jax.Array, jax.Array]:
@@ -97,13 +102,8 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[jax.Array, jax.Array]:
     On a GPU this is the Pallas forward kernel with its gradient sweep.
     """
     weights, count = _constants(inputs)
-    result = _forward(
-        inputs.logits,
-        inputs.target_probs,
-        weights,
-        count,
-        inputs.reduction,
-        with_logits_grad=True,
+    result = _jitted_forward_with_grad(
+        inputs.logits, inputs.target_probs, weights, count, inputs.reduction
     )
     assert result.logits_grad is not None  # requested with with_logits_grad=True
     return result.loss, result.logits_grad
@@ -230,6 +230,10 @@ def _per_platform(routine: str, rows: Any, **flags: bool) -> Any:
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
+_jitted_loss = jax.jit(_loss, static_argnums=4)
+_jitted_forward_with_grad = jax.jit(
+    functools.partial(_forward, with_logits_grad=True), static_argnums=4
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,12 +247,12 @@ def linear_loss(inputs: LinearLossInputs, /) -> jax.Array:
     Under ``jax.grad`` the forward pass computes the gradients to ``hidden``, ``weight`` and
     ``bias`` in the same ``lax.scan`` over chunks as the loss (for ``"mean"`` and ``"sum"``).
     """
-    return _linear_loss(*_linear_arguments(inputs))
+    return _jitted_linear_loss(*_linear_arguments(inputs))
 
 
 def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[jax.Array, _linear.LinearGradients]:
     """The linear loss of validated inputs and its three gradients, from one ``lax.scan``."""
-    result = _linear_forward(*_linear_arguments(inputs), with_grads=True)
+    result = _jitted_linear_forward_with_grads(*_linear_arguments(inputs))
     assert result.grads is not None  # asked for
     return result.loss, result.grads
 
@@ -317,6 +321,7 @@ def _linear_loss_bwd(
 
 
 _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
+_jitted_linear_loss = jax.jit(_linear_loss, static_argnums=(1, 2))
 
 
 def _linear_forward(
@@ -373,6 +378,11 @@ def _linear_forward(
     )
     grads = _finish_linear_grads(carry["grads"], hidden, weight, bias) if with_grads else None
     return _linear.LinearForwardResult(loss, grads, carry["saved"], row_scale)
+
+
+_jitted_linear_forward_with_grads = jax.jit(
+    functools.partial(_linear_forward, with_grads=True), static_argnums=(1, 2)
+)
 
 
 def _linear_backward(

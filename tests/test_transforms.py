@@ -40,6 +40,48 @@ def assert_all_close(actual, expected):
 # --------------------------------------------------------------------------------------------
 
 
+EAGER_JAX_CALLS = {
+    "loss": lambda z, p, w, h, W: sc.masked_soft_cross_entropy(z, p, w),
+    "loss_with_grad": lambda z, p, w, h, W: sc.masked_soft_cross_entropy_with_grad(z, p, w),
+    "grad": lambda z, p, w, h, W: _jax_grad_of_loss()(z, p, w),
+    "linear": lambda z, p, w, h, W: sc.linear_masked_soft_cross_entropy(h, W, p, w),
+    "linear_with_grad": (
+        lambda z, p, w, h, W: sc.linear_masked_soft_cross_entropy_with_grad(h, W, p, w)
+    ),
+}
+
+
+def _jax_grad_of_loss():
+    import jax
+
+    return jax.grad(sc.masked_soft_cross_entropy)
+
+
+@needs_jax
+@pytest.mark.parametrize("call", EAGER_JAX_CALLS.values(), ids=EAGER_JAX_CALLS.keys())
+def test_jax_eager_calls_compile_once_per_shape(call, caplog):
+    """A second eager call on new values of the same shapes runs the cached compilation."""
+    import logging
+
+    import jax
+
+    def arrays(seed):
+        logits, targets, mask = jax_inputs(seed)
+        rng = np.random.default_rng(seed)
+        hidden = jax.numpy.asarray(rng.standard_normal((*mask.shape, 5)), dtype="float32")
+        weight = jax.numpy.asarray(rng.standard_normal((logits.shape[-1], 5)), dtype="float32")
+        return logits, targets, mask, hidden, weight
+
+    jax.block_until_ready(call(*arrays(0)))
+    with jax.log_compiles(), caplog.at_level(logging.WARNING):
+        caplog.clear()
+        jax.block_until_ready(call(*arrays(1)))
+
+    compiled = [r.getMessage() for r in caplog.records if "Compiling" in r.getMessage()]
+    assert compiled == []
+
+
+
 @needs_jax
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_jit_loss_equals_eager(reduction):
