@@ -184,8 +184,9 @@ def linear_masked_soft_cross_entropy(
     reduction, num_valid
         As in :func:`masked_soft_cross_entropy`.
     chunk_rows : int, optional
-        Rows per chunk. By default a chunk's logits and their gradient take about 32 MiB
-        in the computation dtype (131 rows of a 32000-token vocabulary in float32).
+        Rows per chunk. By default a chunk takes about 32 MiB in the computation dtype: its
+        logits and their gradient side by side (131 rows of a 32000-token vocabulary in
+        float32), or on PyTorch one buffer that takes the gradient over the logits (262 rows).
 
     Returns
     -------
