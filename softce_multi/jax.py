@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
+from types import ModuleType
 from typing import Any, NamedTuple
 
 import jax
@@ -153,7 +155,12 @@ def _forward(
 
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
     """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else of XLA."""
-    return _per_platform("row_routine", rows, with_logits_grad=with_logits_grad)
+    return _per_platform(
+        xla_kernels.row_routine,
+        lambda pallas: pallas.row_routine,
+        rows,
+        with_logits_grad=with_logits_grad,
+    )
 
 
 def gradient_routine(
@@ -161,7 +168,11 @@ def gradient_routine(
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """The gradient routine of the Pallas kernel on a GPU, else of XLA, chunk by chunk."""
     return _per_platform(
-        "gradient_routine", rows, logits_grad=logits_grad, targets_grad=targets_grad
+        xla_kernels.gradient_routine,
+        lambda pallas: pallas.gradient_routine,
+        rows,
+        logits_grad=logits_grad,
+        targets_grad=targets_grad,
     )
 
 
@@ -208,25 +219,26 @@ def _loss_bwd(
     return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
 
 
-def _per_platform(routine: str, rows: Any, **flags: bool) -> Any:
-    """The routine named ``routine`` of the Pallas kernels where they run, else of XLA's.
+def _per_platform(
+    core: Callable[..., Any],
+    kernel_of: Callable[[ModuleType], Callable[..., Any]],
+    rows: Any,
+    **flags: bool,
+) -> Any:
+    """``core(rows, **flags)``, or the Pallas routine ``kernel_of(pallas)`` where it runs.
 
-    Where :func:`softce_multi.kernels.use_pallas` says no (no GPU, or no Pallas), only XLA's is
-    traced. Otherwise both are, and the platform the computation is compiled for picks one.
+    ``kernel_of`` picks the routine from :mod:`softce_multi.kernels.pallas`, which is imported
+    only when needed. Where :func:`softce_multi.kernels.use_pallas` says no (no GPU, or no
+    Pallas), only ``core`` is traced. Otherwise both are, and the platform the computation is
+    compiled for picks one.
     """
-
-    def core(rows: Any) -> Any:
-        return getattr(xla_kernels, routine)(rows, **flags)
-
     if not kernels.use_pallas(rows.z):
-        return core(rows)
+        return core(rows, **flags)
     from softce_multi.kernels import pallas
 
-    def kernel(rows: Any) -> Any:
-        return getattr(pallas, routine)(rows, **flags)
-
-    branches = dict.fromkeys(_KERNEL_PLATFORMS, kernel)
-    return jax.lax.platform_dependent(rows, default=core, **branches)
+    kernel = kernel_of(pallas)
+    branches = dict.fromkeys(_KERNEL_PLATFORMS, functools.partial(kernel, **flags))
+    return jax.lax.platform_dependent(rows, default=functools.partial(core, **flags), **branches)
 
 
 _loss.defvjp(_loss_fwd, _loss_bwd)
