@@ -622,6 +622,7 @@ def assert_loss_close(
     library: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    atol: float | np.ndarray = 0.0,
 ) -> None:
     """Assert a loss equals the desired one within the relative tolerance of its dtype.
 
@@ -640,12 +641,17 @@ def assert_loss_close(
         Expected library (``"torch"``...), dtype name and device (``"cpu"``, ``"gpu"``) of
         ``actual``. Default: those of ``desired``, unless ``desired`` is the oracle (then they
         are checked only when given).
+    atol
+        An absolute floor, added to the relative tolerance (a number, or per position for
+        ``"none"``): for losses whose rounding is set by terms larger than the loss, such as a
+        confident row's, a small difference of terms of the size of its target mass.
 
     Raises
     ------
     AssertionError
         If the namespace, dtype, shape or device differ (checked in that order, before the
-        values), or a value is further than ``LOSS_RTOL[compute_dtype]`` relatively.
+        values), or a value is further than ``atol`` plus ``LOSS_RTOL[compute_dtype]``
+        relatively.
 
     Examples
     --------
@@ -659,13 +665,19 @@ def assert_loss_close(
     """
     _check_properties(actual, desired, compute_dtype, library=library, dtype=dtype, device=device)
     rtol = LOSS_RTOL[compute_dtype or dtype_name(actual)]
-    np.testing.assert_allclose(
-        to_float64(actual),
-        to_float64(desired),
-        rtol=rtol,
-        atol=0.0,
-        err_msg=f"loss; actual: {_describe(actual)}; desired: {_describe(desired)}",
-    )
+    actual_values, desired_values = to_float64(actual), to_float64(desired)
+    # np.isclose, unlike np.testing.assert_allclose, takes a per-position atol.
+    close = np.isclose(actual_values, desired_values, rtol=rtol, atol=atol, equal_nan=True)
+    if not np.all(close):
+        far = np.atleast_1d(~close)
+        allowed = np.broadcast_to(atol + rtol * np.abs(desired_values), far.shape)
+        shown = [np.atleast_1d(values)[far][:5] for values in (actual_values, desired_values)]
+        msg = (
+            f"loss beyond rtol {rtol} and atol at {np.count_nonzero(far)} of {far.size} "
+            f"positions: actual {shown[0]}, desired {shown[1]}, allowed difference "
+            f"{allowed[far][:5]}\nactual: {_describe(actual)}; desired: {_describe(desired)}"
+        )
+        raise AssertionError(msg)
 
 
 def gradient_tolerance(compute_dtype: str, gradient_dtype: str) -> float:
@@ -682,17 +694,23 @@ def assert_gradient_close(
     library: str | None = None,
     dtype: str | None = None,
     device: str | None = None,
+    atol: float = 0.0,
 ) -> None:
     """Assert a gradient equals the desired one within a tolerance of its largest entry.
 
     Every entry must be within ``gradient_tolerance(compute_dtype, dtype of actual)`` times
-    ``max(abs(desired))`` of the desired entry: the gradient of a loss is judged on the scale of
-    its largest component, since small entries carry the rounding of large ones.
+    ``max(abs(desired))`` of the desired entry, or within ``atol`` if that is larger: the
+    gradient of a loss is judged on the scale of its largest component, since small entries
+    carry the rounding of large ones.
 
     Parameters
     ----------
     actual, desired, compute_dtype, library, dtype, device
         As in :func:`assert_loss_close`.
+    atol
+        An absolute floor for gradients whose largest entry is below the rounding of the terms
+        they are computed from (a gradient that cancels, such as every gradient of ``V = 1``),
+        or below what their dtype resolves (float16 subnormals).
 
     Raises
     ------
@@ -718,6 +736,6 @@ def assert_gradient_close(
         to_float64(actual),
         desired_values,
         rtol=0.0,
-        atol=rtol * largest,
+        atol=max(rtol * largest, atol),
         err_msg=f"gradient; actual: {_describe(actual)}; desired: {_describe(desired)}",
     )

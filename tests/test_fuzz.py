@@ -45,9 +45,7 @@ from softce_multi.testing import (
     assert_loss_close,
     backends,
     compute_dtype,
-    device_of,
     dtype_name,
-    gradient_tolerance,
     library_of,
     numpy_reference,
     random_targets,
@@ -388,15 +386,6 @@ def target_mass(
     return np.asarray(per_position.sum() / den if den else 0.0)
 
 
-def assert_described(actual: Any, shape: tuple[int, ...], *, backend: Backend, dtype: str) -> None:
-    """The library, dtype, shape and device of a result: those of ``backend``, ``dtype``."""
-    library = backend.library
-    assert library_of(actual) == library, f"library {library_of(actual)}, expected {library}"
-    assert device_of(actual) == backend.device, f"device {device_of(actual)}, not {backend}"
-    assert dtype_name(actual) == dtype, f"dtype {dtype_name(actual)}, expected {dtype}"
-    assert tuple(actual.shape) == shape, f"shape {tuple(actual.shape)}, expected {shape}"
-
-
 def assert_loss_agrees(
     actual: Any,
     desired: np.ndarray,
@@ -407,45 +396,35 @@ def assert_loss_agrees(
     tolerance: str | None = None,
 ) -> None:
     """:func:`~softce_multi.testing.assert_loss_close` with the tolerance of ``tolerance`` (by
-    default ``compute``, the dtype of the loss); a loss below the rounding of its unit, 8
-    roundings of ``compute`` of the target mass ``mass`` (:func:`target_mass`), within that."""
-    rtol = LOSS_RTOL[tolerance or compute]
-    floor = 8 * EPS[compute] * mass
-    desired = np.asarray(desired)
-    if np.all(rtol * np.abs(desired) >= floor):
-        assert_loss_close(
-            actual,
-            desired,
-            tolerance or compute,
-            library=backend.library,
-            dtype=compute,
-            device=backend.device,
-        )
-        return
-    assert_described(actual, desired.shape, backend=backend, dtype=compute)
-    values = to_float64(actual)
-    wrong = ~(np.abs(values - desired) <= floor + rtol * np.abs(desired))
-    assert not wrong.any(), (
-        f"loss beyond rtol {rtol} and the floor: actual {values[wrong][:5]}, desired "
-        f"{desired[wrong][:5]}, floor {np.broadcast_to(floor, wrong.shape)[wrong][:5]}"
+    default ``compute``, the dtype of the loss), and a floor at the rounding of the loss's unit:
+    8 roundings of ``compute`` of the target mass ``mass`` (:func:`target_mass`)."""
+    assert_loss_close(
+        actual,
+        np.asarray(desired),
+        tolerance or compute,
+        library=backend.library,
+        dtype=compute,
+        device=backend.device,
+        atol=8 * EPS[compute] * mass,
     )
 
 
 def assert_gradient_agrees(
     actual: Any, desired: np.ndarray, compute: str, *, terms: float, backend: Backend, dtype: str
 ) -> None:
-    """:func:`~softce_multi.testing.assert_gradient_close`: within the tolerance of the largest
-    entry; or, where that is below the rounding of the gradient's ``terms`` (their largest
-    size; 8 roundings in the computation dtype) or below the spacing of the subnormal numbers of
-    the gradient's dtype (float16 resolves nothing below ``2**-24``), within that."""
-    floor = max(8 * EPS[compute] * terms, SMALLEST_SPACING[dtype])
-    if gradient_tolerance(compute, dtype) * np.max(np.abs(desired), initial=0.0) >= floor:
-        assert_gradient_close(
-            actual, desired, compute, library=backend.library, dtype=dtype, device=backend.device
-        )
-        return
-    assert_described(actual, desired.shape, backend=backend, dtype=dtype)
-    np.testing.assert_allclose(to_float64(actual), desired, rtol=0.0, atol=floor)
+    """:func:`~softce_multi.testing.assert_gradient_close` within the tolerance of the largest
+    entry, with a floor at the rounding of the gradient's ``terms`` (their largest size;
+    8 roundings in the computation dtype) and at the spacing of the subnormal numbers of the
+    gradient's dtype (float16 resolves nothing below ``2**-24``)."""
+    assert_gradient_close(
+        actual,
+        desired,
+        compute,
+        library=backend.library,
+        dtype=dtype,
+        device=backend.device,
+        atol=max(8 * EPS[compute] * terms, SMALLEST_SPACING[dtype]),
+    )
 
 
 def oracle_terms(inputs: LossInputs, logits: Any, targets: Any, mask: Any, **options: Any) -> float:
@@ -878,6 +857,79 @@ def test_linear_loss_with_grad_agrees_with_the_oracle_on_every_backend(
         assert_zero_at_padding(grads.hidden, inputs.padding)
 
     on_each(each_backend(*inputs.used_dtypes), check)
+
+
+def torch_linear_gradients(args: tuple[Any, ...], upstream: np.ndarray, **options: Any) -> Any:
+    """The linear loss and its gradients to the hidden states, the weight, the bias and the
+    targets by torch autograd (None for a missing bias)."""
+    import torch
+
+    hidden, weight, targets, mask, bias = args
+    leaves = [x for x in (hidden, weight, bias, targets) if x is not None]
+    for leaf in leaves:
+        leaf.requires_grad_(True)
+    loss = sc.linear_masked_soft_cross_entropy(hidden, weight, targets, mask, bias=bias, **options)
+    loss.backward(torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device))
+    return loss, [None if x is None else x.grad for x in (hidden, weight, bias, targets)]
+
+
+def jax_linear_gradients(
+    hidden: Any, weight: Any, targets: Any, mask: Any, bias: Any, upstream: Any, **options: Any
+) -> Any:
+    """As :func:`torch_linear_gradients`, by ``jax.vjp``."""
+    import jax
+
+    def loss_of(h: Any, w: Any, b: Any, p: Any) -> Any:
+        return sc.linear_masked_soft_cross_entropy(h, w, p, mask, bias=b, **options)
+
+    loss, pullback = jax.vjp(loss_of, hidden, weight, bias, targets)
+    return loss, list(pullback(upstream.astype(loss.dtype)))
+
+
+@pytest.mark.skipif(not any(b.library == "torch" for b in BACKENDS), reason="oracle needs torch")
+@fuzz
+@given(
+    data=st.data(),
+    structure=structures("linear_autodiff", **LINEAR_DIMENSIONS, reduction=("mean", "sum", "none")),
+    seed=seed_st,
+)
+def test_linear_autodiff_gradients_agree_with_the_oracle(
+    data: Any, structure: dict, seed: int
+) -> None:
+    """torch autograd and ``jax.vjp`` of the linear loss, with a random upstream gradient, to
+    all four of its differentiable inputs."""
+    inputs = data.draw(linear_inputs(structure))
+    reduction, chunk_rows = structure["reduction"], structure["chunk_rows"]
+    compute, tolerance = inputs.tolerance_dtypes()
+    shape = inputs.hidden.shape[:-1] if reduction == "none" else ()
+    upstream = np.random.default_rng(seed).uniform(-2, 2, shape)
+    options = {"reduction": reduction, "chunk_rows": chunk_rows}
+
+    def check(backend: Backend) -> None:
+        args = inputs.build(backend)
+        if backend.library == "torch":
+            loss, grads = torch_linear_gradients(args, upstream, **options)
+        else:
+            cotangent = on_backend(backend, upstream, "float64")
+            loss, grads = call(backend, jax_linear_gradients, *args, cotangent, **options)
+        expected, wanted, terms = expected_linear(
+            inputs, args, upstream=upstream, reduction=reduction
+        )
+        mass = target_mass(args[2], args[3], inputs.padding, reduction=reduction)
+        assert_loss_agrees(loss, expected, compute, mass=mass, backend=backend, tolerance=tolerance)
+        sizes = (*terms, float(np.max(np.abs(wanted[3]), initial=0.0)))
+        names = ("hidden", "weight", "bias", "targets")
+        for grad, want, size, name in zip(grads, wanted, sizes, names, strict=True):
+            if want is None:
+                assert grad is None, "a gradient to a missing bias"
+                continue
+            assert_gradient_agrees(
+                grad, want, tolerance, terms=size, backend=backend, dtype=inputs.dtypes[name]
+            )
+        assert_zero_at_padding(grads[0], inputs.padding)
+        assert_zero_at_padding(grads[3], inputs.padding)
+
+    on_each(each_backend(*inputs.used_dtypes, autodiff=True), check)
 
 
 # --------------------------------------------------------------------------------------------

@@ -190,3 +190,16 @@ def test_loss_tolerance_follows_the_compute_dtype():
     assert_loss_close(np.array(1.0 + 1e-6), desired, "float32")
     with pytest.raises(AssertionError):
         assert_loss_close(np.array(1.0 + 1e-6), desired)
+
+
+@pytest.mark.parametrize("assertion", ASSERTIONS)
+def test_an_absolute_floor_admits_the_rounding_of_larger_terms_and_no_more(assertion):
+    """A float32 result that should be 0 (a cancelled gradient, the loss of a confident row)
+    differs by the rounding of its terms: within ``atol`` it passes, beyond it fails."""
+    desired = np.zeros(2)
+    rounded = np.array([3e-7, -3e-7], np.float32)
+    with pytest.raises(AssertionError):
+        assertion(rounded, desired, "float32", dtype="float32")
+    assertion(rounded, desired, "float32", dtype="float32", atol=1e-6)
+    with pytest.raises(AssertionError):
+        assertion(rounded * 10, desired, "float32", dtype="float32", atol=1e-6)

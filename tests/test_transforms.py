@@ -81,7 +81,6 @@ def test_jax_eager_calls_compile_once_per_shape(call, caplog):
     assert compiled == []
 
 
-
 @needs_jax
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_jit_loss_equals_eager(reduction):
