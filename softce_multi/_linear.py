@@ -335,16 +335,22 @@ def backward(
     gradient_routine: _core.GradientRoutine,
     xp: Namespace,
     add: AddProduct | None = None,
+    logits: ChunkLogits | None = None,
+    logits_copies: int = 2,
 ) -> tuple[LinearGradients | None, Array | None]:
     """Recompute the logits chunk by chunk and return the gradients asked for.
 
     ``saved`` and ``row_scale`` come from :func:`forward`; ``row_scale`` is already multiplied by
-    the upstream gradient (per row for ``"none"``). Returns the :class:`LinearGradients` (None
-    in a field not asked for; None altogether if none of the three is) and the gradient to
-    ``target_probs`` in its dtype and shape (None if not asked for).
+    the upstream gradient (per row for ``"none"``). ``logits`` and ``logits_copies`` must be
+    those of the forward pass, which then gets the same chunks and the same logits, to the last
+    bit (the saved statistics are theirs). Returns the
+    :class:`LinearGradients` (None in a field not asked for; None altogether if none of the
+    three is) and the gradient to ``target_probs`` in its dtype and shape (None if not asked
+    for).
     """
     wants_grads = hidden_grad or weight_grad or bias_grad
     add = add or _generic_add(xp)
+    logits = logits or functools.partial(chunk_logits, xp=xp)
     n_rows = math.prod(hidden.shape[:-1])
     vocab_size = weight.shape[0]
     matmul_dtype = xp.result_type(*(x for x in (hidden, weight, bias) if x is not None))
@@ -357,12 +363,12 @@ def backward(
         xp.asarray(1.0, dtype=row_scale.dtype),
     )
     dtype = row_scale.dtype
-    chunk = chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp)
+    chunk = chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
     sums = _zero_sums(rows, hidden_grad, weight_grad, bias_grad, xp=xp)
     grad_targets = _empty(rows.p, xp=xp) if targets_grad else None
     for block in _core.row_blocks(n_rows, chunk):
         h = rows.hidden[block, ...]
-        z = chunk_logits(h, rows.weight, rows.bias, xp=xp)
+        z = logits(h, rows.weight, rows.bias)
         block_rows = _core.BackwardRows(
             z, rows.p[block, ...], _core.SavedRows(*(s[block] for s in saved)), row_scale[block]
         )

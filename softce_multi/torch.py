@@ -509,6 +509,9 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
                 gradient_routine=gradient_routine,
                 xp=array_api_compat.array_namespace(hidden),
                 add=_add_product,
+                # The chunks and logits of linear_forward, bit for bit.
+                logits=_LogitsBuffer(),
+                logits_copies=1,
             )
             if recomputed is not None:
                 grads = [

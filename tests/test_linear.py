@@ -754,3 +754,52 @@ def test_bench_compares_the_linear_loss_with_the_materialised_path(tmp_path, mon
     for row in rows:
         assert row["rows"] == 16 and row["median_s"] > 0
         assert row["extra_peak_mib"] is not None and row["extra_peak_mib"] >= 0
+
+
+def test_torch_backward_recomputes_the_chunks_of_the_forward_pass(monkeypatch):
+    """The backward pass of ``"none"`` recomputes the logits in the chunks of the forward pass
+    (the one-buffer budget), so that they are the logits its saved statistics belong to."""
+    pytest.importorskip("torch")
+    from softce_multi.kernels import torch_cpu
+
+    monkeypatch.setattr(_linear, "CHUNK_BYTES", CHUNK * VOCAB * 8)  # float64
+    rows: dict[str, list[int]] = {"forward": [], "backward": []}
+    for name, operator in (
+        ("forward", "torch_row_routine"),
+        ("backward", "torch_gradient_routine"),
+    ):
+        original = getattr(torch_cpu, operator)
+
+        def spy(z: Any, *arguments: Any, _seen=rows[name], _original=original) -> Any:
+            _seen.append(z.shape[0])
+            return _original(z, *arguments)
+
+        monkeypatch.setattr(torch_cpu, operator, spy)
+    case = make_linear_case(Backend("torch-cpu", "torch", "cpu"), np.random.default_rng(29))
+    hidden, weight, bias, targets = (x.clone().requires_grad_() for x in case[:4])
+
+    losses = sc.linear_masked_soft_cross_entropy(
+        hidden, weight, targets, case.position_mask, bias=bias, reduction="none"
+    )
+    losses.sum().backward()
+
+    assert rows == {"forward": [5, 5, 5, 3], "backward": [5, 5, 5, 3]}
+
+
+def test_torch_backward_recomputes_the_logits_of_the_forward_pass_bit_for_bit():
+    """With one token the targets gradient, ``-r * log_softmax(z)``, is exactly 0, but only if
+    the backward pass recomputes every logit exactly as the forward pass saved its statistics."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    hidden = torch.tensor(rng.standard_normal((64, 2)))
+    weight = torch.tensor(rng.standard_normal((1, 2)), dtype=torch.float32)
+    bias = torch.tensor(rng.standard_normal(1))
+    targets = torch.tensor(rng.random((64, 1)), requires_grad=True)
+    mask = torch.ones(64, dtype=torch.bool)
+
+    losses = sc.linear_masked_soft_cross_entropy(
+        hidden, weight, targets, mask, bias=bias, reduction="none", chunk_rows=1
+    )
+    losses.backward(torch.tensor(rng.uniform(-2, 2, 64)))
+
+    assert torch.equal(targets.grad, torch.zeros_like(targets))
