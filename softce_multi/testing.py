@@ -151,12 +151,15 @@ class Backend:
         return dtype in self.float_dtypes or dtype in self._other_dtypes
 
     def require(self, *dtypes: str) -> None:
-        """Skip the calling pytest test unless the library has every dtype in ``dtypes``."""
-        import pytest
+        """Skip the calling pytest test unless the library has every dtype in ``dtypes``.
 
-        for dtype in dtypes:
-            if not self.supports(dtype):
-                pytest.skip(f"{self.library} has no {dtype} dtype")
+        pytest is imported only to skip: ``check`` and the demo run without it.
+        """
+        missing = [dtype for dtype in dtypes if not self.supports(dtype)]
+        if missing:
+            import pytest
+
+            pytest.skip(f"{self.library} has no {missing[0]} dtype")
 
     def dtype(self, name: str) -> Any:
         """The library's dtype object called ``name`` (skips the calling test if none)."""

@@ -349,3 +349,18 @@ def test_bench_compares_targets_from_hidden_with_the_materialised_logits(
         assert row["extra_peak_in_logits"] == pytest.approx(
             row["extra_peak_mib"] * bench.MIB / (24 * 6 * 4)
         )
+
+
+def test_check_runs_without_pytest():
+    """``python -m softce_multi check`` (the first step of ``nox -s demo``) needs no test
+    dependency: pytest is made unimportable in the child process."""
+    code = (
+        "import sys\n"
+        "sys.modules['pytest'] = None\n"
+        "from softce_multi._cli import main\n"
+        "sys.exit(main(['check', '--shape', '2', '8', '50']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "FAIL" not in result.stdout
