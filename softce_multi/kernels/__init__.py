@@ -59,9 +59,9 @@ and the inputs are never written.
 Both pairs take the same tensors, ``(z, p, weights, row_scale, with_logits_grad, *options)`` and
 ``(z, p, row_max, log_sum_exp, target_sum, row_scale, logits_grad, targets_grad, *options)``,
 and return the same outputs. The helpers at the end of this module are their common parts:
-outputs of the right shapes (:func:`empty_row_outputs`, :func:`empty_gradient_outputs`), the
-fake implementations and vmap rules that fold the batch into the rows
-(:func:`register_operator_rules`), and the conversion of the operators' outputs to the core's
+outputs of the right shapes (:func:`empty_row_outputs`, :func:`empty_row_statistics`,
+:func:`empty_gradient_outputs`), the fake implementations and vmap rules that fold the batch
+into the rows (:func:`register_operator_rules`), and the conversion of the operators' outputs to the core's
 results (:func:`row_results`, :func:`gradient_results`). They use only tensor methods, so this
 package still imports no library.
 """
@@ -78,6 +78,7 @@ from softce_multi import _core
 __all__ = [
     "empty_gradient_outputs",
     "empty_row_outputs",
+    "empty_row_statistics",
     "gradient_results",
     "launch_config",
     "register_operator_rules",
@@ -150,8 +151,22 @@ def empty_row_outputs(z: Any, weights: Any, *, with_logits_grad: bool) -> tuple[
     only). All contiguous, on the logits' device.
     """
     n_rows, n_cols = z.shape
-    rows = tuple(weights.new_empty(n_rows) for _ in range(4))
-    return (*rows, z.new_empty((n_rows if with_logits_grad else 0, n_cols)))
+    return (
+        *empty_row_statistics(z, weights),
+        z.new_empty((n_rows if with_logits_grad else 0, n_cols)),
+    )
+
+
+def empty_row_statistics(z: Any, weights: Any) -> tuple[Any, Any, Any, Any]:
+    """The four ``[N]`` outputs of :func:`empty_row_outputs`, without the logits gradient: the
+    outputs of a row operator that writes the gradient over ``z``."""
+    n_rows = z.shape[0]
+    return (
+        weights.new_empty(n_rows),
+        weights.new_empty(n_rows),
+        weights.new_empty(n_rows),
+        weights.new_empty(n_rows),
+    )
 
 
 def empty_gradient_outputs(

@@ -124,14 +124,14 @@ def torch_row_routine_(
     so it must not overlap itself (no expanded strides). Returns the four ``[N]`` outputs of
     :func:`torch_row_routine`; ``z`` holds the fifth.
     """
-    outputs = kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4]
+    outputs = kernels.empty_row_statistics(z, weights)
     _row_work(z, p, weights, row_scale, outputs, z)
     return outputs
 
 
 @torch_row_routine_.register_fake
 def _(z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor) -> tuple[Tensor, ...]:
-    return tuple(kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4])
+    return kernels.empty_row_statistics(z, weights)
 
 
 def _row_work(

@@ -344,7 +344,7 @@ def triton_row_routine_(
     if not z.is_contiguous():
         msg = f"z must be contiguous to take its own gradient, got strides {z.stride()}"
         raise ValueError(msg)
-    outputs = kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4]
+    outputs = kernels.empty_row_statistics(z, weights)
     _launch(
         _forward_kernel,
         z,
@@ -365,7 +365,7 @@ def _(
     z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor, block_size: int | None
 ) -> tuple[Tensor, ...]:
     _check_block_size(z, block_size)
-    return tuple(kernels.empty_row_outputs(z, weights, with_logits_grad=False)[:4])
+    return kernels.empty_row_statistics(z, weights)
 
 
 @torch.library.triton_op("softce_multi::triton_gradient_routine", mutates_args=())
