@@ -61,9 +61,9 @@ Both pairs take the same tensors, ``(z, p, weights, row_scale, with_logits_grad,
 and return the same outputs. The helpers at the end of this module are their common parts:
 outputs of the right shapes (:func:`empty_row_outputs`, :func:`empty_row_statistics`,
 :func:`empty_gradient_outputs`), the fake implementations and vmap rules that fold the batch
-into the rows (:func:`register_operator_rules`), and the conversion of the operators' outputs to the core's
-results (:func:`row_results`, :func:`gradient_results`). They use only tensor methods, so this
-package still imports no library.
+into the rows (:func:`register_operator_rules`), and the conversion of the operators' outputs
+to the core's results (:func:`row_results`, :func:`gradient_results`). They use only tensor
+methods, so this package still imports no library.
 """
 
 from __future__ import annotations
