@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 
 import pytest
 
@@ -69,11 +70,14 @@ def test_demo_starts_from_the_same_loss_on_both_backends() -> None:
     assert torch_run.accuracy_before == pytest.approx(jax_run.accuracy_before, abs=1e-6)
 
 
-def test_progress_bar_draws_on_a_terminal_beside_the_logged_lines() -> None:
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
+class Terminal(io.StringIO):
+    """A captured stream that says it is a terminal, where the demo draws its progress bar."""
 
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_beside_the_logged_lines() -> None:
     out = Terminal()
     pytest.importorskip("torch", reason="the torch demo needs torch")
     run(
@@ -82,6 +86,22 @@ def test_progress_bar_draws_on_a_terminal_beside_the_logged_lines() -> None:
     )
     assert "2/2" in out.getvalue()
     assert "step 2/2  loss" in out.getvalue()
+
+
+def test_without_tqdm_a_terminal_gets_plain_progress_lines(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("torch", reason="the torch demo needs torch")
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    out = Terminal()
+    run(
+        DemoConfig(backend="torch", steps=2, log_every=2, train_sequences=64, eval_sequences=8),
+        out=out,
+    )
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("[1/2 steps] loss ") for line in lines)
+    assert any(line.startswith("step 2/2  loss ") for line in lines)
+    assert "\r" not in out.getvalue()
 
 
 def test_progress_bar_stays_silent_off_a_terminal(demo_run: tuple[DemoResult, str]) -> None:
@@ -103,6 +123,23 @@ def test_main_refuses_a_non_positive_number_of_steps(capsys: pytest.CaptureFixtu
         _demo.main(["--steps", "0"])
     assert exit_info.value.code == 2
     assert "must be a positive integer, got 0" in capsys.readouterr().err
+
+
+def test_main_refuses_a_batch_larger_than_the_training_set_before_running(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def train(*args: object, **kwargs: object) -> None:
+        msg = "the demo started before refusing its arguments"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(_demo, "run", train)
+    with pytest.raises(SystemExit) as exit_info:
+        _demo.main(["--batch-size", "5000"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "python -m softce_multi demo: error: --batch-size 5000: a batch has at most the 2048 "
+        "training sequences"
+    )
 
 
 def test_run_refuses_an_unknown_backend() -> None:

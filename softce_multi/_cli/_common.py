@@ -1,12 +1,18 @@
-"""Helpers shared by the command-line tools: which libraries are installed, argument types."""
+"""Helpers shared by the command-line tools: which libraries are installed, argument types, and a
+progress bar that falls back to plain lines where tqdm (the ``cli`` extra) is not installed."""
 
 from __future__ import annotations
 
 import argparse
+import math
+import os
+import time
+from pathlib import Path
+from typing import Protocol, TextIO
 
 from softce_multi.kernels import _installed as installed
 
-__all__ = ["installed", "positive_int"]
+__all__ = ["Progress", "ProgressLines", "installed", "output_file", "positive_int", "progress_bar"]
 
 
 def positive_int(text: str) -> int:
@@ -16,3 +22,92 @@ def positive_int(text: str) -> int:
         msg = f"must be a positive integer, got {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def output_file(text: str) -> Path:
+    """Argument type of a file a command writes when it is done: a path in a folder that exists
+    and can be written, so that a mistyped path is refused before the work, not after it."""
+    path = Path(text)
+    if path.is_dir():
+        msg = f"{text} is a folder; give the path of a file in it"
+        raise argparse.ArgumentTypeError(msg)
+    folder = path.parent
+    if not folder.is_dir():
+        msg = f"no folder {folder} to write {path.name} in"
+        raise argparse.ArgumentTypeError(msg)
+    if not os.access(folder, os.W_OK):
+        msg = f"folder {folder} is not writable"
+        raise argparse.ArgumentTypeError(msg)
+    return path
+
+
+class Progress(Protocol):
+    """What the command-line tools use of a :class:`tqdm.tqdm` bar."""
+
+    def update(self) -> object: ...
+
+    def set_postfix_str(self, s: str) -> None: ...
+
+    def write(self, s: str, file: TextIO | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class ProgressLines:
+    """A progress bar for where tqdm is not installed: each status given to
+    :meth:`set_postfix_str` is printed on a line of its own after the count of items done, at
+    most one line every ``min_interval`` seconds (the first is always printed).
+
+    With ``disable``, as tqdm's, it prints no status; :meth:`write` prints its line either way.
+    """
+
+    def __init__(
+        self,
+        total: int,
+        unit: str,
+        file: TextIO,
+        *,
+        disable: bool = False,
+        min_interval: float = 5.0,
+    ) -> None:
+        self.total, self.unit, self.file = total, unit, file
+        self.disable = disable
+        self.min_interval = min_interval
+        self.done = 0
+        self._last_printed = -math.inf
+
+    def update(self) -> None:
+        """Count one more item done."""
+        self.done += 1
+
+    def set_postfix_str(self, s: str) -> None:
+        """Print the status ``s``, unless disabled or a status was printed less than
+        ``min_interval`` seconds ago."""
+        now = time.monotonic()
+        if self.disable or now - self._last_printed < self.min_interval:
+            return
+        self._last_printed = now
+        print(f"[{self.done}/{self.total} {self.unit}s] {s}", file=self.file, flush=True)
+
+    def write(self, s: str, file: TextIO | None = None) -> None:
+        """Print the line ``s`` to ``file``, by default standard output (as tqdm's)."""
+        print(s, file=file, flush=True)
+
+    def close(self) -> None:
+        """Nothing to clear: the lines stay."""
+
+
+def progress_bar(
+    total: int, unit: str, file: TextIO, *, disable: bool = False, leave: bool = True
+) -> Progress:
+    """A tqdm bar on ``file`` counting ``total`` items, each a ``unit``; where tqdm is not
+    installed, the same progress as plain lines (:class:`ProgressLines`).
+
+    ``disable`` and ``leave`` are tqdm's: draw nothing, and keep the finished bar on the screen.
+    """
+    try:
+        import tqdm
+    except ImportError:
+        return ProgressLines(total, unit, file, disable=disable)
+    bar: Progress = tqdm.tqdm(total=total, unit=unit, file=file, disable=disable, leave=leave)
+    return bar

@@ -37,13 +37,16 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from softce_multi import testing
-from softce_multi._cli._common import installed, positive_int
+from softce_multi._cli._common import installed, output_file, positive_int, progress_bar
 from softce_multi._types import Reduction
 
 MIB = 1 << 20
 _DEVICE_KIND = {"cpu": "cpu", "cuda": "gpu"}  # bench's --device, as softce_multi.testing names it
 ITEMSIZE = {"float64": 8, "float32": 4, "bfloat16": 2, "float16": 2}
 BASELINE = "NeMo formula[torch]"
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
+DEFAULT_TARGET_VOCAB = 128000
+FRAMEWORKS = ("torch", "jax")  # those of --linear and --targets
 
 Step = Callable[[Any, Any, Any], Any]
 
@@ -376,12 +379,10 @@ def _skip_reason(case: Case, dtype: str, device: str) -> str | None:
 
 def run(options: argparse.Namespace) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Sweep lengths and dtypes; return the measured rows and the skipped cases."""
-    import tqdm
-
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     configurations = [(dtype, length) for dtype in options.dtypes for length in options.lengths]
-    progress = tqdm.tqdm(total=len(configurations) * len(CASES), unit="case", file=sys.stderr)
+    progress = progress_bar(len(configurations) * len(CASES), "case", sys.stderr)
     for dtype, length in configurations:
         shape = (1, length, options.vocab)
         cases = []
@@ -790,7 +791,7 @@ def run_from_hidden(
     dtype: str,
     repeats: int,
     seed: int,
-    frameworks: Sequence[str] = ("torch", "jax"),
+    frameworks: Sequence[str] = FRAMEWORKS,
     *,
     memory: bool = True,
 ) -> list[dict[str, Any]]:
@@ -858,12 +859,13 @@ def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
     comparison = FROM_HIDDEN[name]
     hidden = args.hidden or comparison.default_hidden
     sizes = [
-        Sizes(rows, hidden, args.vocab, args.target_vocab)
+        Sizes(rows, hidden, args.vocab, args.target_vocab or DEFAULT_TARGET_VOCAB)
         for rows in args.rows or comparison.default_rows
     ]
     dtype = args.dtypes[0]
+    frameworks = args.frameworks or FRAMEWORKS
     rows = run_from_hidden(
-        name, sizes, dtype, args.repeats, args.seed, args.frameworks, memory=args.memory
+        name, sizes, dtype, args.repeats, args.seed, frameworks, memory=args.memory
     )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
@@ -876,6 +878,47 @@ def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
         "temporaries. x [N,V]: in float32 [N, V] buffers (V: the draft vocabulary)."
     )
     return 0
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, through ``parser.error`` and before anything is measured, the options that the
+    run would ignore or fail on, and the outputs it could not write when done."""
+    comparison = "--linear" if args.linear else "--targets" if args.targets else None
+    if comparison is None:
+        for flag, value in [
+            ("--rows", args.rows),
+            ("--hidden", args.hidden),
+            ("--target-vocab", args.target_vocab),
+            ("--frameworks", args.frameworks),
+        ]:
+            if value is not None:
+                parser.error(f"{flag} goes with --linear or --targets")
+    else:
+        for flag, given in [
+            ("--lengths", args.lengths is not None),
+            ("--device cuda", args.device == "cuda"),
+            ("--plot", args.plot is not None),
+            ("--target-vocab", args.linear and args.target_vocab is not None),
+        ]:
+            if given:
+                parser.error(f"{flag} does not go with {comparison}")
+        target_vocab = args.target_vocab or DEFAULT_TARGET_VOCAB
+        if args.targets and args.vocab > target_vocab:
+            parser.error(
+                f"--vocab {args.vocab} is more than --target-vocab {target_vocab}: the draft "
+                "vocabulary is a subset of the target's"
+            )
+        frameworks = args.frameworks or FRAMEWORKS
+        reasons = [_unavailable(framework, "cpu") for framework in frameworks]
+        missing = [reason for reason in reasons if reason is not None]
+        if missing and (args.frameworks is not None or len(missing) == len(frameworks)):
+            parser.error(f"{comparison} runs on {' or '.join(frameworks)}: {'; '.join(missing)}")
+    if args.device == "cuda":
+        reason = _unavailable("torch", "cuda")
+        if reason is not None:
+            parser.error(f"--device cuda: {reason}")
+    if args.plot is not None and not installed("matplotlib"):
+        parser.error("--plot needs matplotlib: pip install 'softce_multi[bench]'")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -892,8 +935,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--lengths",
         type=positive_int,
         nargs="+",
-        default=[512, 1024, 2048, 4096, 8192],
-        help="sequence lengths N of [1, N, V] logits (default: %(default)s)",
+        help=(
+            "sequence lengths N of [1, N, V] logits "
+            f"(default: {' '.join(map(str, DEFAULT_LENGTHS))})"
+        ),
     )
     parser.add_argument(
         "--vocab", type=positive_int, default=32000, help="V; with --targets V_draft (%(default)s)"
@@ -914,8 +959,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=True,
         help="measure extra peak memory, in one fresh process per case (default: yes)",
     )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="write the rows as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="draw time and memory")
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the rows as JSON")
+    parser.add_argument(
+        "--plot", type=output_file, metavar="PATH", help="draw time and memory (needs matplotlib)"
+    )
     comparisons = parser.add_mutually_exclusive_group()
     comparisons.add_argument(
         "--linear",
@@ -947,25 +994,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--target-vocab",
         type=positive_int,
-        default=128000,
-        help="with --targets: V_target (%(default)s)",
+        help=f"with --targets: V_target ({DEFAULT_TARGET_VOCAB})",
     )
     parser.add_argument(
         "--frameworks",
         nargs="+",
-        choices=["torch", "jax"],
-        default=["torch", "jax"],
-        help="with --linear or --targets: the frameworks to run (default: %(default)s)",
+        choices=FRAMEWORKS,
+        help="with --linear or --targets: the frameworks to run (default: those installed)",
     )
     args = parser.parse_args(argv)
+    _check_arguments(parser, args)
     if args.linear or args.targets:
         return _main_from_hidden("linear" if args.linear else "targets", args)
-    if args.device == "cuda":
-        import torch
-
-        if not torch.cuda.is_available():
-            print("bench --device cuda: PyTorch sees no CUDA device", file=sys.stderr)
-            return 2
+    args.lengths = args.lengths or list(DEFAULT_LENGTHS)
     rows, skipped = run(args)
     print(
         f"[1, N, {args.vocab}] logits on {args.device}, float32 targets, forward+backward, "

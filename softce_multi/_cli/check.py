@@ -346,14 +346,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check from command-line arguments; return 0 if every row passes, else 1."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     backends = list(testing.backends())
     if args.backend is not None:
-        missing = sorted(set(args.backend) - {backend.name for backend in backends})
-        if missing:
-            print(f"error: backend not available here: {', '.join(missing)}")
-            return 1
+        reasons = [
+            f"{entry.backend.name}: {entry.reason}"
+            for entry in testing.availability()
+            if entry.backend.name in args.backend and entry.reason is not None
+        ]
+        if reasons:
+            parser.error(f"--backend {'; '.join(reasons)}")
         backends = [backend for backend in backends if backend.name in args.backend]
+    if args.oracle == "torch" and not installed("torch"):
+        parser.error("--oracle torch needs PyTorch, which is not installed; use --oracle numpy")
     oracle = select_oracle(args.oracle)
     inputs = make_inputs(args.shape, args.seed)
     cached_oracle = _CachedOracle(oracle)

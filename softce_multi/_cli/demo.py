@@ -23,10 +23,9 @@ from typing import Any, TextIO
 
 import array_api_compat
 import numpy as np
-import tqdm
 
 import softce_multi as sc
-from softce_multi._cli._common import installed, positive_int
+from softce_multi._cli._common import installed, positive_int, progress_bar
 from softce_multi.eagle3 import (
     build_vocab_mapping,
     draft_accuracy,
@@ -414,9 +413,7 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
 
     rng = np.random.default_rng(config.seed + 3)
     # A bar on a terminal; elsewhere (a log file, a captured stream) only the logged lines.
-    progress = tqdm.tqdm(
-        total=config.steps, file=out, disable=not out.isatty(), unit="step", leave=False
-    )
+    progress = progress_bar(config.steps, "step", out, disable=not out.isatty(), leave=False)
     window_losses: list[float] = []
     window_accuracies: list[list[float]] = []
     train_losses: list[float] = []
@@ -425,13 +422,13 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
         loss, accuracies = trainer.train_step(batch)
         window_losses.append(loss)
         window_accuracies.append(accuracies)
-        progress.set_postfix_str(f"loss {loss:.4f}  accuracy {100 * accuracies[0]:.1f}%")
         progress.update()
+        progress.set_postfix_str(f"loss {loss:.4f}  accuracy {100 * accuracies[0]:.1f}%")
         if step % config.log_every == 0 or step == config.steps:
             mean_loss = float(np.mean(window_losses))
             train_losses.append(mean_loss)
             mean_accuracy = np.mean(window_accuracies, axis=0)
-            tqdm.tqdm.write(
+            progress.write(
                 f"step {step:>{len(str(config.steps))}}/{config.steps}  loss {mean_loss:.4f}  "
                 f"accuracy {_percent(mean_accuracy)}",
                 file=out,
@@ -507,7 +504,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     """Run the demo with command-line arguments ``argv``; return the exit status."""
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    sequences = DemoConfig.train_sequences
+    if args.batch_size > sequences:
+        parser.error(
+            f"--batch-size {args.batch_size}: a batch has at most the {sequences} training "
+            "sequences"
+        )
     if not installed(args.backend):
         extra = "torch" if args.backend == "torch" else "jax"
         print(

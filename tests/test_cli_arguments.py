@@ -1,0 +1,276 @@
+"""The command line without its optional extras (tqdm, matplotlib), and its refusal of mistaken
+arguments: one line from argparse and exit status 2, before anything is measured, never a
+traceback."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+
+from softce_multi import testing
+from softce_multi._cli import _common, bench
+from softce_multi._cli import check as _check
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_BENCH = ["--lengths", "4", "--vocab", "8", "--repeats", "1", "--no-memory"]
+
+
+def run_cli(
+    arguments: Sequence[str], *, unimportable: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``python -m softce_multi ARGUMENTS`` in a fresh process in which the modules
+    ``unimportable`` cannot be imported, as if they were not installed."""
+    code = (
+        "import sys\n"
+        f"sys.modules.update(dict.fromkeys({list(unimportable)!r}))\n"
+        "from softce_multi._cli import main\n"
+        f"sys.exit(main({list(arguments)!r}))\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, cwd=ROOT
+    )
+
+
+def assert_refused(result: subprocess.CompletedProcess[str], command: str, message: str) -> None:
+    """``command`` exited with argparse's status 2 and ``message`` as its one line of error,
+    without a traceback and before printing any result."""
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert result.stderr.splitlines()[-1] == f"python -m softce_multi {command}: error: {message}"
+    assert result.stdout == ""
+
+
+def refusal(
+    argv: list[str], main: Callable[[list[str]], int], capsys: pytest.CaptureFixture[str]
+) -> str:
+    """The last line of error with which the command's ``main(argv)`` exits with status 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.splitlines()[-1]
+
+
+@pytest.fixture
+def nothing_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make bench fail the test if it starts measuring."""
+
+    def measure(*args: object, **kwargs: object) -> None:
+        msg = "bench started measuring before refusing its arguments"
+        raise AssertionError(msg)
+
+    monkeypatch.setattr(bench, "run", measure)
+    monkeypatch.setattr(bench, "run_from_hidden", measure)
+
+
+# --- without tqdm ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["demo", "bench", "check"])
+def test_help_needs_no_tqdm(command: str) -> None:
+    result = run_cli([command, "--help"], unimportable=["tqdm"])
+
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: python -m softce_multi {command}")
+    assert result.stderr == ""
+
+
+def test_demo_runs_without_tqdm() -> None:
+    pytest.importorskip("torch", reason="the torch demo needs torch")
+    code = (
+        "import sys\n"
+        "sys.modules['tqdm'] = None\n"
+        "from softce_multi._cli.demo import DemoConfig, run\n"
+        "run(DemoConfig(steps=2, log_every=1, train_sequences=64, eval_sequences=8))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stderr
+    assert "step 2/2  loss" in result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_bench_runs_without_tqdm_printing_plain_progress_lines(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    numpy_cases = [case for case in bench.CASES if case.framework == "numpy"]
+    monkeypatch.setattr(bench, "CASES", numpy_cases)
+
+    assert bench.main([*TINY_BENCH, "--dtypes", "float32"]) == 0
+
+    output = capsys.readouterr()
+    assert "softce_multi[numpy]" in output.out
+    assert output.err.splitlines()[0] == "[0/2 cases] float32 N=4: timing"
+    assert "\r" not in output.err
+
+
+def test_progress_bar_is_plain_lines_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+
+    assert isinstance(_common.progress_bar(3, "case", io.StringIO()), _common.ProgressLines)
+
+
+def test_progress_lines_print_each_status_after_the_count_done() -> None:
+    out = io.StringIO()
+    progress = _common.ProgressLines(2, "step", out, min_interval=0)
+
+    progress.set_postfix_str("starting")
+    progress.update()
+    progress.set_postfix_str("halfway")
+    progress.write("a logged line", file=out)
+    progress.close()
+
+    assert out.getvalue().splitlines() == [
+        "[0/2 steps] starting",
+        "[1/2 steps] halfway",
+        "a logged line",
+    ]
+
+
+def test_progress_lines_print_at_most_one_status_per_interval() -> None:
+    out = io.StringIO()
+    progress = _common.ProgressLines(3, "case", out, min_interval=3600)
+
+    for status in ("first", "second", "third"):
+        progress.set_postfix_str(status)
+        progress.update()
+
+    assert out.getvalue() == "[0/3 cases] first\n"
+
+
+def test_disabled_progress_lines_print_only_the_written_lines() -> None:
+    out = io.StringIO()
+    progress = _common.ProgressLines(1, "step", out, disable=True, min_interval=0)
+
+    progress.set_postfix_str("a status")
+    progress.write("a logged line", file=out)
+
+    assert out.getvalue() == "a logged line\n"
+
+
+# --- bench: outputs checked before the run -------------------------------------------------
+
+
+@pytest.mark.parametrize("options", [["--json"], ["--plot"], ["--linear", "--json"]])
+def test_bench_refuses_an_output_in_a_missing_folder_before_measuring(
+    options: list[str],
+    tmp_path: Path,
+    nothing_measured: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = tmp_path / "missing" / "out"
+
+    error = refusal([*options, str(path)], bench.main, capsys)
+
+    flag = options[-1]
+    assert error.endswith(f"error: argument {flag}: no folder {path.parent} to write out in")
+
+
+def test_bench_refuses_a_folder_as_its_json_file(
+    tmp_path: Path, nothing_measured: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = refusal(["--json", str(tmp_path)], bench.main, capsys)
+
+    message = f"argument --json: {tmp_path} is a folder; give the path of a file in it"
+    assert error.endswith(f"error: {message}")
+
+
+def test_bench_refuses_an_output_in_a_folder_it_cannot_write(
+    tmp_path: Path,
+    nothing_measured: None,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    monkeypatch.setattr(_common.os, "access", lambda path, mode: False)
+
+    error = refusal(["--json", str(tmp_path / "rows.json")], bench.main, capsys)
+
+    assert error.endswith(f"error: argument --json: folder {tmp_path} is not writable")
+
+
+def test_bench_refuses_a_plot_without_matplotlib_before_measuring(tmp_path: Path) -> None:
+    plot = tmp_path / "plot.png"
+    arguments = ["bench", *TINY_BENCH, "--dtypes", "float64", "--plot", str(plot)]
+
+    result = run_cli(arguments, unimportable=["matplotlib"])
+
+    assert_refused(result, "bench", "--plot needs matplotlib: pip install 'softce_multi[bench]'")
+    assert not plot.exists()
+
+
+# --- bench: options of the other kind of run ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--rows", "8"], "--rows goes with --linear or --targets"),
+        (["--hidden", "4"], "--hidden goes with --linear or --targets"),
+        (["--target-vocab", "100"], "--target-vocab goes with --linear or --targets"),
+        (["--frameworks", "torch"], "--frameworks goes with --linear or --targets"),
+        (["--linear", "--target-vocab", "100"], "--target-vocab does not go with --linear"),
+        (["--linear", "--lengths", "4"], "--lengths does not go with --linear"),
+        (["--targets", "--device", "cuda"], "--device cuda does not go with --targets"),
+        (["--targets", "--plot", "plot.png"], "--plot does not go with --targets"),
+        (
+            ["--targets", "--target-vocab", "5", "--vocab", "10"],
+            "--vocab 10 is more than --target-vocab 5: the draft vocabulary is a subset of the "
+            "target's",
+        ),
+    ],
+)
+def test_bench_refuses_an_option_it_would_ignore_or_fail_on(
+    argv: list[str], message: str, nothing_measured: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert refusal(argv, bench.main, capsys) == f"python -m softce_multi bench: error: {message}"
+
+
+def test_bench_refuses_a_framework_that_is_not_installed() -> None:
+    result = run_cli(["bench", "--linear", "--frameworks", "jax"], unimportable=["jax"])
+
+    assert_refused(result, "bench", "--linear runs on jax: jax not installed")
+
+
+def test_bench_refuses_to_compare_from_hidden_states_without_torch_and_jax() -> None:
+    result = run_cli(["bench", "--targets"], unimportable=["torch", "jax"])
+
+    assert_refused(
+        result, "bench", "--targets runs on torch or jax: torch not installed; jax not installed"
+    )
+
+
+def test_bench_refuses_cuda_without_torch() -> None:
+    result = run_cli(["bench", "--device", "cuda", *TINY_BENCH], unimportable=["torch"])
+
+    assert_refused(result, "bench", "--device cuda: torch not installed")
+
+
+# --- check ---------------------------------------------------------------------------------
+
+
+def test_check_refuses_a_backend_that_is_not_available(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = [entry for entry in testing.availability() if entry.reason is not None]
+    if not missing:
+        pytest.skip("every backend is available here")
+    name, reason = missing[0].backend.name, missing[0].reason
+
+    error = refusal(["--backend", "numpy", name], _check.main, capsys)
+
+    assert error == f"python -m softce_multi check: error: --backend {name}: {reason}"
+
+
+def test_check_refuses_the_torch_oracle_without_torch() -> None:
+    result = run_cli(["check", "--oracle", "torch"], unimportable=["torch"])
+
+    assert_refused(
+        result,
+        "check",
+        "--oracle torch needs PyTorch, which is not installed; use --oracle numpy",
+    )
