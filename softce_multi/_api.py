@@ -12,9 +12,8 @@ imported on first use, so that importing the package needs NumPy and array-api-c
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Callable
-from typing import Any, Literal
+from types import ModuleType
+from typing import Literal
 
 import array_api_compat
 
@@ -22,27 +21,30 @@ from softce_multi._linear import LinearGradients
 from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace, Reduction
 from softce_multi._validate import check_reduction, validate_inputs, validate_linear_inputs
 
-#: The adapter module of each library with one, by the test of its namespace; every other
-#: namespace gets ``softce_multi._generic``.
-_ADAPTERS: tuple[tuple[Callable[[Namespace], bool], str], ...] = (
-    (array_api_compat.is_torch_namespace, "softce_multi.torch"),
-    (array_api_compat.is_jax_namespace, "softce_multi.jax"),
-)
 
+def _adapter(xp: Namespace) -> ModuleType:
+    """Return the adapter module for the namespace ``xp``, importing it on first use.
 
-def _adapter(xp: Namespace) -> Any:
-    """Return the adapter module for the namespace ``xp``."""
-    for is_namespace, module in _ADAPTERS:
-        if is_namespace(xp):
-            return importlib.import_module(module)
-    return importlib.import_module("softce_multi._generic")
+    ``import`` statements rather than :func:`importlib.import_module`, which ``torch.compile``
+    refuses to trace: with them the public functions compile into one graph.
+    """
+    if array_api_compat.is_torch_namespace(xp):
+        from softce_multi import torch as torch_adapter
+
+        return torch_adapter
+    if array_api_compat.is_jax_namespace(xp):
+        from softce_multi import jax as jax_adapter
+
+        return jax_adapter
+    from softce_multi import _generic
+
+    return _generic
 
 
 def masked_soft_cross_entropy(
     logits: Array,
     target_probs: Array,
     position_mask: Array,
-    /,
     *,
     reduction: Reduction = "mean",
     num_valid: Array | float | None = None,
@@ -106,7 +108,6 @@ def masked_soft_cross_entropy_with_grad(
     logits: Array,
     target_probs: Array,
     position_mask: Array,
-    /,
     *,
     reduction: Literal["mean", "sum"] = "mean",
     num_valid: Array | float | None = None,
@@ -151,7 +152,6 @@ def linear_masked_soft_cross_entropy(
     weight: Array,
     target_probs: Array,
     position_mask: Array,
-    /,
     *,
     bias: Array | None = None,
     reduction: Reduction = "mean",
@@ -227,7 +227,6 @@ def linear_masked_soft_cross_entropy_with_grad(
     weight: Array,
     target_probs: Array,
     position_mask: Array,
-    /,
     *,
     bias: Array | None = None,
     reduction: Literal["mean", "sum"] = "mean",

@@ -179,11 +179,23 @@ def logits_gradient_rows(
 
     Rows whose ``row_scale`` is 0 are exactly 0, whatever ``z`` and ``p`` hold there, and so
     are rows whose targets are all 0, even where their softmax is undefined (logits all -inf).
+
+    The softmax is ``exp(z - row_max) * exp(-log_sum_exp)``, the second factor folded into
+    the row's coefficient (:func:`softmax_coefficient`): ``z - row_max`` is exact, so each
+    entry carries the rounding of one exponential, where ``exp((z - row_max) - log_sum_exp)``
+    would carry that of a subtraction of size ``|log_softmax(z)|`` too.
     """
-    scale = row_scale[:, None]
-    grad = (scale * target_sum[:, None]) * xp.exp(log_softmax_rows(z, row_max, log_sum_exp))
-    grad = grad - scale * p
+    coefficient = softmax_coefficient(row_scale, target_sum, log_sum_exp, xp=xp)[:, None]
+    grad = coefficient * xp.exp(z - row_max[:, None]) - row_scale[:, None] * p
     return xp.where(rows_with_gradient(row_scale, target_sum)[:, None], grad, 0.0)
+
+
+def softmax_coefficient(
+    row_scale: Array, target_sum: Array, log_sum_exp: Array, *, xp: Namespace
+) -> Array:
+    """``row_scale * sum(p) / sum_exp`` per row: what multiplies ``exp(z - row_max)`` in the
+    logits gradient (see :func:`logits_gradient_rows`), which every implementation shares."""
+    return row_scale * target_sum * xp.exp(-log_sum_exp)
 
 
 def rows_with_gradient(row_scale: Array, target_sum: Array) -> Array:

@@ -68,7 +68,7 @@ __all__ = [
 _AGREED_DIMS = 8
 
 
-def global_num_valid(position_mask: Array, /, *, group: Any = None, axis_name: Any = None) -> Array:
+def global_num_valid(position_mask: Array, *, group: Any = None, axis_name: Any = None) -> Array:
     """The sum of the mask weights over every rank: the global count of valid positions.
 
     Pass it as ``num_valid`` when each rank holds part of the positions (data or sequence
@@ -133,7 +133,6 @@ def vocab_parallel_masked_soft_cross_entropy(
     logits_shard: Array,
     target_probs_shard: Array,
     position_mask: Array,
-    /,
     *,
     group: Any = None,
     axis_name: Any = None,
@@ -226,7 +225,6 @@ def vocab_parallel_linear_masked_soft_cross_entropy(
     weight_shard: Array,
     target_probs_shard: Array,
     position_mask: Array,
-    /,
     *,
     bias_shard: Array | None = None,
     group: Any = None,

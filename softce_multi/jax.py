@@ -48,7 +48,6 @@ def masked_soft_cross_entropy(
     logits: jax.Array,
     target_probs: jax.Array,
     position_mask: jax.Array,
-    /,
     *,
     reduction: Reduction = "mean",
     num_valid: jax.Array | float | None = None,
@@ -358,11 +357,13 @@ def _linear_forward(
 
     def step(carry: dict[str, Any], index: jax.Array) -> tuple[dict[str, Any], None]:
         start, counted = _chunk_start(index, n_rows, chunk)
-        h = _chunk_of(rows.hidden, start, chunk)
+        weights = _chunk_of(rows.weights, start, chunk)
+        # Padding rows enter as zeros, so that no derivative of any order meets their values.
+        h = xla_kernels.zero_rows(_chunk_of(rows.hidden, start, chunk), weights != 0)
         piece = _core.Rows(
             _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
             _chunk_of(rows.p, start, chunk),
-            _chunk_of(rows.weights, start, chunk),
+            weights,
             rows.inv_den,
         )
         result = row_routine(piece, with_logits_grad=with_grads)
@@ -421,8 +422,8 @@ def _linear_backward(
 
     def step(carry: Any, index: jax.Array) -> tuple[Any, None]:
         start, counted = _chunk_start(index, n_rows, chunk)
-        h = _chunk_of(rows.hidden, start, chunk)
         scale = _chunk_of(row_scale, start, chunk)
+        h = xla_kernels.zero_rows(_chunk_of(rows.hidden, start, chunk), scale != 0)
         chunk_rows = _core.BackwardRows(
             _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
             _chunk_of(rows.p, start, chunk),

@@ -45,6 +45,7 @@ That function is differentiable once (its backward pass is ``once_differentiable
 
 from __future__ import annotations
 
+import math
 from types import ModuleType
 from typing import Any, cast
 
@@ -76,7 +77,6 @@ def masked_soft_cross_entropy(
     logits: torch.Tensor,
     target_probs: torch.Tensor,
     position_mask: torch.Tensor,
-    /,
     *,
     reduction: Reduction = "mean",
     num_valid: torch.Tensor | float | None = None,
@@ -112,7 +112,12 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
     the tangents.
     """
     logits, reduction = inputs.logits, inputs.reduction
-    with_logits_grad = torch.is_grad_enabled() and logits.requires_grad and reduction != "none"
+    with_logits_grad = (
+        torch.is_grad_enabled()
+        and logits.requires_grad
+        and reduction != "none"
+        and _scaled_exactly(logits)
+    )
     outputs = _MaskedSoftCrossEntropyFunction.apply(*inputs, with_logits_grad)
     return outputs[0]
 
@@ -279,16 +284,17 @@ def _differentiable_gradients(
     z = torch.where(live, logits.reshape(-1, vocab_size).to(dtype), 0.0)
     p = torch.where(live, target_probs.reshape(-1, vocab_size).to(dtype), 0.0)
     defined = z.amax(dim=-1, keepdim=True).isfinite()
-    log_probs = torch.log_softmax(torch.where(defined, z, 0.0), dim=-1)
+    z = torch.where(defined, z, 0.0)
     scale = (row_scale * upstream)[:, None]
     grad_z = grad_p = None
     if logits_grad:
         target_sum = p.sum(dim=-1, keepdim=True)
-        rows = scale * (target_sum * torch.exp(log_probs) - p)
+        # softmax, not exp(log_softmax): one rounded exponential per entry.
+        rows = scale * (target_sum * torch.softmax(z, dim=-1) - p)
         rows = torch.where(defined | (target_sum == 0), rows, torch.nan)
         grad_z = rows.to(logits.dtype).reshape(logits.shape)
     if targets_grad:
-        rows = torch.where(defined, -scale * log_probs, torch.nan)
+        rows = torch.where(defined, -scale * torch.log_softmax(z, dim=-1), torch.nan)
         grad_p = rows.to(target_probs.dtype).reshape(target_probs.shape)
     return grad_z, grad_p
 
@@ -341,6 +347,7 @@ class MaskedSoftCrossEntropy(torch.nn.Module):
         logits: torch.Tensor,
         target_probs: torch.Tensor,
         position_mask: torch.Tensor,
+        *,
         num_valid: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
         """Return the loss; ``num_valid`` replaces the denominator of ``"mean"``."""
@@ -361,45 +368,229 @@ def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
     """The linear loss of validated inputs, through :class:`_LinearMaskedSoftCrossEntropyFunction`.
 
     For ``"mean"`` and ``"sum"``, the gradients of the inputs that require grad are computed in
-    the forward pass.
+    the forward pass, when scaling them by the upstream gradient later rounds nothing twice
+    (:func:`_scaled_exactly`); otherwise the backward pass computes them with the upstream
+    gradient inside.
     """
     hidden, weight, bias = inputs[:3]
     wanted = (False, False, False)
-    if torch.is_grad_enabled() and inputs.reduction != "none":
+    if (
+        torch.is_grad_enabled()
+        and inputs.reduction != "none"
+        and _scaled_exactly(*(x for x in (hidden, weight, bias) if x is not None))
+    ):
         with_bias_grad = bias is not None and bias.requires_grad
         wanted = (hidden.requires_grad, weight.requires_grad, with_bias_grad)
-    return _LinearMaskedSoftCrossEntropyFunction.apply(*inputs, wanted)[0]
+    return _LinearMaskedSoftCrossEntropyFunction.apply(*_operator_arguments(inputs), wanted)[0]
 
 
 def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Tensor, _linear.LinearGradients]:
     """The linear loss of validated inputs and its three gradients, from one chunked pass."""
-    result = linear_forward(inputs, wanted=(True, True, inputs.bias is not None))
-    assert result.grads is not None  # asked for
-    return result.loss, result.grads
+    with_bias = inputs.bias is not None
+    loss, *grads = linear_forward(*_operator_arguments(inputs), True, True, with_bias)[:4]
+    return loss, _linear.LinearGradients(grads[0], grads[1], grads[2] if with_bias else None)
 
 
-@torch.no_grad()
-def linear_forward(
-    inputs: LinearLossInputs, /, *, wanted: tuple[bool, bool, bool]
-) -> _linear.LinearForwardResult:
-    """:func:`softce_multi._linear.forward`, in place where torch allows it.
+def _scaled_exactly(*tensors: Tensor) -> bool:
+    """Whether gradients made for a unit upstream gradient can be scaled without a second
+    rounding: none of the tensors (whose gradients they are) is of a 16-bit dtype.
 
-    Every chunk's logits go into one buffer, and the row routine of :func:`kernels_for` them
-    writes their gradient over them (``row_routine_over_logits``), so a chunk holds one
-    ``[chunk, V]`` tensor and the default chunk is twice as long; the weight gradient is
-    accumulated in place. ``wanted`` says which of the gradients to ``hidden``, ``weight`` and
-    ``bias`` to compute.
+    A 16-bit gradient made in the forward pass is rounded once there; multiplied by the
+    upstream gradient, it would be rounded again.
     """
-    return _linear.forward(
-        inputs,
-        hidden_grad=wanted[0],
-        weight_grad=wanted[1],
-        bias_grad=wanted[2],
-        row_routine=kernels_for(inputs.hidden).row_routine_over_logits,
-        xp=array_api_compat.array_namespace(inputs.hidden),
-        add=_add_product,
-        logits=_LogitsBuffer(),
-        logits_copies=1,
+    return all(tensor.dtype.itemsize >= 4 for tensor in tensors)
+
+
+def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
+    """The arguments of :func:`linear_forward` before its three flags, from validated inputs.
+
+    ``num_valid`` goes in as a tensor or as a number, two arguments: an operator's schema
+    takes no union of the two.
+    """
+    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
+    is_tensor = isinstance(num_valid, Tensor)
+    return (
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        position_mask,
+        num_valid if is_tensor else None,
+        None if is_tensor or num_valid is None else float(num_valid),
+        reduction,
+        chunk_rows,
+    )
+
+
+@torch.library.custom_op("softce_multi::linear_forward", mutates_args=())
+def linear_forward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target_probs: Tensor,
+    position_mask: Tensor,
+    num_valid: Tensor | None,
+    num_valid_number: float | None,
+    reduction: str,
+    chunk_rows: int | None,
+    hidden_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The chunked pass of the linear loss, as the operator ``softce_multi::linear_forward``.
+
+    :func:`softce_multi._linear.forward` in place where torch allows it: every chunk's logits
+    go into one buffer (:class:`_LogitsBuffer`), the row routine of :func:`kernels_for` them
+    writes their gradient over them (``row_routine_over_logits``), so a chunk holds one
+    ``[chunk, V]`` tensor, and the weight gradient is accumulated in place. One opaque
+    operator, so that ``torch.compile`` traces the loss as one call, whatever the number of
+    chunks.
+
+    Parameters
+    ----------
+    hidden, weight, bias, target_probs, position_mask, reduction, chunk_rows
+        Validated inputs, as in :func:`softce_multi.linear_masked_soft_cross_entropy`.
+    num_valid, num_valid_number
+        ``num_valid`` as a tensor or as a number; None for both without it.
+    hidden_grad, weight_grad, bias_grad
+        Which gradients to compute, for a unit upstream gradient (not with ``"none"``).
+
+    Returns
+    -------
+    tuple of Tensor
+        The loss; the gradients to ``hidden``, ``weight`` and ``bias`` (``[0]`` for one not
+        asked for); the ``[N]`` row scale and the three ``[N]``
+        :class:`~softce_multi._core.SavedRows`.
+    """
+    inputs = LinearLossInputs(
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        position_mask,
+        reduction,
+        num_valid if num_valid is not None else num_valid_number,
+        chunk_rows,
+    )
+    with torch.no_grad():
+        result = _linear.forward(
+            inputs,
+            hidden_grad=hidden_grad,
+            weight_grad=weight_grad,
+            bias_grad=bias_grad,
+            row_routine=kernels_for(hidden).row_routine_over_logits,
+            xp=array_api_compat.array_namespace(hidden),
+            add=_add_product,
+            logits=_LogitsBuffer(),
+            logits_copies=1,
+        )
+    grads = result.grads or _linear.LinearGradients(None, None, None)
+    made = tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
+    return (result.loss, *made, result.row_scale, *result.saved)
+
+
+@linear_forward.register_fake
+def _(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target_probs: Tensor,
+    position_mask: Tensor,
+    num_valid: Tensor | None,
+    num_valid_number: float | None,
+    reduction: str,
+    chunk_rows: int | None,
+    hidden_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+) -> tuple[Tensor, ...]:
+    dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=torch)
+    batch_shape = hidden.shape[:-1]
+    loss = hidden.new_empty(batch_shape if reduction == "none" else (), dtype=dtype)
+    grads = _empty_linear_gradients(hidden, weight, bias, (hidden_grad, weight_grad, bias_grad))
+    rows = [hidden.new_empty(math.prod(batch_shape), dtype=dtype) for _ in range(4)]
+    return (loss, *grads, *rows)
+
+
+@torch.library.custom_op("softce_multi::linear_backward", mutates_args=())
+def linear_backward(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target_probs: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    chunk_rows: int | None,
+    hidden_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    targets_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The chunked backward pass of the linear loss, as ``softce_multi::linear_backward``.
+
+    :func:`softce_multi._linear.backward` with the chunks and logits of :func:`linear_forward`,
+    to the last bit (its saved statistics are theirs). ``row_scale`` is ``d loss / d c_row``
+    times the upstream gradient, which so enters every gradient before its one rounding.
+    Returns the gradients to ``hidden``, ``weight``, ``bias`` and ``target_probs``, ``[0]``
+    for one not asked for.
+    """
+    with torch.no_grad():
+        grads, grad_targets = _linear.backward(
+            hidden,
+            weight,
+            bias,
+            target_probs,
+            _core.SavedRows(row_max, log_sum_exp, target_sum),
+            row_scale,
+            hidden_grad=hidden_grad,
+            weight_grad=weight_grad,
+            bias_grad=bias_grad and bias is not None,
+            targets_grad=targets_grad,
+            chunk_rows=chunk_rows,
+            gradient_routine=gradient_routine,
+            xp=array_api_compat.array_namespace(hidden),
+            add=_add_product,
+            logits=_LogitsBuffer(),
+            logits_copies=1,
+        )
+    made = grads or _linear.LinearGradients(None, None, None)
+    return tuple(  # type: ignore[return-value]
+        hidden.new_empty(0) if grad is None else grad for grad in (*made, grad_targets)
+    )
+
+
+@linear_backward.register_fake
+def _(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    target_probs: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    chunk_rows: int | None,
+    hidden_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    targets_grad: bool,
+) -> tuple[Tensor, ...]:
+    grads = _empty_linear_gradients(hidden, weight, bias, (hidden_grad, weight_grad, bias_grad))
+    grad_targets = target_probs.new_empty(target_probs.shape if targets_grad else (0,))
+    return (*grads, grad_targets)
+
+
+def _empty_linear_gradients(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, wanted: tuple[bool, bool, bool]
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Uninitialised gradients to ``hidden``, ``weight`` and ``bias`` as the linear operators
+    return them: each in its input's shape and dtype where ``wanted``, else ``[0]`` of the
+    dtype of ``hidden``."""
+    return tuple(  # type: ignore[return-value]
+        x.new_empty(x.shape) if want and x is not None else hidden.new_empty(0)
+        for x, want in zip((hidden, weight, bias), wanted, strict=True)
     )
 
 
@@ -435,13 +626,12 @@ def _add_product(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
 class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
     """The linear loss as an autograd function, differentiable once.
 
-    ``forward`` returns the loss, then what the backward pass needs and autograd must not
-    differentiate: the gradients to ``hidden``, ``weight`` and ``bias`` made in the forward pass
-    (``[0]`` for one not made), the per-row scale and the
-    :class:`~softce_multi._core.SavedRows`. The backward pass scales the gradients made in
-    forward by the upstream gradient; what the forward pass could not make (every gradient of
-    ``"none"``, the gradient to ``target_probs``) it computes by one more chunked pass, which
-    recomputes the logits from the saved statistics.
+    ``forward`` runs the operator :func:`linear_forward` and returns its outputs: the loss,
+    then what the backward pass needs and autograd must not differentiate (the gradients made
+    in the forward pass, the row scale and the saved rows). The backward pass scales the
+    gradients made in forward by the upstream gradient; what the forward pass did not make
+    (every gradient of ``"none"`` or of 16-bit inputs, the gradient to ``target_probs``) it
+    computes with :func:`linear_backward`, which recomputes the logits chunk by chunk.
     """
 
     @staticmethod
@@ -451,22 +641,31 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         bias: Tensor | None,
         target_probs: Tensor,
         position_mask: Tensor,
+        num_valid: Tensor | None,
+        num_valid_number: float | None,
         reduction: str,
-        num_valid: Tensor | float | None,
         chunk_rows: int | None,
         wanted: tuple[bool, bool, bool],
     ) -> tuple[Tensor, ...]:
-        inputs = LinearLossInputs(
-            hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows
+        return tuple(
+            linear_forward(
+                hidden,
+                weight,
+                bias,
+                target_probs,
+                position_mask,
+                num_valid,
+                num_valid_number,
+                reduction,
+                chunk_rows,
+                *wanted,
+            )
         )
-        result = linear_forward(inputs, wanted=wanted)
-        grads = result.grads or _linear.LinearGradients(None, None, None)
-        made = tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
-        return (result.loss, *made, result.row_scale, *result.saved)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        hidden, weight, bias, target_probs, _, reduction, _, chunk_rows, wanted = inputs
+        hidden, weight, bias, target_probs = inputs[:4]
+        reduction, chunk_rows, wanted = inputs[7:]
         _, *made, row_scale = output[:5]
         saved = output[5:]
         ctx.mark_non_differentiable(*output[1:])
@@ -479,11 +678,11 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        nothing: tuple[None, ...] = (None,) * 9
+        nothing: tuple[None, ...] = (None,) * 10
         if grad_loss is None:
             return nothing
         hidden, weight, bias, target_probs, row_scale, *rest = ctx.saved_tensors
-        made, saved = rest[:3], _core.SavedRows(*rest[3:])
+        made, saved = rest[:3], rest[3:]
         wants = ctx.needs_input_grad[:4]
         upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
         # The gradients made in forward are those of a unit upstream (never of "none").
@@ -493,33 +692,24 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
             for grad, want, was_made in zip(made, wants[:3], ctx.made, strict=True)
         ]
         missing = [want and grad is None for want, grad in zip(wants[:3], grads, strict=True)]
-        if any(missing) or wants[3]:
-            recomputed, grad_targets = _linear.backward(
-                hidden,
-                weight,
-                bias,
-                target_probs,
-                saved,
-                row_scale * upstream,
-                hidden_grad=missing[0],
-                weight_grad=missing[1],
-                bias_grad=missing[2],
-                targets_grad=wants[3],
-                chunk_rows=ctx.chunk_rows,
-                gradient_routine=gradient_routine,
-                xp=array_api_compat.array_namespace(hidden),
-                add=_add_product,
-                # The chunks and logits of linear_forward, bit for bit.
-                logits=_LogitsBuffer(),
-                logits_copies=1,
-            )
-            if recomputed is not None:
-                grads = [
-                    fresh if need else grad
-                    for grad, fresh, need in zip(grads, recomputed, missing, strict=True)
-                ]
-            return (*grads, grad_targets, *nothing[4:])
-        return (*grads, *nothing[3:])
+        if not (any(missing) or wants[3]):
+            return (*grads, *nothing[3:])
+        recomputed = linear_backward(
+            hidden,
+            weight,
+            bias,
+            target_probs,
+            *saved,
+            row_scale * upstream,
+            ctx.chunk_rows,
+            *missing,
+            wants[3],
+        )
+        grads = [
+            fresh if need else grad
+            for grad, fresh, need in zip(grads, recomputed[:3], missing, strict=True)
+        ]
+        return (*grads, recomputed[3] if wants[3] else None, *nothing[4:])
 
 
 class LinearMaskedSoftCrossEntropy(torch.nn.Module):
@@ -562,6 +752,7 @@ class LinearMaskedSoftCrossEntropy(torch.nn.Module):
         weight: torch.Tensor,
         target_probs: torch.Tensor,
         position_mask: torch.Tensor,
+        *,
         bias: torch.Tensor | None = None,
         num_valid: torch.Tensor | float | None = None,
     ) -> torch.Tensor:

@@ -40,9 +40,14 @@ gradient) and the row's saved statistics, and writes ``r * (sum(p) * softmax(z) 
 when both are asked for.
 
 **Accuracy.** The log-normalizer is ``m + log s``, but it is never formed: the kernels take the
-softmax as ``exp((z - m) - log s)`` and the log-softmax as ``(z - m) - log s``, which stay
-accurate for logits far from 0. Rounding a float32 log-normalizer near 1000 moves it by up to
-``3e-5``, a relative error that ``exp(z - (m + log s))`` would carry into every gradient entry.
+softmax as ``exp(z - m)`` times the row's coefficient ``r * sum(p) * exp(-log s)``, and the
+log-softmax as ``(z - m) - log s``, which stay accurate for logits far from 0. Rounding a
+float32 log-normalizer near 1000 moves it by up to ``3e-5``, a relative error that
+``exp(z - (m + log s))`` would carry into every gradient entry; and ``z - m`` is exact, so each
+softmax entry carries the rounding of one exponential, not that of ``(z - m) - log s`` too (up
+to ``|log_softmax(z)|`` float32 roundings, which is what a 16-bit gradient's rounding sees where
+``sum(p) * softmax(z)`` and ``p`` nearly cancel). The upstream gradient is inside ``r``, so a
+16-bit gradient is rounded once, from float32.
 
 **Padding costs nothing.** A row of weight 0 (forward) or scale 0 (backward) is not read at
 all: its outputs are written as zeros, whatever NaN or inf it holds, and its saved statistics

@@ -84,7 +84,7 @@ def _gradient_sweep(
 ) -> None:
     """Write one row of the logits and/or targets gradients (None: not wanted); 0 if scale is 0.
 
-    The softmax is ``exp((z - row_max) - log_sum_exp)``; ``last_first`` walks the chunks from
+    The softmax is ``exp(z - row_max) * exp(-log_sum_exp)``; ``last_first`` walks the chunks from
     the end of the row, for a sweep right after the statistics sweep (see
     :mod:`softce_multi.kernels`).
     """
@@ -99,7 +99,8 @@ def _gradient_sweep(
             p = _load_chunk(p_ref, row, chunk, block_size, 0.0, compute, "evict_first")
             # A row with no target mass has a zero softmax term, even with no softmax.
             softmax_scale = scale * target_sum
-            softmax_term = softmax_scale * jnp.exp((z - row_max) - log_sum_exp)
+            # The softmax is exp(z - row_max) / sum_exp: one rounded exponential per entry.
+            softmax_term = softmax_scale * jnp.exp(-log_sum_exp) * jnp.exp(z - row_max)
             grad = jnp.where(softmax_scale == 0, 0.0, softmax_term) - scale * p
             _store_chunk(logits_out, row, chunk, grad)
         if targets_out is not None:

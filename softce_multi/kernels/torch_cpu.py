@@ -201,8 +201,9 @@ def torch_gradient_routine(
 ) -> tuple[Tensor, Tensor]:
     """The per-row work of the backward pass, as ``softce_multi::torch_gradient_routine``.
 
-    The log-softmax is taken from the saved statistics as ``(z - row_max) - log_sum_exp``, never
-    through a rounded log-normalizer, and every elementwise step runs in place on one
+    From the saved statistics, never through a rounded log-normalizer: the log-softmax is
+    ``(z - row_max) - log_sum_exp`` and the softmax ``exp(z - row_max)`` times the row's
+    :func:`softce_multi._core.softmax_coefficient`. Every elementwise step runs in place on one
     block-sized buffer.
 
     Parameters
@@ -228,31 +229,33 @@ def torch_gradient_routine(
     grad_z, grad_p = kernels.empty_gradient_outputs(
         z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
+    xp = array_api_compat.array_namespace(z)
+    coefficient = _core.softmax_coefficient(row_scale, target_sum, log_sum_exp, xp=xp)
 
     def work(blocks: Iterator[slice]) -> None:
-        log_probs_buf = _block_buffer(z, dtype)
+        shifted_buf = _block_buffer(z, dtype)
         # A targets gradient of another dtype is computed here, then rounded into place.
         cast_buf = None
         if targets_grad and grad_p.dtype != dtype:
-            cast_buf = torch.empty_like(log_probs_buf)
+            cast_buf = torch.empty_like(shifted_buf)
         for block in blocks:
             size = block.stop - block.start
-            log_probs = log_probs_buf[:size]
+            shifted = shifted_buf[:size]
             scale = row_scale[block, None]
-            torch.sub(z[block], row_max[block, None], out=log_probs)
-            log_probs.sub_(log_sum_exp[block, None])
+            torch.sub(z[block], row_max[block, None], out=shifted)
             if targets_grad:
+                # -scale * log_softmax = scale * (log_sum_exp - (z - row_max))
                 out = grad_p[block] if cast_buf is None else cast_buf[:size]
-                torch.mul(log_probs, -scale, out=out)
+                torch.sub(log_sum_exp[block, None], shifted, out=out).mul_(scale)
                 if cast_buf is not None:
                     grad_p[block] = out
             if logits_grad:
-                softmax = log_probs.exp_()
-                out = grad_z[block] if grad_z.dtype == dtype else softmax
-                torch.mul(softmax, scale * target_sum[block, None], out=out)
+                exponentials = shifted.exp_()
+                out = grad_z[block] if grad_z.dtype == dtype else exponentials
+                torch.mul(exponentials, coefficient[block, None], out=out)
                 out.addcmul_(p[block], scale, value=-1)
-                if out is softmax:
-                    grad_z[block] = softmax
+                if out is exponentials:
+                    grad_z[block] = exponentials
 
     _run_blocks(work, z)
     # Padding may hold NaN or inf, and a row with no target mass may have no softmax.

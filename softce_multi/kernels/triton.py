@@ -63,7 +63,7 @@ def _gradient_sweep(
 ):
     """Write one contiguous row of the logits and/or targets gradients; zeros if scale is 0.
 
-    The softmax is ``exp((z - row_max) - log_sum_exp)``; ``LAST_FIRST`` walks the chunks from
+    The softmax is ``exp(z - row_max) * exp(-log_sum_exp)``; ``LAST_FIRST`` walks the chunks from
     the end of the row, for a sweep right after the statistics sweep (see
     :mod:`softce_multi.kernels`).
     """
@@ -75,6 +75,8 @@ def _gradient_sweep(
     else:
         offsets = tl.arange(0, BLOCK_SIZE)
         softmax_scale = scale * target_sum
+        # The softmax is exp(z - row_max) / sum_exp: one rounded exponential per entry.
+        coefficient = softmax_scale * tl.exp(-log_sum_exp)
         n_chunks = tl.cdiv(n_cols, BLOCK_SIZE)
         for i in range(0, n_chunks):
             chunk = n_chunks - 1 - i if LAST_FIRST else i
@@ -95,7 +97,7 @@ def _gradient_sweep(
                     eviction_policy="evict_first",
                 ).to(COMPUTE)
                 # A row with no target mass has a zero softmax term, even with no softmax.
-                softmax_term = softmax_scale * tl.exp((z - row_max) - log_sum_exp)
+                softmax_term = coefficient * tl.exp(z - row_max)
                 grad = tl.where(softmax_scale == 0, 0.0, softmax_term) - scale * p
                 tl.store(logits_out + cols, grad.to(logits_out.dtype.element_ty), mask=inside)
             if TARGETS:

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from softce_multi import _core
 
-__all__ = ["chunk_rows", "gradient_routine", "row_routine"]
+__all__ = ["chunk_rows", "gradient_routine", "row_routine", "zero_rows"]
 
 #: Elements of one chunk of rows: its float32 temporaries take 4 MiB each.
 CHUNK_ELEMENTS = 1 << 20
@@ -49,10 +49,12 @@ def row_routine(
         outputs.append(jax.ShapeDtypeStruct(rows.z.shape, rows.z.dtype))
 
     def chunk_results(start: Any) -> list[Any]:
+        weights = jax.lax.dynamic_slice_in_dim(rows.weights, start, chunk)
+        live = weights != 0
         piece = _core.Rows(
-            _rows_at(rows.z, start, chunk),
-            _rows_at(rows.p, start, chunk),
-            jax.lax.dynamic_slice_in_dim(rows.weights, start, chunk),
+            zero_rows(_rows_at(rows.z, start, chunk), live),
+            zero_rows(_rows_at(rows.p, start, chunk), live),
+            weights,
             rows.inv_den,
         )
         result = core(piece, with_logits_grad=with_logits_grad)
@@ -86,17 +88,30 @@ def gradient_routine(
     ]
 
     def chunk_results(start: Any) -> list[Any]:
+        row_scale = jax.lax.dynamic_slice_in_dim(rows.row_scale, start, chunk)
+        live = row_scale != 0
         piece = _core.BackwardRows(
-            _rows_at(z, start, chunk),
-            _rows_at(p, start, chunk),
+            zero_rows(_rows_at(z, start, chunk), live),
+            zero_rows(_rows_at(p, start, chunk), live),
             jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk), rows.saved),
-            jax.lax.dynamic_slice_in_dim(rows.row_scale, start, chunk),
+            row_scale,
         )
         grads = core(piece, logits_grad=logits_grad, targets_grad=targets_grad)
         return [grad for grad in grads if grad is not None]
 
     results = iter(_over_chunks(chunk_results, outputs, n_rows, chunk))
     return tuple(next(results) if want else None for want in wanted)  # type: ignore[return-value]
+
+
+def zero_rows(x: jax.Array, live: jax.Array) -> jax.Array:
+    """``x`` with the rows that are not ``live`` replaced by zeros, before any arithmetic.
+
+    Padding may hold NaN or inf. The core's ``where`` gives such a row a zero result, but the
+    derivative of the result (a gradient penalty, a hessian) would still multiply a zero by the
+    NaN derivative of the row's arithmetic; with zeros in, every derivative is exactly 0. XLA
+    fuses the selection into the chunk's computation.
+    """
+    return jnp.where(live[:, None], x, jnp.zeros((), x.dtype))
 
 
 def _chunk(shape: tuple[int, ...], chunk: int | None) -> int:
