@@ -13,7 +13,9 @@ it holds, written once, what a test of the loss needs.
   when torch is installed, else from :func:`numpy_reference`;
 - :data:`LOSS_RTOL` and :data:`GRAD_RTOL`: the tolerances, by dtype;
 - :func:`assert_loss_close` and :func:`assert_gradient_close`: comparisons that check the
-  namespace, dtype, shape and device before the values.
+  namespace, dtype, shape and device before the values;
+- :func:`ulp_error`, :func:`formula_gradient` and :func:`assert_gradient_rounded_once`: the
+  accuracy of a 16-bit gradient in units in the last place, against that of the plain formula.
 
 It imports with NumPy alone; every other library is imported when it is used. The rest of the
 package does not import it.
@@ -33,17 +35,20 @@ import numpy as np
 __all__ = [
     "GRAD_RTOL",
     "LOSS_RTOL",
+    "ULP_MARGIN",
     "Backend",
     "Case",
     "Expected",
     "Unavailable",
     "assert_gradient_close",
+    "assert_gradient_rounded_once",
     "assert_loss_close",
     "availability",
     "backends",
     "compute_dtype",
     "device_of",
     "dtype_name",
+    "formula_gradient",
     "gradient_tolerance",
     "is_installed",
     "known_backends",
@@ -56,6 +61,7 @@ __all__ = [
     "reference",
     "to_float64",
     "to_numpy",
+    "ulp_error",
 ]
 
 Array = Any
@@ -66,6 +72,18 @@ LOSS_RTOL: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-
 #: Gradient tolerance relative to the largest entry of the reference gradient, by dtype: the
 #: larger of the computation dtype's and the returned gradient dtype's applies.
 GRAD_RTOL: dict[str, float] = {"float64": 1e-12, "float32": 1e-5, "float16": 2e-3, "bfloat16": 1e-2}
+
+#: How much further from the float64 gradient a 16-bit gradient may be than the plain float32
+#: formula's, in units in the last place of its dtype (:func:`assert_gradient_rounded_once`).
+ULP_MARGIN = 0.05
+
+#: The explicit mantissa bits and the smallest normal exponent of each floating dtype.
+_FLOAT_FORMATS: dict[str, tuple[int, int]] = {
+    "bfloat16": (7, -126),
+    "float16": (10, -14),
+    "float32": (23, -126),
+    "float64": (52, -1022),
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -552,19 +570,38 @@ def numpy_reference(
     per_position = -terms.sum(axis=-1)
     weights = np.asarray(position_mask, dtype=np.float64).reshape(per_position.shape)
     weighted = weights * per_position
-    inverse_den = 1.0
     if reduction == "none":
         loss = weighted
     elif reduction == "sum":
         loss = weighted.sum()
     else:
-        den = max(weights.sum(), 1.0) if num_valid is None else float(num_valid)
-        inverse_den = 0.0 if den == 0 else 1.0 / den
-        loss = weighted.sum() * inverse_den
-    scale = (np.broadcast_to(upstream, per_position.shape) * weights * inverse_den)[..., None]
+        loss = weighted.sum() * _inverse_denominator(weights, num_valid)
+    scale = _row_scale(
+        weights, per_position.shape, reduction=reduction, num_valid=num_valid, upstream=upstream
+    )
     grad_logits = scale * (p.sum(axis=-1, keepdims=True) * np.exp(log_probs) - p)
     grad_targets = -scale * log_probs
     return Expected(np.asarray(loss), grad_logits, grad_targets)
+
+
+def _inverse_denominator(weights: np.ndarray, num_valid: float | None) -> float:
+    """``1 / den`` of ``"mean"``: ``max(sum(w), 1)`` or ``num_valid``; 0 when that is 0."""
+    den = max(float(weights.sum()), 1.0) if num_valid is None else float(num_valid)
+    return 0.0 if den == 0 else 1.0 / den
+
+
+def _row_scale(
+    position_mask: np.ndarray,
+    batch_shape: tuple[int, ...],
+    *,
+    reduction: str,
+    num_valid: float | None,
+    upstream: np.ndarray | float,
+) -> np.ndarray:
+    """``d loss / d c`` per position times the upstream gradient, shape ``batch_shape + (1,)``."""
+    weights = np.asarray(position_mask, dtype=np.float64).reshape(batch_shape)
+    inverse_den = _inverse_denominator(weights, num_valid) if reduction == "mean" else 1.0
+    return (np.broadcast_to(upstream, batch_shape) * weights * inverse_den)[..., None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -679,6 +716,168 @@ def assert_loss_close(
             f"loss beyond rtol {rtol} and atol at {np.count_nonzero(far)} of {far.size} "
             f"positions: actual {shown[0]}, desired {shown[1]}, allowed difference "
             f"{allowed[far][:5]}\nactual: {_describe(actual)}; desired: {_describe(desired)}"
+        )
+        raise AssertionError(msg)
+
+
+def ulp_error(
+    actual: Array,
+    desired: Array,
+    dtype: str | None = None,
+    *,
+    resolution: float | np.ndarray = 0.0,
+) -> float:
+    """The largest distance of ``actual`` from ``desired``, in units in the last place.
+
+    Each entry's distance is divided by the spacing of ``dtype`` at the desired value (the
+    spacing of its binade; below the smallest normal number, that of the subnormals), or at
+    ``resolution`` where that is larger. A value rounded once, correctly, from an exact one is
+    at most 0.5 from it.
+
+    Parameters
+    ----------
+    actual
+        An array of any backend, for example a bfloat16 gradient.
+    desired
+        The exact values, or nearly (the float64 oracle of :func:`reference`), same shape.
+    dtype
+        ``"bfloat16"``, ``"float16"``, ``"float32"`` or ``"float64"``; by default the dtype of
+        ``actual``.
+    resolution
+        The smallest magnitude, per entry or for all, that the computation of ``actual`` can
+        resolve: an entry whose desired value is smaller is measured in the spacing at
+        ``resolution`` instead (see :func:`assert_gradient_rounded_once`).
+
+    Returns
+    -------
+    float
+        The largest distance, in units of ``dtype``; ``inf`` where ``actual`` is not finite
+        and ``desired`` is; entries where ``desired`` is not finite are not counted. 0 for an
+        empty array.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.testing import ulp_error
+    >>> ulp_error(np.float32(1 + 2**-23), np.array(1.0))
+    1.0
+    >>> ulp_error(np.array([1.0, 2.0]), np.array([1.0 + 2**-9, 2.0]), "bfloat16")
+    0.25
+    """
+    mantissa_bits, min_exponent = _FLOAT_FORMATS[dtype or dtype_name(actual)]
+    actual_values, desired_values = to_float64(actual), to_float64(desired)
+    counted = np.isfinite(desired_values)
+    # frexp: |x| = m * 2**e with m in [0.5, 1), so the binade of x starts at 2**(e - 1).
+    magnitude = np.maximum(np.abs(np.where(counted, desired_values, 0.0)), resolution)
+    _, exponent = np.frexp(magnitude)
+    binade = np.maximum(exponent - 1, min_exponent)
+    spacing = np.ldexp(1.0, binade - mantissa_bits)
+    with np.errstate(invalid="ignore"):
+        distance = np.abs(actual_values - desired_values) / spacing
+    distance = np.where(np.isnan(distance), np.inf, distance)
+    return float(np.max(distance[counted], initial=0.0))
+
+
+def formula_gradient(
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> np.ndarray:
+    """The logits gradient of the plain formula, as EAGLE-3 trainers compute it in 16 bits.
+
+    :func:`softce_multi.reference.masked_soft_cross_entropy` (``log_softmax`` of the logits
+    upcast to float32) differentiated by torch autograd, for logits of the dtype of
+    ``logits``: the gradient is computed in float32 and rounded once to that dtype. Needs torch.
+
+    Parameters
+    ----------
+    logits, target_probs, position_mask, reduction, num_valid, upstream
+        As in :func:`reference`; ``logits`` of any backend, its values and dtype kept.
+
+    Returns
+    -------
+    numpy.ndarray
+        The gradient's values in float64 (bfloat16 and float16 values are exact there).
+    """
+    import torch
+
+    from softce_multi.reference import masked_soft_cross_entropy
+
+    dtype = getattr(torch, dtype_name(logits))
+    z = torch.tensor(to_numpy(logits)).to(dtype).requires_grad_(True)
+    p = torch.tensor(to_numpy(target_probs))
+    loss = masked_soft_cross_entropy(
+        z, p, torch.tensor(to_numpy(position_mask)), reduction=reduction, num_valid=num_valid
+    )
+    loss.backward(torch.as_tensor(np.asarray(upstream), dtype=loss.dtype).expand_as(loss))
+    assert z.grad is not None
+    return to_float64(z.grad)
+
+
+def assert_gradient_rounded_once(
+    actual: Array,
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> None:
+    """Assert a 16-bit logits gradient is as accurate as the plain float32 formula's.
+
+    Its :func:`ulp_error` against the float64 gradient (:func:`reference`) may exceed that of
+    :func:`formula_gradient`, computed in float32 and rounded once, by at most
+    :data:`ULP_MARGIN`. A gradient rounded twice (made in 16 bits for a unit upstream gradient,
+    then multiplied by the upstream gradient in 16 bits) is about 0.5 further. Needs torch.
+
+    Each entry ``r * (sum(p) * softmax(z)_v - p_v)`` is a difference of two terms, which
+    float32 computes to within a few of its roundings of their size (``2**-21`` of it, say).
+    Where they nearly cancel, no float32 computation resolves the entry to a 16-bit spacing,
+    and which of two float32 computations lands nearer is chance. So an entry is measured in
+    the spacing at ``max(|exact|, 2**(m - 16) * terms)``, ``m`` the dtype's mantissa bits and
+    ``terms = |r| * (sum(p) * softmax(z)_v + |p_v|)``: there float32's own error is at most
+    ``2**-21 / 2**-16 = 1/32`` of a spacing.
+
+    Parameters
+    ----------
+    actual
+        The logits gradient to judge, of any backend, in the dtype of ``logits``.
+    logits, target_probs, position_mask, reduction, num_valid, upstream
+        What ``actual`` is the gradient of, as in :func:`reference`.
+
+    Raises
+    ------
+    AssertionError
+        If the dtypes differ, or ``actual`` is further from the float64 gradient than
+        allowed; the message gives both errors.
+    """
+    dtype = dtype_name(logits)
+    if dtype_name(actual) != dtype:
+        msg = f"dtypes differ: the gradient is {dtype_name(actual)}, the logits {dtype}"
+        raise AssertionError(msg)
+    options: dict[str, Any] = {"reduction": reduction, "num_valid": num_valid, "upstream": upstream}
+    exact = reference(logits, target_probs, position_mask, **options).grad_logits
+    formula = formula_gradient(logits, target_probs, position_mask, **options)
+    z, p = to_float64(logits), to_float64(target_probs)
+    softmax = np.exp(z - z.max(axis=-1, keepdims=True))
+    softmax /= softmax.sum(axis=-1, keepdims=True)
+    scale = _row_scale(to_float64(position_mask), z.shape[:-1], **options)
+    terms = np.abs(scale) * (np.abs(p.sum(axis=-1, keepdims=True)) * softmax + np.abs(p))
+    resolution = np.ldexp(terms, _FLOAT_FORMATS[dtype][0] - 16)
+    error = ulp_error(actual, exact, dtype, resolution=resolution)
+    formula_error = ulp_error(formula, exact, dtype, resolution=resolution)
+    if error > formula_error + ULP_MARGIN:
+        msg = (
+            f"{dtype} gradient {error:.3f} ulp from the float64 gradient, where the plain "
+            f"float32 formula rounded once is {formula_error:.3f} ulp from it (allowed: "
+            f"{formula_error + ULP_MARGIN:.3f}); upstream {upstream}, reduction {reduction!r}"
         )
         raise AssertionError(msg)
 
