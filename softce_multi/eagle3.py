@@ -12,9 +12,10 @@ The whole recipe, with the reasons behind it, is in the documentation (:doc:`/ea
 
 Every function takes NumPy, PyTorch, JAX, CuPy or array-api-strict arrays and returns arrays of
 the same library on the same device. Nothing reads a device array back to the host, except
-:func:`build_vocab_mapping` when ``always_include`` is an array and :func:`prepare_targets` when
-``draft_vocab_size`` is not given. The targets are constants: on PyTorch they come back
-detached, on JAX behind ``jax.lax.stop_gradient``.
+:func:`build_vocab_mapping` when ``always_include`` is an array and :func:`prepare_targets` and
+:func:`prepare_targets_from_hidden` when ``draft_vocab_size`` is not given; given, it is checked
+against ``t2d`` on the host where ``t2d`` is there already, on the device elsewhere. The targets
+are constants: on PyTorch they come back detached, on JAX behind ``jax.lax.stop_gradient``.
 """
 
 from __future__ import annotations
@@ -66,7 +67,6 @@ __all__ = [
 def build_vocab_mapping(
     token_counts: Array,
     draft_vocab_size: int,
-    /,
     *,
     always_include: Iterable[int] | Array | None = None,
 ) -> tuple[Array, Array]:
@@ -147,7 +147,7 @@ def build_vocab_mapping(
     return d2t, t2d
 
 
-def draft_to_target_ids(draft_ids: Array, d2t: Array, /) -> Array:
+def draft_to_target_ids(draft_ids: Array, d2t: Array) -> Array:
     """Translate draft token ids to target token ids: ``draft_id + d2t[draft_id]``.
 
     Parameters
@@ -197,7 +197,7 @@ def draft_to_target_ids(draft_ids: Array, d2t: Array, /) -> Array:
     return _translate_ids(draft_ids, d2t.shape[0], dtype, target_of, xp=xp)
 
 
-def target_to_draft_ids(target_ids: Array, t2d: Array, /) -> Array:
+def target_to_draft_ids(target_ids: Array, t2d: Array) -> Array:
     """Translate target token ids to draft token ids, -1 where a token has no draft id.
 
     Parameters
@@ -277,7 +277,6 @@ def prepare_targets(
     target_logits: Array,
     loss_mask: Array,
     t2d: Array,
-    /,
     *,
     draft_vocab_size: int | None = None,
 ) -> tuple[Array, Array]:
@@ -299,14 +298,18 @@ def prepare_targets(
     t2d : array, shape ``[V_target]``, bool
         The draft-vocabulary mask of :func:`build_vocab_mapping`.
     draft_vocab_size : int, optional
-        The number of True entries of ``t2d`` (``d2t.shape[0]``), trusted, not checked. Give it
-        to keep the function free of host reads and usable under ``jax.jit``; without it,
-        ``sum(t2d)`` is read on the host at every call.
+        The number of True entries of ``t2d`` (``d2t.shape[0]``). Give it to keep the function
+        free of device reads and usable under ``jax.jit``; without it, ``sum(t2d)`` is read on
+        the host at every call. It is checked against ``t2d`` without a device read: where
+        ``t2d`` is on the host (NumPy, array-api-strict, PyTorch CPU tensors outside
+        ``torch.compile``, JAX CPU arrays outside ``jax.jit``) a different number is a
+        ValueError; elsewhere (a GPU, ``jax.jit``) it makes every target probability NaN.
 
     Returns
     -------
     target_probs : array, shape ``[..., V_draft]``
-        Rows that sum to 1, in float32 (float64 when ``target_logits`` is float64).
+        Rows that sum to 1, in float32 (float64 when ``target_logits`` is float64); NaN where
+        ``draft_vocab_size`` disagrees with ``t2d`` on a device.
     position_mask : array, shape ``[..., 1]``
         ``loss_mask`` where ``argmax(target_logits)`` is in the draft vocabulary, 0 (False)
         elsewhere, of the dtype of ``loss_mask``.
@@ -320,8 +323,9 @@ def prepare_targets(
         ``t2d`` not bool, the arrays come from different libraries, or ``t2d`` is traced under
         ``jax.jit`` and ``draft_vocab_size`` is not given.
     ValueError
-        If the shapes disagree, ``draft_vocab_size`` is out of ``[1, V_target]``, ``t2d``
-        selects no token, or the arrays are on different devices.
+        If the shapes disagree, ``draft_vocab_size`` is out of ``[1, V_target]`` or (``t2d`` on
+        the host) is not ``sum(t2d)``, ``t2d`` selects no token, or the arrays are on different
+        devices.
 
     Examples
     --------
@@ -341,14 +345,12 @@ def prepare_targets(
     xp = namespace_of(target_logits=target_logits, loss_mask=loss_mask, t2d=t2d)
     check_same_device(target_logits=target_logits, loss_mask=loss_mask, t2d=t2d)
     check_prepare_inputs(xp, target_logits, loss_mask, t2d)
-    if draft_vocab_size is None:
-        draft_vocab_size = _count_draft_tokens(t2d, xp=xp)
-    size = check_size(draft_vocab_size, t2d.shape[0], name="draft_vocab_size")
+    size, wrong_size = _draft_vocab_size(t2d, draft_vocab_size, xp=xp)
 
     logits = _constant(target_logits, xp=xp)
     dtype = xp.float64 if logits.dtype == xp.float64 else xp.float32
     draft_logits = xp.astype(xp.take(logits, _draft_token_ids(t2d, size, xp=xp), axis=-1), dtype)
-    target_probs = _softmax(draft_logits, xp=xp)
+    target_probs = _softmax(draft_logits, wrong_size, xp=xp)
 
     top = _top_index(logits, xp=xp)
     return target_probs, _position_mask(loss_mask, top, t2d, xp=xp)
@@ -370,7 +372,6 @@ def prepare_targets_from_hidden(
     target_head_weight: Array,
     loss_mask: Array,
     t2d: Array,
-    /,
     *,
     draft_vocab_size: int | None = None,
     chunk_rows: int | None = None,
@@ -399,8 +400,9 @@ def prepare_targets_from_hidden(
     t2d : array, shape ``[V_target]``, bool
         The draft-vocabulary mask of :func:`build_vocab_mapping`.
     draft_vocab_size : int, optional
-        The number of True entries of ``t2d``, trusted, not checked, as in
-        :func:`prepare_targets`. Give it to avoid a host read and to run under ``jax.jit``.
+        The number of True entries of ``t2d``, checked as in :func:`prepare_targets` (a
+        ValueError where ``t2d`` is on the host, NaN targets elsewhere). Give it to avoid a
+        device read and to run under ``jax.jit``.
     chunk_rows : int, optional
         Rows per chunk; 1024 by default.
     chunk_vocab : int, optional
@@ -411,12 +413,13 @@ def prepare_targets_from_hidden(
     -------
     target_probs : array, shape ``[..., V_draft]``
         The softmax of the draft columns' logits: float32 (float64 when the matmul dtype is
-        float64). The logits are computed in the matmul dtype, as the materialised product is,
-        and converted before the softmax.
+        float64). The logits are computed in the matmul dtype and rounded to it, as the
+        materialised product is, on every backend and under every compiler, then converted
+        before the softmax.
     position_mask : array, shape ``[..., 1]``
-        ``loss_mask`` where the argmax of the logits over the full target vocabulary (compared
-        in the matmul dtype; the first index among equal maxima, NaN counting as maximal) is
-        in the draft vocabulary, 0 (False) elsewhere, of the dtype of ``loss_mask``.
+        ``loss_mask`` where the argmax of the same rounded logits over the full target
+        vocabulary (the first index among equal maxima, NaN counting as maximal) is in the
+        draft vocabulary, 0 (False) elsewhere, of the dtype of ``loss_mask``.
 
     Both outputs are constants: detached on PyTorch, behind ``jax.lax.stop_gradient`` on JAX.
 
@@ -458,9 +461,7 @@ def prepare_targets_from_hidden(
     check_prepare_from_hidden_inputs(xp, target_hidden, target_head_weight, loss_mask, t2d)
     rows_per_chunk = check_chunk_rows(chunk_rows)
     columns_per_chunk = check_chunk_rows(chunk_vocab, name="chunk_vocab")
-    if draft_vocab_size is None:
-        draft_vocab_size = _count_draft_tokens(t2d, xp=xp)
-    size = check_size(draft_vocab_size, t2d.shape[0], name="draft_vocab_size")
+    size, wrong_size = _draft_vocab_size(t2d, draft_vocab_size, xp=xp)
     if rows_per_chunk is None:
         rows_per_chunk = DEFAULT_TARGET_CHUNK_ROWS
     if columns_per_chunk is None:
@@ -478,6 +479,7 @@ def prepare_targets_from_hidden(
         rows,
         weight,
         _draft_token_ids(t2d, size, xp=xp),
+        wrong_size,
         _ChunkSizes(rows_per_chunk, columns_per_chunk),
         matmul_dtype,
         xp=xp,
@@ -561,6 +563,7 @@ def _targets_by_chunks(
     rows: Array,
     weight: Array,
     draft_ids: Array,
+    wrong_size: Array,
     chunk: _ChunkSizes,
     matmul_dtype: Any,
     *,
@@ -570,8 +573,8 @@ def _targets_by_chunks(
 
     Per chunk of rows: the draft logits go into the output block by block (with their running
     maximum), then become ``exp(z - max)`` (with their running sum), then are divided by the
-    sum; the argmax comes from a pass over the target vocabulary. Every temporary is one
-    ``[chunk.rows, chunk.vocab]`` block.
+    sum, or by NaN where the 0-d bool ``wrong_size`` is True; the argmax comes from a pass over
+    the target vocabulary. Every temporary is one ``[chunk.rows, chunk.vocab]`` block.
     """
     loops = _jax_loops() if array_api_compat.is_jax_namespace(xp) else _EAGER_LOOPS
     device = array_api_compat.device(rows)
@@ -580,9 +583,12 @@ def _targets_by_chunks(
     hidden_size, draft_size = rows.shape[1], draft_ids.shape[0]
 
     def logits(h: Array, w: Array) -> Array:
-        return xp.astype(h, matmul_dtype, copy=False) @ xp.matrix_transpose(
+        """``h @ w.T`` in the matmul dtype, then in ``dtype``: the argmax and the softmax alike
+        see the logits rounded to the matmul dtype, as the materialised product holds them."""
+        product = xp.astype(h, matmul_dtype, copy=False) @ xp.matrix_transpose(
             xp.astype(w, matmul_dtype, copy=False)
         )
+        return _widened(product, dtype, xp=xp)
 
     def top_of(h: Array) -> Array:
         def step(start: Any, size: int, best: tuple[Array, Array]) -> tuple[Array, Array]:
@@ -594,7 +600,7 @@ def _targets_by_chunks(
             return xp.where(wins, value, best[0]), xp.where(wins, index + start, best[1])
 
         n = h.shape[0]
-        lowest = xp.full((n,), -math.inf, dtype=matmul_dtype, device=device)
+        lowest = xp.full((n,), -math.inf, dtype=dtype, device=device)
         first = xp.zeros((n,), dtype=index_dtype, device=device)
         return _over_chunks(weight.shape[0], chunk.vocab, step, (lowest, first), loops)[1]
 
@@ -604,7 +610,7 @@ def _targets_by_chunks(
         def write_logits(column: Any, size: int, state: tuple[Array, Array]) -> Any:
             # The draft rows of the weight, gathered one block at a time.
             w = xp.take(weight, loops.get(draft_ids, (column,), (size,)), axis=0)
-            z = xp.astype(logits(h, w), dtype, copy=False)
+            z = logits(h, w)
             return loops.put(state[0], (row, column), z), xp.maximum(state[1], xp.max(z, axis=-1))
 
         def exponentiate(column: Any, size: int, state: tuple[Array, Array]) -> Any:
@@ -621,6 +627,7 @@ def _targets_by_chunks(
         )
         zero = xp.zeros((n,), dtype=dtype, device=device)
         probs, total = _over_chunks(draft_size, chunk.vocab, exponentiate, (probs, zero), loops)
+        total = _nan_where(wrong_size, total, xp=xp)
         probs = _over_chunks(draft_size, chunk.vocab, normalise, probs, loops)
         return probs, loops.put(out[1], (row,), top_of(h))
 
@@ -636,16 +643,42 @@ def _jax_targets_by_chunks() -> Callable[..., tuple[Array, Array]]:
     dtype: called eagerly, JAX would compile each of its chunk loops again at every call."""
     import jax
 
-    return jax.jit(_targets_by_chunks, static_argnums=(3, 4), static_argnames=("xp",))
+    return jax.jit(_targets_by_chunks, static_argnums=(4, 5), static_argnames=("xp",))
 
 
-def _softmax(x: Array, *, xp: Namespace) -> Array:
-    """``softmax(x)`` over the last axis, in the dtype of ``x``."""
+def _widened(x: Array, dtype: Any, *, xp: Namespace) -> Array:
+    """``x`` converted to the floating ``dtype``, at least as wide: the values of ``x``'s dtype.
+
+    On JAX a conversion may carry more precision than ``x``'s dtype has. XLA's CPU compiler
+    computes a bfloat16 matmul in float32 and rounds it to bfloat16 only on paper: its algebraic
+    simplifier drops the conversion to bfloat16 and back (excess precision is allowed by
+    default), and its matmul fusions ignore the conversions inside them. ``reduce_precision``
+    rounds in any case. It would flush float16's subnormal numbers to zero, so these keep the
+    plain conversion, within ``2**-25`` of their rounded value whether rounded or not.
+    """
+    wide = xp.astype(x, dtype, copy=False)
+    if x.dtype == dtype or not array_api_compat.is_jax_namespace(xp):
+        return wide
+    import jax
+
+    info = jax.numpy.finfo(x.dtype)
+    rounded = jax.lax.reduce_precision(wide, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return xp.where(xp.abs(wide) < float(info.smallest_normal), wide, rounded)
+
+
+def _softmax(x: Array, wrong_size: Array, *, xp: Namespace) -> Array:
+    """``softmax(x)`` over the last axis, in the dtype of ``x``; NaN if ``wrong_size`` is True."""
     shifted = xp.exp(x - xp.max(x, axis=-1, keepdims=True))
-    return shifted / xp.sum(shifted, axis=-1, keepdims=True)
+    return shifted / _nan_where(wrong_size, xp.sum(shifted, axis=-1, keepdims=True), xp=xp)
 
 
-def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
+def _nan_where(condition: Array, x: Array, *, xp: Namespace) -> Array:
+    """``x``, or NaN everywhere if the 0-d bool ``condition`` is True: an error on the device."""
+    nan = xp.asarray(math.nan, dtype=x.dtype, device=array_api_compat.device(x))
+    return xp.where(condition, nan, x)
+
+
+def shift_left(x: Array, *, axis: int = 1, fill: bool | float = 0) -> Array:
     """Shift ``x`` one position to the left along ``axis``, filling the last position.
 
     ``out[..., t, ...] = x[..., t + 1, ...]`` and ``out[..., -1, ...] = fill``. An EAGLE-3
@@ -702,7 +735,7 @@ def shift_left(x: Array, /, *, axis: int = 1, fill: bool | float = 0) -> Array:
     return xp.concat([x[tuple(rest)], pad], axis=axis)
 
 
-def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) -> Array:
+def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array) -> Array:
     """Fraction of the valid positions where the draft's top token is the target's.
 
     ``sum(valid & (argmax(logits) == argmax(target_probs))) / sum(valid)`` with
@@ -752,7 +785,6 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array, /) 
 
 def multi_step_loss(
     step_losses: Sequence[Array] | Array,
-    /,
     *,
     decay: float = 0.8,
     normalize: bool = True,
@@ -832,32 +864,93 @@ def _is_member(values: Array, unique_values: Array, *, xp: Namespace) -> Array:
 
 
 def _draft_token_ids(t2d: Array, size: int, *, xp: Namespace) -> Array:
-    """Return the ascending positions of the first ``size`` True entries of ``t2d``."""
+    """Return the ascending positions of the first ``size`` True entries of ``t2d``.
+
+    Where ``t2d`` has fewer, the missing positions are the last one, a valid index (the
+    targets are then NaN, see :func:`_draft_vocab_size`).
+    """
     device = array_api_compat.device(t2d)
     dtype = xpx.default_dtype(xp, "indexing", device=device)
     running = xp.cumulative_sum(xp.astype(t2d, dtype))
     # The k-th True entry (from 1) is the first position where the running count reaches k.
     ranks = xp.arange(1, size + 1, dtype=dtype, device=device)
-    return xp.astype(xp.searchsorted(running, ranks), dtype)
+    last = xp.asarray(t2d.shape[0] - 1, dtype=dtype, device=device)
+    return xp.minimum(xp.astype(xp.searchsorted(running, ranks), dtype), last)
 
 
-def _count_draft_tokens(t2d: Array, *, xp: Namespace) -> int:
-    """Read ``sum(t2d)`` on the host; refuse a traced JAX array with a clear message."""
+def _draft_vocab_size(
+    t2d: Array, draft_vocab_size: int | None, *, xp: Namespace
+) -> tuple[int, Array]:
+    """Return the draft vocabulary size and whether ``t2d`` disagrees with it (0-d bool).
+
+    Without ``draft_vocab_size``, ``sum(t2d)`` is read on the host and is the size. With it,
+    the count is compared with it on the host where reading it waits for no device and stops
+    no trace (:func:`_is_readable_for_free`), a disagreement being a ValueError; elsewhere
+    only on the device, where the returned array holds the answer.
+    """
+    count_dtype = xpx.default_dtype(xp, "integral", device=array_api_compat.device(t2d))
+    count = xp.sum(xp.astype(t2d, count_dtype))
+    if draft_vocab_size is None:
+        size = _read_count(t2d, count, xp=xp)
+    else:
+        size = check_size(draft_vocab_size, t2d.shape[0], name="draft_vocab_size")
+        if _is_readable_for_free(count, xp=xp):
+            selected = _read_count(t2d, count, xp=xp)
+            if selected != size:
+                msg = (
+                    f"draft_vocab_size must be the number of True entries of t2d "
+                    f"(d2t.shape[0]); got draft_vocab_size={size}, and t2d selects {selected} "
+                    f"of its {t2d.shape[0]} tokens"
+                )
+                raise ValueError(msg)
+    return size, count != size
+
+
+def _read_count(t2d: Array, count: Array, *, xp: Namespace) -> int:
+    """Read ``count = sum(t2d)`` on the host; refuse a traced JAX count with a clear message."""
     if array_api_compat.is_jax_namespace(xp):
         import jax
 
-        if isinstance(t2d, jax.core.Tracer):
+        if isinstance(count, jax.core.Tracer):
             msg = (
-                "t2d is traced (inside jax.jit or another transformation), so the size of the "
+                "t2d is counted inside jax.jit or another transformation, where the size of the "
                 "draft vocabulary is unknown; pass draft_vocab_size=d2t.shape[0] (a Python int)"
             )
             raise TypeError(msg)
-    count_dtype = xpx.default_dtype(xp, "integral", device=array_api_compat.device(t2d))
-    count = int(xp.sum(xp.astype(t2d, count_dtype)))
-    if count == 0:
+    selected = int(count)
+    if selected == 0:
         msg = f"t2d selects no token (all {t2d.shape[0]} entries are False)"
         raise ValueError(msg)
-    return count
+    return selected
+
+
+def _is_readable_for_free(x: Array, *, xp: Namespace) -> bool:
+    """Whether reading a value of ``x`` on the host waits for no device and breaks no trace.
+
+    True for NumPy and array-api-strict arrays, for plain PyTorch CPU tensors in eager mode
+    (not under ``torch.compile``, not batched by ``torch.func.vmap``), and for concrete JAX
+    arrays on the CPU; False on a GPU and for traced arrays.
+    """
+    host_only = array_api_compat.is_numpy_namespace(xp)
+    if host_only or array_api_compat.is_array_api_strict_namespace(xp):
+        return True
+    if array_api_compat.is_torch_namespace(xp):
+        import torch
+
+        return (
+            type(x) is torch.Tensor
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
+            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+            and not torch._C._functorch.is_legacy_batchedtensor(x)
+        )
+    if array_api_compat.is_jax_namespace(xp):
+        import jax
+
+        return not isinstance(x, jax.core.Tracer) and all(
+            device.platform == "cpu" for device in x.devices()
+        )
+    return False
 
 
 def _top_index(x: Array, *, xp: Namespace) -> Array:

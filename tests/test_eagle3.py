@@ -9,6 +9,7 @@ array-api-strict, PyTorch and JAX on the CPU; CuPy and the GPUs where present) a
 from __future__ import annotations
 
 import importlib
+import inspect
 import tracemalloc
 from typing import Any
 
@@ -16,12 +17,14 @@ import numpy as np
 import pytest
 
 import softce_multi as sc
+from softce_multi import eagle3
 from softce_multi.eagle3 import (
     build_vocab_mapping,
     draft_accuracy,
     draft_to_target_ids,
     multi_step_loss,
     prepare_targets,
+    prepare_targets_from_hidden,
     shift_left,
     target_to_draft_ids,
 )
@@ -482,8 +485,12 @@ def test_prepare_targets_runs_under_jax_jit_with_draft_vocab_size(jax: Any) -> N
 
 def test_prepare_targets_under_jax_jit_asks_for_draft_vocab_size(jax: Any) -> None:
     jnp = jax.numpy
-    with pytest.raises(TypeError, match=r"t2d is traced.*draft_vocab_size"):
+    with pytest.raises(TypeError, match=r"t2d is counted inside jax.jit.*draft_vocab_size"):
         jax.jit(prepare_targets)(jnp.zeros((1, 2, 4)), jnp.ones((1, 2)), jnp.ones(4, dtype=bool))
+    # The same for a t2d that is a constant of the traced function.
+    t2d = jnp.ones(4, dtype=bool)
+    with pytest.raises(TypeError, match=r"t2d is counted inside jax.jit.*draft_vocab_size"):
+        jax.jit(lambda *args: prepare_targets(*args, t2d))(jnp.zeros((1, 2, 4)), jnp.ones((1, 2)))
 
 
 @pytest.mark.parametrize(
@@ -510,6 +517,68 @@ def test_prepare_targets_refuses_integer_logits() -> None:
 def test_prepare_targets_refuses_a_draft_vocab_size_beyond_the_target_vocabulary() -> None:
     with pytest.raises(ValueError, match=r"draft_vocab_size must be between 1 and .* 3, got 4"):
         prepare_targets(np.zeros((1, 2, 3)), np.ones((1, 2)), np.ones(3, bool), draft_vocab_size=4)
+
+
+def _wrong_size_case(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Logits ``[2, 5, 60]``, a loss mask and a ``t2d`` of 20 draft tokens."""
+    _, t2d = random_mapping(rng, 60, 20)
+    return random_target_logits(rng, (2, 5, 60), t2d), rng.random((2, 5)) < 0.8, t2d
+
+
+@pytest.mark.parametrize("size", [19, 21, 60])
+@pytest.mark.parametrize("readable", [True, False], ids=["t2d-read", "t2d-not-read"])
+def test_prepare_targets_never_trusts_a_draft_vocab_size_that_disagrees_with_t2d(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, size: int, readable: bool
+) -> None:
+    """A ValueError where t2d is read for free (the CPU backends); NaN targets computed on the
+    device where it is not (GPUs, and every backend with the read switched off), without an
+    index out of range."""
+    if not readable:
+        monkeypatch.setattr(eagle3, "_is_readable_for_free", lambda x, *, xp: False)
+    logits, loss_mask, t2d = _wrong_size_case(np.random.default_rng(27))
+    args = (backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d))
+    if readable and backend.device == "cpu":
+        match = rf"draft_vocab_size.*got draft_vocab_size={size}, and t2d selects 20 of its 60"
+        with pytest.raises(ValueError, match=match):
+            prepare_targets(*args, draft_vocab_size=size)
+        return
+    probs, position_mask = prepare_targets(*args, draft_vocab_size=size)
+    assert tuple(probs.shape) == (2, 5, size)
+    assert np.isnan(backend.to_numpy(probs)).all()
+    expected_probs, expected_mask = prepare_targets(*args, draft_vocab_size=20)
+    assert not np.isnan(backend.to_numpy(expected_probs)).any()
+    np.testing.assert_array_equal(backend.to_numpy(position_mask), backend.to_numpy(expected_mask))
+
+
+@pytest.mark.parametrize("function", ["prepare_targets", "prepare_targets_from_hidden"])
+@pytest.mark.parametrize("size", [19, 21])
+@pytest.mark.parametrize("t2d_constant", [False, True], ids=["t2d-argument", "t2d-constant"])
+def test_a_wrong_draft_vocab_size_under_jax_jit_gives_nan_targets(
+    jax: Any, function: str, size: int, t2d_constant: bool
+) -> None:
+    """Whether t2d is an argument of the traced function or a constant of it, its count is
+    traced: it is compared on the device."""
+    jnp = jax.numpy
+    rng = np.random.default_rng(29)
+    logits, loss_mask, t2d = _wrong_size_case(rng)
+    hidden, weight = rng.standard_normal((2, 5, 8)), rng.standard_normal((60, 8))
+    inputs = (logits,) if function == "prepare_targets" else (hidden, weight)
+    args = [jnp.asarray(x) for x in (*inputs, loss_mask, t2d)]
+    prepare = getattr(eagle3, function)
+    if t2d_constant:
+        mapping = args.pop()
+
+        def targets(*arrays: Any, draft_vocab_size: int) -> Any:
+            return getattr(eagle3, function)(*arrays, mapping, draft_vocab_size=draft_vocab_size)
+
+        prepare = targets
+    jitted = jax.jit(prepare, static_argnames="draft_vocab_size")
+    probs, position_mask = jitted(*args, draft_vocab_size=size)
+    assert probs.shape == (2, 5, size)
+    assert np.isnan(np.asarray(probs)).all()
+    expected_probs, expected_mask = jitted(*args, draft_vocab_size=20)
+    assert not np.isnan(np.asarray(expected_probs)).any()
+    np.testing.assert_array_equal(np.asarray(position_mask), np.asarray(expected_mask))
 
 
 # --- shift_left -------------------------------------------------------------------------------
@@ -707,6 +776,69 @@ def test_multi_step_loss_checks_its_arguments(
 ) -> None:
     with pytest.raises(error, match=match):
         multi_step_loss(losses, **kwargs)
+
+
+# --- calls by keyword ------------------------------------------------------------------------
+
+
+def _arguments_by_name(function: str) -> dict[str, Any]:
+    """Arguments of ``function``, under its parameter names, in the order of its signature."""
+    rng = np.random.default_rng(30)
+    d2t, t2d = random_mapping(rng, 60, 20)
+    logits = random_target_logits(rng, (2, 5, 60), t2d)
+    loss_mask = rng.random((2, 5)) < 0.8
+    draft_logits = rng.standard_normal((2, 5, 20))
+    target_probs = rng.dirichlet(np.ones(20), size=(2, 5))
+    return {
+        "build_vocab_mapping": {
+            "token_counts": rng.integers(0, 9, size=60),
+            "draft_vocab_size": 20,
+        },
+        "draft_to_target_ids": {"draft_ids": rng.integers(0, 20, size=(2, 5)), "d2t": d2t},
+        "target_to_draft_ids": {"target_ids": rng.integers(0, 60, size=(2, 5)), "t2d": t2d},
+        "prepare_targets": {"target_logits": logits, "loss_mask": loss_mask, "t2d": t2d},
+        "prepare_targets_from_hidden": {
+            "target_hidden": rng.standard_normal((2, 5, 8)),
+            "target_head_weight": rng.standard_normal((60, 8)),
+            "loss_mask": loss_mask,
+            "t2d": t2d,
+        },
+        "shift_left": {"x": logits},
+        "draft_accuracy": {
+            "logits": draft_logits,
+            "target_probs": target_probs,
+            "position_mask": loss_mask,
+        },
+        "multi_step_loss": {"step_losses": [np.asarray(v) for v in rng.random(3)]},
+    }[function]
+
+
+@pytest.mark.parametrize(
+    "function",
+    [
+        build_vocab_mapping,
+        draft_to_target_ids,
+        target_to_draft_ids,
+        prepare_targets,
+        prepare_targets_from_hidden,
+        shift_left,
+        draft_accuracy,
+        multi_step_loss,
+    ],
+    ids=lambda function: function.__name__,
+)
+def test_the_arrays_are_passed_by_name_and_the_options_by_keyword_only(function: Any) -> None:
+    arguments = _arguments_by_name(function.__name__)
+    parameters = inspect.signature(inspect.unwrap(function)).parameters
+    assert list(parameters)[: len(arguments)] == list(arguments)
+    for name, parameter in parameters.items():
+        expected = "POSITIONAL_OR_KEYWORD" if name in arguments else "KEYWORD_ONLY"
+        assert parameter.kind.name == expected, name
+    by_name, by_position = function(**arguments), function(*arguments.values())
+    if not isinstance(by_name, tuple):
+        by_name, by_position = (by_name,), (by_position,)
+    for got, expected in zip(by_name, by_position, strict=True):
+        np.testing.assert_array_equal(got, expected)
 
 
 # --- one training step, end to end ------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from softce_multi import eagle3
 from softce_multi.eagle3 import prepare_targets, prepare_targets_from_hidden
 from softce_multi.testing import Backend, to_numpy
 
@@ -79,14 +80,44 @@ def test_float32_equals_the_materialised_path(backend: Backend, chunk_rows, chun
     _assert_same(*both, rtol=1e-5, atol=1e-7)
 
 
-def test_bfloat16_inputs_give_float32_targets_of_the_rounded_logits(backend: Backend) -> None:
-    backend.require("bfloat16")
-    # Small integers: every logit is an integer below 256, exact in bfloat16, so both paths
-    # see the same logits (and many equal maxima).
+#: Significand bits after the leading one, of the half-precision dtypes.
+MANTISSA_BITS = {"bfloat16": 7, "float16": 10}
+
+
+def _rounded(x: np.ndarray, dtype: str) -> np.ndarray:
+    """Normal numbers ``x`` rounded to the nearest of ``dtype`` (ties to even), in float64."""
+    spacing = 2.0 ** (np.floor(np.log2(np.abs(x))) - MANTISSA_BITS[dtype])
+    return np.round(x / spacing) * spacing
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("chunks", [{}, MANY])
+def test_half_precision_logits_are_rounded_once_for_the_softmax_and_the_argmax(
+    backend: Backend, dtype: str, chunks: dict
+) -> None:
+    """The product is rounded to the inputs' dtype, then converted to float32, as the
+    materialised product is, on every backend and under every compiler: XLA would otherwise
+    keep the float32 product it computes a bfloat16 matmul in."""
+    backend.require(dtype)
     case = _case(np.random.default_rng(3), integer=True)
-    both = _both(backend, case, "bfloat16", **MANY)
-    assert both[0][0].dtype == backend.dtype("float32")
-    _assert_same(*both, rtol=1e-6)
+    # Logits near 2**(mantissa bits + 1), where the spacing of the dtype is 1 below and 2 above:
+    # integer products, exact in float32 whatever the order of the sums, of which the odd ones
+    # above the offset round (to even, so ties are frequent too).
+    case["hidden"][..., 0] = 16.0
+    case["weight"][:, 0] = 2.0 ** (MANTISSA_BITS[dtype] + 1) / 16
+    chunked, materialised = _both(backend, case, dtype, **chunks)
+    assert chunked[0].dtype == backend.dtype("float32")
+    _assert_same(chunked, materialised, rtol=1e-6)
+
+    exact = case["hidden"] @ case["weight"].T
+    logits = _rounded(exact, dtype)
+    assert (logits != exact).mean() > 0.2
+    draft = logits[..., case["t2d"]]
+    probs = np.exp(draft - draft.max(axis=-1, keepdims=True))
+    probs /= probs.sum(axis=-1, keepdims=True)
+    mask = case["loss_mask"] & case["t2d"][np.argmax(logits, axis=-1)]
+    np.testing.assert_allclose(to_numpy(chunked[0]), probs, rtol=1e-6, atol=1e-9)
+    np.testing.assert_array_equal(to_numpy(chunked[1])[..., 0], mask)
 
 
 def test_equal_maxima_keep_the_first_index(backend: Backend) -> None:
@@ -169,6 +200,33 @@ def test_without_draft_vocab_size_the_size_is_read_from_t2d(backend: Backend) ->
         *args, **MANY, draft_vocab_size=int(case["t2d"].sum())
     )
     np.testing.assert_array_equal(to_numpy(probs), to_numpy(expected_probs))
+    np.testing.assert_array_equal(to_numpy(mask), to_numpy(expected_mask))
+
+
+@pytest.mark.parametrize("size", [V_DRAFT - 1, V_DRAFT + 1, V_TARGET])
+@pytest.mark.parametrize("readable", [True, False], ids=["t2d-read", "t2d-not-read"])
+def test_a_draft_vocab_size_that_disagrees_with_t2d_is_never_trusted(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch, size: int, readable: bool
+) -> None:
+    """A ValueError where t2d is read for free (the CPU backends); NaN targets computed on the
+    device where it is not (GPUs, and every backend with the read switched off), without an
+    index out of range."""
+    if not readable:
+        monkeypatch.setattr(eagle3, "_is_readable_for_free", lambda x, *, xp: False)
+    case = _case(np.random.default_rng(16))
+    args = [backend.asarray(case[name]) for name in ("hidden", "weight", "loss_mask", "t2d")]
+    if readable and backend.device == "cpu":
+        match = rf"got draft_vocab_size={size}, and t2d selects {V_DRAFT} of its {V_TARGET}"
+        with pytest.raises(ValueError, match=match):
+            prepare_targets_from_hidden(*args, draft_vocab_size=size, **MANY)
+        return
+    probs, mask = prepare_targets_from_hidden(*args, draft_vocab_size=size, **MANY)
+    assert tuple(probs.shape) == (*BATCH, size)
+    assert np.isnan(to_numpy(probs)).all()
+    expected_probs, expected_mask = prepare_targets_from_hidden(
+        *args, draft_vocab_size=V_DRAFT, **MANY
+    )
+    assert not np.isnan(to_numpy(expected_probs)).any()
     np.testing.assert_array_equal(to_numpy(mask), to_numpy(expected_mask))
 
 
