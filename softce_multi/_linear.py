@@ -238,7 +238,8 @@ def chunk_gradients(
     if bias_total is not None:
         # Rows that are not live hold exact zeros already.
         rows = grad_logits if counted is None else xp.where(counted[:, None], grad_logits, 0.0)
-        bias_total = bias_total + xp.sum(xp.astype(rows, bias_total.dtype), axis=0)
+        # Summed in the total's dtype, without a converted [chunk, V] copy.
+        bias_total = bias_total + xp.sum(rows, axis=0, dtype=bias_total.dtype)
     return ChunkGradients(grad_hidden, weight_total, bias_total)
 
 

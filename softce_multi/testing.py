@@ -14,8 +14,9 @@ it holds, written once, what a test of the loss needs.
 - :data:`LOSS_RTOL` and :data:`GRAD_RTOL`: the tolerances, by dtype;
 - :func:`assert_loss_close` and :func:`assert_gradient_close`: comparisons that check the
   namespace, dtype, shape and device before the values;
-- :func:`ulp_error`, :func:`formula_gradient` and :func:`assert_gradient_rounded_once`: the
-  accuracy of a 16-bit gradient in units in the last place, against that of the plain formula.
+- :func:`ulp_error`, :func:`formula_gradient`, :func:`rounding_errors` and
+  :func:`assert_gradient_rounded_once`: the accuracy of a 16-bit gradient in units in the last
+  place, against that of the plain formula.
 
 It imports with NumPy alone; every other library is imported when it is used. The rest of the
 package does not import it.
@@ -59,6 +60,7 @@ __all__ = [
     "random_mask",
     "random_targets",
     "reference",
+    "rounding_errors",
     "to_float64",
     "to_numpy",
     "ulp_error",
@@ -819,6 +821,42 @@ def formula_gradient(
     return to_float64(z.grad)
 
 
+def rounding_errors(
+    actual: Array,
+    logits: Array,
+    target_probs: Array,
+    position_mask: Array,
+    /,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> tuple[float, float]:
+    """The :func:`ulp_error` of a logits gradient and that of the plain formula's, in the
+    logits' dtype, as :func:`assert_gradient_rounded_once` measures them. Needs torch.
+
+    Returns
+    -------
+    tuple of float
+        The largest error of ``actual``, then of :func:`formula_gradient`, against the float64
+        gradient, each entry in the spacing at ``max(|exact|, 2**(m - 16) * terms)``.
+    """
+    dtype = dtype_name(logits)
+    options: dict[str, Any] = {"reduction": reduction, "num_valid": num_valid, "upstream": upstream}
+    exact = reference(logits, target_probs, position_mask, **options).grad_logits
+    formula = formula_gradient(logits, target_probs, position_mask, **options)
+    z, p = to_float64(logits), to_float64(target_probs)
+    softmax = np.exp(z - z.max(axis=-1, keepdims=True))
+    softmax /= softmax.sum(axis=-1, keepdims=True)
+    scale = _row_scale(to_float64(position_mask), z.shape[:-1], **options)
+    terms = np.abs(scale) * (np.abs(p.sum(axis=-1, keepdims=True)) * softmax + np.abs(p))
+    resolution = np.ldexp(terms, _FLOAT_FORMATS[dtype][0] - 16)
+    return (
+        ulp_error(actual, exact, dtype, resolution=resolution),
+        ulp_error(formula, exact, dtype, resolution=resolution),
+    )
+
+
 def assert_gradient_rounded_once(
     actual: Array,
     logits: Array,
@@ -862,17 +900,15 @@ def assert_gradient_rounded_once(
     if dtype_name(actual) != dtype:
         msg = f"dtypes differ: the gradient is {dtype_name(actual)}, the logits {dtype}"
         raise AssertionError(msg)
-    options: dict[str, Any] = {"reduction": reduction, "num_valid": num_valid, "upstream": upstream}
-    exact = reference(logits, target_probs, position_mask, **options).grad_logits
-    formula = formula_gradient(logits, target_probs, position_mask, **options)
-    z, p = to_float64(logits), to_float64(target_probs)
-    softmax = np.exp(z - z.max(axis=-1, keepdims=True))
-    softmax /= softmax.sum(axis=-1, keepdims=True)
-    scale = _row_scale(to_float64(position_mask), z.shape[:-1], **options)
-    terms = np.abs(scale) * (np.abs(p.sum(axis=-1, keepdims=True)) * softmax + np.abs(p))
-    resolution = np.ldexp(terms, _FLOAT_FORMATS[dtype][0] - 16)
-    error = ulp_error(actual, exact, dtype, resolution=resolution)
-    formula_error = ulp_error(formula, exact, dtype, resolution=resolution)
+    error, formula_error = rounding_errors(
+        actual,
+        logits,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        upstream=upstream,
+    )
     if error > formula_error + ULP_MARGIN:
         msg = (
             f"{dtype} gradient {error:.3f} ulp from the float64 gradient, where the plain "

@@ -531,10 +531,11 @@ def linear_backward(
     """The chunked backward pass of the linear loss, as ``softce_multi::linear_backward``.
 
     :func:`softce_multi._linear.backward` with the chunks and logits of :func:`linear_forward`,
-    to the last bit (its saved statistics are theirs). ``row_scale`` is ``d loss / d c_row``
-    times the upstream gradient, which so enters every gradient before its one rounding.
-    Returns the gradients to ``hidden``, ``weight``, ``bias`` and ``target_probs``, ``[0]``
-    for one not asked for.
+    to the last bit (its saved statistics are theirs), and the logits gradient of each chunk
+    written over its logits (``gradient_routine_over_logits``). ``row_scale`` is
+    ``d loss / d c_row`` times the upstream gradient, which so enters every gradient before its
+    one rounding. Returns the gradients to ``hidden``, ``weight``, ``bias`` and
+    ``target_probs``, ``[0]`` for one not asked for.
     """
     with torch.no_grad():
         grads, grad_targets = _linear.backward(
@@ -549,7 +550,7 @@ def linear_backward(
             bias_grad=bias_grad and bias is not None,
             targets_grad=targets_grad,
             chunk_rows=chunk_rows,
-            gradient_routine=gradient_routine,
+            gradient_routine=kernels_for(hidden).gradient_routine_over_logits,
             xp=array_api_compat.array_namespace(hidden),
             add=_add_product,
             logits=_LogitsBuffer(),

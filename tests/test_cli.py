@@ -136,6 +136,53 @@ def test_check_fails_a_nan_loss(
     assert table_rows(output)[0][-1] == "FAIL"
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_check_measures_a_16_bit_gradient_in_ulps_at_its_upstream(
+    dtype: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """On torch the gradient is that of ``upstream * loss``, and a 16-bit one is measured in
+    ulps beside the plain formula's: within the margin, it passes."""
+    pytest.importorskip("torch")
+    argv = [*SMALL_SHAPE, "--backend", "torch-cpu", "--dtype", dtype, "--upstream", "0.131"]
+    status, output = run_check(argv, capsys)
+
+    assert status == 0, output
+    [row] = table_rows(output)
+    assert row[2:4] == [dtype, "0.131"]
+    ours, formula = float(row[7]), float(row[8].strip("()"))
+    assert ours <= formula + testing.ULP_MARGIN
+
+
+def test_check_fails_a_16_bit_gradient_rounded_twice(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A bfloat16 gradient made for a unit upstream and then scaled in bfloat16 is within the
+    gradient tolerance, but about half an ulp further than the formula's: check fails it."""
+    torch = pytest.importorskip("torch")
+    upstream = 0.131
+
+    def rounded_twice(backend: object, scale: float) -> object:
+        def step(logits: Any, target: Any, mask: Any) -> tuple[Any, Any]:
+            leaf = logits.detach().float().requires_grad_(True)
+            loss = softce_multi.reference.masked_soft_cross_entropy(leaf, target, mask)
+            loss.backward()
+            assert leaf.grad is not None
+            unit = leaf.grad.to(torch.bfloat16)
+            return loss.detach(), unit * torch.tensor(scale, dtype=torch.bfloat16)
+
+        return step
+
+    monkeypatch.setattr(_check, "_loss_and_grad", rounded_twice)
+    argv = ["--shape", "4", "64", "500", "--backend", "torch-cpu", "--dtype", "bfloat16"]
+    status, output = run_check([*argv, "--upstream", str(upstream)], capsys)
+
+    assert status == 1
+    [row] = table_rows(output)
+    assert float(row[6]) <= _check.grad_tolerance("bfloat16")  # within the plain tolerance
+    assert float(row[7]) > float(row[8].strip("()")) + testing.ULP_MARGIN
+    assert row[-1] == "FAIL"
+
+
 def test_check_rejects_a_non_positive_shape(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         _check.main(["--shape", "2", "0", "33"])

@@ -29,6 +29,7 @@ from softce_multi.testing import (
     assert_loss_close,
     dtype_name,
     is_installed,
+    known_backends,
     random_logits,
     random_mask,
     random_targets,
@@ -727,6 +728,45 @@ def test_torch_chunks_share_one_logits_buffer_that_takes_their_gradient(monkeypa
         assert_gradient_close(grad, want, "float64")
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_torch_backward_chunks_take_their_gradient_over_the_logits_buffer(monkeypatch, reduction):
+    """Where the backward pass recomputes the logits (``"none"``; 16-bit inputs for every
+    reduction), the gradient operator writes each chunk's logits gradient over the one logits
+    buffer: a chunk holds one ``[chunk, V]`` tensor in the backward pass too."""
+    pytest.importorskip("torch")
+    from softce_multi.kernels import torch_cpu
+
+    seen: list[tuple[int, int]] = []
+    in_place = torch_cpu.torch_gradient_routine_
+
+    def spy(z: Any, *arguments: Any) -> Any:
+        seen.append((z.shape[0], z.untyped_storage().data_ptr()))
+        return in_place(z, *arguments)
+
+    monkeypatch.setattr(torch_cpu, "torch_gradient_routine_", spy)
+    dtype = "float64" if reduction == "none" else "bfloat16"
+    backend = next(backend for backend in known_backends() if backend.name == "torch-cpu")
+    case = make_linear_case(backend, np.random.default_rng(24), dtype=dtype)
+    hidden, weight, bias = (x.clone().requires_grad_() for x in case[:3])
+
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden,
+        weight,
+        case.target_probs,
+        case.position_mask,
+        bias=bias,
+        reduction=reduction,
+        chunk_rows=CHUNK,
+    )
+    loss.sum().backward()
+
+    assert [rows for rows, _ in seen] == [5, 5, 5, 3]
+    assert len({storage for _, storage in seen}) == 1
+    expected = linear_reference(case, reduction=reduction, upstream=1.0)
+    for grad, want in zip((hidden.grad, weight.grad, bias.grad), expected[1:4], strict=True):
+        assert_gradient_close(grad, want, "float64" if dtype == "float64" else "float32")
+
+
 def test_bench_compares_the_linear_loss_with_the_materialised_path(tmp_path, monkeypatch):
     """``python -m softce_multi bench --linear`` reports both paths for each number of rows.
 
@@ -761,7 +801,7 @@ def test_torch_backward_recomputes_the_chunks_of_the_forward_pass(monkeypatch):
     rows: dict[str, list[int]] = {"forward": [], "backward": []}
     for name, operator in (
         ("forward", "torch_row_routine"),
-        ("backward", "torch_gradient_routine"),
+        ("backward", "torch_gradient_routine_"),
     ):
         original = getattr(torch_cpu, operator)
 

@@ -160,6 +160,33 @@ def test_torch_row_routine_in_place_writes_the_gradient_over_the_logits(logits_d
     assert torch.all(z[1] == 0)
 
 
+@pytest.mark.parametrize("targets_grad", [True, False], ids=["and targets", "logits only"])
+@pytest.mark.parametrize(("logits_dtype", "target_dtype"), DTYPES.values(), ids=DTYPES.keys())
+def test_torch_gradient_routine_in_place_passes_opcheck(logits_dtype, target_dtype, targets_grad):
+    rows = row_routine_arguments(logits_dtype, target_dtype, False)
+    arguments = gradient_routine_arguments(rows, True, targets_grad)
+
+    torch.library.opcheck(torch_cpu.torch_gradient_routine_, (*arguments[:6], targets_grad))
+
+
+@pytest.mark.parametrize(("logits_dtype", "target_dtype"), DTYPES.values(), ids=DTYPES.keys())
+def test_torch_gradient_routine_in_place_writes_the_logits_gradient_over_the_logits(
+    logits_dtype, target_dtype
+):
+    """The logits gradient left in ``z`` and the targets gradient returned are the functional
+    operator's, bit for bit; NaN in the row of scale 0 leaves zero gradient rows."""
+    rows = row_routine_arguments(logits_dtype, target_dtype, False)
+    z, p, *saved, row_scale, _, _ = gradient_routine_arguments(rows, True, True)
+    z[1] = float("nan")
+    expected = torch_cpu.torch_gradient_routine(z, p, *saved, row_scale, True, True)
+
+    grad_p = torch_cpu.torch_gradient_routine_(z, p, *saved, row_scale, True)
+
+    for got, want in zip((z, grad_p), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.all(z[1] == 0) and torch.all(grad_p[1] == 0)
+
+
 def triton_module_and_opcheck_tests() -> tuple[Any, tuple[str, ...]]:
     """The Triton kernel module, and the opcheck tests that apply where it runs.
 
@@ -227,6 +254,44 @@ def test_triton_row_routine_in_place_refuses_strided_logits():
 
     with pytest.raises(ValueError, match="z must be contiguous"):
         triton_kernels.triton_row_routine_(strided, p, weights, row_scale, 16)
+
+
+@pytest.mark.parametrize("targets_grad", [True, False], ids=["and targets", "logits only"])
+def test_triton_gradient_routine_in_place_passes_opcheck(targets_grad):
+    triton_kernels, tests = triton_module_and_opcheck_tests()
+    rows = row_routine_arguments(torch.bfloat16, torch.float32, False)
+    arguments = gradient_routine_arguments(rows, True, targets_grad)
+
+    torch.library.opcheck(
+        triton_kernels.triton_gradient_routine_,
+        (*on_triton_device(arguments[:6]), targets_grad, 16),
+        test_utils=tests,
+    )
+
+
+def test_triton_gradient_routine_in_place_writes_the_logits_gradient_over_the_logits():
+    """As the functional Triton operator, with the logits gradient left in ``z``."""
+    triton_kernels, _ = triton_module_and_opcheck_tests()
+    rows = row_routine_arguments(torch.float32, torch.float32, False)
+    z, p, *saved, row_scale, _, _ = on_triton_device(gradient_routine_arguments(rows, True, True))
+    z[1] = float("nan")
+    expected = triton_kernels.triton_gradient_routine(z, p, *saved, row_scale, True, True, 16)
+
+    grad_p = triton_kernels.triton_gradient_routine_(z, p, *saved, row_scale, True, 16)
+
+    for got, want in zip((z, grad_p), expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.all(z[1] == 0)
+
+
+def test_triton_gradient_routine_in_place_refuses_strided_logits():
+    triton_kernels, _ = triton_module_and_opcheck_tests()
+    rows = row_routine_arguments(torch.float32, torch.float32, False)
+    z, p, *saved, row_scale, _, _ = on_triton_device(gradient_routine_arguments(rows, True, False))
+    strided = torch.cat([z, z], dim=1)[:, ::2]
+
+    with pytest.raises(ValueError, match="z must be contiguous"):
+        triton_kernels.triton_gradient_routine_(strided, p, *saved, row_scale, False, 16)
 
 
 @pytest.mark.parametrize(("logits_grad", "targets_grad"), GRADIENTS.values(), ids=GRADIENTS.keys())

@@ -5,6 +5,13 @@ loss and logits gradient are compared with the oracle run in float64 on exactly 
 values: the PyTorch reference :func:`softce_multi.reference.masked_soft_cross_entropy` (its
 gradient from autograd), or, where PyTorch is not installed, the same formula in NumPy.
 
+The autodiff backends (PyTorch, JAX) differentiate the loss times an upstream gradient other
+than 1 (``--upstream``, by default a test-time step weight of EAGLE-3 trainers), as a training
+step does. A 16-bit gradient is then also measured in units in the last place of its dtype
+against the float64 one, beside the plain float32 formula's gradient rounded once
+(:func:`softce_multi.testing.rounding_errors`), and fails if it is more than
+:data:`softce_multi.testing.ULP_MARGIN` further.
+
 The backends are those of :func:`softce_multi.testing.backends`, the enumeration the test suite
 and ``bench`` use, under the same names.
 """
@@ -24,12 +31,15 @@ import numpy as np
 import softce_multi as sc
 from softce_multi import testing
 from softce_multi._cli._common import installed, positive_int
-from softce_multi.testing import LOSS_RTOL, gradient_tolerance
+from softce_multi.testing import LOSS_RTOL, ULP_MARGIN, gradient_tolerance
 
 DEFAULT_SHAPE = (2, 512, 32000)
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 BACKENDS = tuple(backend.name for backend in testing.known_backends())
+#: The weight of the second test-time step of a three-step EAGLE-3 loss (0.8**i over the sum of
+#: the three), an upstream gradient that training steps pass to the loss.
+DEFAULT_UPSTREAM = 0.8 / 2.44
 
 
 def loss_tolerance(dtype: str) -> float:
@@ -56,18 +66,23 @@ class Outcome:
     """What one backend computed, with the rounded inputs it computed it from (in float64)."""
 
     loss: float
-    grad: np.ndarray
-    logits: np.ndarray
+    grad: Any
+    """The logits gradient as the backend returned it (its dtype kept)."""
+    logits: Any
+    """The rounded logits as the backend held them (its dtype kept)."""
     target_probs: np.ndarray
     seconds: float
+    upstream: float
+    """The upstream gradient the loss was differentiated with."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Oracle:
-    """The float64 reference: ``compute(logits, target_probs, mask) -> (loss, grad)``."""
+    """The float64 reference: ``compute(logits, target_probs, mask, upstream) -> (loss, grad)``,
+    the gradient that of ``upstream * loss``."""
 
     description: str
-    compute: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[float, np.ndarray]]
+    compute: Callable[[np.ndarray, np.ndarray, np.ndarray, float], tuple[float, np.ndarray]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +98,9 @@ class Row:
     seconds: float
     passed: bool
     error: str | None = None
+    upstream: float = 1.0
+    ulps: tuple[float, float] | None = None
+    """For a 16-bit gradient: its error and the plain formula's, in ulps of its dtype."""
 
 
 def make_inputs(shape: Sequence[int], seed: int) -> Inputs:
@@ -119,18 +137,20 @@ def gradient_error(grad: np.ndarray, reference: np.ndarray) -> float:
 
 
 def numpy_reference(
-    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
+    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray, upstream: float
 ) -> tuple[float, np.ndarray]:
-    """Return the ``"mean"`` loss and its logits gradient by the NumPy float64 formula."""
-    expected = testing.numpy_reference(logits, target_probs, position_mask)
+    """Return the ``"mean"`` loss and the logits gradient of ``upstream`` times it, by the
+    NumPy float64 formula."""
+    expected = testing.numpy_reference(logits, target_probs, position_mask, upstream=upstream)
     return float(expected.loss), expected.grad_logits
 
 
 def torch_reference(
-    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
+    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray, upstream: float
 ) -> tuple[float, np.ndarray]:
-    """Return the loss of :mod:`softce_multi.reference` in float64 and its autograd gradient."""
-    expected = testing.reference(logits, target_probs, position_mask)
+    """Return the loss of :mod:`softce_multi.reference` in float64 and the autograd gradient of
+    ``upstream`` times it."""
+    expected = testing.reference(logits, target_probs, position_mask, upstream=upstream)
     return float(expected.loss), expected.grad_logits
 
 
@@ -153,15 +173,20 @@ class _CachedOracle:
         self._results: dict[bytes, tuple[float, np.ndarray]] = {}
 
     def __call__(
-        self, logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray
+        self,
+        logits: np.ndarray,
+        target_probs: np.ndarray,
+        position_mask: np.ndarray,
+        upstream: float,
     ) -> tuple[float, np.ndarray]:
         digest = hashlib.blake2b(digest_size=32)
+        digest.update(repr(upstream).encode())
         for array in (logits, target_probs, position_mask):
             digest.update(str((array.dtype, array.shape)).encode())
             digest.update(np.ascontiguousarray(array).data)
         key = digest.digest()
         if key not in self._results:
-            self._results[key] = self._oracle.compute(logits, target_probs, position_mask)
+            self._results[key] = self._oracle.compute(logits, target_probs, position_mask, upstream)
         return self._results[key]
 
 
@@ -202,37 +227,58 @@ def _synchronizer(backend: testing.Backend) -> Callable[[Any], Any]:
     return lambda result: result
 
 
-def _loss_and_grad(backend: testing.Backend) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
-    """The ``"mean"`` loss and its logits gradient as a user of the backend computes them:
-    torch autograd, ``jax.jit`` of ``jax.value_and_grad``, or
-    :func:`softce_multi.masked_soft_cross_entropy_with_grad`."""
+def _loss_and_grad(
+    backend: testing.Backend, upstream: float
+) -> Callable[[Any, Any, Any], tuple[Any, Any]]:
+    """The ``"mean"`` loss and the logits gradient of ``upstream`` times it as a user of the
+    backend computes them: torch autograd, ``jax.jit`` of ``jax.value_and_grad``; elsewhere
+    :func:`softce_multi.masked_soft_cross_entropy_with_grad`, whose gradient is that of the
+    loss itself (``upstream`` must be 1)."""
     if backend.library == "torch":
 
         def torch_autograd(logits: Any, target: Any, mask: Any) -> tuple[Any, Any]:
             leaf = logits.detach().requires_grad_(True)
-            loss = sc.masked_soft_cross_entropy(leaf, target, mask)
-            loss.backward()
+            loss = sc.masked_soft_cross_entropy(
+                logits=leaf, target_probs=target, position_mask=mask
+            )
+            (loss * upstream).backward()
             return loss.detach(), leaf.grad
 
         return torch_autograd
     if backend.library == "jax":
         import jax
 
-        return jax.jit(jax.value_and_grad(sc.masked_soft_cross_entropy))
+        def scaled(logits: Any, target: Any, mask: Any) -> tuple[Any, Any]:
+            loss = sc.masked_soft_cross_entropy(
+                logits=logits, target_probs=target, position_mask=mask
+            )
+            return upstream * loss, loss
+
+        jitted = jax.jit(jax.value_and_grad(scaled, has_aux=True))
+
+        def jax_autodiff(logits: Any, target: Any, mask: Any) -> tuple[Any, Any]:
+            (_, loss), grad = jitted(logits, target, mask)
+            return loss, grad
+
+        return jax_autodiff
+    assert upstream == 1.0
     return lambda logits, target, mask: sc.masked_soft_cross_entropy_with_grad(logits, target, mask)
 
 
-def run_backend(backend: testing.Backend, inputs: Inputs, dtype: str) -> Outcome:
-    """Run the loss and its gradient on ``backend`` in ``dtype``; time the second of two calls."""
+def run_backend(backend: testing.Backend, inputs: Inputs, dtype: str, upstream: float) -> Outcome:
+    """Run the loss and its gradient on ``backend`` in ``dtype``; time the second of two calls.
+
+    ``upstream`` multiplies the loss on the autodiff backends; the others take 1.
+    """
+    upstream = upstream if backend.is_autodiff else 1.0
     logits = backend.asarray(inputs.logits, dtype)
     target = backend.asarray(inputs.target_probs, dtype)
     mask = backend.asarray(inputs.position_mask)
-    loss_and_grad = _loss_and_grad(backend)
+    loss_and_grad = _loss_and_grad(backend, upstream)
     (loss, grad), seconds = _timed(
         lambda: loss_and_grad(logits, target, mask), _synchronizer(backend)
     )
-    to_float64 = testing.to_float64
-    return Outcome(float(loss), to_float64(grad), to_float64(logits), to_float64(target), seconds)
+    return Outcome(float(loss), grad, logits, testing.to_float64(target), seconds, upstream)
 
 
 def backend_dtypes(backend: testing.Backend) -> tuple[str, ...]:
@@ -252,21 +298,39 @@ def check_backend(
     dtype: str,
     inputs: Inputs,
     oracle: Callable[..., tuple[float, np.ndarray]],
+    *,
+    upstream: float = DEFAULT_UPSTREAM,
 ) -> Row:
-    """Run ``backend`` in ``dtype`` on ``inputs`` and compare it with the oracle."""
+    """Run ``backend`` in ``dtype`` on ``inputs`` and compare it with the oracle.
+
+    A 16-bit gradient is also measured in ulps against the plain formula's when PyTorch is
+    installed (:func:`softce_multi.testing.rounding_errors`).
+    """
     try:
-        outcome = run_backend(backend, inputs, dtype)
+        outcome = run_backend(backend, inputs, dtype, upstream)
+        logits = testing.to_float64(outcome.logits)
         reference_loss, reference_grad = oracle(
-            outcome.logits, outcome.target_probs, inputs.position_mask
+            logits, outcome.target_probs, inputs.position_mask, outcome.upstream
         )
+        ulps = None
+        if dtype in ("bfloat16", "float16") and installed("torch"):
+            ulps = testing.rounding_errors(
+                outcome.grad,
+                outcome.logits,
+                outcome.target_probs,
+                inputs.position_mask,
+                upstream=outcome.upstream,
+            )
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         nan = math.nan
         return Row(backend.name, backend.device, dtype, nan, nan, nan, nan, False, message)
     loss_error = relative_error(outcome.loss, reference_loss)
-    grad_error = gradient_error(outcome.grad, reference_grad)
+    grad_error = gradient_error(testing.to_float64(outcome.grad), reference_grad)
     # A NaN error compares false, and so fails.
     passed = loss_error <= loss_tolerance(dtype) and grad_error <= grad_tolerance(dtype)
+    if ulps is not None:
+        passed = passed and ulps[0] <= ulps[1] + ULP_MARGIN
     return Row(
         backend.name,
         backend.device,
@@ -276,22 +340,38 @@ def check_backend(
         grad_error,
         outcome.seconds,
         passed,
+        upstream=outcome.upstream,
+        ulps=ulps,
     )
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """Return the rows as an aligned text table."""
-    header = ("backend", "device", "dtype", "loss", "loss rel err", "grad err", "time", "status")
+    header = (
+        "backend",
+        "device",
+        "dtype",
+        "upstream",
+        "loss",
+        "loss rel err",
+        "grad err",
+        "ulp (formula)",
+        "time",
+        "status",
+    )
     lines = [header]
     for row in rows:
+        ulps = "-" if row.ulps is None else f"{row.ulps[0]:.3f} ({row.ulps[1]:.3f})"
         lines.append(
             (
                 row.backend,
                 row.device,
                 row.dtype,
+                f"{row.upstream:.4g}",
                 f"{row.loss:.6f}",
                 f"{row.loss_error:.2e}",
                 f"{row.grad_error:.2e}",
+                ulps,
                 f"{row.seconds * 1e3:.1f} ms",
                 "PASS" if row.passed else "FAIL",
             )
@@ -329,6 +409,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="dtypes of the inputs; each backend runs those it supports (default: %(default)s)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--upstream",
+        type=float,
+        default=DEFAULT_UPSTREAM,
+        help=(
+            "upstream gradient of the loss on PyTorch and JAX, as a training step passes it "
+            "(default: %(default).4g, a test-time step weight 0.8 / 2.44)"
+        ),
+    )
     parser.add_argument(
         "--backend",
         nargs="+",
@@ -371,6 +460,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"oracle: {oracle.description}, on the same rounded inputs")
     print("loss rel err = |loss - ref| / |ref|;  grad err = max |grad - ref| / max |ref|")
+    print(
+        f"upstream: the gradient is that of upstream * loss ({args.upstream:.4g} on PyTorch and "
+        "JAX, 1 elsewhere)"
+    )
+    print(
+        "ulp (formula): a 16-bit gradient's largest error in units in the last place, and in "
+        "parentheses that of the plain float32 formula rounded once; at most "
+        f"{ULP_MARGIN} more passes"
+    )
     print("time = forward + backward, the second of two calls (JAX: jit of value_and_grad)")
     print()
 
@@ -380,7 +478,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if dtype not in backend_dtypes(backend):
                 notes.append(f"{backend.name}: {dtype} skipped (not supported by this backend)")
                 continue
-            row = check_backend(backend, dtype, inputs, cached_oracle)
+            row = check_backend(backend, dtype, inputs, cached_oracle, upstream=args.upstream)
             rows.append(row)
             if row.error is not None:
                 notes.append(f"{backend.name} {dtype}: {row.error}")

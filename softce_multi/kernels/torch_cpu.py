@@ -14,8 +14,9 @@ padding rows) runs once on ``[N]`` vectors after the blocks. Each operator has a
 
 :func:`row_routine` and :func:`gradient_routine` are the
 :class:`~softce_multi._core.RowRoutine` and :class:`~softce_multi._core.GradientRoutine` that
-call them. ``softce_multi::torch_row_routine_`` is the row operator writing the logits gradient
-over the logits, for the chunks of the linear loss (:func:`row_routine_over_logits`).
+call them. ``softce_multi::torch_row_routine_`` and ``softce_multi::torch_gradient_routine_``
+are the operators writing the logits gradient over the logits, for the chunks of the linear loss
+(:func:`row_routine_over_logits`, :func:`gradient_routine_over_logits`).
 """
 
 from __future__ import annotations
@@ -35,9 +36,11 @@ from softce_multi import _core, kernels
 
 __all__ = [
     "gradient_routine",
+    "gradient_routine_over_logits",
     "row_routine",
     "row_routine_over_logits",
     "torch_gradient_routine",
+    "torch_gradient_routine_",
     "torch_row_routine",
     "torch_row_routine_",
 ]
@@ -74,6 +77,18 @@ def gradient_routine(
         rows.z, rows.p, *rows.saved, rows.row_scale, logits_grad, targets_grad
     )
     return kernels.gradient_results(outputs, logits_grad=logits_grad, targets_grad=targets_grad)
+
+
+def gradient_routine_over_logits(
+    rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
+) -> tuple[Tensor | None, Tensor | None]:
+    """:func:`gradient_routine` for logits that are scratch: the logits gradient is written
+    over ``rows.z`` by the operator :func:`torch_gradient_routine_`, and returned as ``rows.z``.
+    """
+    if not logits_grad:
+        return gradient_routine(rows, logits_grad=False, targets_grad=targets_grad)
+    grad_p = torch_gradient_routine_(rows.z, rows.p, *rows.saved, rows.row_scale, targets_grad)
+    return kernels.gradient_results((rows.z, grad_p), logits_grad=True, targets_grad=targets_grad)
 
 
 @torch.library.custom_op("softce_multi::torch_row_routine", mutates_args=())
@@ -225,10 +240,69 @@ def torch_gradient_routine(
         rows whose scale is 0 (the logits gradient also in rows without target mass); a
         gradient not asked for is ``[0, V]``.
     """
-    dtype = row_max.dtype
     grad_z, grad_p = kernels.empty_gradient_outputs(
         z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
+    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
+    _gradient_work(
+        z,
+        p,
+        saved,
+        row_scale,
+        grad_z if logits_grad else None,
+        grad_p if targets_grad else None,
+    )
+    return grad_z, grad_p
+
+
+@torch.library.custom_op("softce_multi::torch_gradient_routine_", mutates_args=("z",))
+def torch_gradient_routine_(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    targets_grad: bool,
+) -> Tensor:
+    """:func:`torch_gradient_routine` with the logits gradient written over ``z``.
+
+    For a caller whose logits are scratch (the recomputed chunks of the linear loss's backward
+    pass): the gradient needs no ``[N, V]`` array of its own. ``z`` is read block by block
+    before its block is written, so it must not overlap itself (no expanded strides). Returns
+    the targets gradient (``[0, V]`` without ``targets_grad``); ``z`` holds the logits gradient.
+    """
+    grad_p = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
+    saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
+    _gradient_work(z, p, saved, row_scale, z, grad_p if targets_grad else None)
+    return grad_p
+
+
+@torch_gradient_routine_.register_fake
+def _(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    targets_grad: bool,
+) -> Tensor:
+    return kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
+
+
+def _gradient_work(
+    z: Tensor,
+    p: Tensor,
+    saved: _core.SavedRows,
+    row_scale: Tensor,
+    grad_z: Tensor | None,
+    grad_p: Tensor | None,
+) -> None:
+    """Fill the ``[N, V]`` gradients of :func:`torch_gradient_routine` that are not None;
+    ``grad_z`` may be ``z`` itself."""
+    row_max, log_sum_exp, target_sum = saved
+    dtype = row_max.dtype
     xp = array_api_compat.array_namespace(z)
     coefficient = _core.softmax_coefficient(row_scale, target_sum, log_sum_exp, xp=xp)
 
@@ -236,20 +310,20 @@ def torch_gradient_routine(
         shifted_buf = _block_buffer(z, dtype)
         # A targets gradient of another dtype is computed here, then rounded into place.
         cast_buf = None
-        if targets_grad and grad_p.dtype != dtype:
+        if grad_p is not None and grad_p.dtype != dtype:
             cast_buf = torch.empty_like(shifted_buf)
         for block in blocks:
             size = block.stop - block.start
             shifted = shifted_buf[:size]
             scale = row_scale[block, None]
             torch.sub(z[block], row_max[block, None], out=shifted)
-            if targets_grad:
+            if grad_p is not None:
                 # -scale * log_softmax = scale * (log_sum_exp - (z - row_max))
                 out = grad_p[block] if cast_buf is None else cast_buf[:size]
                 torch.sub(log_sum_exp[block, None], shifted, out=out).mul_(scale)
                 if cast_buf is not None:
                     grad_p[block] = out
-            if logits_grad:
+            if grad_z is not None:
                 exponentials = shifted.exp_()
                 out = grad_z[block] if grad_z.dtype == dtype else exponentials
                 torch.mul(exponentials, coefficient[block, None], out=out)
@@ -259,11 +333,10 @@ def torch_gradient_routine(
 
     _run_blocks(work, z)
     # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
-    if targets_grad:
+    if grad_p is not None:
         _zero_rows(grad_p, row_scale == 0)
-    if logits_grad:
+    if grad_z is not None:
         _zero_rows(grad_z, ~_core.rows_with_gradient(row_scale, target_sum))
-    return grad_z, grad_p
 
 
 kernels.register_operator_rules(torch_row_routine, torch_gradient_routine)

@@ -12,6 +12,9 @@ a backward kernel from the saved statistics). What is particular to this module:
   Inductor can schedule them); each has a fake implementation and a vmap rule, shared with the
   torch CPU operators (:func:`softce_multi.kernels.empty_row_outputs` and the rules next to it).
   :func:`row_routine` and :func:`gradient_routine` call them as the core's routines.
+  ``softce_multi::triton_row_routine_`` and ``softce_multi::triton_gradient_routine_`` write
+  the logits gradient over the logits, for the chunks of the linear loss
+  (:func:`row_routine_over_logits`, :func:`gradient_routine_over_logits`).
 * The computation dtype is the dtype of the per-row outputs (float32, or float64 when either
   input is float64); the kernels take it from their output pointers.
 
@@ -34,9 +37,11 @@ from softce_multi import _core, kernels
 
 __all__ = [
     "gradient_routine",
+    "gradient_routine_over_logits",
     "row_routine",
     "row_routine_over_logits",
     "triton_gradient_routine",
+    "triton_gradient_routine_",
     "triton_row_routine",
     "triton_row_routine_",
 ]
@@ -302,6 +307,26 @@ def gradient_routine(
     return kernels.gradient_results(outputs, logits_grad=logits_grad, targets_grad=targets_grad)
 
 
+def gradient_routine_over_logits(
+    rows: _core.BackwardRows,
+    /,
+    *,
+    logits_grad: bool,
+    targets_grad: bool,
+    block_size: int | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """:func:`gradient_routine` for logits that are scratch: the logits gradient is written over
+    ``rows.z`` by the operator :func:`triton_gradient_routine_`, and returned as ``rows.z``."""
+    if not logits_grad:
+        return gradient_routine(
+            rows, logits_grad=False, targets_grad=targets_grad, block_size=block_size
+        )
+    grad_p = triton_gradient_routine_(
+        rows.z, rows.p, *rows.saved, rows.row_scale, targets_grad, block_size
+    )
+    return kernels.gradient_results((rows.z, grad_p), logits_grad=True, targets_grad=targets_grad)
+
+
 @torch.library.triton_op("softce_multi::triton_row_routine", mutates_args=())
 def triton_row_routine(
     z: Tensor,
@@ -343,9 +368,7 @@ def triton_row_routine_(
     ``z`` must be contiguous: the gradient sweep of each row stores every chunk where it has
     just loaded it. Returns the four ``[N]`` outputs; ``z`` holds the fifth.
     """
-    if not z.is_contiguous():
-        msg = f"z must be contiguous to take its own gradient, got strides {z.stride()}"
-        raise ValueError(msg)
+    _check_contiguous(z)
     outputs = kernels.empty_row_statistics(z, weights)
     _launch(
         _forward_kernel,
@@ -406,6 +429,64 @@ def triton_gradient_routine(
         TARGETS_GRAD=targets_grad,
     )
     return outputs
+
+
+@torch.library.triton_op("softce_multi::triton_gradient_routine_", mutates_args=("z",))
+def triton_gradient_routine_(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    targets_grad: bool,
+    block_size: int | None,
+) -> Tensor:
+    """:func:`triton_gradient_routine` with the logits gradient written over ``z``.
+
+    ``z`` must be contiguous: each row's sweep stores every chunk where it has just loaded it
+    (the targets gradient of the chunk first). Returns the targets gradient (``[0, V]`` without
+    ``targets_grad``); ``z`` holds the logits gradient.
+    """
+    _check_contiguous(z)
+    grad_p = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
+    _launch(
+        _backward_kernel,
+        z,
+        p,
+        row_max,
+        log_sum_exp,
+        target_sum,
+        row_scale,
+        z,
+        grad_p,
+        block_size=block_size,
+        LOGITS_GRAD=True,
+        TARGETS_GRAD=targets_grad,
+    )
+    return grad_p
+
+
+@triton_gradient_routine_.register_fake
+def _(
+    z: Tensor,
+    p: Tensor,
+    row_max: Tensor,
+    log_sum_exp: Tensor,
+    target_sum: Tensor,
+    row_scale: Tensor,
+    targets_grad: bool,
+    block_size: int | None,
+) -> Tensor:
+    _check_block_size(z, block_size)
+    return kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
+
+
+def _check_contiguous(z: Tensor) -> None:
+    """Refuse logits that cannot take their own gradient in place."""
+    if not z.is_contiguous():
+        msg = f"z must be contiguous to take its own gradient, got strides {z.stride()}"
+        raise ValueError(msg)
 
 
 def _check_block_size(z: Tensor, block_size: int | None) -> None:
