@@ -319,3 +319,131 @@ def test_torch_low_precision_gradients_match_the_reference_on_rounded_values(dty
     assert_loss_close(loss, expected.loss, "float32")
     assert_gradient_close(logits.grad, expected.grad_logits, "float32")
     assert_gradient_close(targets.grad, expected.grad_targets, "float32")
+
+
+# --------------------------------------------------------------------------------------------
+# Second derivatives at padding
+# --------------------------------------------------------------------------------------------
+
+
+def padded_inputs(seed):
+    """Float64 inputs whose two padding positions hold NaN and inf, and the same inputs with
+    zeros there (finite, for the reference)."""
+    logits, targets, _ = float64_inputs(seed, (2, 4, 7))
+    mask = np.ones((2, 4), dtype=bool)
+    mask[0, 1] = mask[1, 2] = False
+    finite = (np.where(mask[..., None], logits, 0.0), np.where(mask[..., None], targets, 0.0))
+    logits, targets = logits.copy(), targets.copy()
+    logits[0, 1], targets[0, 1] = np.nan, np.nan
+    logits[1, 2, 3] = np.inf
+    return (logits, targets, mask), finite
+
+
+def jax_penalty_gradient(loss, logits):
+    """The gradient of the gradient penalty ``sum(grad(loss)(z) ** 2)``."""
+    import jax
+    import jax.numpy as jnp
+
+    return jax.grad(lambda z: jnp.sum(jax.grad(loss)(z) ** 2))(logits)
+
+
+@needs_jax
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_jax_gradient_penalty_is_exactly_zero_at_padding(reduction):
+    """NaN and inf at padding reach no derivative of any order: the gradient of a gradient
+    penalty is exactly 0 there and, elsewhere, that of the same inputs with zeros at padding."""
+    import jax.numpy as jnp
+
+    (logits, targets, mask), (finite_logits, _) = padded_inputs(1)
+    targets = jnp.asarray(np.where(mask[..., None], targets, 0.0), jnp.float32)
+
+    def loss(z):
+        return sc.masked_soft_cross_entropy(
+            logits=z, target_probs=targets, position_mask=jnp.asarray(mask), reduction=reduction
+        ).sum()
+
+    padded = jax_penalty_gradient(loss, jnp.asarray(logits, jnp.float32))
+    finite = jax_penalty_gradient(loss, jnp.asarray(finite_logits, jnp.float32))
+
+    assert np.all(np.asarray(padded)[~mask] == 0)
+    np.testing.assert_array_equal(np.asarray(padded), np.asarray(finite))
+
+
+@needs_jax
+def test_jax_hessian_is_finite_with_nan_at_padding():
+    import jax
+    import jax.numpy as jnp
+
+    (logits, targets, mask), (finite_logits, finite_targets) = padded_inputs(2)
+
+    def hessian(z, p):
+        return jax.hessian(lambda z: sc.masked_soft_cross_entropy(z, p, jnp.asarray(mask)))(
+            jnp.asarray(z, jnp.float32)
+        )
+
+    padded = np.asarray(hessian(logits, jnp.asarray(targets, jnp.float32)))
+    finite = np.asarray(hessian(finite_logits, jnp.asarray(finite_targets, jnp.float32)))
+
+    np.testing.assert_array_equal(padded, finite)
+    assert np.all(padded[~mask] == 0)
+
+
+@needs_jax
+def test_jax_linear_loss_gradient_penalty_is_finite_with_nan_hidden_at_padding():
+    """The second derivatives to the weight stay finite, and the hidden rows of padding get
+    exactly 0, when those rows hold NaN."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(3)
+    mask = np.ones((2, 4), dtype=bool)
+    mask[0, 1] = False
+    hidden = rng.standard_normal((2, 4, 5))
+    weight = jnp.asarray(rng.standard_normal((7, 5)), jnp.float32)
+    targets = jnp.asarray(random_targets(rng, (2, 4, 7)), jnp.float32)
+
+    def penalty(h, w):
+        grads = jax.grad(
+            lambda h, w: sc.linear_masked_soft_cross_entropy(
+                h, w, targets, jnp.asarray(mask), bias=jnp.zeros(7)
+            ),
+            argnums=(0, 1),
+        )(h, w)
+        return sum(jnp.sum(g**2) for g in grads)
+
+    def penalty_gradients(h):
+        return jax.grad(penalty, argnums=(0, 1))(jnp.asarray(h, jnp.float32), weight)
+
+    with_nan = np.where(mask[..., None], hidden, np.nan)
+    padded = penalty_gradients(with_nan)
+    finite = penalty_gradients(np.where(mask[..., None], hidden, 0.0))
+
+    assert np.all(np.asarray(padded[0])[~mask] == 0)
+    for got, want in zip(padded, finite, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@needs_torch
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_gradient_penalty_is_exactly_zero_at_padding(reduction):
+    import torch
+
+    (logits, targets, mask), (finite_logits, _) = padded_inputs(4)
+    targets_tensor = torch.tensor(np.where(mask[..., None], targets, 0.0))
+
+    def penalty_gradient(z):
+        leaf = torch.tensor(z, requires_grad=True)
+        loss = sc.masked_soft_cross_entropy(
+            logits=leaf,
+            target_probs=targets_tensor,
+            position_mask=torch.tensor(mask),
+            reduction=reduction,
+        ).sum()
+        (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+        (second,) = torch.autograd.grad(grad.pow(2).sum(), leaf)
+        return second.numpy()
+
+    padded, finite = penalty_gradient(logits), penalty_gradient(finite_logits)
+
+    assert np.all(padded[~mask] == 0)
+    np.testing.assert_array_equal(padded, finite)
