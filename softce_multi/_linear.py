@@ -135,13 +135,16 @@ def as_linear_rows(
     reduction: str,
     num_valid: Array | float | None,
     xp: Namespace,
+    matmul_dtype: Any = None,
 ) -> LinearRows:
     """Lay out validated inputs as rows; ``weight`` and ``bias`` in the matmul dtype.
 
-    The matmul dtype is that of ``hidden @ weight.T + bias`` (the promotion of the three).
+    The matmul dtype is ``matmul_dtype`` when given (an autocast dtype), else that of
+    ``hidden @ weight.T + bias`` (the promotion of the three).
     """
     dtype = compute_dtype(hidden, weight, bias, target_probs, xp=xp)
-    matmul_dtype = xp.result_type(*(x for x in (hidden, weight, bias) if x is not None))
+    if matmul_dtype is None:
+        matmul_dtype = xp.result_type(*(x for x in (hidden, weight, bias) if x is not None))
     n_rows = math.prod(hidden.shape[:-1])
     weights = xp.astype(xp.reshape(position_mask, (n_rows,)), dtype)
     return LinearRows(
@@ -255,6 +258,7 @@ def forward(
     add: AddProduct | None = None,
     logits: ChunkLogits | None = None,
     logits_copies: int = 2,
+    matmul_dtype: Any = None,
 ) -> LinearForwardResult:
     """The loss of validated inputs, and the gradients asked for, chunk by chunk of rows.
 
@@ -281,9 +285,16 @@ def forward(
         How many ``[chunk, V]`` arrays a chunk holds, for the default chunk size
         (:func:`default_chunk_rows`): 2, or 1 when ``row_routine`` writes the logits gradient
         over the logits.
+    matmul_dtype
+        The dtype of the chunks' matmuls (an autocast dtype); by default that of
+        ``hidden @ weight.T + bias``. The gradients come back in their inputs' dtypes.
     """
     rows = as_linear_rows(
-        *inputs[:5], reduction=inputs.reduction, num_valid=inputs.num_valid, xp=xp
+        *inputs[:5],
+        reduction=inputs.reduction,
+        num_valid=inputs.num_valid,
+        xp=xp,
+        matmul_dtype=matmul_dtype,
     )
     dtype = rows.weights.dtype
     n_rows, vocab_size = rows.p.shape
@@ -338,13 +349,14 @@ def backward(
     add: AddProduct | None = None,
     logits: ChunkLogits | None = None,
     logits_copies: int = 2,
+    matmul_dtype: Any = None,
 ) -> tuple[LinearGradients | None, Array | None]:
     """Recompute the logits chunk by chunk and return the gradients asked for.
 
     ``saved`` and ``row_scale`` come from :func:`forward`; ``row_scale`` is already multiplied by
-    the upstream gradient (per row for ``"none"``). ``logits`` and ``logits_copies`` must be
-    those of the forward pass, which then gets the same chunks and the same logits, to the last
-    bit (the saved statistics are theirs). Returns the
+    the upstream gradient (per row for ``"none"``). ``logits``, ``logits_copies`` and
+    ``matmul_dtype`` must be those of the forward pass, which then gets the same chunks and the
+    same logits, to the last bit (the saved statistics are theirs). Returns the
     :class:`LinearGradients` (None in a field not asked for; None altogether if none of the
     three is) and the gradient to ``target_probs`` in its dtype and shape (None if not asked
     for).
@@ -354,14 +366,17 @@ def backward(
     logits = logits or functools.partial(chunk_logits, xp=xp)
     n_rows = math.prod(hidden.shape[:-1])
     vocab_size = weight.shape[0]
-    matmul_dtype = xp.result_type(*(x for x in (hidden, weight, bias) if x is not None))
-    rows = LinearRows(
-        xp.reshape(hidden, (n_rows, hidden.shape[-1])),
-        xp.astype(weight, matmul_dtype, copy=False),
-        None if bias is None else xp.astype(bias, matmul_dtype, copy=False),
-        xp.reshape(target_probs, (n_rows, vocab_size)),
+    # The row scale as the weights of "sum", whose denominator is 1.
+    rows = as_linear_rows(
+        hidden,
+        weight,
+        bias,
+        target_probs,
         row_scale,
-        xp.asarray(1.0, dtype=row_scale.dtype),
+        reduction="sum",
+        num_valid=None,
+        xp=xp,
+        matmul_dtype=matmul_dtype,
     )
     dtype = row_scale.dtype
     chunk = chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)

@@ -369,19 +369,23 @@ def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
 
     For ``"mean"`` and ``"sum"``, the gradients of the inputs that require grad are computed in
     the forward pass, when scaling them by the upstream gradient later rounds nothing twice
-    (:func:`_scaled_exactly`); otherwise the backward pass computes them with the upstream
-    gradient inside.
+    (:func:`_scaled_exactly`: no 16-bit input, no 16-bit logits); otherwise the backward pass
+    computes them with the upstream gradient inside. Under ``torch.autocast`` the chunks'
+    matmuls run in the autocast dtype (:func:`autocast_dtype`).
     """
+    arguments = _operator_arguments(inputs)
     hidden, weight, bias = inputs[:3]
+    matmul_dtype = arguments[-1]
     wanted = (False, False, False)
     if (
         torch.is_grad_enabled()
         and inputs.reduction != "none"
         and _scaled_exactly(*(x for x in (hidden, weight, bias) if x is not None))
+        and (matmul_dtype is None or matmul_dtype.itemsize >= 4)
     ):
         with_bias_grad = bias is not None and bias.requires_grad
         wanted = (hidden.requires_grad, weight.requires_grad, with_bias_grad)
-    return _LinearMaskedSoftCrossEntropyFunction.apply(*_operator_arguments(inputs), wanted)[0]
+    return _LinearMaskedSoftCrossEntropyFunction.apply(*arguments, wanted)[0]
 
 
 def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Tensor, _linear.LinearGradients]:
@@ -401,11 +405,26 @@ def _scaled_exactly(*tensors: Tensor) -> bool:
     return all(tensor.dtype.itemsize >= 4 for tensor in tensors)
 
 
+def autocast_dtype(*tensors: Tensor) -> torch.dtype | None:
+    """The dtype of the matmuls of ``torch.nn.functional.linear`` of ``tensors`` under autocast.
+
+    ``torch.get_autocast_dtype`` of the tensors' device type while ``torch.autocast`` is on
+    there, unless one of them is float64 (autocast leaves float64 as it is); None otherwise,
+    for the dtype the tensors promote to.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if any(tensor.dtype == torch.float64 for tensor in tensors):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
     """The arguments of :func:`linear_forward` before its three flags, from validated inputs.
 
     ``num_valid`` goes in as a tensor or as a number, two arguments: an operator's schema
-    takes no union of the two.
+    takes no union of the two. The last one is the :func:`autocast_dtype` of the matmuls.
     """
     hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
     is_tensor = isinstance(num_valid, Tensor)
@@ -419,6 +438,7 @@ def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
         None if is_tensor or num_valid is None else float(num_valid),
         reduction,
         chunk_rows,
+        autocast_dtype(*(x for x in (hidden, weight, bias) if x is not None)),
     )
 
 
@@ -433,6 +453,7 @@ def linear_forward(
     num_valid_number: float | None,
     reduction: str,
     chunk_rows: int | None,
+    matmul_dtype: torch.dtype | None,
     hidden_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -452,6 +473,10 @@ def linear_forward(
         Validated inputs, as in :func:`softce_multi.linear_masked_soft_cross_entropy`.
     num_valid, num_valid_number
         ``num_valid`` as a tensor or as a number; None for both without it.
+    matmul_dtype
+        The dtype of the chunks' matmuls (the :func:`autocast_dtype`), or None for the dtype
+        of ``hidden @ weight.T + bias``. The row math is float32 (float64) either way, and
+        the gradients come back in the dtypes of their inputs.
     hidden_grad, weight_grad, bias_grad
         Which gradients to compute, for a unit upstream gradient (not with ``"none"``).
 
@@ -472,7 +497,7 @@ def linear_forward(
         num_valid if num_valid is not None else num_valid_number,
         chunk_rows,
     )
-    with torch.no_grad():
+    with torch.no_grad(), _explicit_dtypes(hidden):
         result = _linear.forward(
             inputs,
             hidden_grad=hidden_grad,
@@ -483,6 +508,7 @@ def linear_forward(
             add=_add_product,
             logits=_LogitsBuffer(),
             logits_copies=1,
+            matmul_dtype=matmul_dtype,
         )
     grads = result.grads or _linear.LinearGradients(None, None, None)
     made = tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
@@ -500,6 +526,7 @@ def _(
     num_valid_number: float | None,
     reduction: str,
     chunk_rows: int | None,
+    matmul_dtype: torch.dtype | None,
     hidden_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -523,6 +550,7 @@ def linear_backward(
     target_sum: Tensor,
     row_scale: Tensor,
     chunk_rows: int | None,
+    matmul_dtype: torch.dtype | None,
     hidden_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -537,7 +565,7 @@ def linear_backward(
     one rounding. Returns the gradients to ``hidden``, ``weight``, ``bias`` and
     ``target_probs``, ``[0]`` for one not asked for.
     """
-    with torch.no_grad():
+    with torch.no_grad(), _explicit_dtypes(hidden):
         grads, grad_targets = _linear.backward(
             hidden,
             weight,
@@ -555,6 +583,7 @@ def linear_backward(
             add=_add_product,
             logits=_LogitsBuffer(),
             logits_copies=1,
+            matmul_dtype=matmul_dtype,
         )
     made = grads or _linear.LinearGradients(None, None, None)
     return tuple(  # type: ignore[return-value]
@@ -573,6 +602,7 @@ def _(
     target_sum: Tensor,
     row_scale: Tensor,
     chunk_rows: int | None,
+    matmul_dtype: torch.dtype | None,
     hidden_grad: bool,
     weight_grad: bool,
     bias_grad: bool,
@@ -581,6 +611,12 @@ def _(
     grads = _empty_linear_gradients(hidden, weight, bias, (hidden_grad, weight_grad, bias_grad))
     grad_targets = target_probs.new_empty(target_probs.shape if targets_grad else (0,))
     return (*grads, grad_targets)
+
+
+def _explicit_dtypes(tensor: Tensor) -> Any:
+    """Autocast off on the tensor's device type: inside the operators every matmul runs in the
+    dtype chosen for it (``matmul_dtype``), whatever the caller's autocast."""
+    return torch.autocast(tensor.device.type, enabled=False)
 
 
 def _empty_linear_gradients(
@@ -646,6 +682,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         num_valid_number: float | None,
         reduction: str,
         chunk_rows: int | None,
+        matmul_dtype: torch.dtype | None,
         wanted: tuple[bool, bool, bool],
     ) -> tuple[Tensor, ...]:
         return tuple(
@@ -659,6 +696,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
                 num_valid_number,
                 reduction,
                 chunk_rows,
+                matmul_dtype,
                 *wanted,
             )
         )
@@ -666,20 +704,21 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         hidden, weight, bias, target_probs = inputs[:4]
-        reduction, chunk_rows, wanted = inputs[7:]
+        reduction, chunk_rows, matmul_dtype, wanted = inputs[7:]
         _, *made, row_scale = output[:5]
         saved = output[5:]
         ctx.mark_non_differentiable(*output[1:])
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.chunk_rows = chunk_rows
+        ctx.matmul_dtype = matmul_dtype
         ctx.made = wanted
         ctx.save_for_backward(hidden, weight, bias, target_probs, row_scale, *made, *saved)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        nothing: tuple[None, ...] = (None,) * 10
+        nothing: tuple[None, ...] = (None,) * 11
         if grad_loss is None:
             return nothing
         hidden, weight, bias, target_probs, row_scale, *rest = ctx.saved_tensors
@@ -703,6 +742,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
             *saved,
             row_scale * upstream,
             ctx.chunk_rows,
+            ctx.matmul_dtype,
             *missing,
             wants[3],
         )
