@@ -655,8 +655,11 @@ def _torch_vocab_parallel_linear_function() -> Any:
                 xp=xp,
             )
 
+            # F.linear's logits (addmm: one rounding with a bias), into one reused buffer.
+            chunk_logits = torch_adapter.LogitsBuffer()
+
             def logits_of(block: slice) -> Any:
-                return _linear.chunk_logits(rows.hidden[block], rows.weight, rows.bias, xp=xp)
+                return chunk_logits(rows.hidden[block], rows.weight, rows.bias)
 
             dtype = rows.weights.dtype
             chunk = _linear.default_chunk_rows(weight_shard.shape[0], dtype, xp=xp)
@@ -704,6 +707,8 @@ def _torch_vocab_parallel_linear_function() -> Any:
                 chunk_rows=None,
                 gradient_routine=torch_adapter.gradient_routine,
                 xp=array_api_compat.array_namespace(hidden),
+                # The logits of the forward pass, to the last bit.
+                logits=torch_adapter.LogitsBuffer(),
             )
             grad_hidden = grad_weight = grad_bias = None
             if grads is not None:
@@ -968,6 +973,7 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
     import jax.numpy as jnp
 
     from softce_multi import jax as jax_adapter
+    from softce_multi.kernels.xla import widened
 
     def local_statistics(rows: _linear.LinearRows, chunk: int) -> _core.RowStatistics:
         n_rows, dtype = rows.weights.shape[0], rows.weights.dtype
@@ -982,9 +988,9 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
             hidden = jax.lax.dynamic_slice_in_dim(rows.hidden, start, chunk)
             logits = _linear.chunk_logits(hidden, rows.weight, rows.bias, xp=jnp)
             targets = jax.lax.dynamic_slice_in_dim(rows.p, start, chunk)
-            return _core.row_statistics(
-                jnp.astype(logits, dtype), jnp.astype(targets, dtype), xp=jnp
-            )
+            # The statistics of the logits as the backward pass gets them: rounded to their
+            # dtype (which XLA would otherwise skip, see kernels.xla.widened).
+            return _core.row_statistics(widened(logits, dtype), jnp.astype(targets, dtype), xp=jnp)
 
         stacked = jax.lax.map(chunk_statistics, starts)
         # The last chunk's rows that no earlier chunk covered.

@@ -649,21 +649,14 @@ def _jax_targets_by_chunks() -> Callable[..., tuple[Array, Array]]:
 def _widened(x: Array, dtype: Any, *, xp: Namespace) -> Array:
     """``x`` converted to the floating ``dtype``, at least as wide: the values of ``x``'s dtype.
 
-    On JAX a conversion may carry more precision than ``x``'s dtype has. XLA's CPU compiler
-    computes a bfloat16 matmul in float32 and rounds it to bfloat16 only on paper: its algebraic
-    simplifier drops the conversion to bfloat16 and back (excess precision is allowed by
-    default), and its matmul fusions ignore the conversions inside them. ``reduce_precision``
-    rounds in any case. It would flush float16's subnormal numbers to zero, so these keep the
-    plain conversion, within ``2**-25`` of their rounded value whether rounded or not.
+    On JAX a plain conversion may carry more precision than ``x``'s dtype has (see
+    :func:`softce_multi.kernels.xla.widened`, which rounds in any case).
     """
-    wide = xp.astype(x, dtype, copy=False)
     if x.dtype == dtype or not array_api_compat.is_jax_namespace(xp):
-        return wide
-    import jax
+        return xp.astype(x, dtype, copy=False)
+    from softce_multi.kernels.xla import widened
 
-    info = jax.numpy.finfo(x.dtype)
-    rounded = jax.lax.reduce_precision(wide, exponent_bits=info.nexp, mantissa_bits=info.nmant)
-    return xp.where(xp.abs(wide) < float(info.smallest_normal), wide, rounded)
+    return widened(x, dtype)
 
 
 def _softmax(x: Array, wrong_size: Array, *, xp: Namespace) -> Array:

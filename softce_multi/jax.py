@@ -302,7 +302,13 @@ def _linear_loss(arrays: LinearArrays, reduction: str, chunk: int) -> jax.Array:
 def _linear_loss_fwd(
     arrays: LinearArrays, reduction: str, chunk: int
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    result = _linear_forward(arrays, reduction, chunk, with_grads=reduction != "none")
+    # A 16-bit gradient made for a unit upstream would be rounded again when scaled: those are
+    # made in the backward pass, with the upstream inside their one rounding.
+    scaled_exactly = all(
+        x.dtype.itemsize >= 4 for x in (arrays.hidden, arrays.weight, arrays.bias) if x is not None
+    )
+    with_grads = reduction != "none" and scaled_exactly
+    result = _linear_forward(arrays, reduction, chunk, with_grads=with_grads)
     return result.loss, (arrays, result.saved, result.row_scale, result.grads)
 
 
@@ -313,7 +319,7 @@ def _linear_loss_bwd(
     hidden, weight, bias, target_probs, weights, count = arrays
     upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
     row_scale = row_scale * upstream
-    if grads is None:  # "none": the upstream is per row, so the gradients come now
+    if grads is None:  # "none" or 16-bit: the gradients come now, the upstream inside
         grads = _linear_backward(
             hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=False
         )

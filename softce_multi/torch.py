@@ -461,7 +461,7 @@ def linear_forward(
     """The chunked pass of the linear loss, as the operator ``softce_multi::linear_forward``.
 
     :func:`softce_multi._linear.forward` in place where torch allows it: every chunk's logits
-    go into one buffer (:class:`_LogitsBuffer`), the row routine of :func:`kernels_for` them
+    go into one buffer (:class:`LogitsBuffer`), the row routine of :func:`kernels_for` them
     writes their gradient over them (``row_routine_over_logits``), so a chunk holds one
     ``[chunk, V]`` tensor, and the weight gradient is accumulated in place. One opaque
     operator, so that ``torch.compile`` traces the loss as one call, whatever the number of
@@ -506,7 +506,7 @@ def linear_forward(
             row_routine=kernels_for(hidden).row_routine_over_logits,
             xp=array_api_compat.array_namespace(hidden),
             add=_add_product,
-            logits=_LogitsBuffer(),
+            logits=LogitsBuffer(),
             logits_copies=1,
             matmul_dtype=matmul_dtype,
         )
@@ -581,7 +581,7 @@ def linear_backward(
             gradient_routine=kernels_for(hidden).gradient_routine_over_logits,
             xp=array_api_compat.array_namespace(hidden),
             add=_add_product,
-            logits=_LogitsBuffer(),
+            logits=LogitsBuffer(),
             logits_copies=1,
             matmul_dtype=matmul_dtype,
         )
@@ -631,7 +631,7 @@ def _empty_linear_gradients(
     )
 
 
-class _LogitsBuffer:
+class LogitsBuffer:
     """A :data:`softce_multi._linear.ChunkLogits` that writes every chunk into one buffer.
 
     The buffer is made for the first chunk, the longest; later chunks take its leading rows.

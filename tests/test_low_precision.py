@@ -855,35 +855,14 @@ def test_torch_linear_gradients_are_as_accurate_as_the_materialised_formula(
     assert_linear_gradients_as_accurate(ours, formula, exact)
 
 
-#: The JAX linear loss makes the gradients to hidden, weight and bias in its forward pass for a
-#: unit upstream, rounded to 16 bits, and its backward pass multiplies them by the upstream
-#: (``_linear_loss_bwd`` in softce_multi/jax.py): rounded twice, 1.2 to 1.3 times the formula's
-#: error. "none" (made in the backward pass) and an upstream of 1 are unaffected.
-JAX_LINEAR_ROUNDS_TWICE = pytest.mark.xfail(
-    strict=True,
-    reason="JAX linear loss: 16-bit gradients made for a unit upstream, then scaled (issue 15.3)",
+@pytest.mark.parametrize(
+    ("dtype", "reduction", "upstream"),
+    [
+        pytest.param(dtype, *case.values, id=f"{dtype}-{case.id}")
+        for dtype in DTYPES
+        for case in CASES
+    ],
 )
-
-
-def _jax_linear_cases() -> list[Any]:
-    """Every dtype and case; the second rounding shows except where the formula itself is
-    coarser: float16 ``"mean"`` at an upstream below 1, where the formula's logits gradient,
-    about ``upstream / N / V``, falls among float16's subnormals (below 6.1e-5), with fewer
-    significant bits than the gradients made for a unit upstream and then scaled."""
-    cases = []
-    for dtype in DTYPES:
-        for case in CASES:
-            reduction, upstream = case.values
-            rounds_twice = upstream not in (None, 1.0)
-            subnormal = dtype == "float16" and reduction == "mean" and upstream in (0.164, 0.131)
-            marks = JAX_LINEAR_ROUNDS_TWICE if rounds_twice and not subnormal else ()
-            cases.append(
-                pytest.param(dtype, reduction, upstream, id=f"{dtype}-{case.id}", marks=marks)
-            )
-    return cases
-
-
-@pytest.mark.parametrize(("dtype", "reduction", "upstream"), _jax_linear_cases())
 def test_jax_linear_gradients_are_as_accurate_as_the_materialised_formula(
     needs_jax, rng, dtype, reduction, upstream
 ):
@@ -1004,18 +983,7 @@ def test_jax_vocab_parallel_rounds_the_gradient_once(needs_jax, rng, dtype, redu
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
 
 
-#: The torch vocabulary-parallel linear loss adds the bias to the 16-bit product
-#: ``hidden @ weight.T`` (``_linear.chunk_logits``): its logits are rounded twice, where
-#: ``F.linear`` and the single-device loss (``addmm``) round them once, so its gradients are those
-#: of other logits (1.4 to 4 times the formula's error, measured).
-TORCH_VOCAB_PARALLEL_BIAS = pytest.mark.xfail(
-    strict=True, reason="torch vocab-parallel linear loss: bias added to the bf16 logits"
-)
-
-
-@pytest.mark.parametrize(
-    "with_bias", [False, pytest.param(True, marks=TORCH_VOCAB_PARALLEL_BIAS)], ids=["", "bias"]
-)
+@pytest.mark.parametrize("with_bias", [False, True], ids=["", "bias"])
 def test_torch_vocab_parallel_linear_gradients_are_as_accurate_as_the_formula(
     group_of_one, rng, with_bias
 ):
@@ -1037,18 +1005,6 @@ def test_torch_vocab_parallel_linear_gradients_are_as_accurate_as_the_formula(
     assert_linear_gradients_as_accurate(ours, formula, exact)
 
 
-#: The JAX vocabulary-parallel linear loss takes its row statistics from
-#: ``astype(hidden @ weight.T, float32)`` under jit, where XLA drops the rounding to 16 bits (it
-#: folds the two converts), but its backward pass differentiates the rounded logits: its softmax
-#: is normalised for other logits (row maxima up to 0.016 apart, measured), 1.1 to 1.5 times the
-#: formula's error even at a unit upstream, and its loss is that of the unrounded logits.
-JAX_VOCAB_PARALLEL_STATISTICS = pytest.mark.xfail(
-    strict=True,
-    reason="JAX vocab-parallel linear loss: statistics of the unrounded 16-bit logits",
-)
-
-
-@JAX_VOCAB_PARALLEL_STATISTICS
 def test_jax_vocab_parallel_linear_gradients_are_as_accurate_as_the_formula(needs_jax, rng):
     import jax
     import jax.numpy as jnp

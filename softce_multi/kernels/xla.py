@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from softce_multi import _core
 
-__all__ = ["chunk_rows", "gradient_routine", "row_routine", "zero_rows"]
+__all__ = ["chunk_rows", "gradient_routine", "row_routine", "widened", "zero_rows"]
 
 #: Elements of one chunk of rows: its float32 temporaries take 4 MiB each.
 CHUNK_ELEMENTS = 1 << 20
@@ -101,6 +101,25 @@ def gradient_routine(
 
     results = iter(_over_chunks(chunk_results, outputs, n_rows, chunk))
     return tuple(next(results) if want else None for want in wanted)  # type: ignore[return-value]
+
+
+def widened(x: jax.Array, dtype: Any) -> jax.Array:
+    """``x`` converted to the floating ``dtype``, at least as wide, holding values of ``x``'s
+    dtype.
+
+    A plain conversion may carry more precision than ``x``'s dtype has. XLA's CPU compiler
+    computes a bfloat16 matmul in float32 and rounds it to bfloat16 only on paper: its algebraic
+    simplifier drops the conversion to bfloat16 and back (excess precision is allowed by
+    default), and its matmul fusions ignore the conversions inside them. ``reduce_precision``
+    rounds in any case. It would flush float16's subnormal numbers to zero, so these keep the
+    plain conversion, within ``2**-25`` of their rounded value whether rounded or not.
+    """
+    wide = jnp.astype(x, dtype)
+    if x.dtype == dtype:
+        return wide
+    info = jnp.finfo(x.dtype)
+    rounded = jax.lax.reduce_precision(wide, exponent_bits=info.nexp, mantissa_bits=info.nmant)
+    return jnp.where(jnp.abs(wide) < float(info.smallest_normal), wide, rounded)
 
 
 def zero_rows(x: jax.Array, live: jax.Array) -> jax.Array:
