@@ -767,8 +767,13 @@ def test_torch_backward_chunks_take_their_gradient_over_the_logits_buffer(monkey
         assert_gradient_close(grad, want, "float64" if dtype == "float64" else "float32")
 
 
-def test_bench_compares_the_linear_loss_with_the_materialised_path(tmp_path, monkeypatch):
-    """``python -m softce_multi bench --linear`` reports both paths for each number of rows.
+@pytest.mark.parametrize(("options", "bias"), [([], True), (["--no-bias"], False)])
+def test_bench_compares_the_linear_loss_with_the_materialised_path(
+    tmp_path, monkeypatch, capsys, options, bias
+):
+    """``python -m softce_multi bench --linear`` reports both paths for each number of rows,
+    with a ``[V]`` bias as ``torch.nn.Linear`` has by default, or without one (``--no-bias``);
+    both paths add the bias to the logits and differentiate it.
 
     The torch memory is measured in this process rather than in fresh ones, to save their start.
     """
@@ -777,18 +782,44 @@ def test_bench_compares_the_linear_loss_with_the_materialised_path(tmp_path, mon
     from softce_multi._cli import bench as _bench
 
     monkeypatch.setattr(_bench, "_memory_from_hidden", _bench.peak_extra_memory_from_hidden)
+    given_bias: list[bool] = []
+    linear_loss = sc.linear_masked_soft_cross_entropy
+
+    def spy(*arrays: Any, bias: Any = None, **keywords: Any) -> Any:
+        given_bias.append(bias is not None)
+        return linear_loss(*arrays, bias=bias, **keywords)
+
+    monkeypatch.setattr(sc, "linear_masked_soft_cross_entropy", spy)
 
     argv = ["--linear", "--rows", "16", "--hidden", "4", "--vocab", "10", "--repeats", "1"]
     report = tmp_path / "linear.json"
-    assert _bench.main([*argv, "--json", str(report)]) == 0
+    assert _bench.main([*argv, *options, "--json", str(report)]) == 0
     rows = json.loads(report.read_text())
     frameworks = {name for name in ("torch", "jax") if is_installed(name)}
     assert {(row["framework"], row["implementation"]) for row in rows} == {
         (framework, kind) for framework in frameworks for kind in ("linear", "materialised")
     }
     for row in rows:
-        assert row["rows"] == 16 and row["median_s"] > 0
+        assert row["rows"] == 16 and row["median_s"] > 0 and row["bias"] is bias
         assert row["extra_peak_mib"] is not None and row["extra_peak_mib"] >= 0
+    assert given_bias and set(given_bias) == {bias}
+    title = capsys.readouterr().out.splitlines()[0]
+    assert ("hidden @ weight.T + bias" in title) is bias
+
+    comparison = _bench.FROM_HIDDEN["linear"]
+    sizes = _bench.Sizes(16, 4, 10, 10, bias)
+    for framework in frameworks:
+        arrays = comparison.inputs(sizes, 0)
+        inputs = _bench._framework_arrays(framework, arrays, "float32", sizes.arrays_in_dtype)
+        own, materialised = (
+            _bench._from_hidden_jax_step(comparison, path, sizes, inputs)[0](*inputs)[1]
+            if framework == "jax"
+            else _bench._from_hidden_torch_step(comparison, path, sizes)(*inputs)
+            for path in ("linear", "materialised")
+        )
+        assert len(own) == len(materialised) == (3 if bias else 2), framework
+        for grad, want in zip(own, materialised, strict=True):
+            np.testing.assert_allclose(to_numpy(grad), to_numpy(want), rtol=1e-5, atol=1e-7)
 
 
 def test_torch_backward_recomputes_the_chunks_of_the_forward_pass(monkeypatch):

@@ -601,17 +601,25 @@ def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
 
 
 class Sizes(NamedTuple):
-    """Sizes of a comparison from hidden states.
+    """Sizes of a comparison from hidden states, and whether its logits have a bias.
 
     ``rows`` hidden states of size ``hidden``; ``vocab`` columns of the ``[rows, vocab]`` float32
     array that measures memory (the linear loss's logits, the targets' output, over the draft
-    vocabulary); ``target_vocab`` rows of the target head's weight (targets only).
+    vocabulary); ``target_vocab`` rows of the target head's weight (targets only); ``bias``:
+    the logits add a ``[vocab]`` bias, as ``torch.nn.Linear`` does by default (linear only).
     """
 
     rows: int
     hidden: int
     vocab: int
     target_vocab: int
+    bias: bool
+
+    @property
+    def arrays_in_dtype(self) -> int:
+        """How many of the input arrays, leading, take the dtype under test: the hidden
+        states, the weight and the bias if any. A forward+backward step differentiates them."""
+        return 3 if self.bias else 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -620,17 +628,18 @@ class FromHidden:
     path it equals (``hidden @ weight.T``, then the function of the logits).
 
     ``function(path, sizes)`` is the computation of ``path`` (:attr:`own` or
-    ``"materialised"``) as a function of the arrays ``inputs(sizes, seed)``; the first two (the
-    hidden states and the weight) take the dtype under test. With :attr:`differentiate`, a step
-    is forward+backward to those two; otherwise forward only.
+    ``"materialised"``) as a function of the arrays ``inputs(sizes, seed)``; the first
+    :attr:`Sizes.arrays_in_dtype` of them (the hidden states, the weight, the bias if any) take
+    the dtype under test. With :attr:`differentiate`, a step is forward+backward to those;
+    otherwise forward only.
     """
 
     own: str
     function: Callable[[str, Sizes], Callable[..., Any]]
     inputs: Callable[[Sizes, int], tuple[np.ndarray, ...]]
     differentiate: bool
-    title: str
-    """What is compared, with ``{hidden}``, ``{vocab}``, ``{target_vocab}`` to fill in."""
+    title: Callable[[Sizes], str]
+    """What is compared, at the given sizes."""
     default_rows: tuple[int, ...]
     default_hidden: int
 
@@ -645,25 +654,53 @@ def _random_rows(rng: np.random.Generator, sizes: Sizes, vocab: int) -> tuple[An
 
 
 def _linear_inputs(sizes: Sizes, seed: int) -> tuple[np.ndarray, ...]:
-    """Hidden states, the draft head's weight, probability targets and a bool mask."""
+    """Hidden states, the draft head's weight, with ``sizes.bias`` its bias (small, float32),
+    probability targets and a bool mask; the same states, weight, targets and mask without the
+    bias as with it."""
     rng = np.random.default_rng(seed)
     states, weight = _random_rows(rng, sizes, sizes.vocab)
     target = rng.standard_normal((sizes.rows, sizes.vocab), dtype=np.float32)
     np.exp(target, out=target)
     target /= target.sum(axis=-1, keepdims=True)
-    return states, weight, target, rng.random(sizes.rows) > 0.1
+    mask = rng.random(sizes.rows) > 0.1
+    if not sizes.bias:
+        return states, weight, target, mask
+    bias = rng.standard_normal(sizes.vocab, dtype=np.float32)
+    bias *= np.float32(0.1)
+    return states, weight, bias, target, mask
 
 
 def _linear_function(path: str, sizes: Sizes) -> Callable[..., Any]:
+    """The loss of ``path`` as a function of the arrays of :func:`_linear_inputs`."""
     import softce_multi
 
-    if path == "linear":
-        return softce_multi.linear_masked_soft_cross_entropy
+    def linear(states: Any, weight: Any, bias: Any, target: Any, mask: Any) -> Any:
+        return softce_multi.linear_masked_soft_cross_entropy(
+            states, weight, target, mask, bias=bias
+        )
 
-    def materialised(states: Any, weight: Any, target: Any, mask: Any) -> Any:
-        return softce_multi.masked_soft_cross_entropy(states @ weight.T, target, mask)
+    def materialised(states: Any, weight: Any, bias: Any, target: Any, mask: Any) -> Any:
+        logits = states @ weight.T
+        if bias is not None:
+            logits = logits + bias
+        return softce_multi.masked_soft_cross_entropy(logits, target, mask)
 
-    return materialised
+    loss = linear if path == "linear" else materialised
+    if sizes.bias:
+        return loss
+    return lambda states, weight, target, mask: loss(states, weight, None, target, mask)
+
+
+def _linear_title(sizes: Sizes) -> str:
+    logits, bias = (
+        ("hidden @ weight.T + bias", "a [V] bias as nn.Linear has")
+        if sizes.bias
+        else ("hidden @ weight.T", "no bias")
+    )
+    return (
+        f"linear_masked_soft_cross_entropy against {logits} then masked_soft_cross_entropy, "
+        f"forward+backward; H = {sizes.hidden}, V = {sizes.vocab}, {bias}"
+    )
 
 
 def _targets_inputs(sizes: Sizes, seed: int) -> tuple[np.ndarray, ...]:
@@ -687,16 +724,20 @@ def _targets_function(path: str, sizes: Sizes) -> Callable[..., Any]:
     return materialised
 
 
+def _targets_title(sizes: Sizes) -> str:
+    return (
+        "prepare_targets_from_hidden against prepare_targets(hidden @ weight.T), forward; "
+        f"H = {sizes.hidden}, V_target = {sizes.target_vocab}, V_draft = {sizes.vocab}"
+    )
+
+
 FROM_HIDDEN: dict[str, FromHidden] = {
     "linear": FromHidden(
         "linear",
         _linear_function,
         _linear_inputs,
         differentiate=True,
-        title=(
-            "linear_masked_soft_cross_entropy against hidden @ weight.T then "
-            "masked_soft_cross_entropy, forward+backward; H = {hidden}, V = {vocab}"
-        ),
+        title=_linear_title,
         default_rows=(2048, 8192),
         default_hidden=256,
     ),
@@ -705,10 +746,7 @@ FROM_HIDDEN: dict[str, FromHidden] = {
         _targets_function,
         _targets_inputs,
         differentiate=False,
-        title=(
-            "prepare_targets_from_hidden against prepare_targets(hidden @ weight.T), forward; "
-            "H = {hidden}, V_target = {target_vocab}, V_draft = {vocab}"
-        ),
+        title=_targets_title,
         default_rows=(4096,),
         default_hidden=128,
     ),
@@ -716,19 +754,23 @@ FROM_HIDDEN: dict[str, FromHidden] = {
 """The comparisons from hidden states, by their option (``bench --linear``, ``--targets``)."""
 
 
-def _framework_arrays(framework: str, arrays: Sequence[np.ndarray], dtype: str) -> tuple[Any, ...]:
-    """``arrays`` in ``framework``; the first two (hidden states, weight) in ``dtype``."""
+def _framework_arrays(
+    framework: str, arrays: Sequence[np.ndarray], dtype: str, in_dtype: int
+) -> tuple[Any, ...]:
+    """``arrays`` in ``framework``; the first ``in_dtype`` of them in ``dtype``."""
     if framework == "jax":
         import jax.numpy as jnp
 
         return tuple(
-            jnp.asarray(array, getattr(jnp, dtype)) if index < 2 else jnp.asarray(array)
+            jnp.asarray(array, getattr(jnp, dtype)) if index < in_dtype else jnp.asarray(array)
             for index, array in enumerate(arrays)
         )
     import torch
 
     return tuple(
-        torch.from_numpy(array).to(getattr(torch, dtype)) if index < 2 else torch.from_numpy(array)
+        torch.from_numpy(array).to(getattr(torch, dtype))
+        if index < in_dtype
+        else torch.from_numpy(array)
         for index, array in enumerate(arrays)
     )
 
@@ -738,10 +780,10 @@ def _from_hidden_torch_step(comparison: FromHidden, path: str, sizes: Sizes) -> 
     if not comparison.differentiate:
         return function
 
-    def step(states: Any, weight: Any, *rest: Any) -> Any:
-        states, weight = states.detach().requires_grad_(True), weight.detach().requires_grad_(True)
-        function(states, weight, *rest).backward()
-        return states.grad, weight.grad
+    def step(*arrays: Any) -> Any:
+        leaves = [array.detach().requires_grad_(True) for array in arrays[: sizes.arrays_in_dtype]]
+        function(*leaves, *arrays[sizes.arrays_in_dtype :]).backward()
+        return tuple(leaf.grad for leaf in leaves)
 
     return step
 
@@ -754,7 +796,7 @@ def _from_hidden_jax_step(
 
     function = comparison.function(path, sizes)
     if comparison.differentiate:
-        function = jax.value_and_grad(function, argnums=(0, 1))
+        function = jax.value_and_grad(function, argnums=tuple(range(sizes.arrays_in_dtype)))
     jitted = jax.jit(function)
 
     def step(*arrays: Any) -> Any:
@@ -764,20 +806,21 @@ def _from_hidden_jax_step(
 
 
 def peak_extra_memory_from_hidden(
-    name: str, path: str, sizes: Sequence[int], dtype: str, seed: int
+    name: str, path: str, sizes: tuple[int, int, int, int, bool], dtype: str, seed: int
 ) -> int:
-    """Bytes of extra peak resident memory of one torch step of ``path`` of comparison ``name``.
+    """Bytes of extra peak resident memory of one torch step of ``path`` of comparison ``name``
+    at ``sizes``, the fields of a :class:`Sizes`.
 
     The libraries are warmed up on a tiny case first, so that no freed buffer of this size is
     reused; ``VmHWM`` is reset once the inputs exist.
     """
     comparison = FROM_HIDDEN[name]
-    tiny = Sizes(8, 8, 16, 32)
-    warm_up = _from_hidden_torch_step(comparison, path, tiny)
-    warm_up(*_framework_arrays("torch", comparison.inputs(tiny, seed), dtype))
     full = Sizes(*sizes)
+    tiny = Sizes(8, 8, 16, 32, full.bias)
+    warm_up = _from_hidden_torch_step(comparison, path, tiny)
+    warm_up(*_framework_arrays("torch", comparison.inputs(tiny, seed), dtype, tiny.arrays_in_dtype))
     step = _from_hidden_torch_step(comparison, path, full)
-    inputs = _framework_arrays("torch", comparison.inputs(full, seed), dtype)
+    inputs = _framework_arrays("torch", comparison.inputs(full, seed), dtype, full.arrays_in_dtype)
     return _resident_rise(lambda: step(*inputs))
 
 
@@ -805,7 +848,9 @@ def run_from_hidden(
         if _unavailable(framework, "cpu") is not None:
             continue
         for size in sizes:
-            inputs = _framework_arrays(framework, comparison.inputs(size, seed), dtype)
+            inputs = _framework_arrays(
+                framework, comparison.inputs(size, seed), dtype, size.arrays_in_dtype
+            )
             steps: dict[str, Step] = {}
             extras: dict[str, int | None] = dict.fromkeys(paths)
             for path in paths:
@@ -858,8 +903,10 @@ def _format_from_hidden(rows: list[dict[str, Any]]) -> str:
 def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
     comparison = FROM_HIDDEN[name]
     hidden = args.hidden or comparison.default_hidden
+    target_vocab = args.target_vocab or DEFAULT_TARGET_VOCAB
+    bias = name == "linear" and args.bias is not False  # nn.Linear's default: with a bias
     sizes = [
-        Sizes(rows, hidden, args.vocab, args.target_vocab or DEFAULT_TARGET_VOCAB)
+        Sizes(rows, hidden, args.vocab, target_vocab, bias)
         for rows in args.rows or comparison.default_rows
     ]
     dtype = args.dtypes[0]
@@ -869,7 +916,7 @@ def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
     )
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
-    print(comparison.title.format(**sizes[0]._asdict()))
+    print(comparison.title(sizes[0]))
     print(f"{dtype}, median of {args.repeats} interleaved rounds")
     print(_format_from_hidden(rows))
     print("x time: this path's time over the materialised path's, per round, median.")
@@ -884,6 +931,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """Refuse, through ``parser.error`` and before anything is measured, the options that the
     run would ignore or fail on, and the outputs it could not write when done."""
     comparison = "--linear" if args.linear else "--targets" if args.targets else None
+    bias_flag = "--bias" if args.bias else "--no-bias"
     if comparison is None:
         for flag, value in [
             ("--rows", args.rows),
@@ -893,12 +941,15 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         ]:
             if value is not None:
                 parser.error(f"{flag} goes with --linear or --targets")
+        if args.bias is not None:
+            parser.error(f"{bias_flag} goes with --linear")
     else:
         for flag, given in [
             ("--lengths", args.lengths is not None),
             ("--device cuda", args.device == "cuda"),
             ("--plot", args.plot is not None),
             ("--target-vocab", args.linear and args.target_vocab is not None),
+            (bias_flag, args.targets and args.bias is not None),
         ]:
             if given:
                 parser.error(f"{flag} does not go with {comparison}")
@@ -995,6 +1046,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--target-vocab",
         type=positive_int,
         help=f"with --targets: V_target ({DEFAULT_TARGET_VOCAB})",
+    )
+    parser.add_argument(
+        "--bias",
+        action=argparse.BooleanOptionalAction,
+        help="with --linear: a [V] bias as nn.Linear has, differentiated too (default: yes)",
     )
     parser.add_argument(
         "--frameworks",
