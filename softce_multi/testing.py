@@ -14,6 +14,8 @@ it holds, written once, what a test of the loss needs.
 - :data:`LOSS_RTOL` and :data:`GRAD_RTOL`: the tolerances, by dtype;
 - :func:`assert_loss_close` and :func:`assert_gradient_close`: comparisons that check the
   namespace, dtype, shape and device before the values;
+- :func:`group_of_one`: a ``torch.distributed`` group of this one process, on loopback, for
+  the vocabulary-parallel losses and anything else that needs a process group;
 - :func:`ulp_error`, :func:`formula_gradient`, :func:`rounding_errors` and
   :func:`assert_gradient_rounded_once`: the accuracy of a 16-bit gradient in units in the last
   place, against that of the plain formula.
@@ -24,10 +26,13 @@ package does not import it.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import ModuleType
 from typing import Any, NamedTuple
 
@@ -51,6 +56,7 @@ __all__ = [
     "dtype_name",
     "formula_gradient",
     "gradient_tolerance",
+    "group_of_one",
     "is_installed",
     "known_backends",
     "library_of",
@@ -476,6 +482,46 @@ def make_case(
 def compute_dtype(logits_dtype: str, target_dtype: str) -> str:
     """The dtype the loss is computed and returned in, from the inputs' dtype names."""
     return "float64" if "float64" in (logits_dtype, target_dtype) else "float32"
+
+
+@contextlib.contextmanager
+def group_of_one(timeout: float = 60.0) -> Iterator[Any]:
+    """A ``torch.distributed`` gloo group of this one process, on 127.0.0.1 (a free port).
+
+    It is the default process group while the context lasts, and destroyed after. Code written
+    for a vocabulary split across ranks runs on it with the whole vocabulary on rank 0.
+
+    Parameters
+    ----------
+    timeout
+        Seconds a collective may wait.
+
+    Yields
+    ------
+    torch.distributed.ProcessGroup
+        The default group (``torch.distributed.group.WORLD``).
+
+    Raises
+    ------
+    RuntimeError
+        If a default process group already exists (from ``torch.distributed``).
+    """
+    import torch.distributed as dist
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=0,
+        world_size=1,
+        timeout=timedelta(seconds=timeout),
+    )
+    try:
+        yield dist.group.WORLD
+    finally:
+        dist.destroy_process_group()
 
 
 # --------------------------------------------------------------------------------------------

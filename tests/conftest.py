@@ -54,3 +54,15 @@ def backend(request: pytest.FixtureRequest) -> testing.Backend:
 def autodiff_backend(request: pytest.FixtureRequest) -> testing.Backend:
     """The backends that differentiate the loss themselves: torch and JAX."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def group_of_one():
+    """:func:`softce_multi.testing.group_of_one` for a test module; skips without gloo."""
+    dist = pytest.importorskip("torch.distributed", reason="torch.distributed not available")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("torch.distributed with gloo not available")
+    if dist.is_initialized():
+        pytest.skip("a default process group already exists in this process")
+    with testing.group_of_one() as group:
+        yield group

@@ -208,8 +208,9 @@ def test_numpy_oracle_agrees_with_the_torch_reference_in_float64() -> None:
     logits = inputs.logits.astype(np.float64)
     target = inputs.target_probs.astype(np.float64)
 
-    numpy_loss, numpy_grad = _check.numpy_reference(logits, target, inputs.position_mask)
-    torch_loss, torch_grad = _check.torch_reference(logits, target, inputs.position_mask)
+    arguments = (logits, target, inputs.position_mask, 0.3)
+    numpy_loss, numpy_grad = _check.numpy_reference(*arguments)
+    torch_loss, torch_grad = _check.torch_reference(*arguments)
 
     assert numpy_loss == pytest.approx(torch_loss, rel=1e-12)
     assert _check.gradient_error(numpy_grad, torch_grad) < 1e-12

@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import inspect
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -385,30 +383,6 @@ def test_the_linear_module_takes_its_arrays_and_bias_by_keyword(torch):
 # --------------------------------------------------------------------------------------------
 # The distributed functions by keyword, on a group of one
 # --------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def group_of_one(torch) -> Any:
-    """A one-process gloo group on 127.0.0.1 (the default group, destroyed afterwards)."""
-    dist = pytest.importorskip("torch.distributed", reason="torch.distributed not available")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo not available")
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
 
 
 def on_a_group_of_one(

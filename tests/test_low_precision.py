@@ -37,10 +37,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import socket
 import sys
 from collections.abc import Iterator
-from datetime import timedelta
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -53,7 +51,7 @@ if __name__ == "__main__":  # the report reads the kernels as the test run does
 torch = pytest.importorskip("torch", reason="the formula and the oracle need torch")
 
 import softce_multi  # noqa: E402
-from softce_multi import _core  # noqa: E402
+from softce_multi import _core, testing  # noqa: E402
 from softce_multi.testing import (  # noqa: E402
     ULP_MARGIN,
     assert_gradient_rounded_once,
@@ -927,38 +925,6 @@ def test_linear_loss_with_grad_at_a_unit_upstream_is_as_accurate_as_the_formula(
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def gloo_group_of_one() -> Iterator[Any]:
-    """A one-process gloo group on 127.0.0.1: the default group, destroyed afterwards."""
-    import torch.distributed as dist
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=0,
-        world_size=1,
-        timeout=timedelta(seconds=60),
-    )
-    try:
-        yield dist.group.WORLD
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def group_of_one() -> Iterator[Any]:
-    dist = pytest.importorskip("torch.distributed", reason="torch.distributed not available")
-    if not dist.is_available() or not dist.is_gloo_available():
-        pytest.skip("torch.distributed with gloo not available")
-    if dist.is_initialized():
-        pytest.skip("a default process group already exists in this process")
-    with gloo_group_of_one() as group:
-        yield group
-
-
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_vocab_parallel_rounds_the_gradient_once(group_of_one, rng, dtype, reduction):
@@ -1128,7 +1094,7 @@ def _report(repeats: int = 3) -> None:  # pragma: no cover (a script for the rel
         row("Triton backward (interp.)", triton_backward_gradient, SMALL_SHAPE)
     row("JAX XLA jax.grad, jit", functools.partial(jax_gradient, jit=True), SHAPE)
     row("Pallas backward (interp.)", pallas_backward_gradient, SMALL_SHAPE)
-    with gloo_group_of_one() as group:
+    with testing.group_of_one() as group:
         row(
             "torch vocab-parallel",
             lambda *args: torch_vocab_parallel_gradient(*args, group),

@@ -137,7 +137,10 @@ def gradient_error(grad: np.ndarray, reference: np.ndarray) -> float:
 
 
 def numpy_reference(
-    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray, upstream: float
+    logits: np.ndarray,
+    target_probs: np.ndarray,
+    position_mask: np.ndarray,
+    upstream: float = 1.0,
 ) -> tuple[float, np.ndarray]:
     """Return the ``"mean"`` loss and the logits gradient of ``upstream`` times it, by the
     NumPy float64 formula."""
@@ -146,7 +149,10 @@ def numpy_reference(
 
 
 def torch_reference(
-    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray, upstream: float
+    logits: np.ndarray,
+    target_probs: np.ndarray,
+    position_mask: np.ndarray,
+    upstream: float = 1.0,
 ) -> tuple[float, np.ndarray]:
     """Return the loss of :mod:`softce_multi.reference` in float64 and the autograd gradient of
     ``upstream`` times it."""
