@@ -644,6 +644,9 @@ def _torch_vocab_parallel_linear_function() -> Any:
             group: Any,
         ) -> torch.Tensor:
             xp = array_api_compat.array_namespace(hidden)
+            # Under torch.autocast the matmuls run in its dtype, as F.linear's would.
+            linear_inputs = [x for x in (hidden, weight_shard, bias_shard) if x is not None]
+            matmul_dtype = torch_adapter.autocast_dtype(*linear_inputs)
             rows = _linear.as_linear_rows(
                 hidden,
                 weight_shard,
@@ -653,6 +656,7 @@ def _torch_vocab_parallel_linear_function() -> Any:
                 reduction=reduction,
                 num_valid=num_valid,
                 xp=xp,
+                matmul_dtype=matmul_dtype,
             )
 
             # F.linear's logits (addmm: one rounding with a bias), into one reused buffer.
@@ -675,6 +679,7 @@ def _torch_vocab_parallel_linear_function() -> Any:
             )
             ctx.reduction = reduction
             ctx.group = group
+            ctx.matmul_dtype = matmul_dtype
             ctx.save_for_backward(
                 hidden,
                 weight_shard,
@@ -709,6 +714,7 @@ def _torch_vocab_parallel_linear_function() -> Any:
                 xp=array_api_compat.array_namespace(hidden),
                 # The logits of the forward pass, to the last bit.
                 logits=torch_adapter.LogitsBuffer(),
+                matmul_dtype=ctx.matmul_dtype,
             )
             grad_hidden = grad_weight = grad_bias = None
             if grads is not None:

@@ -1,0 +1,329 @@
+"""The losses from hidden states under ``torch.autocast``: the matmuls in the autocast dtype.
+
+Under autocast, ``torch.nn.functional.linear`` runs in the autocast dtype and the loss in
+float32. The linear losses, their module, the vocabulary-parallel linear loss and
+``eagle3.prepare_targets_from_hidden`` compute each chunk's logits the same way, so that they
+equal ``F.linear`` followed by the loss under the same autocast, in value and gradients; the
+gradients come back in the dtypes of ``hidden``, ``weight`` and ``bias``. Outside autocast
+nothing changes. Tolerances are those of Liger-Kernel's own autocast test of its fused linear
+losses (``atol=5e-3, rtol=5e-2``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+import softce_multi as sc
+from softce_multi import eagle3
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+
+AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+#: Liger-Kernel's tolerances for its fused linear losses under autocast.
+LIGER_TOLERANCES = {"atol": 5e-3, "rtol": 5e-2}
+#: Those of the same matmuls and the same row math in one chunk (only sums taken in another
+#: order differ): a float32 matmul where autocast asked for 16 bits is far outside them. Over
+#: several chunks the weight gradient sums each chunk's 16-bit product in float32, where
+#: ``F.linear``'s backward rounds one product of every row: Liger's tolerances apply then.
+SAME_MATMULS = {"atol": 1e-6, "rtol": 1e-4}
+
+
+def linear_inputs(seed: int, *, rows: int = 48, hidden: int = 64, vocab: int = 300) -> dict:
+    """float32 hidden states, an ``lm_head`` weight and bias, soft targets and a bool mask."""
+    generator = torch.Generator().manual_seed(seed)
+    return {
+        "hidden": torch.randn(2, rows // 2, hidden, generator=generator),
+        "weight": torch.randn(vocab, hidden, generator=generator) * hidden**-0.5,
+        "bias": torch.randn(vocab, generator=generator) * 0.1,
+        "target_probs": torch.softmax(torch.randn(2, rows // 2, vocab, generator=generator), -1),
+        "position_mask": torch.rand(2, rows // 2, generator=generator) < 0.8,
+    }
+
+
+def differentiate(loss_of: Any, inputs: dict, autocast_dtype: Any, upstream: Any) -> tuple:
+    """``loss_of(hidden, weight, bias)`` under CPU autocast, and its gradients to the three."""
+    leaves = [inputs[name].clone().requires_grad_(True) for name in ("hidden", "weight", "bias")]
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        loss = loss_of(*leaves)
+    loss.backward(upstream)
+    return (loss.detach(), *(leaf.grad for leaf in leaves))
+
+
+def materialised(inputs: dict, reduction: str = "mean") -> Any:
+    """``F.linear``, then the loss of the logits: the path the linear loss must equal."""
+
+    def loss_of(hidden: Any, weight: Any, bias: Any) -> Any:
+        logits = F.linear(hidden, weight, bias)
+        return sc.masked_soft_cross_entropy(
+            logits, inputs["target_probs"], inputs["position_mask"], reduction=reduction
+        )
+
+    return loss_of
+
+
+def assert_results_close(actual: tuple, expected: tuple, **tolerances: float) -> None:
+    """Same dtypes (float32 loss, the inputs' dtypes for the gradients), close values.
+
+    ``tolerances`` (Liger's by default) apply to the loss and the gradients to ``hidden`` and
+    ``weight``; the bias gradient, a fourth entry, is held to Liger's: ``F.linear``'s backward
+    rounds it to the 16-bit dtype, where the linear loss sums it in float32.
+    """
+    for index, (got, want) in enumerate(zip(actual, expected, strict=True)):
+        assert got.dtype == want.dtype
+        close = LIGER_TOLERANCES if index == 3 or not tolerances else tolerances
+        torch.testing.assert_close(got, want, **close)
+
+
+@pytest.mark.parametrize("chunk_rows", [None, 7], ids=["one chunk", "7 rows a chunk"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_linear_loss_equals_f_linear_then_the_loss_under_autocast(dtype, reduction, chunk_rows):
+    inputs = linear_inputs(1)
+    upstream = torch.tensor(0.3) if reduction != "none" else torch.rand(2, 24)
+
+    def linear(hidden: Any, weight: Any, bias: Any) -> Any:
+        return sc.linear_masked_soft_cross_entropy(
+            hidden=hidden,
+            weight=weight,
+            target_probs=inputs["target_probs"],
+            position_mask=inputs["position_mask"],
+            bias=bias,
+            reduction=reduction,
+            chunk_rows=chunk_rows,
+        )
+
+    ours = differentiate(linear, inputs, AUTOCAST_DTYPES[dtype], upstream)
+    expected = differentiate(
+        materialised(inputs, reduction), inputs, AUTOCAST_DTYPES[dtype], upstream
+    )
+
+    assert ours[0].dtype == torch.float32
+    assert all(grad.dtype == torch.float32 for grad in ours[1:])
+    assert_results_close(ours, expected, **(SAME_MATMULS if chunk_rows is None else {}))
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_liger_amp_case_passes(dtype):
+    """Liger-Kernel's autocast test of its fused linear KL loss, adapted: ``[2, 4]`` positions,
+    ``H = 2048``, ``V = 3200``, a float32 weight of uniform values, targets the softmax of
+    uniform values, the mean over the rows (KL and the soft cross entropy differ by the targets'
+    entropy, a constant, so their gradients are equal)."""
+    generator = torch.Generator().manual_seed(42)
+    hidden_size, vocab = 2048, 3200
+    weight = torch.rand(vocab, hidden_size, generator=generator)
+    inputs = {
+        "hidden": torch.randn(2 * 4, hidden_size, generator=generator),
+        "weight": weight,
+        "bias": torch.zeros(vocab),
+        "target_probs": torch.rand(2 * 4, vocab, generator=generator).softmax(dim=-1),
+        "position_mask": torch.ones(2 * 4, dtype=torch.bool),
+    }
+
+    def reference_head(hidden: Any, weight: Any, bias: Any) -> Any:
+        logits = F.linear(hidden, weight).to(torch.float32)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        return -(inputs["target_probs"] * log_probs).sum() / hidden.shape[0] + 0 * bias.sum()
+
+    def linear(hidden: Any, weight: Any, bias: Any) -> Any:
+        loss = sc.linear_masked_soft_cross_entropy(
+            hidden, weight, inputs["target_probs"], inputs["position_mask"]
+        )
+        return loss + 0 * bias.sum()
+
+    upstream = torch.tensor(1.0)
+    ours = differentiate(linear, inputs, AUTOCAST_DTYPES[dtype], upstream)
+    expected = differentiate(reference_head, inputs, AUTOCAST_DTYPES[dtype], upstream)
+
+    assert_results_close(ours[:3], expected[:3])
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_linear_module_equals_f_linear_then_the_loss_under_autocast(dtype):
+    inputs = linear_inputs(2)
+    criterion = sc.torch.LinearMaskedSoftCrossEntropy()
+
+    def module(hidden: Any, weight: Any, bias: Any) -> Any:
+        return criterion(hidden, weight, inputs["target_probs"], inputs["position_mask"], bias=bias)
+
+    upstream = torch.tensor(0.7)
+    ours = differentiate(module, inputs, AUTOCAST_DTYPES[dtype], upstream)
+    expected = differentiate(materialised(inputs), inputs, AUTOCAST_DTYPES[dtype], upstream)
+
+    assert_results_close(ours, expected, **SAME_MATMULS)
+
+
+def test_vocab_parallel_linear_loss_equals_f_linear_then_the_loss_under_autocast(group_of_one):
+    from softce_multi import distributed
+
+    inputs = linear_inputs(3)
+
+    def vocab_parallel(hidden: Any, weight: Any, bias: Any) -> Any:
+        return distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            hidden, weight, inputs["target_probs"], inputs["position_mask"], bias_shard=bias
+        )
+
+    upstream = torch.tensor(0.4)
+    ours = differentiate(vocab_parallel, inputs, torch.bfloat16, upstream)
+    expected = differentiate(materialised(inputs), inputs, torch.bfloat16, upstream)
+
+    assert_results_close(ours, expected, **SAME_MATMULS)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_targets_from_hidden_equal_the_targets_of_f_linear_under_autocast(dtype):
+    generator = torch.Generator().manual_seed(4)
+    hidden = torch.randn(2, 32, 48, generator=generator)
+    weight = torch.randn(400, 48, generator=generator) * 48**-0.5
+    loss_mask = torch.rand(2, 32, generator=generator) < 0.9
+    t2d = torch.zeros(400, dtype=torch.bool)
+    t2d[torch.randperm(400, generator=generator)[:120]] = True
+
+    with torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype]):
+        ours = eagle3.prepare_targets_from_hidden(
+            hidden, weight, loss_mask, t2d, draft_vocab_size=120, chunk_rows=5
+        )
+        expected = eagle3.prepare_targets(F.linear(hidden, weight), loss_mask, t2d)
+
+    torch.testing.assert_close(ours[0], expected[0], rtol=1e-6, atol=1e-7)
+    assert torch.equal(ours[1], expected[1])
+
+
+@pytest.mark.parametrize("logits_dtype", ["float32", "bfloat16"])
+def test_loss_of_logits_stays_float32_under_autocast(logits_dtype):
+    """Autocast runs losses in float32: so does this one, with the value it has outside."""
+    inputs = linear_inputs(5)
+    logits = F.linear(inputs["hidden"], inputs["weight"]).to(getattr(torch, logits_dtype))
+    arguments = (logits, inputs["target_probs"], inputs["position_mask"])
+    outside = sc.masked_soft_cross_entropy(*arguments)
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = sc.masked_soft_cross_entropy(*arguments)
+
+    assert inside.dtype == torch.float32
+    torch.testing.assert_close(inside, outside, rtol=0, atol=0)
+
+
+def chunk_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
+    """The dtypes of the chunks' logits as the torch linear loss makes them, recorded."""
+    seen: list[torch.dtype] = []
+    make = sc.torch.LogitsBuffer.__call__
+
+    def spy(self: Any, hidden: Any, weight: Any, bias: Any) -> Any:
+        logits = make(self, hidden, weight, bias)
+        seen.append(logits.dtype)
+        return logits
+
+    monkeypatch.setattr(sc.torch.LogitsBuffer, "__call__", spy)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_chunk_matmuls_run_in_the_autocast_dtype(monkeypatch, dtype):
+    inputs = linear_inputs(6)
+    seen = chunk_dtypes(monkeypatch)
+    linear = sc.linear_masked_soft_cross_entropy
+
+    with torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype]):
+        linear(**{k: v for k, v in inputs.items()}, chunk_rows=16)
+
+    assert seen == [AUTOCAST_DTYPES[dtype]] * 3
+
+
+def test_chunk_matmuls_keep_the_inputs_dtype_outside_autocast_and_in_float64(monkeypatch):
+    inputs = linear_inputs(7)
+    seen = chunk_dtypes(monkeypatch)
+    as_float64 = {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+    sc.linear_masked_soft_cross_entropy(**inputs, chunk_rows=48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sc.linear_masked_soft_cross_entropy(**as_float64, chunk_rows=48)
+
+    assert seen == [torch.float32, torch.float64]
+
+
+def test_compiled_step_under_autocast_passes_the_autocast_dtype_and_equals_eager():
+    """One graph under ``fullgraph=True``; the operator that runs the chunks receives the
+    autocast dtype as its matmul dtype; values and gradients are those of eager mode."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    inputs = linear_inputs(8)
+    graphs: list[Any] = []
+
+    def record(graph_module: Any, _: Any) -> Any:
+        graphs.append(graph_module)
+        return make_boxed_func(graph_module)
+
+    recording_backend = aot_autograd(
+        fw_compiler=record, bw_compiler=lambda graph_module, _: make_boxed_func(graph_module)
+    )
+
+    def step(hidden: Any, weight: Any, bias: Any) -> Any:
+        return sc.linear_masked_soft_cross_entropy(
+            hidden,
+            weight,
+            inputs["target_probs"],
+            inputs["position_mask"],
+            bias=bias,
+            num_valid=inputs["position_mask"].sum(),
+        )
+
+    torch._dynamo.reset()
+    upstream = torch.tensor(0.5)
+    compiled = differentiate(
+        torch.compile(step, fullgraph=True, backend=recording_backend),
+        inputs,
+        torch.bfloat16,
+        upstream,
+    )
+    eager = differentiate(step, inputs, torch.bfloat16, upstream)
+
+    assert len(graphs) == 1  # one forward graph: no break
+    operators = [
+        node
+        for node in graphs[0].graph.nodes
+        if node.op == "call_function" and "linear_forward" in str(node.target)
+    ]
+    assert len(operators) == 1
+    assert torch.bfloat16 in operators[0].args
+    assert_results_close(compiled, eager, rtol=0, atol=0)
+
+
+def test_gradients_made_in_the_forward_pass_outside_autocast_only(monkeypatch):
+    """Under a 16-bit autocast the logits are 16-bit: their gradient is made in the backward
+    pass, with the upstream gradient in its one rounding; outside, in the forward pass."""
+    from softce_multi.kernels import torch_cpu
+
+    calls: list[str] = []
+    for name in ("torch_row_routine_", "torch_gradient_routine_"):
+        original = getattr(torch_cpu, name)
+
+        def spy(*arguments: Any, _name: str = name, _original: Any = original) -> Any:
+            calls.append(_name)
+            return _original(*arguments)
+
+        monkeypatch.setattr(torch_cpu, name, spy)
+    inputs = linear_inputs(9)
+    differentiate(
+        lambda h, w, b: sc.linear_masked_soft_cross_entropy(
+            h, w, inputs["target_probs"], inputs["position_mask"], bias=b
+        ),
+        inputs,
+        torch.bfloat16,
+        torch.tensor(0.2),
+    )
+    in_autocast, calls[:] = list(calls), []
+    leaves = [inputs[k].clone().requires_grad_(True) for k in ("hidden", "weight", "bias")]
+    sc.linear_masked_soft_cross_entropy(
+        leaves[0], leaves[1], inputs["target_probs"], inputs["position_mask"], bias=leaves[2]
+    ).backward()
+
+    assert in_autocast == ["torch_gradient_routine_"]
+    assert calls == ["torch_row_routine_"]
+    assert np.isfinite(leaves[0].grad.numpy()).all()
