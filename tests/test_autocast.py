@@ -327,3 +327,36 @@ def test_gradients_made_in_the_forward_pass_outside_autocast_only(monkeypatch):
     assert in_autocast == ["torch_gradient_routine_"]
     assert calls == ["torch_row_routine_"]
     assert np.isfinite(leaves[0].grad.numpy()).all()
+
+
+def test_bench_times_both_linear_paths_under_autocast(tmp_path, monkeypatch, capsys):
+    """``bench --linear --autocast bfloat16`` runs torch alone (JAX has no autocast), both
+    paths' chunks or logits in bfloat16, and says so in its title."""
+    import json
+
+    from softce_multi._cli import bench
+
+    monkeypatch.setattr(bench, "_memory_from_hidden", bench.peak_extra_memory_from_hidden)
+    seen = chunk_dtypes(monkeypatch)
+    report = tmp_path / "autocast.json"
+    argv = ["--linear", "--rows", "16", "--hidden", "4", "--vocab", "10", "--repeats", "1"]
+
+    assert bench.main([*argv, "--autocast", "bfloat16", "--json", str(report)]) == 0
+
+    rows = json.loads(report.read_text())
+    assert {(row["framework"], row["implementation"]) for row in rows} == {
+        ("torch", "linear"),
+        ("torch", "materialised"),
+    }
+    assert seen and set(seen) == {torch.bfloat16}
+    assert "under torch.autocast(bfloat16)" in capsys.readouterr().out.splitlines()[0]
+    sizes = bench.Sizes(16, 4, 10, 10, True, "bfloat16")
+    comparison = bench.FROM_HIDDEN["linear"]
+    inputs = bench._framework_arrays("torch", comparison.inputs(sizes, 0), "float32", 3)
+    own, materialised = (
+        bench._from_hidden_torch_step(comparison, path, sizes)(*inputs)
+        for path in ("linear", "materialised")
+    )
+    for grad, want in zip(own, materialised, strict=True):
+        assert grad.dtype == torch.float32
+        torch.testing.assert_close(grad, want, **LIGER_TOLERANCES)

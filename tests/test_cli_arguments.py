@@ -217,6 +217,12 @@ def test_bench_refuses_a_plot_without_matplotlib_before_measuring(tmp_path: Path
         (["--no-bias"], "--no-bias goes with --linear"),
         (["--targets", "--bias"], "--bias does not go with --targets"),
         (["--targets", "--no-bias"], "--no-bias does not go with --targets"),
+        (["--autocast", "bfloat16"], "--autocast goes with --linear"),
+        (["--targets", "--autocast", "bfloat16"], "--autocast does not go with --targets"),
+        (
+            ["--linear", "--autocast", "float16", "--frameworks", "jax"],
+            "--autocast is torch.autocast: it does not go with --frameworks jax",
+        ),
         (["--linear", "--target-vocab", "100"], "--target-vocab does not go with --linear"),
         (["--linear", "--lengths", "4"], "--lengths does not go with --linear"),
         (["--targets", "--device", "cuda"], "--device cuda does not go with --targets"),

@@ -34,6 +34,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import array_api_compat
 import numpy as np
 
 from softce_multi import testing
@@ -606,7 +607,9 @@ class Sizes(NamedTuple):
     ``rows`` hidden states of size ``hidden``; ``vocab`` columns of the ``[rows, vocab]`` float32
     array that measures memory (the linear loss's logits, the targets' output, over the draft
     vocabulary); ``target_vocab`` rows of the target head's weight (targets only); ``bias``:
-    the logits add a ``[vocab]`` bias, as ``torch.nn.Linear`` does by default (linear only).
+    the logits add a ``[vocab]`` bias, as ``torch.nn.Linear`` does by default (linear only);
+    ``autocast``: the name of the dtype of a ``torch.autocast`` around both paths' forward pass
+    (linear, torch only), or None.
     """
 
     rows: int
@@ -614,6 +617,7 @@ class Sizes(NamedTuple):
     vocab: int
     target_vocab: int
     bias: bool
+    autocast: str | None = None
 
     @property
     def arrays_in_dtype(self) -> int:
@@ -680,9 +684,15 @@ def _linear_function(path: str, sizes: Sizes) -> Callable[..., Any]:
         )
 
     def materialised(states: Any, weight: Any, bias: Any, target: Any, mask: Any) -> Any:
-        logits = states @ weight.T
-        if bias is not None:
-            logits = logits + bias
+        if array_api_compat.is_torch_array(states):
+            import torch
+
+            # nn.Linear's logits: one rounding with a bias, and autocast's dtype under it.
+            logits = torch.nn.functional.linear(states, weight, bias)
+        else:
+            logits = states @ weight.T
+            if bias is not None:
+                logits = logits + bias
         return softce_multi.masked_soft_cross_entropy(logits, target, mask)
 
     loss = linear if path == "linear" else materialised
@@ -697,9 +707,10 @@ def _linear_title(sizes: Sizes) -> str:
         if sizes.bias
         else ("hidden @ weight.T", "no bias")
     )
+    autocast = f", under torch.autocast({sizes.autocast})" if sizes.autocast else ""
     return (
         f"linear_masked_soft_cross_entropy against {logits} then masked_soft_cross_entropy, "
-        f"forward+backward; H = {sizes.hidden}, V = {sizes.vocab}, {bias}"
+        f"forward+backward; H = {sizes.hidden}, V = {sizes.vocab}, {bias}{autocast}"
     )
 
 
@@ -780,9 +791,19 @@ def _from_hidden_torch_step(comparison: FromHidden, path: str, sizes: Sizes) -> 
     if not comparison.differentiate:
         return function
 
+    import torch
+
     def step(*arrays: Any) -> Any:
         leaves = [array.detach().requires_grad_(True) for array in arrays[: sizes.arrays_in_dtype]]
-        function(*leaves, *arrays[sizes.arrays_in_dtype :]).backward()
+        # A training step's forward pass under autocast, its backward pass after it.
+        autocast = torch.autocast(
+            leaves[0].device.type,
+            dtype=getattr(torch, sizes.autocast or "float32"),
+            enabled=sizes.autocast is not None,
+        )
+        with autocast:
+            loss = function(*leaves, *arrays[sizes.arrays_in_dtype :])
+        loss.backward()
         return tuple(leaf.grad for leaf in leaves)
 
     return step
@@ -816,7 +837,7 @@ def peak_extra_memory_from_hidden(
     """
     comparison = FROM_HIDDEN[name]
     full = Sizes(*sizes)
-    tiny = Sizes(8, 8, 16, 32, full.bias)
+    tiny = Sizes(8, 8, 16, 32, full.bias, full.autocast)
     warm_up = _from_hidden_torch_step(comparison, path, tiny)
     warm_up(*_framework_arrays("torch", comparison.inputs(tiny, seed), dtype, tiny.arrays_in_dtype))
     step = _from_hidden_torch_step(comparison, path, full)
@@ -906,11 +927,12 @@ def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
     target_vocab = args.target_vocab or DEFAULT_TARGET_VOCAB
     bias = name == "linear" and args.bias is not False  # nn.Linear's default: with a bias
     sizes = [
-        Sizes(rows, hidden, args.vocab, target_vocab, bias)
+        Sizes(rows, hidden, args.vocab, target_vocab, bias, args.autocast)
         for rows in args.rows or comparison.default_rows
     ]
     dtype = args.dtypes[0]
-    frameworks = args.frameworks or FRAMEWORKS
+    # JAX has no autocast.
+    frameworks = args.frameworks or (("torch",) if args.autocast else FRAMEWORKS)
     rows = run_from_hidden(
         name, sizes, dtype, args.repeats, args.seed, frameworks, memory=args.memory
     )
@@ -943,6 +965,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 parser.error(f"{flag} goes with --linear or --targets")
         if args.bias is not None:
             parser.error(f"{bias_flag} goes with --linear")
+        if args.autocast is not None:
+            parser.error("--autocast goes with --linear")
     else:
         for flag, given in [
             ("--lengths", args.lengths is not None),
@@ -950,6 +974,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             ("--plot", args.plot is not None),
             ("--target-vocab", args.linear and args.target_vocab is not None),
             (bias_flag, args.targets and args.bias is not None),
+            ("--autocast", args.targets and args.autocast is not None),
         ]:
             if given:
                 parser.error(f"{flag} does not go with {comparison}")
@@ -959,7 +984,9 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
                 f"--vocab {args.vocab} is more than --target-vocab {target_vocab}: the draft "
                 "vocabulary is a subset of the target's"
             )
-        frameworks = args.frameworks or FRAMEWORKS
+        if args.autocast is not None and "jax" in (args.frameworks or ()):
+            parser.error("--autocast is torch.autocast: it does not go with --frameworks jax")
+        frameworks = args.frameworks or (("torch",) if args.autocast else FRAMEWORKS)
         reasons = [_unavailable(framework, "cpu") for framework in frameworks]
         missing = [reason for reason in reasons if reason is not None]
         if missing and (args.frameworks is not None or len(missing) == len(frameworks)):
@@ -1051,6 +1078,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--bias",
         action=argparse.BooleanOptionalAction,
         help="with --linear: a [V] bias as nn.Linear has, differentiated too (default: yes)",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=("bfloat16", "float16"),
+        help=(
+            "with --linear: both paths' forward pass under torch.autocast of this dtype, with "
+            "the --dtypes float32 inputs as master weights (torch only)"
+        ),
     )
     parser.add_argument(
         "--frameworks",
