@@ -447,3 +447,28 @@ def test_torch_gradient_penalty_is_exactly_zero_at_padding(reduction):
 
     assert np.all(padded[~mask] == 0)
     np.testing.assert_array_equal(padded, finite)
+
+
+@needs_jax
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_jax_second_derivatives_of_16_bit_logits_are_those_of_their_values(dtype):
+    """The XLA routines move 16-bit arrays as their bits, which JAX cannot differentiate; the
+    derivative of a gradient penalty must still be that of the same values in float32, not 0."""
+    import jax
+    import jax.numpy as jnp
+
+    logits, targets, mask = float64_inputs(5, (2, 6, 11))
+    half = jnp.asarray(logits, getattr(jnp, dtype))
+    targets, mask = jnp.asarray(targets, jnp.float32), jnp.asarray(mask)
+
+    def penalty_gradient(z):
+        def gradient_norm(z):
+            grad = jax.grad(lambda z: sc.masked_soft_cross_entropy(z, targets, mask))(z)
+            return jnp.sum(jnp.astype(grad, jnp.float32) ** 2)
+
+        return np.asarray(jnp.astype(jax.grad(gradient_norm)(z), jnp.float32))
+
+    got, want = penalty_gradient(half), penalty_gradient(jnp.astype(half, jnp.float32))
+
+    assert np.any(got != 0)
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())

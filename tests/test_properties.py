@@ -279,7 +279,10 @@ def test_a_valid_row_of_minus_inf_logits_and_zero_targets_costs_nothing(backend,
     # Only the count of valid positions changes: 15 instead of 12 for "mean".
     scale = 12 / 15 if reduction == "mean" else 1.0
     np.testing.assert_allclose(loss, clean_loss * scale, rtol=1e-6)
-    np.testing.assert_allclose(grad[:, :4], clean_grad * scale, rtol=1e-6, atol=1e-12)
+    # Within float32 roundings of the largest entry: an entry that is a near-cancelling
+    # difference of two terms carries their rounding, not its own (1/12 and 1/15 round apart).
+    largest = np.abs(clean_grad).max()
+    np.testing.assert_allclose(grad[:, :4], clean_grad * scale, rtol=1e-6, atol=1e-6 * largest)
     assert (grad[:, 4] == 0).all()
 
 

@@ -12,6 +12,8 @@ chunk before it, with the same values. Temporaries are a few chunks either way, 
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -48,19 +50,22 @@ def row_routine(
     if with_logits_grad:
         outputs.append(jax.ShapeDtypeStruct(rows.z.shape, rows.z.dtype))
 
-    def chunk_results(start: Any) -> list[Any]:
-        weights = jax.lax.dynamic_slice_in_dim(rows.weights, start, chunk)
-        live = weights != 0
-        piece = _core.Rows(
-            zero_rows(_rows_at(rows.z, start, chunk), live),
-            zero_rows(_rows_at(rows.p, start, chunk), live),
-            weights,
-            rows.inv_den,
-        )
-        result = core(piece, with_logits_grad=with_logits_grad)
-        return [result.weighted, result.saved, result.logits_grad][: len(outputs)]
+    def compute(as_bits: bool, rows: _core.Rows) -> list[Any]:
+        def chunk_results(start: Any) -> list[Any]:
+            weights = jax.lax.dynamic_slice_in_dim(rows.weights, start, chunk)
+            live = weights != 0
+            piece = _core.Rows(
+                zero_rows(_rows_at(rows.z, start, chunk), live),
+                zero_rows(_rows_at(rows.p, start, chunk), live),
+                weights,
+                rows.inv_den,
+            )
+            result = core(piece, with_logits_grad=with_logits_grad)
+            return [result.weighted, result.saved, result.logits_grad][: len(outputs)]
 
-    results = _over_chunks(chunk_results, outputs, n_rows, chunk)
+        return _over_chunks(chunk_results, outputs, n_rows, chunk, as_bits=as_bits)
+
+    results = _differentiable_as_floats(compute, rows, outputs)
     return _core.RowResults(results[0], results[1], results[2] if with_logits_grad else None)
 
 
@@ -87,19 +92,25 @@ def gradient_routine(
         if want
     ]
 
-    def chunk_results(start: Any) -> list[Any]:
-        row_scale = jax.lax.dynamic_slice_in_dim(rows.row_scale, start, chunk)
-        live = row_scale != 0
-        piece = _core.BackwardRows(
-            zero_rows(_rows_at(z, start, chunk), live),
-            zero_rows(_rows_at(p, start, chunk), live),
-            jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk), rows.saved),
-            row_scale,
-        )
-        grads = core(piece, logits_grad=logits_grad, targets_grad=targets_grad)
-        return [grad for grad in grads if grad is not None]
+    def compute(as_bits: bool, rows: _core.BackwardRows) -> list[Any]:
+        def chunk_results(start: Any) -> list[Any]:
+            row_scale = jax.lax.dynamic_slice_in_dim(rows.row_scale, start, chunk)
+            live = row_scale != 0
+            saved = jax.tree.map(
+                lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk), rows.saved
+            )
+            piece = _core.BackwardRows(
+                zero_rows(_rows_at(rows.z, start, chunk), live),
+                zero_rows(_rows_at(rows.p, start, chunk), live),
+                saved,
+                row_scale,
+            )
+            grads = core(piece, logits_grad=logits_grad, targets_grad=targets_grad)
+            return [grad for grad in grads if grad is not None]
 
-    results = iter(_over_chunks(chunk_results, outputs, n_rows, chunk))
+        return _over_chunks(chunk_results, outputs, n_rows, chunk, as_bits=as_bits)
+
+    results = iter(_differentiable_as_floats(compute, rows, outputs))
     return tuple(next(results) if want else None for want in wanted)  # type: ignore[return-value]
 
 
@@ -140,18 +151,22 @@ def _chunk(shape: tuple[int, ...], chunk: int | None) -> int:
     return max(1, min(chunk, shape[0]))
 
 
-def _over_chunks(chunk_results: Any, outputs: Any, n_rows: int, chunk: int) -> Any:
+def _over_chunks(
+    chunk_results: Any, outputs: Any, n_rows: int, chunk: int, *, as_bits: bool
+) -> Any:
     """The pytree ``outputs`` (shapes, rows first) from ``chunk_results(start)`` of each chunk.
 
     When ``chunk`` divides ``n_rows``, ``lax.map`` stacks the chunks' results, and the stack is
     the output, reshaped for free; otherwise a ``lax.fori_loop`` writes them into the outputs in
-    place, the last chunk overlapping the one before. 16-bit floats are stacked and written as
-    their bits: XLA's CPU backend computes them in float32, and would convert the whole output
-    to float32 and back to write one chunk into it.
+    place, the last chunk overlapping the one before. With ``as_bits``, 16-bit floats are
+    stacked and written as their bits: XLA's CPU backend computes them in float32, and would
+    convert the whole output to float32 and back to write one chunk into it. JAX differentiates
+    no bitcast, so :func:`_differentiable_as_floats` differentiates the same stacking of floats.
     """
+    encode = _as_bits if as_bits else _unchanged
 
     def bits_of_chunk(start: Any) -> Any:
-        return jax.tree.map(_as_bits, chunk_results(start))
+        return jax.tree.map(encode, chunk_results(start))
 
     if n_rows % chunk == 0:
         stacked = jax.lax.map(bits_of_chunk, jnp.arange(0, n_rows, chunk))
@@ -166,14 +181,47 @@ def _over_chunks(chunk_results: Any, outputs: Any, n_rows: int, chunk: int) -> A
                 bits_of_chunk(start),
             )
 
-        empty = jax.tree.map(lambda out: jnp.zeros(out.shape, _as_bits(out).dtype), outputs)
+        empty = jax.tree.map(lambda out: jnp.zeros(out.shape, encode(out).dtype), outputs)
         bits = jax.lax.fori_loop(0, -(-n_rows // chunk), write_chunk, empty)
     return jax.tree.map(lambda x, out: _from_bits(x, out.dtype), bits, outputs)
 
 
+def _differentiable_as_floats(
+    compute: Callable[[bool, Any], Any], arrays: Any, outputs: Any
+) -> Any:
+    """``compute(True, arrays)``, whose 16-bit float ``outputs`` are stacked as their bits,
+    with the derivatives of ``compute(False, arrays)``, which stacks them as floats.
+
+    A derivative through a bitcast is 0 to JAX, so differentiating the fast computation (the
+    routine's gradient penalties, hessians) would silently give zeros. Without a 16-bit float
+    output both are the same computation, which runs as it is.
+    """
+    if not any(_is_half(out) for out in jax.tree.leaves(outputs)):
+        return compute(False, arrays)
+
+    @jax.custom_jvp
+    def stacked_as_bits(arrays: Any) -> Any:
+        return compute(True, arrays)
+
+    @stacked_as_bits.defjvp
+    def derivatives(primals: Any, tangents: Any) -> Any:
+        return jax.jvp(functools.partial(compute, False), primals, tangents)
+
+    return stacked_as_bits(arrays)
+
+
+def _is_half(x: Any) -> bool:
+    """Whether ``x`` (an array or shape) is of a 16-bit floating dtype."""
+    return jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _unchanged(x: Any) -> Any:
+    return x
+
+
 def _as_bits(x: Any) -> Any:
     """A 16-bit float array (or shape) as unsigned 16-bit integers; any other as it is."""
-    if jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating):
+    if _is_half(x):
         if isinstance(x, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(x.shape, jnp.uint16)
         return jax.lax.bitcast_convert_type(x, jnp.uint16)
@@ -184,11 +232,19 @@ def _from_bits(x: jax.Array, dtype: Any) -> jax.Array:
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
 
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _rows_at(x: jax.Array, start: Any, chunk: int) -> jax.Array:
     """Rows ``start`` to ``start + chunk`` of ``x``, as they are stored.
 
     A 16-bit float array is sliced as its bits, for the reason given in :func:`_over_chunks`:
-    sliced as floats, the whole array would be converted to float32 first.
+    sliced as floats, the whole array would be converted to float32 first. Its derivative is
+    the same slice of the tangent (JAX differentiates no bitcast).
     """
     rows = jax.lax.dynamic_slice_in_dim(_as_bits(x), start, chunk, axis=0)
     return _from_bits(rows, x.dtype)
+
+
+@_rows_at.defjvp
+def _rows_at_derivative(chunk: int, primals: Any, tangents: Any) -> Any:
+    (x, start), (x_tangent, _) = primals, tangents
+    return _rows_at(x, start, chunk), jax.lax.dynamic_slice_in_dim(x_tangent, start, chunk)
