@@ -567,7 +567,6 @@ def _torch_all_reduce(op_name: str, group: Any) -> Callable[[Any], Any]:
 def _torch_vocab_parallel_function() -> Any:
     """The autograd function of the torch vocabulary-parallel loss (made once, on first use)."""
     import torch
-    from torch.autograd.function import once_differentiable
 
     from softce_multi import torch as torch_adapter
 
@@ -600,7 +599,7 @@ def _torch_vocab_parallel_function() -> Any:
             return result.loss
 
         @staticmethod
-        @once_differentiable
+        @torch_adapter.differentiable_once
         def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
             logits_shard, target_probs_shard, row_scale, *saved = ctx.saved_tensors
             upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
@@ -623,7 +622,6 @@ def _torch_vocab_parallel_function() -> Any:
 def _torch_vocab_parallel_linear_function() -> Any:
     """The autograd function of the torch vocabulary-parallel linear loss (made on first use)."""
     import torch
-    from torch.autograd.function import once_differentiable
 
     from softce_multi import torch as torch_adapter
 
@@ -691,7 +689,7 @@ def _torch_vocab_parallel_linear_function() -> Any:
             return result.loss
 
         @staticmethod
-        @once_differentiable
+        @torch_adapter.differentiable_once
         def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
             hidden, weight_shard, bias_shard, target_probs_shard, row_scale, *saved = (
                 ctx.saved_tensors

@@ -40,12 +40,14 @@ refused by PyTorch with an error naming it.
 :func:`softce_multi.linear_masked_soft_cross_entropy`: the chunked driver of
 :mod:`softce_multi._linear` with :func:`row_routine`, the gradients to ``hidden``, ``weight`` and
 ``bias`` made in the forward pass, and the weight gradient accumulated in place (``addmm_``).
-That function is differentiable once (its backward pass is ``once_differentiable``).
+That function is differentiable once (its backward pass is :func:`differentiable_once`).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from types import ModuleType
 from typing import Any, cast
 
@@ -660,6 +662,40 @@ def _add_product(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return total.add_(a @ b)
 
 
+def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an autograd function's ``backward`` as not differentiable, loudly.
+
+    ``backward`` runs without grad. When autograd records the backward pass
+    (``create_graph=True``), its gradients come back attached to a node that raises if anything
+    differentiates through it, naming the loss. ``torch.autograd.function.once_differentiable``
+    attaches that node only when an upstream gradient requires grad; otherwise it returns
+    gradients that look constant, and a gradient penalty plus any other term (weight decay, say)
+    would be differentiated without the penalty's term, silently.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grad_outputs: Any) -> Any:
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        msg = (
+            "softce_multi's linear and vocabulary-parallel losses are differentiable once: the "
+            "derivative of their gradients (a gradient penalty, a hessian) is not computed"
+        )
+        refuse = torch._C._functions.DelayedError(msg, len(grads))
+        return cast(Any, refuse)(*(_requiring_grad(grad) for grad in grads))
+
+    return wrapper
+
+
+def _requiring_grad(grad: Tensor | None) -> Tensor | None:
+    """A detached alias of ``grad`` that requires grad, for a node to hang on; None stays."""
+    if grad is None:
+        return None
+    return grad.detach().requires_grad_(True)
+
+
 class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
     """The linear loss as an autograd function, differentiable once.
 
@@ -716,7 +752,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, target_probs, row_scale, *made, *saved)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @differentiable_once
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
         nothing: tuple[None, ...] = (None,) * 11
         if grad_loss is None:

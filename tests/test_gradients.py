@@ -472,3 +472,32 @@ def test_jax_second_derivatives_of_16_bit_logits_are_those_of_their_values(dtype
 
     assert np.any(got != 0)
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-2 * np.abs(want).max())
+
+
+@needs_torch
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+def test_torch_vocab_parallel_second_derivative_beside_another_term_is_refused(
+    group_of_one, linear
+):
+    """The vocabulary-parallel losses are differentiable once: a gradient penalty plus another
+    term raises rather than drop the penalty's term."""
+    import torch
+
+    from softce_multi import distributed
+
+    logits, targets, mask = torch_inputs(6, shape=(2, 3, 7), dtype="float64")
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    targets = targets.detach()
+    if linear:
+        leaf = hidden
+        loss = distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            hidden, weight, targets, mask
+        )
+    else:
+        leaf = logits
+        loss = distributed.vocab_parallel_masked_soft_cross_entropy(logits, targets, mask)
+    (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (grad.pow(2).sum() + weight.pow(2).sum()).backward()

@@ -558,8 +558,23 @@ def test_torch_second_derivative_is_refused():
         hidden, case.weight, case.target_probs, case.position_mask
     )
     (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
-    with pytest.raises(RuntimeError, match="does not require grad"):
+    with pytest.raises(RuntimeError, match="differentiable once"):
         grad.sum().backward()
+
+
+def test_torch_second_derivative_beside_another_term_is_refused():
+    """A gradient penalty plus weight decay has a graph of its own: the penalty's term must
+    still raise, not drop out of the derivative."""
+    torch = pytest.importorskip("torch")
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(19))
+    hidden, weight = (x.clone().requires_grad_(True) for x in case[:2])
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden, weight, case.target_probs, case.position_mask
+    )
+    grad_hidden, _ = torch.autograd.grad(loss, (hidden, weight), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (grad_hidden.pow(2).sum() + 0.1 * weight.pow(2).sum()).backward()
 
 
 # --------------------------------------------------------------------------------------------
