@@ -928,15 +928,9 @@ def _is_readable_for_free(x: Array, *, xp: Namespace) -> bool:
     if host_only or array_api_compat.is_array_api_strict_namespace(xp):
         return True
     if array_api_compat.is_torch_namespace(xp):
-        import torch
+        from softce_multi import torch as torch_adapter
 
-        return (
-            type(x) is torch.Tensor
-            and x.device.type == "cpu"
-            and not torch.compiler.is_compiling()
-            and not torch._C._functorch.is_functorch_wrapped_tensor(x)
-            and not torch._C._functorch.is_legacy_batchedtensor(x)
-        )
+        return torch_adapter.readable_for_free(x)
     if array_api_compat.is_jax_namespace(xp):
         import jax
 

@@ -302,19 +302,24 @@ def _differentiable_gradients(
 
 
 def _is_one_on_the_cpu(upstream: Tensor) -> bool:
-    """Whether ``upstream`` is exactly 1, asked only where the answer is free and traceable.
+    """Whether ``upstream`` is exactly 1, asked only where the answer is free and traceable
+    (:func:`readable_for_free`)."""
+    return readable_for_free(upstream) and bool(upstream == 1)
+
+
+def readable_for_free(x: Tensor) -> bool:
+    """Whether reading a value of ``x`` on the host waits for no device and breaks no trace.
 
     That is for a plain tensor on the CPU (no device to wait for), in eager mode
     (``torch.compile`` would break its graph on reading a value), and not batched by
     ``torch.func.vmap`` or ``is_grads_batched`` (a batch of values has no single value).
     """
     return (
-        type(upstream) is torch.Tensor
-        and upstream.device.type == "cpu"
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
-        and not torch._C._functorch.is_functorch_wrapped_tensor(upstream)
-        and not torch._C._functorch.is_legacy_batchedtensor(upstream)
-        and bool(upstream == 1)
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not torch._C._functorch.is_legacy_batchedtensor(x)
     )
 
 
