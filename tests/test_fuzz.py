@@ -12,7 +12,15 @@ same exception type on every backend, with the argument named in the message.
 The inputs cover empty axes, ``V = 1``, odd and large vocabularies, every dtype each function
 accepts (integer ids and masks of every width, float16 to float64 values), masks of both
 shapes with bool, integer and fractional weights, strided and transposed views, and NaN,
-infinities and huge numbers in padding.
+infinities and huge numbers in padding. The losses get their arrays by position, by keyword
+(under their documented names) or both.
+
+The gradients of torch autograd and ``jax.vjp`` are held to the oracle for random upstream
+gradients, and 16-bit logits gradients, for upstream gradients other than 1, to the accuracy of
+one rounding (:func:`softce_multi.testing.assert_gradient_rounded_once`). Derivatives of
+gradients (a gradient penalty's, hessians; JAX's linear loss's) are finite, exactly 0 at
+padding, and the float64 ones elsewhere; the torch linear loss, differentiable once, refuses
+them.
 
 An input is a *structure* (shapes, dtypes, reduction: what a JAX compilation depends on) and
 *values* (seeds, scales, offsets, poison, memory layouts). Each test draws its structures from
@@ -24,6 +32,8 @@ before reuses its compilation. The number of examples is the hypothesis profile'
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import math
 import random
 from collections.abc import Callable, Sequence
@@ -42,6 +52,7 @@ from softce_multi.testing import (
     LOSS_RTOL,
     Backend,
     assert_gradient_close,
+    assert_gradient_rounded_once,
     assert_loss_close,
     backends,
     compute_dtype,
@@ -199,6 +210,33 @@ def call(backend: Backend, function: Callable[..., Any], *arrays: Any, **static:
     return _JITTED[key](*arrays, **static)
 
 
+#: The array parameters of the loss and of the linear loss: positional-or-keyword, under exactly
+#: these names (NeMo's trainer passes them by keyword). Every option after them is keyword-only.
+LOSS_ARRAYS = ("logits", "target_probs", "position_mask")
+LINEAR_ARRAYS = ("hidden", "weight", "target_probs", "position_mask")
+LOSS_OPTIONS = ("reduction", "num_valid")
+LINEAR_OPTIONS = ("bias", "reduction", "num_valid", "chunk_rows")
+
+
+def pass_arrays(
+    function: Callable[..., Any],
+    names: Sequence[str],
+    arrays: Sequence[Any],
+    positional: int,
+    **options: Any,
+) -> Any:
+    """``function(*arrays, **options)``, the first ``positional`` arrays passed by position and
+    the others by keyword, under their ``names``."""
+    by_keyword = dict(zip(names[positional:], arrays[positional:], strict=True))
+    return function(*arrays[:positional], **by_keyword, **options)
+
+
+def loss_of(*arrays: Any, positional: int = 3, **options: Any) -> Any:
+    """:func:`~softce_multi.masked_soft_cross_entropy` of ``arrays`` (logits, targets, mask),
+    ``positional`` of them by position, the rest by keyword."""
+    return pass_arrays(sc.masked_soft_cross_entropy, LOSS_ARRAYS, arrays, positional, **options)
+
+
 def index_dtype_name(array: Any) -> str:
     """The name of the default index dtype of the library of ``array``."""
     xp = array_api_compat.array_namespace(array)
@@ -339,6 +377,22 @@ def expected_loss(inputs: LossInputs, logits: Any, targets: Any, mask: Any, **op
     return oracle(z, p, w, **options)
 
 
+def row_scale(
+    w: np.ndarray,
+    positions: tuple[int, ...],
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: Any = 1.0,
+) -> np.ndarray:
+    """Per position, ``|w / den * upstream|``: the size of ``d loss / d (cross entropy)``."""
+    weights = np.reshape(w, positions)
+    den = 1.0
+    if reduction == "mean":
+        den = max(weights.sum(), 1.0) if num_valid is None else float(num_valid)
+    return np.abs(np.broadcast_to(upstream, weights.shape) * weights) / (den or np.inf)
+
+
 def largest_term(
     z: np.ndarray,
     p: np.ndarray,
@@ -352,14 +406,10 @@ def largest_term(
     terms whose difference is the logits gradient, which sets the rounding of that difference
     (with one token they cancel exactly, and the gradient is 0 up to their rounding)."""
     z, p = np.nan_to_num(z, posinf=0.0), np.nan_to_num(p)
-    weights = np.reshape(w, z.shape[:-1])
-    den = 1.0
-    if reduction == "mean":
-        den = max(weights.sum(), 1.0) if num_valid is None else float(num_valid)
-    row_scale = np.abs(np.broadcast_to(upstream, weights.shape) * weights) / (den or np.inf)
+    scale = row_scale(w, z.shape[:-1], reduction=reduction, num_valid=num_valid, upstream=upstream)
     shifted = np.exp(z - z.max(axis=-1, keepdims=True, initial=-np.inf))
     softmax = shifted / shifted.sum(axis=-1, keepdims=True)
-    return row_scale[..., None] * (p.sum(axis=-1, keepdims=True) * softmax + np.abs(p))
+    return scale[..., None] * (p.sum(axis=-1, keepdims=True) * softmax + np.abs(p))
 
 
 def target_mass(
@@ -486,16 +536,25 @@ NUM_VALID = (
 )
 
 
-def loss_with_count(logits: Any, targets: Any, mask: Any, count: Any, **options: Any) -> Any:
+def loss_with_count(
+    logits: Any, targets: Any, mask: Any, count: Any, *, positional: int = 3, **options: Any
+) -> Any:
     """The loss with ``num_valid=count``, an array argument (not static under ``jax.jit``)."""
-    return sc.masked_soft_cross_entropy(logits, targets, mask, num_valid=count, **options)
+    return loss_of(logits, targets, mask, positional=positional, num_valid=count, **options)
+
+
+def with_grad_of(*arrays: Any, positional: int = 3, **options: Any) -> Any:
+    """:func:`~softce_multi.masked_soft_cross_entropy_with_grad`, ``positional`` of its arrays
+    by position, the rest by keyword."""
+    function = sc.masked_soft_cross_entropy_with_grad
+    return pass_arrays(function, LOSS_ARRAYS, arrays, positional, **options)
 
 
 def loss_with_grad_with_count(
-    logits: Any, targets: Any, mask: Any, count: Any, **options: Any
+    logits: Any, targets: Any, mask: Any, count: Any, *, positional: int = 3, **options: Any
 ) -> Any:
     """:func:`~softce_multi.masked_soft_cross_entropy_with_grad` with ``num_valid=count``."""
-    return sc.masked_soft_cross_entropy_with_grad(logits, targets, mask, num_valid=count, **options)
+    return with_grad_of(logits, targets, mask, positional=positional, num_valid=count, **options)
 
 
 # --------------------------------------------------------------------------------------------
@@ -506,15 +565,18 @@ def loss_with_grad_with_count(
 @fuzz
 @given(
     data=st.data(),
-    structure=structures("loss", **LOSS_DIMENSIONS, reduction=("mean", "sum", "none")),
+    structure=structures(
+        "loss", **LOSS_DIMENSIONS, reduction=("mean", "sum", "none"), positional=(0, 1, 2, 3)
+    ),
 )
 def test_loss_agrees_with_the_oracle_on_every_backend(data: Any, structure: dict) -> None:
     inputs = data.draw(loss_values(structure))
     reduction, dtype = structure["reduction"], inputs.compute_dtype
+    positional = structure["positional"]
 
     def check(backend: Backend) -> None:
         args = inputs.build(backend)
-        loss = call(backend, sc.masked_soft_cross_entropy, *args, reduction=reduction)
+        loss = call(backend, loss_of, *args, positional=positional, reduction=reduction)
         expected = expected_loss(inputs, *args, reduction=reduction)
         mass = target_mass(*args[1:], inputs.padding, reduction=reduction)
         assert_loss_agrees(loss, expected.loss, dtype, mass=mass, backend=backend)
@@ -525,22 +587,24 @@ def test_loss_agrees_with_the_oracle_on_every_backend(data: Any, structure: dict
 @fuzz
 @given(
     data=st.data(),
-    structure=structures("num_valid", **LOSS_DIMENSIONS, num_valid=NUM_VALID),
+    structure=structures(
+        "num_valid", **LOSS_DIMENSIONS, num_valid=NUM_VALID, positional=(0, 1, 2, 3)
+    ),
 )
 def test_num_valid_is_the_denominator_of_the_mean_on_every_backend(
     data: Any, structure: dict
 ) -> None:
     inputs = data.draw(loss_values(structure))
     num_valid: NumValid = structure["num_valid"]
-    dtype = inputs.compute_dtype
+    dtype, positional = inputs.compute_dtype, structure["positional"]
 
     def check(backend: Backend) -> None:
         args = inputs.build(backend)
         count = num_valid.build(backend)
         if num_valid.kind == "array":
-            loss = call(backend, loss_with_count, *args, count)
+            loss = call(backend, loss_with_count, *args, count, positional=positional)
         else:
-            loss = call(backend, sc.masked_soft_cross_entropy, *args, num_valid=count)
+            loss = call(backend, loss_of, *args, positional=positional, num_valid=count)
         expected = expected_loss(inputs, *args, num_valid=num_valid.value)
         mass = target_mass(*args[1:], inputs.padding, num_valid=num_valid.value)
         assert_loss_agrees(loss, expected.loss, dtype, mass=mass, backend=backend)
@@ -552,27 +616,26 @@ def test_num_valid_is_the_denominator_of_the_mean_on_every_backend(
 @given(
     data=st.data(),
     structure=structures(
-        "with_grad", **LOSS_DIMENSIONS, reduction=("mean", "sum"), num_valid=NUM_VALID
+        "with_grad",
+        **LOSS_DIMENSIONS,
+        reduction=("mean", "sum"),
+        num_valid=NUM_VALID,
+        positional=(0, 1, 2, 3),
     ),
 )
 def test_loss_with_grad_agrees_with_the_oracle_on_every_backend(data: Any, structure: dict) -> None:
     inputs = data.draw(loss_values(structure))
     reduction, dtype = structure["reduction"], inputs.compute_dtype
     num_valid = structure["num_valid"] if reduction == "mean" else NumValid(None, "none")
+    options = {"positional": structure["positional"], "reduction": reduction}
 
     def check(backend: Backend) -> None:
         args = inputs.build(backend)
         count = num_valid.build(backend)
         if num_valid.kind == "array":
-            result = call(backend, loss_with_grad_with_count, *args, count, reduction=reduction)
+            result = call(backend, loss_with_grad_with_count, *args, count, **options)
         else:
-            result = call(
-                backend,
-                sc.masked_soft_cross_entropy_with_grad,
-                *args,
-                reduction=reduction,
-                num_valid=count,
-            )
+            result = call(backend, with_grad_of, *args, num_valid=count, **options)
         loss, grad = result
         expected = expected_loss(inputs, *args, reduction=reduction, num_valid=num_valid.value)
         mass = target_mass(
@@ -594,36 +657,38 @@ def test_loss_with_grad_agrees_with_the_oracle_on_every_backend(data: Any, struc
 
 
 def torch_gradients(
-    args: tuple[Any, Any, Any], upstream: np.ndarray, *, reduction: str
+    args: tuple[Any, Any, Any], upstream: np.ndarray, *, positional: int = 3, **options: Any
 ) -> tuple[Any, Any, Any]:
     """The loss and its gradients to the logits and the targets by torch autograd."""
     import torch
 
-    logits, targets, mask = args
+    logits, targets, _ = args
     logits.requires_grad_(True)
     targets.requires_grad_(True)
-    loss = sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction)
+    loss = loss_of(*args, positional=positional, **options)
     loss.backward(torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device))
     return loss, logits.grad, targets.grad
 
 
 def jax_gradients(
-    logits: Any, targets: Any, mask: Any, upstream: Any, *, reduction: str
+    logits: Any, targets: Any, mask: Any, upstream: Any, *, positional: int = 3, **options: Any
 ) -> tuple[Any, Any, Any]:
     """The loss and its gradients to the logits and the targets by ``jax.vjp``."""
     import jax
 
-    def loss_of(z: Any, p: Any) -> Any:
-        return sc.masked_soft_cross_entropy(z, p, mask, reduction=reduction)
+    def loss_at(z: Any, p: Any) -> Any:
+        return loss_of(z, p, mask, positional=positional, **options)
 
-    loss, pullback = jax.vjp(loss_of, logits, targets)
+    loss, pullback = jax.vjp(loss_at, logits, targets)
     return (loss, *pullback(upstream.astype(loss.dtype)))
 
 
 @fuzz
 @given(
     data=st.data(),
-    structure=structures("autodiff", **LOSS_DIMENSIONS, reduction=("mean", "sum", "none")),
+    structure=structures(
+        "autodiff", **LOSS_DIMENSIONS, reduction=("mean", "sum", "none"), positional=(0, 1, 2, 3)
+    ),
     seed=seed_st,
 )
 def test_autodiff_gradients_agree_with_the_oracle(data: Any, structure: dict, seed: int) -> None:
@@ -632,14 +697,15 @@ def test_autodiff_gradients_agree_with_the_oracle(data: Any, structure: dict, se
     reduction, dtype = structure["reduction"], inputs.compute_dtype
     shape = inputs.logits.shape[:-1] if reduction == "none" else ()
     upstream = np.random.default_rng(seed).uniform(-2, 2, shape)
+    options = {"positional": structure["positional"], "reduction": reduction}
 
     def check(backend: Backend) -> None:
         args = inputs.build(backend)
         if backend.library == "torch":
-            loss, *grads = torch_gradients(args, upstream, reduction=reduction)
+            loss, *grads = torch_gradients(args, upstream, **options)
         else:
             cotangent = on_backend(backend, upstream, "float64")
-            loss, *grads = call(backend, jax_gradients, *args, cotangent, reduction=reduction)
+            loss, *grads = call(backend, jax_gradients, *args, cotangent, **options)
         expected = expected_loss(inputs, *args, reduction=reduction, upstream=upstream)
         mass = target_mass(*args[1:], inputs.padding, reduction=reduction)
         assert_loss_agrees(loss, expected.loss, dtype, mass=mass, backend=backend)
@@ -652,6 +718,394 @@ def test_autodiff_gradients_agree_with_the_oracle(data: Any, structure: dict, se
             assert_zero_at_padding(grad, inputs.padding)
 
     on_each(each_backend(*inputs.dtypes, autodiff=True), check)
+
+
+# --------------------------------------------------------------------------------------------
+# The loss: 16-bit gradients of any upstream gradient, and derivatives of gradients
+# --------------------------------------------------------------------------------------------
+
+#: Examples of the costlier tests below (float64 oracles of second derivatives, hessians, a
+#: JAX compilation of a gradient of a gradient per structure): a few at the default profile's
+#: 30, every one of a longer profile's.
+FEW = EXAMPLES if EXAMPLES > 100 else max(4, EXAMPLES // 5)
+few = settings(fuzz, max_examples=FEW)
+
+#: The weights of three EAGLE-3 steps at decay 0.8, normalised (1 + 0.8 + 0.64 = 2.44): the
+#: upstream gradients of the steps' losses, as float32 numbers.
+STEP_WEIGHTS = tuple(float(np.float32(0.8**i / 2.44)) for i in range(3))
+
+#: The largest finite number of each floating dtype.
+LARGEST = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": 1.797e308}
+
+needs_torch = pytest.mark.skipif(
+    not any(b.library == "torch" for b in BACKENDS), reason="the oracle needs torch"
+)
+
+#: The libraries that differentiate gradients, each a case of the tests of second derivatives.
+SECOND_ORDER_LIBRARIES = ("torch", "jax")
+
+
+@st.composite
+def upstreams(draw: st.DrawFn, shape: tuple[int, ...]) -> np.ndarray:
+    """Upstream gradients other than 1, float32 numbers (as the loss's dtype holds them): step
+    weights, or anything from 1e-3 to 10, of either sign; per position for ``shape != ()``."""
+    if shape == ():
+        anything = st.floats(float(np.float32(1e-3)), 10.0, width=32)
+        size = draw(st.one_of(st.sampled_from(STEP_WEIGHTS), anything))
+        assume(size != 1.0)
+        return np.asarray(size * draw(st.sampled_from([1.0, -1.0])))
+    rng = np.random.default_rng(draw(seed_st))
+    size = np.where(
+        rng.random(shape) < 0.5, rng.choice(STEP_WEIGHTS, shape), 10 ** rng.uniform(-3, 1, shape)
+    )
+    signed = np.where(rng.random(shape) < 0.2, -size, size).astype(np.float32)
+    return np.where(signed == 1, 0.5, signed).astype(np.float64)
+
+
+def unpadded(backend: Backend, padding: np.ndarray, values: Any, dtype: str) -> Any:
+    """A copy of ``values`` (an array of ``backend``, of the dtype called ``dtype``) with zeros
+    in the rows of ``padding``: the same input for the loss, finite, as the oracles need it."""
+    return on_backend(backend, np.where(padding[..., None], 0.0, to_float64(values)), dtype)
+
+
+@needs_torch
+@few
+@given(
+    data=st.data(),
+    structure=structures(
+        "rounded_once",
+        **{**LOSS_DIMENSIONS, "logits": ("bfloat16", "float16")},
+        reduction=("mean", "sum", "none"),
+        num_valid=(None, 3, 0.5, 1000),
+        positional=(0, 1, 2, 3),
+    ),
+)
+def test_16_bit_logits_gradients_are_rounded_once_for_any_upstream(
+    data: Any, structure: dict
+) -> None:
+    """Whatever the upstream gradient, the bfloat16 or float16 logits gradient of torch autograd
+    and of ``jax.vjp`` is rounded to its dtype once, from float32: no further from the float64
+    gradient than the plain float32 formula's (:func:`~softce_multi.testing.
+    assert_gradient_rounded_once`). A gradient made for an upstream of 1 and multiplied by the
+    upstream in 16 bits is rounded twice, about half a unit further."""
+    # Finite logits at valid positions: a -inf logit has a NaN float64 gradient in the oracle.
+    inputs = data.draw(loss_values(structure, minus_inf=False))
+    reduction = structure["reduction"]
+    options = {
+        "reduction": reduction,
+        "num_valid": structure["num_valid"] if reduction == "mean" else None,
+    }
+    upstream = data.draw(upstreams(inputs.padding.shape if reduction == "none" else ()))
+
+    def check(backend: Backend) -> None:
+        args = inputs.build(backend)
+        positional = structure["positional"]
+        if backend.library == "torch":
+            _, grad, _ = torch_gradients(args, upstream, positional=positional, **options)
+        else:
+            cotangent = on_backend(backend, upstream, "float64")
+            _, grad, _ = call(
+                backend, jax_gradients, *args, cotangent, positional=positional, **options
+            )
+        assert_zero_at_padding(grad, inputs.padding)
+        logits, targets = (
+            unpadded(backend, inputs.padding, array, dtype)
+            for array, dtype in zip(args[:2], inputs.dtypes[:2], strict=True)
+        )
+        assert_gradient_rounded_once(grad, logits, targets, args[2], upstream=upstream, **options)
+
+    on_each(each_backend(*inputs.dtypes, autodiff=True), check)
+
+
+class SecondOrderOracle(NamedTuple):
+    """Float64 values of the loss's rows, from which the rounding of a second derivative is
+    bounded: rows ``[N, V]`` of the inputs the backend holds, padding replaced by zeros."""
+
+    softmax: np.ndarray  # [N, V]
+    reach: np.ndarray  # [N, V]: the softmax, and 1 at a row's largest logits
+    curvature: np.ndarray  # [N, 1]: |w / den * upstream * sum(p)|, the size of the hessian
+    gradient: np.ndarray  # [N, 1]: the largest entry of the logits gradient g
+    terms: np.ndarray  # [N, 1]: the largest term of g (:func:`largest_term`)
+
+
+def second_order_oracle(
+    inputs: LossInputs, args: tuple[Any, Any, Any], upstream: np.ndarray, *, reduction: str
+) -> SecondOrderOracle:
+    padding = inputs.padding[..., None]
+    vocab = inputs.logits.shape[-1]
+    z = np.where(padding, 0.0, to_float64(args[0]))
+    p = np.where(padding, 0.0, to_float64(args[1]))
+    w = to_float64(args[2])
+    options = {"reduction": reduction, "upstream": upstream}
+    terms = np.reshape(largest_term(z, p, w, **options), (-1, vocab))
+    scale = np.reshape(row_scale(w, inputs.padding.shape, **options), (-1, 1))
+    z, p = np.reshape(z, (-1, vocab)), np.reshape(p, (-1, vocab))
+    row_max = z.max(axis=-1, keepdims=True, initial=-np.inf)
+    shifted = np.exp(z - row_max)
+    softmax = shifted / shifted.sum(axis=-1, keepdims=True)
+    target_sum = p.sum(axis=-1, keepdims=True)
+    gradient = scale * np.abs(target_sum * softmax - p)
+    return SecondOrderOracle(
+        softmax,
+        np.maximum(softmax, z == row_max),
+        scale * np.abs(target_sum),
+        np.max(gradient, axis=-1, keepdims=True, initial=0.0),
+        np.max(terms, axis=-1, keepdims=True, initial=0.0),
+    )
+
+
+def assert_within(actual: Any, desired: np.ndarray, bound: np.ndarray, *, backend: Backend) -> None:
+    """Library, shape, then ``|actual - desired| <= bound`` entry by entry."""
+    assert library_of(actual) == backend.library, f"library {library_of(actual)}"
+    assert tuple(actual.shape) == desired.shape, f"shape {tuple(actual.shape)} != {desired.shape}"
+    error = np.abs(to_float64(actual) - desired)
+    if not (error <= bound).all():
+        worst = np.unravel_index(np.argmax(error - bound), desired.shape)
+        msg = (
+            f"{int(np.sum(~(error <= bound)))} of {desired.size} entries outside the bound; at "
+            f"{tuple(map(int, worst))}: {to_float64(actual)[worst]!r}, desired "
+            f"{desired[worst]!r}, bound {bound[worst]!r}"
+        )
+        raise AssertionError(msg)
+
+
+def squared_norm(grad: Any) -> Any:
+    """``sum(grad ** 2)`` in float64 (its derivative to ``grad``, ``2 * grad``, is exact in every
+    dtype): a gradient penalty."""
+    xp = array_api_compat.array_namespace(grad)
+    wide = xp.astype(grad, xp.float64)
+    return xp.sum(wide * wide)
+
+
+def torch_penalty_gradient(args: tuple[Any, Any, Any], upstream: np.ndarray, **options: Any) -> Any:
+    """The derivative to the logits of the gradient penalty ``sum(g ** 2)``, ``g`` the logits
+    gradient for the upstream gradient ``upstream``, by torch autograd (``create_graph``)."""
+    import torch
+
+    logits = args[0].requires_grad_(True)
+    loss = loss_of(*args, **options)
+    cotangent = torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device)
+    (grad,) = torch.autograd.grad(loss, logits, cotangent, create_graph=True)
+    (second,) = torch.autograd.grad(squared_norm(grad), logits)
+    return second
+
+
+def jax_penalty_gradient(
+    logits: Any, targets: Any, mask: Any, upstream: Any, **options: Any
+) -> Any:
+    """As :func:`torch_penalty_gradient`, by ``jax.grad`` of a function of ``jax.vjp``."""
+    import jax
+
+    def gradient(z: Any) -> Any:
+        loss, pullback = jax.vjp(lambda z: loss_of(z, targets, mask, **options), z)
+        return pullback(upstream.astype(loss.dtype))[0]
+
+    return jax.grad(lambda z: squared_norm(gradient(z)))(logits)
+
+
+def penalty_oracle(
+    inputs: LossInputs, args: tuple[Any, Any, Any], upstream: np.ndarray, *, reduction: str
+) -> np.ndarray:
+    """:func:`torch_penalty_gradient` of the reference formula in float64, for the values the
+    backend holds, padding replaced by zeros."""
+    import torch
+
+    from softce_multi.reference import masked_soft_cross_entropy
+
+    padding = inputs.padding[..., None]
+    z = torch.tensor(np.where(padding, 0.0, to_float64(args[0])), requires_grad=True)
+    p = torch.tensor(np.where(padding, 0.0, to_float64(args[1])))
+    loss = masked_soft_cross_entropy(z, p, torch.tensor(to_float64(args[2])), reduction=reduction)
+    cotangent = torch.as_tensor(upstream).expand_as(loss)
+    (grad,) = torch.autograd.grad(loss, z, cotangent, create_graph=True)
+    (second,) = torch.autograd.grad((grad**2).sum(), z, allow_unused=True, materialize_grads=True)
+    return second.numpy()
+
+
+def penalty_bound(oracle: SecondOrderOracle, desired: np.ndarray, inputs: LossInputs) -> Any:
+    """How far the derivative of the penalty may be from the float64 one, entry by entry.
+
+    It is ``2 H g``, with ``H = r * sum(p) * (diag(s) - s s^T)`` the hessian of a row. Row
+    ``v`` of ``H`` is ``s_v`` times the curvature, so ``2 (H e)_v`` is at most ``4 s_v`` times
+    the curvature times the largest error of ``e``: an error of ``g`` (half a unit of the
+    logits' dtype, and 8 roundings of its terms in the computation's), or of ``H`` (16
+    roundings, of ``s_v``, and of 1 at the largest logit, where the derivative of the row's
+    maximum cancels). Then the result is rounded to the logits' dtype.
+    """
+    compute, dtype = EPS[inputs.compute_dtype], EPS[inputs.logits_dtype]
+    spacing = SMALLEST_SPACING[inputs.logits_dtype]
+    g_error = dtype / 2 * oracle.gradient + 8 * compute * oracle.terms + spacing / 2
+    per_row = oracle.curvature * (4 * g_error + 32 * compute * oracle.gradient)
+    bound = np.reshape(oracle.reach * per_row, desired.shape)
+    return bound + dtype * np.abs(desired) + spacing
+
+
+def second_order_inputs(
+    data: Any, structure: dict, library: str
+) -> tuple[LossInputs, list[Backend]]:
+    """Loss values for ``structure``, and the backends of ``library`` for them."""
+    pytest.importorskip(library)
+    # Finite logits at valid positions: a -inf logit has a NaN float64 gradient in the oracle.
+    inputs = data.draw(loss_values(structure, minus_inf=False))
+    chosen = [b for b in each_backend(*inputs.dtypes, autodiff=True) if b.library == library]
+    assume(chosen)
+    return inputs, chosen
+
+
+@needs_torch
+@pytest.mark.parametrize("library", SECOND_ORDER_LIBRARIES)
+@few
+@given(
+    data=st.data(),
+    structure=structures(
+        "penalty",
+        **LOSS_DIMENSIONS,
+        reduction=("mean", "sum", "none"),
+        positional=(0, 1, 2, 3),
+    ),
+    seed=seed_st,
+)
+def test_gradient_penalty_derivatives_are_zero_at_padding_and_agree_with_the_oracle(
+    library: str, data: Any, structure: dict, seed: int
+) -> None:
+    """The derivative of a gradient penalty ``sum(g ** 2)`` (``g`` the logits gradient, by torch
+    autograd with ``create_graph`` or ``jax.vjp`` under ``jax.grad``) is finite, exactly 0 at
+    every padding position whatever NaN or inf it holds, and the float64 one elsewhere."""
+    inputs, chosen = second_order_inputs(data, structure, library)
+    reduction = structure["reduction"]
+    shape = inputs.padding.shape if reduction == "none" else ()
+    upstream = np.random.default_rng(seed).uniform(-2, 2, shape).astype(np.float32)
+    options = {"positional": structure["positional"], "reduction": reduction}
+
+    def check(backend: Backend) -> None:
+        args = inputs.build(backend)
+        desired = penalty_oracle(inputs, args, upstream, reduction=reduction)
+        # float16 holds no derivative beyond 65504 (of unnormalised targets of a large
+        # vocabulary); the oracle's is the same on every backend.
+        assume(np.max(np.abs(desired), initial=0.0) <= LARGEST[inputs.logits_dtype] / 2)
+        if backend.library == "torch":
+            second = torch_penalty_gradient(args, upstream, **options)
+        else:
+            cotangent = on_backend(backend, upstream, "float64")
+            second = call(backend, jax_penalty_gradient, *args, cotangent, **options)
+        assert dtype_name(second) == inputs.logits_dtype, f"dtype {dtype_name(second)}"
+        assert np.isfinite(to_float64(second)).all(), "a derivative that is not finite"
+        assert_zero_at_padding(second, inputs.padding)
+        oracle = second_order_oracle(inputs, args, upstream, reduction=reduction)
+        bound = penalty_bound(oracle, desired, inputs)
+        assert_within(second, desired, bound, backend=backend)
+
+    on_each(chosen, check)
+
+
+#: Logits shapes of at most 42 entries, whose hessians are small; none empty, which
+#: torch.autograd.functional.hessian cannot stack (the penalty's test has empty axes).
+HESSIAN_SHAPES = ((7,), (1, 1), (4, 1), (3, 2), (1, 5), (2, 3, 7), (5, 4))
+
+
+def torch_hessian(args: tuple[Any, Any, Any], upstream: np.ndarray, **options: Any) -> Any:
+    """The hessian to the logits of ``sum(upstream * loss)`` by
+    :func:`torch.autograd.functional.hessian` (reverse mode over reverse mode)."""
+    import torch
+
+    logits, targets, mask = args
+
+    def weighted_loss(z: Any) -> Any:
+        loss = loss_of(z, targets, mask, **options)
+        return (torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device) * loss).sum()
+
+    return torch.autograd.functional.hessian(weighted_loss, logits)
+
+
+def jax_hessian(logits: Any, targets: Any, mask: Any, upstream: Any, **options: Any) -> Any:
+    """As :func:`torch_hessian`, by ``jax.hessian`` (forward mode over reverse mode)."""
+    import jax
+
+    def weighted_loss(z: Any) -> Any:
+        loss = loss_of(z, targets, mask, **options)
+        return jax.numpy.sum(upstream.astype(loss.dtype) * loss)
+
+    return jax.hessian(weighted_loss)(logits)
+
+
+def hessian_oracle(
+    inputs: LossInputs, args: tuple[Any, Any, Any], upstream: np.ndarray, *, reduction: str
+) -> np.ndarray:
+    """:func:`torch_hessian` of the reference formula in float64, for the values the backend
+    holds, padding replaced by zeros."""
+    import torch
+
+    from softce_multi.reference import masked_soft_cross_entropy
+
+    padding = inputs.padding[..., None]
+    z = torch.tensor(np.where(padding, 0.0, to_float64(args[0])))
+    p = torch.tensor(np.where(padding, 0.0, to_float64(args[1])))
+    w = torch.tensor(to_float64(args[2]))
+
+    def weighted_loss(z: Any) -> Any:
+        loss = masked_soft_cross_entropy(z, p, w, reduction=reduction)
+        return (torch.as_tensor(upstream) * loss).sum()
+
+    return torch.autograd.functional.hessian(weighted_loss, z).numpy()
+
+
+@needs_torch
+@pytest.mark.parametrize("library", SECOND_ORDER_LIBRARIES)
+@few
+@given(
+    data=st.data(),
+    structure=structures(
+        "hessian",
+        **{**LOSS_DIMENSIONS, "shape": HESSIAN_SHAPES},
+        reduction=("mean", "sum", "none"),
+        positional=(0, 1, 2, 3),
+    ),
+    seed=seed_st,
+)
+def test_hessians_are_zero_at_padding_and_agree_with_the_oracle(
+    library: str, data: Any, structure: dict, seed: int
+) -> None:
+    """The hessian to the logits (torch's reverse over reverse mode, ``jax.hessian``'s forward
+    over reverse mode) is finite, exactly 0 in every row and column of a padding position
+    whatever it holds, and the float64 hessian elsewhere: each entry ``(v, u)`` within 16
+    roundings of the computation's dtype of the row's curvature times the larger of ``s_v`` and
+    ``s_u`` (see :func:`penalty_bound`), then rounded to the logits' dtype."""
+    inputs, chosen = second_order_inputs(data, structure, library)
+    reduction = structure["reduction"]
+    shape = inputs.padding.shape if reduction == "none" else ()
+    upstream = np.random.default_rng(seed).uniform(-2, 2, shape).astype(np.float32)
+    options = {"positional": structure["positional"], "reduction": reduction}
+    positions, vocab = math.prod(inputs.padding.shape), inputs.logits.shape[-1]
+    padding = np.reshape(inputs.padding, -1)
+    square = (positions, vocab, positions, vocab)
+
+    def check(backend: Backend) -> None:
+        args = inputs.build(backend)
+        if backend.library == "torch":
+            hessian = torch_hessian(args, upstream, **options)
+        else:
+            cotangent = on_backend(backend, upstream, "float64")
+            hessian = call(backend, jax_hessian, *args, cotangent, **options)
+        assert dtype_name(hessian) == inputs.logits_dtype, f"dtype {dtype_name(hessian)}"
+        values = np.reshape(to_float64(hessian), square)
+        assert np.isfinite(values).all(), "a hessian entry that is not finite"
+        assert (values[padding] == 0).all(), "a padding row of the hessian is not exactly 0"
+        assert (values[:, :, padding] == 0).all(), "a padding column of the hessian is not 0"
+        desired = hessian_oracle(inputs, args, upstream, reduction=reduction)
+        oracle = second_order_oracle(inputs, args, upstream, reduction=reduction)
+        # A row's block is its curvature times s s^T (and diag(s)); the other blocks are 0.
+        block = np.maximum(oracle.reach[:, :, None], oracle.reach[:, None, :])
+        bound = np.zeros(square)
+        rows = np.arange(positions)
+        bound[rows, :, rows, :] = (
+            16 * EPS[inputs.compute_dtype] * oracle.curvature[..., None] * block
+        )
+        dtype = inputs.logits_dtype
+        bound = np.reshape(bound, desired.shape) + EPS[dtype] * np.abs(desired)
+        bound += SMALLEST_SPACING[dtype]
+        assert_within(hessian, desired, bound, backend=backend)
+
+    on_each(chosen, check)
 
 
 # --------------------------------------------------------------------------------------------
@@ -744,6 +1198,9 @@ LINEAR_DIMENSIONS = {
     "chunk_rows": (None, 1, 3),
 }
 
+#: How many of the linear loss's four arrays a call passes by position (the rest by keyword).
+LINEAR_POSITIONAL = (0, 1, 2, 3, 4)
+
 
 def expected_linear(inputs: LinearInputs, args: tuple[Any, ...], **options: Any) -> Any:
     """The float64 oracle of the loss of ``hidden @ weight.T + bias`` and its gradients to the
@@ -784,27 +1241,35 @@ def expected_linear(inputs: LinearInputs, args: tuple[Any, ...], **options: Any)
     return loss.detach().numpy(), grads, terms
 
 
-def linear_loss(*args: Any, **options: Any) -> Any:
+def linear_loss(*args: Any, positional: int = 4, **options: Any) -> Any:
     """:func:`~softce_multi.linear_masked_soft_cross_entropy` with ``bias`` the last array
-    argument (not static under ``jax.jit``)."""
+    argument (not static under ``jax.jit``); ``positional`` of the other four by position, the
+    rest by keyword."""
     *arrays, bias = args
-    return sc.linear_masked_soft_cross_entropy(*arrays, bias=bias, **options)
+    function = sc.linear_masked_soft_cross_entropy
+    return pass_arrays(function, LINEAR_ARRAYS, arrays, positional, bias=bias, **options)
 
 
 @pytest.mark.skipif(not any(b.library == "torch" for b in BACKENDS), reason="oracle needs torch")
 @fuzz
 @given(
     data=st.data(),
-    structure=structures("linear", **LINEAR_DIMENSIONS, reduction=("mean", "sum", "none")),
+    structure=structures(
+        "linear",
+        **LINEAR_DIMENSIONS,
+        reduction=("mean", "sum", "none"),
+        positional=LINEAR_POSITIONAL,
+    ),
 )
 def test_linear_loss_agrees_with_the_oracle_on_every_backend(data: Any, structure: dict) -> None:
     inputs = data.draw(linear_inputs(structure))
     reduction, chunk_rows = structure["reduction"], structure["chunk_rows"]
     compute, tolerance = inputs.tolerance_dtypes()
+    options = {"positional": structure["positional"], "chunk_rows": chunk_rows}
 
     def check(backend: Backend) -> None:
         args = inputs.build(backend)
-        loss = call(backend, linear_loss, *args, reduction=reduction, chunk_rows=chunk_rows)
+        loss = call(backend, linear_loss, *args, reduction=reduction, **options)
         expected, _, _ = expected_linear(inputs, args, reduction=reduction)
         mass = target_mass(args[2], args[3], inputs.padding, reduction=reduction)
         assert_loss_agrees(loss, expected, compute, mass=mass, backend=backend, tolerance=tolerance)
@@ -812,18 +1277,24 @@ def test_linear_loss_agrees_with_the_oracle_on_every_backend(data: Any, structur
     on_each(each_backend(*inputs.used_dtypes), check)
 
 
-def linear_with_grad(*args: Any, **options: Any) -> Any:
-    """:func:`~softce_multi.linear_masked_soft_cross_entropy_with_grad` with ``bias`` the last
-    array argument (not static under ``jax.jit``)."""
+def linear_with_grad(*args: Any, positional: int = 4, **options: Any) -> Any:
+    """:func:`~softce_multi.linear_masked_soft_cross_entropy_with_grad` as :func:`linear_loss`
+    calls the loss."""
     *arrays, bias = args
-    return sc.linear_masked_soft_cross_entropy_with_grad(*arrays, bias=bias, **options)
+    function = sc.linear_masked_soft_cross_entropy_with_grad
+    return pass_arrays(function, LINEAR_ARRAYS, arrays, positional, bias=bias, **options)
 
 
 @pytest.mark.skipif(not any(b.library == "torch" for b in BACKENDS), reason="oracle needs torch")
 @fuzz
 @given(
     data=st.data(),
-    structure=structures("linear_with_grad", **LINEAR_DIMENSIONS, reduction=("mean", "sum")),
+    structure=structures(
+        "linear_with_grad",
+        **LINEAR_DIMENSIONS,
+        reduction=("mean", "sum"),
+        positional=LINEAR_POSITIONAL,
+    ),
 )
 def test_linear_loss_with_grad_agrees_with_the_oracle_on_every_backend(
     data: Any, structure: dict
@@ -831,12 +1302,11 @@ def test_linear_loss_with_grad_agrees_with_the_oracle_on_every_backend(
     inputs = data.draw(linear_inputs(structure))
     reduction, chunk_rows = structure["reduction"], structure["chunk_rows"]
     compute, tolerance = inputs.tolerance_dtypes()
+    options = {"positional": structure["positional"], "chunk_rows": chunk_rows}
 
     def check(backend: Backend) -> None:
         args = inputs.build(backend)
-        loss, grads = call(
-            backend, linear_with_grad, *args, reduction=reduction, chunk_rows=chunk_rows
-        )
+        loss, grads = call(backend, linear_with_grad, *args, reduction=reduction, **options)
         expected, wanted, terms = expected_linear(inputs, args, reduction=reduction)
         mass = target_mass(args[2], args[3], inputs.padding, reduction=reduction)
         assert_loss_agrees(loss, expected, compute, mass=mass, backend=backend, tolerance=tolerance)
@@ -864,11 +1334,11 @@ def torch_linear_gradients(args: tuple[Any, ...], upstream: np.ndarray, **option
     targets by torch autograd (None for a missing bias)."""
     import torch
 
-    hidden, weight, targets, mask, bias = args
+    hidden, weight, targets, _, bias = args
     leaves = [x for x in (hidden, weight, bias, targets) if x is not None]
     for leaf in leaves:
         leaf.requires_grad_(True)
-    loss = sc.linear_masked_soft_cross_entropy(hidden, weight, targets, mask, bias=bias, **options)
+    loss = linear_loss(*args, **options)
     loss.backward(torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device))
     return loss, [None if x is None else x.grad for x in (hidden, weight, bias, targets)]
 
@@ -879,10 +1349,10 @@ def jax_linear_gradients(
     """As :func:`torch_linear_gradients`, by ``jax.vjp``."""
     import jax
 
-    def loss_of(h: Any, w: Any, b: Any, p: Any) -> Any:
-        return sc.linear_masked_soft_cross_entropy(h, w, p, mask, bias=b, **options)
+    def loss_at(h: Any, w: Any, b: Any, p: Any) -> Any:
+        return linear_loss(h, w, p, mask, b, **options)
 
-    loss, pullback = jax.vjp(loss_of, hidden, weight, bias, targets)
+    loss, pullback = jax.vjp(loss_at, hidden, weight, bias, targets)
     return loss, list(pullback(upstream.astype(loss.dtype)))
 
 
@@ -890,7 +1360,12 @@ def jax_linear_gradients(
 @fuzz
 @given(
     data=st.data(),
-    structure=structures("linear_autodiff", **LINEAR_DIMENSIONS, reduction=("mean", "sum", "none")),
+    structure=structures(
+        "linear_autodiff",
+        **LINEAR_DIMENSIONS,
+        reduction=("mean", "sum", "none"),
+        positional=LINEAR_POSITIONAL,
+    ),
     seed=seed_st,
 )
 def test_linear_autodiff_gradients_agree_with_the_oracle(
@@ -904,6 +1379,7 @@ def test_linear_autodiff_gradients_agree_with_the_oracle(
     shape = inputs.hidden.shape[:-1] if reduction == "none" else ()
     upstream = np.random.default_rng(seed).uniform(-2, 2, shape)
     options = {"reduction": reduction, "chunk_rows": chunk_rows}
+    options["positional"] = structure["positional"]
 
     def check(backend: Backend) -> None:
         args = inputs.build(backend)
@@ -930,6 +1406,183 @@ def test_linear_autodiff_gradients_agree_with_the_oracle(
         assert_zero_at_padding(grads[3], inputs.padding)
 
     on_each(each_backend(*inputs.used_dtypes, autodiff=True), check)
+
+
+#: The bound of the float64 oracle's derivative of a gradient penalty of the linear loss,
+#: relative to the largest entry of each derivative, by the coarser of the computation's and
+#: the product's dtype: the logits are rounded to the product's dtype, which moves each entry
+#: of the softmax by as much relatively times the logits' size.
+LINEAR_SECOND_ORDER_RTOL = {"float64": 1e-9, "float32": 1e-3, "float16": 3e-2, "bfloat16": 1e-1}
+
+
+def jax_linear_penalty_gradients(
+    hidden: Any, weight: Any, targets: Any, mask: Any, bias: Any, upstream: Any, **options: Any
+) -> Any:
+    """The derivatives to ``hidden`` and ``weight`` of the penalty ``sum(g_h ** 2) +
+    sum(g_w ** 2)`` of their gradients for the upstream gradient ``upstream``, by ``jax.grad``
+    of a function of ``jax.vjp``."""
+    import jax
+
+    def penalty(h: Any, w: Any) -> Any:
+        loss, pullback = jax.vjp(
+            lambda h, w: linear_loss(h, w, targets, mask, bias, **options), h, w
+        )
+        grad_h, grad_w = pullback(upstream.astype(loss.dtype))
+        return squared_norm(grad_h) + squared_norm(grad_w)
+
+    return jax.grad(penalty, argnums=(0, 1))(hidden, weight)
+
+
+def linear_penalty_oracle(
+    inputs: LinearInputs, args: tuple[Any, ...], upstream: np.ndarray, *, reduction: str
+) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """:func:`jax_linear_penalty_gradients` of the reference formula in float64 (torch
+    autograd), for the values the backend holds, padding replaced by zeros; and the largest
+    product that the matmuls of the logits' derivative with the hidden states and the weight
+    sum (the derivative's largest entry times theirs)."""
+    import torch
+
+    from softce_multi.reference import masked_soft_cross_entropy
+
+    hidden, weight, targets, mask, bias = args
+    padding = inputs.padding[..., None]
+    h = torch.tensor(np.where(padding, 0.0, to_float64(hidden)), requires_grad=True)
+    w = torch.tensor(to_float64(weight), requires_grad=True)
+    logits = h @ w.T + (0.0 if bias is None else torch.tensor(to_float64(bias)))
+    p = torch.tensor(np.where(padding, 0.0, to_float64(targets)))
+    loss = masked_soft_cross_entropy(logits, p, torch.tensor(to_float64(mask)), reduction=reduction)
+    cotangent = torch.as_tensor(upstream).expand_as(loss)
+    grads = torch.autograd.grad(loss, (h, w), cotangent, create_graph=True)
+    penalty = sum((grad**2).sum() for grad in grads)
+    if not penalty.requires_grad:  # no positions: the gradients are constant zeros
+        return (np.zeros(h.shape), np.zeros(w.shape)), 0.0
+    second = torch.autograd.grad(penalty, (h, w, logits), allow_unused=True, materialize_grads=True)
+
+    def largest(x: Any) -> float:
+        return float(np.max(np.abs(x.detach().numpy()), initial=0.0))
+
+    product = largest(second[2]) * max(largest(h), largest(w))
+    return (second[0].numpy(), second[1].numpy()), product
+
+
+@needs_torch
+@pytest.mark.skipif(not any(b.library == "jax" for b in BACKENDS), reason="JAX is not installed")
+@few
+@given(
+    data=st.data(),
+    structure=structures(
+        "linear_penalty",
+        shape=LINEAR_SHAPES,
+        dtype=FLOATS,
+        with_bias=(False, True),
+        targets=FLOATS,
+        mask=LINEAR_DIMENSIONS["mask"],
+        trailing_one=(False, True),
+        chunk_rows=(None, 1, 3),
+        reduction=("mean", "sum", "none"),
+        positional=LINEAR_POSITIONAL,
+    ),
+    seed=seed_st,
+)
+def test_jax_linear_gradient_penalty_derivatives_are_zero_at_padding(
+    data: Any, structure: dict, seed: int
+) -> None:
+    """The derivatives of a gradient penalty of the JAX linear loss to the hidden states and the
+    weight are finite, exactly 0 at every padding row of the hidden states whatever NaN or inf
+    they hold, the same as for zeros there, and the float64 ones."""
+    dtype = structure["dtype"]  # of the hidden states, the weight and the bias
+    bias = dtype if structure["with_bias"] else None
+    inputs = data.draw(linear_inputs({**structure, "hidden": dtype, "weight": dtype, "bias": bias}))
+    reduction = structure["reduction"]
+    _, tolerance = inputs.tolerance_dtypes()
+    shape = inputs.padding.shape if reduction == "none" else ()
+    upstream = np.random.default_rng(seed).uniform(-2, 2, shape).astype(np.float32)
+    options = {
+        "positional": structure["positional"],
+        "reduction": reduction,
+        "chunk_rows": structure["chunk_rows"],
+    }
+    chosen = [b for b in each_backend(*inputs.used_dtypes, autodiff=True) if b.library == "jax"]
+    assume(chosen)
+
+    def check(backend: Backend) -> None:
+        args = inputs.build(backend)
+        cotangent = on_backend(backend, upstream, "float64")
+        seconds = call(backend, jax_linear_penalty_gradients, *args, cotangent, **options)
+        clean = (
+            unpadded(backend, inputs.padding, args[0], dtype),
+            args[1],
+            unpadded(backend, inputs.padding, args[2], inputs.dtypes["targets"]),
+            *args[3:],
+        )
+        desired, product = linear_penalty_oracle(inputs, args, upstream, reduction=reduction)
+        # float16 holds no derivative near its largest number, nor the products of the
+        # logits' derivative with the hidden states and the weight, which the matmuls of
+        # JAX's derivative form in float16: their sum may be in range when they are not.
+        largest = max(product, *(float(np.max(np.abs(x), initial=0.0)) for x in desired))
+        assume(largest <= LARGEST[dtype] / 2)
+        from_zeros = call(backend, jax_linear_penalty_gradients, *clean, cotangent, **options)
+        for second, zeros, want, name in zip(
+            seconds, from_zeros, desired, ("hidden", "weight"), strict=True
+        ):
+            assert dtype_name(second) == dtype, f"{name}: dtype {dtype_name(second)}"
+            assert np.isfinite(to_float64(second)).all(), f"{name}: not finite"
+            np.testing.assert_array_equal(to_numpy(second), to_numpy(zeros), err_msg=name)
+            largest = float(np.max(np.abs(want), initial=0.0))
+            bound = LINEAR_SECOND_ORDER_RTOL[tolerance] * largest + SMALLEST_SPACING[dtype]
+            assert_within(second, want, np.full(want.shape, bound), backend=backend)
+        assert_zero_at_padding(seconds[0], inputs.padding)
+
+    on_each(chosen, check)
+
+
+@pytest.mark.skipif(not any(b.library == "torch" for b in BACKENDS), reason="needs torch")
+@pytest.mark.parametrize("objective", ("penalty", "penalty and weight decay"))
+@few
+@given(
+    data=st.data(),
+    structure=structures(
+        "torch_linear_once",
+        **LINEAR_DIMENSIONS,
+        reduction=("mean", "sum", "none"),
+        positional=LINEAR_POSITIONAL,
+    ),
+    upstream_requires_grad=st.booleans(),
+)
+def test_torch_linear_loss_refuses_a_second_derivative(
+    objective: str, data: Any, structure: dict, upstream_requires_grad: bool
+) -> None:
+    """The torch linear loss is differentiable once: the backward pass of a penalty of its
+    gradients to the hidden states and the weight (taken with ``create_graph=True``), alone or
+    beside another term of the weight, raises a RuntimeError rather than come back wrong."""
+    import torch
+
+    inputs = data.draw(linear_inputs(structure))
+    reduction = structure["reduction"]
+    shape = inputs.padding.shape if reduction == "none" else ()
+    upstream = np.full(shape, 0.75)
+    options = {
+        "positional": structure["positional"],
+        "reduction": reduction,
+        "chunk_rows": structure["chunk_rows"],
+    }
+    chosen = [b for b in each_backend(*inputs.used_dtypes, autodiff=True) if b.library == "torch"]
+    assume(chosen)
+
+    def check(backend: Backend) -> None:
+        args = inputs.build(backend)
+        hidden, weight = args[0].requires_grad_(True), args[1].requires_grad_(True)
+        loss = linear_loss(*args, **options)
+        cotangent = torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device)
+        cotangent.requires_grad_(upstream_requires_grad)
+        grads = torch.autograd.grad(loss, (hidden, weight), cotangent, create_graph=True)
+        total = squared_norm(grads[0]) + squared_norm(grads[1])
+        if objective == "penalty and weight decay":
+            total = total + squared_norm(weight)
+        with pytest.raises(RuntimeError):
+            total.backward()
+
+    on_each(chosen, check)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1440,6 +2093,20 @@ BAD_INPUTS = [
         "target_probs",
     ),
     *_loss_variants(
+        "targets of another vocabulary, by keyword",
+        lambda c, f: f(
+            position_mask=c.mask(), target_probs=_with_last_axis(c, 1), logits=c.floats()
+        ),
+        ValueError,
+        "target_probs",
+    ),
+    *_loss_variants(
+        "targets under another name",
+        lambda c, f: f(logits=c.floats(), targets=c.floats(), position_mask=c.mask()),
+        TypeError,
+        "targets",
+    ),
+    *_loss_variants(
         "a mask with a trailing 2",
         lambda c, f: f(c.floats(), c.floats(), c.mask((*c.positions, 2))),
         ValueError,
@@ -1555,6 +2222,28 @@ BAD_INPUTS = [
         ),
         ValueError,
         "weight",
+    ),
+    Bad(
+        "a weight of another hidden size, by keyword",
+        lambda c: sc.linear_masked_soft_cross_entropy_with_grad(
+            c.floats((*c.positions, 4)),
+            position_mask=c.mask(),
+            target_probs=c.floats(),
+            weight=c.floats((c.vocab, 5)),
+        ),
+        ValueError,
+        "weight",
+    ),
+    Bad(
+        "hidden states under another name",
+        lambda c: sc.linear_masked_soft_cross_entropy(
+            hidden_states=c.floats((*c.positions, 4)),
+            weight=c.floats((c.vocab, 4)),
+            target_probs=c.floats(),
+            position_mask=c.mask(),
+        ),
+        TypeError,
+        "hidden_states",
     ),
     Bad(
         "a bias of another vocabulary",
@@ -1758,8 +2447,40 @@ for _bad in BAD_INPUTS:
 
 
 # --------------------------------------------------------------------------------------------
-# Coverage
+# Signatures and coverage
 # --------------------------------------------------------------------------------------------
+
+
+def loss_entry_points() -> list[Any]:
+    """Each public loss function, with its array parameters and its options: those of the
+    package, and of the adapters whose library is installed."""
+    functions = [
+        (sc, "masked_soft_cross_entropy", LOSS_ARRAYS, LOSS_OPTIONS),
+        (sc, "masked_soft_cross_entropy_with_grad", LOSS_ARRAYS, LOSS_OPTIONS),
+        (sc, "linear_masked_soft_cross_entropy", LINEAR_ARRAYS, LINEAR_OPTIONS),
+        (sc, "linear_masked_soft_cross_entropy_with_grad", LINEAR_ARRAYS, LINEAR_OPTIONS),
+    ]
+    for library in ("torch", "jax"):
+        if any(backend.library == library for backend in BACKENDS):
+            adapter = importlib.import_module(f"softce_multi.{library}")
+            functions.append((adapter, "masked_soft_cross_entropy", LOSS_ARRAYS, LOSS_OPTIONS))
+    return [
+        pytest.param(getattr(module, name), arrays, options, id=f"{module.__name__}.{name}")
+        for module, name, arrays, options in functions
+    ]
+
+
+@pytest.mark.parametrize(("function", "arrays", "options"), loss_entry_points())
+def test_the_arrays_are_positional_or_keyword_and_the_options_keyword_only(
+    function: Callable[..., Any], arrays: tuple[str, ...], options: tuple[str, ...]
+) -> None:
+    kinds = {name: p.kind for name, p in inspect.signature(function).parameters.items()}
+    expected = {
+        **dict.fromkeys(arrays, inspect.Parameter.POSITIONAL_OR_KEYWORD),
+        **dict.fromkeys(options, inspect.Parameter.KEYWORD_ONLY),
+    }
+    assert kinds == expected
+
 
 #: The public functions, and the tests above that fuzz each.
 FUZZED = {
