@@ -108,22 +108,29 @@ def test_linear_loss_equals_f_linear_then_the_loss_under_autocast(dtype, reducti
     assert_results_close(ours, expected, **(SAME_MATMULS if chunk_rows is None else {}))
 
 
-@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
-def test_liger_amp_case_passes(dtype):
-    """Liger-Kernel's autocast test of its fused linear KL loss, adapted: ``[2, 4]`` positions,
-    ``H = 2048``, ``V = 3200``, a float32 weight of uniform values, targets the softmax of
-    uniform values, the mean over the rows (KL and the soft cross entropy differ by the targets'
-    entropy, a constant, so their gradients are equal)."""
+def liger_amp_inputs() -> dict:
+    """The inputs of Liger-Kernel's autocast test: ``[2 * 4, 2048]`` hidden states, a float32
+    ``[3200, 2048]`` weight of uniform values, targets the softmax of uniform values, every
+    position valid (and a zero bias, for :func:`differentiate`)."""
     generator = torch.Generator().manual_seed(42)
     hidden_size, vocab = 2048, 3200
     weight = torch.rand(vocab, hidden_size, generator=generator)
-    inputs = {
+    return {
         "hidden": torch.randn(2 * 4, hidden_size, generator=generator),
         "weight": weight,
         "bias": torch.zeros(vocab),
         "target_probs": torch.rand(2 * 4, vocab, generator=generator).softmax(dim=-1),
         "position_mask": torch.ones(2 * 4, dtype=torch.bool),
     }
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_liger_amp_case_passes(dtype):
+    """Liger-Kernel's autocast test of its fused linear KL loss, adapted: ``[2, 4]`` positions,
+    ``H = 2048``, ``V = 3200``, a float32 weight of uniform values, targets the softmax of
+    uniform values, the mean over the rows (KL and the soft cross entropy differ by the targets'
+    entropy, a constant, so their gradients are equal)."""
+    inputs = liger_amp_inputs()
 
     def reference_head(hidden: Any, weight: Any, bias: Any) -> Any:
         logits = F.linear(hidden, weight).to(torch.float32)
@@ -360,3 +367,49 @@ def test_bench_times_both_linear_paths_under_autocast(tmp_path, monkeypatch, cap
     for grad, want in zip(own, materialised, strict=True):
         assert grad.dtype == torch.float32
         torch.testing.assert_close(grad, want, **LIGER_TOLERANCES)
+
+
+def liger_amp_errors(dtype: str) -> str:
+    """Liger's autocast case, measured: the gradient elements outside its tolerance, and the
+    relative errors against ``F.linear`` then the formula under the same autocast, and against
+    float64."""
+    inputs = liger_amp_inputs()
+    hidden, weight, targets, mask = (
+        inputs[name] for name in ("hidden", "weight", "target_probs", "position_mask")
+    )
+    gradients = {}
+    for path in ("reference", "ours", "float64"):
+        wide = torch.float64 if path == "float64" else torch.float32
+        leaves = [x.to(wide, copy=True).requires_grad_(True) for x in (hidden, weight)]
+        autocast = torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype], enabled=path != "float64")
+        with autocast:
+            if path == "ours":
+                loss = sc.linear_masked_soft_cross_entropy(*leaves, targets, mask)
+            else:
+                log_probs = torch.log_softmax(F.linear(*leaves).to(wide), dim=-1)
+                loss = -(targets.to(wide) * log_probs).sum() / 8
+        loss.backward()
+        gradients[path] = [leaf.grad.double() for leaf in leaves]
+
+    def outside(got: Any, want: Any) -> int:
+        return int((~torch.isclose(got, want, **LIGER_TOLERANCES)).sum())
+
+    def relative(got: Any, want: Any) -> float:
+        return float((got - want).norm() / want.norm())
+
+    (hidden_ref, weight_ref), (hidden_ours, weight_ours) = gradients["reference"], gradients["ours"]
+    hidden_exact = gradients["float64"][0]
+    return (
+        f"{dtype}: outside Liger's tolerance: hidden {outside(hidden_ours, hidden_ref)} of "
+        f"{hidden_ours.numel()}, weight {outside(weight_ours, weight_ref)} of "
+        f"{weight_ours.numel()}; relative error against the autocast reference: hidden "
+        f"{relative(hidden_ours, hidden_ref):.2e}, weight {relative(weight_ours, weight_ref):.2e}"
+        f"; hidden against float64: ours {relative(hidden_ours, hidden_exact):.2e}, the "
+        f"reference {relative(hidden_ref, hidden_exact):.2e}"
+    )
+
+
+if __name__ == "__main__":
+    # python tests/test_autocast.py: Liger's autocast case, measured.
+    for name in AUTOCAST_DTYPES:
+        print(liger_amp_errors(name))
