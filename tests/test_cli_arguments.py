@@ -218,6 +218,8 @@ def test_bench_refuses_a_plot_without_matplotlib_before_measuring(tmp_path: Path
         (["--targets", "--bias"], "--bias does not go with --targets"),
         (["--targets", "--no-bias"], "--no-bias does not go with --targets"),
         (["--autocast", "bfloat16"], "--autocast goes with --linear"),
+        (["--reduction", "none"], "--reduction goes with --linear"),
+        (["--targets", "--reduction", "sum"], "--reduction does not go with --targets"),
         (["--targets", "--autocast", "bfloat16"], "--autocast does not go with --targets"),
         (
             ["--linear", "--autocast", "float16", "--frameworks", "jax"],

@@ -837,6 +837,42 @@ def test_bench_compares_the_linear_loss_with_the_materialised_path(
             np.testing.assert_allclose(to_numpy(grad), to_numpy(want), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_bench_compares_both_linear_paths_at_a_reduction(tmp_path, monkeypatch, capsys, reduction):
+    """``bench --linear --reduction`` runs both paths at that reduction (``"none"``'s losses
+    summed), on torch and JAX, and says so in its title; both paths' gradients agree."""
+    import json
+
+    from softce_multi._cli import bench as _bench
+
+    monkeypatch.setattr(_bench, "_memory_from_hidden", _bench.peak_extra_memory_from_hidden)
+    reductions: list[str] = []
+    linear_loss = sc.linear_masked_soft_cross_entropy
+
+    def spy(*arrays: Any, reduction: str = "mean", **keywords: Any) -> Any:
+        reductions.append(reduction)
+        return linear_loss(*arrays, reduction=reduction, **keywords)
+
+    monkeypatch.setattr(sc, "linear_masked_soft_cross_entropy", spy)
+    argv = ["--linear", "--rows", "16", "--hidden", "4", "--vocab", "10", "--repeats", "1"]
+    report = tmp_path / "linear.json"
+
+    assert _bench.main([*argv, "--reduction", reduction, "--json", str(report)]) == 0
+
+    assert reductions and set(reductions) == {reduction}
+    assert json.loads(report.read_text())
+    assert f"reduction {reduction!r}" in capsys.readouterr().out.splitlines()[0]
+    sizes = _bench.Sizes(16, 4, 10, 10, True, None, reduction)
+    comparison = _bench.FROM_HIDDEN["linear"]
+    inputs = _bench._framework_arrays("torch", comparison.inputs(sizes, 0), "float32", 3)
+    own, materialised = (
+        _bench._from_hidden_torch_step(comparison, path, sizes)(*inputs)
+        for path in ("linear", "materialised")
+    )
+    for grad, want in zip(own, materialised, strict=True):
+        np.testing.assert_allclose(to_numpy(grad), to_numpy(want), rtol=1e-5, atol=1e-7)
+
+
 def test_torch_backward_recomputes_the_chunks_of_the_forward_pass(monkeypatch):
     """The backward pass of ``"none"`` recomputes the logits in the chunks of the forward pass
     (the one-buffer budget), so that they are the logits its saved statistics belong to."""

@@ -609,7 +609,8 @@ class Sizes(NamedTuple):
     vocabulary); ``target_vocab`` rows of the target head's weight (targets only); ``bias``:
     the logits add a ``[vocab]`` bias, as ``torch.nn.Linear`` does by default (linear only);
     ``autocast``: the name of the dtype of a ``torch.autocast`` around both paths' forward pass
-    (linear, torch only), or None.
+    (linear, torch only), or None; ``reduction``: that of both linear paths (``"none"``'s
+    per-position losses are summed, so each gets its own upstream gradient of 1).
     """
 
     rows: int
@@ -618,6 +619,7 @@ class Sizes(NamedTuple):
     target_vocab: int
     bias: bool
     autocast: str | None = None
+    reduction: Reduction = "mean"
 
     @property
     def arrays_in_dtype(self) -> int:
@@ -680,8 +682,8 @@ def _linear_function(path: str, sizes: Sizes) -> Callable[..., Any]:
 
     def linear(states: Any, weight: Any, bias: Any, target: Any, mask: Any) -> Any:
         return softce_multi.linear_masked_soft_cross_entropy(
-            states, weight, target, mask, bias=bias
-        )
+            states, weight, target, mask, bias=bias, reduction=sizes.reduction
+        ).sum()
 
     def materialised(states: Any, weight: Any, bias: Any, target: Any, mask: Any) -> Any:
         if array_api_compat.is_torch_array(states):
@@ -693,7 +695,9 @@ def _linear_function(path: str, sizes: Sizes) -> Callable[..., Any]:
             logits = states @ weight.T
             if bias is not None:
                 logits = logits + bias
-        return softce_multi.masked_soft_cross_entropy(logits, target, mask)
+        return softce_multi.masked_soft_cross_entropy(
+            logits, target, mask, reduction=sizes.reduction
+        ).sum()
 
     loss = linear if path == "linear" else materialised
     if sizes.bias:
@@ -710,7 +714,8 @@ def _linear_title(sizes: Sizes) -> str:
     autocast = f", under torch.autocast({sizes.autocast})" if sizes.autocast else ""
     return (
         f"linear_masked_soft_cross_entropy against {logits} then masked_soft_cross_entropy, "
-        f"forward+backward; H = {sizes.hidden}, V = {sizes.vocab}, {bias}{autocast}"
+        f"forward+backward; H = {sizes.hidden}, V = {sizes.vocab}, {bias}, "
+        f"reduction {sizes.reduction!r}{autocast}"
     )
 
 
@@ -827,7 +832,7 @@ def _from_hidden_jax_step(
 
 
 def peak_extra_memory_from_hidden(
-    name: str, path: str, sizes: tuple[int, int, int, int, bool], dtype: str, seed: int
+    name: str, path: str, sizes: tuple[Any, ...], dtype: str, seed: int
 ) -> int:
     """Bytes of extra peak resident memory of one torch step of ``path`` of comparison ``name``
     at ``sizes``, the fields of a :class:`Sizes`.
@@ -837,7 +842,7 @@ def peak_extra_memory_from_hidden(
     """
     comparison = FROM_HIDDEN[name]
     full = Sizes(*sizes)
-    tiny = Sizes(8, 8, 16, 32, full.bias, full.autocast)
+    tiny = full._replace(rows=8, hidden=8, vocab=16, target_vocab=32)
     warm_up = _from_hidden_torch_step(comparison, path, tiny)
     warm_up(*_framework_arrays("torch", comparison.inputs(tiny, seed), dtype, tiny.arrays_in_dtype))
     step = _from_hidden_torch_step(comparison, path, full)
@@ -927,7 +932,7 @@ def _main_from_hidden(name: str, args: argparse.Namespace) -> int:
     target_vocab = args.target_vocab or DEFAULT_TARGET_VOCAB
     bias = name == "linear" and args.bias is not False  # nn.Linear's default: with a bias
     sizes = [
-        Sizes(rows, hidden, args.vocab, target_vocab, bias, args.autocast)
+        Sizes(rows, hidden, args.vocab, target_vocab, bias, args.autocast, args.reduction or "mean")
         for rows in args.rows or comparison.default_rows
     ]
     dtype = args.dtypes[0]
@@ -967,6 +972,8 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error(f"{bias_flag} goes with --linear")
         if args.autocast is not None:
             parser.error("--autocast goes with --linear")
+        if args.reduction is not None:
+            parser.error("--reduction goes with --linear")
     else:
         for flag, given in [
             ("--lengths", args.lengths is not None),
@@ -975,6 +982,7 @@ def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             ("--target-vocab", args.linear and args.target_vocab is not None),
             (bias_flag, args.targets and args.bias is not None),
             ("--autocast", args.targets and args.autocast is not None),
+            ("--reduction", args.targets and args.reduction is not None),
         ]:
             if given:
                 parser.error(f"{flag} does not go with {comparison}")
@@ -1078,6 +1086,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--bias",
         action=argparse.BooleanOptionalAction,
         help="with --linear: a [V] bias as nn.Linear has, differentiated too (default: yes)",
+    )
+    parser.add_argument(
+        "--reduction",
+        choices=("mean", "sum", "none"),
+        help="with --linear: the reduction of both paths; none sums the losses (default: mean)",
     )
     parser.add_argument(
         "--autocast",
