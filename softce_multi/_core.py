@@ -194,7 +194,8 @@ def softmax_coefficient(
     row_scale: Array, target_sum: Array, log_sum_exp: Array, *, xp: Namespace
 ) -> Array:
     """``row_scale * sum(p) / sum_exp`` per row: what multiplies ``exp(z - row_max)`` in the
-    logits gradient (see :func:`logits_gradient_rows`), which every implementation shares."""
+    logits gradient (see :func:`logits_gradient_rows`); the Triton and Pallas kernels compute
+    the same factor per row."""
     return row_scale * target_sum * xp.exp(-log_sum_exp)
 
 
