@@ -485,30 +485,6 @@ def triton_kernels() -> Iterator[None]:
         yield
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_forward_gradient_at_a_unit_upstream_is_rounded_once(
-    triton_kernels, rng, dtype, reduction
-):
-    grad, *arrays = triton_forward_gradient(random_inputs(rng, SMALL_SHAPE), dtype, reduction)
-
-    assert_gradient_rounded_once(grad, *arrays, reduction=reduction)
-
-
-@pytest.mark.parametrize(("reduction", "upstream"), CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_triton_backward_kernel_rounds_the_gradient_once(
-    triton_kernels, rng, dtype, reduction, upstream
-):
-    upstream = upstream_of(rng, reduction, upstream, SMALL_SHAPE[:-1])
-
-    grad, *arrays = triton_backward_gradient(
-        random_inputs(rng, SMALL_SHAPE), dtype, reduction, upstream
-    )
-
-    assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
-
-
 @pytest.mark.parametrize("upstream", UPSTREAMS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_adapter_on_the_triton_kernels_rounds_the_gradient_once(
@@ -585,26 +561,39 @@ def pallas_kernels() -> None:
         pytest.skip("this jax has no Pallas")
 
 
+#: Each GPU kernel module's gradients, by the fixture that makes it run here: the forward
+#: kernel's at a unit upstream, the backward kernel's with the upstream folded in.
+KERNELS = {
+    "triton": ("triton_kernels", triton_forward_gradient, triton_backward_gradient),
+    "pallas": ("pallas_kernels", pallas_forward_gradient, pallas_backward_gradient),
+}
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pallas_forward_gradient_at_a_unit_upstream_is_rounded_once(
-    pallas_kernels, rng, dtype, reduction
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_forward_kernel_gradient_at_a_unit_upstream_is_rounded_once(
+    request, rng, kernels, dtype, reduction
 ):
-    grad, *arrays = pallas_forward_gradient(random_inputs(rng, SMALL_SHAPE), dtype, reduction)
+    fixture, forward_gradient, _ = KERNELS[kernels]
+    request.getfixturevalue(fixture)
+
+    grad, *arrays = forward_gradient(random_inputs(rng, SMALL_SHAPE), dtype, reduction)
 
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction)
 
 
 @pytest.mark.parametrize(("reduction", "upstream"), CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_pallas_backward_kernel_rounds_the_gradient_once(
-    pallas_kernels, rng, dtype, reduction, upstream
+@pytest.mark.parametrize("kernels", KERNELS)
+def test_backward_kernel_rounds_the_gradient_once(
+    request, rng, kernels, dtype, reduction, upstream
 ):
+    fixture, _, backward_gradient = KERNELS[kernels]
+    request.getfixturevalue(fixture)
     upstream = upstream_of(rng, reduction, upstream, SMALL_SHAPE[:-1])
 
-    grad, *arrays = pallas_backward_gradient(
-        random_inputs(rng, SMALL_SHAPE), dtype, reduction, upstream
-    )
+    grad, *arrays = backward_gradient(random_inputs(rng, SMALL_SHAPE), dtype, reduction, upstream)
 
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
 
