@@ -9,7 +9,7 @@ from softce_multi._api import (
     masked_soft_cross_entropy,
     masked_soft_cross_entropy_with_grad,
 )
-from softce_multi._linear import LinearGradients
+from softce_multi._types import LinearGradients
 
 __all__ = [
     "LinearGradients",

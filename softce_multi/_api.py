@@ -17,7 +17,7 @@ from typing import Literal
 
 import array_api_compat
 
-from softce_multi._linear import LinearGradients
+from softce_multi._types import LinearGradients
 from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace, Reduction
 from softce_multi._validate import check_reduction, validate_inputs, validate_linear_inputs
 
@@ -33,7 +33,7 @@ def _adapter(xp: Namespace) -> ModuleType:
 
         return torch_adapter
     if array_api_compat.is_jax_namespace(xp):
-        from softce_multi import jax as jax_adapter
+        from softce_multi._adapters import jax as jax_adapter
 
         return jax_adapter
     from softce_multi import _generic

@@ -29,7 +29,7 @@ from typing import Any, NamedTuple, Protocol
 import array_api_compat
 import array_api_extra as xpx
 
-from softce_multi._types import Array, Namespace
+from softce_multi._types import Array, LinearGradients, LinearLossInputs, LossInputs, Namespace
 
 #: Elements per block on eager backends: large enough that few parallel regions are started
 #: (each one costs dearly on a busy machine), small enough that a block's few float32
@@ -348,6 +348,27 @@ class GradientRoutine(Protocol):
     def __call__(
         self, rows: BackwardRows, /, *, logits_grad: bool, targets_grad: bool
     ) -> tuple[Array | None, Array | None]: ...
+
+
+class Adapter(Protocol):
+    """What every engine adapter module provides: the four losses of validated inputs.
+
+    :mod:`softce_multi._api` validates the arguments of a public function into a record and
+    hands it to the adapter of the arrays' namespace (the modules of
+    :mod:`softce_multi._adapters`). The adapter returns the loss (differentiable in its
+    framework where it has autodiff) or the loss with its gradients, in the inputs' library and
+    on their device.
+    """
+
+    def loss(self, inputs: LossInputs, /) -> Array: ...
+
+    def loss_with_grad(self, inputs: LossInputs, /) -> tuple[Array, Array]: ...
+
+    def linear_loss(self, inputs: LinearLossInputs, /) -> Array: ...
+
+    def linear_loss_with_grad(
+        self, inputs: LinearLossInputs, /
+    ) -> tuple[Array, LinearGradients]: ...
 
 
 def forward(

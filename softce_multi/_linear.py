@@ -41,7 +41,7 @@ import array_api_compat
 import array_api_extra as xpx
 
 from softce_multi import _core
-from softce_multi._types import Array, LinearLossInputs, Namespace
+from softce_multi._types import Array, LinearGradients, LinearLossInputs, Namespace
 
 __all__ = [
     "CHUNK_BYTES",
@@ -60,17 +60,6 @@ __all__ = [
 #: row routine writes it over them, their gradient), in the computation dtype, that the default
 #: chunk size aims for (:func:`default_chunk_rows`).
 CHUNK_BYTES = 32 << 20
-
-
-class LinearGradients(NamedTuple):
-    """The gradients of the linear loss to its three differentiable inputs."""
-
-    hidden: Array
-    """``d loss / d hidden``, in the shape and dtype of ``hidden``."""
-    weight: Array
-    """``d loss / d weight``, ``[V, H]`` in the dtype of ``weight``."""
-    bias: Array | None
-    """``d loss / d bias``, ``[V]`` in the dtype of ``bias``; None when there is no bias."""
 
 
 class LinearForwardResult(NamedTuple):

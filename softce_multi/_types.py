@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Literal, NamedTuple, get_args
 
-__all__ = ["REDUCTIONS", "Array", "LinearLossInputs", "LossInputs", "Namespace", "Reduction"]
+__all__ = [
+    "REDUCTIONS",
+    "Array",
+    "LinearGradients",
+    "LinearLossInputs",
+    "LossInputs",
+    "Namespace",
+    "Reduction",
+]
 
 #: An array of any array-API library (NumPy, PyTorch, JAX, CuPy, array-api-strict).
 Array = Any
@@ -48,3 +56,14 @@ class LinearLossInputs(NamedTuple):
     reduction: str
     num_valid: Array | float | None
     chunk_rows: int | None
+
+
+class LinearGradients(NamedTuple):
+    """The gradients of the linear loss to its three differentiable inputs."""
+
+    hidden: Array
+    """``d loss / d hidden``, in the shape and dtype of ``hidden``."""
+    weight: Array
+    """``d loss / d weight``, ``[V, H]`` in the dtype of ``weight``."""
+    bias: Array | None
+    """``d loss / d bias``, ``[V]`` in the dtype of ``bias``; None when there is no bias."""

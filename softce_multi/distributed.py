@@ -884,7 +884,7 @@ def _jax_vocab_parallel_vjp() -> Any:
     import jax
     import jax.numpy as jnp
 
-    from softce_multi import jax as jax_adapter
+    from softce_multi._adapters import jax as jax_adapter
 
     def forward(
         logits: Any, targets: Any, weights: Any, count: Any, reduction: str, axis_name: Any
@@ -952,7 +952,7 @@ def _jax_vocab_parallel_linear_loss(
     """The JAX linear loss of validated inputs: constants, chunk size, then the VJP."""
     import jax.numpy as jnp
 
-    from softce_multi import jax as jax_adapter
+    from softce_multi._adapters import jax as jax_adapter
 
     dtype = _linear.compute_dtype(hidden, weight_shard, bias_shard, target_probs_shard, xp=jnp)
     weights, count = _jax_constants(position_mask, num_valid, dtype)
@@ -976,7 +976,7 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
     import jax
     import jax.numpy as jnp
 
-    from softce_multi import jax as jax_adapter
+    from softce_multi._adapters import jax as jax_adapter
     from softce_multi.kernels.xla import widened
 
     def local_statistics(rows: _linear.LinearRows, chunk: int) -> _core.RowStatistics:

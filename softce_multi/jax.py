@@ -1,47 +1,18 @@
-"""JAX adapter: a ``jax.custom_vjp`` around the shared core, safe under ``jit`` and ``vmap``.
+"""The loss for JAX: :func:`masked_soft_cross_entropy` of ``jax.Array`` inputs.
 
-On XLA (CPU, TPU) the per-row work runs the routines of :mod:`softce_multi.kernels.xla`: the
-core, chunk by chunk of rows, so that XLA's compiled step holds temporaries of a few chunks
-rather than an ``[N, V]`` float32 softmax (``python -m softce_multi bench`` reports them). The
-forward pass keeps only per-row statistics; the backward pass recomputes the gradient rows from
-them and the inputs, so a training step reads the logits and targets twice.
-
-On a GPU, with the Triton backend of Pallas available, the per-row work runs the kernels of
-:mod:`softce_multi.kernels.pallas` instead (imported on first use). Both versions are then
-staged with ``jax.lax.platform_dependent``, which keeps the one for the platform the
-computation is compiled for, so arrays placed on the CPU of a GPU host still get the core.
-
-Like every adapter, the module has ``loss`` and ``loss_with_grad`` of validated inputs, which
-:func:`softce_multi.masked_soft_cross_entropy` and its ``_with_grad`` twin dispatch to; its
-public entry point is :func:`masked_soft_cross_entropy`. ``linear_loss`` and
-``linear_loss_with_grad`` serve :func:`softce_multi.linear_masked_soft_cross_entropy`: a second
-``custom_vjp`` whose forward pass is a ``lax.scan`` over chunks of rows (the per-chunk functions
-of :mod:`softce_multi._linear`), so that XLA's temporaries are a few chunks whatever ``N``;
-under ``jax.grad`` the same scan also accumulates the gradients to ``hidden``, ``weight`` and
-``bias``.
+The public functions of :mod:`softce_multi` take JAX arrays as they are; this module is the
+same loss under a JAX-only signature, for code that wants to say so.
 """
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any, NamedTuple
-
 import jax
-import jax.numpy as jnp
 
-from softce_multi import _core, _linear, kernels
-from softce_multi._types import LinearLossInputs, LossInputs, Reduction
+from softce_multi._adapters import jax as _adapter
+from softce_multi._types import LossInputs, Reduction
 from softce_multi._validate import validate_inputs
-from softce_multi.kernels import xla as xla_kernels
 
 __all__ = ["masked_soft_cross_entropy"]
-
-#: Platforms, as ``jax.lax.platform_dependent`` names them, that run the Pallas kernels: those of
-#: the Triton backend of Pallas.
-_KERNEL_PLATFORMS = ("cuda", "rocm")
 
 
 def masked_soft_cross_entropy(
@@ -54,459 +25,44 @@ def masked_soft_cross_entropy(
 ) -> jax.Array:
     """Masked soft-target cross entropy for JAX, differentiable with a custom VJP.
 
-    Same function as :func:`softce_multi.masked_soft_cross_entropy`, for ``jax.Array`` inputs.
+    Same function as :func:`softce_multi.masked_soft_cross_entropy`, for ``jax.Array`` inputs;
+    safe under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
 
-    Args:
-      logits: draft logits, shape ``[..., V]``, float16/bfloat16/float32/float64.
-      target_probs: target distribution over the same vocabulary, shape ``[..., V]``; need not
-        be normalised. Its gradient is ``-w / den * log_softmax(logits)``; wrap it in
-        ``jax.lax.stop_gradient`` when it is a constant target.
-      position_mask: position weights, shape ``[...]`` or ``[..., 1]``, bool, integer or float.
-        Positions with weight 0 are ignored, even if they hold NaN or inf.
-      reduction: ``"mean"`` (``sum(w*c) / max(sum(w), 1)``), ``"sum"`` or ``"none"``.
-      num_valid: replaces the denominator of ``"mean"``; a number or a 0-d ``jax.Array``
-        (traced values are fine). 0 gives a loss of 0.
+    Parameters
+    ----------
+    logits : jax.Array, shape ``[..., V]``
+        The draft logits: float16, bfloat16, float32 or float64.
+    target_probs : jax.Array, shape ``[..., V]``
+        The target distribution over the same vocabulary; need not be normalised. Its gradient
+        is ``-w / den * log_softmax(logits)``: wrap it in ``jax.lax.stop_gradient`` when it is
+        a constant target.
+    position_mask : jax.Array, shape ``[...]`` or ``[..., 1]``
+        Position weights: bool, integer or float. Positions of weight 0 are ignored, even if
+        they hold NaN or inf.
+    reduction : {"mean", "sum", "none"}
+        ``"mean"`` is ``sum(w * c) / max(sum(w), 1)``.
+    num_valid : jax.Array or float, optional
+        Replaces the denominator of ``"mean"``: a number or a 0-d array (traced values are
+        fine). 0 gives a loss of 0.
 
-    Returns:
-      The loss in float32 (float64 when an input is float64 and x64 is enabled); shape ``()``,
-      or ``logits.shape[:-1]`` for ``"none"``. Gradients come back in the inputs' dtypes.
+    Returns
+    -------
+    jax.Array
+        The loss in float32 (float64 when an input is float64 and x64 is enabled), of shape
+        ``()``, or ``logits.shape[:-1]`` for ``"none"``. Gradients come back in the inputs'
+        dtypes.
 
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from softce_multi.jax import masked_soft_cross_entropy
-      >>> logits = jax.random.normal(jax.random.key(0), (2, 4, 16))
-      >>> target = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 4, 16)))
-      >>> mask = jnp.ones((2, 4, 1), dtype=bool)
-      >>> grad = jax.jit(jax.grad(masked_soft_cross_entropy))(logits, target, mask)
-      >>> grad.shape
-      (2, 4, 16)
+    Examples
+    --------
+    >>> import jax, jax.numpy as jnp
+    >>> from softce_multi.jax import masked_soft_cross_entropy
+    >>> logits = jax.random.normal(jax.random.key(0), (2, 4, 16))
+    >>> target = jax.nn.softmax(jax.random.normal(jax.random.key(1), (2, 4, 16)))
+    >>> mask = jnp.ones((2, 4, 1), dtype=bool)
+    >>> grad = jax.jit(jax.grad(masked_soft_cross_entropy))(logits, target, mask)
+    >>> grad.shape
+    (2, 4, 16)
     """
     inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
     validate_inputs(inputs)
-    return loss(inputs)
-
-
-def loss(inputs: LossInputs, /) -> jax.Array:
-    """The differentiable loss of validated inputs (the adapter interface).
-
-    The computation is jitted and cached by shape, dtype and reduction (as every entry point of
-    this module is), so an eager call compiles once per shape, not at every call; under an
-    outer ``jax.jit`` it is inlined.
-    """
-    weights, count = _constants(inputs)
-    return _jitted_loss(inputs.logits, inputs.target_probs, weights, count, inputs.reduction)
-
-
-def loss_with_grad(inputs: LossInputs, /) -> tuple[jax.Array, jax.Array]:
-    """The loss of validated inputs and its logits gradient, from one forward pass.
-
-    On a GPU this is the Pallas forward kernel with its gradient sweep.
-    """
-    weights, count = _constants(inputs)
-    result = _jitted_forward_with_grad(
-        inputs.logits, inputs.target_probs, weights, count, inputs.reduction
-    )
-    assert result.logits_grad is not None  # requested with with_logits_grad=True
-    return result.loss, result.logits_grad
-
-
-def _constants(inputs: LossInputs) -> tuple[jax.Array, jax.Array | None]:
-    """The mask and count as constants of the computation dtype (they get no gradient)."""
-    dtype = _core.compute_dtype(inputs.logits, inputs.target_probs, xp=jnp)
-    weights = jax.lax.stop_gradient(jnp.astype(inputs.position_mask, dtype))
-    num_valid = inputs.num_valid
-    count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
-    return weights, count
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _loss(
-    logits: jax.Array,
-    target_probs: jax.Array,
-    weights: jax.Array,
-    count: jax.Array | None,
-    reduction: str,
-) -> jax.Array:
-    return _forward(logits, target_probs, weights, count, reduction, with_logits_grad=False).loss
-
-
-def _forward(
-    logits: jax.Array,
-    target_probs: jax.Array,
-    weights: jax.Array,
-    count: jax.Array | None,
-    reduction: str,
-    *,
-    with_logits_grad: bool,
-) -> _core.ForwardResult:
-    """The driver of the core with the per-row work of the platform (Pallas or the core)."""
-    return _core.forward(
-        logits,
-        target_probs,
-        weights,
-        reduction=reduction,
-        num_valid=count,
-        with_logits_grad=with_logits_grad,
-        row_routine=row_routine,
-        xp=jnp,
-    )
-
-
-def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
-    """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else of XLA."""
-    return _per_platform(
-        xla_kernels.row_routine,
-        lambda pallas: pallas.row_routine,
-        rows,
-        with_logits_grad=with_logits_grad,
-    )
-
-
-def gradient_routine(
-    rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
-) -> tuple[jax.Array | None, jax.Array | None]:
-    """The gradient routine of the Pallas kernel on a GPU, else of XLA, chunk by chunk."""
-    return _per_platform(
-        xla_kernels.gradient_routine,
-        lambda pallas: pallas.gradient_routine,
-        rows,
-        logits_grad=logits_grad,
-        targets_grad=targets_grad,
-    )
-
-
-def _loss_fwd(
-    logits: jax.Array,
-    target_probs: jax.Array,
-    weights: jax.Array,
-    count: jax.Array | None,
-    reduction: str,
-) -> tuple[jax.Array, tuple[Any, ...]]:
-    result = _forward(logits, target_probs, weights, count, reduction, with_logits_grad=False)
-    residuals = (logits, target_probs, result.saved, result.row_scale, weights, count)
-    return result.loss, residuals
-
-
-def _loss_bwd(
-    reduction: str, residuals: tuple[Any, ...], grad_output: jax.Array
-) -> tuple[Any, ...]:
-    logits, target_probs, saved, row_scale, weights, count = residuals
-    upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
-    row_scale = row_scale * upstream
-    # One computation per gradient, so that jit drops the one that is not used.
-    grad_logits, _ = _core.backward(
-        logits,
-        target_probs,
-        saved,
-        row_scale,
-        logits_grad=True,
-        targets_grad=False,
-        gradient_routine=gradient_routine,
-        xp=jnp,
-    )
-    _, grad_targets = _core.backward(
-        logits,
-        target_probs,
-        saved,
-        row_scale,
-        logits_grad=False,
-        targets_grad=True,
-        gradient_routine=gradient_routine,
-        xp=jnp,
-    )
-    zero_count = None if count is None else jnp.zeros_like(count)
-    return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
-
-
-def _per_platform(
-    core: Callable[..., Any],
-    kernel_of: Callable[[ModuleType], Callable[..., Any]],
-    rows: Any,
-    **flags: bool,
-) -> Any:
-    """``core(rows, **flags)``, or the Pallas routine ``kernel_of(pallas)`` where it runs.
-
-    ``kernel_of`` picks the routine from :mod:`softce_multi.kernels.pallas`, which is imported
-    only when needed. Where :func:`softce_multi.kernels.use_pallas` says no (no GPU, or no
-    Pallas), only ``core`` is traced. Otherwise both are, and the platform the computation is
-    compiled for picks one.
-    """
-    if not kernels.use_pallas(rows.z):
-        return core(rows, **flags)
-    from softce_multi.kernels import pallas
-
-    kernel = kernel_of(pallas)
-    branches = dict.fromkeys(_KERNEL_PLATFORMS, functools.partial(kernel, **flags))
-    return jax.lax.platform_dependent(rows, default=functools.partial(core, **flags), **branches)
-
-
-_loss.defvjp(_loss_fwd, _loss_bwd)
-_jitted_loss = jax.jit(_loss, static_argnums=4)
-_jitted_forward_with_grad = jax.jit(
-    functools.partial(_forward, with_logits_grad=True), static_argnums=4
-)
-
-
-# --------------------------------------------------------------------------------------------
-# The loss straight from hidden states
-# --------------------------------------------------------------------------------------------
-
-
-def linear_loss(inputs: LinearLossInputs, /) -> jax.Array:
-    """The differentiable linear loss of validated inputs (the adapter interface).
-
-    Under ``jax.grad`` the forward pass computes the gradients to ``hidden``, ``weight`` and
-    ``bias`` in the same ``lax.scan`` over chunks as the loss (for ``"mean"`` and ``"sum"``).
-    """
-    return _jitted_linear_loss(*_linear_arguments(inputs))
-
-
-def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[jax.Array, _linear.LinearGradients]:
-    """The linear loss of validated inputs and its three gradients, from one ``lax.scan``."""
-    result = _jitted_linear_forward_with_grads(*_linear_arguments(inputs))
-    assert result.grads is not None  # asked for
-    return result.loss, result.grads
-
-
-class LinearArrays(NamedTuple):
-    """The arrays of the linear loss, one pytree: what its ``custom_vjp`` differentiates."""
-
-    hidden: jax.Array
-    weight: jax.Array
-    bias: jax.Array | None
-    target_probs: jax.Array
-    weights: jax.Array
-    """The mask as ``[N]`` weights, a constant of the computation dtype."""
-    num_valid: jax.Array | None
-    """``num_valid`` as a constant of the computation dtype, or None."""
-
-
-def _linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
-    """The arguments of :func:`_linear_loss`: the arrays, the reduction and the rows per chunk
-    (``chunk_rows`` or the default, at most the number of rows, at least 1)."""
-    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
-    dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
-    weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
-    count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
-    if chunk_rows is None:
-        chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp)
-    chunk = max(1, min(chunk_rows, math.prod(hidden.shape[:-1])))
-    return LinearArrays(hidden, weight, bias, target_probs, weights, count), reduction, chunk
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _linear_loss(arrays: LinearArrays, reduction: str, chunk: int) -> jax.Array:
-    return _linear_forward(arrays, reduction, chunk, with_grads=False).loss
-
-
-def _linear_loss_fwd(
-    arrays: LinearArrays, reduction: str, chunk: int
-) -> tuple[jax.Array, tuple[Any, ...]]:
-    # A 16-bit gradient made for a unit upstream would be rounded again when scaled: those are
-    # made in the backward pass, with the upstream inside their one rounding.
-    scaled_exactly = all(
-        x.dtype.itemsize >= 4 for x in (arrays.hidden, arrays.weight, arrays.bias) if x is not None
-    )
-    with_grads = reduction != "none" and scaled_exactly
-    result = _linear_forward(arrays, reduction, chunk, with_grads=with_grads)
-    return result.loss, (arrays, result.saved, result.row_scale, result.grads)
-
-
-def _linear_loss_bwd(
-    reduction: str, chunk: int, residuals: tuple[Any, ...], grad_output: jax.Array
-) -> tuple[LinearArrays]:
-    arrays, saved, row_scale, grads = residuals
-    hidden, weight, bias, target_probs, weights, count = arrays
-    upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
-    row_scale = row_scale * upstream
-    if grads is None:  # "none" or 16-bit: the gradients come now, the upstream inside
-        grads = _linear_backward(
-            hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=False
-        )
-    else:
-        grads = jax.tree.map(lambda grad: jnp.astype(grad * grad_output, grad.dtype), grads)
-    # A computation of its own, which jit drops when the targets' gradient is not used.
-    grad_targets = _linear_backward(
-        hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=True
-    )
-    zero_count = None if count is None else jnp.zeros_like(count)
-    grad_hidden, grad_weight, grad_bias = grads
-    cotangents = LinearArrays(
-        grad_hidden, grad_weight, grad_bias, grad_targets, jnp.zeros_like(weights), zero_count
-    )
-    return (cotangents,)
-
-
-_linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
-_jitted_linear_loss = jax.jit(_linear_loss, static_argnums=(1, 2))
-
-
-def _linear_forward(
-    arrays: LinearArrays, reduction: str, chunk: int, *, with_grads: bool
-) -> _linear.LinearForwardResult:
-    """The loss, the saved rows and optionally the three gradients, by a ``lax.scan`` over chunks.
-
-    Chunk ``i`` covers rows ``[i * chunk, i * chunk + chunk)``, but the last one starts at
-    ``N - chunk`` so that every chunk has the same shape: it recomputes rows of the chunk before
-    it, with the same values, and only its new rows add to the weight and bias gradients.
-    """
-    hidden, weight, bias, target_probs, weights, count = arrays
-    rows = _linear.as_linear_rows(
-        hidden, weight, bias, target_probs, weights, reduction=reduction, num_valid=count, xp=jnp
-    )
-    n_rows, dtype = weights.shape[0], weights.dtype
-    row_scale = rows.row_scale
-    vector = jnp.zeros((n_rows,), dtype)
-    carry: dict[str, Any] = {"weighted": vector, "saved": _core.SavedRows(vector, vector, vector)}
-    if with_grads:
-        carry["grads"] = _zero_linear_grads(rows)
-
-    def step(carry: dict[str, Any], index: jax.Array) -> tuple[dict[str, Any], None]:
-        start, counted = _chunk_start(index, n_rows, chunk)
-        weights = _chunk_of(rows.weights, start, chunk)
-        # Padding rows enter as zeros, so that no derivative of any order meets their values.
-        h = xla_kernels.zero_rows(_chunk_of(rows.hidden, start, chunk), weights != 0)
-        piece = _core.Rows(
-            _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
-            _chunk_of(rows.p, start, chunk),
-            weights,
-            rows.inv_den,
-        )
-        result = row_routine(piece, with_logits_grad=with_grads)
-        carry = dict(carry)
-        carry["weighted"] = _put_chunk(carry["weighted"], result.weighted, start)
-        carry["saved"] = jax.tree.map(
-            lambda total, part: _put_chunk(total, part, start), carry["saved"], result.saved
-        )
-        if with_grads:
-            live = _chunk_of(row_scale, start, chunk) != 0
-            carry["grads"] = _add_chunk_gradients(
-                carry["grads"], result.logits_grad, h, rows, live, live & counted, start
-            )
-        return carry, None
-
-    if n_rows > 0:
-        carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
-    loss = _core.reduce_loss(
-        carry["weighted"],
-        # reduce_loss reads only the denominator of the rows.
-        _core.Rows(rows.hidden, rows.p, rows.weights, rows.inv_den),
-        reduction=reduction,
-        batch_shape=hidden.shape[:-1],
-        xp=jnp,
-    )
-    grads = _finish_linear_grads(carry["grads"], hidden, weight, bias) if with_grads else None
-    return _linear.LinearForwardResult(loss, grads, carry["saved"], row_scale)
-
-
-_jitted_linear_forward_with_grads = jax.jit(
-    functools.partial(_linear_forward, with_grads=True), static_argnums=(1, 2)
-)
-
-
-def _linear_backward(
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    target_probs: jax.Array,
-    saved: _core.SavedRows,
-    row_scale: jax.Array,
-    chunk: int,
-    *,
-    targets: bool,
-) -> Any:
-    """The three gradients (``targets=False``) or the targets' gradient, by a ``lax.scan``.
-
-    ``row_scale`` is multiplied by the upstream gradient already. The logits are recomputed
-    chunk by chunk, and the per-row work is the gradient routine's, from the saved statistics.
-    """
-    n_rows = row_scale.shape[0]
-    rows = _linear.as_linear_rows(
-        hidden, weight, bias, target_probs, row_scale, reduction="sum", num_valid=None, xp=jnp
-    )
-    carry: Any = jnp.zeros_like(rows.p) if targets else _zero_linear_grads(rows)
-
-    def step(carry: Any, index: jax.Array) -> tuple[Any, None]:
-        start, counted = _chunk_start(index, n_rows, chunk)
-        scale = _chunk_of(row_scale, start, chunk)
-        h = xla_kernels.zero_rows(_chunk_of(rows.hidden, start, chunk), scale != 0)
-        chunk_rows = _core.BackwardRows(
-            _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
-            _chunk_of(rows.p, start, chunk),
-            jax.tree.map(lambda x: _chunk_of(x, start, chunk), saved),
-            scale,
-        )
-        grad_z, grad_p = gradient_routine(
-            chunk_rows,
-            logits_grad=not targets,
-            targets_grad=targets,
-        )
-        if targets:
-            return _put_chunk(carry, grad_p, start), None
-        live = scale != 0
-        return _add_chunk_gradients(carry, grad_z, h, rows, live, live & counted, start), None
-
-    if n_rows > 0:
-        carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
-    if targets:
-        return jnp.reshape(carry, target_probs.shape)
-    return _finish_linear_grads(carry, hidden, weight, bias)
-
-
-def _chunk_start(index: jax.Array, n_rows: int, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """The first row of chunk ``index`` and which of its rows no earlier chunk covered."""
-    first = index * chunk
-    start = jnp.minimum(first, n_rows - chunk)
-    return start, start + jnp.arange(chunk) >= first
-
-
-def _chunk_of(x: jax.Array, start: jax.Array, chunk: int) -> jax.Array:
-    """Rows ``start`` to ``start + chunk`` of ``x`` (16-bit floats sliced as their bits)."""
-    return xla_kernels._rows_at(x, start, chunk)
-
-
-def _put_chunk(total: jax.Array, part: Any, start: jax.Array) -> jax.Array:
-    """``total`` with rows ``start`` onwards replaced by ``part`` (updated in place by XLA)."""
-    return jax.lax.dynamic_update_slice_in_dim(total, jnp.astype(part, total.dtype), start, 0)
-
-
-def _zero_linear_grads(rows: _linear.LinearRows) -> tuple[Any, ...]:
-    """Zero hidden gradient rows (their dtype) and weight and bias totals (computation dtype)."""
-    dtype = rows.weights.dtype
-    bias_total = None if rows.bias is None else jnp.zeros(rows.bias.shape, dtype)
-    return (jnp.zeros_like(rows.hidden), jnp.zeros(rows.weight.shape, dtype), bias_total)
-
-
-def _add_chunk_gradients(
-    grads: tuple[Any, ...],
-    grad_logits: Any,
-    hidden: jax.Array,
-    rows: _linear.LinearRows,
-    live: jax.Array,
-    counted: jax.Array,
-    start: jax.Array,
-) -> tuple[Any, ...]:
-    grad_hidden, weight_total, bias_total = grads
-    parts = _linear.chunk_gradients(
-        grad_logits,
-        hidden,
-        rows.weight,
-        live,
-        weight_total,
-        bias_total,
-        add=functools.partial(_linear.add_product, xp=jnp),
-        xp=jnp,
-        counted=counted,
-    )
-    return (_put_chunk(grad_hidden, parts.hidden, start), parts.weight, parts.bias)
-
-
-def _finish_linear_grads(
-    grads: tuple[Any, ...], hidden: jax.Array, weight: jax.Array, bias: jax.Array | None
-) -> _linear.LinearGradients:
-    grad_hidden, weight_total, bias_total = grads
-    return _linear.LinearGradients(
-        jnp.reshape(grad_hidden, hidden.shape),
-        jnp.astype(weight_total, weight.dtype),
-        None if bias is None else jnp.astype(bias_total, bias.dtype),
-    )
+    return _adapter.loss(inputs)
