@@ -1,0 +1,134 @@
+"""The float64 oracle: the loss and its gradients, from torch autograd or NumPy."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from softce_multi.testing._backends import is_installed, to_float64
+
+__all__ = ["Expected", "numpy_reference", "reference"]
+
+
+class Expected(NamedTuple):
+    """The float64 loss and its gradients for the logits and the targets."""
+
+    loss: np.ndarray
+    grad_logits: np.ndarray
+    grad_targets: np.ndarray
+
+
+def reference(
+    logits: np.ndarray,
+    target_probs: np.ndarray,
+    position_mask: np.ndarray,
+    /,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> Expected:
+    """The float64 loss of :mod:`softce_multi.reference` and its gradients.
+
+    Parameters
+    ----------
+    logits, target_probs
+        ``[..., V]`` values (converted to float64).
+    position_mask
+        Weights of shape ``[...]`` or ``[..., 1]``.
+    reduction
+        ``"mean"``, ``"sum"`` or ``"none"``.
+    num_valid
+        Denominator of ``"mean"`` in place of ``max(sum(mask), 1)``.
+    upstream
+        Cotangent of the loss: a number, or an array of the loss's shape for ``"none"``.
+
+    Returns
+    -------
+    Expected
+        ``loss``, ``grad_logits`` and ``grad_targets`` as float64 NumPy arrays. They come from
+        :func:`softce_multi.reference.masked_soft_cross_entropy` with torch autograd when torch
+        is installed, else from :func:`numpy_reference`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.testing import reference
+    >>> expected = reference(np.zeros((1, 2)), np.array([[0.5, 0.5]]), np.ones(1))
+    >>> round(float(expected.loss), 6)
+    0.693147
+    """
+    z, p, w = (to_float64(value) for value in (logits, target_probs, position_mask))
+    if not is_installed("torch"):
+        return numpy_reference(z, p, w, reduction=reduction, num_valid=num_valid, upstream=upstream)
+    import torch
+
+    from softce_multi.reference import masked_soft_cross_entropy
+
+    z_tensor = torch.tensor(z, requires_grad=True)
+    p_tensor = torch.tensor(p, requires_grad=True)
+    loss = masked_soft_cross_entropy(
+        z_tensor, p_tensor, torch.tensor(w), reduction=reduction, num_valid=num_valid
+    )
+    loss.backward(torch.as_tensor(np.asarray(upstream), dtype=torch.float64).expand_as(loss))
+    assert z_tensor.grad is not None and p_tensor.grad is not None
+    return Expected(
+        loss.detach().numpy(), z_tensor.grad.numpy().copy(), p_tensor.grad.numpy().copy()
+    )
+
+
+def numpy_reference(
+    logits: np.ndarray,
+    target_probs: np.ndarray,
+    position_mask: np.ndarray,
+    /,
+    *,
+    reduction: str = "mean",
+    num_valid: float | None = None,
+    upstream: np.ndarray | float = 1.0,
+) -> Expected:
+    """The same as :func:`reference`, from the formula and its analytic gradients in NumPy.
+
+    ``d/dz = w/den * (sum(p) * softmax(z) - p)`` and ``d/dp = -w/den * log_softmax(z)``, with
+    ``den`` the mean's denominator (1 for ``"sum"`` and ``"none"``).
+    """
+    z, p = np.asarray(logits, np.float64), np.asarray(target_probs, np.float64)
+    shifted = z - z.max(axis=-1, keepdims=True)
+    log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    terms = np.where(p == 0, 0.0, p * np.where(p == 0, 0.0, log_probs))
+    per_position = -terms.sum(axis=-1)
+    weights = np.asarray(position_mask, dtype=np.float64).reshape(per_position.shape)
+    weighted = weights * per_position
+    if reduction == "none":
+        loss = weighted
+    elif reduction == "sum":
+        loss = weighted.sum()
+    else:
+        loss = weighted.sum() * _inverse_denominator(weights, num_valid)
+    scale = row_scale(
+        weights, per_position.shape, reduction=reduction, num_valid=num_valid, upstream=upstream
+    )
+    grad_logits = scale * (p.sum(axis=-1, keepdims=True) * np.exp(log_probs) - p)
+    grad_targets = -scale * log_probs
+    return Expected(np.asarray(loss), grad_logits, grad_targets)
+
+
+def _inverse_denominator(weights: np.ndarray, num_valid: float | None) -> float:
+    """``1 / den`` of ``"mean"``: ``max(sum(w), 1)`` or ``num_valid``; 0 when that is 0."""
+    den = max(float(weights.sum()), 1.0) if num_valid is None else float(num_valid)
+    return 0.0 if den == 0 else 1.0 / den
+
+
+def row_scale(
+    position_mask: np.ndarray,
+    batch_shape: tuple[int, ...],
+    *,
+    reduction: str,
+    num_valid: float | None,
+    upstream: np.ndarray | float,
+) -> np.ndarray:
+    """``d loss / d c`` per position times the upstream gradient, shape ``batch_shape + (1,)``."""
+    weights = np.asarray(position_mask, dtype=np.float64).reshape(batch_shape)
+    inverse_den = _inverse_denominator(weights, num_valid) if reduction == "mean" else 1.0
+    return (np.broadcast_to(upstream, batch_shape) * weights * inverse_den)[..., None]
