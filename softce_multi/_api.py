@@ -1,44 +1,49 @@
 """Public functions: validate the arguments, look up the backend's adapter, call it.
 
-Every adapter has the same four functions of one validated record: ``loss`` and
+Every adapter is a module of :mod:`softce_multi._adapters` that implements
+:class:`~softce_multi._core.Adapter`: four functions of one validated record, ``loss`` and
 ``loss_with_grad`` of a :class:`~softce_multi._types.LossInputs` (the loss of logits), and
 ``linear_loss`` and ``linear_loss_with_grad`` of a :class:`~softce_multi._types.LinearLossInputs`
 (the loss of hidden states and an output projection, :mod:`softce_multi._linear`):
-:mod:`softce_multi.torch` (autograd, the torch CPU path and the Triton kernels),
-:mod:`softce_multi.jax` (``custom_vjp``, XLA and the Pallas kernels), and
-:mod:`softce_multi._generic` (the blocked core) for every other library. The adapters are
-imported on first use, so that importing the package needs NumPy and array-api-compat only.
+:mod:`softce_multi._adapters.torch` (autograd, the torch CPU path and the Triton kernels),
+:mod:`softce_multi._adapters.jax` (``custom_vjp``, XLA and the Pallas kernels), and
+:mod:`softce_multi._adapters.generic` (the blocked core) for every other library. The adapters
+are imported on first use, so that importing the package needs NumPy and array-api-compat only.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
 from typing import Literal
 
 import array_api_compat
 
-from softce_multi._types import LinearGradients
-from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace, Reduction
+from softce_multi._core import Adapter
+from softce_multi._types import (
+    Array,
+    LinearGradients,
+    LinearLossInputs,
+    LossInputs,
+    Namespace,
+    Reduction,
+)
 from softce_multi._validate import check_reduction, validate_inputs, validate_linear_inputs
 
 
-def _adapter(xp: Namespace) -> ModuleType:
+def _adapter(xp: Namespace) -> Adapter:
     """Return the adapter module for the namespace ``xp``, importing it on first use.
 
     ``import`` statements rather than :func:`importlib.import_module`, which ``torch.compile``
-    refuses to trace: with them the public functions compile into one graph.
+    refuses to trace: with them the public functions compile into one graph. Each module is
+    returned as an :class:`~softce_multi._core.Adapter`, which mypy checks it against.
     """
+    adapter: Adapter
     if array_api_compat.is_torch_namespace(xp):
-        from softce_multi import torch as torch_adapter
-
-        return torch_adapter
-    if array_api_compat.is_jax_namespace(xp):
-        from softce_multi._adapters import jax as jax_adapter
-
-        return jax_adapter
-    from softce_multi import _generic
-
-    return _generic
+        from softce_multi._adapters import torch as adapter
+    elif array_api_compat.is_jax_namespace(xp):
+        from softce_multi._adapters import jax as adapter
+    else:
+        from softce_multi._adapters import generic as adapter
+    return adapter
 
 
 def masked_soft_cross_entropy(

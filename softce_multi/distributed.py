@@ -568,7 +568,7 @@ def _torch_vocab_parallel_function() -> Any:
     """The autograd function of the torch vocabulary-parallel loss (made once, on first use)."""
     import torch
 
-    from softce_multi import torch as torch_adapter
+    from softce_multi._adapters import torch_shared as torch_adapter
 
     class VocabParallelFunction(torch.autograd.Function):
         """Forward: the loss from all-reduced statistics. Backward: local, no communication."""
@@ -623,7 +623,7 @@ def _torch_vocab_parallel_linear_function() -> Any:
     """The autograd function of the torch vocabulary-parallel linear loss (made on first use)."""
     import torch
 
-    from softce_multi import torch as torch_adapter
+    from softce_multi._adapters import torch_shared as torch_adapter
 
     class VocabParallelLinearFunction(torch.autograd.Function):
         """Forward: chunked local statistics, all-reduced. Backward: chunked, then the hidden

@@ -928,7 +928,7 @@ def _is_readable_for_free(x: Array, *, xp: Namespace) -> bool:
     if host_only or array_api_compat.is_array_api_strict_namespace(xp):
         return True
     if array_api_compat.is_torch_namespace(xp):
-        from softce_multi import torch as torch_adapter
+        from softce_multi._adapters import torch_shared as torch_adapter
 
         return torch_adapter.readable_for_free(x)
     if array_api_compat.is_jax_namespace(xp):

@@ -1,10 +1,11 @@
 """The generic adapter: the blocked core for CuPy, array-api-strict and any other library, and
 an in-place routine for NumPy.
 
-It has the interface of every adapter (:mod:`softce_multi.torch`, :mod:`softce_multi.jax`):
-``loss`` and ``loss_with_grad`` of validated inputs, and ``linear_loss`` and
-``linear_loss_with_grad`` (the chunked loss of :mod:`softce_multi._linear`). These libraries
-have no autodiff, so the gradients are computed in the same pass as the loss when asked for.
+It has the interface of every adapter (:class:`~softce_multi._core.Adapter`, as
+:mod:`softce_multi._adapters.torch` and :mod:`softce_multi._adapters.jax`): ``loss`` and
+``loss_with_grad`` of validated inputs, and ``linear_loss`` and ``linear_loss_with_grad`` (the
+chunked loss of :mod:`softce_multi._linear`). These libraries have no autodiff, so the
+gradients are computed in the same pass as the loss when asked for.
 """
 
 from __future__ import annotations
@@ -13,22 +14,23 @@ import array_api_compat
 import numpy as np
 
 from softce_multi import _core, _linear
-from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace
+from softce_multi._types import Array, LinearGradients, LinearLossInputs, LossInputs, Namespace
 from softce_multi.kernels import numpy as numpy_kernels
 
 
 def loss(inputs: LossInputs, /) -> Array:
     """The loss of validated inputs."""
-    return _forward(inputs, with_logits_grad=False).loss
+    return _loss_pass(inputs, with_logits_grad=False).loss
 
 
 def loss_with_grad(inputs: LossInputs, /) -> tuple[Array, Array]:
     """The loss of validated inputs and its gradient to the logits, from one pass."""
-    result = _forward(inputs, with_logits_grad=True)
+    result = _loss_pass(inputs, with_logits_grad=True)
     return result.loss, result.logits_grad
 
 
-def _forward(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardResult:
+def _loss_pass(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardResult:
+    """The core's loss pass (:func:`softce_multi._core.forward`) with the library's routine."""
     logits, target_probs, position_mask, reduction, num_valid = inputs
     xp = array_api_compat.array_namespace(logits)
     # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
@@ -59,17 +61,19 @@ def _row_routine(vocab_size: int, *, xp: Namespace) -> _core.RowRoutine:
 
 def linear_loss(inputs: LinearLossInputs, /) -> Array:
     """The linear loss of validated inputs (no gradient)."""
-    return _linear_forward(inputs, with_grads=False).loss
+    return _linear_loss_pass(inputs, with_grads=False).loss
 
 
-def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Array, _linear.LinearGradients]:
+def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Array, LinearGradients]:
     """The linear loss of validated inputs and its three gradients, from one chunked pass."""
-    result = _linear_forward(inputs, with_grads=True)
+    result = _linear_loss_pass(inputs, with_grads=True)
     assert result.grads is not None  # asked for
     return result.loss, result.grads
 
 
-def _linear_forward(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.LinearForwardResult:
+def _linear_loss_pass(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.LinearForwardResult:
+    """The chunked loss pass (:func:`softce_multi._linear.forward`), with all three gradients
+    when ``with_grads``."""
     xp = array_api_compat.array_namespace(inputs.hidden)
     with np.errstate(all="ignore"):  # padding rows of hidden may hold NaN or inf
         return _linear.forward(

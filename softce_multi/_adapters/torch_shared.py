@@ -1,0 +1,165 @@
+"""What the torch losses share: the row routines by device, and the pieces around them.
+
+:func:`row_routine` and :func:`gradient_routine` are the :class:`~softce_multi._core.RowRoutine`
+and :class:`~softce_multi._core.GradientRoutine` of torch tensors: they run those of the kernel
+module that :func:`kernels_for` picks by device. The torch adapters
+(:mod:`softce_multi._adapters.torch`, :mod:`softce_multi._adapters.torch_linear`), the
+vocabulary-parallel losses of :mod:`softce_multi.distributed` and :mod:`softce_multi.eagle3`
+build on them and on the rest of this module: when a value can be read on the host for free
+(:func:`readable_for_free`), when gradients made for a unit upstream can be scaled without a
+second rounding (:func:`scaled_exactly`), the dtype of the matmuls under autocast
+(:func:`autocast_dtype`), the chunk buffer of the linear losses (:class:`LogitsBuffer`,
+:func:`add_product`) and the marker of a backward pass that is not differentiable
+(:func:`differentiable_once`).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from types import ModuleType
+from typing import Any, cast
+
+import torch
+from torch import Tensor
+
+from softce_multi import _core, kernels
+from softce_multi.kernels import torch_cpu
+
+
+def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
+    """The :class:`~softce_multi._core.RowRoutine` of torch tensors: that of :func:`kernels_for`."""
+    return kernels_for(rows.z).row_routine(rows, with_logits_grad=with_logits_grad)
+
+
+def gradient_routine(
+    rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The :class:`~softce_multi._core.GradientRoutine` of :func:`kernels_for` the logits."""
+    return kernels_for(rows.z).gradient_routine(
+        rows, logits_grad=logits_grad, targets_grad=targets_grad
+    )
+
+
+def kernels_for(z: torch.Tensor) -> ModuleType:
+    """The kernel module that runs the rows of ``z``.
+
+    :mod:`softce_multi.kernels.triton` (imported on first use) where
+    :func:`softce_multi.kernels.use_triton` says it applies (CUDA tensors, Triton installed),
+    else :mod:`softce_multi.kernels.torch_cpu`.
+    """
+    if kernels.use_triton(z):
+        from softce_multi.kernels import triton as triton_kernels
+
+        return triton_kernels
+    return torch_cpu
+
+
+def readable_for_free(x: Tensor) -> bool:
+    """Whether reading a value of ``x`` on the host waits for no device and breaks no trace.
+
+    That is for a plain tensor on the CPU (no device to wait for), in eager mode
+    (``torch.compile`` would break its graph on reading a value), and not batched by
+    ``torch.func.vmap`` or ``is_grads_batched`` (a batch of values has no single value).
+    """
+    return (
+        type(x) is torch.Tensor
+        and x.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not torch._C._functorch.is_functorch_wrapped_tensor(x)
+        and not torch._C._functorch.is_legacy_batchedtensor(x)
+    )
+
+
+def is_one_on_the_cpu(upstream: Tensor) -> bool:
+    """Whether ``upstream`` is exactly 1, asked only where the answer is free and traceable
+    (:func:`readable_for_free`)."""
+    return readable_for_free(upstream) and bool(upstream == 1)
+
+
+def scaled_exactly(*tensors: Tensor) -> bool:
+    """Whether gradients made for a unit upstream gradient can be scaled without a second
+    rounding: none of the tensors (whose gradients they are) is of a 16-bit dtype.
+
+    A 16-bit gradient made in the forward pass is rounded once there; multiplied by the
+    upstream gradient, it would be rounded again.
+    """
+    return all(tensor.dtype.itemsize >= 4 for tensor in tensors)
+
+
+def autocast_dtype(*tensors: Tensor) -> torch.dtype | None:
+    """The dtype of the matmuls of ``torch.nn.functional.linear`` of ``tensors`` under autocast.
+
+    ``torch.get_autocast_dtype`` of the tensors' device type while ``torch.autocast`` is on
+    there, unless one of them is float64 (autocast leaves float64 as it is); None otherwise,
+    for the dtype the tensors promote to.
+    """
+    device_type = tensors[0].device.type
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    if any(tensor.dtype == torch.float64 for tensor in tensors):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+class LogitsBuffer:
+    """A :data:`softce_multi._linear.ChunkLogits` that writes every chunk into one buffer.
+
+    The buffer is made for the first chunk, the longest; later chunks take its leading rows.
+    Reusing it spares the allocator a ``[chunk, V]`` block per chunk, which it would otherwise
+    map and fault in afresh (or keep, fragmented, in the process's peak memory).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: Tensor | None = None
+
+    def __call__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        rows = hidden.shape[0]
+        if self._buffer is None or self._buffer.shape[0] < rows:
+            self._buffer = weight.new_empty((rows, weight.shape[0]))
+        out = self._buffer[:rows]
+        hidden = hidden.to(weight.dtype)
+        if bias is None:
+            return torch.mm(hidden, weight.T, out=out)
+        return torch.addmm(bias, hidden, weight.T, out=out)
+
+
+def add_product(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``total += a @ b`` in place: one pass over ``total`` where the dtypes allow it."""
+    if a.dtype == total.dtype:
+        return total.addmm_(a, b)
+    return total.add_(a @ b)
+
+
+def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:
+    """Mark an autograd function's ``backward`` as not differentiable, loudly.
+
+    ``backward`` runs without grad. When autograd records the backward pass
+    (``create_graph=True``), its gradients come back attached to a node that raises if anything
+    differentiates through it, naming the loss. ``torch.autograd.function.once_differentiable``
+    attaches that node only when an upstream gradient requires grad; otherwise it returns
+    gradients that look constant, and a gradient penalty plus any other term (weight decay, say)
+    would be differentiated without the penalty's term, silently.
+    """
+
+    @functools.wraps(backward)
+    def wrapper(ctx: Any, *grad_outputs: Any) -> Any:
+        with torch.no_grad():
+            grads = backward(ctx, *grad_outputs)
+        if not torch.is_grad_enabled():
+            return grads
+        msg = (
+            "softce_multi's linear and vocabulary-parallel losses are differentiable once: the "
+            "derivative of their gradients (a gradient penalty, a hessian) is not computed"
+        )
+        refuse = torch._C._functions.DelayedError(msg, len(grads))
+        return cast(Any, refuse)(*(_requiring_grad(grad) for grad in grads))
+
+    return wrapper
+
+
+def _requiring_grad(grad: Tensor | None) -> Tensor | None:
+    """A detached alias of ``grad`` that requires grad, for a node to hang on; None stays."""
+    if grad is None:
+        return None
+    return grad.detach().requires_grad_(True)
