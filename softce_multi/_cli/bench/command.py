@@ -1,0 +1,286 @@
+"""The command line of ``python -m softce_multi bench``: its options, the options it refuses
+before measuring anything, and what it runs, prints and writes."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from softce_multi._cli._common import output_file, positive_int
+from softce_multi._cli.bench.cases import Case
+from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, MemoryOf, Sizes
+from softce_multi._cli.bench.measure import ITEMSIZE, unavailable
+from softce_multi._cli.bench.modes import kernel_mode_rows
+from softce_multi._cli.bench.report import (
+    plot,
+    print_from_hidden,
+    print_kernel_modes,
+    print_skipped,
+    print_sweep,
+    write_json,
+)
+
+DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
+DEFAULT_TARGET_VOCAB = 128000
+
+Sweep = Callable[
+    [argparse.Namespace, Sequence[Case], Callable[[str], bool]],
+    tuple[list[dict[str, Any]], list[dict[str, str]]],
+]
+"""``run(options, cases, is_installed) -> (rows, skipped)``, as
+:func:`~softce_multi._cli.bench.sweep.run`."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m softce_multi bench",
+        description=(
+            "Time forward+backward and extra peak memory of softce_multi on every installed "
+            "backend against NeMo's formula, F.cross_entropy, SpecForge's formula, optax and "
+            "plain NumPy, for each sequence length and dtype."
+        ),
+    )
+    parser.add_argument(
+        "--lengths",
+        type=positive_int,
+        nargs="+",
+        help=(
+            "sequence lengths N of [1, N, V] logits "
+            f"(default: {' '.join(map(str, DEFAULT_LENGTHS))})"
+        ),
+    )
+    parser.add_argument(
+        "--vocab", type=positive_int, default=32000, help="V; with --targets V_draft (%(default)s)"
+    )
+    parser.add_argument(
+        "--dtypes",
+        nargs="+",
+        default=["float32", "bfloat16"],
+        choices=list(ITEMSIZE),
+        help="logits dtypes (default: %(default)s); --linear and --targets run the first",
+    )
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure extra peak memory, in one fresh process per case (default: yes)",
+    )
+    parser.add_argument("--json", type=output_file, metavar="PATH", help="write the rows as JSON")
+    parser.add_argument(
+        "--plot", type=output_file, metavar="PATH", help="draw time and memory (needs matplotlib)"
+    )
+    _add_from_hidden_options(parser)
+    return parser
+
+
+def _add_from_hidden_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``--linear`` and ``--targets``."""
+    comparisons = parser.add_mutually_exclusive_group()
+    comparisons.add_argument(
+        "--linear",
+        action="store_true",
+        help=(
+            "compare linear_masked_soft_cross_entropy of [N, H] hidden states and a [V, H] weight "
+            "with the materialised path (hidden @ weight.T, then the loss), for each --rows"
+        ),
+    )
+    comparisons.add_argument(
+        "--targets",
+        action="store_true",
+        help=(
+            "compare prepare_targets_from_hidden of [N, H] hidden states and a [V_target, H] "
+            "head with prepare_targets(hidden @ weight.T), V_draft = --vocab, for each --rows"
+        ),
+    )
+    parser.add_argument(
+        "--rows",
+        type=positive_int,
+        nargs="+",
+        help="with --linear or --targets: N (default: 2048 8192; --targets: 4096)",
+    )
+    parser.add_argument(
+        "--hidden",
+        type=positive_int,
+        help="with --linear or --targets: H (default: 256; --targets: 128)",
+    )
+    parser.add_argument(
+        "--target-vocab",
+        type=positive_int,
+        help=f"with --targets: V_target ({DEFAULT_TARGET_VOCAB})",
+    )
+    parser.add_argument(
+        "--bias",
+        action=argparse.BooleanOptionalAction,
+        help="with --linear: a [V] bias as nn.Linear has, differentiated too (default: yes)",
+    )
+    parser.add_argument(
+        "--reduction",
+        choices=("mean", "sum", "none"),
+        help="with --linear: the reduction of both paths; none sums the losses (default: mean)",
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=("bfloat16", "float16"),
+        help=(
+            "with --linear: both paths' forward pass under torch.autocast of this dtype, with "
+            "the --dtypes float32 inputs as master weights (torch only)"
+        ),
+    )
+    parser.add_argument(
+        "--frameworks",
+        nargs="+",
+        choices=FRAMEWORKS,
+        help="with --linear or --targets: the frameworks to run (default: those installed)",
+    )
+
+
+def _frameworks(args: argparse.Namespace) -> Sequence[str]:
+    """The frameworks of a comparison from hidden states: JAX has no autocast."""
+    return args.frameworks or (("torch",) if args.autocast else FRAMEWORKS)
+
+
+def _check_arguments(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, is_installed: Callable[[str], bool]
+) -> None:
+    """Refuse, through ``parser.error`` and before anything is measured, the options that the
+    run would ignore or fail on, and the outputs it could not write when done."""
+    comparison = "--linear" if args.linear else "--targets" if args.targets else None
+    if comparison is None:
+        _check_sweep_options(parser, args)
+    else:
+        _check_from_hidden_options(parser, args, comparison)
+    if args.device == "cuda":
+        reason = unavailable("torch", "cuda")
+        if reason is not None:
+            parser.error(f"--device cuda: {reason}")
+    if args.plot is not None and not is_installed("matplotlib"):
+        parser.error("--plot needs matplotlib: pip install 'softce_multi[bench]'")
+
+
+def _check_sweep_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the options that go only with ``--linear`` or ``--targets``."""
+    for flag, value in [
+        ("--rows", args.rows),
+        ("--hidden", args.hidden),
+        ("--target-vocab", args.target_vocab),
+        ("--frameworks", args.frameworks),
+    ]:
+        if value is not None:
+            parser.error(f"{flag} goes with --linear or --targets")
+    if args.bias is not None:
+        parser.error(f"{'--bias' if args.bias else '--no-bias'} goes with --linear")
+    if args.autocast is not None:
+        parser.error("--autocast goes with --linear")
+    if args.reduction is not None:
+        parser.error("--reduction goes with --linear")
+
+
+def _check_from_hidden_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, comparison: str
+) -> None:
+    """Refuse the options that do not go with ``comparison`` (``--linear`` or ``--targets``),
+    and frameworks that are not installed."""
+    for flag, given in [
+        ("--lengths", args.lengths is not None),
+        ("--device cuda", args.device == "cuda"),
+        ("--plot", args.plot is not None),
+        ("--target-vocab", args.linear and args.target_vocab is not None),
+        ("--bias" if args.bias else "--no-bias", args.targets and args.bias is not None),
+        ("--autocast", args.targets and args.autocast is not None),
+        ("--reduction", args.targets and args.reduction is not None),
+    ]:
+        if given:
+            parser.error(f"{flag} does not go with {comparison}")
+    target_vocab = args.target_vocab or DEFAULT_TARGET_VOCAB
+    if args.targets and args.vocab > target_vocab:
+        parser.error(
+            f"--vocab {args.vocab} is more than --target-vocab {target_vocab}: the draft "
+            "vocabulary is a subset of the target's"
+        )
+    if args.autocast is not None and "jax" in (args.frameworks or ()):
+        parser.error("--autocast is torch.autocast: it does not go with --frameworks jax")
+    frameworks = _frameworks(args)
+    reasons = [unavailable(framework, "cpu") for framework in frameworks]
+    missing = [reason for reason in reasons if reason is not None]
+    if missing and (args.frameworks is not None or len(missing) == len(frameworks)):
+        parser.error(f"{comparison} runs on {' or '.join(frameworks)}: {'; '.join(missing)}")
+
+
+def main(
+    argv: Sequence[str] | None,
+    *,
+    cases: Sequence[Case],
+    is_installed: Callable[[str], bool],
+    run: Sweep,
+    run_from_hidden: Callable[..., list[dict[str, Any]]],
+    memory_from_hidden: MemoryOf,
+) -> int:
+    """Parse ``argv``, refuse what the run could not do, then run ``bench`` with these parts
+    (:func:`softce_multi._cli.bench.main` gives those of its package)."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _check_arguments(parser, args, is_installed)
+    if args.linear or args.targets:
+        name = "linear" if args.linear else "targets"
+        return _main_from_hidden(name, args, run_from_hidden, memory_from_hidden)
+    return _main_sweep(args, run, cases, is_installed)
+
+
+def _main_sweep(
+    args: argparse.Namespace, run: Sweep, cases: Sequence[Case], is_installed: Callable[[str], bool]
+) -> int:
+    """Time ``cases`` on ``[1, N, V]`` logits, then, on CUDA, each kernel mode on its own."""
+    args.lengths = args.lengths or list(DEFAULT_LENGTHS)
+    rows, skipped = run(args, cases, is_installed)
+    print_sweep(rows, args.vocab, args.device, args.repeats)
+    modes = []
+    if args.device == "cuda":
+        modes = [
+            row
+            for dtype in args.dtypes
+            for length in args.lengths
+            for row in kernel_mode_rows(
+                (1, length, args.vocab), dtype, args.seed, args.repeats, args.device
+            )
+        ]
+        print_kernel_modes(modes)
+    print_skipped(skipped)
+    write_json(args.json, {"rows": rows, "skipped": skipped, "kernel_modes": modes})
+    if args.plot:
+        plot(rows, args.plot, f"[1, N, {args.vocab}] logits on {args.device}, forward+backward")
+    return 0
+
+
+def _main_from_hidden(
+    name: str,
+    args: argparse.Namespace,
+    run_from_hidden: Callable[..., list[dict[str, Any]]],
+    memory_from_hidden: MemoryOf,
+) -> int:
+    """Compare both paths of ``FROM_HIDDEN[name]`` at the sizes of ``args``."""
+    comparison = FROM_HIDDEN[name]
+    hidden = args.hidden or comparison.default_hidden
+    target_vocab = args.target_vocab or DEFAULT_TARGET_VOCAB
+    bias = name == "linear" and args.bias is not False  # nn.Linear's default: with a bias
+    sizes = [
+        Sizes(rows, hidden, args.vocab, target_vocab, bias, args.autocast, args.reduction or "mean")
+        for rows in args.rows or comparison.default_rows
+    ]
+    dtype = args.dtypes[0]
+    rows = run_from_hidden(
+        name,
+        sizes,
+        dtype,
+        args.repeats,
+        args.seed,
+        _frameworks(args),
+        memory=args.memory,
+        measure_memory=memory_from_hidden,
+    )
+    write_json(args.json, rows)
+    print_from_hidden(rows, comparison.title(sizes[0]), dtype, args.repeats)
+    return 0

@@ -1,0 +1,159 @@
+"""What ``bench`` prints and writes: fixed-width tables with the notes that explain them, the
+rows as JSON, and the plot."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+Column = tuple[str, str, Callable[[dict[str, Any]], str]]
+"""A table column: its title, its format spec (alignment and width), and its cell of a row."""
+
+
+def _value(key: str, pattern: str = "{}") -> Callable[[dict[str, Any]], str]:
+    """The cell of ``row[key]`` formatted by ``pattern``, or ``n/a`` for None."""
+    return lambda row: "n/a" if row[key] is None else pattern.format(row[key])
+
+
+def _fixed_width_table(rows: Sequence[dict[str, Any]], columns: Sequence[Column]) -> str:
+    """``rows`` as a table: a title line, a rule, then one line per row."""
+    header = " ".join(f"{title:{spec}}" for title, spec, _ in columns)
+    lines = [header, "-" * len(header)]
+    lines += [" ".join(f"{cell(row):{spec}}" for _, spec, cell in columns) for row in rows]
+    return "\n".join(lines)
+
+
+def format_table(rows: Sequence[dict[str, Any]], bandwidth: bool = False) -> str:
+    """The rows as a fixed-width table, one line per implementation, dtype and length."""
+    columns = [
+        ("implementation", "<26", _value("implementation")),
+        ("dtype", "<9", _value("dtype")),
+        ("N", ">6", _value("length")),
+        ("median s", ">9", _value("median_s", "{:.4f}")),
+        ("x NeMo", ">7", _value("time_vs_nemo", "{:.2f}x")),
+        ("x peer", ">7", _value("time_vs_peer", "{:.2f}x")),
+        ("extra MiB", ">10", _value("extra_peak_mib", "{:.0f}")),
+        ("x grad", ">7", _value("extra_peak_in_grads", "{:.2f}")),
+    ]
+    if bandwidth:
+        columns.append(("GB/s", ">7", _value("floor_gb_per_s", "{:.1f}")))
+    return _fixed_width_table(rows, columns)
+
+
+def format_kernel_modes(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`~softce_multi._cli.bench.modes.kernel_mode_rows` as a fixed-width
+    table."""
+    return _fixed_width_table(
+        rows,
+        [
+            ("kernel mode", "<18", _value("mode")),
+            ("dtype", "<9", _value("dtype")),
+            ("N", ">6", _value("length")),
+            ("median s", ">9", _value("median_s", "{:.5f}")),
+            ("floor MB", ">9", lambda row: f"{row['floor_bytes'] / 1e6:.1f}"),
+            ("GB/s", ">7", _value("gb_per_s", "{:.1f}")),
+        ],
+    )
+
+
+def format_from_hidden(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of :func:`~softce_multi._cli.bench.from_hidden.run_from_hidden` as a
+    fixed-width table."""
+    return _fixed_width_table(
+        rows,
+        [
+            ("framework", "<10", _value("framework")),
+            ("rows", ">7", _value("rows")),
+            ("implementation", "<14", _value("implementation")),
+            ("median s", ">9", _value("median_s", "{:.3f}")),
+            ("x time", ">7", _value("time_vs_materialised", "{:.2f}x")),
+            ("extra MiB", ">10", _value("extra_peak_mib", "{:.0f}")),
+            ("x [N,V]", ">8", _value("extra_peak_in_logits", "{:.3f}")),
+        ],
+    )
+
+
+def print_sweep(rows: Sequence[dict[str, Any]], vocab: int, device: str, repeats: int) -> None:
+    """Print the title, the table of the ``[1, N, V]`` cases and what its columns mean."""
+    print(
+        f"[1, N, {vocab}] logits on {device}, float32 targets, forward+backward, "
+        f"median of {repeats} interleaved rounds"
+    )
+    print(format_table(rows, bandwidth=device == "cuda"))
+    print(
+        "x NeMo: median time over NeMo AutoModel's formula's in the same run. x peer: per-round "
+        "ratio to the peer of the same framework, median. x grad: extra peak memory in "
+        "gradient buffers (CPU: peak RSS of a fresh process; CUDA: max_memory_allocated; "
+        "JAX: XLA temporaries)."
+    )
+    if device == "cuda":
+        print("GB/s: bytes(z) + bytes(p) + bytes(grad) over the median time.")
+
+
+def print_kernel_modes(rows: Sequence[dict[str, Any]]) -> None:
+    """Print the table of the kernel modes and what its bandwidth means."""
+    print(format_kernel_modes(rows))
+    print("GB/s: the bytes each mode must read and write (floor MB) over its median time.")
+
+
+def print_skipped(skipped: Sequence[dict[str, str]]) -> None:
+    """Print each skipped implementation once per reason, with the first dtype it was for."""
+    for entry in {(item["implementation"], item["reason"]): item for item in skipped}.values():
+        print(f"skipped {entry['implementation']} ({entry['dtype']}): {entry['reason']}")
+
+
+def print_from_hidden(rows: Sequence[dict[str, Any]], title: str, dtype: str, repeats: int) -> None:
+    """Print ``title``, the table of a comparison from hidden states and what it means."""
+    print(title)
+    print(f"{dtype}, median of {repeats} interleaved rounds")
+    print(format_from_hidden(rows))
+    print("x time: this path's time over the materialised path's, per round, median.")
+    print(
+        "extra MiB: torch, the rise of peak resident memory in a fresh process; JAX, XLA's "
+        "temporaries. x [N,V]: in float32 [N, V] buffers (V: the draft vocabulary)."
+    )
+
+
+def write_json(path: Path | None, report: object) -> None:
+    """Write ``report`` to ``path`` as indented JSON; nothing without a path."""
+    if path:
+        path.write_text(json.dumps(report, indent=2))
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Time and extra memory against sequence length, one line per implementation, one row of
+    panels per dtype; saved to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
+    figure, axes = plt.subplots(
+        len(dtypes), 2, figsize=(11, 4 * len(dtypes)), squeeze=False, layout="constrained"
+    )
+    for (time_axis, memory_axis), dtype in zip(axes, dtypes, strict=True):
+        for name in dict.fromkeys(row["implementation"] for row in rows):
+            mine = [row for row in rows if row["implementation"] == name and row["dtype"] == dtype]
+            if not mine:
+                continue
+            lengths = [row["length"] for row in mine]
+            time_axis.plot(lengths, [row["median_s"] for row in mine], marker="o", label=name)
+            memory = [row["extra_peak_in_grads"] for row in mine]
+            memory_axis.plot(
+                lengths, [np.nan if m is None else m for m in memory], marker="o", label=name
+            )
+        for axis in (time_axis, memory_axis):
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("sequence length N")
+        time_axis.set_yscale("log")
+        time_axis.set_ylabel(f"{dtype}: median forward+backward time (s)")
+        memory_axis.set_ylabel(f"{dtype}: extra peak memory (gradient buffers)")
+        time_axis.legend(fontsize="small")
+    figure.suptitle(title)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
