@@ -17,9 +17,9 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton not installed")
 
 import softce_multi as sc  # noqa: E402
+from softce_multi.testing import REDUCTIONS  # noqa: E402
 
 SHAPE = (2, 64, 1000)
-REDUCTIONS = ["mean", "sum", "none"]
 
 
 def cuda_inputs(dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, ...]:

@@ -41,6 +41,7 @@ dist = pytest.importorskip("torch.distributed", reason="torch.distributed not av
 import softce_multi as sc  # noqa: E402
 from softce_multi import distributed  # noqa: E402
 from softce_multi.reference import masked_soft_cross_entropy as reference_loss  # noqa: E402
+from softce_multi.testing import REDUCTIONS  # noqa: E402
 
 HAS_JAX = importlib.util.find_spec("jax") is not None
 
@@ -51,7 +52,6 @@ BATCH, SEQ, VOCAB, HIDDEN = 6, 5, 37, 8
 #: Uneven vocabulary shards (one of a single column), by world size.
 VOCAB_BOUNDS = {2: (0, 11, 37), 4: (0, 4, 20, 21, 37)}
 DTYPES = ("float32", "float64")
-REDUCTIONS = ("mean", "sum", "none")
 #: ``num_valid`` variants of ``"mean"``: None, a host number, a 0-d tensor, zero.
 NUM_VALID = ("none", "number", "tensor", "zero")
 WORLD_SIZES = (2, 4)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import softce_multi as sc
-from softce_multi.testing import is_installed
+from softce_multi.testing import is_installed, random_inputs
 
 needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
 needs_jax = pytest.mark.skipif(not is_installed("jax"), reason="jax not installed")
@@ -22,12 +22,9 @@ LOSS_FUNCTIONS = [
 ]
 
 
-def inputs(shape=(2, 3, 5), dtype=np.float32):
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal(shape).astype(dtype)
-    targets = rng.random(shape).astype(dtype)
-    mask = np.ones(shape[:-1], dtype=bool)
-    return logits, targets, mask
+def inputs(shape=(2, 3, 5)):
+    """float32 logits and targets, a bool mask: NumPy inputs to spoil one at a time."""
+    return random_inputs(0, shape, normalised=False).astype("float32")
 
 
 def message(*parts):

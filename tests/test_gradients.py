@@ -7,27 +7,22 @@ import pytest
 
 import softce_multi as sc
 from softce_multi.testing import (
+    REDUCTIONS,
     assert_gradient_close,
     assert_loss_close,
     is_installed,
-    random_mask,
+    random_inputs,
     random_targets,
     reference,
 )
-
-REDUCTIONS = ["mean", "sum", "none"]
 
 needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
 needs_jax = pytest.mark.skipif(not is_installed("jax"), reason="jax not installed")
 
 
 def float64_inputs(seed, shape=(2, 3, 5)):
-    """Normal logits, unnormalised targets and a 0/1/2 weight mask, float64 NumPy."""
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal(shape) * 2
-    targets = random_targets(rng, shape, normalised=False)
-    mask = random_mask(rng, shape[:-1], kind="float")
-    return logits, targets, mask
+    """Normal logits, unnormalised targets and a fractional weight mask, float64 NumPy."""
+    return random_inputs(seed, shape, scale=2.0, normalised=False, mask_kind="float")
 
 
 def torch_inputs(seed, shape=(2, 3, 5), dtype="float32", requires_grad=True):

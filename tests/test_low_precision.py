@@ -58,6 +58,7 @@ from softce_multi.testing import (  # noqa: E402
     dtype_name,
     formula_gradient,
     is_installed,
+    random_mask,
     reference,
     to_float64,
     ulp_error,
@@ -108,14 +109,7 @@ def softmax32(values: np.ndarray) -> np.ndarray:
     return exp / exp.sum(axis=-1, keepdims=True)
 
 
-def random_mask(rng: np.random.Generator, positions: tuple[int, ...]) -> np.ndarray:
-    """About 20% padding, at least one valid position."""
-    mask = rng.random(positions) >= 0.2
-    mask.flat[rng.integers(mask.size)] = True
-    return mask
-
-
-def random_inputs(rng: np.random.Generator, shape: tuple[int, ...]) -> Inputs:
+def draw_inputs(rng: np.random.Generator, shape: tuple[int, ...]) -> Inputs:
     """Logits of scale 1 in the first half of the batch and 3 in the second."""
     scale = np.where(np.arange(shape[0]) < shape[0] // 2, 1.0, 3.0)
     logits = rng.standard_normal(shape) * scale.reshape(-1, *(1,) * (len(shape) - 1))
@@ -398,7 +392,7 @@ def double_rounded(logits: Any, targets: Any, mask: Any, reduction: str, upstrea
 @pytest.mark.parametrize(("reduction", "upstream"), CASES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_backward_rounds_the_gradient_once(rng, dtype, reduction, upstream):
-    inputs = random_inputs(rng, SHAPE)
+    inputs = draw_inputs(rng, SHAPE)
     upstream = upstream_of(rng, reduction, upstream, SHAPE[:-1])
 
     grad, *arrays = torch_cpu_gradient(inputs, dtype, reduction, upstream)
@@ -411,7 +405,7 @@ def test_torch_backward_rounds_the_gradient_once(rng, dtype, reduction, upstream
 def test_torch_differentiable_recomputation_rounds_the_gradient_once(
     rng, dtype, reduction, upstream
 ):
-    inputs = random_inputs(rng, SHAPE)
+    inputs = draw_inputs(rng, SHAPE)
     upstream = upstream_of(rng, reduction, upstream, SHAPE[:-1])
 
     grad, *arrays = torch_cpu_gradient(inputs, dtype, reduction, upstream, create_graph=True)
@@ -424,7 +418,7 @@ def test_torch_differentiable_recomputation_rounds_the_gradient_once(
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_a_gradient_rounded_twice_fails_the_assertion(rng, dtype, reduction, upstream):
     # The tests above can fail: the gradient of the code before the fix does.
-    logits, targets, mask = torch_arrays(random_inputs(rng, SHAPE), dtype)
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SHAPE), dtype)
 
     twice = double_rounded(logits, targets, mask, reduction, upstream)
 
@@ -498,7 +492,7 @@ def test_torch_adapter_on_the_triton_kernels_rounds_the_gradient_once(
     for name in ("row_routine", "gradient_routine"):
         routine = getattr(module, name)
         monkeypatch.setattr(module, name, _recording(routine, calls, name))
-    logits, targets, mask = torch_arrays(random_inputs(rng, SMALL_SHAPE), dtype, triton_device())
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SMALL_SHAPE), dtype, triton_device())
     leaf = logits.clone().requires_grad_(True)
 
     loss = softce_multi.masked_soft_cross_entropy(leaf, targets, mask)
@@ -532,7 +526,7 @@ def needs_jax() -> None:
 def test_jax_grad_rounds_the_gradient_once(needs_jax, rng, dtype, reduction, upstream, jit):
     upstream = upstream_of(rng, reduction, upstream, SHAPE[:-1])
 
-    grad, *arrays = jax_gradient(random_inputs(rng, SHAPE), dtype, reduction, upstream, jit=jit)
+    grad, *arrays = jax_gradient(draw_inputs(rng, SHAPE), dtype, reduction, upstream, jit=jit)
 
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
 
@@ -540,7 +534,7 @@ def test_jax_grad_rounds_the_gradient_once(needs_jax, rng, dtype, reduction, ups
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jax_loss_with_grad_rounds_the_gradient_once(needs_jax, rng, dtype, reduction):
-    logits, targets, mask = jax_arrays(random_inputs(rng, SHAPE), dtype)
+    logits, targets, mask = jax_arrays(draw_inputs(rng, SHAPE), dtype)
 
     _, grad = softce_multi.masked_soft_cross_entropy_with_grad(
         logits, targets, mask, reduction=reduction
@@ -578,7 +572,7 @@ def test_forward_kernel_gradient_at_a_unit_upstream_is_rounded_once(
     fixture, forward_gradient, _ = KERNELS[kernels]
     request.getfixturevalue(fixture)
 
-    grad, *arrays = forward_gradient(random_inputs(rng, SMALL_SHAPE), dtype, reduction)
+    grad, *arrays = forward_gradient(draw_inputs(rng, SMALL_SHAPE), dtype, reduction)
 
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction)
 
@@ -593,7 +587,7 @@ def test_backward_kernel_rounds_the_gradient_once(
     request.getfixturevalue(fixture)
     upstream = upstream_of(rng, reduction, upstream, SMALL_SHAPE[:-1])
 
-    grad, *arrays = backward_gradient(random_inputs(rng, SMALL_SHAPE), dtype, reduction, upstream)
+    grad, *arrays = backward_gradient(draw_inputs(rng, SMALL_SHAPE), dtype, reduction, upstream)
 
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
 
@@ -620,7 +614,7 @@ def test_jax_adapter_on_the_pallas_kernels_rounds_the_gradient_once(
     for name in ("row_routine", "gradient_routine"):
         monkeypatch.setattr(pallas, name, _recorded_when_run(getattr(pallas, name), name))
     _PALLAS_CALLS.clear()
-    inputs = random_inputs(rng, ADAPTER_SHAPE)
+    inputs = draw_inputs(rng, ADAPTER_SHAPE)
 
     grad, *arrays = jax_gradient(inputs, dtype, "mean", upstream, jit=False)
 
@@ -920,7 +914,7 @@ def test_torch_vocab_parallel_rounds_the_gradient_once(group_of_one, rng, dtype,
     upstream = upstream_of(rng, reduction, EAGLE3_UPSTREAM, SHAPE[:-1])
 
     grad, *arrays = torch_vocab_parallel_gradient(
-        random_inputs(rng, SHAPE), dtype, reduction, upstream, group_of_one
+        draw_inputs(rng, SHAPE), dtype, reduction, upstream, group_of_one
     )
 
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
@@ -931,9 +925,7 @@ def test_torch_vocab_parallel_rounds_the_gradient_once(group_of_one, rng, dtype,
 def test_jax_vocab_parallel_rounds_the_gradient_once(needs_jax, rng, dtype, reduction):
     upstream = upstream_of(rng, reduction, EAGLE3_UPSTREAM, SHAPE[:-1])
 
-    grad, *arrays = jax_vocab_parallel_gradient(
-        random_inputs(rng, SHAPE), dtype, reduction, upstream
-    )
+    grad, *arrays = jax_vocab_parallel_gradient(draw_inputs(rng, SHAPE), dtype, reduction, upstream)
 
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
 
@@ -999,7 +991,7 @@ UNIT_CALLS = ["backward()", "backward(1.0)", "with_grad"]
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_gradient_at_a_unit_upstream_is_the_formulas(rng, dtype, reduction, call):
-    logits, targets, mask = torch_arrays(random_inputs(rng, SHAPE), dtype)
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SHAPE), dtype)
     leaf = logits.clone().requires_grad_(True)
 
     if call == "with_grad":
@@ -1061,7 +1053,7 @@ def _report(repeats: int = 3) -> None:  # pragma: no cover (a script for the rel
                 worst = np.zeros(3)
                 for _ in range(repeats):
                     for reduction in ("mean", "sum"):
-                        grad, *arrays = make(random_inputs(rng, shape), dtype, reduction, upstream)
+                        grad, *arrays = make(draw_inputs(rng, shape), dtype, reduction, upstream)
                         twice = double_rounded(*arrays, reduction, upstream)
                         ours, formula = measured_errors(grad, *arrays, reduction, upstream)
                         double, _ = measured_errors(twice, *arrays, reduction, upstream)

@@ -12,6 +12,7 @@ import pytest
 
 import softce_multi as sc
 from softce_multi.testing import (
+    REDUCTIONS,
     assert_gradient_close,
     assert_loss_close,
     compute_dtype,
@@ -50,7 +51,6 @@ def _cases() -> list:
 
 
 CASES = _cases()
-REDUCTIONS = ["mean", "sum", "none"]
 GRAD_REDUCTIONS = ["mean", "sum"]
 
 

@@ -12,9 +12,13 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import softce_multi as sc
-from softce_multi.testing import LOSS_RTOL, random_mask, random_targets, reference, to_float64
-
-REDUCTIONS = ["mean", "sum", "none"]
+from softce_multi.testing import (
+    LOSS_RTOL,
+    REDUCTIONS,
+    random_inputs,
+    reference,
+    to_float64,
+)
 
 # A few shapes, so that backends which compile per shape (JAX) reuse their work.
 positions_st = st.sampled_from([(1,), (5,), (2, 3), (3, 1, 2)])
@@ -28,11 +32,8 @@ mask_kind_st = st.sampled_from(["bool", "int", "float"])
 
 def draw_inputs(rng, positions, vocab, *, scale, offset=0.0, normalised=False, mask_kind="bool"):
     """float32 logits and targets and a mask, as NumPy arrays."""
-    shape = (*positions, vocab)
-    logits = (offset + rng.standard_normal(shape) * scale).astype(np.float32)
-    targets = random_targets(rng, shape, normalised=normalised).astype(np.float32)
-    mask = random_mask(rng, positions, kind=mask_kind)
-    return logits, targets, mask
+    options = {"scale": scale, "offset": offset, "normalised": normalised, "mask_kind": mask_kind}
+    return random_inputs(rng, (*positions, vocab), **options).astype("float32")
 
 
 def poison_padding(rng, values, mask):

@@ -7,6 +7,7 @@ import pytest
 
 from softce_multi import testing
 from softce_multi.testing import (
+    REDUCTIONS,
     Backend,
     assert_gradient_close,
     assert_loss_close,
@@ -23,17 +24,6 @@ AVAILABLE = [
     )
     for backend, reason in testing.availability()
 ]
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def random_inputs(seed: int, shape=(3, 4, 7)):
-    rng = np.random.default_rng(seed)
-    logits = rng.standard_normal(shape) * 3
-    targets = rng.random(shape) ** 3
-    targets[rng.random(shape) < 0.2] = 0.0
-    targets /= np.maximum(targets.sum(axis=-1, keepdims=True), 1e-300)
-    mask = rng.choice(np.array([0.0, 0.5, 1.0, 2.0]), size=shape[:-1])
-    return logits, targets, mask
 
 
 def test_module_imports_without_optional_libraries():
@@ -98,7 +88,7 @@ def test_round_trip_through_a_backend_keeps_the_rounded_values(backend: Backend,
 @pytest.mark.parametrize("num_valid", [None, 2.5, 0.0])
 def test_numpy_formula_matches_the_torch_reference(reduction: str, num_valid):
     pytest.importorskip("torch", reason="torch not installed")
-    logits, targets, mask = random_inputs(1)
+    logits, targets, mask = testing.random_inputs(1, (3, 4, 7), mask_kind="float")
     rng = np.random.default_rng(2)
     upstream = rng.standard_normal(mask.shape) if reduction == "none" else 1.5
     kwargs = {"reduction": reduction, "num_valid": num_valid, "upstream": upstream}

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from softce_multi.testing import (
+    REDUCTIONS,
     assert_gradient_close,
     assert_loss_close,
     is_installed,
@@ -32,7 +33,6 @@ from softce_multi import reference  # noqa: E402
 from softce_multi.kernels import torch_cpu  # noqa: E402
 from softce_multi.torch import MaskedSoftCrossEntropy, masked_soft_cross_entropy  # noqa: E402
 
-REDUCTIONS = ["mean", "sum", "none"]
 SHAPE = (2, 3, 7)
 
 #: Differences between two float64 computations of the same derivative (rounding only).

@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 
 import softce_multi as sc
-from softce_multi.testing import is_installed, random_mask, random_targets, to_numpy
-
-REDUCTIONS = ["mean", "sum", "none"]
+from softce_multi.testing import (
+    REDUCTIONS,
+    is_installed,
+    random_inputs,
+    to_numpy,
+)
 
 needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
 needs_jax = pytest.mark.skipif(not is_installed("jax"), reason="jax not installed")
@@ -18,11 +21,7 @@ RTOL = 1e-6
 
 
 def numpy_inputs(seed, shape=(3, 4, 9)):
-    rng = np.random.default_rng(seed)
-    logits = (rng.standard_normal(shape) * 3).astype(np.float32)
-    targets = random_targets(rng, shape).astype(np.float32)
-    mask = random_mask(rng, shape[:-1])
-    return logits, targets, mask
+    return random_inputs(seed, shape).astype("float32")
 
 
 def jax_inputs(seed, shape=(3, 4, 9)):
