@@ -51,9 +51,10 @@ def _mode_step(mode: KernelMode, logits: Any, target: Any, mask: Any) -> Callabl
     import softce_multi
 
     def leaves() -> tuple[Any, Any]:
+        """The logits and the targets, each a new leaf if the mode writes its gradient."""
         return (
-            logits.detach().requires_grad_("grad_z" in mode.arrays),
-            target.detach().requires_grad_("grad_p" in mode.arrays),
+            logits.detach().requires_grad_(True) if "grad_z" in mode.arrays else logits,
+            target.detach().requires_grad_(True) if "grad_p" in mode.arrays else target,
         )
 
     if not mode.backward:
