@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import tracemalloc
+from fractions import Fraction
 from typing import Any
 
+import array_api_compat
+import array_api_extra as xpx
 import numpy as np
 import pytest
 
@@ -28,7 +32,7 @@ from softce_multi.eagle3 import (
     shift_left,
     target_to_draft_ids,
 )
-from softce_multi.testing import LOSS_RTOL, Backend, device_of, library_of
+from softce_multi.testing import LOSS_RTOL, Backend, device_of, library_of, to_numpy
 
 RTOL_32, RTOL_64 = LOSS_RTOL["float32"], LOSS_RTOL["float64"]
 
@@ -889,3 +893,150 @@ def test_training_step_matches_torch_formulation_and_trains_only_the_draft(torch
     torch.testing.assert_close(draft.weight.grad, expected_draft.weight.grad, rtol=1e-5, atol=1e-7)
     assert draft.weight.grad.abs().max() > 0
     assert target_head.weight.grad is None
+
+
+# --- token ids and fills of every integer width -----------------------------------------------
+
+
+def array_of(backend: Backend, values: Any, dtype: str) -> Any:
+    """``values`` on ``backend`` in the dtype called ``dtype``, the integer widths that
+    :class:`~softce_multi.testing.Backend` does not list (int8, int16, uint8...) included."""
+    if backend.supports(dtype):
+        return backend.asarray(values, dtype)
+    wide = backend.asarray(np.asarray(values).astype(np.int64), "int64")
+    xp = array_api_compat.array_namespace(wide)
+    return xp.astype(wide, getattr(xp, dtype))
+
+
+NARROW_SIGNED = ["int8", "int16", "int32"]
+
+
+def reference_draft_ids(t2d: np.ndarray, target_ids: np.ndarray) -> np.ndarray:
+    """The draft id of each target id, -1 where there is none, by a lookup table."""
+    table = np.full(t2d.shape[0], -1)
+    table[t2d] = np.arange(int(t2d.sum()))
+    inside = (target_ids >= 0) & (target_ids < t2d.shape[0])
+    return np.where(inside, table[np.where(inside, target_ids, 0)], -1)
+
+
+@pytest.mark.parametrize("dtype", [*NARROW_SIGNED, "int64"])
+def test_target_to_draft_ids_of_any_signed_dtype_keep_their_dtype(
+    backend: Backend, dtype: str
+) -> None:
+    t2d = np.random.default_rng(1).random(300) < 0.3
+    target_ids = np.array([[0, 5, 17, 99], [126, 127, -1, -100]])
+    out = target_to_draft_ids(array_of(backend, target_ids, dtype), backend.asarray(t2d))
+    assert out.dtype == array_of(backend, [0], dtype).dtype
+    np.testing.assert_array_equal(to_numpy(out), reference_draft_ids(t2d, target_ids))
+
+
+@pytest.mark.parametrize("dtype", NARROW_SIGNED)
+def test_draft_to_target_ids_of_narrow_dtypes_are_exact(backend: Backend, dtype: str) -> None:
+    # Target ids up to 250 do not fit in int8: the result is at least the index dtype.
+    t2d = np.zeros(251, dtype=bool)
+    t2d[np.arange(2, 251, 2)] = True  # 125 draft tokens, the even target ids from 2 to 250
+    d2t = np.flatnonzero(t2d) - np.arange(125)
+    draft_ids = np.array([[0, 1, 124], [-1, 125, 60]])
+    out = draft_to_target_ids(array_of(backend, draft_ids, dtype), array_of(backend, d2t, dtype))
+    np.testing.assert_array_equal(to_numpy(out), [[2, 4, 250], [-1, -1, 122]])
+    assert out.dtype == xpx.default_dtype(array_api_compat.array_namespace(out), "indexing")
+
+
+def test_draft_to_target_ids_accept_unsigned_ids(backend: Backend) -> None:
+    ids = array_of(backend, [[0, 2], [1, 255]], "uint8")
+    out = draft_to_target_ids(ids, backend.asarray(np.array([2, 2, 3])))
+    np.testing.assert_array_equal(to_numpy(out), [[2, 5], [3, -1]])
+
+
+@pytest.mark.parametrize("dtype", ["uint16", "uint32", "uint64"])
+def test_draft_to_target_ids_take_offsets_of_wide_unsigned_dtypes_in_torch(
+    torch: Any, dtype: str
+) -> None:
+    # PyTorch's index_select has no uint16/32/64: the offsets are converted before the lookup.
+    d2t = torch.tensor([2, 2, 3]).to(getattr(torch, dtype))
+    out = draft_to_target_ids(torch.tensor([[0, 2], [1, 7]]), d2t)
+    np.testing.assert_array_equal(out.numpy(), [[2, 5], [3, -1]])
+    assert out.dtype == torch.int64
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fill"),
+    [
+        ("uint8", -1),
+        ("uint8", 256),
+        ("int8", 1000),
+        ("int8", -129),
+        ("int16", 2**15),
+        ("int32", 10**400),
+        ("int8", 1e3),
+        ("int64", math.nan),
+        ("int64", math.inf),
+        ("float32", 1e39),
+        ("float32", -(10**400)),
+        ("float64", 10**400),
+    ],
+    ids=repr,
+)
+def test_shift_left_refuses_a_fill_outside_the_dtype(
+    backend: Backend, dtype: str, fill: Any
+) -> None:
+    x = array_of(backend, np.ones((1, 3)), dtype)
+    with pytest.raises(TypeError, match=f"fill.*{dtype}"):
+        shift_left(x, fill=fill)
+
+
+@pytest.mark.parametrize("fill", [1e5, -7e4])
+def test_shift_left_refuses_a_fill_beyond_float16(backend: Backend, fill: float) -> None:
+    with pytest.raises(TypeError, match=r"fill.*float16"):
+        shift_left(backend.asarray(np.ones((1, 3)), "float16"), fill=fill)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fill", "expected"),
+    [
+        ("uint8", 255, 255),
+        ("int8", -128, -128),
+        ("int8", True, 1),
+        ("int16", 7.0, 7),
+        ("int64", 2**63 - 1, 2**63 - 1),
+        ("float32", math.inf, math.inf),
+        ("float32", 10**38, 1e38),
+        ("bool", 1, True),
+    ],
+    ids=repr,
+)
+def test_shift_left_writes_a_fill_that_fits(
+    backend: Backend, dtype: str, fill: Any, expected: Any
+) -> None:
+    x = array_of(backend, np.zeros((1, 3)), dtype)
+    out = to_numpy(shift_left(x, fill=fill))
+    assert out.dtype == np.dtype(dtype)
+    np.testing.assert_array_equal(out, np.array([[0, 0, expected]]).astype(dtype))
+
+
+# --- host arguments at the limits -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("always_include", [1, "ab", 2.5, b"\x01"], ids=repr)
+def test_always_include_that_is_not_a_collection_of_ids_is_refused(
+    backend: Backend, always_include: Any
+) -> None:
+    counts = backend.asarray(np.arange(6))
+    with pytest.raises(TypeError, match="always_include"):
+        build_vocab_mapping(counts, 3, always_include=always_include)
+
+
+def test_many_steps_with_a_large_decay_give_the_weighted_mean(backend: Backend) -> None:
+    values = np.random.default_rng(5).random(400) * 4
+    losses = [backend.asarray(v, "float32") for v in values]
+    out = to_numpy(multi_step_loss(losses, decay=10.0))
+    weights = [Fraction(10) ** i for i in range(400)]
+    stored = [Fraction(float(np.float32(v))) for v in values]
+    expected = sum(w * v for w, v in zip(weights, stored, strict=True)) / sum(weights)
+    np.testing.assert_allclose(out, float(expected), rtol=1e-5)
+
+
+def test_many_steps_with_a_large_decay_unnormalized_are_refused(backend: Backend) -> None:
+    losses = [backend.asarray(1.0, "float32")] * 400
+    with pytest.raises(ValueError, match=r"decay.*400.*float32"):
+        multi_step_loss(losses, decay=10.0, normalize=False)

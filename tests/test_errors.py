@@ -6,11 +6,18 @@ Nothing is broadcast: an argument of a shape that would broadcast is still refus
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
 
 import softce_multi as sc
+from softce_multi.eagle3 import (
+    build_vocab_mapping,
+    multi_step_loss,
+    prepare_targets,
+    shift_left,
+)
 from softce_multi.testing import is_installed, random_inputs
 
 needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
@@ -296,3 +303,79 @@ def test_jax_entry_point_refuses_bad_shapes_under_jit():
 
     with pytest.raises(ValueError, match=message("target_probs", "(2, 3, 4)", "(2, 3, 5)")):
         jax.jit(masked_soft_cross_entropy)(logits, targets[..., :4], mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Host numbers beyond the computation dtype, and dtypes the library cannot compute in
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_valid", [10**400, 1e39, 2.0**127, Fraction(10**50)], ids=repr)
+def test_num_valid_beyond_float32_is_refused(backend, num_valid):
+    with pytest.raises(ValueError, match=r"num_valid.*float32"):
+        sc.masked_soft_cross_entropy(*random_inputs(0, (2, 3, 5)).on(backend), num_valid=num_valid)
+
+
+@pytest.mark.parametrize("num_valid", [1e-50, 1e-40, np.float32(1e-39)], ids=repr)
+def test_a_tiny_num_valid_is_refused_rather_than_flushed_to_zero(backend, num_valid):
+    with pytest.raises(ValueError, match=r"num_valid.*float32"):
+        sc.masked_soft_cross_entropy(*random_inputs(0, (2, 3, 5)).on(backend), num_valid=num_valid)
+
+
+needs_wide_longdouble = pytest.mark.skipif(
+    np.finfo(np.longdouble).bits <= 64, reason="np.longdouble is float64 on this platform"
+)
+
+
+@needs_wide_longdouble
+@pytest.mark.parametrize("position", [0, 1])
+@pytest.mark.parametrize(
+    "loss", [sc.masked_soft_cross_entropy, sc.masked_soft_cross_entropy_with_grad]
+)
+def test_longdouble_inputs_are_refused(position, loss):
+    args = list(inputs())
+    args[position] = args[position].astype(np.longdouble)
+    name = ["logits", "target_probs"][position]
+    with pytest.raises(TypeError, match=f"{name}.*longdouble|{name}.*float128"):
+        loss(*args)
+
+
+@needs_wide_longdouble
+def test_a_longdouble_num_valid_is_refused(backend):
+    with pytest.raises(TypeError, match=r"num_valid.*longdouble"):
+        sc.masked_soft_cross_entropy(
+            *random_inputs(0, (2, 3, 5)).on(backend), num_valid=np.longdouble(4)
+        )
+
+
+_PROBS = np.full((2, 3), 1 / 3, dtype=np.float32)
+_MASK = np.ones(2, dtype=bool)
+
+#: Calls with one NumPy array of the given dtype, by the name of that argument.
+_CALLS_WITH_ONE_ARRAY_OF = {
+    "logits": lambda dtype: sc.masked_soft_cross_entropy(_PROBS.astype(dtype), _PROBS, _MASK),
+    "target_probs": lambda dtype: sc.masked_soft_cross_entropy_with_grad(
+        _PROBS, _PROBS.astype(dtype), _MASK
+    ),
+    "position_mask": lambda dtype: sc.masked_soft_cross_entropy(
+        _PROBS, _PROBS, _MASK.astype(dtype)
+    ),
+    "num_valid": lambda dtype: sc.masked_soft_cross_entropy(
+        _PROBS, _PROBS, _MASK, num_valid=np.asarray(2, dtype)
+    ),
+    "hidden": lambda dtype: sc.linear_masked_soft_cross_entropy(
+        _PROBS.astype(dtype), np.ones((3, 3), np.float32), _PROBS, _MASK
+    ),
+    "x": lambda dtype: shift_left(_PROBS.astype(dtype)),
+    "target_logits": lambda dtype: prepare_targets(_PROBS.astype(dtype), _MASK, np.ones(3, bool)),
+    "step_losses": lambda dtype: multi_step_loss(np.asarray([1.0, 2.0], dtype)),
+    "token_counts": lambda dtype: build_vocab_mapping(np.ones(3, dtype), 1),
+}
+
+
+@pytest.mark.parametrize("argument", list(_CALLS_WITH_ONE_ARRAY_OF))
+def test_numpy_bfloat16_is_refused_naming_the_argument_and_the_dtype(argument):
+    # NumPy's array API knows no bfloat16 (ml_dtypes', which JAX arrays become in NumPy).
+    ml_dtypes = pytest.importorskip("ml_dtypes", reason="ml_dtypes is not installed")
+    with pytest.raises(TypeError, match=rf"^{argument} has dtype bfloat16, which numpy does not"):
+        _CALLS_WITH_ONE_ARRAY_OF[argument](np.dtype(ml_dtypes.bfloat16))

@@ -14,6 +14,7 @@ from softce_multi.testing import (
     random_inputs,
     random_targets,
     reference,
+    to_numpy,
 )
 
 needs_torch = pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
@@ -496,3 +497,59 @@ def test_torch_vocab_parallel_second_derivative_beside_another_term_is_refused(
 
     with pytest.raises(RuntimeError, match="differentiable once"):
         (grad.pow(2).sum() + weight.pow(2).sum()).backward()
+
+
+# --------------------------------------------------------------------------------------------
+# An empty batch: a zero loss and an empty gradient
+# --------------------------------------------------------------------------------------------
+
+EMPTY_SHAPES = [(0, 5), (2, 0, 5)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_empty_batch_with_grad_gives_zero_and_an_empty_gradient(backend, shape, reduction):
+    logits, targets, mask = random_inputs(0, shape, valid="all").on(backend)
+    loss, grad = sc.masked_soft_cross_entropy_with_grad(logits, targets, mask, reduction=reduction)
+    assert to_numpy(loss) == 0.0
+    assert tuple(grad.shape) == shape
+    assert grad.dtype == logits.dtype
+
+
+@needs_torch
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_an_empty_batch_backward_in_torch_gives_empty_gradients(shape, reduction):
+    import torch
+
+    logits, targets, mask = (
+        torch.from_numpy(array) for array in random_inputs(0, shape, valid="all").astype("float32")
+    )
+    logits.requires_grad_(True)
+    targets.requires_grad_(True)
+    loss = sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction)
+    torch.sum(loss).backward()
+    assert torch.sum(loss).item() == 0.0
+    assert logits.grad is not None and tuple(logits.grad.shape) == shape
+    assert targets.grad is not None and tuple(targets.grad.shape) == shape
+
+
+@needs_jax
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_an_empty_batch_under_jax_grad_gives_empty_gradients(shape, reduction):
+    import jax
+
+    logits, targets, mask = (
+        jax.numpy.asarray(array) for array in random_inputs(0, shape, valid="all").astype("float32")
+    )
+
+    def total(z, p):
+        return jax.numpy.sum(sc.masked_soft_cross_entropy(z, p, mask, reduction=reduction))
+
+    value, (grad_logits, grad_targets) = jax.jit(jax.value_and_grad(total, argnums=(0, 1)))(
+        logits, targets
+    )
+    assert float(value) == 0.0
+    assert grad_logits.shape == shape and grad_logits.dtype == logits.dtype
+    assert grad_targets.shape == shape and grad_targets.dtype == targets.dtype

@@ -20,8 +20,10 @@ from softce_multi.testing import (
     is_installed,
     make_case,
     numpy_reference,
+    random_inputs,
     reference,
     to_float64,
+    to_numpy,
 )
 
 LOGITS_DTYPES = ["float64", "float32", "bfloat16", "float16"]
@@ -371,3 +373,46 @@ def test_numpy_oracle_agrees_with_the_torch_reference(reduction):
 
     for ours, theirs in zip(numpy_result, torch_result, strict=True):
         np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-14)
+
+
+# --------------------------------------------------------------------------------------------
+# An empty batch, and num_valid across the float32 range
+# --------------------------------------------------------------------------------------------
+
+EMPTY_SHAPES = [(0, 5), (2, 0, 5)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_an_empty_batch_reduces_to_zero(backend, shape, reduction):
+    inputs = random_inputs(0, shape, valid="all").on(backend)
+    loss = sc.masked_soft_cross_entropy(*inputs, reduction=reduction)
+    assert tuple(loss.shape) == ()
+    assert loss.dtype == backend.dtype("float32")
+    assert to_numpy(loss) == 0.0
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+def test_an_empty_batch_without_reduction_is_an_empty_array(backend, shape):
+    loss = sc.masked_soft_cross_entropy(
+        *random_inputs(0, shape, valid="all").on(backend), reduction="none"
+    )
+    assert tuple(loss.shape) == shape[:-1]
+    assert loss.dtype == backend.dtype("float32")
+
+
+def test_num_valid_within_the_float32_range_is_the_denominator(backend):
+    logits, targets, mask = random_inputs(3, (2, 3, 5)).on(backend)
+    total = sc.masked_soft_cross_entropy(logits, targets, mask, reduction="sum")
+    for num_valid in (1e-30, 0.375, 10**30):
+        loss = sc.masked_soft_cross_entropy(logits, targets, mask, num_valid=num_valid)
+        expected = np.float64(to_numpy(total)) / float(num_valid)
+        np.testing.assert_allclose(to_numpy(loss), expected, rtol=1e-5)
+
+
+def test_a_tiny_num_valid_divides_a_float64_loss_in_float64(backend):
+    logits, targets, _ = random_inputs(4, (2, 3, 5)).on(backend, "float64")
+    mask = backend.asarray(np.ones((2, 3), dtype=bool))
+    total = sc.masked_soft_cross_entropy(logits, targets, mask, reduction="sum")
+    loss = sc.masked_soft_cross_entropy(logits, targets, mask, num_valid=1e-50)
+    np.testing.assert_allclose(to_numpy(loss), to_numpy(total) / 1e-50, rtol=1e-12)
