@@ -11,13 +11,13 @@ device of its inputs. The math is split in two reusable steps:
 2. :func:`row_losses`, :func:`logits_gradient_rows` and :func:`targets_gradient_rows` turn those
    statistics, and the same block, into per-row losses and gradient rows.
 
-One driver serves every implementation. :func:`forward` lays out the rows, their weights and the
-denominator (:func:`as_rows`), hands them to the implementation's :class:`RowRoutine`, and
-reduces the result (:func:`reduce_loss`) into a :class:`ForwardResult`; :func:`backward` does the
-same for a :class:`GradientRoutine`. The generic routines (:func:`blocked_row_routine`,
+One driver serves every implementation. :func:`loss_pass` lays out the rows, their weights and the
+denominator (:func:`as_rows`), hands them to the implementation's :class:`RowRoutine`, and reduces
+the result (:func:`reduce_loss`) into a :class:`ForwardResult`; :func:`gradient_pass` does the same
+for a :class:`GradientRoutine`. The generic routines (:func:`blocked_row_routine`,
 :func:`blocked_gradient_routine`) run the two steps over blocks of rows, so that no ``[N, V]``
-float32 intermediate outlives one block; the torch CPU path and the Triton and Pallas kernels
-supply their own.
+float32 intermediate outlives one block; the torch CPU path and the Triton and Pallas kernels supply
+their own.
 """
 
 from __future__ import annotations
@@ -82,11 +82,24 @@ class ForwardResult(NamedTuple):
     """``d loss / d c_row`` per row, shape ``[N]``: ``w / den`` (``w`` for ``"none"``)."""
 
 
-def compute_dtype(logits: Array, target_probs: Array, *, xp: Namespace) -> Any:
-    """Return float64 when either input is float64, else float32."""
-    if xp.float64 in (logits.dtype, target_probs.dtype):
+def compute_dtype(*arrays: Array | None, xp: Namespace) -> Any:
+    """The dtype the loss is computed in: float64 when any of ``arrays`` is float64, else float32.
+
+    None entries (an absent bias) are skipped. Every module asks this function, so that the rule
+    is written once.
+    """
+    if any(array is not None and array.dtype == xp.float64 for array in arrays):
         return xp.float64
     return xp.float32
+
+
+def upstream_per_row(grad_output: Array, reduction: str, *, xp: Namespace) -> Array:
+    """The upstream gradient of the loss as a factor of the row scale.
+
+    ``[N]`` (the upstream of each position, flattened) for ``"none"``; the 0-d upstream of the
+    reduced loss otherwise. A backward pass multiplies the saved ``row_scale`` by it.
+    """
+    return xp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
 
 
 def row_statistics(z: Array, p: Array, *, xp: Namespace) -> RowStatistics:
@@ -244,13 +257,12 @@ def inverse_denominator(
     return xp.where(count == 0, 0.0, 1.0 / safe)
 
 
-class Rows(NamedTuple):
-    """The inputs as rows, with what every implementation derives from them before the pass."""
+class WeightedRows:
+    """The base of the rows records (:class:`Rows`, :class:`softce_multi._linear.LinearRows`):
+    what every record of rows derives from its ``weights`` and ``inv_den`` fields."""
 
-    z: Array
-    """The logits as ``[N, V]``, in their own dtype."""
-    p: Array
-    """The targets as ``[N, V]``, in their own dtype."""
+    __slots__ = ()
+
     weights: Array
     """The mask as ``[N]`` weights, in the computation dtype."""
     inv_den: Array
@@ -265,6 +277,24 @@ class Rows(NamedTuple):
     def row_scale(self) -> Array:
         """``d loss / d c_row`` for a unit upstream gradient: ``w / den``."""
         return self.weights * self.inv_den
+
+
+class _RowsFields(NamedTuple):
+    z: Array
+    """The logits as ``[N, V]``, in their own dtype."""
+    p: Array
+    """The targets as ``[N, V]``, in their own dtype."""
+    weights: Array
+    """The mask as ``[N]`` weights, in the computation dtype."""
+    inv_den: Array
+    """``1 / den`` as a 0-d array (see :func:`inverse_denominator`)."""
+
+
+class Rows(_RowsFields, WeightedRows):
+    """The inputs as rows, with what every implementation derives from them before the pass:
+    ``Rows(z, p, weights, inv_den)``."""
+
+    __slots__ = ()
 
 
 def as_rows(
@@ -290,15 +320,21 @@ def as_rows(
 
 
 def reduce_loss(
-    weighted: Array, rows: Rows, *, reduction: str, batch_shape: tuple[int, ...], xp: Namespace
+    weighted: Array,
+    inv_den: Array,
+    *,
+    reduction: str,
+    batch_shape: tuple[int, ...],
+    xp: Namespace,
 ) -> Array:
-    """Reduce the weighted per-row losses ``w * c`` (``[N]``) to the loss."""
+    """Reduce the weighted per-row losses ``w * c`` (``[N]``) to the loss, with the inverse
+    denominator ``inv_den`` of :func:`inverse_denominator` for ``"mean"``."""
     if reduction == "none":
         return xp.reshape(weighted, batch_shape)
     total = xp.asarray(xp.sum(weighted))  # NumPy reductions return scalars
     if reduction == "sum":
         return total
-    return xp.where(rows.inv_den == 0, 0.0, total * rows.inv_den)
+    return xp.where(inv_den == 0, 0.0, total * inv_den)
 
 
 class RowResults(NamedTuple):
@@ -318,14 +354,14 @@ class RowRoutine(Protocol):
     It receives the inputs as :class:`Rows`, with ``N > 0``, and returns their
     :class:`RowResults`: the statistics of every row of nonzero weight, its weighted loss and,
     with ``with_logits_grad``, its gradient row (exactly 0 in rows of weight 0, whatever they
-    hold). :func:`forward` does everything before and after it.
+    hold). :func:`loss_pass` does everything before and after it.
     """
 
     def __call__(self, rows: Rows, /, *, with_logits_grad: bool) -> RowResults: ...
 
 
 class BackwardRows(NamedTuple):
-    """What a :class:`GradientRoutine` receives: the rows and what :func:`forward` saved."""
+    """What a :class:`GradientRoutine` receives: the rows and what :func:`loss_pass` saved."""
 
     z: Array
     """The logits as ``[N, V]``, ``N > 0``, in their own dtype."""
@@ -371,7 +407,7 @@ class Adapter(Protocol):
     ) -> tuple[Array, LinearGradients]: ...
 
 
-def forward(
+def loss_pass(
     logits: Array,
     target_probs: Array,
     position_mask: Array,
@@ -411,7 +447,11 @@ def forward(
     else:
         results = row_routine(rows, with_logits_grad=with_logits_grad)
     loss = reduce_loss(
-        results.weighted, rows, reduction=reduction, batch_shape=logits.shape[:-1], xp=xp
+        results.weighted,
+        rows.inv_den,
+        reduction=reduction,
+        batch_shape=logits.shape[:-1],
+        xp=xp,
     )
     logits_grad = None
     if with_logits_grad:
@@ -419,7 +459,7 @@ def forward(
     return ForwardResult(loss, logits_grad, results.saved, rows.row_scale)
 
 
-def backward(
+def gradient_pass(
     logits: Array,
     target_probs: Array,
     saved: SavedRows,
@@ -430,7 +470,7 @@ def backward(
     gradient_routine: GradientRoutine,
     xp: Namespace,
 ) -> tuple[Array | None, Array | None]:
-    """Return the gradients asked for, from the row statistics ``saved`` by :func:`forward`.
+    """Return the gradients asked for, from the row statistics ``saved`` by :func:`loss_pass`.
 
     ``row_scale`` is ``d loss / d c_row``: the forward's, times the upstream gradient. The
     gradient to the logits has their dtype, that to the targets theirs; both have the logits'

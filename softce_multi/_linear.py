@@ -15,19 +15,20 @@ chunk's ``[chunk, V]`` logits and logits gradient exist at any time:
    bias gradient, the column sums of ``grad_logits``. The weight and bias gradients are
    accumulated over the chunks in the computation dtype (float32, or float64).
 
-When the gradients are asked for in the forward pass (:func:`forward` with ``hidden_grad``,
-``weight_grad`` or ``bias_grad``), a training step does three matmuls per chunk and never
-recomputes the logits. :func:`backward` recomputes them chunk by chunk from the saved row
-statistics, for what the forward pass could not know: a per-position upstream gradient
+When the gradients are asked for in the forward pass (:func:`chunked_loss_pass` with
+``hidden_grad``, ``weight_grad`` or ``bias_grad``), a training step does three matmuls per chunk and
+never recomputes the logits. :func:`chunked_gradient_pass` recomputes them chunk by chunk from the
+saved row statistics, for what the forward pass could not know: a per-position upstream gradient
 (``reduction="none"``) and the gradient to the targets.
 
 Padding rows (weight 0) may hold NaN or inf in ``hidden``. Their logits gradient is exactly 0,
 but ``0 * NaN`` is NaN, so the weight gradient multiplies a copy of the chunk's hidden rows in
 which they are replaced by zeros with ``where``.
 
-Every function takes the namespace ``xp``; the one-chunk functions (:func:`chunk_logits`,
-:func:`chunk_gradients`) are shared by the eager driver here and the ``lax.map`` of the JAX
-adapter.
+Every function takes the namespace ``xp``. :func:`chunked_loss_pass` and
+:func:`chunked_gradient_pass` are the one driver of every engine: a Python loop over the chunks for
+the eager libraries, a ``lax.scan`` for JAX (:mod:`softce_multi._chunks`). The vocabulary-parallel
+loss runs the same driver with a row routine that all-reduces the row statistics.
 """
 
 from __future__ import annotations
@@ -38,9 +39,8 @@ from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
 import array_api_compat
-import array_api_extra as xpx
 
-from softce_multi import _core
+from softce_multi import _chunks, _core
 from softce_multi._types import Array, LinearGradients, LinearLossInputs, Namespace
 
 __all__ = [
@@ -49,11 +49,11 @@ __all__ = [
     "LinearForwardResult",
     "LinearGradients",
     "LinearRows",
-    "backward",
     "chunk_gradients",
     "chunk_logits",
+    "chunked_gradient_pass",
+    "chunked_loss_pass",
     "default_chunk_rows",
-    "forward",
 ]
 
 #: Bytes of the ``[chunk, V]`` arrays that one chunk holds at once (its logits and, unless the
@@ -70,14 +70,12 @@ class LinearForwardResult(NamedTuple):
     grads: LinearGradients | None
     """The gradients asked for (None in a field not asked for), for a unit upstream gradient."""
     saved: _core.SavedRows
-    """Row statistics of all ``N`` rows, for :func:`backward`."""
+    """Row statistics of all ``N`` rows, for :func:`chunked_gradient_pass`."""
     row_scale: Array
     """``d loss / d c_row`` per row, shape ``[N]`` (see :class:`softce_multi._core.Rows`)."""
 
 
-class LinearRows(NamedTuple):
-    """The inputs as rows, with the weights and the denominator of the reduction."""
-
+class _LinearRowsFields(NamedTuple):
     hidden: Array
     """``[N, H]``, in its own dtype."""
     weight: Array
@@ -91,17 +89,12 @@ class LinearRows(NamedTuple):
     inv_den: Array
     """``1 / den`` as a 0-d array (see :func:`softce_multi._core.inverse_denominator`)."""
 
-    @property
-    def row_scale(self) -> Array:
-        """``d loss / d c_row`` for a unit upstream gradient: ``w / den``."""
-        return self.weights * self.inv_den
 
+class LinearRows(_LinearRowsFields, _core.WeightedRows):
+    """The inputs of the linear loss as rows, with the weights and the denominator of the
+    reduction: ``LinearRows(hidden, weight, bias, p, weights, inv_den)``."""
 
-def compute_dtype(*arrays: Array | None, xp: Namespace) -> Any:
-    """float64 when any of the (floating) arrays is float64, else float32; None is skipped."""
-    if any(array is not None and array.dtype == xp.float64 for array in arrays):
-        return xp.float64
-    return xp.float32
+    __slots__ = ()
 
 
 def default_chunk_rows(vocab_size: int, dtype: Any, *, xp: Namespace, copies: int = 2) -> int:
@@ -131,7 +124,7 @@ def as_linear_rows(
     The matmul dtype is ``matmul_dtype`` when given (an autocast dtype), else that of
     ``hidden @ weight.T + bias`` (the promotion of the three).
     """
-    dtype = compute_dtype(hidden, weight, bias, target_probs, xp=xp)
+    dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=xp)
     if matmul_dtype is None:
         matmul_dtype = xp.result_type(*(x for x in (hidden, weight, bias) if x is not None))
     n_rows = math.prod(hidden.shape[:-1])
@@ -188,7 +181,6 @@ def chunk_gradients(
     *,
     add: AddProduct,
     xp: Namespace,
-    counted: Array | None = None,
 ) -> ChunkGradients:
     """Turn one chunk's logits gradient into its parts of the three gradients.
 
@@ -209,9 +201,6 @@ def chunk_gradients(
         How to add a product to ``weight_total`` (see :data:`AddProduct`).
     xp
         The array namespace.
-    counted : array of bool, shape ``[chunk]``, optional
-        The live rows that add to the weight and bias gradients, when not all of them do (a
-        chunk that overlaps rows already counted, as the last chunk of a fixed-size loop does).
 
     Returns
     -------
@@ -222,20 +211,18 @@ def chunk_gradients(
     assert grad_logits is not None  # the routines return the gradient asked for
     grad_hidden = xp.where(live[:, None], grad_logits @ weight, 0.0)
     grad_hidden = xp.astype(grad_hidden, hidden.dtype, copy=False)
-    summed = live if counted is None else counted
     if weight_total is not None:
         # 0 * NaN is NaN: padding rows are replaced by zeros, never multiplied by them.
-        safe_hidden = xp.where(summed[:, None], xp.astype(hidden, weight.dtype, copy=False), 0.0)
+        safe_hidden = xp.where(live[:, None], xp.astype(hidden, weight.dtype, copy=False), 0.0)
         weight_total = add(weight_total, xp.matrix_transpose(grad_logits), safe_hidden)
     if bias_total is not None:
-        # Rows that are not live hold exact zeros already.
-        rows = grad_logits if counted is None else xp.where(counted[:, None], grad_logits, 0.0)
-        # Summed in the total's dtype, without a converted [chunk, V] copy.
-        bias_total = bias_total + xp.sum(rows, axis=0, dtype=bias_total.dtype)
+        # Rows that are not live hold exact zeros already. Summed in the total's dtype, without
+        # a converted [chunk, V] copy.
+        bias_total = bias_total + xp.sum(grad_logits, axis=0, dtype=bias_total.dtype)
     return ChunkGradients(grad_hidden, weight_total, bias_total)
 
 
-def forward(
+def chunked_loss_pass(
     inputs: LinearLossInputs,
     /,
     *,
@@ -248,8 +235,12 @@ def forward(
     logits: ChunkLogits | None = None,
     logits_copies: int = 2,
     matmul_dtype: Any = None,
+    fresh: Fresh | None = None,
 ) -> LinearForwardResult:
     """The loss of validated inputs, and the gradients asked for, chunk by chunk of rows.
+
+    The one driver of the linear loss, eager (NumPy, CuPy, torch) or traced (JAX, a
+    ``lax.scan``), by the loop of :func:`softce_multi._chunks.loop_for`.
 
     Parameters
     ----------
@@ -261,7 +252,8 @@ def forward(
         Which gradients to compute, for a unit upstream gradient; not with ``"none"``.
     row_routine
         The implementation's per-row work, for example
-        :func:`softce_multi._core.blocked_row_routine`.
+        :func:`softce_multi._core.blocked_row_routine`; the vocabulary-parallel loss passes
+        one that all-reduces the row statistics.
     xp
         The array namespace of the inputs.
     add
@@ -277,50 +269,89 @@ def forward(
     matmul_dtype
         The dtype of the chunks' matmuls (an autocast dtype); by default that of
         ``hidden @ weight.T + bias``. The gradients come back in their inputs' dtypes.
+    fresh
+        Applied to every accumulator before the first chunk (see :data:`Fresh`).
+
+    Returns
+    -------
+    LinearForwardResult
+        Padding rows (weight 0) enter the matmuls as zeros, so that no derivative of any order
+        meets what they hold.
     """
     rows = as_linear_rows(
-        *inputs[:5],
+        inputs.hidden,
+        inputs.weight,
+        inputs.bias,
+        inputs.target_probs,
+        inputs.position_mask,
         reduction=inputs.reduction,
         num_valid=inputs.num_valid,
         xp=xp,
         matmul_dtype=matmul_dtype,
     )
-    dtype = rows.weights.dtype
     n_rows, vocab_size = rows.p.shape
+    hidden_size = rows.hidden.shape[1]
+    dtype = rows.weights.dtype
     chunk = inputs.chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
     wants_grads = hidden_grad or weight_grad or bias_grad
-    add = add or _generic_add(xp)
+    add = add or functools.partial(add_product, xp=xp)
     logits = logits or functools.partial(chunk_logits, xp=xp)
+    fresh = fresh or _unchanged
+    loop = _chunks.loop_for(xp)
     row_scale = rows.row_scale
-    sums = _zero_sums(rows, hidden_grad, weight_grad, bias_grad, xp=xp)
-    weighted, saved = [], []
-    for block in _core.row_blocks(n_rows, chunk):
-        h = rows.hidden[block, ...]
-        z = logits(h, rows.weight, rows.bias)
-        piece = _core.Rows(z, rows.p[block, ...], rows.weights[block], rows.inv_den)
+
+    def vector() -> Array:
+        return fresh(xp.zeros((n_rows,), dtype=dtype, device=array_api_compat.device(rows.p)))
+
+    state = _ForwardState(
+        vector(),
+        _core.SavedRows(vector(), vector(), vector()),
+        _zero_sums(rows, hidden_grad, weight_grad, bias_grad, fresh=fresh, xp=xp)
+        if wants_grads
+        else None,
+    )
+
+    def step(start: Any, size: int, state: _ForwardState) -> _ForwardState:
+        weights = loop.get(rows.weights, (start,), (size,))
+        hidden = _live_rows(loop.get(rows.hidden, (start, 0), (size, hidden_size)), weights, xp=xp)
+        piece = _core.Rows(
+            logits(hidden, rows.weight, rows.bias),
+            loop.get(rows.p, (start, 0), (size, vocab_size)),
+            weights,
+            rows.inv_den,
+        )
         results = row_routine(piece, with_logits_grad=wants_grads)
-        del z, piece  # the chunk's logits are no longer needed
-        weighted.append(results.weighted)
-        saved.append(results.saved)
-        if wants_grads:
-            sums = _add_chunk(sums, block, results.logits_grad, h, rows, row_scale, add=add, xp=xp)
-        del results
+        del piece  # the chunk's logits are no longer needed
+        grads = state.grads
+        if grads is not None:
+            scale = loop.get(row_scale, (start,), (size,))
+            grads = _add_chunk(grads, start, results.logits_grad, hidden, rows, scale, loop, add)
+        return _ForwardState(
+            loop.put(state.weighted, (start,), results.weighted),
+            _core.SavedRows(
+                *(
+                    loop.put(total, (start,), part)
+                    for total, part in zip(state.saved, results.saved, strict=True)
+                )
+            ),
+            grads,
+        )
+
+    state = _chunks.over_chunks(n_rows, chunk, step, state, loop)
     loss = _core.reduce_loss(
-        _concat(weighted, rows.weights, xp=xp),
-        # reduce_loss reads only the denominator of the rows.
-        _core.Rows(rows.hidden, rows.p, rows.weights, rows.inv_den),
+        state.weighted,
+        rows.inv_den,
         reduction=inputs.reduction,
         batch_shape=inputs.hidden.shape[:-1],
         xp=xp,
     )
-    grads = _finish_gradients(*inputs[:3], sums, xp=xp) if wants_grads else None
-    saved_rows = _core.SavedRows(
-        *(_concat([s[i] for s in saved], rows.weights, xp=xp) for i in range(3))
-    )
-    return LinearForwardResult(loss, grads, saved_rows, row_scale)
+    grads = None
+    if state.grads is not None:
+        grads = _finish_gradients(inputs.hidden, inputs.weight, inputs.bias, state.grads, xp=xp)
+    return LinearForwardResult(loss, grads, state.saved, row_scale)
 
 
-def backward(
+def chunked_gradient_pass(
     hidden: Array,
     weight: Array,
     bias: Array | None,
@@ -339,22 +370,23 @@ def backward(
     logits: ChunkLogits | None = None,
     logits_copies: int = 2,
     matmul_dtype: Any = None,
+    fresh: Fresh | None = None,
 ) -> tuple[LinearGradients | None, Array | None]:
     """Recompute the logits chunk by chunk and return the gradients asked for.
 
-    ``saved`` and ``row_scale`` come from :func:`forward`; ``row_scale`` is already multiplied by
-    the upstream gradient (per row for ``"none"``). ``logits``, ``logits_copies`` and
-    ``matmul_dtype`` must be those of the forward pass, which then gets the same chunks and the
-    same logits, to the last bit (the saved statistics are theirs). Returns the
-    :class:`LinearGradients` (None in a field not asked for; None altogether if none of the
-    three is) and the gradient to ``target_probs`` in its dtype and shape (None if not asked
-    for).
+    ``saved`` and ``row_scale`` come from :func:`chunked_loss_pass`; ``row_scale`` is already
+    multiplied by the upstream gradient (per row for ``"none"``). ``logits``, ``logits_copies`` and
+    ``matmul_dtype`` must be those of the forward pass, which then gets the same chunks and the same
+    logits, to the last bit (the saved statistics are theirs); ``fresh`` is as in
+    :func:`chunked_loss_pass`. Returns the :class:`~softce_multi._types.LinearGradients` (None in a
+    field not asked for; None altogether if none of the three is) and the gradient to
+    ``target_probs`` in its dtype and shape (None if not asked for).
     """
     wants_grads = hidden_grad or weight_grad or bias_grad
-    add = add or _generic_add(xp)
+    add = add or functools.partial(add_product, xp=xp)
     logits = logits or functools.partial(chunk_logits, xp=xp)
-    n_rows = math.prod(hidden.shape[:-1])
-    vocab_size = weight.shape[0]
+    fresh = fresh or _unchanged
+    loop = _chunks.loop_for(xp)
     # The row scale as the weights of "sum", whose denominator is 1.
     rows = as_linear_rows(
         hidden,
@@ -367,55 +399,100 @@ def backward(
         xp=xp,
         matmul_dtype=matmul_dtype,
     )
+    n_rows, vocab_size = rows.p.shape
+    hidden_size = rows.hidden.shape[1]
     dtype = row_scale.dtype
     chunk = chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
-    sums = _zero_sums(rows, hidden_grad, weight_grad, bias_grad, xp=xp)
-    grad_targets = _empty(rows.p, xp=xp) if targets_grad else None
-    for block in _core.row_blocks(n_rows, chunk):
-        h = rows.hidden[block, ...]
-        z = logits(h, rows.weight, rows.bias)
-        block_rows = _core.BackwardRows(
-            z, rows.p[block, ...], _core.SavedRows(*(s[block] for s in saved)), row_scale[block]
+    state = _BackwardState(
+        _zero_sums(rows, hidden_grad, weight_grad, bias_grad, fresh=fresh, xp=xp)
+        if wants_grads
+        else None,
+        fresh(_empty(rows.p, xp=xp)) if targets_grad else None,
+    )
+
+    def step(start: Any, size: int, state: _BackwardState) -> _BackwardState:
+        scale = loop.get(row_scale, (start,), (size,))
+        hidden = _live_rows(loop.get(rows.hidden, (start, 0), (size, hidden_size)), scale, xp=xp)
+        block = _core.BackwardRows(
+            logits(hidden, rows.weight, rows.bias),
+            loop.get(rows.p, (start, 0), (size, vocab_size)),
+            _core.SavedRows(*(loop.get(field, (start,), (size,)) for field in saved)),
+            scale,
         )
-        grad_z, grad_p = gradient_routine(
-            block_rows,
-            logits_grad=wants_grads,
-            targets_grad=targets_grad,
-        )
-        del z, block_rows
+        grad_z, grad_p = gradient_routine(block, logits_grad=wants_grads, targets_grad=targets_grad)
+        del block
+        grads, grad_targets = state
         if grad_targets is not None:
-            grad_targets = xpx.at(grad_targets, (block, ...)).set(cast(Array, grad_p), xp=xp)
-        if wants_grads:
-            sums = _add_chunk(sums, block, grad_z, h, rows, row_scale, add=add, xp=xp)
-        del grad_z, grad_p
-    grads = _finish_gradients(hidden, weight, bias, sums, xp=xp) if wants_grads else None
+            grad_targets = loop.put(grad_targets, (start, 0), cast(Array, grad_p))
+        if grads is not None:
+            grads = _add_chunk(grads, start, grad_z, hidden, rows, scale, loop, add)
+        return _BackwardState(grads, grad_targets)
+
+    state = _chunks.over_chunks(n_rows, chunk, step, state, loop)
+    grads = None
+    if state.grads is not None:
+        grads = _finish_gradients(hidden, weight, bias, state.grads, xp=xp)
+    grad_targets = state.grad_targets
     if grad_targets is not None:
         grad_targets = xp.reshape(grad_targets, target_probs.shape)
     return grads, grad_targets
 
 
-def _generic_add(xp: Namespace) -> AddProduct:
-    def add(total: Array, a: Array, b: Array) -> Array:
-        return add_product(total, a, b, xp=xp)
+#: ``fresh(accumulator)``: an accumulator (zeros, or an empty array) made ready for the chunk
+#: loop, before the first chunk. The identity, unless the loop's carry must be typed as varying
+#: over mesh axes (the vocabulary-parallel loss inside ``shard_map``).
+Fresh = Callable[[Array], Array]
 
-    return add
+
+def _unchanged(x: Array) -> Array:
+    return x
+
+
+class _ForwardState(NamedTuple):
+    """What the chunks of :func:`chunked_loss_pass` accumulate."""
+
+    weighted: Array
+    saved: _core.SavedRows
+    grads: LinearGradients | None
+
+
+class _BackwardState(NamedTuple):
+    """What the chunks of :func:`chunked_gradient_pass` accumulate."""
+
+    grads: LinearGradients | None
+    grad_targets: Array | None
+
+
+def _live_rows(hidden: Array, scale: Array, *, xp: Namespace) -> Array:
+    """The chunk's hidden rows, zeros in the rows whose ``scale`` (weight) is 0.
+
+    Padding may hold NaN or inf: with zeros in, its logits and every derivative through them
+    are finite, and the row routines give the row exactly 0.
+    """
+    return xp.where(scale[:, None] != 0, hidden, xp.zeros((), dtype=hidden.dtype))
 
 
 def _zero_sums(
-    rows: LinearRows, hidden_grad: bool, weight_grad: bool, bias_grad: bool, *, xp: Namespace
+    rows: LinearRows,
+    hidden_grad: bool,
+    weight_grad: bool,
+    bias_grad: bool,
+    *,
+    fresh: Fresh,
+    xp: Namespace,
 ) -> LinearGradients:
     """The running sums of the gradients asked for, before the first chunk.
 
-    The hidden gradient is an uninitialised ``[N, H]`` array in the dtype of ``hidden`` (each
-    chunk writes its rows); the weight and bias gradients are zeros in the computation dtype.
+    The hidden gradient is an ``[N, H]`` array in the dtype of ``hidden`` (each chunk writes its
+    rows); the weight and bias gradients are zeros in the computation dtype.
     """
     dtype = rows.weights.dtype
     device = array_api_compat.device(rows.weight)
     return LinearGradients(
-        _empty(rows.hidden, xp=xp) if hidden_grad else None,
-        xp.zeros(rows.weight.shape, dtype=dtype, device=device) if weight_grad else None,
+        fresh(_empty(rows.hidden, xp=xp)) if hidden_grad else None,
+        fresh(xp.zeros(rows.weight.shape, dtype=dtype, device=device)) if weight_grad else None,
         (
-            xp.zeros((rows.weight.shape[0],), dtype=dtype, device=device)
+            fresh(xp.zeros((rows.weight.shape[0],), dtype=dtype, device=device))
             if bias_grad and rows.bias is not None
             else None
         ),
@@ -424,41 +501,33 @@ def _zero_sums(
 
 def _add_chunk(
     sums: LinearGradients,
-    block: slice,
+    start: Any,
     grad_logits: Array | None,
     hidden_rows: Array,
     rows: LinearRows,
-    row_scale: Array,
-    *,
+    scale: Array,
+    loop: _chunks.Loop,
     add: AddProduct,
-    xp: Namespace,
 ) -> LinearGradients:
-    """``sums`` with the parts of the rows ``block`` added (see :func:`chunk_gradients`)."""
+    """``sums`` with the parts of the chunk at ``start`` added (see :func:`chunk_gradients`)."""
     parts = chunk_gradients(
         grad_logits,
         hidden_rows,
         rows.weight,
-        row_scale[block] != 0,
+        scale != 0,
         sums.weight,
         sums.bias,
         add=add,
-        xp=xp,
+        xp=array_api_compat.array_namespace(hidden_rows),
     )
     grad_hidden = sums.hidden
     if grad_hidden is not None:
-        grad_hidden = xpx.at(grad_hidden, (block, ...)).set(parts.hidden, xp=xp)
+        grad_hidden = loop.put(grad_hidden, (start, 0), parts.hidden)
     return LinearGradients(grad_hidden, parts.weight, parts.bias)
 
 
 def _empty(x: Array, *, xp: Namespace) -> Array:
     return xp.empty(x.shape, dtype=x.dtype, device=array_api_compat.device(x))
-
-
-def _concat(parts: list[Array], like: Array, *, xp: Namespace) -> Array:
-    """The ``[N]`` vectors of the chunks as one; ``[0]`` of the dtype and device of ``like``."""
-    if not parts:
-        return xp.zeros((0,), dtype=like.dtype, device=array_api_compat.device(like))
-    return parts[0] if len(parts) == 1 else xp.concat(parts, axis=0)
 
 
 def _finish_gradients(

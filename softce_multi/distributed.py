@@ -432,8 +432,7 @@ def _mask_total(position_mask: Array, *, xp: Namespace) -> Array:
     """The sum of a mask, exactly for bool and integer masks, in float32 or wider otherwise."""
     if not xp.isdtype(position_mask.dtype, "real floating"):
         return xp.sum(position_mask)
-    dtype = xp.float64 if position_mask.dtype == xp.float64 else xp.float32
-    return xp.sum(position_mask, dtype=dtype)
+    return xp.sum(position_mask, dtype=_core.compute_dtype(position_mask, xp=xp))
 
 
 # --------------------------------------------------------------------------------------------
@@ -459,6 +458,28 @@ def _global_forward(
     :class:`softce_multi._core.Rows`. ``max_over_shards`` and ``sum_over_shards`` all-reduce an
     array over the ranks that share the vocabulary.
     """
+    results = _global_rows(
+        local, weights, max_over_shards=max_over_shards, sum_over_shards=sum_over_shards, xp=xp
+    )
+    loss = _core.reduce_loss(
+        results.weighted, inv_den, reduction=reduction, batch_shape=batch_shape, xp=xp
+    )
+    return _core.ForwardResult(loss, None, results.saved, weights * inv_den)
+
+
+def _global_rows(
+    local: _core.RowStatistics,
+    weights: Array,
+    *,
+    max_over_shards: Callable[[Array], Array],
+    sum_over_shards: Callable[[Array], Array],
+    xp: Namespace,
+) -> _core.RowResults:
+    """The weighted losses and saved statistics of rows whose vocabulary is split over shards.
+
+    ``local`` holds the row statistics of this rank's slice of the vocabulary; the result is
+    the same on every rank, without a logits gradient.
+    """
     valid = weights != 0
     # Padding enters the collectives as the statistics of a row with nothing in it: its NaN
     # and inf stay out of every reduction (and out of NaN checks such as TORCH_NCCL_NAN_CHECK).
@@ -471,15 +492,12 @@ def _global_forward(
     sums = sum_over_shards(xp.stack([shifted.sum_exp, shifted.target_sum, shifted.target_dot]))
     total = _core.RowStatistics(shift, sums[0, ...], sums[1, ...], sums[2, ...])
     weighted = xp.where(valid, weights * _core.row_losses(total, xp=xp), 0.0)
-    # reduce_loss reads only the denominator of the rows.
-    rows = _core.Rows(None, None, weights, inv_den)
-    loss = _core.reduce_loss(weighted, rows, reduction=reduction, batch_shape=batch_shape, xp=xp)
     saved = _core.SavedRows(
         xp.where(valid, total.row_max, 0.0),
         xp.where(valid, xp.log(total.sum_exp), 0.0),
         xp.where(valid, total.target_sum, 0.0),
     )
-    return _core.ForwardResult(loss, None, saved, rows.row_scale)
+    return _core.RowResults(weighted, saved, None)
 
 
 def _local_statistics(
@@ -602,8 +620,8 @@ def _torch_vocab_parallel_function() -> Any:
         @torch_adapter.differentiable_once
         def backward(ctx: Any, grad_loss: torch.Tensor) -> tuple[Any, ...]:
             logits_shard, target_probs_shard, row_scale, *saved = ctx.saved_tensors
-            upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
-            grad_logits, grad_targets = _core.backward(
+            upstream = _core.upstream_per_row(grad_loss, ctx.reduction, xp=torch)
+            grad_logits, grad_targets = _core.gradient_pass(
                 logits_shard,
                 target_probs_shard,
                 _core.SavedRows(*saved),
@@ -694,9 +712,9 @@ def _torch_vocab_parallel_linear_function() -> Any:
             hidden, weight_shard, bias_shard, target_probs_shard, row_scale, *saved = (
                 ctx.saved_tensors
             )
-            upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
+            upstream = _core.upstream_per_row(grad_loss, ctx.reduction, xp=torch)
             wants = ctx.needs_input_grad[:4]
-            grads, grad_targets = _linear.backward(
+            grads, grad_targets = _linear.chunked_gradient_pass(
                 hidden,
                 weight_shard,
                 bias_shard,
@@ -744,7 +762,7 @@ class _InputDescription(NamedTuple):
     def as_ints(self) -> list[int]:
         """The description as :data:`_DESCRIPTION_FIELDS`, then the leading dimensions."""
         present = [array for array in self.arrays if array is not None]
-        dtype = _linear.compute_dtype(*present, xp=array_api_compat.array_namespace(*present))
+        dtype = _core.compute_dtype(*present, xp=array_api_compat.array_namespace(*present))
         dims = [*self.positions[:_AGREED_DIMS], *[-1] * (_AGREED_DIMS - len(self.positions))]
         num_valid_kind = 0 if self.num_valid is None else 2 if is_array(self.num_valid) else 1
         return [
@@ -915,9 +933,9 @@ def _jax_vocab_parallel_vjp() -> Any:
 
     def loss_bwd(reduction: str, axis_name: Any, residuals: Any, grad_loss: Any) -> Any:
         logits, targets, saved, row_scale, weights, count = residuals
-        upstream = jnp.reshape(grad_loss, (-1,)) if reduction == "none" else grad_loss
+        upstream = _core.upstream_per_row(grad_loss, reduction, xp=jnp)
         grads = [
-            _core.backward(
+            _core.gradient_pass(
                 logits,
                 targets,
                 saved,
@@ -954,7 +972,7 @@ def _jax_vocab_parallel_linear_loss(
 
     from softce_multi._adapters import jax as jax_adapter
 
-    dtype = _linear.compute_dtype(hidden, weight_shard, bias_shard, target_probs_shard, xp=jnp)
+    dtype = _core.compute_dtype(hidden, weight_shard, bias_shard, target_probs_shard, xp=jnp)
     weights, count = _jax_constants(position_mask, num_valid, dtype)
     arrays = jax_adapter.LinearArrays(
         hidden, weight_shard, bias_shard, target_probs_shard, weights, count
@@ -969,9 +987,12 @@ def _jax_vocab_parallel_linear_loss(
 def _jax_vocab_parallel_linear_vjp() -> Any:
     """The ``jax.custom_vjp`` of the JAX vocabulary-parallel linear loss (made on first use).
 
-    The forward pass maps the chunks of rows to their local statistics with ``lax.map``; the
-    backward pass recomputes the chunks' logits in a ``lax.scan`` and makes the gradients from
-    the global statistics, then ``psum``s the hidden gradient.
+    Both passes are the driver of :mod:`softce_multi._linear` (a ``lax.scan`` over chunks of
+    rows) with two hooks: the forward pass's row routine all-reduces each chunk's row
+    statistics over the vocabulary axis, and the accumulators are typed as varying over the
+    mesh axes the inputs vary over, as ``shard_map`` requires of a scan's carry. The backward
+    pass recomputes the chunks' logits, makes the gradients from the global statistics with the
+    JAX adapter's gradient routine, then ``psum``s the hidden gradient.
     """
     import jax
     import jax.numpy as jnp
@@ -979,134 +1000,72 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
     from softce_multi._adapters import jax as jax_adapter
     from softce_multi.kernels.xla import widened
 
-    def local_statistics(rows: _linear.LinearRows, chunk: int) -> _core.RowStatistics:
-        n_rows, dtype = rows.weights.shape[0], rows.weights.dtype
-        if n_rows == 0:
-            empty = jnp.zeros((0,), dtype)
-            return _core.RowStatistics(empty, empty, empty, empty)
-        n_chunks = -(-n_rows // chunk)
-        # Every chunk has ``chunk`` rows: the last one starts at N - chunk.
-        starts = jnp.minimum(jnp.arange(n_chunks) * chunk, n_rows - chunk)
+    def varying_over(*arrays: Any) -> Callable[[Any], Any]:
+        """The ``fresh`` hook: an accumulator made to vary over the axes ``arrays`` vary over."""
+        axes = frozenset().union(*(_varying_axes(x) for x in arrays if x is not None))
 
-        def chunk_statistics(start: Any) -> _core.RowStatistics:
-            hidden = jax.lax.dynamic_slice_in_dim(rows.hidden, start, chunk)
-            logits = _linear.chunk_logits(hidden, rows.weight, rows.bias, xp=jnp)
-            targets = jax.lax.dynamic_slice_in_dim(rows.p, start, chunk)
+        def fresh(zeros: Any) -> Any:
+            missing = tuple(axes - _varying_axes(zeros))
+            return jax.lax.pcast(zeros, missing, to="varying") if missing else zeros
+
+        return fresh
+
+    def global_row_routine(axis_name: Any) -> _core.RowRoutine:
+        def routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
+            dtype = rows.weights.dtype
             # The statistics of the logits as the backward pass gets them: rounded to their
             # dtype (which XLA would otherwise skip, see kernels.xla.widened).
-            return _core.row_statistics(widened(logits, dtype), jnp.astype(targets, dtype), xp=jnp)
-
-        stacked = jax.lax.map(chunk_statistics, starts)
-        # The last chunk's rows that no earlier chunk covered.
-        overlap = (n_chunks - 1) * chunk - (n_rows - chunk)
-        return _core.RowStatistics(
-            *(
-                jnp.concatenate([jnp.reshape(field[:-1], (-1,)), field[-1, overlap:]])
-                for field in stacked
+            local = _core.row_statistics(widened(rows.z, dtype), jnp.astype(rows.p, dtype), xp=jnp)
+            return _global_rows(
+                local,
+                rows.weights,
+                max_over_shards=functools.partial(jax.lax.pmax, axis_name=axis_name),
+                sum_over_shards=functools.partial(jax.lax.psum, axis_name=axis_name),
+                xp=jnp,
             )
+
+        return routine
+
+    def forward(
+        arrays: jax_adapter.LinearArrays, reduction: str, axis_name: Any, chunk: int
+    ) -> _linear.LinearForwardResult:
+        hidden, weight, bias, targets, weights, count = arrays
+        inputs = LinearLossInputs(hidden, weight, bias, targets, weights, reduction, count, chunk)
+        return _linear.chunked_loss_pass(
+            inputs,
+            hidden_grad=False,
+            weight_grad=False,
+            bias_grad=False,
+            row_routine=global_row_routine(axis_name),
+            xp=jnp,
+            # The rows' results are the same on every shard of the vocabulary.
+            fresh=varying_over(hidden, weights),
         )
 
     def backward(
-        hidden: Any,
-        weight: Any,
-        bias: Any,
-        targets: Any,
+        arrays: jax_adapter.LinearArrays,
         saved: _core.SavedRows,
         row_scale: Any,
         chunk: int,
         *,
         targets_grad: bool,
-    ) -> Any:
-        """The gradients to hidden, weight and bias, or to the targets, by a ``lax.scan``.
-
-        The chunks' logits are recomputed and turned into gradients by the gradient routine
-        of the JAX adapter, from the global statistics ``saved``; ``row_scale`` includes the
-        upstream gradient. The scan's accumulators vary over the mesh axes their inputs vary
-        over, as ``shard_map`` requires of a carry.
-        """
-        n_rows, dtype = row_scale.shape[0], row_scale.dtype
-        rows = _linear.as_linear_rows(
-            hidden, weight, bias, targets, row_scale, reduction="sum", num_valid=None, xp=jnp
-        )
-        arrays = [hidden, weight, bias, targets, *saved, row_scale]
-        axes = frozenset().union(*(_varying_axes(x) for x in arrays if x is not None))
-
-        def varying(zeros: Any) -> Any:
-            missing = tuple(axes - _varying_axes(zeros))
-            return jax.lax.pcast(zeros, missing, to="varying") if missing else zeros
-
-        if targets_grad:
-            carry: Any = varying(jnp.zeros_like(rows.p))
-        else:
-            bias_total = None if bias is None else varying(jnp.zeros(bias.shape, dtype))
-            weight_total = varying(jnp.zeros(weight.shape, dtype))
-            carry = (varying(jnp.zeros_like(rows.hidden)), weight_total, bias_total)
-
-        def rows_at(x: Any, start: Any) -> Any:
-            return jax.lax.dynamic_slice_in_dim(x, start, chunk)
-
-        def step(carry: Any, index: Any) -> tuple[Any, None]:
-            first = index * chunk
-            # Every chunk has ``chunk`` rows: the last one starts at N - chunk, and only its
-            # rows that no earlier chunk covered add to the weight and bias gradients.
-            start = jnp.minimum(first, n_rows - chunk)
-            hidden_rows, scale = rows_at(rows.hidden, start), rows_at(row_scale, start)
-            chunk_rows = _core.BackwardRows(
-                _linear.chunk_logits(hidden_rows, rows.weight, rows.bias, xp=jnp),
-                rows_at(rows.p, start),
-                _core.SavedRows(*(rows_at(x, start) for x in saved)),
-                scale,
-            )
-            grad_logits, grad_targets = jax_adapter.gradient_routine(
-                chunk_rows,
-                logits_grad=not targets_grad,
-                targets_grad=targets_grad,
-            )
-            if targets_grad:
-                assert grad_targets is not None  # asked for
-                return jax.lax.dynamic_update_slice_in_dim(carry, grad_targets, start, 0), None
-            live = scale != 0
-            parts = _linear.chunk_gradients(
-                grad_logits,
-                hidden_rows,
-                rows.weight,
-                live,
-                carry[1],
-                carry[2],
-                add=functools.partial(_linear.add_product, xp=jnp),
-                xp=jnp,
-                counted=live & (start + jnp.arange(chunk) >= first),
-            )
-            grad_hidden = jax.lax.dynamic_update_slice_in_dim(carry[0], parts.hidden, start, 0)
-            return (grad_hidden, parts.weight, parts.bias), None
-
-        if n_rows > 0:
-            carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
-        if targets_grad:
-            return jnp.reshape(carry, targets.shape)
-        grad_hidden, weight_total, bias_total = carry
-        return (
-            jnp.reshape(grad_hidden, hidden.shape),
-            jnp.astype(weight_total, weight.dtype),
-            None if bias is None else jnp.astype(bias_total, bias.dtype),
-        )
-
-    def forward(
-        arrays: jax_adapter.LinearArrays, reduction: str, axis_name: Any, chunk: int
-    ) -> _core.ForwardResult:
-        hidden, weight, bias, targets, weights, count = arrays
-        rows = _linear.as_linear_rows(
-            hidden, weight, bias, targets, weights, reduction=reduction, num_valid=count, xp=jnp
-        )
-        return _global_forward(
-            local_statistics(rows, chunk),
-            rows.weights,
-            rows.inv_den,
-            reduction=reduction,
-            batch_shape=tuple(hidden.shape[:-1]),
-            max_over_shards=functools.partial(jax.lax.pmax, axis_name=axis_name),
-            sum_over_shards=functools.partial(jax.lax.psum, axis_name=axis_name),
+    ) -> tuple[_linear.LinearGradients | None, Any]:
+        hidden, weight, bias, targets, _, _ = arrays
+        return _linear.chunked_gradient_pass(
+            hidden,
+            weight,
+            bias,
+            targets,
+            saved,
+            row_scale,
+            hidden_grad=not targets_grad,
+            weight_grad=not targets_grad,
+            bias_grad=not targets_grad,
+            targets_grad=targets_grad,
+            chunk_rows=chunk,
+            gradient_routine=jax_adapter.gradient_routine,
             xp=jnp,
+            fresh=varying_over(hidden, weight, bias, targets, *saved, row_scale),
         )
 
     @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
@@ -1122,18 +1081,19 @@ def _jax_vocab_parallel_linear_vjp() -> Any:
     def loss_bwd(reduction: str, axis_name: Any, chunk: int, residuals: Any, grad_loss: Any) -> Any:
         arrays, saved, row_scale = residuals
         hidden, weight, bias, targets, weights, count = arrays
-        upstream = jnp.reshape(grad_loss, (-1,)) if reduction == "none" else grad_loss
-        arguments = (hidden, weight, bias, targets, saved, row_scale * upstream, chunk)
+        upstream = _core.upstream_per_row(grad_loss, reduction, xp=jnp)
+        row_scale = row_scale * upstream
         # One computation per result, so that jit drops the targets' gradient if unused.
-        grad_hidden, grad_weight, grad_bias = backward(*arguments, targets_grad=False)
-        grad_targets = backward(*arguments, targets_grad=True)
+        grads, _ = backward(arrays, saved, row_scale, chunk, targets_grad=False)
+        _, grad_targets = backward(arrays, saved, row_scale, chunk, targets_grad=True)
+        assert grads is not None  # asked for
         # Each device's part of the hidden gradient covers its slice of the vocabulary.
-        grad_hidden = jax.lax.psum(grad_hidden, axis_name)
+        grad_hidden = jax.lax.psum(grads.hidden, axis_name)
         zero_count = None if count is None else jnp.zeros_like(count)
         cotangents = jax_adapter.LinearArrays(
             _like_primal(grad_hidden, hidden),
-            _like_primal(grad_weight, weight),
-            None if bias is None else _like_primal(grad_bias, bias),
+            _like_primal(grads.weight, weight),
+            None if bias is None else _like_primal(grads.bias, bias),
             _like_primal(grad_targets, targets),
             jnp.zeros_like(weights),
             zero_count,

@@ -28,6 +28,7 @@ from typing import Any, NamedTuple
 import array_api_compat
 import array_api_extra as xpx
 
+from softce_multi import _chunks
 from softce_multi._core import compute_dtype
 from softce_multi._types import Array, LossInputs, Namespace
 from softce_multi._validate import (
@@ -348,7 +349,7 @@ def prepare_targets(
     size, wrong_size = _draft_vocab_size(t2d, draft_vocab_size, xp=xp)
 
     logits = _constant(target_logits, xp=xp)
-    dtype = xp.float64 if logits.dtype == xp.float64 else xp.float32
+    dtype = compute_dtype(logits, xp=xp)
     draft_logits = xp.astype(xp.take(logits, _draft_token_ids(t2d, size, xp=xp), axis=-1), dtype)
     target_probs = _softmax(draft_logits, wrong_size, xp=xp)
 
@@ -502,63 +503,6 @@ class _ChunkSizes(NamedTuple):
     vocab: int
 
 
-class _Loops(NamedTuple):
-    """How a backend loops over chunks: eagerly in Python, or with ``jax.lax`` under tracing."""
-
-    fold: Callable[[int, Callable[[Any, Any], Any], Any], Any]
-    """``fold(count, body, carry)``: ``carry = body(i, carry)`` for ``i`` in ``range(count)``."""
-    get: Callable[[Array, tuple[Any, ...], tuple[int, ...]], Array]
-    """``get(x, starts, sizes)``: the block of ``x`` at ``starts`` (possibly traced)."""
-    put: Callable[[Array, tuple[Any, ...], Array], Array]
-    """``put(out, starts, value)``: ``out`` with the block at ``starts`` set to ``value``."""
-
-
-def _eager_fold(count: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
-    for index in range(count):
-        carry = body(index, carry)
-    return carry
-
-
-def _block(starts: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[slice, ...]:
-    return tuple(slice(start, start + size) for start, size in zip(starts, sizes, strict=True))
-
-
-def _eager_put(out: Array, starts: tuple[int, ...], value: Array) -> Array:
-    out[_block(starts, tuple(value.shape))] = value
-    return out
-
-
-_EAGER_LOOPS = _Loops(
-    fold=_eager_fold, get=lambda x, starts, sizes: x[_block(starts, sizes)], put=_eager_put
-)
-
-
-def _jax_loops() -> _Loops:
-    from jax import lax
-
-    return _Loops(
-        fold=lambda count, body, carry: lax.fori_loop(0, count, body, carry),
-        get=lax.dynamic_slice,
-        put=lambda out, starts, value: lax.dynamic_update_slice(out, value, starts),
-    )
-
-
-def _over_chunks(
-    total: int, size: int, step: Callable[[Any, int, Any], Any], carry: Any, loops: _Loops
-) -> Any:
-    """Apply ``step(start, size, carry)`` to ``range(total)`` in chunks of ``size``, in order.
-
-    The full chunks go through ``loops.fold`` (one traced body under JAX); a shorter last chunk
-    gets its own, static, step.
-    """
-    if total == 0:
-        return carry
-    size = min(size, total)  # a chunk beyond the end would be traced even if never run
-    full, rest = divmod(total, size)
-    carry = loops.fold(full, lambda index, state: step(index * size, size, state), carry)
-    return step(full * size, rest, carry) if rest else carry
-
-
 def _targets_by_chunks(
     rows: Array,
     weight: Array,
@@ -576,10 +520,10 @@ def _targets_by_chunks(
     sum, or by NaN where the 0-d bool ``wrong_size`` is True; the argmax comes from a pass over
     the target vocabulary. Every temporary is one ``[chunk.rows, chunk.vocab]`` block.
     """
-    loops = _jax_loops() if array_api_compat.is_jax_namespace(xp) else _EAGER_LOOPS
+    loops = _chunks.loop_for(xp)
     device = array_api_compat.device(rows)
     index_dtype = xpx.default_dtype(xp, "indexing", device=device)
-    dtype = xp.float64 if matmul_dtype == xp.float64 else xp.float32
+    dtype = compute_dtype(rows, weight, xp=xp)
     hidden_size, draft_size = rows.shape[1], draft_ids.shape[0]
 
     def logits(h: Array, w: Array) -> Array:
@@ -602,7 +546,7 @@ def _targets_by_chunks(
         n = h.shape[0]
         lowest = xp.full((n,), -math.inf, dtype=dtype, device=device)
         first = xp.zeros((n,), dtype=index_dtype, device=device)
-        return _over_chunks(weight.shape[0], chunk.vocab, step, (lowest, first), loops)[1]
+        return _chunks.over_chunks(weight.shape[0], chunk.vocab, step, (lowest, first), loops)[1]
 
     def row_step(row: Any, n: int, out: tuple[Array, Array]) -> tuple[Array, Array]:
         h = loops.get(rows, (row, 0), (n, hidden_size))
@@ -622,19 +566,21 @@ def _targets_by_chunks(
             return loops.put(probs, (row, column), block / total[:, None])
 
         lowest = xp.full((n,), -math.inf, dtype=dtype, device=device)
-        probs, draft_max = _over_chunks(
+        probs, draft_max = _chunks.over_chunks(
             draft_size, chunk.vocab, write_logits, (out[0], lowest), loops
         )
         zero = xp.zeros((n,), dtype=dtype, device=device)
-        probs, total = _over_chunks(draft_size, chunk.vocab, exponentiate, (probs, zero), loops)
+        probs, total = _chunks.over_chunks(
+            draft_size, chunk.vocab, exponentiate, (probs, zero), loops
+        )
         total = _nan_where(wrong_size, total, xp=xp)
-        probs = _over_chunks(draft_size, chunk.vocab, normalise, probs, loops)
+        probs = _chunks.over_chunks(draft_size, chunk.vocab, normalise, probs, loops)
         return probs, loops.put(out[1], (row,), top_of(h))
 
     n_rows = rows.shape[0]
     probs = xp.empty((n_rows, draft_size), dtype=dtype, device=device)
     top = xp.empty((n_rows,), dtype=index_dtype, device=device)
-    return _over_chunks(n_rows, chunk.rows, row_step, (probs, top), loops)
+    return _chunks.over_chunks(n_rows, chunk.rows, row_step, (probs, top), loops)
 
 
 @functools.cache

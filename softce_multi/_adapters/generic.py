@@ -30,13 +30,13 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[Array, Array]:
 
 
 def _loss_pass(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardResult:
-    """The core's loss pass (:func:`softce_multi._core.forward`) with the library's routine."""
+    """The core's loss pass (:func:`softce_multi._core.loss_pass`) with the library's routine."""
     logits, target_probs, position_mask, reduction, num_valid = inputs
     xp = array_api_compat.array_namespace(logits)
     # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
     # (under NumPy and array-api-strict) would still warn about computing it.
     with np.errstate(all="ignore"):
-        return _core.forward(
+        return _core.loss_pass(
             logits,
             target_probs,
             position_mask,
@@ -72,11 +72,11 @@ def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Array, LinearGra
 
 
 def _linear_loss_pass(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.LinearForwardResult:
-    """The chunked loss pass (:func:`softce_multi._linear.forward`), with all three gradients
-    when ``with_grads``."""
+    """The chunked loss pass (:func:`softce_multi._linear.chunked_loss_pass`), with all three
+    gradients when ``with_grads``."""
     xp = array_api_compat.array_namespace(inputs.hidden)
     with np.errstate(all="ignore"):  # padding rows of hidden may hold NaN or inf
-        return _linear.forward(
+        return _linear.chunked_loss_pass(
             inputs,
             hidden_grad=with_grads,
             weight_grad=with_grads,

@@ -91,10 +91,10 @@ def _loss(
     count: jax.Array | None,
     reduction: str,
 ) -> jax.Array:
-    return _forward(logits, target_probs, weights, count, reduction, with_logits_grad=False).loss
+    return _loss_pass(logits, target_probs, weights, count, reduction, with_logits_grad=False).loss
 
 
-def _forward(
+def _loss_pass(
     logits: jax.Array,
     target_probs: jax.Array,
     weights: jax.Array,
@@ -104,7 +104,7 @@ def _forward(
     with_logits_grad: bool,
 ) -> _core.ForwardResult:
     """The driver of the core with the per-row work of the platform (Pallas or the core)."""
-    return _core.forward(
+    return _core.loss_pass(
         logits,
         target_probs,
         weights,
@@ -146,7 +146,7 @@ def _loss_fwd(
     count: jax.Array | None,
     reduction: str,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    result = _forward(logits, target_probs, weights, count, reduction, with_logits_grad=False)
+    result = _loss_pass(logits, target_probs, weights, count, reduction, with_logits_grad=False)
     residuals = (logits, target_probs, result.saved, result.row_scale, weights, count)
     return result.loss, residuals
 
@@ -155,10 +155,10 @@ def _loss_bwd(
     reduction: str, residuals: tuple[Any, ...], grad_output: jax.Array
 ) -> tuple[Any, ...]:
     logits, target_probs, saved, row_scale, weights, count = residuals
-    upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
+    upstream = _core.upstream_per_row(grad_output, reduction, xp=jnp)
     row_scale = row_scale * upstream
     # One computation per gradient, so that jit drops the one that is not used.
-    grad_logits, _ = _core.backward(
+    grad_logits, _ = _core.gradient_pass(
         logits,
         target_probs,
         saved,
@@ -168,7 +168,7 @@ def _loss_bwd(
         gradient_routine=gradient_routine,
         xp=jnp,
     )
-    _, grad_targets = _core.backward(
+    _, grad_targets = _core.gradient_pass(
         logits,
         target_probs,
         saved,
@@ -207,7 +207,7 @@ def _per_platform(
 _loss.defvjp(_loss_fwd, _loss_bwd)
 _jitted_loss = jax.jit(_loss, static_argnums=4)
 _jitted_forward_with_grad = jax.jit(
-    functools.partial(_forward, with_logits_grad=True), static_argnums=4
+    functools.partial(_loss_pass, with_logits_grad=True), static_argnums=4
 )
 
 
@@ -249,7 +249,7 @@ def _linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]
     """The arguments of :func:`_linear_loss`: the arrays, the reduction and the rows per chunk
     (``chunk_rows`` or the default, at most the number of rows, at least 1)."""
     hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
-    dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
+    dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
     weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     if chunk_rows is None:
@@ -260,7 +260,7 @@ def _linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def _linear_loss(arrays: LinearArrays, reduction: str, chunk: int) -> jax.Array:
-    return _linear_forward(arrays, reduction, chunk, with_grads=False).loss
+    return _linear_loss_pass(arrays, reduction, chunk, with_grads=False).loss
 
 
 def _linear_loss_fwd(
@@ -272,7 +272,7 @@ def _linear_loss_fwd(
         x.dtype.itemsize >= 4 for x in (arrays.hidden, arrays.weight, arrays.bias) if x is not None
     )
     with_grads = reduction != "none" and scaled_exactly
-    result = _linear_forward(arrays, reduction, chunk, with_grads=with_grads)
+    result = _linear_loss_pass(arrays, reduction, chunk, with_grads=with_grads)
     return result.loss, (arrays, result.saved, result.row_scale, result.grads)
 
 
@@ -281,16 +281,16 @@ def _linear_loss_bwd(
 ) -> tuple[LinearArrays]:
     arrays, saved, row_scale, grads = residuals
     hidden, weight, bias, target_probs, weights, count = arrays
-    upstream = jnp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
+    upstream = _core.upstream_per_row(grad_output, reduction, xp=jnp)
     row_scale = row_scale * upstream
     if grads is None:  # "none" or 16-bit: the gradients come now, the upstream inside
-        grads = _linear_backward(
+        grads = _linear_gradient_pass(
             hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=False
         )
     else:
         grads = jax.tree.map(lambda grad: jnp.astype(grad * grad_output, grad.dtype), grads)
     # A computation of its own, which jit drops when the targets' gradient is not used.
-    grad_targets = _linear_backward(
+    grad_targets = _linear_gradient_pass(
         hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=True
     )
     zero_count = None if count is None else jnp.zeros_like(count)
@@ -305,70 +305,29 @@ _linear_loss.defvjp(_linear_loss_fwd, _linear_loss_bwd)
 _jitted_linear_loss = jax.jit(_linear_loss, static_argnums=(1, 2))
 
 
-def _linear_forward(
+def _linear_loss_pass(
     arrays: LinearArrays, reduction: str, chunk: int, *, with_grads: bool
 ) -> _linear.LinearForwardResult:
-    """The loss, the saved rows and optionally the three gradients, by a ``lax.scan`` over chunks.
-
-    Chunk ``i`` covers rows ``[i * chunk, i * chunk + chunk)``, but the last one starts at
-    ``N - chunk`` so that every chunk has the same shape: it recomputes rows of the chunk before
-    it, with the same values, and only its new rows add to the weight and bias gradients.
-    """
+    """The loss, the saved rows and optionally the three gradients: the driver of
+    :mod:`softce_multi._linear`, a ``lax.scan`` over chunks, with this adapter's row routine."""
     hidden, weight, bias, target_probs, weights, count = arrays
-    rows = _linear.as_linear_rows(
-        hidden, weight, bias, target_probs, weights, reduction=reduction, num_valid=count, xp=jnp
-    )
-    n_rows, dtype = weights.shape[0], weights.dtype
-    row_scale = rows.row_scale
-    vector = jnp.zeros((n_rows,), dtype)
-    carry: dict[str, Any] = {"weighted": vector, "saved": _core.SavedRows(vector, vector, vector)}
-    if with_grads:
-        carry["grads"] = _zero_linear_grads(rows)
-
-    def step(carry: dict[str, Any], index: jax.Array) -> tuple[dict[str, Any], None]:
-        start, counted = _chunk_start(index, n_rows, chunk)
-        weights = _chunk_of(rows.weights, start, chunk)
-        # Padding rows enter as zeros, so that no derivative of any order meets their values.
-        h = xla_kernels.zero_rows(_chunk_of(rows.hidden, start, chunk), weights != 0)
-        piece = _core.Rows(
-            _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
-            _chunk_of(rows.p, start, chunk),
-            weights,
-            rows.inv_den,
-        )
-        result = row_routine(piece, with_logits_grad=with_grads)
-        carry = dict(carry)
-        carry["weighted"] = _put_chunk(carry["weighted"], result.weighted, start)
-        carry["saved"] = jax.tree.map(
-            lambda total, part: _put_chunk(total, part, start), carry["saved"], result.saved
-        )
-        if with_grads:
-            live = _chunk_of(row_scale, start, chunk) != 0
-            carry["grads"] = _add_chunk_gradients(
-                carry["grads"], result.logits_grad, h, rows, live, live & counted, start
-            )
-        return carry, None
-
-    if n_rows > 0:
-        carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
-    loss = _core.reduce_loss(
-        carry["weighted"],
-        # reduce_loss reads only the denominator of the rows.
-        _core.Rows(rows.hidden, rows.p, rows.weights, rows.inv_den),
-        reduction=reduction,
-        batch_shape=hidden.shape[:-1],
+    inputs = LinearLossInputs(hidden, weight, bias, target_probs, weights, reduction, count, chunk)
+    return _linear.chunked_loss_pass(
+        inputs,
+        hidden_grad=with_grads,
+        weight_grad=with_grads,
+        bias_grad=with_grads,
+        row_routine=row_routine,
         xp=jnp,
     )
-    grads = _finish_linear_grads(carry["grads"], hidden, weight, bias) if with_grads else None
-    return _linear.LinearForwardResult(loss, grads, carry["saved"], row_scale)
 
 
 _jitted_linear_forward_with_grads = jax.jit(
-    functools.partial(_linear_forward, with_grads=True), static_argnums=(1, 2)
+    functools.partial(_linear_loss_pass, with_grads=True), static_argnums=(1, 2)
 )
 
 
-def _linear_backward(
+def _linear_gradient_pass(
     hidden: jax.Array,
     weight: jax.Array,
     bias: jax.Array | None,
@@ -379,98 +338,22 @@ def _linear_backward(
     *,
     targets: bool,
 ) -> Any:
-    """The three gradients (``targets=False``) or the targets' gradient, by a ``lax.scan``.
-
-    ``row_scale`` is multiplied by the upstream gradient already. The logits are recomputed
-    chunk by chunk, and the per-row work is the gradient routine's, from the saved statistics.
-    """
-    n_rows = row_scale.shape[0]
-    rows = _linear.as_linear_rows(
-        hidden, weight, bias, target_probs, row_scale, reduction="sum", num_valid=None, xp=jnp
-    )
-    carry: Any = jnp.zeros_like(rows.p) if targets else _zero_linear_grads(rows)
-
-    def step(carry: Any, index: jax.Array) -> tuple[Any, None]:
-        start, counted = _chunk_start(index, n_rows, chunk)
-        scale = _chunk_of(row_scale, start, chunk)
-        h = xla_kernels.zero_rows(_chunk_of(rows.hidden, start, chunk), scale != 0)
-        chunk_rows = _core.BackwardRows(
-            _linear.chunk_logits(h, rows.weight, rows.bias, xp=jnp),
-            _chunk_of(rows.p, start, chunk),
-            jax.tree.map(lambda x: _chunk_of(x, start, chunk), saved),
-            scale,
-        )
-        grad_z, grad_p = gradient_routine(
-            chunk_rows,
-            logits_grad=not targets,
-            targets_grad=targets,
-        )
-        if targets:
-            return _put_chunk(carry, grad_p, start), None
-        live = scale != 0
-        return _add_chunk_gradients(carry, grad_z, h, rows, live, live & counted, start), None
-
-    if n_rows > 0:
-        carry, _ = jax.lax.scan(step, carry, jnp.arange(-(-n_rows // chunk)))
-    if targets:
-        return jnp.reshape(carry, target_probs.shape)
-    return _finish_linear_grads(carry, hidden, weight, bias)
-
-
-def _chunk_start(index: jax.Array, n_rows: int, chunk: int) -> tuple[jax.Array, jax.Array]:
-    """The first row of chunk ``index`` and which of its rows no earlier chunk covered."""
-    first = index * chunk
-    start = jnp.minimum(first, n_rows - chunk)
-    return start, start + jnp.arange(chunk) >= first
-
-
-def _chunk_of(x: jax.Array, start: jax.Array, chunk: int) -> jax.Array:
-    """Rows ``start`` to ``start + chunk`` of ``x`` (16-bit floats sliced as their bits)."""
-    return xla_kernels._rows_at(x, start, chunk)
-
-
-def _put_chunk(total: jax.Array, part: Any, start: jax.Array) -> jax.Array:
-    """``total`` with rows ``start`` onwards replaced by ``part`` (updated in place by XLA)."""
-    return jax.lax.dynamic_update_slice_in_dim(total, jnp.astype(part, total.dtype), start, 0)
-
-
-def _zero_linear_grads(rows: _linear.LinearRows) -> tuple[Any, ...]:
-    """Zero hidden gradient rows (their dtype) and weight and bias totals (computation dtype)."""
-    dtype = rows.weights.dtype
-    bias_total = None if rows.bias is None else jnp.zeros(rows.bias.shape, dtype)
-    return (jnp.zeros_like(rows.hidden), jnp.zeros(rows.weight.shape, dtype), bias_total)
-
-
-def _add_chunk_gradients(
-    grads: tuple[Any, ...],
-    grad_logits: Any,
-    hidden: jax.Array,
-    rows: _linear.LinearRows,
-    live: jax.Array,
-    counted: jax.Array,
-    start: jax.Array,
-) -> tuple[Any, ...]:
-    grad_hidden, weight_total, bias_total = grads
-    parts = _linear.chunk_gradients(
-        grad_logits,
+    """The three gradients (``targets=False``) or the targets' gradient, by the ``lax.scan`` of
+    :func:`softce_multi._linear.chunked_gradient_pass`; ``row_scale`` includes the upstream
+    gradient."""
+    grads, grad_targets = _linear.chunked_gradient_pass(
         hidden,
-        rows.weight,
-        live,
-        weight_total,
-        bias_total,
-        add=functools.partial(_linear.add_product, xp=jnp),
+        weight,
+        bias,
+        target_probs,
+        saved,
+        row_scale,
+        hidden_grad=not targets,
+        weight_grad=not targets,
+        bias_grad=not targets,
+        targets_grad=targets,
+        chunk_rows=chunk,
+        gradient_routine=gradient_routine,
         xp=jnp,
-        counted=counted,
     )
-    return (_put_chunk(grad_hidden, parts.hidden, start), parts.weight, parts.bias)
-
-
-def _finish_linear_grads(
-    grads: tuple[Any, ...], hidden: jax.Array, weight: jax.Array, bias: jax.Array | None
-) -> _linear.LinearGradients:
-    grad_hidden, weight_total, bias_total = grads
-    return _linear.LinearGradients(
-        jnp.reshape(grad_hidden, hidden.shape),
-        jnp.astype(weight_total, weight.dtype),
-        None if bias is None else jnp.astype(bias_total, bias.dtype),
-    )
+    return grad_targets if targets else grads

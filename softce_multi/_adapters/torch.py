@@ -1,9 +1,9 @@
 """PyTorch adapter: custom operators for the per-row work and autograd functions around them.
 
-The core's driver (:func:`softce_multi._core.forward` and :func:`softce_multi._core.backward`)
-lays out the rows and reduces the losses; the per-row work in between runs in custom operators
-(``torch.library``), each with a fake implementation (shapes and dtypes only) and a vmap rule
-(the batch is folded into the rows):
+The core's driver (:func:`softce_multi._core.loss_pass` and
+:func:`softce_multi._core.gradient_pass`) lays out the rows and reduces the losses; the per-row work
+in between runs in custom operators (``torch.library``), each with a fake implementation (shapes and
+dtypes only) and a vmap rule (the batch is folded into the rows):
 
 ``softce_multi::torch_row_routine``, ``softce_multi::torch_gradient_routine``
     :func:`torch.library.custom_op` operators for the CPU (and any device where Triton does not
@@ -89,10 +89,12 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def _loss_pass(inputs: LossInputs, /, *, with_logits_grad: bool) -> _core.ForwardResult:
-    """The core's loss pass (:func:`softce_multi._core.forward`) over torch rows, with the
+    """The core's loss pass (:func:`softce_multi._core.loss_pass`) over torch rows, with the
     per-row work of :func:`~softce_multi._adapters.torch_shared.row_routine`."""
-    return _core.forward(
-        *inputs[:3],
+    return _core.loss_pass(
+        inputs.logits,
+        inputs.target_probs,
+        inputs.position_mask,
         reduction=inputs.reduction,
         num_valid=inputs.num_valid,
         with_logits_grad=with_logits_grad,
@@ -141,7 +143,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         if grad_loss is None:
             return nothing
         logits, target_probs, row_scale, logits_grad, *saved_rows = ctx.saved_tensors
-        upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
+        upstream = _core.upstream_per_row(grad_loss, ctx.reduction, xp=torch)
         wants_logits, wants_targets = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
             grad_z, grad_p = _differentiable_gradients(
@@ -157,7 +159,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         if wants_logits and ctx.has_logits_grad:
             # Never written in place: a second backward (retain_graph) finds it unchanged.
             grad_z = logits_grad if is_one_on_the_cpu(grad_loss) else logits_grad * grad_loss
-        recomputed, grad_p = _core.backward(
+        recomputed, grad_p = _core.gradient_pass(
             logits,
             target_probs,
             _core.SavedRows(*saved_rows),

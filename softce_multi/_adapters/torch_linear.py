@@ -53,7 +53,7 @@ def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
     matmuls run in the autocast dtype (:func:`autocast_dtype`).
     """
     arguments = _operator_arguments(inputs)
-    hidden, weight, bias = inputs[:3]
+    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     matmul_dtype = arguments[-1]
     wanted = (False, False, False)
     if (
@@ -114,12 +114,11 @@ def linear_forward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The chunked pass of the linear loss, as the operator ``softce_multi::linear_forward``.
 
-    :func:`softce_multi._linear.forward` in place where torch allows it: every chunk's logits
-    go into one buffer (:class:`LogitsBuffer`), the row routine of :func:`kernels_for` them
+    :func:`softce_multi._linear.chunked_loss_pass` in place where torch allows it: every chunk's
+    logits go into one buffer (:class:`LogitsBuffer`), the row routine of :func:`kernels_for` them
     writes their gradient over them (``row_routine_over_logits``), so a chunk holds one
-    ``[chunk, V]`` tensor, and the weight gradient is accumulated in place. One opaque
-    operator, so that ``torch.compile`` traces the loss as one call, whatever the number of
-    chunks.
+    ``[chunk, V]`` tensor, and the weight gradient is accumulated in place. One opaque operator, so that
+    ``torch.compile`` traces the loss as one call, whatever the number of chunks.
 
     Parameters
     ----------
@@ -152,7 +151,7 @@ def linear_forward(
         chunk_rows,
     )
     with torch.no_grad(), _explicit_dtypes(hidden):
-        result = _linear.forward(
+        result = _linear.chunked_loss_pass(
             inputs,
             hidden_grad=hidden_grad,
             weight_grad=weight_grad,
@@ -185,7 +184,7 @@ def _(
     weight_grad: bool,
     bias_grad: bool,
 ) -> tuple[Tensor, ...]:
-    dtype = _linear.compute_dtype(hidden, weight, bias, target_probs, xp=torch)
+    dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=torch)
     batch_shape = hidden.shape[:-1]
     loss = hidden.new_empty(batch_shape if reduction == "none" else (), dtype=dtype)
     grads = _empty_linear_gradients(hidden, weight, bias, (hidden_grad, weight_grad, bias_grad))
@@ -212,15 +211,15 @@ def linear_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The chunked backward pass of the linear loss, as ``softce_multi::linear_backward``.
 
-    :func:`softce_multi._linear.backward` with the chunks and logits of :func:`linear_forward`,
-    to the last bit (its saved statistics are theirs), and the logits gradient of each chunk
-    written over its logits (``gradient_routine_over_logits``). ``row_scale`` is
-    ``d loss / d c_row`` times the upstream gradient, which so enters every gradient before its
-    one rounding. Returns the gradients to ``hidden``, ``weight``, ``bias`` and
-    ``target_probs``, ``[0]`` for one not asked for.
+    :func:`softce_multi._linear.chunked_gradient_pass` with the chunks and logits of
+    :func:`linear_forward`, to the last bit (its saved statistics are theirs), and the logits
+    gradient of each chunk written over its logits (``gradient_routine_over_logits``). ``row_scale``
+    is ``d loss / d c_row`` times the upstream gradient, which so enters every gradient before its
+    one rounding. Returns the gradients to ``hidden``, ``weight``, ``bias`` and ``target_probs``,
+    ``[0]`` for one not asked for.
     """
     with torch.no_grad(), _explicit_dtypes(hidden):
-        grads, grad_targets = _linear.backward(
+        grads, grad_targets = _linear.chunked_gradient_pass(
             hidden,
             weight,
             bias,
@@ -349,7 +348,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         hidden, weight, bias, target_probs, row_scale, *rest = ctx.saved_tensors
         made, saved = rest[:3], rest[3:]
         wants = ctx.needs_input_grad[:4]
-        upstream = grad_loss.reshape(-1) if ctx.reduction == "none" else grad_loss
+        upstream = _core.upstream_per_row(grad_loss, ctx.reduction, xp=torch)
         # The gradients made in forward are those of a unit upstream (never of "none").
         scaled = any(ctx.made) and is_one_on_the_cpu(grad_loss)
         grads: list[Tensor | None] = [

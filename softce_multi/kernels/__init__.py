@@ -1,4 +1,4 @@
-"""Optional accelerated kernels, behind the routines of :func:`softce_multi._core.forward`.
+"""Optional accelerated kernels, behind the routines of :func:`softce_multi._core.loss_pass`.
 
 * :mod:`softce_multi.kernels.triton`: Triton kernels for torch tensors on a CUDA device, run as
   the ``torch.library`` operators ``softce_multi::triton_row_routine`` and

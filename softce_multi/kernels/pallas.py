@@ -1,4 +1,4 @@
-"""Pallas kernels for JAX on GPU, behind the routines of :func:`softce_multi._core.forward`.
+"""Pallas kernels for JAX on GPU, behind the routines of :func:`softce_multi._core.loss_pass`.
 
 The kernels follow the algorithm described once in :mod:`softce_multi.kernels` (one program per
 row, chunks of ``block_size`` entries, a forward kernel with an optional second gradient sweep,

@@ -4,10 +4,10 @@ Unchunked, XLA keeps an ``[N, V]`` float32 temporary for the softmax, as large a
 itself. Here the rows are walked in chunks of :func:`chunk_rows`: each chunk is read with
 ``lax.dynamic_slice`` and reduced by the core's two steps. When the chunk divides ``N``,
 ``lax.map`` stacks the chunks' results and the stack is the output. When ``N`` has no divisor
-near the chunk size (a prime ``N``, say), a ``lax.fori_loop`` writes each chunk's results with
-``lax.dynamic_update_slice`` into the loop's outputs, which XLA updates in place; its last
-chunk starts at ``N - chunk`` rather than padding the inputs, so it recomputes a few rows of the
-chunk before it, with the same values. Temporaries are a few chunks either way, whatever ``N``.
+near the chunk size (a prime ``N``, say), the traced loop of :mod:`softce_multi._chunks` writes
+each chunk's results with ``lax.dynamic_update_slice`` into the loop's outputs, which XLA
+updates in place, and gives the shorter last chunk a step of its own. Temporaries are a few
+chunks either way, whatever ``N``.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from softce_multi import _core
+from softce_multi import _chunks, _core
 
 __all__ = ["chunk_rows", "gradient_routine", "row_routine", "widened", "zero_rows"]
 
@@ -43,7 +43,8 @@ def row_routine(
     ``chunk`` is the number of rows per chunk; None for :func:`chunk_rows`.
     """
     chunk = _chunk(rows.z.shape, chunk)
-    n_rows = rows.z.shape[0]
+    n_rows, vocab_size = rows.z.shape
+    loop = _chunks.traced()
     core = _core.blocked_row_routine(None, xp=jnp)
     vector = jax.ShapeDtypeStruct((n_rows,), rows.dtype)
     outputs = [vector, _core.SavedRows(vector, vector, vector)]
@@ -51,12 +52,12 @@ def row_routine(
         outputs.append(jax.ShapeDtypeStruct(rows.z.shape, rows.z.dtype))
 
     def compute(as_bits: bool, rows: _core.Rows) -> list[Any]:
-        def chunk_results(start: Any) -> list[Any]:
-            weights = jax.lax.dynamic_slice_in_dim(rows.weights, start, chunk)
+        def chunk_results(start: Any, size: int) -> list[Any]:
+            weights = loop.get(rows.weights, (start,), (size,))
             live = weights != 0
             piece = _core.Rows(
-                zero_rows(_rows_at(rows.z, start, chunk), live),
-                zero_rows(_rows_at(rows.p, start, chunk), live),
+                zero_rows(loop.get(rows.z, (start, 0), (size, vocab_size)), live),
+                zero_rows(loop.get(rows.p, (start, 0), (size, vocab_size)), live),
                 weights,
                 rows.inv_den,
             )
@@ -83,7 +84,8 @@ def gradient_routine(
     """
     z, p = rows.z, rows.p
     chunk = _chunk(z.shape, chunk)
-    n_rows = z.shape[0]
+    n_rows, vocab_size = z.shape
+    loop = _chunks.traced()
     core = _core.blocked_gradient_routine(None, xp=jnp)
     wanted = (logits_grad, targets_grad)
     outputs = [
@@ -93,15 +95,13 @@ def gradient_routine(
     ]
 
     def compute(as_bits: bool, rows: _core.BackwardRows) -> list[Any]:
-        def chunk_results(start: Any) -> list[Any]:
-            row_scale = jax.lax.dynamic_slice_in_dim(rows.row_scale, start, chunk)
+        def chunk_results(start: Any, size: int) -> list[Any]:
+            row_scale = loop.get(rows.row_scale, (start,), (size,))
             live = row_scale != 0
-            saved = jax.tree.map(
-                lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk), rows.saved
-            )
+            saved = _core.SavedRows(*(loop.get(x, (start,), (size,)) for x in rows.saved))
             piece = _core.BackwardRows(
-                zero_rows(_rows_at(rows.z, start, chunk), live),
-                zero_rows(_rows_at(rows.p, start, chunk), live),
+                zero_rows(loop.get(rows.z, (start, 0), (size, vocab_size)), live),
+                zero_rows(loop.get(rows.p, (start, 0), (size, vocab_size)), live),
                 saved,
                 row_scale,
             )
@@ -154,35 +154,38 @@ def _chunk(shape: tuple[int, ...], chunk: int | None) -> int:
 def _over_chunks(
     chunk_results: Any, outputs: Any, n_rows: int, chunk: int, *, as_bits: bool
 ) -> Any:
-    """The pytree ``outputs`` (shapes, rows first) from ``chunk_results(start)`` of each chunk.
+    """The pytree ``outputs`` (shapes, rows first) from ``chunk_results(start, size)`` of each
+    chunk.
 
     When ``chunk`` divides ``n_rows``, ``lax.map`` stacks the chunks' results, and the stack is
-    the output, reshaped for free; otherwise a ``lax.fori_loop`` writes them into the outputs in
-    place, the last chunk overlapping the one before. With ``as_bits``, 16-bit floats are
-    stacked and written as their bits: XLA's CPU backend computes them in float32, and would
-    convert the whole output to float32 and back to write one chunk into it. JAX differentiates
-    no bitcast, so :func:`_differentiable_as_floats` differentiates the same stacking of floats.
+    the output, reshaped for free; otherwise the loop of :func:`softce_multi._chunks.over_chunks`
+    writes them into the outputs in place. With ``as_bits``, 16-bit floats are stacked and
+    written as their bits: XLA's CPU backend computes them in float32, and would convert the
+    whole output to float32 and back to write one chunk into it. JAX differentiates no bitcast,
+    so :func:`_differentiable_as_floats` differentiates the same stacking of floats.
     """
     encode = _as_bits if as_bits else _unchanged
 
-    def bits_of_chunk(start: Any) -> Any:
-        return jax.tree.map(encode, chunk_results(start))
+    def bits_of_chunk(start: Any, size: int) -> Any:
+        return jax.tree.map(encode, chunk_results(start, size))
 
     if n_rows % chunk == 0:
-        stacked = jax.lax.map(bits_of_chunk, jnp.arange(0, n_rows, chunk))
+        stacked = jax.lax.map(
+            lambda start: bits_of_chunk(start, chunk), jnp.arange(0, n_rows, chunk)
+        )
         bits = jax.tree.map(lambda x, out: jnp.reshape(x, out.shape), stacked, outputs)
     else:
+        loop = _chunks.traced()
 
-        def write_chunk(index: Any, bits: Any) -> Any:
-            start = jnp.minimum(index * chunk, n_rows - chunk)
+        def write_chunk(start: Any, size: int, bits: Any) -> Any:
             return jax.tree.map(
-                lambda out, new: jax.lax.dynamic_update_slice_in_dim(out, new, start, axis=0),
+                lambda out, new: loop.put(out, (start,) + (0,) * (out.ndim - 1), new),
                 bits,
-                bits_of_chunk(start),
+                bits_of_chunk(start, size),
             )
 
         empty = jax.tree.map(lambda out: jnp.zeros(out.shape, encode(out).dtype), outputs)
-        bits = jax.lax.fori_loop(0, -(-n_rows // chunk), write_chunk, empty)
+        bits = _chunks.over_chunks(n_rows, chunk, write_chunk, empty, loop)
     return jax.tree.map(lambda x, out: _from_bits(x, out.dtype), bits, outputs)
 
 
@@ -230,21 +233,3 @@ def _as_bits(x: Any) -> Any:
 
 def _from_bits(x: jax.Array, dtype: Any) -> jax.Array:
     return x if x.dtype == dtype else jax.lax.bitcast_convert_type(x, dtype)
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _rows_at(x: jax.Array, start: Any, chunk: int) -> jax.Array:
-    """Rows ``start`` to ``start + chunk`` of ``x``, as they are stored.
-
-    A 16-bit float array is sliced as its bits, for the reason given in :func:`_over_chunks`:
-    sliced as floats, the whole array would be converted to float32 first. Its derivative is
-    the same slice of the tangent (JAX differentiates no bitcast).
-    """
-    rows = jax.lax.dynamic_slice_in_dim(_as_bits(x), start, chunk, axis=0)
-    return _from_bits(rows, x.dtype)
-
-
-@_rows_at.defjvp
-def _rows_at_derivative(chunk: int, primals: Any, tangents: Any) -> Any:
-    (x, start), (x_tangent, _) = primals, tangents
-    return _rows_at(x, start, chunk), jax.lax.dynamic_slice_in_dim(x_tangent, start, chunk)
