@@ -152,6 +152,7 @@ def torch_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
             run_data_parallel(results, case, dtype, rank, world_size)
             run_vocab_parallel(results, case, dtype, rank, world_size)
             run_vocab_parallel_linear(results, case, dtype, rank, world_size)
+        run_double_backward(results, make_case("float64", dirty=True), rank, world_size)
         case = make_case("float32", dirty=True)
         run_collective_sizes(results, case, rank, world_size)
         run_disagreements(results, case, rank, world_size)
@@ -256,6 +257,47 @@ def run_vocab_parallel_linear(
     results["linear", dtype, "num_valid"] = vocab_parallel_linear_step(
         case, columns, "mean", num_valid
     )
+
+
+#: The reductions of the double-backward scenario ("none" with the case's upstream weights).
+DOUBLE_BACKWARD_REDUCTIONS = ("mean", "none")
+
+
+def penalty_weights(shape: tuple[int, ...]) -> Any:
+    """Fixed weights of the gradient entries in the penalty, the same in every process."""
+    return torch.cos(torch.arange(math.prod(shape), dtype=torch.float64)).reshape(shape)
+
+
+def double_backward(
+    logits: Any, targets: Any, loss: Any, reduction: str, case: dict, weights: Any
+) -> dict[str, Any]:
+    """The gradients of a gradient penalty: the loss's gradients with ``create_graph``, then
+    the backward pass of ``sum(weights * grad_logits**2) + sum(weights * grad_targets)``."""
+    upstream = case["upstream"].to(loss.dtype) if reduction == "none" else None
+    grad_logits, grad_targets = torch.autograd.grad(
+        loss, (logits, targets), grad_outputs=upstream, create_graph=True
+    )
+    ((weights * grad_logits**2).sum() + (weights * grad_targets).sum()).backward()
+    return {
+        "grad_logits": grad_logits.detach(),
+        "grad_targets": grad_targets.detach(),
+        "penalty_logits": logits.grad,
+        "penalty_targets": targets.grad,
+    }
+
+
+def run_double_backward(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """A gradient penalty through the vocabulary-parallel loss, on each rank's columns."""
+    columns = vocab_slice(world_size, rank)
+    weights = penalty_weights(tuple(case["logits"].shape))[..., columns]
+    for reduction in DOUBLE_BACKWARD_REDUCTIONS:
+        logits = leaf(case["logits"][..., columns])
+        targets = leaf(case["targets"][..., columns])
+        loss = distributed.vocab_parallel_masked_soft_cross_entropy(
+            logits, targets, case["mask"], reduction=reduction
+        )
+        step = double_backward(logits, targets, loss, reduction, case, weights)
+        results["double backward", reduction] = step
 
 
 def run_collective_sizes(results: dict, case: dict, rank: int, world_size: int) -> None:
@@ -703,6 +745,33 @@ def test_the_group_works_after_the_errors(world_size):
     expected = reference(make_case("float32", dirty=False))
     for rank in spawned(world_size):
         assert_close(rank["after disagreements"], expected["loss"], "float32")
+
+
+def double_backward_reference(case: dict, reduction: str) -> dict[str, Any]:
+    """The gradient penalty of :func:`run_double_backward` on the whole (clean) vocabulary."""
+    logits, targets = leaf(case["logits"]), leaf(case["targets"])
+    loss = reference_loss(logits, targets, case["mask"], reduction=reduction)
+    weights = penalty_weights(tuple(case["logits"].shape))
+    return double_backward(logits, targets, loss, reduction, case, weights)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("reduction", DOUBLE_BACKWARD_REDUCTIONS)
+def test_vocab_parallel_gradient_penalty_equals_that_of_the_whole_vocabulary(world_size, reduction):
+    """Differentiable twice: the derivatives of each rank's gradients reach every rank's shards
+    through the differentiable all-reduce, and padding (NaN, inf) gets exact zeros."""
+    case = make_case("float64", dirty=False)
+    expected = double_backward_reference(case, reduction)
+    padding = ~torch.as_tensor(case["mask"]).bool()
+
+    for rank, result in enumerate(spawned(world_size)):
+        actual = result["double backward", reduction]
+        index = (..., vocab_slice(world_size, rank))
+        for name in ("grad_logits", "grad_targets", "penalty_logits", "penalty_targets"):
+            assert actual[name].dtype == torch.float64
+            assert torch.isfinite(actual[name]).all()
+            assert (actual[name][padding] == 0).all()
+            assert_close(actual[name], expected[name][index], "float64", scale=expected[name])
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

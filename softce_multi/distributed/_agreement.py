@@ -1,0 +1,145 @@
+"""Rank agreement on the inputs of the torch vocabulary-parallel losses, with its messages.
+
+Before a torch call with ``check_shapes``, every rank describes its validated inputs as
+:data:`DESCRIPTION_SIZE` int64 (:class:`InputDescription`), the ranks all-gather the
+descriptions and read them on the host (:func:`agree_on_inputs`), and inputs that disagree, or
+that one rank refuses, raise on every rank (:func:`disagreement_message` shows each rank's
+values) instead of hanging in collectives of mismatched sizes. torch is imported on first use.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import array_api_compat
+
+from softce_multi import _core
+from softce_multi._types import REDUCTIONS
+from softce_multi._validate import is_array
+
+#: Leading dimensions of the inputs that the shape agreement compares one by one (beyond them,
+#: their number and product are compared).
+AGREED_DIMS = 8
+
+
+class InputDescription(NamedTuple):
+    """What the ranks must agree on, read from one rank's (already validated) inputs."""
+
+    positions: tuple[int, ...]
+    """The shape of the positions (the inputs' leading axes)."""
+    mask_ndim: int
+    """``position_mask.ndim``."""
+    arrays: tuple[Any, ...]
+    """The floating inputs (None for an absent bias), for the computation dtype."""
+    reduction: str
+    num_valid: Any
+    hidden_size: int = 0
+    """``H`` of the linear loss (0 for the loss of logits)."""
+    has_bias: bool = False
+    """Whether the linear loss has a bias."""
+
+    def as_ints(self) -> list[int]:
+        """The description as :data:`DESCRIPTION_FIELDS`, then the leading dimensions."""
+        present = [array for array in self.arrays if array is not None]
+        dtype = _core.compute_dtype(*present, xp=array_api_compat.array_namespace(*present))
+        dims = [*self.positions[:AGREED_DIMS], *[-1] * (AGREED_DIMS - len(self.positions))]
+        num_valid_kind = 0 if self.num_valid is None else 2 if is_array(self.num_valid) else 1
+        return [
+            1,
+            len(self.positions),
+            math.prod(self.positions),
+            self.mask_ndim - len(self.positions),
+            dtype.itemsize * 8,
+            REDUCTIONS.index(self.reduction),
+            num_valid_kind,
+            self.hidden_size,
+            int(self.has_bias),
+            *dims,
+        ]
+
+
+#: The fields of :meth:`InputDescription.as_ints` with how to show them; the leading
+#: dimensions follow.
+DESCRIPTION_FIELDS: tuple[tuple[str, Callable[[int], str]], ...] = (
+    ("valid", str),
+    ("number of position axes", str),
+    ("number of positions", str),
+    ("position_mask trailing axis of size 1", lambda extra: "yes" if extra else "no"),
+    ("computation dtype", lambda bits: f"float{bits}"),
+    ("reduction", lambda index: repr(REDUCTIONS[index])),
+    ("num_valid", lambda kind: ("None", "a number", "an array")[kind]),
+    ("hidden size", str),
+    ("bias", lambda given: "given" if given else "None"),
+)
+
+#: How many int64 each rank sends to the shape agreement.
+DESCRIPTION_SIZE = len(DESCRIPTION_FIELDS) + AGREED_DIMS
+
+
+def agree_on_inputs(
+    validate: Callable[[], None], description: InputDescription, *, device: Any, group: Any
+) -> None:
+    """Validate the inputs on every rank and check that the ranks agree on them.
+
+    One ``all_gather`` of :data:`DESCRIPTION_SIZE` int64 per rank, read on the host. Every
+    rank raises: the rank whose inputs are invalid its own error, the others a ValueError naming
+    it; if the descriptions differ, the same ValueError on every rank, showing each rank's
+    values.
+    """
+    import torch
+    import torch.distributed as dist
+
+    try:
+        validate()
+        local_error = None
+        ints = description.as_ints()
+    except (TypeError, ValueError) as error:
+        local_error = error
+        ints = [0] * DESCRIPTION_SIZE
+    local = torch.tensor(ints, dtype=torch.int64, device=device)
+    gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(gathered, local, group=group)
+    descriptions = [tuple(row) for row in torch.stack(gathered).tolist()]
+    if local_error is not None:
+        raise local_error
+    refused = [rank for rank, row in enumerate(descriptions) if row[0] == 0]
+    if refused:
+        msg = (
+            f"rank(s) {refused} of the group refused their inputs (the error is raised there), "
+            "so no rank computes the vocabulary-parallel loss"
+        )
+        raise ValueError(msg)
+    if len(set(descriptions)) > 1:
+        raise ValueError(disagreement_message(descriptions))
+
+
+def disagreement_message(descriptions: list[tuple[int, ...]]) -> str:
+    """Which inputs differ across the ranks, and each rank's value."""
+    n_fields = len(DESCRIPTION_FIELDS)
+    differences = []
+    for index, (name, show) in enumerate(DESCRIPTION_FIELDS):
+        values = [row[index] for row in descriptions]
+        if len(set(values)) > 1:
+            differences.append(f"{name}: " + _per_rank(values, show))
+    shapes = [row[n_fields:] for row in descriptions]
+    if not differences and len(set(shapes)) > 1:
+        shown = [tuple(dim for dim in dims if dim >= 0) for dims in shapes]
+        differences.append("shape of the positions: " + _per_rank(shown, str))
+    return (
+        f"the ranks of the group disagree on the inputs of the vocabulary-parallel loss "
+        f"({'; '.join(differences)}); every rank must hold the same positions, with the "
+        "same mask shape, dtypes, reduction and num_valid"
+    )
+
+
+def _per_rank(values: list[Any], show: Callable[[Any], str]) -> str:
+    """``"a on ranks [0, 2], b on rank [1]"``."""
+    ranks: dict[Any, list[int]] = {}
+    for rank, value in enumerate(values):
+        ranks.setdefault(value, []).append(rank)
+    return ", ".join(
+        f"{show(value)} on rank{'s' if len(members) > 1 else ''} {members}"
+        for value, members in ranks.items()
+    )
