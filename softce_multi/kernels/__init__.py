@@ -63,11 +63,13 @@ and the inputs are never written.
 :mod:`softce_multi.kernels.triton` and those of :mod:`softce_multi.kernels.torch_cpu` for the CPU.
 Both pairs take the same tensors, ``(z, p, weights, row_scale, with_logits_grad, *options)`` and
 ``(z, p, row_max, log_sum_exp, target_sum, row_scale, logits_grad, targets_grad, *options)``,
-and return the same outputs. The helpers at the end of this module are their common parts:
+and return the same outputs; so do the two operators of each module that write the logits
+gradient over the logits. The helpers at the end of this module are their common parts:
 outputs of the right shapes (:func:`empty_row_outputs`, :func:`empty_row_statistics`,
-:func:`empty_gradient_outputs`), the fake implementations and vmap rules that fold the batch
-into the rows (:func:`register_operator_rules`), and the conversion of the operators' outputs
-to the core's results (:func:`row_results`, :func:`gradient_results`). They use only tensor
+:func:`empty_gradient_outputs`), the fake implementations and the vmap rules that fold the
+batch into the rows (:func:`register_operator_rules`), and the calls of the operators as the
+core's routines (:func:`run_row_operator`, :func:`run_row_operator_over_logits`,
+:func:`run_gradient_operator`, :func:`run_gradient_operator_over_logits`). They use only tensor
 methods, so this package still imports no library.
 """
 
@@ -84,10 +86,12 @@ __all__ = [
     "empty_gradient_outputs",
     "empty_row_outputs",
     "empty_row_statistics",
-    "gradient_results",
     "launch_config",
     "register_operator_rules",
-    "row_results",
+    "run_gradient_operator",
+    "run_gradient_operator_over_logits",
+    "run_row_operator",
+    "run_row_operator_over_logits",
     "use_pallas",
     "use_triton",
 ]
@@ -189,32 +193,108 @@ def empty_gradient_outputs(
     )
 
 
-def row_results(outputs: Sequence[Any], /, *, with_logits_grad: bool) -> _core.RowResults:
-    """The :class:`~softce_multi._core.RowResults` of a row-routine operator's five outputs."""
+def run_row_operator(
+    operator: Callable[..., Sequence[Any]],
+    rows: _core.Rows,
+    /,
+    *options: Any,
+    with_logits_grad: bool,
+) -> _core.RowResults:
+    """Run a row-routine operator on ``rows`` and return its outputs as the core's results.
+
+    Parameters
+    ----------
+    operator : callable
+        ``operator(z, p, weights, row_scale, with_logits_grad, *options)``, returning the
+        outputs of :func:`empty_row_outputs`, filled.
+    rows : softce_multi._core.Rows
+        The rows to work on.
+    *options
+        The operator's own trailing arguments (the Triton chunk size).
+    with_logits_grad : bool
+        Whether the operator writes the logits gradient.
+
+    Returns
+    -------
+    softce_multi._core.RowResults
+        The weighted losses, the saved statistics, and the logits gradient or None.
+    """
+    outputs = operator(rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad, *options)
     weighted, row_max, log_sum_exp, target_sum, grad = outputs
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     return _core.RowResults(weighted, saved, grad if with_logits_grad else None)
 
 
-def gradient_results(
-    outputs: Sequence[Any], /, *, logits_grad: bool, targets_grad: bool
+def run_row_operator_over_logits(
+    operator: Callable[..., Sequence[Any]], rows: _core.Rows, /, *options: Any
+) -> _core.RowResults:
+    """Run an in-place row operator, which writes the logits gradient over ``rows.z``.
+
+    ``operator(z, p, weights, row_scale, *options)`` returns the outputs of
+    :func:`empty_row_statistics`, filled; the logits gradient of the results is ``rows.z``.
+    """
+    weighted, *saved = operator(rows.z, rows.p, rows.weights, rows.row_scale, *options)
+    return _core.RowResults(weighted, _core.SavedRows(*saved), rows.z)
+
+
+def run_gradient_operator(
+    operator: Callable[..., Sequence[Any]],
+    rows: _core.BackwardRows,
+    /,
+    *options: Any,
+    logits_grad: bool,
+    targets_grad: bool,
 ) -> tuple[Any, Any]:
-    """A gradient-routine operator's two outputs, with None for a gradient not asked for."""
-    grad_z, grad_p = outputs
+    """Run a gradient-routine operator on ``rows``; None for a gradient not asked for.
+
+    ``operator(z, p, row_max, log_sum_exp, target_sum, row_scale, logits_grad, targets_grad,
+    *options)`` returns the outputs of :func:`empty_gradient_outputs`, filled.
+    """
+    grad_z, grad_p = operator(
+        rows.z, rows.p, *rows.saved, rows.row_scale, logits_grad, targets_grad, *options
+    )
     return (grad_z if logits_grad else None, grad_p if targets_grad else None)
+
+
+def run_gradient_operator_over_logits(
+    operator: Callable[..., Any], rows: _core.BackwardRows, /, *options: Any, targets_grad: bool
+) -> tuple[Any, Any]:
+    """Run an in-place gradient operator, which writes the logits gradient over ``rows.z``.
+
+    ``operator(z, p, row_max, log_sum_exp, target_sum, row_scale, targets_grad, *options)``
+    returns the targets gradient (``[0, V]`` when not asked for). Returns ``rows.z`` and the
+    targets gradient or None.
+    """
+    grad_p = operator(rows.z, rows.p, *rows.saved, rows.row_scale, targets_grad, *options)
+    return rows.z, (grad_p if targets_grad else None)
 
 
 def register_operator_rules(
     row_operator: Any,
     gradient_operator: Any,
+    row_operator_over_logits: Any,
+    gradient_operator_over_logits: Any,
     *,
     check_options: Callable[..., None] = lambda z, *options: None,
 ) -> None:
-    """Register the fake implementations and vmap rules of a pair of torch routine operators.
+    """Register the fakes of two pairs of torch routine operators, and the vmap rules of one.
 
-    The fakes return :func:`empty_row_outputs` and :func:`empty_gradient_outputs` after
-    ``check_options(z, *options)``, which raises what the operator raises for bad options; the
-    vmap rules fold the batch into the rows (the rows are independent, so a batch of ``B``
+    Parameters
+    ----------
+    row_operator, gradient_operator
+        The operators that return every output (the arguments of :func:`run_row_operator` and
+        :func:`run_gradient_operator`).
+    row_operator_over_logits, gradient_operator_over_logits
+        Those that write the logits gradient over the logits (the arguments of
+        :func:`run_row_operator_over_logits` and :func:`run_gradient_operator_over_logits`).
+    check_options : callable, optional
+        ``check_options(z, *options)`` raises what the operators raise for bad trailing
+        options; the fakes call it first.
+
+    Notes
+    -----
+    The fakes return :func:`empty_row_outputs`, :func:`empty_gradient_outputs` and their parts.
+    The vmap rules fold the batch into the rows (the rows are independent, so a batch of ``B``
     calls on ``N`` rows is one call on ``B * N`` rows) and split the outputs back.
     """
 
@@ -224,24 +304,35 @@ def register_operator_rules(
         check_options(z, *options)
         return empty_row_outputs(z, weights, with_logits_grad=with_logits_grad)
 
-    def gradient_fake(
-        z: Any,
-        p: Any,
-        row_max: Any,
-        log_sum_exp: Any,
-        target_sum: Any,
-        row_scale: Any,
-        logits_grad: bool,
-        targets_grad: bool,
-        *options: Any,
-    ) -> tuple[Any, Any]:
+    def row_over_logits_fake(
+        z: Any, p: Any, weights: Any, row_scale: Any, *options: Any
+    ) -> tuple[Any, ...]:
+        check_options(z, *options)
+        return empty_row_statistics(z, weights)
+
+    def gradient_fake(z: Any, p: Any, *rest: Any) -> tuple[Any, Any]:
+        logits_grad, targets_grad, *options = rest[_N_SAVED_AND_SCALE:]
         check_options(z, *options)
         return empty_gradient_outputs(z, p, logits_grad=logits_grad, targets_grad=targets_grad)
 
+    def gradient_over_logits_fake(z: Any, p: Any, *rest: Any) -> Any:
+        targets_grad, *options = rest[_N_SAVED_AND_SCALE:]
+        check_options(z, *options)
+        return empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
+
     row_operator.register_fake(row_fake)
+    row_operator_over_logits.register_fake(row_over_logits_fake)
     gradient_operator.register_fake(gradient_fake)
+    gradient_operator_over_logits.register_fake(gradient_over_logits_fake)
     row_operator.register_vmap(_folded_batch_rule(row_operator, n_tensors=4))
-    gradient_operator.register_vmap(_folded_batch_rule(gradient_operator, n_tensors=6))
+    gradient_operator.register_vmap(
+        _folded_batch_rule(gradient_operator, n_tensors=2 + _N_SAVED_AND_SCALE)
+    )
+
+
+#: The tensors of a gradient operator between ``z, p`` and its flags: the three saved
+#: statistics and the row scale.
+_N_SAVED_AND_SCALE = len(_core.SavedRows._fields) + 1
 
 
 def _folded_batch_rule(operator: Callable[..., Any], *, n_tensors: int) -> Callable[..., Any]:

@@ -19,7 +19,7 @@ from softce_multi import _core
 
 __all__ = ["row_routine"]
 
-#: Elements per block: four float32 blocks of this size fit in a 1 MiB L2 cache.
+#: Elements per block: four float32 blocks of this size fit together in a core's L2 cache.
 BLOCK_ELEMENTS = 1 << 16
 
 

@@ -253,14 +253,14 @@ def row_routine(
 
     Parameters
     ----------
-    rows
+    rows : softce_multi._core.Rows
         The inputs laid out by :func:`softce_multi._core.as_rows`.
-    with_logits_grad
+    with_logits_grad : bool
         Whether to write the logits gradient (scaled for a unit upstream gradient).
-    block_size
+    block_size : int, optional
         Vocabulary entries per chunk, a power of two (see
         :func:`softce_multi.kernels.launch_config`).
-    interpret
+    interpret : bool, optional
         Run the kernel through the Pallas interpreter (any backend) instead of compiling it.
     """
     n_rows, n_cols = rows.z.shape

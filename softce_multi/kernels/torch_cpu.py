@@ -52,8 +52,7 @@ BLOCK_ELEMENTS = 1 << 18
 
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
     """The :class:`~softce_multi._core.RowRoutine` of the operator :func:`torch_row_routine`."""
-    outputs = torch_row_routine(rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad)
-    return kernels.row_results(outputs, with_logits_grad=with_logits_grad)
+    return kernels.run_row_operator(torch_row_routine, rows, with_logits_grad=with_logits_grad)
 
 
 def row_routine_over_logits(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
@@ -65,18 +64,16 @@ def row_routine_over_logits(rows: _core.Rows, /, *, with_logits_grad: bool) -> _
     """
     if not with_logits_grad:
         return row_routine(rows, with_logits_grad=False)
-    outputs = torch_row_routine_(rows.z, rows.p, rows.weights, rows.row_scale)
-    return kernels.row_results((*outputs, rows.z), with_logits_grad=True)
+    return kernels.run_row_operator_over_logits(torch_row_routine_, rows)
 
 
 def gradient_routine(
     rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """The :class:`~softce_multi._core.GradientRoutine` of :func:`torch_gradient_routine`."""
-    outputs = torch_gradient_routine(
-        rows.z, rows.p, *rows.saved, rows.row_scale, logits_grad, targets_grad
+    return kernels.run_gradient_operator(
+        torch_gradient_routine, rows, logits_grad=logits_grad, targets_grad=targets_grad
     )
-    return kernels.gradient_results(outputs, logits_grad=logits_grad, targets_grad=targets_grad)
 
 
 def gradient_routine_over_logits(
@@ -87,8 +84,9 @@ def gradient_routine_over_logits(
     """
     if not logits_grad:
         return gradient_routine(rows, logits_grad=False, targets_grad=targets_grad)
-    grad_p = torch_gradient_routine_(rows.z, rows.p, *rows.saved, rows.row_scale, targets_grad)
-    return kernels.gradient_results((rows.z, grad_p), logits_grad=True, targets_grad=targets_grad)
+    return kernels.run_gradient_operator_over_logits(
+        torch_gradient_routine_, rows, targets_grad=targets_grad
+    )
 
 
 @torch.library.custom_op("softce_multi::torch_row_routine", mutates_args=())
@@ -97,8 +95,7 @@ def torch_row_routine(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """The per-row work of the forward pass, as the operator ``softce_multi::torch_row_routine``.
 
-    The core's two steps with the elementwise work done in place on block-sized buffers, which
-    roughly halves the passes over memory of the generic version.
+    The core's two steps, with the elementwise work done in place on block-sized buffers.
 
     Parameters
     ----------
@@ -142,11 +139,6 @@ def torch_row_routine_(
     outputs = kernels.empty_row_statistics(z, weights)
     _row_work(z, p, weights, row_scale, outputs, z)
     return outputs
-
-
-@torch_row_routine_.register_fake
-def _(z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor) -> tuple[Tensor, ...]:
-    return kernels.empty_row_statistics(z, weights)
 
 
 def _row_work(
@@ -278,19 +270,6 @@ def torch_gradient_routine_(
     return grad_p
 
 
-@torch_gradient_routine_.register_fake
-def _(
-    z: Tensor,
-    p: Tensor,
-    row_max: Tensor,
-    log_sum_exp: Tensor,
-    target_sum: Tensor,
-    row_scale: Tensor,
-    targets_grad: bool,
-) -> Tensor:
-    return kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
-
-
 def _gradient_work(
     z: Tensor,
     p: Tensor,
@@ -339,7 +318,9 @@ def _gradient_work(
         _zero_rows(grad_z, ~_core.rows_with_gradient(row_scale, target_sum))
 
 
-kernels.register_operator_rules(torch_row_routine, torch_gradient_routine)
+kernels.register_operator_rules(
+    torch_row_routine, torch_gradient_routine, torch_row_routine_, torch_gradient_routine_
+)
 
 
 def _block_buffer(z: Tensor, dtype: torch.dtype) -> Tensor:
@@ -435,10 +416,10 @@ def _single_threaded_pool(workers: int, process_id: int) -> ThreadPoolExecutor:
 def _zero_rows(block: Tensor, rows: Tensor) -> None:
     """Set the rows of ``block`` where the bool vector ``rows`` is true to 0, in place.
 
-    On the CPU only those rows are written: a broadcast ``masked_fill_`` or ``where`` costs as
-    much as the softmax of the block. The row indices are read on the host, which is free there
-    and invisible to tracing (this runs inside an opaque operator); on other devices it would
-    wait for the device, so they take the broadcast fill.
+    On the CPU only those rows are written, not the whole block as a broadcast ``masked_fill_``
+    or ``where`` would. The row indices are read on the host, which costs no wait there and is
+    invisible to tracing (this runs inside an opaque operator); on other devices reading them
+    would wait for the device, so they take the broadcast fill.
     """
     if block.device.type == "cpu":
         block.index_fill_(0, torch.nonzero(rows).squeeze(1), 0.0)

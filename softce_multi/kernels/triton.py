@@ -25,6 +25,7 @@ before Triton is imported).
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -268,10 +269,9 @@ def row_routine(
     gradient rows exactly 0. ``block_size`` is the number of vocabulary entries per chunk, a
     power of two (see :func:`softce_multi.kernels.launch_config`).
     """
-    outputs = triton_row_routine(
-        rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad, block_size
+    return kernels.run_row_operator(
+        triton_row_routine, rows, block_size, with_logits_grad=with_logits_grad
     )
-    return kernels.row_results(outputs, with_logits_grad=with_logits_grad)
 
 
 def row_routine_over_logits(
@@ -284,8 +284,7 @@ def row_routine_over_logits(
     """
     if not with_logits_grad:
         return row_routine(rows, with_logits_grad=False, block_size=block_size)
-    outputs = triton_row_routine_(rows.z, rows.p, rows.weights, rows.row_scale, block_size)
-    return kernels.row_results((*outputs, rows.z), with_logits_grad=True)
+    return kernels.run_row_operator_over_logits(triton_row_routine_, rows, block_size)
 
 
 def gradient_routine(
@@ -301,10 +300,13 @@ def gradient_routine(
     It runs the operator ``softce_multi::triton_gradient_routine``
     (:func:`triton_gradient_routine`). ``block_size`` is as in :func:`row_routine`.
     """
-    outputs = triton_gradient_routine(
-        rows.z, rows.p, *rows.saved, rows.row_scale, logits_grad, targets_grad, block_size
+    return kernels.run_gradient_operator(
+        triton_gradient_routine,
+        rows,
+        block_size,
+        logits_grad=logits_grad,
+        targets_grad=targets_grad,
     )
-    return kernels.gradient_results(outputs, logits_grad=logits_grad, targets_grad=targets_grad)
 
 
 def gradient_routine_over_logits(
@@ -321,10 +323,9 @@ def gradient_routine_over_logits(
         return gradient_routine(
             rows, logits_grad=False, targets_grad=targets_grad, block_size=block_size
         )
-    grad_p = triton_gradient_routine_(
-        rows.z, rows.p, *rows.saved, rows.row_scale, targets_grad, block_size
+    return kernels.run_gradient_operator_over_logits(
+        triton_gradient_routine_, rows, block_size, targets_grad=targets_grad
     )
-    return kernels.gradient_results((rows.z, grad_p), logits_grad=True, targets_grad=targets_grad)
 
 
 @torch.library.triton_op("softce_multi::triton_row_routine", mutates_args=())
@@ -344,18 +345,7 @@ def triton_row_routine(
     :func:`row_routine`.
     """
     outputs = kernels.empty_row_outputs(z, weights, with_logits_grad=with_logits_grad)
-    _launch(
-        _forward_kernel,
-        z,
-        p,
-        weights,
-        row_scale,
-        *outputs,
-        block_size=block_size,
-        WITH_GRAD=with_logits_grad,
-        # Keep the row in L2 for the gradient sweep that follows.
-        STATS_EVICTION="evict_last" if with_logits_grad else "evict_first",
-    )
+    _run_forward_kernel((z, p, weights, row_scale), outputs, with_logits_grad, block_size)
     return outputs
 
 
@@ -369,28 +359,9 @@ def triton_row_routine_(
     just loaded it. Returns the four ``[N]`` outputs; ``z`` holds the fifth.
     """
     _check_contiguous(z)
-    outputs = kernels.empty_row_statistics(z, weights)
-    _launch(
-        _forward_kernel,
-        z,
-        p,
-        weights,
-        row_scale,
-        *outputs,
-        z,
-        block_size=block_size,
-        WITH_GRAD=True,
-        STATS_EVICTION="evict_last",
-    )
-    return outputs
-
-
-@triton_row_routine_.register_fake
-def _(
-    z: Tensor, p: Tensor, weights: Tensor, row_scale: Tensor, block_size: int | None
-) -> tuple[Tensor, ...]:
-    _check_block_size(z, block_size)
-    return kernels.empty_row_statistics(z, weights)
+    statistics = kernels.empty_row_statistics(z, weights)
+    _run_forward_kernel((z, p, weights, row_scale), (*statistics, z), True, block_size)
+    return statistics
 
 
 @torch.library.triton_op("softce_multi::triton_gradient_routine", mutates_args=())
@@ -412,23 +383,10 @@ def triton_gradient_routine(
     :func:`row_routine`. One sweep reads each needed input once; ``p`` is read only for
     ``logits_grad``.
     """
-    outputs = kernels.empty_gradient_outputs(
-        z, p, logits_grad=logits_grad, targets_grad=targets_grad
-    )
-    _launch(
-        _backward_kernel,
-        z,
-        p,
-        row_max,
-        log_sum_exp,
-        target_sum,
-        row_scale,
-        *outputs,
-        block_size=block_size,
-        LOGITS_GRAD=logits_grad,
-        TARGETS_GRAD=targets_grad,
-    )
-    return outputs
+    grads = kernels.empty_gradient_outputs(z, p, logits_grad=logits_grad, targets_grad=targets_grad)
+    inputs = (z, p, row_max, log_sum_exp, target_sum, row_scale)
+    _run_backward_kernel(inputs, grads, (logits_grad, targets_grad), block_size)
+    return grads
 
 
 @torch.library.triton_op("softce_multi::triton_gradient_routine_", mutates_args=("z",))
@@ -450,36 +408,36 @@ def triton_gradient_routine_(
     """
     _check_contiguous(z)
     grad_p = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
-    _launch(
-        _backward_kernel,
-        z,
-        p,
-        row_max,
-        log_sum_exp,
-        target_sum,
-        row_scale,
-        z,
-        grad_p,
-        block_size=block_size,
-        LOGITS_GRAD=True,
-        TARGETS_GRAD=targets_grad,
-    )
+    inputs = (z, p, row_max, log_sum_exp, target_sum, row_scale)
+    _run_backward_kernel(inputs, (z, grad_p), (True, targets_grad), block_size)
     return grad_p
 
 
-@triton_gradient_routine_.register_fake
-def _(
-    z: Tensor,
-    p: Tensor,
-    row_max: Tensor,
-    log_sum_exp: Tensor,
-    target_sum: Tensor,
-    row_scale: Tensor,
-    targets_grad: bool,
+def _run_forward_kernel(
+    inputs: Sequence[Tensor],
+    outputs: Sequence[Tensor],
+    with_logits_grad: bool,
     block_size: int | None,
-) -> Tensor:
-    _check_block_size(z, block_size)
-    return kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
+) -> None:
+    """Launch the forward kernel on ``(z, p, weights, row_scale)``, writing the five
+    ``outputs`` of :func:`triton_row_routine` (the logits gradient may be ``z`` itself)."""
+    # Keep the row in L2 for the gradient sweep that follows.
+    eviction = "evict_last" if with_logits_grad else "evict_first"
+    flags = {"WITH_GRAD": with_logits_grad, "STATS_EVICTION": eviction}
+    _launch(_forward_kernel, inputs, outputs, block_size, flags)
+
+
+def _run_backward_kernel(
+    inputs: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    wanted: Sequence[bool],
+    block_size: int | None,
+) -> None:
+    """Launch the backward kernel on ``(z, p, row_max, log_sum_exp, target_sum, row_scale)``,
+    writing the logits and targets gradients ``grads`` that are ``wanted`` (the logits
+    gradient may be ``z`` itself)."""
+    flags = dict(zip(("LOGITS_GRAD", "TARGETS_GRAD"), wanted, strict=True))
+    _launch(_backward_kernel, inputs, grads, block_size, flags)
 
 
 def _check_contiguous(z: Tensor) -> None:
@@ -494,18 +452,28 @@ def _check_block_size(z: Tensor, block_size: int | None) -> None:
 
 
 kernels.register_operator_rules(
-    triton_row_routine, triton_gradient_routine, check_options=_check_block_size
+    triton_row_routine,
+    triton_gradient_routine,
+    triton_row_routine_,
+    triton_gradient_routine_,
+    check_options=_check_block_size,
 )
 
 
 def _launch(
-    kernel: Any, z: Tensor, p: Tensor, *pointers: Tensor, block_size: int | None, **flags: Any
+    kernel: Any,
+    inputs: Sequence[Tensor],
+    outputs: Sequence[Tensor],
+    block_size: int | None,
+    flags: dict[str, Any],
 ) -> None:
-    """Run ``kernel`` with one program per row of ``z``, on ``z``'s device.
+    """Run ``kernel`` with one program per row of ``z = inputs[0]``, on ``z``'s device.
 
-    The kernel receives ``z`` and ``p`` with their strides, then ``pointers``, then the row
-    length, and the chunk size and the flags as named compile-time constants.
+    The kernel receives ``z`` and ``p = inputs[1]`` with their strides, then the other
+    ``inputs`` and the ``outputs``, then the row length, and the chunk size and the ``flags`` as
+    named compile-time constants.
     """
+    z, p, *rest = inputs
     n_rows, n_cols = z.shape
     block, num_warps = kernels.launch_config(n_cols, block_size)
     device = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
@@ -515,7 +483,8 @@ def _launch(
             *z.stride(),
             p,
             *p.stride(),
-            *pointers,
+            *rest,
+            *outputs,
             n_cols,
             BLOCK_SIZE=block,
             num_warps=num_warps,
