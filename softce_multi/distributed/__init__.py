@@ -25,7 +25,8 @@ gradient to the hidden states), never on anything of the vocabulary's size.
     logits formed one chunk of rows at a time, and the gradient to the hidden states
     all-reduced in the backward pass.
 
-The package's modules, each importing only those below it:
+The package's private modules, which this one imports; each imports only modules listed
+before it, never this one:
 
 :mod:`~softce_multi.distributed._communicators`
     Which library the arrays belong to, the checks of ``group`` and ``axis_name``, torch's
