@@ -32,8 +32,8 @@ import array_api_extra as xpx
 from softce_multi._types import Array, LinearGradients, LinearLossInputs, LossInputs, Namespace
 
 #: Elements per block on eager backends: large enough that few parallel regions are started
-#: (each one costs dearly on a busy machine), small enough that a block's few float32
-#: temporaries (4 MiB each) stay in a server CPU's last-level cache.
+#: (each waits for its slowest thread), small enough that a block's few float32 temporaries
+#: stay in a server CPU's last-level cache.
 BLOCK_ELEMENTS = 1 << 20
 
 

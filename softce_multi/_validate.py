@@ -154,6 +154,22 @@ def check_mask(
         raise ValueError(msg)
 
 
+def check_output_layer(hidden: Array, weight: Array, *, names: tuple[str, str], rows: str) -> None:
+    """Check ``[..., H]`` hidden states and the ``[rows, H]`` weight of an output layer, named
+    ``names`` in the messages."""
+    hidden_name, weight_name = names
+    hidden_shape, weight_shape = tuple(hidden.shape), tuple(weight.shape)
+    if len(hidden_shape) == 0:
+        msg = f"{hidden_name} must have the hidden size as its last axis, got a 0-d array"
+        raise ValueError(msg)
+    if len(weight_shape) != 2 or weight_shape[1] != hidden_shape[-1]:
+        msg = (
+            f"{weight_name} must have shape [{rows}, H] with H = {hidden_shape[-1]}, the last axis "
+            f"of {hidden_name}; got {weight_name} {weight_shape} and {hidden_name} {hidden_shape}"
+        )
+        raise ValueError(msg)
+
+
 # --- the loss ------------------------------------------------------------------------------
 
 
@@ -206,21 +222,11 @@ def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
         arrays["num_valid"] = num_valid
     xp = namespace_of(**arrays)
     check_same_device(**arrays)
-    floating = {"hidden": hidden, "weight": weight, "target_probs": target_probs}
-    if bias is not None:
-        floating["bias"] = bias
-    check_floating(xp, **floating)
+    floating = {"hidden": hidden, "weight": weight, "target_probs": target_probs, "bias": bias}
+    check_floating(xp, **{name: array for name, array in floating.items() if array is not None})
 
+    check_output_layer(hidden, weight, names=("hidden", "weight"), rows="V")
     hidden_shape, weight_shape = tuple(hidden.shape), tuple(weight.shape)
-    if len(hidden_shape) == 0:
-        msg = "hidden must have the hidden size as its last axis, got a 0-d array"
-        raise ValueError(msg)
-    if len(weight_shape) != 2 or weight_shape[1] != hidden_shape[-1]:
-        msg = (
-            f"weight must have shape [V, H] with H = {hidden_shape[-1]}, the last axis of hidden; "
-            f"got weight {weight_shape} and hidden {hidden_shape}"
-        )
-        raise ValueError(msg)
     if weight_shape[0] == 0:
         msg = f"weight must have a non-empty vocabulary axis (the first one), got {weight_shape}"
         raise ValueError(msg)
@@ -243,9 +249,7 @@ def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
     )
 
     check_reduction(reduction, with_grad=False)
-    dtype = compute_dtype(hidden, target_probs, xp=xp)
-    if xp.float64 in (weight.dtype, getattr(bias, "dtype", None)):
-        dtype = xp.float64
+    dtype = compute_dtype(hidden, weight, bias, target_probs, xp=xp)
     check_num_valid(num_valid, reduction, xp=xp, dtype=dtype)
     check_chunk_rows(chunk_rows)
     return xp
@@ -258,13 +262,11 @@ def check_chunk_rows(chunk_rows: Any, *, name: str = "chunk_rows") -> int | None
     """
     if chunk_rows is None:
         return None
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, numbers.Integral):
-        msg = f"{name} must be a positive int or None, got {type(chunk_rows).__name__}"
-        raise TypeError(msg)
-    if chunk_rows < 1:
-        msg = f"{name} must be a positive int or None, got {chunk_rows}"
+    value = _as_int(chunk_rows, name=name, expected="a positive int or None")
+    if value < 1:
+        msg = f"{name} must be a positive int or None, got {value}"
         raise ValueError(msg)
-    return operator.index(chunk_rows)
+    return value
 
 
 def check_reduction(reduction: Any, *, with_grad: bool) -> None:
@@ -339,10 +341,7 @@ def check_token_counts(xp: Namespace, token_counts: Array) -> None:
 
 def check_size(size: Any, limit: int, *, name: str) -> int:
     """Check that ``size`` is an int in ``[1, limit]`` and return it."""
-    if isinstance(size, bool) or not isinstance(size, numbers.Integral):
-        msg = f"{name} must be an int, got {type(size).__name__}"
-        raise TypeError(msg)
-    value = operator.index(size)
+    value = _as_int(size, name=name, expected="an int")
     if not 1 <= value <= limit:
         msg = f"{name} must be between 1 and the target vocabulary size {limit}, got {value}"
         raise ValueError(msg)
@@ -425,28 +424,14 @@ def check_prepare_inputs(
 
 
 def check_prepare_from_hidden_inputs(
-    xp: Namespace,
-    target_hidden: Array,
-    target_head_weight: Array,
-    loss_mask: Array,
-    t2d: Array,
-    /,
+    xp: Namespace, target_hidden: Array, target_head_weight: Array, loss_mask: Array, t2d: Array, /
 ) -> None:
     """Check the dtypes and shapes of the arguments of ``prepare_targets_from_hidden``."""
     check_floating(xp, target_hidden=target_hidden, target_head_weight=target_head_weight)
     check_mapping(xp, t2d)
-    hidden_shape = tuple(target_hidden.shape)
+    names = ("target_hidden", "target_head_weight")
+    check_output_layer(target_hidden, target_head_weight, names=names, rows="V_target")
     weight_shape = tuple(target_head_weight.shape)
-    if len(hidden_shape) == 0:
-        msg = "target_hidden must have the hidden size as its last axis, got a 0-d array"
-        raise ValueError(msg)
-    if len(weight_shape) != 2 or weight_shape[1] != hidden_shape[-1]:
-        msg = (
-            "target_head_weight must have shape [V_target, H] with H the last axis of "
-            f"target_hidden; got target_hidden {hidden_shape} and target_head_weight "
-            f"{weight_shape}"
-        )
-        raise ValueError(msg)
     if weight_shape[0] != t2d.shape[0]:
         msg = (
             "target_head_weight must have one row per target token, as many as t2d has "
@@ -458,10 +443,7 @@ def check_prepare_from_hidden_inputs(
 
 def check_axis(axis: Any, shape: tuple[int, ...]) -> int:
     """Check ``axis`` against an array of ``shape`` and return it as a non-negative int."""
-    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
-        msg = f"axis must be an int, got {type(axis).__name__}"
-        raise TypeError(msg)
-    index, ndim = operator.index(axis), len(shape)
+    index, ndim = _as_int(axis, name="axis", expected="an int"), len(shape)
     if not -ndim <= index < ndim:
         msg = f"axis {index} is out of range for x of shape {shape}"
         raise ValueError(msg)
@@ -593,6 +575,14 @@ def check_step_weights_fit(decay: float, steps: int, *, xp: Namespace, dtype: An
             f"{largest:.7g}; use normalize=True or a smaller decay"
         )
         raise ValueError(msg)
+
+
+def _as_int(value: Any, *, name: str, expected: str) -> int:
+    """``value`` as an int, or TypeError unless it is a host integer other than a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        msg = f"{name} must be {expected}, got {type(value).__name__}"
+        raise TypeError(msg)
+    return operator.index(value)
 
 
 def _is_real_number(value: Any) -> bool:

@@ -137,25 +137,31 @@ def gradient_error(grad: np.ndarray, reference: np.ndarray) -> float:
 
 
 def numpy_reference(
-    logits: np.ndarray,
-    target_probs: np.ndarray,
-    position_mask: np.ndarray,
-    upstream: float = 1.0,
+    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray, upstream: float = 1.0
 ) -> tuple[float, np.ndarray]:
     """Return the ``"mean"`` loss and the logits gradient of ``upstream`` times it, by the
-    NumPy float64 formula."""
+    NumPy float64 formula.
+
+    Parameters
+    ----------
+    logits, target_probs, position_mask : numpy.ndarray
+        The arguments of the loss.
+    upstream : float, optional
+        The factor of the loss whose gradient is returned.
+
+    Returns
+    -------
+    tuple of float and numpy.ndarray
+        The loss and the float64 logits gradient.
+    """
     expected = testing.numpy_reference(logits, target_probs, position_mask, upstream=upstream)
     return float(expected.loss), expected.grad_logits
 
 
 def torch_reference(
-    logits: np.ndarray,
-    target_probs: np.ndarray,
-    position_mask: np.ndarray,
-    upstream: float = 1.0,
+    logits: np.ndarray, target_probs: np.ndarray, position_mask: np.ndarray, upstream: float = 1.0
 ) -> tuple[float, np.ndarray]:
-    """Return the loss of :mod:`softce_multi.reference` in float64 and the autograd gradient of
-    ``upstream`` times it."""
+    """:func:`numpy_reference` by :mod:`softce_multi.reference` in float64 and autograd."""
     expected = testing.reference(logits, target_probs, position_mask, upstream=upstream)
     return float(expected.loss), expected.grad_logits
 
@@ -320,13 +326,8 @@ def check_backend(
         )
         ulps = None
         if dtype in ("bfloat16", "float16") and installed("torch"):
-            ulps = testing.rounding_errors(
-                outcome.grad,
-                outcome.logits,
-                outcome.target_probs,
-                inputs.position_mask,
-                upstream=outcome.upstream,
-            )
+            arrays = (outcome.grad, outcome.logits, outcome.target_probs, inputs.position_mask)
+            ulps = testing.rounding_errors(*arrays, upstream=outcome.upstream)
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         nan = math.nan

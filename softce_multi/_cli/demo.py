@@ -1,4 +1,4 @@
-"""``python -m softce_multi demo``: train a small EAGLE-3 draft head on the CPU in about a minute.
+"""``python -m softce_multi demo``: train a small EAGLE-3 draft head on the CPU.
 
 A tiny frozen *target model* is built from a seed: a random token embedding, a fixed recurrent
 nonlinear map and an output layer over a few thousand tokens. Sequences sampled from it are the
@@ -39,7 +39,7 @@ BACKENDS = ("torch", "jax")
 
 @dataclass(frozen=True)
 class DemoConfig:
-    """Sizes and settings of the demo; the defaults take about a minute on two CPU cores."""
+    """Sizes and settings of the demo; the defaults are those of the command line."""
 
     backend: str = "torch"
     steps: int = 300
@@ -57,8 +57,7 @@ class DemoConfig:
     log_every: int = 30
     torch_threads: int | None = 1
     """PyTorch's intra-op threads during the run (None: leave as is). The demo's tensors are
-    small, and one thread avoids the cost of synchronising threads, which dominates on a busy
-    machine."""
+    small, so one thread spares the synchronisation of several."""
     linear: bool | None = None
     """Whether the loss takes the draft's states and output weight
     (:func:`softce_multi.linear_masked_soft_cross_entropy`) instead of its logits; None for the
@@ -66,12 +65,8 @@ class DemoConfig:
 
     @property
     def uses_linear(self) -> bool:
-        """Whether the run trains with the linear loss.
-
-        By default on JAX, where it trains the demo in about 0.8x the time of the loss of the
-        logits, and not on torch, where it takes about as long (1.04x; median of three 100-step
-        runs of each on two CPU cores).
-        """
+        """Whether the run trains with the linear loss: :attr:`linear`, or by default on JAX and
+        not on torch (the times behind that choice are in the performance documentation)."""
         return self.backend == "jax" if self.linear is None else self.linear
 
 
