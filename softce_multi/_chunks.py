@@ -10,9 +10,10 @@ reads its block with ``loop.get`` and writes its results with ``loop.put``, and
   ``lax.scan`` body, reads them with ``lax.dynamic_slice`` and writes them with
   ``lax.dynamic_update_slice``, which XLA performs in place on the loop's carry.
 
-When ``size`` does not divide ``total``, the first chunk is shorter: it gets a step of its own,
-with static sizes, so no chunk ever reads past the end or recomputes rows of another. It comes
-first so that the loop is the last to write the outputs: XLA then returns them without a copy
+When ``size`` does not divide ``total``, one chunk is shorter: it gets a step of its own, with
+static sizes, so no chunk ever reads past the end or recomputes rows of another. The eager loop
+runs it last, so that a buffer made for the first chunk fits every chunk. The traced loop runs it
+first, so that the loop is the last to write the outputs: XLA then returns them without a copy
 (an update after the loop, fused with the reshape of the result, would copy the whole output).
 
 The traced loop reads 16-bit floats as their bits: XLA's CPU backend computes 16-bit floats in
@@ -49,6 +50,8 @@ class Loop(NamedTuple):
     put: Callable[[Array, tuple[Any, ...], Array], Array]
     """``put(out, starts, value)``: ``out`` with the block at ``starts`` set to ``value`` (in
     place where the engine can)."""
+    short_first: bool
+    """Whether a shorter chunk (``size`` not dividing ``total``) runs first, else last."""
 
 
 def over_chunks(total: int, size: int, step: Step, carry: Any, loop: Loop) -> Any:
@@ -69,17 +72,21 @@ def over_chunks(total: int, size: int, step: Step, carry: Any, loop: Loop) -> An
 
     Returns
     -------
-    The carry after the last chunk. The chunks run in order: a shorter first chunk, when
-    ``size`` does not divide ``total``, with a step of its own and its static size, then the
-    full chunks, through ``loop.fold``.
+    The carry after the last chunk. The chunks cover ``range(total)`` in order: the full ones
+    through ``loop.fold``, and a shorter one, when ``size`` does not divide ``total``, with a
+    step of its own and its static size, first or last as ``loop.short_first`` says.
     """
     if total == 0:
         return carry
     size = max(1, min(size, total))  # a chunk beyond the end would be traced even if never run
     full, rest = divmod(total, size)
-    if rest:
+    first = rest if loop.short_first else 0
+    if rest and loop.short_first:
         carry = step(0, rest, carry)
-    return loop.fold(full, lambda index, state: step(rest + index * size, size, state), carry)
+    carry = loop.fold(full, lambda index, state: step(first + index * size, size, state), carry)
+    if rest and not loop.short_first:
+        carry = step(full * size, rest, carry)
+    return carry
 
 
 def _eager_fold(count: int, body: Callable[[Any, Any], Any], carry: Any) -> Any:
@@ -102,7 +109,7 @@ def _eager_put(out: Array, starts: tuple[int, ...], value: Array) -> Array:
 
 
 #: The eager loop: a Python loop over slices; blocks are views, and written in place.
-EAGER = Loop(fold=_eager_fold, get=_eager_get, put=_eager_put)
+EAGER = Loop(fold=_eager_fold, get=_eager_get, put=_eager_put, short_first=False)
 
 
 @functools.cache
@@ -138,7 +145,7 @@ def traced() -> Loop:
     def put(out: Any, starts: tuple[Any, ...], value: Any) -> Any:
         return jax.lax.dynamic_update_slice(out, jnp.astype(value, out.dtype), starts)
 
-    return Loop(fold=fold, get=get, put=put)
+    return Loop(fold=fold, get=get, put=put, short_first=True)
 
 
 def loop_for(xp: Namespace) -> Loop:

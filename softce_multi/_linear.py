@@ -252,8 +252,8 @@ def chunked_loss_pass(
         Which gradients to compute, for a unit upstream gradient; not with ``"none"``.
     row_routine
         The implementation's per-row work, for example
-        :func:`softce_multi._core.blocked_row_routine`; the vocabulary-parallel loss passes
-        one that all-reduces the row statistics.
+        :func:`softce_multi.kernels.blocked.blocked_row_routine`; the vocabulary-parallel loss
+        passes one that all-reduces the row statistics.
     xp
         The array namespace of the inputs.
     add

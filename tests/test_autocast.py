@@ -20,6 +20,9 @@ import softce_multi as sc
 from softce_multi import eagle3
 
 torch = pytest.importorskip("torch")
+
+from softce_multi._adapters import torch_shared  # noqa: E402
+
 F = torch.nn.functional
 
 pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
@@ -219,14 +222,14 @@ def test_loss_of_logits_stays_float32_under_autocast(logits_dtype):
 def chunk_dtypes(monkeypatch: pytest.MonkeyPatch) -> list[torch.dtype]:
     """The dtypes of the chunks' logits as the torch linear loss makes them, recorded."""
     seen: list[torch.dtype] = []
-    make = sc.torch.LogitsBuffer.__call__
+    make = torch_shared.LogitsBuffer.__call__
 
     def spy(self: Any, hidden: Any, weight: Any, bias: Any) -> Any:
         logits = make(self, hidden, weight, bias)
         seen.append(logits.dtype)
         return logits
 
-    monkeypatch.setattr(sc.torch.LogitsBuffer, "__call__", spy)
+    monkeypatch.setattr(torch_shared.LogitsBuffer, "__call__", spy)
     return seen
 
 

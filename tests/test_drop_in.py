@@ -809,7 +809,14 @@ def test_inductor_full_graph_training_step_equals_eager(torch, make_step):
 
 def imported_after(code: str) -> set[str]:
     """Which of torch, jax and the package's adapters a fresh interpreter holds after ``code``."""
-    watched = ["torch", "jax", "softce_multi.torch", "softce_multi.jax"]
+    watched = [
+        "torch",
+        "jax",
+        "softce_multi.torch",
+        "softce_multi.jax",
+        "softce_multi._adapters.torch",
+        "softce_multi._adapters.jax",
+    ]
     program = f"import sys\n{code}\nprint(' '.join(m for m in {watched!r} if m in sys.modules))"
     result = subprocess.run(
         [sys.executable, "-c", program],

@@ -538,7 +538,7 @@ def test_prepare_targets_never_trusts_a_draft_vocab_size_that_disagrees_with_t2d
     device where it is not (GPUs, and every backend with the read switched off), without an
     index out of range."""
     if not readable:
-        monkeypatch.setattr(eagle3, "_is_readable_for_free", lambda x, *, xp: False)
+        monkeypatch.setattr(eagle3._t2d, "_is_readable_for_free", lambda x, *, xp: False)
     logits, loss_mask, t2d = _wrong_size_case(np.random.default_rng(27))
     args = (backend.asarray(logits), backend.asarray(loss_mask), backend.asarray(t2d))
     if readable and backend.device == "cpu":

@@ -471,32 +471,52 @@ def test_jax_second_derivatives_of_16_bit_logits_are_those_of_their_values(dtype
 
 
 @needs_torch
-@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
-def test_torch_vocab_parallel_second_derivative_beside_another_term_is_refused(
-    group_of_one, linear
+def test_torch_vocab_parallel_linear_second_derivative_beside_another_term_is_refused(
+    group_of_one,
 ):
-    """The vocabulary-parallel losses are differentiable once: a gradient penalty plus another
-    term raises rather than drop the penalty's term."""
+    """The vocabulary-parallel linear loss is differentiable once: a gradient penalty plus
+    another term raises rather than drop the penalty's term."""
+    import torch
+
+    from softce_multi import distributed
+
+    _, targets, mask = torch_inputs(6, shape=(2, 3, 7), dtype="float64")
+    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    loss = distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+        hidden, weight, targets.detach(), mask
+    )
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        (grad.pow(2).sum() + weight.pow(2).sum()).backward()
+
+
+@needs_torch
+def test_torch_vocab_parallel_gradient_penalty_beside_another_term_matches_one_device(
+    group_of_one,
+):
+    """The vocabulary-parallel loss of logits is differentiable twice: on a group of one, a
+    gradient penalty plus another term has the derivatives of the single-device loss's."""
     import torch
 
     from softce_multi import distributed
 
     logits, targets, mask = torch_inputs(6, shape=(2, 3, 7), dtype="float64")
-    weight = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     targets = targets.detach()
-    if linear:
-        leaf = hidden
-        loss = distributed.vocab_parallel_linear_masked_soft_cross_entropy(
-            hidden, weight, targets, mask
-        )
-    else:
-        leaf = logits
-        loss = distributed.vocab_parallel_masked_soft_cross_entropy(logits, targets, mask)
-    (grad,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    scale = torch.randn(7, dtype=torch.float64, requires_grad=True)
 
-    with pytest.raises(RuntimeError, match="differentiable once"):
-        (grad.pow(2).sum() + weight.pow(2).sum()).backward()
+    def penalty_gradients(loss_function):
+        z = logits.detach().clone().requires_grad_()
+        (grad,) = torch.autograd.grad(loss_function(z * scale, targets, mask), z, create_graph=True)
+        return torch.autograd.grad(grad.pow(2).sum() + scale.pow(2).sum(), (z, scale))
+
+    got = penalty_gradients(distributed.vocab_parallel_masked_soft_cross_entropy)
+    want = penalty_gradients(sc.masked_soft_cross_entropy)
+
+    assert torch.any(got[0] != 0)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The accelerated kernels keep the contract of ``_core.forward`` and agree with the reference.
+"""The accelerated kernels keep the contract of ``_core.loss_pass`` and agree with the reference.
 
 Most tests run on both GPU kernels, Triton on torch tensors and Pallas on JAX arrays under
 ``jax.jit``, on the torch CPU operators, on the NumPy in-place routine and on the chunked XLA
@@ -25,6 +25,7 @@ import pytest
 
 import softce_multi
 from softce_multi import _core, kernels
+from softce_multi.kernels import blocked
 from softce_multi.kernels import numpy as numpy_kernels
 from softce_multi.testing import (
     Backend,
@@ -47,7 +48,7 @@ BLOCK = 16
 
 
 class Kernel:
-    """One implementation's routines behind :func:`softce_multi._core.forward` and ``backward``.
+    """One implementation's routines behind :func:`softce_multi._core.loss_pass` and ``backward``.
 
     ``forward`` and ``backward`` run the core's driver with the implementation's routines;
     ``core_forward`` runs it with the generic core's, for comparison.
@@ -60,19 +61,19 @@ class Kernel:
 
     def forward(self, logits, target_probs, position_mask, *, block_size=None, **options):
         routine = functools.partial(self.module.row_routine, **self._options(block_size))
-        return _core.forward(
+        return _core.loss_pass(
             logits, target_probs, position_mask, row_routine=routine, xp=self.xp, **options
         )
 
     def backward(self, logits, target_probs, saved, row_scale, *, block_size=None, **options):
         routine = functools.partial(self.module.gradient_routine, **self._options(block_size))
-        return _core.backward(
+        return _core.gradient_pass(
             logits, target_probs, saved, row_scale, gradient_routine=routine, xp=self.xp, **options
         )
 
     def core_forward(self, logits, target_probs, position_mask, **options):
-        routine = _core.blocked_row_routine(None, xp=self.xp)
-        return _core.forward(
+        routine = blocked.blocked_row_routine(None, xp=self.xp)
+        return _core.loss_pass(
             logits, target_probs, position_mask, row_routine=routine, xp=self.xp, **options
         )
 
@@ -159,7 +160,7 @@ class NumpyRoutine(Kernel):
     def __init__(self) -> None:
         self.module = SimpleNamespace(
             row_routine=_without_block_size(numpy_kernels.row_routine),
-            gradient_routine=_without_block_size(_core.blocked_gradient_routine(None, xp=np)),
+            gradient_routine=_without_block_size(blocked.blocked_gradient_routine(None, xp=np)),
         )
         self.backend = Backend("numpy", "numpy", "cpu")
         self.xp = np
@@ -176,7 +177,7 @@ class TorchCpuPath(Kernel):
     def __init__(self) -> None:
         import array_api_compat.torch
 
-        torch_adapter = importlib.import_module("softce_multi.torch")
+        torch_adapter = importlib.import_module("softce_multi._adapters.torch_shared")
         self.module = SimpleNamespace(
             row_routine=_without_block_size(torch_adapter.row_routine),
             gradient_routine=_without_block_size(torch_adapter.gradient_routine),
@@ -707,7 +708,7 @@ def test_pallas_kernels_lower_for_cuda(with_logits_grad):
     rows = jnp.ones(4, jnp.float32)
 
     def forward(z, p, w):
-        return _core.forward(
+        return _core.loss_pass(
             z,
             p,
             w,
@@ -719,7 +720,7 @@ def test_pallas_kernels_lower_for_cuda(with_logits_grad):
         )
 
     def backward(z, p, saved, scale):
-        return _core.backward(
+        return _core.gradient_pass(
             z,
             p,
             saved,
@@ -819,7 +820,7 @@ def pallas_spy(monkeypatch: pytest.MonkeyPatch) -> KernelSpy:
     monkeypatch.setattr(kernels, "use_pallas", lambda *arrays: True)
     if not kernel.interpret:
         return KernelSpy(kernel, monkeypatch, when_run=True)
-    jax_adapter = importlib.import_module("softce_multi.jax")
+    jax_adapter = importlib.import_module("softce_multi._adapters.jax")
     monkeypatch.setattr(jax_adapter, "_KERNEL_PLATFORMS", ("cpu",))
     return KernelSpy(kernel, monkeypatch, when_run=True, interpret=True)
 

@@ -655,7 +655,7 @@ def test_triton_routines_in_the_chunked_driver(reduction, over_logits):
         None,
         CHUNK,
     )
-    result = _linear.forward(
+    result = _linear.chunked_loss_pass(
         inputs,
         hidden_grad=with_grads,
         weight_grad=with_grads,
@@ -667,7 +667,7 @@ def test_triton_routines_in_the_chunked_driver(reduction, over_logits):
     expected = linear_reference(case, reduction=reduction, upstream=upstream)
     plain = reference(_logits64(case), case.p, case.w, reduction=reduction)
     assert_loss_close(result.loss, plain.loss, "float32")
-    grads, grad_targets = _linear.backward(
+    grads, grad_targets = _linear.chunked_gradient_pass(
         case.hidden,
         case.weight,
         case.bias,

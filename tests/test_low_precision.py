@@ -200,7 +200,7 @@ def _kernel_backward(
 ) -> Any:
     """The kernel's forward (for the saved rows), then its backward with the upstream folded
     into the row scale, as the adapters call it."""
-    forward = _core.forward(
+    forward = _core.loss_pass(
         logits,
         targets,
         mask,
@@ -210,7 +210,7 @@ def _kernel_backward(
         row_routine=functools.partial(module.row_routine, **options),
         xp=xp,
     )
-    grad, _ = _core.backward(
+    grad, _ = _core.gradient_pass(
         logits,
         targets,
         forward.saved,
@@ -227,7 +227,7 @@ def _kernel_forward(
     module: Any, xp: Any, logits: Any, targets: Any, mask: Any, reduction: str, **options: Any
 ) -> Any:
     """The gradient that the kernel's forward sweep makes, for a unit upstream."""
-    result = _core.forward(
+    result = _core.loss_pass(
         logits,
         targets,
         mask,
@@ -604,8 +604,8 @@ def test_jax_adapter_on_the_pallas_kernels_rounds_the_gradient_once(
 ):
     import jax
 
-    from softce_multi import jax as jax_adapter
     from softce_multi import kernels
+    from softce_multi._adapters import jax as jax_adapter
     from softce_multi.kernels import pallas
 
     monkeypatch.setattr(kernels, "use_pallas", lambda *arrays: True)

@@ -212,7 +212,7 @@ def test_a_draft_vocab_size_that_disagrees_with_t2d_is_never_trusted(
     device where it is not (GPUs, and every backend with the read switched off), without an
     index out of range."""
     if not readable:
-        monkeypatch.setattr(eagle3, "_is_readable_for_free", lambda x, *, xp: False)
+        monkeypatch.setattr(eagle3._t2d, "_is_readable_for_free", lambda x, *, xp: False)
     case = _case(np.random.default_rng(16))
     args = [backend.asarray(case[name]) for name in ("hidden", "weight", "loss_mask", "t2d")]
     if readable and backend.device == "cpu":

@@ -15,6 +15,7 @@ import numpy as np
 
 from softce_multi import _core, _linear
 from softce_multi._types import Array, LinearGradients, LinearLossInputs, LossInputs, Namespace
+from softce_multi.kernels import blocked
 from softce_multi.kernels import numpy as numpy_kernels
 
 
@@ -56,7 +57,7 @@ def _row_routine(vocab_size: int, *, xp: Namespace) -> _core.RowRoutine:
     """
     if array_api_compat.is_numpy_namespace(xp):
         return numpy_kernels.row_routine
-    return _core.blocked_row_routine(_core.default_block_rows(vocab_size), xp=xp)
+    return blocked.blocked_row_routine(_core.default_block_rows(vocab_size), xp=xp)
 
 
 def linear_loss(inputs: LinearLossInputs, /) -> Array:

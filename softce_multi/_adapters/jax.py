@@ -116,10 +116,16 @@ def _loss_pass(
     )
 
 
-def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
-    """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else of XLA."""
+def row_routine(
+    rows: _core.Rows, /, *, with_logits_grad: bool, whole: bool = False
+) -> _core.RowResults:
+    """:class:`softce_multi._core.RowRoutine` of the Pallas kernel where it runs, else of XLA.
+
+    XLA's routine walks the rows in chunks of its own, unless ``whole``: then it takes them in
+    one piece (a chunk of the linear loss, small already).
+    """
     return _per_platform(
-        xla_kernels.row_routine,
+        _xla_routine(xla_kernels.row_routine, rows, whole=whole),
         lambda pallas: pallas.row_routine,
         rows,
         with_logits_grad=with_logits_grad,
@@ -127,11 +133,12 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
 
 
 def gradient_routine(
-    rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
+    rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool, whole: bool = False
 ) -> tuple[jax.Array | None, jax.Array | None]:
-    """The gradient routine of the Pallas kernel on a GPU, else of XLA, chunk by chunk."""
+    """The gradient routine of the Pallas kernel on a GPU, else of XLA; ``whole`` is as in
+    :func:`row_routine`."""
     return _per_platform(
-        xla_kernels.gradient_routine,
+        _xla_routine(xla_kernels.gradient_routine, rows, whole=whole),
         lambda pallas: pallas.gradient_routine,
         rows,
         logits_grad=logits_grad,
@@ -180,6 +187,11 @@ def _loss_bwd(
     )
     zero_count = None if count is None else jnp.zeros_like(count)
     return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
+
+
+def _xla_routine(routine: Callable[..., Any], rows: Any, *, whole: bool) -> Callable[..., Any]:
+    """``routine`` of :mod:`softce_multi.kernels.xla`, over all of ``rows`` at once if ``whole``."""
+    return functools.partial(routine, chunk=rows.z.shape[0]) if whole else routine
 
 
 def _per_platform(
@@ -317,7 +329,7 @@ def _linear_loss_pass(
         hidden_grad=with_grads,
         weight_grad=with_grads,
         bias_grad=with_grads,
-        row_routine=row_routine,
+        row_routine=functools.partial(row_routine, whole=True),
         xp=jnp,
     )
 
@@ -353,7 +365,7 @@ def _linear_gradient_pass(
         bias_grad=not targets,
         targets_grad=targets,
         chunk_rows=chunk,
-        gradient_routine=gradient_routine,
+        gradient_routine=functools.partial(gradient_routine, whole=True),
         xp=jnp,
     )
     return grad_targets if targets else grads

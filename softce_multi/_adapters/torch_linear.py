@@ -117,8 +117,8 @@ def linear_forward(
     :func:`softce_multi._linear.chunked_loss_pass` in place where torch allows it: every chunk's
     logits go into one buffer (:class:`LogitsBuffer`), the row routine of :func:`kernels_for` them
     writes their gradient over them (``row_routine_over_logits``), so a chunk holds one
-    ``[chunk, V]`` tensor, and the weight gradient is accumulated in place. One opaque operator, so that
-    ``torch.compile`` traces the loss as one call, whatever the number of chunks.
+    ``[chunk, V]`` tensor, and the weight gradient is accumulated in place. One opaque operator,
+    so that ``torch.compile`` traces the loss as one call, whatever the number of chunks.
 
     Parameters
     ----------

@@ -105,8 +105,7 @@ def autocast_dtype(*tensors: Tensor) -> torch.dtype | None:
 class LogitsBuffer:
     """A :data:`softce_multi._linear.ChunkLogits` that writes every chunk into one buffer.
 
-    The buffer is made for the longest chunk so far (the chunks after a shorter first one all
-    have the same length); shorter chunks take its leading rows.
+    The buffer is made for the first chunk, the longest; later chunks take its leading rows.
     Reusing it spares the allocator a ``[chunk, V]`` block per chunk, which it would otherwise
     map and fault in afresh (or keep, fragmented, in the process's peak memory).
     """

@@ -7,8 +7,8 @@ gradient, written straight into the output. The ``where`` that makes a ``p == 0`
 0 where the logit is -inf (``0 * -inf`` is NaN) runs only on the rows whose plain dot product
 came out NaN, never on whole blocks.
 
-The result is that of :func:`softce_multi._core.blocked_row_routine`, the generic routine, to
-rounding: the tests hold it to the same saved statistics and gradients.
+The result is that of :func:`softce_multi.kernels.blocked.blocked_row_routine`, the generic routine,
+to rounding: the tests hold it to the same saved statistics and gradients.
 """
 
 from __future__ import annotations

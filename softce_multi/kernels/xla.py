@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from softce_multi import _chunks, _core
+from softce_multi.kernels import blocked
 
 __all__ = ["chunk_rows", "gradient_routine", "row_routine", "widened", "zero_rows"]
 
@@ -45,7 +46,7 @@ def row_routine(
     chunk = _chunk(rows.z.shape, chunk)
     n_rows, vocab_size = rows.z.shape
     loop = _chunks.traced()
-    core = _core.blocked_row_routine(None, xp=jnp)
+    core = blocked.blocked_row_routine(None, xp=jnp)
     vector = jax.ShapeDtypeStruct((n_rows,), rows.dtype)
     outputs = [vector, _core.SavedRows(vector, vector, vector)]
     if with_logits_grad:
@@ -86,7 +87,7 @@ def gradient_routine(
     chunk = _chunk(z.shape, chunk)
     n_rows, vocab_size = z.shape
     loop = _chunks.traced()
-    core = _core.blocked_gradient_routine(None, xp=jnp)
+    core = blocked.blocked_gradient_routine(None, xp=jnp)
     wanted = (logits_grad, targets_grad)
     outputs = [
         jax.ShapeDtypeStruct(z.shape, dtype)
