@@ -234,12 +234,12 @@ def linear_loss(inputs: LinearLossInputs, /) -> jax.Array:
     Under ``jax.grad`` the forward pass computes the gradients to ``hidden``, ``weight`` and
     ``bias`` in the same ``lax.scan`` over chunks as the loss (for ``"mean"`` and ``"sum"``).
     """
-    return _jitted_linear_loss(*_linear_arguments(inputs))
+    return _jitted_linear_loss(*linear_arguments(inputs))
 
 
 def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[jax.Array, _linear.LinearGradients]:
     """The linear loss of validated inputs and its three gradients, from one ``lax.scan``."""
-    result = _jitted_linear_forward_with_grads(*_linear_arguments(inputs))
+    result = _jitted_linear_forward_with_grads(*linear_arguments(inputs))
     assert result.grads is not None  # asked for
     return result.loss, result.grads
 
@@ -257,15 +257,22 @@ class LinearArrays(NamedTuple):
     """``num_valid`` as a constant of the computation dtype, or None."""
 
 
-def _linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
-    """The arguments of :func:`_linear_loss`: the arrays, the reduction and the rows per chunk
-    (``chunk_rows`` or the default, at most the number of rows, at least 1)."""
+def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
+    """The arguments of the linear losses' VJPs: the arrays, the reduction and the rows per
+    chunk (``chunk_rows``, at most the number of rows, at least 1).
+
+    By default a chunk's ``[chunk, V]`` arrays take :data:`softce_multi._linear.CHUNK_BYTES`
+    counted once, not twice as in the eager driver: XLA fuses the row routine into one pass
+    whose gradient takes the place of the chunk's logits, so the compiled step holds one such
+    array (``memory_analysis`` of the step says so), and the longer chunks read the weight, and
+    write its gradient, half as often per row.
+    """
     hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
     dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
     weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     if chunk_rows is None:
-        chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp)
+        chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp, copies=1)
     chunk = max(1, min(chunk_rows, math.prod(hidden.shape[:-1])))
     return LinearArrays(hidden, weight, bias, target_probs, weights, count), reduction, chunk
 

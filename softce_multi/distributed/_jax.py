@@ -14,7 +14,6 @@ arrays, so importing :mod:`softce_multi.distributed` needs no JAX.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -135,13 +134,17 @@ def vocab_parallel_linear_loss(
     The backward pass recomputes the chunks' logits, makes the gradients from the global
     statistics with the JAX adapter's gradient routine, then ``psum``s the hidden gradient.
     """
-    dtype = _core.compute_dtype(hidden, weight_shard, bias_shard, target_probs_shard, xp=jnp)
-    weights, count = _constants(position_mask, num_valid, dtype)
-    arrays = jax_adapter.LinearArrays(
-        hidden, weight_shard, bias_shard, target_probs_shard, weights, count
+    inputs = LinearLossInputs(
+        hidden,
+        weight_shard,
+        bias_shard,
+        target_probs_shard,
+        position_mask,
+        reduction,
+        num_valid,
+        None,
     )
-    n_rows = math.prod(hidden.shape[:-1])
-    chunk = max(1, min(_linear.default_chunk_rows(weight_shard.shape[0], dtype, xp=jnp), n_rows))
+    arrays, reduction, chunk = jax_adapter.linear_arguments(inputs)
     return _linear_loss(arrays, reduction, axis_name, chunk)
 
 
