@@ -232,8 +232,8 @@ def test_jax_vmap_with_a_num_valid_per_example():
 def test_torch_compile_loss_and_gradients_equal_eager():
     # The public entry point of the package, through its dispatch to the torch adapter. The
     # "aot_eager" backend runs Dynamo's tracing and AOTAutograd, where graph breaks and
-    # autograd.Function handling happen; tests/test_torch_operators.py compiles the torch adapter with
-    # fullgraph=True on aot_eager and Inductor.
+    # autograd.Function handling happen; tests/test_torch_operators.py compiles the torch adapter
+    # with fullgraph=True on aot_eager and Inductor.
     torch = pytest.importorskip("torch")
     logits, targets, mask = (torch.from_numpy(array) for array in numpy_inputs(9))
     compiled_loss = torch.compile(sc.masked_soft_cross_entropy, backend="aot_eager")
