@@ -299,19 +299,15 @@ def _linear_loss_bwd(
     reduction: str, chunk: int, residuals: tuple[Any, ...], grad_output: jax.Array
 ) -> tuple[LinearArrays]:
     arrays, saved, row_scale, grads = residuals
-    hidden, weight, bias, target_probs, weights, count = arrays
+    weights, count = arrays.weights, arrays.num_valid
     upstream = _core.upstream_per_row(grad_output, reduction, xp=jnp)
     row_scale = row_scale * upstream
     if grads is None:  # "none" or 16-bit: the gradients come now, the upstream inside
-        grads = _linear_gradient_pass(
-            hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=False
-        )
+        grads = linear_gradient_pass(arrays, saved, row_scale, chunk, targets=False)
     else:
         grads = jax.tree.map(lambda grad: jnp.astype(grad * grad_output, grad.dtype), grads)
     # A computation of its own, which jit drops when the targets' gradient is not used.
-    grad_targets = _linear_gradient_pass(
-        hidden, weight, bias, target_probs, saved, row_scale, chunk, targets=True
-    )
+    grad_targets = linear_gradient_pass(arrays, saved, row_scale, chunk, targets=True)
     zero_count = None if count is None else jnp.zeros_like(count)
     grad_hidden, grad_weight, grad_bias = grads
     cotangents = LinearArrays(
@@ -346,20 +342,22 @@ _jitted_linear_forward_with_grads = jax.jit(
 )
 
 
-def _linear_gradient_pass(
-    hidden: jax.Array,
-    weight: jax.Array,
-    bias: jax.Array | None,
-    target_probs: jax.Array,
+def linear_gradient_pass(
+    arrays: LinearArrays,
     saved: _core.SavedRows,
     row_scale: jax.Array,
     chunk: int,
     *,
     targets: bool,
+    fresh: _linear.Fresh | None = None,
 ) -> Any:
     """The three gradients (``targets=False``) or the targets' gradient, by the ``lax.scan`` of
-    :func:`softce_multi._linear.chunked_gradient_pass`; ``row_scale`` includes the upstream
-    gradient."""
+    :func:`softce_multi._linear.chunked_gradient_pass`.
+
+    ``row_scale`` includes the upstream gradient; ``fresh`` is the driver's hook for the
+    accumulators (the vocabulary-parallel loss types them as varying over mesh axes).
+    """
+    hidden, weight, bias, target_probs, _, _ = arrays
     grads, grad_targets = _linear.chunked_gradient_pass(
         hidden,
         weight,
@@ -374,5 +372,6 @@ def _linear_gradient_pass(
         chunk_rows=chunk,
         gradient_routine=functools.partial(gradient_routine, whole=True),
         xp=jnp,
+        fresh=fresh,
     )
     return grad_targets if targets else grads

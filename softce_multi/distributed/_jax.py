@@ -196,35 +196,6 @@ def _global_linear_loss_pass(
     )
 
 
-def _global_linear_gradient_pass(
-    arrays: jax_adapter.LinearArrays,
-    saved: _core.SavedRows,
-    row_scale: Any,
-    chunk: int,
-    *,
-    targets_grad: bool,
-) -> tuple[_linear.LinearGradients | None, Any]:
-    """The chunked backward pass of this device's shard from the global statistics: the
-    gradients to ``hidden`` (this shard's part), the weight and the bias, or to the targets."""
-    hidden, weight, bias, targets, _, _ = arrays
-    return _linear.chunked_gradient_pass(
-        hidden,
-        weight,
-        bias,
-        targets,
-        saved,
-        row_scale,
-        hidden_grad=not targets_grad,
-        weight_grad=not targets_grad,
-        bias_grad=not targets_grad,
-        targets_grad=targets_grad,
-        chunk_rows=chunk,
-        gradient_routine=jax_adapter.gradient_routine,
-        xp=jnp,
-        fresh=_varying_over(hidden, weight, bias, targets, *saved, row_scale),
-    )
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
 def _linear_loss(
     arrays: jax_adapter.LinearArrays, reduction: str, axis_name: Any, chunk: int
@@ -247,12 +218,15 @@ def _linear_loss_backward(
     hidden, weight, bias, targets, weights, count = arrays
     upstream = _core.upstream_per_row(grad_loss, reduction, xp=jnp)
     row_scale = row_scale * upstream
-    # One computation per result, so that jit drops the targets' gradient if unused.
-    grads, _ = _global_linear_gradient_pass(arrays, saved, row_scale, chunk, targets_grad=False)
-    _, grad_targets = _global_linear_gradient_pass(
-        arrays, saved, row_scale, chunk, targets_grad=True
+    # This device's shard of the backward pass, from the global statistics; one computation per
+    # result, so that jit drops the targets' gradient if unused.
+    fresh = _varying_over(hidden, weight, bias, targets, *saved, row_scale)
+    grads = jax_adapter.linear_gradient_pass(
+        arrays, saved, row_scale, chunk, targets=False, fresh=fresh
     )
-    assert grads is not None  # asked for
+    grad_targets = jax_adapter.linear_gradient_pass(
+        arrays, saved, row_scale, chunk, targets=True, fresh=fresh
+    )
     # Each device's part of the hidden gradient covers its slice of the vocabulary.
     grad_hidden = jax.lax.psum(grads.hidden, axis_name)
     zero_count = None if count is None else jnp.zeros_like(count)
