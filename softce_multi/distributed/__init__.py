@@ -348,7 +348,6 @@ def _vocab_parallel_call(
         msg = f"check_shapes must be a bool, got {type(check_shapes).__name__}"
         raise TypeError(msg)
     check_reduction(inputs.reduction, with_grad=False)
-    arguments = (*arrays.values(), inputs.reduction, inputs.num_valid)
     validator: Callable[[Any], Namespace] = validate_linear_inputs if linear else validate_inputs
     validate = functools.partial(validator, inputs)
     if library == "jax":
@@ -358,18 +357,18 @@ def _vocab_parallel_call(
         jax_loss: Callable[..., Array] = (
             _jax.vocab_parallel_linear_loss if linear else _jax.vocab_parallel_loss
         )
-        return jax_loss(*arguments, axis_name)
+        return jax_loss(inputs, axis_name)
     process_group = torch_group(group)
     if check_shapes:
-        leading = cast(Any, arguments[0])  # the logits or the hidden states
+        leading = cast(Any, inputs[0])  # the logits or the hidden states
         description = InputDescription(
             positions=tuple(leading.shape[:-1]),
             mask_ndim=inputs.position_mask.ndim,
-            arrays=arguments[: len(names) - 1],
+            arrays=tuple(arrays.values())[:-1],
             reduction=inputs.reduction,
             num_valid=inputs.num_valid,
             hidden_size=leading.shape[-1] if linear and leading.ndim else 0,
-            has_bias=linear and arguments[2] is not None,
+            has_bias=linear and arrays["bias_shard"] is not None,
         )
         agree_on_inputs(validate, description, device=leading.device, group=process_group)
     else:
@@ -379,4 +378,4 @@ def _vocab_parallel_call(
     torch_loss: Callable[..., Array] = (
         _torch.vocab_parallel_linear_loss if linear else _torch.vocab_parallel_loss
     )
-    return torch_loss(*arguments, process_group)
+    return torch_loss(inputs, process_group)

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from softce_multi import _core, _linear
 from softce_multi._adapters import jax as jax_adapter
-from softce_multi._types import LinearLossInputs
+from softce_multi._types import LinearLossInputs, LossInputs
 from softce_multi.distributed._statistics import global_rows, vocab_parallel_forward
 from softce_multi.kernels.xla import widened
 
@@ -31,18 +31,12 @@ from softce_multi.kernels.xla import widened
 # --------------------------------------------------------------------------------------------
 
 
-def vocab_parallel_loss(
-    logits_shard: Any,
-    target_probs_shard: Any,
-    position_mask: Any,
-    reduction: str,
-    num_valid: Any,
-    axis_name: Any,
-) -> Any:
+def vocab_parallel_loss(inputs: LossInputs, axis_name: Any) -> Any:
     """The JAX loss of validated inputs: constants for the mask and count, then the VJP."""
-    dtype = _core.compute_dtype(logits_shard, target_probs_shard, xp=jnp)
-    weights, count = _constants(position_mask, num_valid, dtype)
-    return _loss(logits_shard, target_probs_shard, weights, count, reduction, axis_name)
+    logits, targets = inputs.logits, inputs.target_probs
+    dtype = _core.compute_dtype(logits, targets, xp=jnp)
+    weights, count = _constants(inputs.position_mask, inputs.num_valid, dtype)
+    return _loss(logits, targets, weights, count, inputs.reduction, axis_name)
 
 
 def _constants(position_mask: Any, num_valid: Any, dtype: Any) -> tuple[Any, Any]:
@@ -115,17 +109,9 @@ _loss.defvjp(_loss_forward, _loss_backward)
 # --------------------------------------------------------------------------------------------
 
 
-def vocab_parallel_linear_loss(
-    hidden: Any,
-    weight_shard: Any,
-    bias_shard: Any,
-    target_probs_shard: Any,
-    position_mask: Any,
-    reduction: str,
-    num_valid: Any,
-    axis_name: Any,
-) -> Any:
-    """The JAX linear loss of validated inputs: constants, chunk size, then the VJP.
+def vocab_parallel_linear_loss(inputs: LinearLossInputs, axis_name: Any) -> Any:
+    """The JAX linear loss of validated inputs: constants, chunk size, then the VJP
+    (``inputs.chunk_rows`` is None: the default chunk).
 
     Both passes are the driver of :mod:`softce_multi._linear` with two hooks: the forward
     pass's row routine all-reduces each chunk's row statistics over the vocabulary axis
@@ -134,16 +120,6 @@ def vocab_parallel_linear_loss(
     The backward pass recomputes the chunks' logits, makes the gradients from the global
     statistics with the JAX adapter's gradient routine, then ``psum``s the hidden gradient.
     """
-    inputs = LinearLossInputs(
-        hidden,
-        weight_shard,
-        bias_shard,
-        target_probs_shard,
-        position_mask,
-        reduction,
-        num_valid,
-        None,
-    )
     arrays, reduction, chunk = jax_adapter.linear_arguments(inputs)
     return _linear_loss(arrays, reduction, axis_name, chunk)
 

@@ -34,6 +34,7 @@ from torch import Tensor
 
 from softce_multi import _core, _linear
 from softce_multi._adapters import torch_shared
+from softce_multi._types import LinearLossInputs, LossInputs
 from softce_multi.distributed._communicators import torch_all_reduce
 from softce_multi.distributed._statistics import (
     global_forward,
@@ -42,46 +43,36 @@ from softce_multi.distributed._statistics import (
 )
 
 
-def vocab_parallel_loss(
-    logits_shard: Tensor,
-    target_probs_shard: Tensor,
-    position_mask: Tensor,
-    reduction: str,
-    num_valid: Tensor | float | None,
-    group: Any,
-) -> Tensor:
+def vocab_parallel_loss(inputs: LossInputs, group: Any) -> Tensor:
     """The loss of validated logit shards over ``group``, differentiable twice."""
     outputs = _VocabParallelFunction.apply(
-        logits_shard, target_probs_shard, position_mask, reduction, num_valid, group
+        inputs.logits,
+        inputs.target_probs,
+        inputs.position_mask,
+        inputs.reduction,
+        inputs.num_valid,
+        group,
     )
     return outputs[0]
 
 
-def vocab_parallel_linear_loss(
-    hidden: Tensor,
-    weight_shard: Tensor,
-    bias_shard: Tensor | None,
-    target_probs_shard: Tensor,
-    position_mask: Tensor,
-    reduction: str,
-    num_valid: Tensor | float | None,
-    group: Any,
-) -> Tensor:
+def vocab_parallel_linear_loss(inputs: LinearLossInputs, group: Any) -> Tensor:
     """The linear loss of validated inputs over ``group``, differentiable once.
 
-    Under ``torch.autocast`` the chunks' matmuls run in its dtype, as ``F.linear``'s would
+    ``inputs.chunk_rows`` is not used (the default chunk). Under ``torch.autocast`` the chunks'
+    matmuls run in its dtype, as ``F.linear``'s would
     (:func:`~softce_multi._adapters.torch_shared.autocast_dtype`).
     """
-    linear_inputs = [x for x in (hidden, weight_shard, bias_shard) if x is not None]
+    linear_inputs = [x for x in (inputs.hidden, inputs.weight, inputs.bias) if x is not None]
     matmul_dtype = torch_shared.autocast_dtype(*linear_inputs)
     outputs = _VocabParallelLinearFunction.apply(
-        hidden,
-        weight_shard,
-        bias_shard,
-        target_probs_shard,
-        position_mask,
-        reduction,
-        num_valid,
+        inputs.hidden,
+        inputs.weight,
+        inputs.bias,
+        inputs.target_probs,
+        inputs.position_mask,
+        inputs.reduction,
+        inputs.num_valid,
         group,
         matmul_dtype,
     )
