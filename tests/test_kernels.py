@@ -130,7 +130,7 @@ class XlaRoutines(PallasKernel):
     """The chunked XLA routines on JAX arrays under ``jax.jit``, in chunks of a few rows.
 
     Chunks of :data:`XLA_CHUNK` rows divide some of the tests' numbers of rows (stacked by
-    ``lax.map``) and not others (written in place by ``lax.fori_loop``).
+    ``lax.map``) and not others (written in place by the traced loop of ``softce_multi._chunks``).
     """
 
     def __init__(self) -> None:
