@@ -508,10 +508,16 @@ def main(argv: list[str]) -> int:
             "sequences"
         )
     if not installed(args.backend):
-        extra = "torch" if args.backend == "torch" else "jax"
+        if args.backend == "torch":
+            install = (
+                "pip install torch==2.13.0 (the CPU build; an unpinned torch from PyPI is a "
+                "CUDA build of several GB)"
+            )
+        else:
+            install = "pip install 'softce_multi[jax]'"
         print(
             f"the {args.backend} backend of the demo needs {args.backend}, which is not "
-            f"installed; install it with: pip install 'softce_multi[{extra}]' "
+            f"installed; install it with: {install} "
             f"(or choose --backend {'jax' if args.backend == 'torch' else 'torch'})",
             file=sys.stderr,
         )

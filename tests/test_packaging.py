@@ -1,0 +1,76 @@
+"""Packaging and release: one version for the package, its metadata and its citation; the
+license; the dependencies the README names; the install hints of the command line."""
+
+import importlib.metadata
+import re
+from pathlib import Path
+
+import pytest
+import tomllib
+
+import softce_multi
+from softce_multi._cli import demo as _demo
+
+ROOT = Path(__file__).resolve().parent.parent
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+
+
+def test_installed_metadata_has_the_package_version() -> None:
+    try:
+        installed_version = importlib.metadata.version("softce_multi")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("softce_multi is not installed, so it has no metadata to read")
+    assert installed_version == softce_multi.__version__
+
+
+def test_the_build_reads_the_version_from_the_package() -> None:
+    project = PYPROJECT["project"]
+    assert "version" not in project
+    assert "version" in project["dynamic"]
+    dynamic_version = PYPROJECT["tool"]["setuptools"]["dynamic"]["version"]
+    assert dynamic_version == {"attr": "softce_multi.__version__"}
+
+
+def test_citation_and_changelog_carry_the_package_version() -> None:
+    citation = (ROOT / "CITATION.cff").read_text(encoding="utf-8")
+    assert re.search(r"^cff-version: 1\.2\.0$", citation, re.MULTILINE)
+    assert re.search(rf"^version: {re.escape(softce_multi.__version__)}$", citation, re.MULTILINE)
+    assert re.search(r"^license: Apache-2\.0$", citation, re.MULTILINE)
+    changelog = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
+    assert f"## [{softce_multi.__version__}]" in changelog
+
+
+def test_the_license_file_is_the_apache_license_the_metadata_names() -> None:
+    license_text = (ROOT / "LICENSE").read_text(encoding="utf-8")
+    assert "Apache License" in license_text
+    assert "Version 2.0, January 2004" in license_text
+    assert "END OF TERMS AND CONDITIONS" in license_text
+    assert PYPROJECT["project"]["license"] == "Apache-2.0"
+    assert PYPROJECT["project"]["license-files"] == ["LICENSE"]
+
+
+def test_the_readme_names_every_dependency() -> None:
+    names = [
+        re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]
+        for requirement in PYPROJECT["project"]["dependencies"]
+    ]
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    sentence = next(line for line in readme.splitlines() if "only dependencies" in line)
+    named = {"NumPy": "numpy"}
+    mentioned = re.findall(r"NumPy|array-api-[a-z]+", sentence)
+    assert sorted(named.get(name, name) for name in mentioned) == sorted(names)
+
+
+def test_the_cupy_extra_is_the_cuda_13_build() -> None:
+    assert PYPROJECT["project"]["optional-dependencies"]["cupy"][0].startswith("cupy-cuda13x")
+    assert "cupy-cuda13x" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_the_demo_without_torch_points_to_the_pinned_cpu_build(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(_demo, "installed", lambda name: False)
+    assert _demo.main(["--backend", "torch"]) == 2
+    error = capsys.readouterr().err
+    assert "pip install torch==2.13.0" in error
+    assert "softce_multi[torch]" not in error
