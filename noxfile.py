@@ -30,7 +30,7 @@ ARRAY_API_STRICT = "array-api-strict==2.6.1"
 
 TORCH_GPU = os.environ.get("SOFTCE_TORCH_GPU_SPEC", "torch==2.14.1")
 JAX_GPU = os.environ.get("SOFTCE_JAX_GPU_SPEC", "jax[cuda12]==0.10.2")
-CUPY_GPU = os.environ.get("SOFTCE_CUPY_SPEC", "cupy-cuda12x")
+CUPY_GPU = os.environ.get("SOFTCE_CUPY_SPEC", "cupy-cuda13x")
 
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"

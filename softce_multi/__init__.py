@@ -22,7 +22,7 @@ __all__ = [
 __version__ = "0.1.0"
 
 # Submodules that need an optional library are imported on first use, so that importing the
-# package needs NumPy and array-api-compat only.
+# package needs NumPy, array-api-compat and array-api-extra only.
 _LAZY_SUBMODULES = ("reference", "torch", "jax", "eagle3", "distributed")
 
 
