@@ -94,8 +94,17 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def docs(session: nox.Session) -> None:
-    """Build the HTML documentation into docs/_build/html; any warning is an error."""
-    session.install(TORCH_CPU, JAX_CPU, SPHINX, "-e", ".[docs]")
+    """Build the HTML documentation into docs/_build/html; any warning is an error.
+
+    The theme and extensions are pinned like Sphinx: MathJax comes bundled, so the pages render
+    offline.
+    """
+    theme_and_extensions = (
+        "furo==2025.12.19",
+        "sphinx-copybutton==0.5.2",
+        "sphinx-mathjax-offline==0.0.2",
+    )
+    session.install(TORCH_CPU, JAX_CPU, SPHINX, *theme_and_extensions, "-e", ".[docs]")
     session.run(
         "sphinx-build",
         "-W",
