@@ -20,6 +20,8 @@ from softce_multi import testing
 from softce_multi._cli import bench
 from softce_multi._cli import check as _check
 from softce_multi._cli._common import installed
+from softce_multi._cli.bench import command as bench_command
+from softce_multi._cli.bench import report as bench_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_SHAPE = ["--shape", "2", "8", "33"]
@@ -274,7 +276,7 @@ def test_documentation_example_runs(code: str) -> None:
 
 # --- bench ---------------------------------------------------------------------------------
 
-TINY_BENCH = ["--lengths", "4", "8", "--vocab", "50", "--repeats", "1", "--no-memory"]
+TINY_BENCH = ["--lengths", "4", "8", "--vocab", "50", "--repeats", "3", "--no-memory"]
 
 
 @pytest.fixture(scope="module")
@@ -326,6 +328,43 @@ def test_bench_reports_times_against_nemos_formula(
 
 def test_bench_draws_a_png_plot(bench_output: tuple[dict[str, Any], Path]) -> None:
     assert bench_output[1].read_bytes().startswith(b"\x89PNG")
+
+
+def test_bench_plot_has_a_legend_in_each_panel_and_a_marker_per_implementation(
+    bench_output: tuple[dict[str, Any], Path],
+) -> None:
+    import matplotlib.pyplot as plt
+
+    rows = bench_output[0]["rows"]
+    figure = bench_report.figure_of(rows, "title")
+    try:
+        markers: dict[str, str] = {}
+        dtypes = ["float32", "float32", "bfloat16", "bfloat16"]
+        for axis, dtype in zip(figure.axes, dtypes, strict=True):
+            names = list(dict.fromkeys(r["implementation"] for r in rows if r["dtype"] == dtype))
+            legend = axis.get_legend()
+            assert legend is not None
+            assert [text.get_text() for text in legend.get_texts()] == names
+            for line in axis.get_lines():
+                assert markers.setdefault(line.get_label(), line.get_marker()) == line.get_marker()
+        assert len(set(markers.values())) == len(markers)
+    finally:
+        plt.close(figure)
+
+
+def test_bench_lists_a_framework_it_skips_from_hidden_states(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def unavailable(framework: str, device: str) -> str | None:
+        return "jax not installed" if framework == "jax" else None
+
+    monkeypatch.setattr(bench_command, "unavailable", unavailable)
+    monkeypatch.setattr(bench, "run_from_hidden", lambda *args, **kwargs: [])
+
+    argv = ["--linear", "--rows", "16", "--hidden", "4", "--vocab", "10", "--repeats", "3"]
+    assert bench.main(argv) == 0
+
+    assert "skipped jax (float32): jax not installed" in capsys.readouterr().out.splitlines()
 
 
 def test_each_kernel_modes_byte_floor_counts_the_arrays_it_reads_and_writes() -> None:
@@ -383,7 +422,7 @@ def test_bench_compares_targets_from_hidden_with_the_materialised_logits(
     sizes = ["--rows", "24", "--hidden", "4", "--vocab", "6", "--target-vocab", "20"]
     report = tmp_path / "targets.json"
 
-    assert bench.main(["--targets", *sizes, "--repeats", "1", "--json", str(report)]) == 0
+    assert bench.main(["--targets", *sizes, "--repeats", "3", "--json", str(report)]) == 0
 
     rows = json.loads(report.read_text())
     frameworks = {name for name in ("torch", "jax") if installed(name)}

@@ -17,7 +17,7 @@ from softce_multi._cli import _common, bench
 from softce_multi._cli import check as _check
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_BENCH = ["--lengths", "4", "--vocab", "8", "--repeats", "1", "--no-memory"]
+TINY_BENCH = ["--lengths", "4", "--vocab", "8", "--repeats", "3", "--no-memory"]
 
 
 def run_cli(
@@ -240,6 +240,34 @@ def test_bench_refuses_an_option_it_would_ignore_or_fail_on(
     argv: list[str], message: str, nothing_measured: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert refusal(argv, bench.main, capsys) == f"python -m softce_multi bench: error: {message}"
+
+
+def test_bench_help_says_every_case_is_warmed_up_before_the_timed_rounds(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(["--help"])
+
+    assert exit_info.value.code == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "timed rounds, after one untimed warm-up round in which every case runs once" in help_text
+    )
+    assert "fewer than 3 gives a warning" in help_text
+
+
+@pytest.mark.parametrize("repeats", ["1", "2"])
+def test_bench_warns_of_fewer_than_three_timed_rounds(
+    repeats: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    numpy_cases = [case for case in bench.CASES if case.framework == "numpy"]
+    monkeypatch.setattr(bench, "CASES", numpy_cases)
+    argv = ["--lengths", "4", "--vocab", "8", "--no-memory", "--dtypes", "float32"]
+
+    assert bench.main([*argv, "--repeats", repeats]) == 0
+
+    warning = f"warning: --repeats {repeats}: under 3 timed rounds, one slow round makes the median"
+    assert warning in capsys.readouterr().err.splitlines()
 
 
 def test_bench_refuses_a_framework_that_is_not_installed() -> None:

@@ -4,6 +4,7 @@ before measuring anything, and what it runs, prints and writes."""
 from __future__ import annotations
 
 import argparse
+import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -23,6 +24,8 @@ from softce_multi._cli.bench.report import (
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
 DEFAULT_TARGET_VOCAB = 128000
+MIN_REPEATS = 3
+"""The fewest timed rounds whose median one slow round cannot move."""
 
 Sweep = Callable[
     [argparse.Namespace, Sequence[Case], Callable[[str], bool]],
@@ -60,7 +63,15 @@ def _parser() -> argparse.ArgumentParser:
         choices=list(ITEMSIZE),
         help="logits dtypes (default: %(default)s); --linear and --targets run the first",
     )
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds")
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=5,
+        help=(
+            "timed rounds, after one untimed warm-up round in which every case runs once; "
+            f"fewer than {MIN_REPEATS} gives a warning (default: %(default)s)"
+        ),
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
@@ -224,6 +235,12 @@ def main(
     parser = _parser()
     args = parser.parse_args(argv)
     _check_arguments(parser, args, is_installed)
+    if args.repeats < MIN_REPEATS:
+        print(
+            f"warning: --repeats {args.repeats}: under {MIN_REPEATS} timed rounds, one slow "
+            "round makes the median",
+            file=sys.stderr,
+        )
     if args.linear or args.targets:
         name = "linear" if args.linear else "targets"
         return _main_from_hidden(name, args, run_from_hidden, memory_from_hidden)
@@ -271,16 +288,23 @@ def _main_from_hidden(
         for rows in args.rows or comparison.default_rows
     ]
     dtype = args.dtypes[0]
+    frameworks = _frameworks(args)
+    skipped = [
+        {"implementation": framework, "dtype": dtype, "reason": reason}
+        for framework in frameworks
+        if (reason := unavailable(framework, "cpu")) is not None
+    ]
     rows = run_from_hidden(
         name,
         sizes,
         dtype,
         args.repeats,
         args.seed,
-        _frameworks(args),
+        frameworks,
         memory=args.memory,
         measure_memory=memory_from_hidden,
     )
     write_json(args.json, rows)
     print_from_hidden(rows, comparison.title(sizes[0]), dtype, args.repeats)
+    print_skipped(skipped)
     return 0

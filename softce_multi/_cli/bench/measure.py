@@ -45,7 +45,8 @@ def interleaved_times(
     """Wall times of ``repeats`` rounds, each running every step on ``inputs`` once, in order,
     each timed until ``wait()`` returns after it.
 
-    A first round, not counted, compiles and warms up.
+    Before them, one warm-up round that is not timed runs every step once: it compiles and
+    warms up each step.
     """
     times: dict[str, list[float]] = {name: [] for name in steps}
     for round_index in range(repeats + 1):

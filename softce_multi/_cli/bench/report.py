@@ -124,36 +124,58 @@ def write_json(path: Path | None, report: object) -> None:
         path.write_text(json.dumps(report, indent=2))
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Time and extra memory against sequence length, one line per implementation, one row of
-    panels per dtype; saved to ``path``."""
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
+"""The markers of the plot's lines, one per implementation in the order the rows give them."""
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def figure_of(rows: Sequence[dict[str, Any]], title: str) -> Any:
+    """A :class:`matplotlib.figure.Figure` of time and extra memory against sequence length:
+    one row of panels per dtype, one line per implementation, drawn with the same marker and
+    line style in every panel (different for different implementations, so that lines at the
+    same values stay told apart), and a legend in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
+    names = list(dict.fromkeys(row["implementation"] for row in rows))
+    styles = {
+        name: {
+            "marker": MARKERS[index % len(MARKERS)],
+            "linestyle": LINE_STYLES[index % len(LINE_STYLES)],
+            "label": name,
+        }
+        for index, name in enumerate(names)
+    }
     figure, axes = plt.subplots(
         len(dtypes), 2, figsize=(11, 4 * len(dtypes)), squeeze=False, layout="constrained"
     )
     for (time_axis, memory_axis), dtype in zip(axes, dtypes, strict=True):
-        for name in dict.fromkeys(row["implementation"] for row in rows):
+        for name in names:
             mine = [row for row in rows if row["implementation"] == name and row["dtype"] == dtype]
             if not mine:
                 continue
             lengths = [row["length"] for row in mine]
-            time_axis.plot(lengths, [row["median_s"] for row in mine], marker="o", label=name)
+            time_axis.plot(lengths, [row["median_s"] for row in mine], **styles[name])
             memory = [row["extra_peak_in_grads"] for row in mine]
-            memory_axis.plot(
-                lengths, [np.nan if m is None else m for m in memory], marker="o", label=name
-            )
+            memory_axis.plot(lengths, [np.nan if m is None else m for m in memory], **styles[name])
         for axis in (time_axis, memory_axis):
             axis.set_xscale("log", base=2)
             axis.set_xlabel("sequence length N")
+            axis.legend(fontsize="small")
         time_axis.set_yscale("log")
         time_axis.set_ylabel(f"{dtype}: median forward+backward time (s)")
         memory_axis.set_ylabel(f"{dtype}: extra peak memory (gradient buffers)")
-        time_axis.legend(fontsize="small")
     figure.suptitle(title)
+    return figure
+
+
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
+    """Save :func:`figure_of` ``rows`` to ``path`` (needs matplotlib)."""
+    figure = figure_of(rows, title)
+    import matplotlib.pyplot as plt
+
     figure.savefig(path, dpi=110)
     plt.close(figure)
