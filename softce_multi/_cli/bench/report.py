@@ -131,9 +131,9 @@ LINE_STYLES = ("-", "--", "-.", ":")
 
 def figure_of(rows: Sequence[dict[str, Any]], title: str) -> Any:
     """A :class:`matplotlib.figure.Figure` of time and extra memory against sequence length:
-    one row of panels per dtype, one line per implementation, drawn with the same marker and
-    line style in every panel (different for different implementations, so that lines at the
-    same values stay told apart), and a legend in each panel."""
+    one row of panels per dtype, one line per implementation, drawn with the same hollow marker
+    and line style in every panel (different for different implementations, so that lines at
+    the same values stay told apart), and a legend in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,6 +145,8 @@ def figure_of(rows: Sequence[dict[str, Any]], title: str) -> Any:
         name: {
             "marker": MARKERS[index % len(MARKERS)],
             "linestyle": LINE_STYLES[index % len(LINE_STYLES)],
+            "fillstyle": "none",
+            "markersize": 8,
             "label": name,
         }
         for index, name in enumerate(names)
