@@ -53,6 +53,7 @@ def masked_soft_cross_entropy(
     *,
     reduction: Reduction = "mean",
     num_valid: Array | float | None = None,
+    target_ids: Array | None = None,
 ) -> Array:
     """Masked soft-target cross entropy, the loss of EAGLE-3 draft models.
 
@@ -76,6 +77,15 @@ def masked_soft_cross_entropy(
         Replaces the denominator of ``"mean"``, for example the global count of valid positions
         under data parallelism, or ``batch * seq`` to reproduce the EAGLE/SpecForge reduction.
         A 0-d array stays on its device (it is never read on the host). 0 gives a loss of 0.
+    target_ids : integer array, shape ``[..., K]``, optional
+        Sparse (top-k) targets: ``target_probs`` is then ``[..., K]`` and holds the
+        probabilities of these vocabulary ids. The loss is exactly that of the dense targets
+        made by adding each ``target_probs[..., k]`` at ``target_ids[..., k]`` into zeros of
+        shape ``[..., V]`` (duplicate ids add up; the mass outside the ``K`` ids is simply
+        absent), but no ``[..., V]`` target is ever formed. A slot of probability 0 never
+        matters, whatever its id (``-1`` padding included); an id outside ``[0, V)`` with a
+        nonzero probability at a valid position makes that position's loss NaN. The gradient
+        to ``target_probs`` is the dense one gathered at the ids. See :doc:`sparse`.
 
     Returns
     -------
@@ -105,7 +115,7 @@ def masked_soft_cross_entropy(
     >>> round(float(sc.masked_soft_cross_entropy(logits, target, mask)), 6)
     0.169846
     """
-    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
     return _adapter(validate_inputs(inputs)).loss(inputs)
 
 
@@ -116,6 +126,7 @@ def masked_soft_cross_entropy_with_grad(
     *,
     reduction: Literal["mean", "sum"] = "mean",
     num_valid: Array | float | None = None,
+    target_ids: Array | None = None,
 ) -> tuple[Array, Array]:
     """Return the loss of :func:`masked_soft_cross_entropy` and its gradient to the logits.
 
@@ -124,7 +135,7 @@ def masked_soft_cross_entropy_with_grad(
 
     Parameters
     ----------
-    logits, target_probs, position_mask, num_valid
+    logits, target_probs, position_mask, num_valid, target_ids
         As in :func:`masked_soft_cross_entropy`.
     reduction : {"mean", "sum"}, default "mean"
         ``"none"`` is refused: it has no single gradient.
@@ -146,7 +157,7 @@ def masked_soft_cross_entropy_with_grad(
     >>> grad
     array([[-0.5,  0.5]])
     """
-    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
     xp = validate_inputs(inputs)
     check_reduction(reduction, with_grad=True)
     return _adapter(xp).loss_with_grad(inputs)
@@ -162,6 +173,7 @@ def linear_masked_soft_cross_entropy(
     reduction: Reduction = "mean",
     num_valid: Array | float | None = None,
     chunk_rows: int | None = None,
+    target_ids: Array | None = None,
 ) -> Array:
     """The loss of the logits ``hidden @ weight.T + bias``, without ever forming all of them.
 
@@ -192,6 +204,9 @@ def linear_masked_soft_cross_entropy(
         Rows per chunk. By default a chunk takes about 32 MiB in the computation dtype: its
         logits and their gradient side by side (131 rows of a 32000-token vocabulary in
         float32), or on PyTorch one buffer that takes the gradient over the logits (262 rows).
+    target_ids : integer array, shape ``[..., K]``, optional
+        Sparse targets, as in :func:`masked_soft_cross_entropy`: ``target_probs`` is then
+        ``[..., K]``, the probabilities of these ids of the vocabulary of ``weight``.
 
     Returns
     -------
@@ -222,7 +237,15 @@ def linear_masked_soft_cross_entropy(
     True
     """
     inputs = LinearLossInputs(
-        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        position_mask,
+        reduction,
+        num_valid,
+        chunk_rows,
+        target_ids,
     )
     return _adapter(validate_linear_inputs(inputs)).linear_loss(inputs)
 
@@ -237,6 +260,7 @@ def linear_masked_soft_cross_entropy_with_grad(
     reduction: Literal["mean", "sum"] = "mean",
     num_valid: Array | float | None = None,
     chunk_rows: int | None = None,
+    target_ids: Array | None = None,
 ) -> tuple[Array, LinearGradients]:
     """Return the loss of :func:`linear_masked_soft_cross_entropy` and its gradients.
 
@@ -245,7 +269,7 @@ def linear_masked_soft_cross_entropy_with_grad(
 
     Parameters
     ----------
-    hidden, weight, target_probs, position_mask, bias, num_valid, chunk_rows
+    hidden, weight, target_probs, position_mask, bias, num_valid, chunk_rows, target_ids
         As in :func:`linear_masked_soft_cross_entropy`.
     reduction : {"mean", "sum"}, default "mean"
         ``"none"`` is refused: it has no single gradient.
@@ -275,7 +299,15 @@ def linear_masked_soft_cross_entropy_with_grad(
     True
     """
     inputs = LinearLossInputs(
-        hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows
+        hidden,
+        weight,
+        bias,
+        target_probs,
+        position_mask,
+        reduction,
+        num_valid,
+        chunk_rows,
+        target_ids,
     )
     xp = validate_linear_inputs(inputs)
     check_reduction(reduction, with_grad=True)

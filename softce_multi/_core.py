@@ -281,16 +281,19 @@ class _RowsFields(NamedTuple):
     z: Array
     """The logits as ``[N, V]``, in their own dtype."""
     p: Array
-    """The targets as ``[N, V]``, in their own dtype."""
+    """The targets as ``[N, V]`` (``[N, K]`` with :attr:`ids`), in their own dtype."""
     weights: Array
     """The mask as ``[N]`` weights, in the computation dtype."""
     inv_den: Array
     """``1 / den`` as a 0-d array (see :func:`inverse_denominator`)."""
+    ids: Array | None = None
+    """The ids of sparse targets as ``[N, K]`` integers: ``p[n, k]`` is the target of the entry
+    ``ids[n, k]`` of row ``n``. None for dense targets."""
 
 
 class Rows(_RowsFields, WeightedRows):
     """The inputs as rows, with what every implementation derives from them before the pass:
-    ``Rows(z, p, weights, inv_den)``."""
+    ``Rows(z, p, weights, inv_den)``, and ``ids`` for sparse targets."""
 
     __slots__ = ()
 
@@ -303,17 +306,18 @@ def as_rows(
     reduction: str,
     num_valid: Array | float | None,
     xp: Namespace,
+    target_ids: Array | None = None,
 ) -> Rows:
     """Reshape validated inputs to rows and compute their weights and denominator."""
     dtype = compute_dtype(logits, target_probs, xp=xp)
-    vocab_size = logits.shape[-1]
     n_rows = math.prod(logits.shape[:-1])
     weights = xp.astype(xp.reshape(position_mask, (n_rows,)), dtype)
     return Rows(
-        xp.reshape(logits, (n_rows, vocab_size)),
-        xp.reshape(target_probs, (n_rows, vocab_size)),
+        _as_rows(logits, xp=xp),
+        _as_rows(target_probs, xp=xp),
         weights,
         inverse_denominator(weights, reduction, num_valid, xp=xp),
+        None if target_ids is None else _as_rows(target_ids, xp=xp),
     )
 
 
@@ -369,6 +373,8 @@ class BackwardRows(NamedTuple):
     """The row statistics of the forward pass."""
     row_scale: Array
     """``[N]`` ``d loss / d c_row``, already multiplied by the upstream gradient."""
+    ids: Array | None = None
+    """The ids of sparse targets, ``[N, K]``, as in :class:`Rows`; None for dense targets."""
 
 
 class GradientRoutine(Protocol):
@@ -415,6 +421,7 @@ def loss_pass(
     with_logits_grad: bool,
     row_routine: RowRoutine,
     xp: Namespace,
+    target_ids: Array | None = None,
 ) -> ForwardResult:
     """Compute the loss, and optionally ``d loss / d logits``, with one implementation's rows.
 
@@ -437,9 +444,18 @@ def loss_pass(
         :func:`softce_multi.kernels.blocked.blocked_row_routine`.
     xp
         The array namespace of the inputs.
+    target_ids
+        The ids of sparse targets (``target_probs`` and ``target_ids`` are then ``[..., K]``),
+        for a ``row_routine`` that takes them; None for dense targets.
     """
     rows = as_rows(
-        logits, target_probs, position_mask, reduction=reduction, num_valid=num_valid, xp=xp
+        logits,
+        target_probs,
+        position_mask,
+        reduction=reduction,
+        num_valid=num_valid,
+        xp=xp,
+        target_ids=target_ids,
     )
     if rows.z.shape[0] == 0:
         results = _empty_row_results(rows, with_logits_grad=with_logits_grad, xp=xp)
@@ -468,16 +484,19 @@ def gradient_pass(
     targets_grad: bool,
     gradient_routine: GradientRoutine,
     xp: Namespace,
+    target_ids: Array | None = None,
 ) -> tuple[Array | None, Array | None]:
     """Return the gradients asked for, from the row statistics ``saved`` by :func:`loss_pass`.
 
     ``row_scale`` is ``d loss / d c_row``: the forward's, times the upstream gradient. The
-    gradient to the logits has their dtype, that to the targets theirs; both have the logits'
-    shape. None stands for a gradient not asked for.
+    gradient to the logits has their dtype and shape, that to the targets theirs. None stands for
+    a gradient not asked for. With ``target_ids`` (sparse targets), ``gradient_routine`` must
+    take them.
     """
     if not (logits_grad or targets_grad):
         return None, None
     z, p = _as_rows(logits, xp=xp), _as_rows(target_probs, xp=xp)
+    ids = None if target_ids is None else _as_rows(target_ids, xp=xp)
     if z.shape[0] == 0:
         grads: tuple[Array | None, Array | None] = (
             xp.empty(z.shape, dtype=z.dtype, device=_device(z)) if logits_grad else None,
@@ -485,10 +504,14 @@ def gradient_pass(
         )
     else:
         grads = gradient_routine(
-            BackwardRows(z, p, saved, row_scale), logits_grad=logits_grad, targets_grad=targets_grad
+            BackwardRows(z, p, saved, row_scale, ids),
+            logits_grad=logits_grad,
+            targets_grad=targets_grad,
         )
-    return tuple(  # type: ignore[return-value]
-        None if grad is None else xp.reshape(grad, logits.shape) for grad in grads
+    grad_z, grad_p = grads
+    return (
+        None if grad_z is None else xp.reshape(grad_z, logits.shape),
+        None if grad_p is None else xp.reshape(grad_p, target_probs.shape),
     )
 
 

@@ -39,6 +39,8 @@ class LossInputs(NamedTuple):
     position_mask: Array
     reduction: str
     num_valid: Array | float | None
+    target_ids: Array | None = None
+    """The ids of sparse targets, ``[..., K]`` integers; None for dense targets."""
 
 
 class LinearLossInputs(NamedTuple):
@@ -56,6 +58,8 @@ class LinearLossInputs(NamedTuple):
     reduction: str
     num_valid: Array | float | None
     chunk_rows: int | None
+    target_ids: Array | None = None
+    """The ids of sparse targets, ``[..., K]`` integers; None for dense targets."""
 
 
 class LinearGradients(NamedTuple):

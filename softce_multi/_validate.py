@@ -175,8 +175,10 @@ def check_output_layer(hidden: Array, weight: Array, *, names: tuple[str, str], 
 
 def validate_inputs(inputs: LossInputs, /) -> Namespace:
     """Check the arguments of the loss and return their array namespace."""
-    logits, target_probs, position_mask, reduction, num_valid = inputs
+    logits, target_probs, position_mask, reduction, num_valid, target_ids = inputs
     arrays = {"logits": logits, "target_probs": target_probs, "position_mask": position_mask}
+    if target_ids is not None:
+        arrays["target_ids"] = target_ids
     if is_array(num_valid):
         arrays["num_valid"] = num_valid
     xp = namespace_of(**arrays)
@@ -188,7 +190,9 @@ def validate_inputs(inputs: LossInputs, /) -> Namespace:
     if len(shape) == 0 or shape[-1] == 0:
         msg = f"logits must have a non-empty vocabulary axis (the last one), got shape {shape}"
         raise ValueError(msg)
-    if tuple(target_probs.shape) != shape:
+    if target_ids is not None:
+        check_sparse_targets(xp, target_ids, target_probs, shape[:-1], positions="logits")
+    elif tuple(target_probs.shape) != shape:
         msg = (
             f"target_probs must have the shape of logits, got target_probs "
             f"{tuple(target_probs.shape)} and logits {shape}"
@@ -209,7 +213,8 @@ def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
     ``target_probs`` ``[..., V]`` over the positions of ``hidden``; the messages name the two
     arguments that disagree. ``chunk_rows`` is checked by :func:`check_chunk_rows`.
     """
-    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
+    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs[:8]
+    target_ids = inputs.target_ids
     arrays = {
         "hidden": hidden,
         "weight": weight,
@@ -218,6 +223,8 @@ def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
     }
     if bias is not None:
         arrays["bias"] = bias
+    if target_ids is not None:
+        arrays["target_ids"] = target_ids
     if is_array(num_valid):
         arrays["num_valid"] = num_valid
     xp = namespace_of(**arrays)
@@ -231,7 +238,9 @@ def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
         msg = f"weight must have a non-empty vocabulary axis (the first one), got {weight_shape}"
         raise ValueError(msg)
     logits_shape = (*hidden_shape[:-1], weight_shape[0])
-    if tuple(target_probs.shape) != logits_shape:
+    if target_ids is not None:
+        check_sparse_targets(xp, target_ids, target_probs, logits_shape[:-1], positions="hidden")
+    elif tuple(target_probs.shape) != logits_shape:
         msg = (
             f"target_probs must have shape {logits_shape}, the positions of hidden "
             f"{hidden_shape} by the vocabulary of weight {weight_shape}; got "
@@ -244,15 +253,43 @@ def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
             f"{weight_shape}; got {tuple(bias.shape)}"
         )
         raise ValueError(msg)
-    check_mask(
-        xp, position_mask, target_probs, mask_name="position_mask", logits_name="target_probs"
-    )
+    # The mask is checked against an array with the positions as leading axes.
+    positions, name = (target_probs, "target_probs") if target_ids is None else (hidden, "hidden")
+    check_mask(xp, position_mask, positions, mask_name="position_mask", logits_name=name)
 
     check_reduction(reduction, with_grad=False)
     dtype = compute_dtype(hidden, weight, bias, target_probs, xp=xp)
     check_num_valid(num_valid, reduction, xp=xp, dtype=dtype)
     check_chunk_rows(chunk_rows)
     return xp
+
+
+def check_sparse_targets(
+    xp: Namespace,
+    target_ids: Array,
+    target_probs: Array,
+    batch_shape: tuple[int, ...],
+    /,
+    *,
+    positions: str,
+) -> None:
+    """Check sparse targets: integer ``target_ids`` and ``target_probs`` of one shape
+    ``[..., K]``, whose leading axes are ``batch_shape``, the positions of the argument named
+    ``positions``."""
+    check_integer(xp, target_ids=target_ids)
+    ids_shape, probs_shape = tuple(target_ids.shape), tuple(target_probs.shape)
+    if ids_shape != probs_shape:
+        msg = (
+            f"target_ids must have the shape of target_probs ([..., K], one id per "
+            f"probability), got target_ids {ids_shape} and target_probs {probs_shape}"
+        )
+        raise ValueError(msg)
+    if probs_shape[:-1] != batch_shape or len(probs_shape) != len(batch_shape) + 1:
+        msg = (
+            f"target_ids and target_probs must have shape [..., K] with the positions "
+            f"{batch_shape} of {positions}, got {probs_shape}"
+        )
+        raise ValueError(msg)
 
 
 def check_chunk_rows(chunk_rows: Any, *, name: str = "chunk_rows") -> int | None:

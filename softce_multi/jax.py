@@ -22,6 +22,7 @@ def masked_soft_cross_entropy(
     *,
     reduction: Reduction = "mean",
     num_valid: jax.Array | float | None = None,
+    target_ids: jax.Array | None = None,
 ) -> jax.Array:
     """Masked soft-target cross entropy for JAX, differentiable with a custom VJP.
 
@@ -44,6 +45,9 @@ def masked_soft_cross_entropy(
     num_valid : jax.Array or float, optional
         Replaces the denominator of ``"mean"``: a number or a 0-d array (traced values are
         fine). 0 gives a loss of 0.
+    target_ids : jax.Array, shape ``[..., K]``, optional
+        Sparse targets: ``target_probs`` is then ``[..., K]``, the probabilities of these ids
+        (see :func:`softce_multi.masked_soft_cross_entropy`). They get no gradient.
 
     Returns
     -------
@@ -63,6 +67,6 @@ def masked_soft_cross_entropy(
     >>> grad.shape
     (2, 4, 16)
     """
-    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
     validate_inputs(inputs)
     return _adapter.loss(inputs)

@@ -35,6 +35,7 @@ def masked_soft_cross_entropy(
     *,
     reduction: Reduction = "mean",
     num_valid: torch.Tensor | float | None = None,
+    target_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Masked soft-target cross entropy for torch tensors, differentiable with autograd.
 
@@ -54,7 +55,7 @@ def masked_soft_cross_entropy(
     >>> bool(logits.grad[0, 3:].eq(0).all())
     True
     """
-    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
     validate_inputs(inputs)
     return _adapter.loss(inputs)
 
@@ -92,10 +93,18 @@ class MaskedSoftCrossEntropy(torch.nn.Module):
         position_mask: torch.Tensor,
         *,
         num_valid: torch.Tensor | float | None = None,
+        target_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return the loss; ``num_valid`` replaces the denominator of ``"mean"``."""
+        """Return the loss; ``num_valid`` replaces the denominator of ``"mean"``, and with
+        ``target_ids`` the targets are sparse (see
+        :func:`softce_multi.masked_soft_cross_entropy`)."""
         return masked_soft_cross_entropy(
-            logits, target_probs, position_mask, reduction=self.reduction, num_valid=num_valid
+            logits,
+            target_probs,
+            position_mask,
+            reduction=self.reduction,
+            num_valid=num_valid,
+            target_ids=target_ids,
         )
 
     def extra_repr(self) -> str:
@@ -145,8 +154,11 @@ class LinearMaskedSoftCrossEntropy(torch.nn.Module):
         *,
         bias: torch.Tensor | None = None,
         num_valid: torch.Tensor | float | None = None,
+        target_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Return the loss; ``num_valid`` replaces the denominator of ``"mean"``."""
+        """Return the loss; ``num_valid`` replaces the denominator of ``"mean"``, and with
+        ``target_ids`` the targets are sparse (see
+        :func:`softce_multi.masked_soft_cross_entropy`)."""
         inputs = LinearLossInputs(
             hidden,
             weight,
@@ -156,6 +168,7 @@ class LinearMaskedSoftCrossEntropy(torch.nn.Module):
             self.reduction,
             num_valid,
             self.chunk_rows,
+            target_ids,
         )
         validate_linear_inputs(inputs)
         return _adapter.linear_loss(inputs)

@@ -17,6 +17,7 @@ from softce_multi import _core, _linear
 from softce_multi._types import Array, LinearGradients, LinearLossInputs, LossInputs, Namespace
 from softce_multi.kernels import blocked
 from softce_multi.kernels import numpy as numpy_kernels
+from softce_multi.kernels import sparse as sparse_kernels
 
 
 def loss(inputs: LossInputs, /) -> Array:
@@ -32,7 +33,7 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[Array, Array]:
 
 def _loss_pass(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardResult:
     """The core's loss pass (:func:`softce_multi._core.loss_pass`) with the library's routine."""
-    logits, target_probs, position_mask, reduction, num_valid = inputs
+    logits, target_probs, position_mask, reduction, num_valid, target_ids = inputs
     xp = array_api_compat.array_namespace(logits)
     # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
     # (under NumPy and array-api-strict) would still warn about computing it.
@@ -44,17 +45,21 @@ def _loss_pass(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardRe
             reduction=reduction,
             num_valid=num_valid,
             with_logits_grad=with_logits_grad,
-            row_routine=_row_routine(logits.shape[-1], xp=xp),
+            row_routine=_row_routine(logits.shape[-1], sparse=target_ids is not None, xp=xp),
             xp=xp,
+            target_ids=target_ids,
         )
 
 
-def _row_routine(vocab_size: int, *, xp: Namespace) -> _core.RowRoutine:
+def _row_routine(vocab_size: int, *, sparse: bool, xp: Namespace) -> _core.RowRoutine:
     """The row routine for rows of ``vocab_size`` entries of the namespace ``xp``.
 
+    Sparse targets get :func:`softce_multi.kernels.sparse.sparse_row_routine`. For dense ones,
     NumPy gets its in-place routine (:mod:`softce_multi.kernels.numpy`); every other library,
     array-api-strict and CuPy among them, the blocked core.
     """
+    if sparse:
+        return sparse_kernels.sparse_row_routine(_core.default_block_rows(vocab_size), xp=xp)
     if array_api_compat.is_numpy_namespace(xp):
         return numpy_kernels.row_routine
     return blocked.blocked_row_routine(_core.default_block_rows(vocab_size), xp=xp)
@@ -82,6 +87,8 @@ def _linear_loss_pass(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.
             hidden_grad=with_grads,
             weight_grad=with_grads,
             bias_grad=with_grads and inputs.bias is not None,
-            row_routine=_row_routine(inputs.weight.shape[0], xp=xp),
+            row_routine=_row_routine(
+                inputs.weight.shape[0], sparse=inputs.target_ids is not None, xp=xp
+            ),
             xp=xp,
         )

@@ -59,6 +59,7 @@ from softce_multi._adapters.torch_shared import (
     scaled_exactly,
 )
 from softce_multi._types import LossInputs
+from softce_multi.kernels import torch_sparse
 
 __all__ = ["linear_loss", "linear_loss_with_grad", "loss", "loss_with_grad"]
 
@@ -91,6 +92,7 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
 def _loss_pass(inputs: LossInputs, /, *, with_logits_grad: bool) -> _core.ForwardResult:
     """The core's loss pass (:func:`softce_multi._core.loss_pass`) over torch rows, with the
     per-row work of :func:`~softce_multi._adapters.torch_shared.row_routine`."""
+    sparse = inputs.target_ids is not None
     return _core.loss_pass(
         inputs.logits,
         inputs.target_probs,
@@ -98,8 +100,9 @@ def _loss_pass(inputs: LossInputs, /, *, with_logits_grad: bool) -> _core.Forwar
         reduction=inputs.reduction,
         num_valid=inputs.num_valid,
         with_logits_grad=with_logits_grad,
-        row_routine=row_routine,
+        row_routine=torch_sparse.row_routine if sparse else row_routine,
         xp=array_api_compat.array_namespace(inputs.logits),
+        target_ids=inputs.target_ids,
     )
 
 
@@ -120,29 +123,33 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         position_mask: Tensor,
         reduction: str,
         num_valid: Tensor | float | None,
+        target_ids: Tensor | None,
         with_logits_grad: bool,
     ) -> tuple[Tensor, ...]:
-        inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid)
+        inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
         result = _loss_pass(inputs, with_logits_grad=with_logits_grad)
         logits_grad = logits.new_empty(0) if result.logits_grad is None else result.logits_grad
         return (result.loss, logits_grad, result.row_scale, *result.saved)
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        logits, target_probs, _, reduction, _, with_logits_grad = inputs
+        logits, target_probs, _, reduction, _, target_ids, with_logits_grad = inputs
         _, logits_grad, row_scale, *saved = output
         ctx.mark_non_differentiable(logits_grad, row_scale, *saved)
         ctx.set_materialize_grads(False)
         ctx.reduction = reduction
         ctx.has_logits_grad = with_logits_grad
-        ctx.save_for_backward(logits, target_probs, row_scale, logits_grad, *saved)
+        ctx.sparse = target_ids is not None
+        ids = target_ids if ctx.sparse else logits.new_empty(0)
+        ctx.save_for_backward(logits, target_probs, ids, row_scale, logits_grad, *saved)
 
     @staticmethod
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        nothing = (None,) * 6
+        nothing = (None,) * 7
         if grad_loss is None:
             return nothing
-        logits, target_probs, row_scale, logits_grad, *saved_rows = ctx.saved_tensors
+        logits, target_probs, ids, row_scale, logits_grad, *saved_rows = ctx.saved_tensors
+        target_ids = ids if ctx.sparse else None
         upstream = _core.upstream_per_row(grad_loss, ctx.reduction, xp=torch)
         wants_logits, wants_targets = ctx.needs_input_grad[:2]
         if torch.is_grad_enabled():
@@ -153,6 +160,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
                 upstream,
                 logits_grad=wants_logits,
                 targets_grad=wants_targets,
+                target_ids=target_ids,
             )
             return grad_z, grad_p, *nothing[2:]
         grad_z = None
@@ -166,8 +174,9 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
             row_scale * upstream,
             logits_grad=wants_logits and grad_z is None,
             targets_grad=wants_targets,
-            gradient_routine=gradient_routine,
+            gradient_routine=torch_sparse.gradient_routine if ctx.sparse else gradient_routine,
             xp=array_api_compat.array_namespace(logits),
+            target_ids=target_ids,
         )
         return (recomputed if grad_z is None else grad_z), grad_p, *nothing[2:]
 
@@ -180,6 +189,7 @@ def _differentiable_gradients(
     *,
     logits_grad: bool,
     targets_grad: bool,
+    target_ids: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None]:
     """The gradients of the loss as differentiable torch operations of the inputs.
 
@@ -201,12 +211,23 @@ def _differentiable_gradients(
         The upstream gradient: 0-d, or ``[N]`` for ``"none"``.
     logits_grad, targets_grad : bool
         Which gradients to compute (None for the other).
+    target_ids : Tensor, shape ``[..., K]``, optional
+        The ids of sparse targets (``target_probs`` is then ``[..., K]``). This path, for
+        derivatives of the gradient only, scatters them into dense ``[N, V]`` targets and
+        gathers the targets gradient back at the ids.
     """
     vocab_size = logits.shape[-1]
     dtype = row_scale.dtype
     live = (row_scale != 0)[:, None]
     z = torch.where(live, logits.reshape(-1, vocab_size).to(dtype), 0.0)
-    p = torch.where(live, target_probs.reshape(-1, vocab_size).to(dtype), 0.0)
+    probs = target_probs.reshape(-1, target_probs.shape[-1]).to(dtype)
+    if target_ids is not None:
+        ids = target_ids.reshape(probs.shape).long()
+        valid = (ids >= 0) & (ids < vocab_size)
+        mass = torch.where(probs == 0, 0.0, torch.where(valid, probs, torch.nan))
+        safe_ids = torch.where(valid, ids, 0)
+        probs = torch.zeros_like(z).scatter_add(1, safe_ids, mass)
+    p = torch.where(live, probs, 0.0)
     defined = z.amax(dim=-1, keepdim=True).isfinite()
     z = torch.where(defined, z, 0.0)
     scale = (row_scale * upstream)[:, None]
@@ -219,5 +240,9 @@ def _differentiable_gradients(
         grad_z = rows.to(logits.dtype).reshape(logits.shape)
     if targets_grad:
         rows = torch.where(defined, -scale * torch.log_softmax(z, dim=-1), torch.nan)
+        if target_ids is not None:
+            sparse_probs = target_probs.reshape(-1, target_probs.shape[-1])
+            rows = rows.gather(1, safe_ids)
+            rows = torch.where(valid, rows, torch.where(sparse_probs == 0, 0.0, torch.nan))
         grad_p = rows.to(target_probs.dtype).reshape(target_probs.shape)
     return grad_z, grad_p

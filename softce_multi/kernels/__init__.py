@@ -86,6 +86,7 @@ __all__ = [
     "empty_gradient_outputs",
     "empty_row_outputs",
     "empty_row_statistics",
+    "folded_batch_rule",
     "launch_config",
     "register_operator_rules",
     "run_gradient_operator",
@@ -324,9 +325,9 @@ def register_operator_rules(
     row_operator_over_logits.register_fake(row_over_logits_fake)
     gradient_operator.register_fake(gradient_fake)
     gradient_operator_over_logits.register_fake(gradient_over_logits_fake)
-    row_operator.register_vmap(_folded_batch_rule(row_operator, n_tensors=4))
+    row_operator.register_vmap(folded_batch_rule(row_operator, n_tensors=4))
     gradient_operator.register_vmap(
-        _folded_batch_rule(gradient_operator, n_tensors=2 + _N_SAVED_AND_SCALE)
+        folded_batch_rule(gradient_operator, n_tensors=2 + _N_SAVED_AND_SCALE)
     )
 
 
@@ -335,8 +336,9 @@ def register_operator_rules(
 _N_SAVED_AND_SCALE = len(_core.SavedRows._fields) + 1
 
 
-def _folded_batch_rule(operator: Callable[..., Any], *, n_tensors: int) -> Callable[..., Any]:
-    """The vmap rule of an operator whose first ``n_tensors`` arguments are row tensors."""
+def folded_batch_rule(operator: Callable[..., Any], *, n_tensors: int) -> Callable[..., Any]:
+    """The vmap rule of an operator whose first ``n_tensors`` arguments are row tensors (its
+    outputs too): the batch is folded into the rows, which are independent."""
 
     def rule(info: Any, in_dims: Sequence[int | None], *args: Any) -> tuple[Any, Any]:
         tensors = _fold_batch(info.batch_size, args[:n_tensors], in_dims[:n_tensors])
