@@ -83,11 +83,13 @@ class _LinearRowsFields(NamedTuple):
     bias: Array | None
     """``[V]`` in the matmul dtype, or None."""
     p: Array
-    """The targets as ``[N, V]``, in their own dtype."""
+    """The targets as ``[N, V]`` (``[N, K]`` with :attr:`ids`), in their own dtype."""
     weights: Array
     """The mask as ``[N]`` weights, in the computation dtype."""
     inv_den: Array
     """``1 / den`` as a 0-d array (see :func:`softce_multi._core.inverse_denominator`)."""
+    ids: Array | None = None
+    """The ids of sparse targets, ``[N, K]`` (see :class:`softce_multi._core.Rows`)."""
 
 
 class LinearRows(_LinearRowsFields, _core.WeightedRows):
@@ -118,6 +120,7 @@ def as_linear_rows(
     num_valid: Array | float | None,
     xp: Namespace,
     matmul_dtype: Any = None,
+    target_ids: Array | None = None,
 ) -> LinearRows:
     """Lay out validated inputs as rows; ``weight`` and ``bias`` in the matmul dtype.
 
@@ -133,9 +136,10 @@ def as_linear_rows(
         xp.reshape(hidden, (n_rows, hidden.shape[-1])),
         xp.astype(weight, matmul_dtype, copy=False),
         None if bias is None else xp.astype(bias, matmul_dtype, copy=False),
-        xp.reshape(target_probs, (n_rows, weight.shape[0])),
+        xp.reshape(target_probs, (n_rows, target_probs.shape[-1])),
         weights,
         _core.inverse_denominator(weights, reduction, num_valid, xp=xp),
+        None if target_ids is None else xp.reshape(target_ids, (n_rows, target_ids.shape[-1])),
     )
 
 
@@ -288,8 +292,9 @@ def chunked_loss_pass(
         num_valid=inputs.num_valid,
         xp=xp,
         matmul_dtype=matmul_dtype,
+        target_ids=inputs.target_ids,
     )
-    n_rows, vocab_size = rows.p.shape
+    n_rows, vocab_size = rows.p.shape[0], rows.weight.shape[0]
     hidden_size = rows.hidden.shape[1]
     dtype = rows.weights.dtype
     chunk = inputs.chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
@@ -314,11 +319,9 @@ def chunked_loss_pass(
     def step(start: Any, size: int, state: _ForwardState) -> _ForwardState:
         weights = loop.get(rows.weights, (start,), (size,))
         hidden = _live_rows(loop.get(rows.hidden, (start, 0), (size, hidden_size)), weights, xp=xp)
+        targets, ids = _target_rows(rows, start, size, loop)
         piece = _core.Rows(
-            logits(hidden, rows.weight, rows.bias),
-            loop.get(rows.p, (start, 0), (size, vocab_size)),
-            weights,
-            rows.inv_den,
+            logits(hidden, rows.weight, rows.bias), targets, weights, rows.inv_den, ids
         )
         results = row_routine(piece, with_logits_grad=wants_grads)
         del piece  # the chunk's logits are no longer needed
@@ -371,6 +374,7 @@ def chunked_gradient_pass(
     logits_copies: int = 2,
     matmul_dtype: Any = None,
     fresh: Fresh | None = None,
+    target_ids: Array | None = None,
 ) -> tuple[LinearGradients | None, Array | None]:
     """Recompute the logits chunk by chunk and return the gradients asked for.
 
@@ -380,7 +384,8 @@ def chunked_gradient_pass(
     logits, to the last bit (the saved statistics are theirs); ``fresh`` is as in
     :func:`chunked_loss_pass`. Returns the :class:`~softce_multi._types.LinearGradients` (None in a
     field not asked for; None altogether if none of the three is) and the gradient to
-    ``target_probs`` in its dtype and shape (None if not asked for).
+    ``target_probs`` in its dtype and shape (None if not asked for). With ``target_ids`` (sparse
+    targets), ``gradient_routine`` must take them.
     """
     wants_grads = hidden_grad or weight_grad or bias_grad
     add = add or functools.partial(add_product, xp=xp)
@@ -398,8 +403,9 @@ def chunked_gradient_pass(
         num_valid=None,
         xp=xp,
         matmul_dtype=matmul_dtype,
+        target_ids=target_ids,
     )
-    n_rows, vocab_size = rows.p.shape
+    n_rows, vocab_size = rows.p.shape[0], rows.weight.shape[0]
     hidden_size = rows.hidden.shape[1]
     dtype = row_scale.dtype
     chunk = chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
@@ -413,11 +419,13 @@ def chunked_gradient_pass(
     def step(start: Any, size: int, state: _BackwardState) -> _BackwardState:
         scale = loop.get(row_scale, (start,), (size,))
         hidden = _live_rows(loop.get(rows.hidden, (start, 0), (size, hidden_size)), scale, xp=xp)
+        targets, ids = _target_rows(rows, start, size, loop)
         block = _core.BackwardRows(
             logits(hidden, rows.weight, rows.bias),
-            loop.get(rows.p, (start, 0), (size, vocab_size)),
+            targets,
             _core.SavedRows(*(loop.get(field, (start,), (size,)) for field in saved)),
             scale,
+            ids,
         )
         grad_z, grad_p = gradient_routine(block, logits_grad=wants_grads, targets_grad=targets_grad)
         del block
@@ -461,6 +469,16 @@ class _BackwardState(NamedTuple):
 
     grads: LinearGradients | None
     grad_targets: Array | None
+
+
+def _target_rows(
+    rows: LinearRows, start: Any, size: int, loop: _chunks.Loop
+) -> tuple[Array, Array | None]:
+    """The targets of the chunk of ``size`` rows at ``start``, and their ids if sparse."""
+    width = rows.p.shape[1]
+    targets = loop.get(rows.p, (start, 0), (size, width))
+    ids = None if rows.ids is None else loop.get(rows.ids, (start, 0), (size, width))
+    return targets, ids
 
 
 def _live_rows(hidden: Array, scale: Array, *, xp: Namespace) -> Array:

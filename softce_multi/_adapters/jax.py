@@ -31,9 +31,11 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from softce_multi import _core, _linear, kernels
 from softce_multi._types import LinearLossInputs, LossInputs
+from softce_multi.kernels import sparse as sparse_kernels
 from softce_multi.kernels import xla as xla_kernels
 
 __all__ = [
@@ -58,7 +60,9 @@ def loss(inputs: LossInputs, /) -> jax.Array:
     outer ``jax.jit`` it is inlined.
     """
     weights, count = _constants(inputs)
-    return _jitted_loss(inputs.logits, inputs.target_probs, weights, count, inputs.reduction)
+    return _jitted_loss(
+        inputs.logits, inputs.target_probs, weights, count, inputs.target_ids, inputs.reduction
+    )
 
 
 def loss_with_grad(inputs: LossInputs, /) -> tuple[jax.Array, jax.Array]:
@@ -68,7 +72,7 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[jax.Array, jax.Array]:
     """
     weights, count = _constants(inputs)
     result = _jitted_forward_with_grad(
-        inputs.logits, inputs.target_probs, weights, count, inputs.reduction
+        inputs.logits, inputs.target_probs, weights, count, inputs.target_ids, inputs.reduction
     )
     assert result.logits_grad is not None  # requested with with_logits_grad=True
     return result.loss, result.logits_grad
@@ -83,15 +87,18 @@ def _constants(inputs: LossInputs) -> tuple[jax.Array, jax.Array | None]:
     return weights, count
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def _loss(
     logits: jax.Array,
     target_probs: jax.Array,
     weights: jax.Array,
     count: jax.Array | None,
+    target_ids: jax.Array | None,
     reduction: str,
 ) -> jax.Array:
-    return _loss_pass(logits, target_probs, weights, count, reduction, with_logits_grad=False).loss
+    return _loss_pass(
+        logits, target_probs, weights, count, target_ids, reduction, with_logits_grad=False
+    ).loss
 
 
 def _loss_pass(
@@ -99,11 +106,13 @@ def _loss_pass(
     target_probs: jax.Array,
     weights: jax.Array,
     count: jax.Array | None,
+    target_ids: jax.Array | None,
     reduction: str,
     *,
     with_logits_grad: bool,
 ) -> _core.ForwardResult:
-    """The driver of the core with the per-row work of the platform (Pallas or the core)."""
+    """The driver of the core with the per-row work of the platform (Pallas or the core), or
+    that of sparse targets (:data:`sparse_row_routine`) with ``target_ids``."""
     return _core.loss_pass(
         logits,
         target_probs,
@@ -111,9 +120,16 @@ def _loss_pass(
         reduction=reduction,
         num_valid=count,
         with_logits_grad=with_logits_grad,
-        row_routine=row_routine,
+        row_routine=row_routine if target_ids is None else sparse_row_routine,
         xp=jnp,
+        target_ids=target_ids,
     )
+
+
+#: The routines of sparse targets: the generic ones of :mod:`softce_multi.kernels.sparse`, over
+#: all rows at once (XLA fuses them).
+sparse_row_routine = sparse_kernels.sparse_row_routine(None, xp=jnp)
+sparse_gradient_routine = sparse_kernels.sparse_gradient_routine(None, xp=jnp)
 
 
 def row_routine(
@@ -151,19 +167,23 @@ def _loss_fwd(
     target_probs: jax.Array,
     weights: jax.Array,
     count: jax.Array | None,
+    target_ids: jax.Array | None,
     reduction: str,
 ) -> tuple[jax.Array, tuple[Any, ...]]:
-    result = _loss_pass(logits, target_probs, weights, count, reduction, with_logits_grad=False)
-    residuals = (logits, target_probs, result.saved, result.row_scale, weights, count)
+    result = _loss_pass(
+        logits, target_probs, weights, count, target_ids, reduction, with_logits_grad=False
+    )
+    residuals = (logits, target_probs, result.saved, result.row_scale, weights, count, target_ids)
     return result.loss, residuals
 
 
 def _loss_bwd(
     reduction: str, residuals: tuple[Any, ...], grad_output: jax.Array
 ) -> tuple[Any, ...]:
-    logits, target_probs, saved, row_scale, weights, count = residuals
+    logits, target_probs, saved, row_scale, weights, count, target_ids = residuals
     upstream = _core.upstream_per_row(grad_output, reduction, xp=jnp)
     row_scale = row_scale * upstream
+    routine = gradient_routine if target_ids is None else sparse_gradient_routine
     # One computation per gradient, so that jit drops the one that is not used.
     grad_logits, _ = _core.gradient_pass(
         logits,
@@ -172,8 +192,9 @@ def _loss_bwd(
         row_scale,
         logits_grad=True,
         targets_grad=False,
-        gradient_routine=gradient_routine,
+        gradient_routine=routine,
         xp=jnp,
+        target_ids=target_ids,
     )
     _, grad_targets = _core.gradient_pass(
         logits,
@@ -182,11 +203,12 @@ def _loss_bwd(
         row_scale,
         logits_grad=False,
         targets_grad=True,
-        gradient_routine=gradient_routine,
+        gradient_routine=routine,
         xp=jnp,
+        target_ids=target_ids,
     )
     zero_count = None if count is None else jnp.zeros_like(count)
-    return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
+    return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count, _no_cotangent(target_ids)
 
 
 def _xla_routine(routine: Callable[..., Any], rows: Any, *, whole: bool) -> Callable[..., Any]:
@@ -216,10 +238,17 @@ def _per_platform(
     return jax.lax.platform_dependent(rows, default=functools.partial(core, **flags), **branches)
 
 
+def _no_cotangent(target_ids: jax.Array | None) -> Any:
+    """The cotangent of integer ``target_ids`` (``float0`` zeros), or None without them."""
+    if target_ids is None:
+        return None
+    return np.zeros(target_ids.shape, dtype=jax.dtypes.float0)
+
+
 _loss.defvjp(_loss_fwd, _loss_bwd)
-_jitted_loss = jax.jit(_loss, static_argnums=4)
+_jitted_loss = jax.jit(_loss, static_argnums=5)
 _jitted_forward_with_grad = jax.jit(
-    functools.partial(_loss_pass, with_logits_grad=True), static_argnums=4
+    functools.partial(_loss_pass, with_logits_grad=True), static_argnums=5
 )
 
 
@@ -255,6 +284,8 @@ class LinearArrays(NamedTuple):
     """The mask as ``[N]`` weights, a constant of the computation dtype."""
     num_valid: jax.Array | None
     """``num_valid`` as a constant of the computation dtype, or None."""
+    target_ids: jax.Array | None = None
+    """The ids of sparse targets (``target_probs`` is then ``[..., K]``), or None."""
 
 
 def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
@@ -267,14 +298,15 @@ def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     array (``memory_analysis`` of the step says so), and the longer chunks read the weight, and
     write its gradient, half as often per row.
     """
-    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
+    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs[:8]
     dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
     weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     if chunk_rows is None:
         chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp, copies=1)
     chunk = max(1, min(chunk_rows, math.prod(hidden.shape[:-1])))
-    return LinearArrays(hidden, weight, bias, target_probs, weights, count), reduction, chunk
+    arrays = LinearArrays(hidden, weight, bias, target_probs, weights, count, inputs.target_ids)
+    return arrays, reduction, chunk
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -311,7 +343,13 @@ def _linear_loss_bwd(
     zero_count = None if count is None else jnp.zeros_like(count)
     grad_hidden, grad_weight, grad_bias = grads
     cotangents = LinearArrays(
-        grad_hidden, grad_weight, grad_bias, grad_targets, jnp.zeros_like(weights), zero_count
+        grad_hidden,
+        grad_weight,
+        grad_bias,
+        grad_targets,
+        jnp.zeros_like(weights),
+        zero_count,
+        _no_cotangent(arrays.target_ids),
     )
     return (cotangents,)
 
@@ -325,14 +363,17 @@ def _linear_loss_pass(
 ) -> _linear.LinearForwardResult:
     """The loss, the saved rows and optionally the three gradients: the driver of
     :mod:`softce_multi._linear`, a ``lax.scan`` over chunks, with this adapter's row routine."""
-    hidden, weight, bias, target_probs, weights, count = arrays
-    inputs = LinearLossInputs(hidden, weight, bias, target_probs, weights, reduction, count, chunk)
+    hidden, weight, bias, target_probs, weights, count, target_ids = arrays
+    inputs = LinearLossInputs(
+        hidden, weight, bias, target_probs, weights, reduction, count, chunk, target_ids
+    )
+    whole_rows = functools.partial(row_routine, whole=True)
     return _linear.chunked_loss_pass(
         inputs,
         hidden_grad=with_grads,
         weight_grad=with_grads,
         bias_grad=with_grads,
-        row_routine=functools.partial(row_routine, whole=True),
+        row_routine=whole_rows if target_ids is None else sparse_row_routine,
         xp=jnp,
     )
 
@@ -357,7 +398,8 @@ def linear_gradient_pass(
     ``row_scale`` includes the upstream gradient; ``fresh`` is the driver's hook for the
     accumulators (the vocabulary-parallel loss types them as varying over mesh axes).
     """
-    hidden, weight, bias, target_probs, _, _ = arrays
+    hidden, weight, bias, target_probs = arrays[:4]
+    whole_rows = functools.partial(gradient_routine, whole=True)
     grads, grad_targets = _linear.chunked_gradient_pass(
         hidden,
         weight,
@@ -370,8 +412,9 @@ def linear_gradient_pass(
         bias_grad=not targets,
         targets_grad=targets,
         chunk_rows=chunk,
-        gradient_routine=functools.partial(gradient_routine, whole=True),
+        gradient_routine=whole_rows if arrays.target_ids is None else sparse_gradient_routine,
         xp=jnp,
         fresh=fresh,
+        target_ids=arrays.target_ids,
     )
     return grad_targets if targets else grads

@@ -24,6 +24,7 @@ adapter (:mod:`softce_multi._adapters.torch`).
 from __future__ import annotations
 
 import math
+from types import ModuleType
 from typing import Any
 
 import array_api_compat
@@ -41,6 +42,7 @@ from softce_multi._adapters.torch_shared import (
     scaled_exactly,
 )
 from softce_multi._types import LinearGradients, LinearLossInputs
+from softce_multi.kernels import torch_sparse
 
 
 def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
@@ -80,13 +82,14 @@ def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
     ``num_valid`` goes in as a tensor or as a number, two arguments: an operator's schema
     takes no union of the two. The last one is the :func:`autocast_dtype` of the matmuls.
     """
-    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs
+    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs[:8]
     is_tensor = isinstance(num_valid, Tensor)
     return (
         hidden,
         weight,
         bias,
         target_probs,
+        inputs.target_ids,
         position_mask,
         num_valid if is_tensor else None,
         None if is_tensor or num_valid is None else float(num_valid),
@@ -102,6 +105,7 @@ def linear_forward(
     weight: Tensor,
     bias: Tensor | None,
     target_probs: Tensor,
+    target_ids: Tensor | None,
     position_mask: Tensor,
     num_valid: Tensor | None,
     num_valid_number: float | None,
@@ -122,8 +126,9 @@ def linear_forward(
 
     Parameters
     ----------
-    hidden, weight, bias, target_probs, position_mask, reduction, chunk_rows
-        Validated inputs, as in :func:`softce_multi.linear_masked_soft_cross_entropy`.
+    hidden, weight, bias, target_probs, target_ids, position_mask, reduction, chunk_rows
+        Validated inputs, as in :func:`softce_multi.linear_masked_soft_cross_entropy`
+        (``target_ids`` None for dense targets).
     num_valid, num_valid_number
         ``num_valid`` as a tensor or as a number; None for both without it.
     matmul_dtype
@@ -149,6 +154,7 @@ def linear_forward(
         reduction,
         num_valid if num_valid is not None else num_valid_number,
         chunk_rows,
+        target_ids,
     )
     with torch.no_grad(), _explicit_dtypes(hidden):
         result = _linear.chunked_loss_pass(
@@ -156,7 +162,7 @@ def linear_forward(
             hidden_grad=hidden_grad,
             weight_grad=weight_grad,
             bias_grad=bias_grad,
-            row_routine=kernels_for(hidden).row_routine_over_logits,
+            row_routine=_routines(hidden, target_ids).row_routine_over_logits,
             xp=array_api_compat.array_namespace(hidden),
             add=add_product,
             logits=LogitsBuffer(),
@@ -174,6 +180,7 @@ def _(
     weight: Tensor,
     bias: Tensor | None,
     target_probs: Tensor,
+    target_ids: Tensor | None,
     position_mask: Tensor,
     num_valid: Tensor | None,
     num_valid_number: float | None,
@@ -198,6 +205,7 @@ def linear_backward(
     weight: Tensor,
     bias: Tensor | None,
     target_probs: Tensor,
+    target_ids: Tensor | None,
     row_max: Tensor,
     log_sum_exp: Tensor,
     target_sum: Tensor,
@@ -231,12 +239,13 @@ def linear_backward(
             bias_grad=bias_grad and bias is not None,
             targets_grad=targets_grad,
             chunk_rows=chunk_rows,
-            gradient_routine=kernels_for(hidden).gradient_routine_over_logits,
+            gradient_routine=_routines(hidden, target_ids).gradient_routine_over_logits,
             xp=array_api_compat.array_namespace(hidden),
             add=add_product,
             logits=LogitsBuffer(),
             logits_copies=1,
             matmul_dtype=matmul_dtype,
+            target_ids=target_ids,
         )
     made = grads or LinearGradients(None, None, None)
     return tuple(  # type: ignore[return-value]
@@ -250,6 +259,7 @@ def _(
     weight: Tensor,
     bias: Tensor | None,
     target_probs: Tensor,
+    target_ids: Tensor | None,
     row_max: Tensor,
     log_sum_exp: Tensor,
     target_sum: Tensor,
@@ -264,6 +274,12 @@ def _(
     grads = _empty_linear_gradients(hidden, weight, bias, (hidden_grad, weight_grad, bias_grad))
     grad_targets = target_probs.new_empty(target_probs.shape if targets_grad else (0,))
     return (*grads, grad_targets)
+
+
+def _routines(hidden: Tensor, target_ids: Tensor | None) -> ModuleType:
+    """The kernel module whose in-place routines run the chunks: that of sparse targets
+    (:mod:`softce_multi.kernels.torch_sparse`) with ``target_ids``, else :func:`kernels_for`."""
+    return kernels_for(hidden) if target_ids is None else torch_sparse
 
 
 def _explicit_dtypes(tensor: Tensor) -> Any:
@@ -301,6 +317,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         target_probs: Tensor,
+        target_ids: Tensor | None,
         position_mask: Tensor,
         num_valid: Tensor | None,
         num_valid_number: float | None,
@@ -315,6 +332,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
                 weight,
                 bias,
                 target_probs,
+                target_ids,
                 position_mask,
                 num_valid,
                 num_valid_number,
@@ -327,8 +345,8 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        hidden, weight, bias, target_probs = inputs[:4]
-        reduction, chunk_rows, matmul_dtype, wanted = inputs[7:]
+        hidden, weight, bias, target_probs, target_ids = inputs[:5]
+        reduction, chunk_rows, matmul_dtype, wanted = inputs[8:]
         _, *made, row_scale = output[:5]
         saved = output[5:]
         ctx.mark_non_differentiable(*output[1:])
@@ -337,15 +355,17 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         ctx.chunk_rows = chunk_rows
         ctx.matmul_dtype = matmul_dtype
         ctx.made = wanted
-        ctx.save_for_backward(hidden, weight, bias, target_probs, row_scale, *made, *saved)
+        ctx.sparse = target_ids is not None
+        ids = target_ids if ctx.sparse else hidden.new_empty(0)
+        ctx.save_for_backward(hidden, weight, bias, target_probs, ids, row_scale, *made, *saved)
 
     @staticmethod
     @differentiable_once
     def backward(ctx: Any, grad_loss: Tensor | None, *_: Any) -> tuple[Tensor | None, ...]:
-        nothing: tuple[None, ...] = (None,) * 11
+        nothing: tuple[None, ...] = (None,) * 12
         if grad_loss is None:
             return nothing
-        hidden, weight, bias, target_probs, row_scale, *rest = ctx.saved_tensors
+        hidden, weight, bias, target_probs, ids, row_scale, *rest = ctx.saved_tensors
         made, saved = rest[:3], rest[3:]
         wants = ctx.needs_input_grad[:4]
         upstream = _core.upstream_per_row(grad_loss, ctx.reduction, xp=torch)
@@ -363,6 +383,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
             weight,
             bias,
             target_probs,
+            ids if ctx.sparse else None,
             *saved,
             row_scale * upstream,
             ctx.chunk_rows,
