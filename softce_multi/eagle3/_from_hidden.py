@@ -3,7 +3,8 @@
 :func:`prepare_targets_from_hidden` gives what :func:`~softce_multi.eagle3.prepare_targets`
 gives for ``target_hidden @ target_head_weight.T`` without ever holding those logits: one chunk
 loop, written once over :mod:`softce_multi._chunks`, runs eagerly on every backend but JAX and
-under one cached ``jax.jit`` on JAX.
+under one cached ``jax.jit`` on JAX. Its checks (:func:`from_hidden_inputs`), its logits
+(:func:`chunk_logits`) and its argmax (:func:`full_vocabulary_top`) serve the top-k targets too.
 """
 
 from __future__ import annotations
@@ -28,7 +29,16 @@ from softce_multi._validate import (
 from softce_multi.eagle3._arrays import constant, nan_where, top_index
 from softce_multi.eagle3._t2d import checked_draft_size, draft_position_mask, draft_token_ids
 
-__all__ = ["DEFAULT_TARGET_CHUNK_ROWS", "TARGET_CHUNK_ELEMENTS", "prepare_targets_from_hidden"]
+__all__ = [
+    "DEFAULT_TARGET_CHUNK_ROWS",
+    "TARGET_CHUNK_ELEMENTS",
+    "ChunkSizes",
+    "FromHiddenInputs",
+    "chunk_logits",
+    "from_hidden_inputs",
+    "full_vocabulary_top",
+    "prepare_targets_from_hidden",
+]
 
 #: Rows per chunk of :func:`prepare_targets_from_hidden` by default: enough rows that each pass
 #: over the weight does ``2 * DEFAULT_TARGET_CHUNK_ROWS`` flops per weight element it reads.
@@ -120,6 +130,93 @@ def prepare_targets_from_hidden(
     >>> probs.shape, bool(np.allclose(probs, expected[0])), bool((mask == expected[1]).all())
     ((2, 3, 6), True, True)
     """
+    inputs = from_hidden_inputs(
+        target_hidden,
+        target_head_weight,
+        loss_mask,
+        t2d,
+        draft_vocab_size=draft_vocab_size,
+        chunk_rows=chunk_rows,
+        chunk_vocab=chunk_vocab,
+    )
+    xp = inputs.xp
+    by_chunks = (
+        _jax_targets_by_chunks() if array_api_compat.is_jax_namespace(xp) else _targets_by_chunks
+    )
+    probs, top = by_chunks(
+        inputs.rows,
+        inputs.weight,
+        inputs.draft_ids,
+        inputs.wrong_size,
+        inputs.chunk,
+        inputs.matmul_dtype,
+        xp=xp,
+    )
+    target_probs = constant(xp.reshape(probs, (*inputs.batch_shape, inputs.size)), xp=xp)
+    top = xp.reshape(top, inputs.batch_shape)
+    return target_probs, draft_position_mask(loss_mask, top, t2d, xp=xp)
+
+
+class ChunkSizes(NamedTuple):
+    """The chunk sizes of the loops over rows and vocabulary columns, both at least 1."""
+
+    rows: int
+    """Rows of ``target_hidden`` per chunk."""
+    vocab: int
+    """Vocabulary columns per block, of the target vocabulary and of the draft vocabulary."""
+
+
+class FromHiddenInputs(NamedTuple):
+    """The checked inputs of the targets from hidden states, as the chunk loops take them."""
+
+    xp: Namespace
+    """The array namespace of the inputs."""
+    rows: Array
+    """The hidden states as ``[N, H]`` rows, detached."""
+    weight: Array
+    """The target model's head weight ``[V_target, H]``, detached."""
+    draft_ids: Array
+    """The ``[V_draft]`` ascending target ids of the draft vocabulary."""
+    size: int
+    """``V_draft``."""
+    wrong_size: Array
+    """A 0-d bool array: whether ``t2d`` disagrees with ``size`` (the targets are then NaN)."""
+    chunk: ChunkSizes
+    """The chunk sizes, defaults filled in."""
+    matmul_dtype: Any
+    """The dtype the logits are computed and rounded in."""
+    batch_shape: tuple[int, ...]
+    """The leading axes of ``target_hidden``."""
+
+
+def from_hidden_inputs(
+    target_hidden: Array,
+    target_head_weight: Array,
+    loss_mask: Array,
+    t2d: Array,
+    *,
+    draft_vocab_size: int | None,
+    chunk_rows: int | None,
+    chunk_vocab: int | None,
+) -> FromHiddenInputs:
+    """Check the arguments of :func:`prepare_targets_from_hidden` and prepare its inputs.
+
+    Parameters
+    ----------
+    target_hidden, target_head_weight, loss_mask, t2d, draft_vocab_size, chunk_rows, chunk_vocab
+        As :func:`prepare_targets_from_hidden` takes them.
+
+    Returns
+    -------
+    FromHiddenInputs
+        The namespace, the detached ``[N, H]`` rows and weight, the draft ids, the chunk sizes
+        (defaults filled in) and the matmul dtype.
+
+    Raises
+    ------
+    TypeError, ValueError
+        As :func:`prepare_targets_from_hidden` documents.
+    """
     xp = namespace_of(
         target_hidden=target_hidden,
         target_head_weight=target_head_weight,
@@ -143,32 +240,93 @@ def prepare_targets_from_hidden(
 
     hidden = constant(target_hidden, xp=xp)
     weight = constant(target_head_weight, xp=xp)
-    matmul_dtype = xp.result_type(hidden.dtype, weight.dtype)
     batch_shape = tuple(hidden.shape[:-1])
-    rows = xp.reshape(hidden, (math.prod(batch_shape), hidden.shape[-1]))
-    by_chunks = (
-        _jax_targets_by_chunks() if array_api_compat.is_jax_namespace(xp) else _targets_by_chunks
-    )
-    probs, top = by_chunks(
-        rows,
-        weight,
-        draft_token_ids(t2d, size, xp=xp),
-        wrong_size,
-        _ChunkSizes(rows_per_chunk, columns_per_chunk),
-        matmul_dtype,
+    return FromHiddenInputs(
         xp=xp,
+        rows=xp.reshape(hidden, (math.prod(batch_shape), hidden.shape[-1])),
+        weight=weight,
+        draft_ids=draft_token_ids(t2d, size, xp=xp),
+        size=size,
+        wrong_size=wrong_size,
+        chunk=ChunkSizes(rows_per_chunk, columns_per_chunk),
+        matmul_dtype=xp.result_type(hidden.dtype, weight.dtype),
+        batch_shape=batch_shape,
     )
-    target_probs = constant(xp.reshape(probs, (*batch_shape, size)), xp=xp)
-    return target_probs, draft_position_mask(loss_mask, xp.reshape(top, batch_shape), t2d, xp=xp)
 
 
-class _ChunkSizes(NamedTuple):
-    """The chunk sizes of :func:`_targets_by_chunks`, both at least 1."""
+def chunk_logits(h: Array, w: Array, matmul_dtype: Any, dtype: Any, *, xp: Namespace) -> Array:
+    """Return ``h @ w.T`` computed in ``matmul_dtype``, then converted to ``dtype``.
 
-    rows: int
-    """Rows of ``target_hidden`` per chunk."""
-    vocab: int
-    """Vocabulary columns per block, of the target vocabulary and of the draft vocabulary."""
+    The argmax and the softmax alike see the logits rounded to the matmul dtype, as the
+    materialised product holds them.
+
+    Parameters
+    ----------
+    h : array, shape ``[n, H]``
+        Hidden states.
+    w : array, shape ``[v, H]``
+        Rows of the head weight.
+    matmul_dtype : dtype
+        The dtype of the product.
+    dtype : dtype
+        The compute dtype, at least as wide.
+    xp : namespace
+        The array namespace of both.
+
+    Returns
+    -------
+    array, shape ``[n, v]``
+        Of dtype ``dtype``.
+    """
+    product = xp.astype(h, matmul_dtype, copy=False) @ xp.matrix_transpose(
+        xp.astype(w, matmul_dtype, copy=False)
+    )
+    return _widened(product, dtype, xp=xp)
+
+
+def full_vocabulary_top(
+    h: Array, weight: Array, columns: int, matmul_dtype: Any, *, xp: Namespace
+) -> Array:
+    """Return the full-vocabulary argmax of the logits ``h @ weight.T``, in column blocks.
+
+    Parameters
+    ----------
+    h : array, shape ``[n, H]``
+        Hidden states.
+    weight : array, shape ``[V_target, H]``
+        The target model's head weight.
+    columns : int
+        Vocabulary columns per block, at least 1.
+    matmul_dtype : dtype
+        The dtype the logits are computed and rounded in.
+    xp : namespace
+        The array namespace of both.
+
+    Returns
+    -------
+    array, shape ``[n]``
+        The first index of the maximum logit, NaN counting as maximal, of the default index
+        dtype.
+    """
+    loops = _chunks.loop_for(xp)
+    device = array_api_compat.device(h)
+    index_dtype = xpx.default_dtype(xp, "indexing", device=device)
+    dtype = compute_dtype(h, weight, xp=xp)
+    hidden_size = h.shape[1]
+
+    def step(start: Any, size: int, best: tuple[Array, Array]) -> tuple[Array, Array]:
+        w = loops.get(weight, (start, 0), (size, hidden_size))
+        z = chunk_logits(h, w, matmul_dtype, dtype, xp=xp)
+        value, index = xp.max(z, axis=-1), xp.astype(top_index(z, xp=xp), index_dtype)
+        # Later chunks hold later ids: they win only with a strictly larger value, or the
+        # first NaN; so equal maxima keep the first index, as argmax does.
+        wins = (value > best[0]) | (xp.isnan(value) & ~xp.isnan(best[0]))
+        return xp.where(wins, value, best[0]), xp.where(wins, index + start, best[1])
+
+    n = h.shape[0]
+    lowest = xp.full((n,), -math.inf, dtype=dtype, device=device)
+    first = xp.zeros((n,), dtype=index_dtype, device=device)
+    return _chunks.over_chunks(weight.shape[0], columns, step, (lowest, first), loops)[1]
 
 
 def _targets_by_chunks(
@@ -176,7 +334,7 @@ def _targets_by_chunks(
     weight: Array,
     draft_ids: Array,
     wrong_size: Array,
-    chunk: _ChunkSizes,
+    chunk: ChunkSizes,
     matmul_dtype: Any,
     *,
     xp: Namespace,
@@ -198,7 +356,7 @@ def _targets_by_chunks(
         The target ids of the draft vocabulary, ascending, in ``[0, V_target)``.
     wrong_size : array, shape ``()``, bool
         Whether the draft vocabulary size disagrees with ``t2d``: the softmax is then NaN.
-    chunk : _ChunkSizes
+    chunk : ChunkSizes
         Rows per chunk and columns per block.
     matmul_dtype : dtype
         The dtype the logits are computed and rounded in.
@@ -220,40 +378,13 @@ def _targets_by_chunks(
     dtype = compute_dtype(rows, weight, xp=xp)
     hidden_size, draft_size = rows.shape[1], draft_ids.shape[0]
 
-    def logits(h: Array, w: Array) -> Array:
-        """Return ``h @ w.T`` computed in the matmul dtype, then converted to ``dtype``.
-
-        The argmax and the softmax alike see the logits rounded to the matmul dtype, as the
-        materialised product holds them.
-        """
-        product = xp.astype(h, matmul_dtype, copy=False) @ xp.matrix_transpose(
-            xp.astype(w, matmul_dtype, copy=False)
-        )
-        return _widened(product, dtype, xp=xp)
-
-    def top_of(h: Array) -> Array:
-        """Return the full-vocabulary argmax of the logits of the rows ``h``."""
-
-        def step(start: Any, size: int, best: tuple[Array, Array]) -> tuple[Array, Array]:
-            z = logits(h, loops.get(weight, (start, 0), (size, hidden_size)))
-            value, index = xp.max(z, axis=-1), xp.astype(top_index(z, xp=xp), index_dtype)
-            # Later chunks hold later ids: they win only with a strictly larger value, or the
-            # first NaN; so equal maxima keep the first index, as argmax does.
-            wins = (value > best[0]) | (xp.isnan(value) & ~xp.isnan(best[0]))
-            return xp.where(wins, value, best[0]), xp.where(wins, index + start, best[1])
-
-        n = h.shape[0]
-        lowest = xp.full((n,), -math.inf, dtype=dtype, device=device)
-        first = xp.zeros((n,), dtype=index_dtype, device=device)
-        return _chunks.over_chunks(weight.shape[0], chunk.vocab, step, (lowest, first), loops)[1]
-
     def row_step(row: Any, n: int, out: tuple[Array, Array]) -> tuple[Array, Array]:
         h = loops.get(rows, (row, 0), (n, hidden_size))
 
         def write_logits(column: Any, size: int, state: tuple[Array, Array]) -> Any:
             # The draft rows of the weight, gathered one block at a time.
             w = xp.take(weight, loops.get(draft_ids, (column,), (size,)), axis=0)
-            z = logits(h, w)
+            z = chunk_logits(h, w, matmul_dtype, dtype, xp=xp)
             return loops.put(state[0], (row, column), z), xp.maximum(state[1], xp.max(z, axis=-1))
 
         def exponentiate(column: Any, size: int, state: tuple[Array, Array]) -> Any:
@@ -274,7 +405,8 @@ def _targets_by_chunks(
         )
         total = nan_where(wrong_size, total, xp=xp)
         probs = _chunks.over_chunks(draft_size, chunk.vocab, normalise, probs, loops)
-        return probs, loops.put(out[1], (row,), top_of(h))
+        top = full_vocabulary_top(h, weight, chunk.vocab, matmul_dtype, xp=xp)
+        return probs, loops.put(out[1], (row,), top)
 
     n_rows = rows.shape[0]
     probs = xp.empty((n_rows, draft_size), dtype=dtype, device=device)
