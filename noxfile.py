@@ -32,6 +32,18 @@ TORCH_GPU = os.environ.get("SOFTCE_TORCH_GPU_SPEC", "torch==2.14.1")
 JAX_GPU = os.environ.get("SOFTCE_JAX_GPU_SPEC", "jax[cuda12]==0.10.2")
 CUPY_GPU = os.environ.get("SOFTCE_CUPY_SPEC", "cupy-cuda13x")
 
+# The examples' libraries, at releases that install here beside the CPU torch. NeMo AutoModel
+# 0.7.0 requires this transformers release. It is installed without its dependencies, which
+# include CUDA-only kernels (quack-kernels brings nvidia-cutlass-dsl and cuda-python); the
+# modules its EAGLE-3 trainer imports need only transformers, datasets and Pillow besides torch.
+# The Trainer of transformers needs accelerate.
+TRANSFORMERS = os.environ.get("SOFTCE_TRANSFORMERS_SPEC", "transformers==5.18.0")
+ACCELERATE = "accelerate==1.16.0"
+LIGHTNING = os.environ.get("SOFTCE_LIGHTNING_SPEC", "lightning==2.6.6")
+NEMO_AUTOMODEL = os.environ.get("SOFTCE_NEMO_AUTOMODEL_SPEC", "nemo_automodel==0.7.0")
+NEMO_AUTOMODEL_IMPORTS = ("datasets==5.2.0", "pillow==13.0.0")
+OPTAX = "optax==0.2.8"
+
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
 SPHINX = "sphinx==9.0.4"
@@ -131,6 +143,38 @@ def demo(session: nox.Session) -> None:
         return
     for backend in ("torch", "jax"):
         session.run("python", "-m", "softce_multi", "demo", "--backend", backend, env=env)
+
+
+@nox.session(python=PYTHON)
+def examples(session: nox.Session) -> None:
+    """Run every script in examples/ on the CPU, stopping at the first that fails.
+
+    The libraries the scripts train with (transformers, Lightning, NeMo AutoModel, optax)
+    are installed pinned, with the CPU builds of torch and JAX.
+    """
+    session.install(
+        TORCH_CPU,
+        JAX_CPU,
+        OPTAX,
+        TRANSFORMERS,
+        ACCELERATE,
+        LIGHTNING,
+        *NEMO_AUTOMODEL_IMPORTS,
+        "-e",
+        ".",
+    )
+    session.install("--no-deps", NEMO_AUTOMODEL)
+    scripts = (
+        "torch_linear_loss.py",
+        "jax_optax.py",
+        "numpy_with_grad.py",
+        "specforge_reduction.py",
+        "hf_trainer.py",
+        "lightning_module.py",
+        "nemo_automodel_eagle3.py",
+    )
+    for script in scripts:
+        session.run("python", f"examples/{script}", env={"JAX_PLATFORMS": "cpu"})
 
 
 @nox.session(python=PYTHON)
