@@ -78,41 +78,42 @@ LOGITS_ARRAYS = ("logits", "target_probs", "position_mask")
 LINEAR_ARRAYS = ("hidden", "weight", "target_probs", "position_mask")
 LOSS_OPTIONS = {"reduction": "mean", "num_valid": None}
 LINEAR_OPTIONS = {"bias": None, **LOSS_OPTIONS, "chunk_rows": None}
+SPARSE = {"target_ids": None}
 VOCAB_PARALLEL_OPTIONS = {"group": None, "axis_name": None, **LOSS_OPTIONS, "check_shapes": True}
 
 #: Every public loss, by module and qualified name: (its library, its parameters in order).
 SIGNATURES: dict[str, tuple[str | None, list[tuple[str, Any, Any]]]] = {
     "softce_multi:masked_soft_cross_entropy": (
         None,
-        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS),
+        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS, **SPARSE),
     ),
     "softce_multi:masked_soft_cross_entropy_with_grad": (
         None,
-        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS),
+        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS, **SPARSE),
     ),
     "softce_multi:linear_masked_soft_cross_entropy": (
         None,
-        arrays(*LINEAR_ARRAYS) + options(**LINEAR_OPTIONS),
+        arrays(*LINEAR_ARRAYS) + options(**LINEAR_OPTIONS, **SPARSE),
     ),
     "softce_multi:linear_masked_soft_cross_entropy_with_grad": (
         None,
-        arrays(*LINEAR_ARRAYS) + options(**LINEAR_OPTIONS),
+        arrays(*LINEAR_ARRAYS) + options(**LINEAR_OPTIONS, **SPARSE),
     ),
     "softce_multi.torch:masked_soft_cross_entropy": (
         "torch",
-        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS),
+        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS, **SPARSE),
     ),
     "softce_multi.jax:masked_soft_cross_entropy": (
         "jax",
-        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS),
+        arrays(*LOGITS_ARRAYS) + options(**LOSS_OPTIONS, **SPARSE),
     ),
     "softce_multi.torch:MaskedSoftCrossEntropy.forward": (
         "torch",
-        arrays("self", *LOGITS_ARRAYS) + options(num_valid=None),
+        arrays("self", *LOGITS_ARRAYS) + options(num_valid=None, **SPARSE),
     ),
     "softce_multi.torch:LinearMaskedSoftCrossEntropy.forward": (
         "torch",
-        arrays("self", *LINEAR_ARRAYS) + options(bias=None, num_valid=None),
+        arrays("self", *LINEAR_ARRAYS) + options(bias=None, num_valid=None, **SPARSE),
     ),
     "softce_multi.distributed:global_num_valid": (
         None,

@@ -13,7 +13,8 @@ it holds, written once, what a test of the loss needs.
   reduction the loss takes;
 - :func:`reference`: the float64 oracle (loss and both gradients, every reduction, ``num_valid``,
   a per-position cotangent for ``"none"``), from :mod:`softce_multi.reference` and torch autograd
-  when torch is installed, else from :func:`numpy_reference`;
+  when torch is installed, else from :func:`numpy_reference`; :func:`dense_targets`, the dense
+  targets that sparse ones stand for;
 - :data:`LOSS_RTOL` and :data:`GRAD_RTOL`: the tolerances, by dtype;
 - :func:`assert_loss_close` and :func:`assert_gradient_close`: comparisons that check the
   namespace, dtype, shape and device before the values;
@@ -64,7 +65,7 @@ from softce_multi.testing._inputs import (
     random_mask,
     random_targets,
 )
-from softce_multi.testing._oracle import Expected, numpy_reference, reference
+from softce_multi.testing._oracle import Expected, dense_targets, numpy_reference, reference
 
 __all__ = [
     "GRAD_RTOL",
@@ -82,6 +83,7 @@ __all__ = [
     "availability",
     "backends",
     "compute_dtype",
+    "dense_targets",
     "device_of",
     "dtype_name",
     "formula_gradient",

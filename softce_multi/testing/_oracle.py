@@ -6,7 +6,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from softce_multi.testing._backends import is_installed, to_float64
+from softce_multi.testing._backends import is_installed, to_float64, to_numpy
 
 __all__ = ["Expected", "numpy_reference", "reference"]
 
@@ -132,3 +132,30 @@ def row_scale(
     weights = np.asarray(position_mask, dtype=np.float64).reshape(batch_shape)
     inverse_den = _inverse_denominator(weights, num_valid) if reduction == "mean" else 1.0
     return (np.broadcast_to(upstream, batch_shape) * weights * inverse_den)[..., None]
+
+
+def dense_targets(
+    target_ids: np.ndarray, target_probs: np.ndarray, vocab_size: int, /
+) -> np.ndarray:
+    """The dense float64 targets ``[..., vocab_size]`` that sparse targets stand for.
+
+    Each ``target_probs[..., k]`` is added at ``target_ids[..., k]`` into zeros (duplicate ids
+    add up); a slot of probability 0 is skipped whatever its id. The oracle of the sparse loss:
+    its value is the dense loss of these targets.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from softce_multi.testing import dense_targets
+    >>> dense_targets(np.array([[2, 0, 2, -1]]), np.array([[0.25, 0.5, 0.125, 0.0]]), 3)
+    array([[0.5  , 0.   , 0.375]])
+    """
+    ids, probs = to_numpy(target_ids), to_float64(target_probs)
+    dense = np.zeros((*probs.shape[:-1], vocab_size))
+    rows = dense.reshape(-1, vocab_size)
+    flat_ids, flat_probs = ids.reshape(len(rows), -1), probs.reshape(len(rows), -1)
+    used = flat_probs != 0
+    row_index = np.broadcast_to(np.arange(len(rows))[:, None], flat_ids.shape)
+    np.add.at(rows, (row_index[used], flat_ids[used]), flat_probs[used])
+    return dense
+
