@@ -10,7 +10,7 @@ from typing import Any
 
 from softce_multi._cli._common import output_file, positive_int
 from softce_multi._cli.bench.cases import Case
-from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, MemoryOf, Sizes
+from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, TOP_K, MemoryOf, Sizes
 from softce_multi._cli.bench.measure import ITEMSIZE, unavailable
 from softce_multi._cli.bench.modes import kernel_mode_rows
 from softce_multi._cli.bench.report import (
@@ -124,6 +124,15 @@ def _add_from_hidden_options(parser: argparse.ArgumentParser) -> None:
         help=f"with --targets: V_target ({DEFAULT_TARGET_VOCAB})",
     )
     parser.add_argument(
+        "--top-k",
+        type=positive_int,
+        metavar="K",
+        help=(
+            "with --targets: also prepare_top_k_targets_from_hidden with this k, timed against "
+            "prepare_targets_from_hidden too"
+        ),
+    )
+    parser.add_argument(
         "--bias",
         action=argparse.BooleanOptionalAction,
         help="with --linear: a [V] bias as nn.Linear has, differentiated too (default: yes)",
@@ -182,6 +191,8 @@ def _check_sweep_options(parser: argparse.ArgumentParser, args: argparse.Namespa
     ]:
         if value is not None:
             parser.error(f"{flag} goes with --linear or --targets")
+    if args.top_k is not None:
+        parser.error("--top-k goes with --targets")
     if args.bias is not None:
         parser.error(f"{'--bias' if args.bias else '--no-bias'} goes with --linear")
     if args.autocast is not None:
@@ -200,6 +211,7 @@ def _check_from_hidden_options(
         ("--device cuda", args.device == "cuda"),
         ("--plot", args.plot is not None),
         ("--target-vocab", args.linear and args.target_vocab is not None),
+        ("--top-k", args.linear and args.top_k is not None),
         ("--bias" if args.bias else "--no-bias", args.targets and args.bias is not None),
         ("--autocast", args.targets and args.autocast is not None),
         ("--reduction", args.targets and args.reduction is not None),
@@ -211,6 +223,11 @@ def _check_from_hidden_options(
         parser.error(
             f"--vocab {args.vocab} is more than --target-vocab {target_vocab}: the draft "
             "vocabulary is a subset of the target's"
+        )
+    if args.top_k is not None and args.top_k > args.vocab:
+        parser.error(
+            f"--top-k {args.top_k} is more than --vocab {args.vocab}: k draft tokens are kept "
+            "out of the draft vocabulary"
         )
     if args.autocast is not None and "jax" in (args.frameworks or ()):
         parser.error("--autocast is torch.autocast: it does not go with --frameworks jax")
@@ -284,7 +301,16 @@ def _main_from_hidden(
     target_vocab = args.target_vocab or DEFAULT_TARGET_VOCAB
     bias = name == "linear" and args.bias is not False  # nn.Linear's default: with a bias
     sizes = [
-        Sizes(rows, hidden, args.vocab, target_vocab, bias, args.autocast, args.reduction or "mean")
+        Sizes(
+            rows,
+            hidden,
+            args.vocab,
+            target_vocab,
+            bias,
+            args.autocast,
+            args.reduction or "mean",
+            args.top_k,
+        )
         for rows in args.rows or comparison.default_rows
     ]
     dtype = args.dtypes[0]
@@ -306,5 +332,16 @@ def _main_from_hidden(
     )
     write_json(args.json, rows)
     print_from_hidden(rows, comparison.title(sizes[0]), dtype, args.repeats)
+    _print_top_k(rows, comparison.own)
     print_skipped(skipped)
     return 0
+
+
+def _print_top_k(rows: Sequence[dict[str, Any]], own: str) -> None:
+    """Print, for each ``--top-k`` row, its time over that of the path ``own``."""
+    for row in rows:
+        if row["implementation"] == TOP_K:
+            print(
+                f"{TOP_K}, {row['framework']}, N = {row['rows']}: {row['time_vs_own']:.2f}x the "
+                f"time of {own} (per round, median)"
+            )

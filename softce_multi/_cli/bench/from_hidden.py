@@ -1,6 +1,6 @@
 """``bench --linear`` and ``bench --targets``: functions of hidden states that never hold the
 ``[N, V]`` logits, against the materialised path (``hidden @ weight.T``, then the function of
-the logits).
+the logits); with ``--top-k``, ``--targets`` times the top-k targets from hidden states too.
 
 Both paths of a framework run interleaved round by round. Extra peak memory, as a multiple of
 one float32 ``[N, V]`` buffer: for torch, the rise of the peak resident set of a fresh process
@@ -31,6 +31,8 @@ from softce_multi._cli.bench.measure import (
 from softce_multi._types import Reduction
 
 FRAMEWORKS = ("torch", "jax")  # those of --linear and --targets
+TOP_K = "top_k"
+"""The path of ``prepare_top_k_targets_from_hidden`` (``--targets --top-k K``)."""
 
 
 class Sizes(NamedTuple):
@@ -42,7 +44,8 @@ class Sizes(NamedTuple):
     the logits add a ``[vocab]`` bias, as ``torch.nn.Linear`` does by default (linear only);
     ``autocast``: the name of the dtype of a ``torch.autocast`` around both paths' forward pass
     (linear, torch only), or None; ``reduction``: that of both linear paths (``"none"``'s
-    per-position losses are summed, so each gets its own upstream gradient of 1).
+    per-position losses are summed, so each gets its own upstream gradient of 1); ``top_k``:
+    the ``k`` of a third path, ``prepare_top_k_targets_from_hidden`` (targets only), or None.
     """
 
     rows: int
@@ -52,6 +55,7 @@ class Sizes(NamedTuple):
     bias: bool
     autocast: str | None = None
     reduction: Reduction = "mean"
+    top_k: int | None = None
 
     @property
     def arrays_in_dtype(self) -> int:
@@ -161,10 +165,23 @@ def _targets_inputs(sizes: Sizes, seed: int) -> tuple[np.ndarray, ...]:
 
 
 def _targets_function(path: str, sizes: Sizes) -> Callable[..., Any]:
-    from softce_multi.eagle3 import prepare_targets, prepare_targets_from_hidden
+    from softce_multi.eagle3 import (
+        prepare_targets,
+        prepare_targets_from_hidden,
+        prepare_top_k_targets_from_hidden,
+    )
 
     if path == "from_hidden":
         return functools.partial(prepare_targets_from_hidden, draft_vocab_size=sizes.vocab)
+    if path == TOP_K and sizes.top_k is not None:
+        k = sizes.top_k
+
+        def top_k(states: Any, weight: Any, loss_mask: Any, t2d: Any) -> Any:
+            return prepare_top_k_targets_from_hidden(
+                states, weight, loss_mask, t2d, k, draft_vocab_size=sizes.vocab
+            )
+
+        return top_k
 
     def materialised(states: Any, weight: Any, loss_mask: Any, t2d: Any) -> Any:
         return prepare_targets(states @ weight.T, loss_mask, t2d, draft_vocab_size=sizes.vocab)
@@ -173,9 +190,14 @@ def _targets_function(path: str, sizes: Sizes) -> Callable[..., Any]:
 
 
 def _targets_title(sizes: Sizes) -> str:
+    top_k = (
+        ""
+        if sizes.top_k is None
+        else f" and prepare_top_k_targets_from_hidden (top_k, k = {sizes.top_k})"
+    )
     return (
-        "prepare_targets_from_hidden against prepare_targets(hidden @ weight.T), forward; "
-        f"H = {sizes.hidden}, V_target = {sizes.target_vocab}, V_draft = {sizes.vocab}"
+        f"prepare_targets_from_hidden{top_k} against prepare_targets(hidden @ weight.T), "
+        f"forward; H = {sizes.hidden}, V_target = {sizes.target_vocab}, V_draft = {sizes.vocab}"
     )
 
 
@@ -274,7 +296,9 @@ def peak_extra_memory_from_hidden(
     """
     comparison = FROM_HIDDEN[name]
     full = Sizes(*sizes)
-    tiny = full._replace(rows=8, hidden=8, vocab=16, target_vocab=32)
+    tiny = full._replace(
+        rows=8, hidden=8, vocab=16, target_vocab=32, top_k=full.top_k and min(full.top_k, 16)
+    )
     warm_up = _from_hidden_torch_step(comparison, path, tiny)
     warm_up(*_framework_arrays("torch", comparison.inputs(tiny, seed), dtype, tiny.arrays_in_dtype))
     step = _from_hidden_torch_step(comparison, path, full)
@@ -302,16 +326,19 @@ def run_from_hidden(
     memory: bool = True,
     measure_memory: MemoryOf = _memory_from_hidden,
 ) -> list[dict[str, Any]]:
-    """Comparison ``name`` at each of ``sizes``: interleaved times of both paths and, with
+    """Comparison ``name`` at each of ``sizes``: interleaved times of its paths and, with
     ``memory``, the torch paths' extra peak memory (``measure_memory``: by default a fresh
-    process's resident set); the JAX paths' is XLA's count of temporaries."""
+    process's resident set); the JAX paths' is XLA's count of temporaries. A size with a
+    ``top_k`` adds the path :data:`TOP_K`, whose rows also give its time over that of
+    ``comparison.own``, per round, median (``time_vs_own``)."""
     comparison = FROM_HIDDEN[name]
-    paths = (comparison.own, "materialised")
     rows = []
     for framework in frameworks:
         if unavailable(framework, "cpu") is not None:
             continue
         for size in sizes:
+            extra_paths = () if size.top_k is None else (TOP_K,)
+            paths = (comparison.own, *extra_paths, "materialised")
             inputs = _framework_arrays(
                 framework, comparison.inputs(size, seed), dtype, size.arrays_in_dtype
             )
@@ -329,20 +356,25 @@ def run_from_hidden(
             for path in paths:
                 if framework == "torch" and memory:
                     extras[path] = measure_memory(name, path, size, dtype, seed)
-                ratios = [a / b for a, b in zip(times[path], times["materialised"], strict=True)]
-                rows.append(
-                    {
-                        "comparison": name,
-                        "framework": framework,
-                        **size._asdict(),
-                        "dtype": dtype,
-                        "implementation": path,
-                        "median_s": statistics.median(times[path]),
-                        "time_vs_materialised": statistics.median(ratios),
-                        **_extra_memory(extras[path], size),
-                    }
-                )
+                row = {
+                    "comparison": name,
+                    "framework": framework,
+                    **size._asdict(),
+                    "dtype": dtype,
+                    "implementation": path,
+                    "median_s": statistics.median(times[path]),
+                    "time_vs_materialised": _median_ratio(times[path], times["materialised"]),
+                    **_extra_memory(extras[path], size),
+                }
+                if path == TOP_K:
+                    row["time_vs_own"] = _median_ratio(times[path], times[comparison.own])
+                rows.append(row)
     return rows
+
+
+def _median_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
+    """The median over the rounds of ``times`` over ``baseline`` of the same round."""
+    return statistics.median(a / b for a, b in zip(times, baseline, strict=True))
 
 
 def _extra_memory(extra: int | None, sizes: Sizes) -> dict[str, float | None]:
