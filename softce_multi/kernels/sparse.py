@@ -116,17 +116,28 @@ def sparse_row_pass(
     dtype = weights.dtype
     valid = weights != 0
     parts: dict[str, list[Array]] = {name: [] for name in _ROW_OUTPUTS}
+    in_place = _writes_in_place(z)
     grad = None
     if with_logits_grad:
-        grad = z if over_logits else _allocate_if_blocked(z, block_rows, xp=xp)
+        if over_logits:
+            grad = z
+        elif in_place:
+            grad = xp.empty(z.shape, dtype=z.dtype, device=array_api_compat.device(z))
+        else:
+            grad = _allocate_if_blocked(z, block_rows, xp=xp)
+    scratch = _Scratch(z, dtype, block_rows, xp=xp) if in_place else None
     for block in _core.row_blocks(z.shape[0], block_rows):
         z_block = xp.astype(z[block, ...], dtype, copy=False)
         p_block = xp.astype(p[block, ...], dtype, copy=False)
         ids_block = ids[block, ...]
         row_max = xp.max(z_block, axis=-1, keepdims=True)
         row_max = xp.where(xp.isfinite(row_max), row_max, 0.0)
-        exps = xp.exp(z_block - row_max)
         picked = gather_shifted(z_block, ids_block, xp=xp) - row_max
+        # The exponentials go where the gradient rows go, when they share the dtype.
+        into = None
+        if scratch is not None:
+            into = scratch.rows(block, grad if with_logits_grad else None)
+        exps = _exp_shifted(z_block, row_max, into, xp=xp)
         stats = _core.RowStatistics(
             row_max[:, 0],
             xp.sum(exps, axis=-1),
@@ -149,17 +160,58 @@ def sparse_row_pass(
                 row_scale[block],
                 xp=xp,
             )
-            grad_block = xp.astype(grad_block, z.dtype, copy=False)
             if grad is None:
-                parts["grad"].append(grad_block)
-            else:
-                grad = _put_rows(grad, block, grad_block, xp=xp)
+                parts["grad"].append(xp.astype(grad_block, z.dtype, copy=False))
+            elif grad_block is not into or into.dtype != grad.dtype:
+                grad = _put_rows(grad, block, xp.astype(grad_block, z.dtype, copy=False), xp=xp)
     if with_logits_grad and grad is None:
         grad = _concat(parts["grad"], xp=xp)
     saved = _core.SavedRows(
         *(_concat(parts[name], xp=xp) for name in ("row_max", "log_sum_exp", "target_sum"))
     )
     return _core.RowResults(_concat(parts["weighted"], xp=xp), saved, grad)
+
+
+class _Scratch:
+    """Where an eager block's exponentials go: the block's rows of the gradient when it has
+    the computation dtype (they become the gradient in place), else one block-sized buffer
+    reused by every block."""
+
+    def __init__(self, z: Array, dtype: Any, block_rows: int | None, *, xp: Namespace) -> None:
+        self._dtype = dtype
+        self._buffer: Array | None = None
+        self._shape = (min(block_rows or z.shape[0], z.shape[0]), z.shape[1])
+        self._device = array_api_compat.device(z)
+        self._xp = xp
+
+    def rows(self, block: slice, grad: Array | None) -> Array:
+        if grad is not None and grad.dtype == self._dtype:
+            return grad[block, ...]
+        if self._buffer is None:
+            self._buffer = self._xp.empty(self._shape, dtype=self._dtype, device=self._device)
+        return self._buffer[: block.stop - block.start, ...]
+
+
+def _exp_shifted(z: Array, row_max: Array, into: Array | None, *, xp: Namespace) -> Array:
+    """``exp(z - row_max)``, written into ``into`` when given (an eager library's buffer)."""
+    if into is None:
+        return xp.exp(z - row_max)
+    if array_api_compat.is_torch_array(into):
+        import torch
+
+        torch.sub(z, row_max, out=into)
+        return into.exp_()
+    xp.subtract(z, row_max, out=into)
+    return xp.exp(into, out=into)
+
+
+def _writes_in_place(x: Array) -> bool:
+    """Whether ``x``'s library writes into existing arrays (NumPy, torch, CuPy)."""
+    return (
+        array_api_compat.is_torch_array(x)
+        or array_api_compat.is_numpy_array(x)
+        or array_api_compat.is_cupy_array(x)
+    )
 
 
 def sparse_gradient_routine(
@@ -244,6 +296,13 @@ def _logits_gradient(
     mass = xp.where(p == 0, 0.0, xp.where(valid, p, math.nan))
     grad = scatter_add(grad, _safe_ids(ids, valid, xp=xp), -row_scale[:, None] * mass, xp=xp)
     live = _core.rows_with_gradient(row_scale, target_sum)
+    if array_api_compat.is_torch_array(grad):
+        if grad.device.type != "cpu":  # no host read on a device
+            return grad.masked_fill_(~live[:, None], 0.0)
+        return grad.index_fill_(0, (~live).nonzero()[:, 0], 0.0)
+    if _writes_in_place(grad):
+        grad[~live, ...] = 0.0
+        return grad
     return xp.where(live[:, None], grad, 0.0)
 
 
