@@ -1,4 +1,5 @@
-"""Every ``.. code-block:: python`` of docs/eagle3.rst runs to the end on its own.
+"""Every ``.. code-block:: python`` of docs/eagle3.rst and docs/sparse.rst runs to the end on
+its own.
 
 Each block is executed in a fresh namespace, so it may use nothing that an earlier block
 defined. The blocks assert their own results; a block that imports a library that is not
@@ -16,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-PAGE = Path(__file__).resolve().parent.parent / "docs" / "eagle3.rst"
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+PAGES = {"eagle3.rst": 3, "sparse.rst": 3}  # each page and the code blocks it has at least
 
 # The directive, its option lines, then the indented body up to the first unindented line.
 CODE_BLOCK = re.compile(
@@ -43,21 +45,29 @@ def imported_libraries(source: str) -> set[str]:
     return names
 
 
-BLOCKS = python_blocks(PAGE.read_text())
+BLOCKS = [
+    (page, line, source)
+    for page in PAGES
+    for line, source in python_blocks((DOCS / page).read_text())
+]
 
 
-def test_page_has_code_blocks() -> None:
-    assert len(BLOCKS) >= 3, f"expected the three code blocks of {PAGE.name}, found {len(BLOCKS)}"
+@pytest.mark.parametrize("page", sorted(PAGES))
+def test_page_has_code_blocks(page: str) -> None:
+    found = sum(1 for name, _, _ in BLOCKS if name == page)
+    assert found >= PAGES[page], f"expected {PAGES[page]} code blocks in {page}, found {found}"
 
 
-@pytest.mark.parametrize(("line", "source"), BLOCKS, ids=[f"line{line}" for line, _ in BLOCKS])
-def test_code_block_runs(line: int, source: str) -> None:
+@pytest.mark.parametrize(
+    ("page", "line", "source"), BLOCKS, ids=[f"{page}:{line}" for page, line, _ in BLOCKS]
+)
+def test_code_block_runs(page: str, line: int, source: str) -> None:
     missing = sorted(
         name
         for name in imported_libraries(source)
         if name not in sys.builtin_module_names and importlib.util.find_spec(name) is None
     )
     if missing:
-        pytest.skip(f"the block at {PAGE.name}:{line} needs {', '.join(missing)}, not installed")
-    code = compile(source, f"{PAGE.name}:{line}", "exec")
+        pytest.skip(f"the block at {page}:{line} needs {', '.join(missing)}, not installed")
+    code = compile(source, f"{page}:{line}", "exec")
     exec(code, {"__name__": "__docs__"})

@@ -235,9 +235,8 @@ def test_autodiff_gradients_to_logits_and_targets_match_the_dense_oracle(
 
 def test_torch_compile_fullgraph_gives_the_eager_sparse_loss_and_gradient():
     torch = pytest.importorskip("torch")
-    from softce_multi.torch import masked_soft_cross_entropy
-
     from softce_multi.testing import known_backends
+    from softce_multi.torch import masked_soft_cross_entropy
 
     backend = next(b for b in known_backends() if b.name == "torch-cpu")
     case = SparseCase(backend, np.random.default_rng(7), logits_dtype="float32")
