@@ -153,7 +153,8 @@ def dense_targets(
     ids, probs = to_numpy(target_ids), to_float64(target_probs)
     dense = np.zeros((*probs.shape[:-1], vocab_size))
     rows = dense.reshape(-1, vocab_size)
-    flat_ids, flat_probs = ids.reshape(len(rows), -1), probs.reshape(len(rows), -1)
+    slots = probs.shape[-1]
+    flat_ids, flat_probs = ids.reshape(len(rows), slots), probs.reshape(len(rows), slots)
     used = flat_probs != 0
     row_index = np.broadcast_to(np.arange(len(rows))[:, None], flat_ids.shape)
     np.add.at(rows, (row_index[used], flat_ids[used]), flat_probs[used])

@@ -179,8 +179,8 @@ def call(backend: Backend, function: Callable[..., Any], *arrays: Any, **static:
 #: these names (NeMo's trainer passes them by keyword). Every option after them is keyword-only.
 LOSS_ARRAYS = ("logits", "target_probs", "position_mask")
 LINEAR_ARRAYS = ("hidden", "weight", "target_probs", "position_mask")
-LOSS_OPTIONS = ("reduction", "num_valid")
-LINEAR_OPTIONS = ("bias", "reduction", "num_valid", "chunk_rows")
+LOSS_OPTIONS = ("reduction", "num_valid", "target_ids")
+LINEAR_OPTIONS = ("bias", "reduction", "num_valid", "chunk_rows", "target_ids")
 
 
 def pass_arrays(

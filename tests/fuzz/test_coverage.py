@@ -15,6 +15,7 @@ from softce_multi import eagle3
 from . import test_eagle3 as eagle3_tests
 from . import test_linear as linear_tests
 from . import test_loss as loss_tests
+from . import test_sparse as sparse_tests
 from .strategies import (
     BACKENDS,
     LINEAR_ARRAYS,
@@ -86,6 +87,10 @@ FUZZED = {
     ),
     "eagle3.shift_left": eagle3_tests.test_shift_left_moves_values_one_position_along_the_axis,
     "eagle3.target_to_draft_ids": eagle3_tests.test_target_to_draft_ids_agree_with_a_lookup_table,
+    "eagle3.top_k_targets": sparse_tests.test_top_k_targets_are_the_largest_entries_in_order,
+    "eagle3.prepare_top_k_targets_from_hidden": (
+        sparse_tests.test_prepare_top_k_targets_from_hidden_are_the_top_k_of_the_dense_targets
+    ),
 }
 
 
