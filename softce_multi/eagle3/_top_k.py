@@ -31,7 +31,12 @@ from softce_multi.eagle3._from_hidden import (
 )
 from softce_multi.eagle3._t2d import draft_position_mask
 
-__all__ = ["prepare_top_k_targets_from_hidden", "top_k_targets"]
+__all__ = ["MERGE_BLOCKS", "prepare_top_k_targets_from_hidden", "top_k_targets"]
+
+#: Blocks of ``chunk_vocab`` draft columns whose logits :func:`prepare_top_k_targets_from_hidden`
+#: gathers before each selection of the running top ``k``: a selection costs the more per
+#: column the fewer columns it selects from.
+MERGE_BLOCKS = 16
 
 
 def top_k_targets(target_probs: Array, k: int, /) -> tuple[Array, Array]:
@@ -113,8 +118,10 @@ def prepare_top_k_targets_from_hidden(
     arguments, and its position mask, but the dense ``[..., V_draft]`` targets never exist,
     nor the ``[..., V_target]`` logits: per chunk of ``chunk_rows`` rows, one sweep over the
     draft columns in blocks of ``chunk_vocab`` keeps the running maximum and sum of the
-    softmax and the running ``k`` largest logits, and the argmax of the position mask comes
-    from a sweep over the target vocabulary. See :ref:`eagle3-top-k-cache`.
+    softmax, and the running ``k`` largest logits, selected again after every 16 blocks; the
+    argmax of the position mask comes from a sweep over the target vocabulary. The largest
+    temporary is the ``[chunk_rows, k + 16 * chunk_vocab]`` logits of a selection. See
+    :ref:`eagle3-top-k-cache`.
 
     Parameters
     ----------
@@ -290,11 +297,14 @@ def _top_k_by_chunks(
     """Return the top ``k`` of the draft softmax and the full-vocabulary argmax of ``rows``.
 
     Per chunk of rows: the logits of the first ``k`` draft columns start the running top
-    ``k`` (sorted), maximum and sum of ``exp(z - max)``; each following block of draft
-    columns rescales the sum to the new maximum, adds its own, and merges with the running
-    top ``k`` (the running entries first, so equal logits keep the lower id where the
-    backend's selection keeps the first). The probabilities are ``exp(z - max) / sum`` of the
-    kept logits. Every temporary is a ``[chunk.rows, k + chunk.vocab]`` block at most.
+    ``k`` (sorted), maximum and sum of ``exp(z - max)``. The following draft columns come in
+    groups of :data:`MERGE_BLOCKS` blocks of ``chunk.vocab``: each block rescales the sum to
+    the new maximum and adds its own, and its logits are written after the running top ``k``
+    in a ``[chunk.rows, k + MERGE_BLOCKS * chunk.vocab]`` buffer, of which the ``k`` largest
+    become the running top ``k`` once the group is written (the running entries first, so
+    equal logits keep the lower id where the backend's selection keeps the first). The
+    probabilities are ``exp(z - max) / sum`` of the kept logits. That buffer is the largest
+    temporary.
 
     Parameters
     ----------
@@ -340,20 +350,34 @@ def _top_k_by_chunks(
     def row_step(row: Any, n: int, out: tuple[Array, Array, Array]) -> Any:
         h = loops.get(rows, (row, 0), (n, hidden_size))
 
-        def merge(column: Any, size: int, state: tuple[Array, ...]) -> tuple[Array, ...]:
+        def merge(column: Any, width: int, state: tuple[Array, ...]) -> tuple[Array, ...]:
             values, ids, maximum, total = state
             start = column + k
-            z = draft_logits(h, start, size)
-            new_maximum = xp.maximum(maximum, xp.max(z, axis=-1))
-            shift = shift_of(new_maximum)
-            # exp(maximum - shift) is 0 for a running maximum of -inf, whatever the shift.
-            total = total * xp.exp(maximum - shift) + xp.sum(xp.exp(z - shift[:, None]), axis=-1)
-            block_ids = xp.arange(size, dtype=ids_dtype, device=device) + start
-            candidates = xp.concat([values, z], axis=-1)
-            candidate_ids = xp.concat([ids, xp.broadcast_to(block_ids, (n, size))], axis=-1)
+
+            def write(offset: Any, size: int, inner: tuple[Array, ...]) -> tuple[Array, ...]:
+                candidates, maximum, total = inner
+                z = draft_logits(h, start + offset, size)
+                new_maximum = xp.maximum(maximum, xp.max(z, axis=-1))
+                shift = shift_of(new_maximum)
+                # exp(maximum - shift) is 0 for a running maximum of -inf, whatever the shift.
+                block_total = xp.sum(xp.exp(z - shift[:, None]), axis=-1)
+                total = total * xp.exp(maximum - shift) + block_total
+                return loops.put(candidates, (0, k + offset), z), new_maximum, total
+
+            # The running top k first, so that equal logits keep the lower id where the
+            # backend's selection keeps the first.
+            candidates = xp.empty((n, k + width), dtype=dtype, device=device)
+            candidates = loops.put(candidates, (0, 0), values)
+            candidates, maximum, total = _chunks.over_chunks(
+                width, chunk.vocab, write, (candidates, maximum, total), loops
+            )
             values, positions = _largest(candidates, k, xp=xp)
-            ids = xp.take_along_axis(candidate_ids, xp.astype(positions, index_dtype), axis=-1)
-            return values, ids, new_maximum, total
+            positions = xp.astype(positions, ids_dtype)
+            last = xp.asarray(k - 1, dtype=ids_dtype, device=device)
+            kept = xp.take_along_axis(
+                ids, xp.astype(xp.minimum(positions, last), index_dtype), axis=-1
+            )
+            return values, xp.where(positions < k, kept, positions - k + start), maximum, total
 
         first = draft_logits(h, 0, k)
         first_values, first_positions = _largest(first, k, xp=xp)
@@ -361,7 +385,7 @@ def _top_k_by_chunks(
         total = xp.sum(xp.exp(first - shift_of(maximum)[:, None]), axis=-1)
         state = (first_values, xp.astype(first_positions, ids_dtype), maximum, total)
         values, ids, maximum, total = _chunks.over_chunks(
-            draft_size - k, chunk.vocab, merge, state, loops
+            draft_size - k, MERGE_BLOCKS * chunk.vocab, merge, state, loops
         )
         total = nan_where(wrong_size, total, xp=xp)
         probs = xp.exp(values - shift_of(maximum)[:, None]) / total[:, None]
