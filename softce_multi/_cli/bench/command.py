@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from softce_multi._cli._common import output_file, positive_int
+from softce_multi._cli.bench import sparse as sparse_bench
 from softce_multi._cli.bench.cases import Case
 from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, TOP_K, MemoryOf, Sizes
 from softce_multi._cli.bench.measure import ITEMSIZE, unavailable
@@ -85,6 +86,16 @@ def _parser() -> argparse.ArgumentParser:
         "--plot", type=output_file, metavar="PATH", help="draw time and memory (needs matplotlib)"
     )
     _add_from_hidden_options(parser)
+    parser.add_argument(
+        "--sparse",
+        type=positive_int,
+        metavar="K",
+        help=(
+            "compare the loss of sparse targets (target_ids, K distinct ids per position) with "
+            "the same framework's loss of the dense targets they stand for, on [1, N, V] "
+            "logits; with --linear, the linear loss of hidden states, for each --rows"
+        ),
+    )
     return parser
 
 
@@ -169,7 +180,9 @@ def _check_arguments(
     """Refuse, through ``parser.error`` and before anything is measured, the options that the
     run would ignore or fail on, and the outputs it could not write when done."""
     comparison = "--linear" if args.linear else "--targets" if args.targets else None
-    if comparison is None:
+    if args.sparse is not None:
+        _check_sparse_options(parser, args)
+    elif comparison is None:
         _check_sweep_options(parser, args)
     else:
         _check_from_hidden_options(parser, args, comparison)
@@ -199,6 +212,33 @@ def _check_sweep_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--autocast goes with --linear")
     if args.reduction is not None:
         parser.error("--reduction goes with --linear")
+
+
+def _check_sparse_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse the options that do not go with ``--sparse`` (and ``--linear``, if given), and a
+    ``K`` above the vocabulary."""
+    mode = "--linear --sparse" if args.linear else "--sparse"
+    for flag, given in [
+        ("--targets", args.targets),
+        ("--top-k", args.top_k is not None),
+        ("--target-vocab", args.target_vocab is not None),
+        ("--frameworks", args.frameworks is not None),
+        ("--autocast", args.autocast is not None),
+        ("--reduction", args.reduction is not None),
+        ("--device cuda", args.device == "cuda"),
+        ("--plot", args.plot is not None),
+        ("--lengths", args.linear and args.lengths is not None),
+        ("--rows", not args.linear and args.rows is not None),
+        ("--hidden", not args.linear and args.hidden is not None),
+        ("--bias" if args.bias else "--no-bias", not args.linear and args.bias is not None),
+    ]:
+        if given:
+            parser.error(f"{flag} does not go with {mode}")
+    if args.sparse > args.vocab:
+        parser.error(
+            f"--sparse {args.sparse} is more than --vocab {args.vocab}: each position has K "
+            "distinct ids in the vocabulary"
+        )
 
 
 def _check_from_hidden_options(
@@ -258,6 +298,9 @@ def main(
             "round makes the median",
             file=sys.stderr,
         )
+    if args.sparse is not None:
+        args.lengths = args.lengths or list(DEFAULT_LENGTHS)
+        return sparse_bench.main(args)
     if args.linear or args.targets:
         name = "linear" if args.linear else "targets"
         return _main_from_hidden(name, args, run_from_hidden, memory_from_hidden)
