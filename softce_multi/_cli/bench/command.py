@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from softce_multi._cli._common import output_file, positive_int
-from softce_multi._cli.bench import sparse as sparse_bench
 from softce_multi._cli.bench.cases import Case
 from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, TOP_K, MemoryOf, Sizes
 from softce_multi._cli.bench.measure import ITEMSIZE, unavailable
@@ -22,6 +21,7 @@ from softce_multi._cli.bench.report import (
     print_sweep,
     write_json,
 )
+from softce_multi._cli.bench.sparse import main as main_sparse
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
 DEFAULT_TARGET_VOCAB = 128000
@@ -300,7 +300,7 @@ def main(
         )
     if args.sparse is not None:
         args.lengths = args.lengths or list(DEFAULT_LENGTHS)
-        return sparse_bench.main(args)
+        return main_sparse(args)
     if args.linear or args.targets:
         name = "linear" if args.linear else "targets"
         return _main_from_hidden(name, args, run_from_hidden, memory_from_hidden)
