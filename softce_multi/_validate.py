@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 import numbers
 import operator
-import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import array_api_compat
@@ -341,7 +340,7 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any
             msg = f"num_valid must have an integer or real floating dtype, got {num_valid.dtype}"
             raise TypeError(msg)
         return
-    if not _is_real_number(num_valid):
+    if not is_real_number(num_valid):
         msg = f"num_valid must be a number or a 0-d array, got {type(num_valid).__name__}"
         raise TypeError(msg)
     host_dtype = getattr(num_valid, "dtype", None)  # NumPy scalars have one
@@ -353,14 +352,14 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any
         raise TypeError(msg)
     # Comparisons, not float(): a huge int or Fraction would overflow the conversion.
     if num_valid != num_valid or num_valid < 0 or num_valid == math.inf:
-        msg = f"num_valid must be finite and non-negative, got {_shown(num_valid)}"
+        msg = f"num_valid must be finite and non-negative, got {shown(num_valid)}"
         raise ValueError(msg)
     smallest = float(xp.finfo(dtype).smallest_normal)
     if num_valid != 0 and not smallest <= num_valid <= 1 / smallest:
         msg = (
             f"num_valid must be 0 or between {smallest:.7g} and {1 / smallest:.7g}, where it "
             f"and its inverse are normal numbers of the computation dtype {dtype}; got "
-            f"{_shown(num_valid)}"
+            f"{shown(num_valid)}"
         )
         raise ValueError(msg)
 
@@ -499,25 +498,25 @@ def check_fill(xp: Namespace, fill: Any, dtype: Any) -> bool | int | float:
     TypeError
         If ``fill`` is not a real number, or does not fit ``dtype``.
     """
-    if not (isinstance(fill, bool) or _is_real_number(fill)):
+    if not (isinstance(fill, bool) or is_real_number(fill)):
         msg = f"fill must be a bool or a real number, got {type(fill).__name__}"
         raise TypeError(msg)
     if is_dtype(xp, dtype, "bool", name="x"):
         if fill not in (0, 1):
-            msg = f"fill must be 0, 1, False or True for x of dtype {dtype}, got {_shown(fill)}"
+            msg = f"fill must be 0, 1, False or True for x of dtype {dtype}, got {shown(fill)}"
             raise TypeError(msg)
         return bool(fill)
     if is_dtype(xp, dtype, "integral", name="x"):
         # Comparisons first: NaN, the infinities and huge numbers do not convert to int safely.
         whole = fill == fill and abs(fill) != math.inf and int(fill) == fill
         if not whole:
-            msg = f"fill must be a whole number for x of dtype {dtype}, got {_shown(fill)}"
+            msg = f"fill must be a whole number for x of dtype {dtype}, got {shown(fill)}"
             raise TypeError(msg)
         value = int(fill)
         info = xp.iinfo(dtype)
         if not info.min <= value <= info.max:
             msg = (
-                f"fill {_shown(value)} does not fit x of dtype {dtype}, which holds "
+                f"fill {shown(value)} does not fit x of dtype {dtype}, which holds "
                 f"{info.min} to {info.max}"
             )
             raise TypeError(msg)
@@ -525,93 +524,11 @@ def check_fill(xp: Namespace, fill: Any, dtype: Any) -> bool | int | float:
     largest = float(xp.finfo(dtype).max)
     if abs(fill) != math.inf and abs(fill) > largest:
         msg = (
-            f"fill {_shown(fill)} does not fit x of dtype {dtype}, whose largest finite "
+            f"fill {shown(fill)} does not fit x of dtype {dtype}, whose largest finite "
             f"magnitude is {largest:.7g}"
         )
         raise TypeError(msg)
     return float(fill)
-
-
-def check_step_losses(step_losses: Any) -> Namespace:
-    """Check the argument of ``multi_step_loss`` and return its namespace.
-
-    It is a non-empty 1-D real floating array, or a non-empty sequence of 0-d real floating
-    arrays of one namespace and device.
-    """
-    if array_api_compat.is_array_api_obj(step_losses):
-        xp = namespace_of(step_losses=step_losses)
-        if step_losses.ndim != 1 or step_losses.shape[0] == 0:
-            msg = (
-                "step_losses must be a non-empty 1-D array or a sequence of 0-d arrays, got "
-                f"an array of shape {tuple(step_losses.shape)}"
-            )
-            raise ValueError(msg)
-        dtypes = {"step_losses": step_losses.dtype}
-    else:
-        if isinstance(step_losses, (str, bytes)) or not isinstance(step_losses, Sequence):
-            msg = (
-                "step_losses must be a sequence of 0-d arrays or a 1-D array, got "
-                f"{type(step_losses).__name__}"
-            )
-            raise TypeError(msg)
-        if len(step_losses) == 0:
-            msg = "step_losses must hold at least one loss, got an empty sequence"
-            raise ValueError(msg)
-        named = {f"step_losses[{i}]": loss for i, loss in enumerate(step_losses)}
-        xp = namespace_of(**named)
-        check_same_device(**named)
-        shapes = {name: tuple(loss.shape) for name, loss in named.items() if loss.ndim != 0}
-        if shapes:
-            msg = f"step_losses must hold 0-d arrays, got shapes {shapes}"
-            raise ValueError(msg)
-        dtypes = {name: loss.dtype for name, loss in named.items()}
-    for name, dtype in dtypes.items():
-        if not is_dtype(xp, dtype, "real floating", name=name):
-            shown = "" if name == "step_losses" else f" ({name})"
-            msg = f"step_losses must have a real floating dtype, got {dtype}{shown}"
-            raise TypeError(msg)
-    return xp
-
-
-def check_decay(decay: Any) -> float:
-    """Check the ``decay`` of ``multi_step_loss`` (a finite non-negative number); as a float."""
-    if not _is_real_number(decay):
-        msg = f"decay must be a real number, got {type(decay).__name__}"
-        raise TypeError(msg)
-    # Comparisons, not math.isfinite: a huge int or Fraction would overflow the conversion.
-    if decay != decay or decay < 0 or decay > sys.float_info.max:
-        msg = f"decay must be finite and non-negative, got {_shown(decay)}"
-        raise ValueError(msg)
-    return float(decay)
-
-
-def check_normalize(normalize: Any) -> None:
-    """Raise TypeError unless ``normalize`` is a bool."""
-    if not isinstance(normalize, bool):
-        msg = f"normalize must be a bool, got {type(normalize).__name__}"
-        raise TypeError(msg)
-
-
-def check_step_weights_fit(decay: float, steps: int, *, xp: Namespace, dtype: Any) -> None:
-    """Refuse a ``decay`` whose weights ``decay**i`` (``i < steps``) sum beyond ``dtype``.
-
-    Only the plain weighted sum (``normalize=False``) needs this: normalized weights are at
-    most 1 whatever the decay.
-    """
-    if decay <= 1:
-        return  # the weights sum to at most `steps`
-    # log(sum_i decay**i) = (steps - 1) * log(decay) + log(sum_k decay**-k), without overflow.
-    relative = math.fsum(decay**-k for k in range(steps))
-    log_total = (steps - 1) * math.log(decay) + math.log(relative)
-    largest = float(xp.finfo(dtype).max)
-    # The margin covers the rounding of the logarithms (the weights are then computed exactly).
-    if log_total > math.log(largest) - 1e-12:
-        msg = (
-            f"decay={decay} over {steps} steps gives step weights summing to about "
-            f"10**{log_total / math.log(10):.0f}, beyond the largest {dtype} number "
-            f"{largest:.7g}; use normalize=True or a smaller decay"
-        )
-        raise ValueError(msg)
 
 
 def _as_int(value: Any, *, name: str, expected: str) -> int:
@@ -622,12 +539,12 @@ def _as_int(value: Any, *, name: str, expected: str) -> int:
     return operator.index(value)
 
 
-def _is_real_number(value: Any) -> bool:
+def is_real_number(value: Any) -> bool:
     """Whether ``value`` is a real host number other than a bool (``True`` is no count)."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """``str(value)``, cut when it is long (a huge int) so that a message stays readable."""
     text = str(value)
     if len(text) <= _SHOWN_CHARACTERS:

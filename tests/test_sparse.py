@@ -449,3 +449,107 @@ def test_target_ids_from_another_library_are_a_type_error():
     ids = torch.zeros((4, 3), dtype=torch.int64)
     with pytest.raises(TypeError, match="target_ids"):
         sc.masked_soft_cross_entropy(logits, probs, np.ones(4), target_ids=ids)
+
+
+# --------------------------------------------------------------------------------------------
+# The Triton kernels (in Triton's interpreter, on CPU tensors, without a GPU)
+# --------------------------------------------------------------------------------------------
+
+
+def _operator_inputs(torch, logits_dtype, *, n_rows=9, vocab=37, slots=6):
+    """Rows with duplicates, a padding slot, padding rows holding NaN and bad ids, a weight."""
+    generator = torch.Generator().manual_seed(17)
+    compute = torch.float64 if logits_dtype == torch.float64 else torch.float32
+    z = (torch.randn(n_rows, vocab, generator=generator) * 3).to(logits_dtype)
+    ids = torch.randint(0, vocab, (n_rows, slots), generator=generator)
+    p = torch.rand(n_rows, slots, generator=generator, dtype=compute)
+    ids[:, 1] = ids[:, 0]
+    ids[:, -1], p[:, -1] = -1, 0.0
+    weights = (torch.rand(n_rows, generator=generator) < 0.7).to(compute)
+    weights[0] = 1.0
+    padding = weights == 0
+    z[padding], p[padding] = float("nan"), float("nan")
+    ids[padding, 2] = vocab + 1
+    return z, ids, p, weights, weights * 0.3
+
+
+@pytest.mark.parametrize("logits_dtype", ["float64", "float32", "bfloat16"])
+def test_triton_sparse_kernels_match_the_generic_operators(logits_dtype):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from softce_multi.kernels import torch_sparse, triton_sparse
+
+    z, ids, p, weights, scale = _operator_inputs(torch, getattr(torch, logits_dtype))
+    tolerance = {"rtol": 2e-2, "atol": 1e-2} if logits_dtype == "bfloat16" else {}
+
+    forward = triton_sparse.triton_sparse_row_routine(z, ids, p, weights, scale, True, 16)
+    expected = torch_sparse.sparse_row_routine(z, ids, p, weights, scale, True)
+    for got, want in zip(forward, expected, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+    saved = expected[1:4]
+    backward = triton_sparse.triton_sparse_gradient_routine(
+        z, ids, p, *saved, scale, True, True, 16
+    )
+    expected_backward = torch_sparse.sparse_gradient_routine(z, ids, p, *saved, scale, True, True)
+    for got, want in zip(backward, expected_backward, strict=True):
+        torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_triton_sparse_kernels_write_the_gradient_over_the_logits():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from softce_multi.kernels import torch_sparse, triton_sparse
+
+    z, ids, p, weights, scale = _operator_inputs(torch, torch.float32)
+    expected = torch_sparse.sparse_row_routine(z, ids, p, weights, scale, True)
+    scratch = z.clone()
+
+    statistics = triton_sparse.triton_sparse_row_routine_(scratch, ids, p, weights, scale, 16)
+
+    torch.testing.assert_close(scratch, expected[4])
+    for got, want in zip(statistics, expected[:4], strict=True):
+        torch.testing.assert_close(got, want)
+    scratch = z.clone()
+    grad_p = triton_sparse.triton_sparse_gradient_routine_(
+        scratch, ids, p, *expected[1:4], scale, True, 16
+    )
+    want_z, want_p = torch_sparse.sparse_gradient_routine(
+        z, ids, p, *expected[1:4], scale, True, True
+    )
+    torch.testing.assert_close(scratch, want_z)
+    torch.testing.assert_close(grad_p, want_p)
+
+
+def test_triton_sparse_kernel_makes_a_row_with_a_bad_id_nan_and_no_other():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from softce_multi.kernels import triton_sparse
+
+    z, ids, p, weights, scale = _operator_inputs(torch, torch.float32)
+    ids[0, 0] = z.shape[1]  # row 0 is valid and this slot has mass
+
+    weighted, *_, grad = triton_sparse.triton_sparse_row_routine(
+        z, ids, p, weights, scale, True, None
+    )
+
+    assert torch.isnan(weighted[0]) and torch.isfinite(weighted[1:]).all()
+    assert torch.isnan(grad[0]).any() and torch.isfinite(grad[1:]).all()
+
+
+def test_triton_sparse_operators_have_fake_implementations():
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from softce_multi.kernels import triton_sparse
+
+    with FakeTensorMode() as mode:
+        z, ids, p = torch.empty(5, 40), torch.empty(5, 3, dtype=torch.int32), torch.empty(5, 3)
+        weights = torch.empty(5)
+        outputs = triton_sparse.triton_sparse_row_routine(z, ids, p, weights, weights, True, None)
+        grads = triton_sparse.triton_sparse_gradient_routine(
+            z, ids, p, weights, weights, weights, weights, False, True, None
+        )
+    del mode
+    assert [tuple(x.shape) for x in outputs] == [(5,), (5,), (5,), (5,), (5, 40)]
+    assert [tuple(x.shape) for x in grads] == [(0, 40), (5, 3)]

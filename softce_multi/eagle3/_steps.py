@@ -7,18 +7,21 @@ each step, :func:`multi_step_loss` weighs the steps' losses into one.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Sequence
+from typing import Any
 
 import array_api_compat
 import array_api_extra as xpx
 
 from softce_multi._core import compute_dtype
-from softce_multi._types import Array, LossInputs
+from softce_multi._types import Array, LossInputs, Namespace
 from softce_multi._validate import (
-    check_decay,
-    check_normalize,
-    check_step_losses,
-    check_step_weights_fit,
+    check_same_device,
+    is_dtype,
+    is_real_number,
+    namespace_of,
+    shown,
     validate_inputs,
 )
 from softce_multi.eagle3._arrays import constant, top_index, zero_d
@@ -159,3 +162,88 @@ def _normalized_weights(decay: float, steps: int) -> list[float]:
     relative = [decay ** (i - largest) for i in range(steps)]
     total = math.fsum(relative)
     return [weight / total for weight in relative]
+
+
+# --- the checks of multi_step_loss ------------------------------------------------------
+
+
+def check_step_losses(step_losses: Any) -> Namespace:
+    """Check the argument of ``multi_step_loss`` and return its namespace.
+
+    It is a non-empty 1-D real floating array, or a non-empty sequence of 0-d real floating
+    arrays of one namespace and device.
+    """
+    if array_api_compat.is_array_api_obj(step_losses):
+        xp = namespace_of(step_losses=step_losses)
+        if step_losses.ndim != 1 or step_losses.shape[0] == 0:
+            msg = (
+                "step_losses must be a non-empty 1-D array or a sequence of 0-d arrays, got "
+                f"an array of shape {tuple(step_losses.shape)}"
+            )
+            raise ValueError(msg)
+        dtypes = {"step_losses": step_losses.dtype}
+    else:
+        if isinstance(step_losses, (str, bytes)) or not isinstance(step_losses, Sequence):
+            msg = (
+                "step_losses must be a sequence of 0-d arrays or a 1-D array, got "
+                f"{type(step_losses).__name__}"
+            )
+            raise TypeError(msg)
+        if len(step_losses) == 0:
+            msg = "step_losses must hold at least one loss, got an empty sequence"
+            raise ValueError(msg)
+        named = {f"step_losses[{i}]": loss for i, loss in enumerate(step_losses)}
+        xp = namespace_of(**named)
+        check_same_device(**named)
+        shapes = {name: tuple(loss.shape) for name, loss in named.items() if loss.ndim != 0}
+        if shapes:
+            msg = f"step_losses must hold 0-d arrays, got shapes {shapes}"
+            raise ValueError(msg)
+        dtypes = {name: loss.dtype for name, loss in named.items()}
+    for name, dtype in dtypes.items():
+        if not is_dtype(xp, dtype, "real floating", name=name):
+            shown = "" if name == "step_losses" else f" ({name})"
+            msg = f"step_losses must have a real floating dtype, got {dtype}{shown}"
+            raise TypeError(msg)
+    return xp
+
+
+def check_decay(decay: Any) -> float:
+    """Check the ``decay`` of ``multi_step_loss`` (a finite non-negative number); as a float."""
+    if not is_real_number(decay):
+        msg = f"decay must be a real number, got {type(decay).__name__}"
+        raise TypeError(msg)
+    # Comparisons, not math.isfinite: a huge int or Fraction would overflow the conversion.
+    if decay != decay or decay < 0 or decay > sys.float_info.max:
+        msg = f"decay must be finite and non-negative, got {shown(decay)}"
+        raise ValueError(msg)
+    return float(decay)
+
+
+def check_normalize(normalize: Any) -> None:
+    """Raise TypeError unless ``normalize`` is a bool."""
+    if not isinstance(normalize, bool):
+        msg = f"normalize must be a bool, got {type(normalize).__name__}"
+        raise TypeError(msg)
+
+
+def check_step_weights_fit(decay: float, steps: int, *, xp: Namespace, dtype: Any) -> None:
+    """Refuse a ``decay`` whose weights ``decay**i`` (``i < steps``) sum beyond ``dtype``.
+
+    Only the plain weighted sum (``normalize=False``) needs this: normalized weights are at
+    most 1 whatever the decay.
+    """
+    if decay <= 1:
+        return  # the weights sum to at most `steps`
+    # log(sum_i decay**i) = (steps - 1) * log(decay) + log(sum_k decay**-k), without overflow.
+    relative = math.fsum(decay**-k for k in range(steps))
+    log_total = (steps - 1) * math.log(decay) + math.log(relative)
+    largest = float(xp.finfo(dtype).max)
+    # The margin covers the rounding of the logarithms (the weights are then computed exactly).
+    if log_total > math.log(largest) - 1e-12:
+        msg = (
+            f"decay={decay} over {steps} steps gives step weights summing to about "
+            f"10**{log_total / math.log(10):.0f}, beyond the largest {dtype} number "
+            f"{largest:.7g}; use normalize=True or a smaller decay"
+        )
+        raise ValueError(msg)

@@ -8,12 +8,15 @@ rule that folds the batch into the rows, so that ``torch.compile`` sees one opaq
 :class:`~softce_multi._core.RowRoutine` and :class:`~softce_multi._core.GradientRoutine` that
 call them; :func:`row_routine_over_logits` and :func:`gradient_routine_over_logits` write the
 logits gradient over the logits, for the chunks of the linear loss, which run inside an
-operator of their own and call the generic routines directly.
+operator of their own and call the generic routines directly. On a CUDA device with Triton
+installed, each of the four routines runs the Triton kernels of
+:mod:`softce_multi.kernels.triton_sparse` instead.
 """
 
 from __future__ import annotations
 
 import functools
+from types import ModuleType
 
 import array_api_compat
 import torch
@@ -35,6 +38,8 @@ __all__ = [
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
     """The :class:`~softce_multi._core.RowRoutine` of the operator :func:`sparse_row_routine`."""
     assert rows.ids is not None  # chosen for sparse targets only
+    if kernels.use_triton(rows.z):
+        return _triton().row_routine(rows, with_logits_grad=with_logits_grad)
     outputs = sparse_row_routine(
         rows.z, rows.ids, rows.p, rows.weights, rows.row_scale, with_logits_grad
     )
@@ -48,6 +53,8 @@ def gradient_routine(
 ) -> tuple[Tensor | None, Tensor | None]:
     """The :class:`~softce_multi._core.GradientRoutine` of :func:`sparse_gradient_routine`."""
     assert rows.ids is not None  # chosen for sparse targets only
+    if kernels.use_triton(rows.z):
+        return _triton().gradient_routine(rows, logits_grad=logits_grad, targets_grad=targets_grad)
     grad_z, grad_p = sparse_gradient_routine(
         rows.z, rows.ids, rows.p, *rows.saved, rows.row_scale, logits_grad, targets_grad
     )
@@ -57,6 +64,8 @@ def gradient_routine(
 def row_routine_over_logits(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
     """The generic sparse row routine writing the logits gradient over ``rows.z``, for scratch
     logits (a chunk of the linear loss, inside its operator)."""
+    if kernels.use_triton(rows.z):
+        return _triton().row_routine_over_logits(rows, with_logits_grad=with_logits_grad)
     return _generic_routines(rows.z.shape[1], over_logits=True)[0](
         rows, with_logits_grad=with_logits_grad
     )
@@ -66,9 +75,20 @@ def gradient_routine_over_logits(
     rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
 ) -> tuple[Tensor | None, Tensor | None]:
     """The generic sparse gradient routine writing the logits gradient over ``rows.z``."""
+    if kernels.use_triton(rows.z):
+        return _triton().gradient_routine_over_logits(
+            rows, logits_grad=logits_grad, targets_grad=targets_grad
+        )
     return _generic_routines(rows.z.shape[1], over_logits=True)[1](
         rows, logits_grad=logits_grad, targets_grad=targets_grad
     )
+
+
+def _triton() -> ModuleType:
+    """:mod:`softce_multi.kernels.triton_sparse`, imported on first use (it needs Triton)."""
+    from softce_multi.kernels import triton_sparse
+
+    return triton_sparse
 
 
 @functools.cache
