@@ -290,8 +290,9 @@ def run_sparse(
     memory: MemoryOf | None,
 ) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
     """Both paths of every framework that can run, at each of ``sizes`` and ``dtypes``: rows
-    of their median times, the sparse path's time over the dense one's and their extra memory
-    (NumPy's and torch's by ``memory``, none without it), and the frameworks skipped."""
+    of their times (every round and the median), the sparse path's time over the dense one's
+    (per round, median) and their extra memory (NumPy's and torch's by ``memory``, none
+    without it); and the frameworks skipped."""
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     for dtype in dtypes:
@@ -341,6 +342,7 @@ def _compare(
                 "dtype": dtype,
                 "implementation": path,
                 "median_s": statistics.median(times[path]),
+                "times_s": times[path],
                 "time_vs_dense": _median_ratio(times[path], times["dense"]),
                 "peak_rise_mib": None if rise is None else rise / MIB,
                 "extra_peak_mib": None if extra is None else extra / MIB,
