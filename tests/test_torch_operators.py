@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -29,7 +30,7 @@ from softce_multi.testing import (
 torch = pytest.importorskip("torch")
 
 import softce_multi  # noqa: E402
-from softce_multi import reference  # noqa: E402
+from softce_multi import _core, reference  # noqa: E402
 from softce_multi.kernels import torch_cpu  # noqa: E402
 from softce_multi.torch import MaskedSoftCrossEntropy, masked_soft_cross_entropy  # noqa: E402
 
@@ -351,6 +352,42 @@ def test_blocks_shared_among_workers_give_the_reference_loss_and_gradients(
     assert_loss_close(loss, expected.loss, "float32", dtype="float32")
     assert_gradient_close(z.grad, expected.grad_logits, "float32", dtype=str(logits_dtype)[6:])
     assert_gradient_close(p.grad[finite], expected.grad_targets[finite], "float32")
+
+
+def test_rows_without_a_finite_maximum_get_the_statistics_and_gradient_of_the_core(monkeypatch):
+    # Valid rows of all -inf logits (with and without target mass), with a +inf logit and with
+    # a NaN, among finite rows, 2 rows per block on 2 workers: the softmax kernel's shortcut
+    # (the sum as the reciprocal of the softmax's maximum) must not apply to them.
+    monkeypatch.setattr(torch_cpu, "BLOCK_ELEMENTS", 2 * 37)
+    z, p, _ = float32_inputs(23, (9, 37))
+    z[1], z[2] = -torch.inf, -torch.inf
+    p[2] = 0.0
+    z[4, 3], z[7, 5] = torch.inf, torch.nan
+    weights = torch.ones(9)
+    row_scale = torch.full((9,), 0.25)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        _, row_max, log_sum_exp, target_sum, grad = torch_cpu.torch_row_routine(
+            z, p, weights, row_scale, True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    xp = array_api_compat.array_namespace(z)
+    stats = _core.row_statistics(z, p, xp=xp)
+    expected_grad = _core.logits_gradient_rows(
+        z, p, stats.row_max, torch.log(stats.sum_exp), stats.target_sum, row_scale, xp=xp
+    )
+
+    for got, want in [
+        (row_max, stats.row_max),
+        (log_sum_exp, torch.log(stats.sum_exp)),
+        (target_sum, stats.target_sum),
+        (grad, expected_grad),
+    ]:
+        torch.testing.assert_close(got, want, equal_nan=True)
+    assert torch.isnan(grad[[1, 4, 7]]).any(dim=-1).all()  # the core's NaN, not a shortcut's
+    assert torch.all(grad[2] == 0)  # no target mass
 
 
 # --------------------------------------------------------------------------------------------

@@ -4,13 +4,16 @@
 two steps (:func:`softce_multi._core.row_statistics` and the gradients from the saved
 statistics) for torch tensors on the CPU, and on any device where Triton does not run. The
 rows are cut into blocks small enough to stay in a core's cache, worked on in place in a few
-block-sized buffers. On the CPU, ``torch.get_num_threads()`` workers, each running PyTorch on
-one thread, take the next block whenever they finish one: a core that another process keeps
-busy slows only its worker, where a PyTorch operator on the whole block, a parallel region,
-would wait for it at every step. The per-row bookkeeping (losses, the log of the sum, zeros in
-padding rows) runs once on ``[N]`` vectors after the blocks. Each operator has a fake implementation
-(shapes and dtypes only) and a vmap rule that folds the batch into the rows, so
-``torch.compile`` sees an opaque call and ``torch.func.vmap`` works.
+block-sized buffers. In the forward pass each block's softmax is made by PyTorch's vectorised
+softmax kernel where the block's gradient goes (:func:`_block_statistics`), then turned into the
+gradient there (:func:`_gradient_over_softmax`), so that the logits and targets are read and the
+gradient written once each from memory. On the CPU, ``torch.get_num_threads()`` workers,
+each running PyTorch on one thread, take the next block whenever they finish one: a core that
+another process keeps busy slows only its worker, where a PyTorch operator on the whole block,
+a parallel region, would wait for it at every step. The per-row bookkeeping (losses, the log of
+the sum, zeros in padding rows) runs once on ``[N]`` vectors after the blocks. Each operator
+has a fake implementation (shapes and dtypes only) and a vmap rule that folds the batch into
+the rows, so ``torch.compile`` sees an opaque call and ``torch.func.vmap`` works.
 
 :func:`row_routine` and :func:`gradient_routine` are the
 :class:`~softce_multi._core.RowRoutine` and :class:`~softce_multi._core.GradientRoutine` that
@@ -27,6 +30,7 @@ import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from queue import Empty, SimpleQueue
+from typing import cast
 
 import array_api_compat
 import torch
@@ -156,30 +160,27 @@ def _row_work(
     losses, row_max, log_sum_exp, target_sum = outputs
     # Filled block by block, then turned into the losses and the log of the sum in place.
     target_dot, sum_exp = losses, log_sum_exp
+    # A block's softmax is made where its gradient goes when that holds the computation dtype
+    # and is contiguous; else in a buffer, then rounded into place.
+    in_grad = grad is not None and grad.dtype == dtype and grad.is_contiguous()
 
     def work(blocks: Iterator[slice]) -> None:
-        shifted_buf = _block_buffer(z, dtype)
-        products_buf = torch.empty_like(shifted_buf)
+        products_buf = _block_buffer(z, dtype)
+        softmax_buf = None if in_grad else torch.empty_like(products_buf)
         for block in blocks:
             size = block.stop - block.start
-            shifted, products = shifted_buf[:size], products_buf[:size]
+            softmax = cast(Tensor, grad)[block] if softmax_buf is None else softmax_buf[:size]
+            stats = _core.RowStatistics(
+                row_max[block], sum_exp[block], target_sum[block], target_dot[block]
+            )
             p_block = p[block]
-            block_max = row_max[block].copy_(torch.amax(z[block], dim=-1))
-            # A row with no finite maximum is shifted by 0 (the core's convention).
-            block_max.nan_to_num_(0.0, 0.0, 0.0)
-            torch.sub(z[block], block_max[:, None], out=shifted)
-            torch.sum(p_block, dim=-1, out=target_sum[block])
-            _row_dots(p_block, shifted, products=products, out=target_dot[block])
-            torch.sum(shifted.exp_(), dim=-1, out=sum_exp[block])
+            _block_statistics(
+                z[block], p_block, stats, softmax=softmax, products=products_buf[:size]
+            )
             if grad is not None:
-                # row_scale * (sum(p) * softmax - p), from the exponentials in place; rows that
-                # must get no gradient are zeroed once all blocks are done.
-                scale = row_scale[block, None]
-                out = grad[block] if grad.dtype == dtype else shifted
-                coefficient = (target_sum[block] / sum_exp[block])[:, None] * scale
-                torch.mul(shifted, coefficient, out=out).addcmul_(p_block, scale, value=-1)
-                if out is shifted:
-                    grad[block] = shifted
+                _gradient_over_softmax(softmax, p_block, row_scale[block], target_sum[block])
+                if softmax_buf is not None:
+                    grad[block] = softmax
 
     _run_blocks(work, z)
     valid = weights != 0
@@ -193,6 +194,57 @@ def _row_work(
     log_sum_exp.log_()
     for row_output in (row_max, log_sum_exp, target_sum):
         row_output.masked_fill_(~valid, 0.0)
+
+
+def _block_statistics(
+    z: Tensor, p: Tensor, stats: _core.RowStatistics, *, softmax: Tensor, products: Tensor
+) -> None:
+    """Fill the ``[n]`` ``stats`` of a block of ``[n, V]`` logits ``z`` and targets ``p``, and
+    leave the block's softmax in ``softmax``; ``products`` is scratch space of the same shape.
+
+    On the CPU the softmax is PyTorch's vectorised softmax kernel, run in place on
+    ``z - row_max`` (whose maximum is 0), and the sum of exponentials is the reciprocal of the
+    softmax's maximum, ``exp(0) / sum_exp``. A row with no finite maximum, shifted by 0 (the
+    core's convention), takes its exponentials and their sum from ``exp``, as the core does;
+    so does every row on other devices, where finding those rows would wait for the device.
+    """
+    row_max, sum_exp, target_sum, target_dot = stats
+    row_max.copy_(torch.amax(z, dim=-1))
+    unshifted = _rows_without_finite_maximum(row_max)
+    row_max.nan_to_num_(0.0, 0.0, 0.0)
+    shifted = torch.sub(z, row_max[:, None], out=softmax)
+    torch.sum(p, dim=-1, out=target_sum)
+    _row_dots(p, shifted, products=products, out=target_dot)
+    if unshifted is None:
+        torch.sum(shifted.exp_(), dim=-1, out=sum_exp)
+        softmax.mul_(sum_exp.reciprocal()[:, None])
+        return
+    exponentials = shifted[unshifted].exp_() if unshifted.numel() else None
+    torch.softmax(shifted, dim=-1, out=softmax)
+    torch.amax(softmax, dim=-1, out=sum_exp).reciprocal_()
+    if exponentials is not None:
+        row_sums = exponentials.sum(dim=-1)
+        sum_exp[unshifted] = row_sums
+        softmax[unshifted] = exponentials * row_sums.reciprocal()[:, None]
+
+
+def _rows_without_finite_maximum(row_max: Tensor) -> Tensor | None:
+    """The indices of the rows whose maximum ``row_max`` is not finite, on the CPU (empty,
+    after one check, in the usual case that there are none); None on other devices."""
+    if row_max.device.type != "cpu":
+        return None
+    finite = row_max.isfinite()
+    if bool(finite.all()):
+        return finite.new_empty(0, dtype=torch.long)
+    return torch.nonzero(~finite).squeeze(1)
+
+
+def _gradient_over_softmax(
+    softmax: Tensor, p: Tensor, row_scale: Tensor, target_sum: Tensor
+) -> None:
+    """Turn the softmax of a block into its logits gradient, ``row_scale * (sum(p) * softmax -
+    p)``, in place."""
+    softmax.mul_((row_scale * target_sum)[:, None]).addcmul_(p, row_scale[:, None], value=-1)
 
 
 @torch.library.custom_op("softce_multi::torch_gradient_routine", mutates_args=())
@@ -346,8 +398,9 @@ def _row_dots(p: Tensor, shifted: Tensor, *, products: Tensor, out: Tensor) -> N
         torch.sum(products.masked_fill_(p == 0, 0.0), dim=-1, out=out)
         return
     torch.sum(products, dim=-1, out=out)
-    redo = torch.nonzero(out.isnan()).squeeze(1)
-    if redo.numel():
+    nan = out.isnan()
+    if bool(nan.any()):
+        redo = torch.nonzero(nan).squeeze(1)
         terms = torch.where(p[redo] == 0, 0.0, p[redo] * shifted[redo])
         out[redo] = terms.sum(dim=-1)
 
