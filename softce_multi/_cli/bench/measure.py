@@ -1,5 +1,6 @@
 """How ``bench`` measures: wall times of steps run in interleaved rounds, the extra peak memory
-of a call, and a measurement in a fresh process.
+of a call, a measurement in a fresh process, and the load on the machine (the load average, and
+a busy core made on purpose).
 
 Times are medians over rounds in which several steps run interleaved, since absolute times on a
 shared machine drift. Extra peak memory is:
@@ -13,11 +14,13 @@ shared machine drift. Extra peak memory is:
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -112,3 +115,47 @@ def unavailable(framework: str, device: str) -> str | None:
         if (backend.library, backend.device) == (framework, _DEVICE_KIND[device])
     )
     return backend.unavailable_reason()
+
+
+SPINNER = """\
+import os, sys
+cpu = int(sys.argv[1])
+if cpu >= 0:
+    os.sched_setaffinity(0, {cpu})
+print(cpu, flush=True)
+while True:
+    pass
+"""
+"""The code of the process that :func:`busy_core` runs: pinned to the CPU it is given (none for
+-1), it says so on its standard output, then spins until it is killed."""
+
+
+def load_average() -> float | None:
+    """The machine's 1-minute load average, or None where the system does not report it."""
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+@contextlib.contextmanager
+def busy_core() -> Iterator[int | None]:
+    """Keep one core busy while the ``with`` block runs, as another program on the machine would.
+
+    A Python process that spins, pinned to the last CPU this process may run on (where the
+    system lets a process choose its CPUs), is started and running before the block, and
+    killed after it. Yields that CPU, or None where it could not be pinned.
+    """
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    cpu = cpus[-1] if cpus else -1
+    spinner = subprocess.Popen(
+        [sys.executable, "-c", SPINNER, str(cpu)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        if spinner.stdout is None or not spinner.stdout.readline():
+            msg = "the process that keeps a core busy did not start"
+            raise RuntimeError(msg)
+        yield None if cpu < 0 else cpu
+    finally:
+        spinner.kill()
+        spinner.wait()

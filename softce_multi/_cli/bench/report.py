@@ -41,7 +41,52 @@ def format_table(rows: Sequence[dict[str, Any]], bandwidth: bool = False) -> str
     ]
     if bandwidth:
         columns.append(("GB/s", ">7", _value("floor_gb_per_s", "{:.1f}")))
+    if any("load_1min" in row for row in rows):
+        columns.append(("load", ">6", _load))
     return _fixed_width_table(rows, columns)
+
+
+def _load(row: dict[str, Any]) -> str:
+    """The cell of a row's 1-minute load average; ``n/a`` where it was not measured."""
+    load = row.get("load_1min")
+    return "n/a" if load is None else f"{load:.2f}"
+
+
+def side_by_side(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of a ``--busy-core`` sweep paired: one per implementation, dtype and length,
+    with the idle row's values and the busy-core row's under ``busy_`` keys."""
+    busy = {
+        (row["implementation"], row["dtype"], row["length"]): row
+        for row in rows
+        if row.get("busy_core")
+    }
+    pairs = []
+    for row in rows:
+        other = busy.get((row["implementation"], row["dtype"], row["length"]))
+        if not row.get("busy_core") and other is not None:
+            pairs.append({**row, **{f"busy_{key}": value for key, value in other.items()}})
+    return pairs
+
+
+def format_side_by_side(rows: Sequence[dict[str, Any]]) -> str:
+    """The rows of a ``--busy-core`` sweep as a fixed-width table: for each implementation,
+    dtype and length, its time and its ratio to NeMo's formula as the machine was and with a
+    busy core, each with the 1-minute load average at the end of its timing."""
+    return _fixed_width_table(
+        side_by_side(rows),
+        [
+            ("implementation", "<26", _value("implementation")),
+            ("dtype", "<9", _value("dtype")),
+            ("N", ">6", _value("length")),
+            ("idle s", ">8", _value("median_s", "{:.4f}")),
+            ("x NeMo", ">7", _value("time_vs_nemo", "{:.2f}x")),
+            ("load", ">6", _load),
+            ("busy s", ">8", _value("busy_median_s", "{:.4f}")),
+            ("x NeMo", ">7", _value("busy_time_vs_nemo", "{:.2f}x")),
+            ("load", ">6", lambda row: _load({"load_1min": row.get("busy_load_1min")})),
+            ("x grad", ">7", _value("extra_peak_in_grads", "{:.2f}")),
+        ],
+    )
 
 
 def format_kernel_modes(rows: Sequence[dict[str, Any]]) -> str:
@@ -88,8 +133,16 @@ def print_sweep(rows: Sequence[dict[str, Any]], vocab: int, device: str, repeats
         "x NeMo: median time over NeMo AutoModel's formula's in the same run. x peer: per-round "
         "ratio to the peer of the same framework, median. x grad: extra peak memory in "
         "gradient buffers (CPU: peak RSS of a fresh process; CUDA: max_memory_allocated; "
-        "JAX: XLA temporaries)."
+        "JAX: XLA temporaries). load: the machine's 1-minute load average when the timing "
+        "ended."
     )
+    if any(row.get("busy_core") for row in rows):
+        print("\nas the machine was (idle: no busy core made) and with one core kept busy")
+        print(format_side_by_side(rows))
+        print(
+            "busy: a spinning process pinned to one core while the cases were timed; load: "
+            "the 1-minute load average when each timing ended (the spinner raises it)."
+        )
     if device == "cuda":
         print("GB/s: bytes(z) + bytes(p) + bytes(grad) over the median time.")
 
@@ -130,15 +183,17 @@ LINE_STYLES = ("-", "--", "-.", ":")
 
 
 def figure_of(rows: Sequence[dict[str, Any]], title: str) -> Any:
-    """A :class:`matplotlib.figure.Figure` of time and extra memory against sequence length:
-    one row of panels per dtype, one line per implementation, drawn with the same hollow marker
-    and line style in every panel (different for different implementations, so that lines at
-    the same values stay told apart), and a legend in each panel."""
+    """A :class:`matplotlib.figure.Figure` of time and extra memory against sequence length, of
+    the rows timed without a busy core: one row of panels per dtype, one line per
+    implementation, drawn with the same hollow marker and line style in every panel (different
+    for different implementations, so that lines at the same values stay told apart), and a
+    legend in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [row for row in rows if not row.get("busy_core")]
     dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
     names = list(dict.fromkeys(row["implementation"] for row in rows))
     styles = {

@@ -7,11 +7,17 @@ call). Each case is reported against NeMo AutoModel's formula (ratio of medians 
 run) and against its own framework's peer (median of the per-round ratios); its extra peak
 memory, measured as :mod:`.measure` says, as a multiple of one gradient buffer (the logits'
 shape and dtype).
+
+With ``options.busy_core`` (``--busy-core``), every length and dtype is timed twice: once as
+the machine is, once with one core kept busy by a spinning process (:func:`.measure.busy_core`);
+each row says which (``busy_core``) and gives the 1-minute load average at the end of its timing
+(``load_1min``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import statistics
 import sys
@@ -25,8 +31,10 @@ from softce_multi._cli.bench.cases import BASELINE, CASES, Case, case_named, mak
 from softce_multi._cli.bench.measure import (
     ITEMSIZE,
     MIB,
+    busy_core,
     in_fresh_process,
     interleaved_times,
+    load_average,
     resident_rise,
     synchronize,
     unavailable,
@@ -87,6 +95,12 @@ def _skip_reason(
     return None
 
 
+def conditions(options: argparse.Namespace) -> tuple[bool, ...]:
+    """Whether each timing of a length and dtype runs with a busy core: only as the machine is,
+    or, with ``options.busy_core``, as it is and then with a busy core."""
+    return (False, True) if getattr(options, "busy_core", False) else (False,)
+
+
 def run(
     options: argparse.Namespace,
     cases: Sequence[Case] = CASES,
@@ -97,7 +111,8 @@ def run(
     rows: list[dict[str, Any]] = []
     skipped: list[dict[str, str]] = []
     configurations = [(dtype, length) for dtype in options.dtypes for length in options.lengths]
-    progress = progress_bar(len(configurations) * len(cases), "case", sys.stderr)
+    timings = conditions(options)
+    progress = progress_bar(len(configurations) * len(cases) * len(timings), "case", sys.stderr)
     for dtype, length in configurations:
         shape = (1, length, options.vocab)
         runnable = []
@@ -107,20 +122,33 @@ def run(
                 runnable.append(case)
             else:
                 skipped.append({"implementation": case.name, "dtype": dtype, "reason": reason})
+                for _ in timings:
+                    progress.update()
+        memory: dict[str, int | None] = {}
+        for busy in timings:
+            machine = "busy core" if busy else "as it is"
+            progress.set_postfix_str(f"{dtype} N={length}: timing, machine {machine}")
+            with busy_core() if busy else contextlib.nullcontext():
+                times = _time_cases(runnable, shape, dtype, options)
+                load = load_average()
+            for case in runnable:
+                if case.name not in memory:
+                    progress.set_postfix_str(f"{dtype} N={length}: memory of {case.name}")
+                    memory[case.name] = (
+                        in_fresh_process(
+                            "peak_extra_memory",
+                            case.name,
+                            shape,
+                            dtype,
+                            options.seed,
+                            options.device,
+                        )
+                        if options.memory
+                        else None
+                    )
+                row = _row(case, times, memory[case.name], shape, dtype, options.device)
+                rows.append({**row, "busy_core": busy, "load_1min": load})
                 progress.update()
-        progress.set_postfix_str(f"{dtype} N={length}: timing")
-        times = _time_cases(runnable, shape, dtype, options)
-        for case in runnable:
-            progress.set_postfix_str(f"{dtype} N={length}: memory of {case.name}")
-            memory = (
-                in_fresh_process(
-                    "peak_extra_memory", case.name, shape, dtype, options.seed, options.device
-                )
-                if options.memory
-                else None
-            )
-            rows.append(_row(case, times, memory, shape, dtype, options.device))
-            progress.update()
     progress.close()
     return rows, skipped
 
