@@ -553,3 +553,23 @@ def test_triton_sparse_operators_have_fake_implementations():
     del mode
     assert [tuple(x.shape) for x in outputs] == [(5,), (5,), (5,), (5,), (5, 40)]
     assert [tuple(x.shape) for x in grads] == [(0, 40), (5, 3)]
+
+
+def test_jax_sparse_training_step_needs_no_logits_sized_temporary():
+    jax = pytest.importorskip("jax")
+    jnp = jax.numpy
+    n_rows, vocab, slots = 1024, 8192, 16
+    shapes = (
+        jax.ShapeDtypeStruct((n_rows, vocab), jnp.float32),
+        jax.ShapeDtypeStruct((n_rows, slots), jnp.float32),
+        jax.ShapeDtypeStruct((n_rows, slots), jnp.int32),
+        jax.ShapeDtypeStruct((n_rows,), jnp.bool_),
+    )
+
+    def loss(logits, probs, ids, mask):
+        return sc.masked_soft_cross_entropy(logits, probs, mask, target_ids=ids)
+
+    step = jax.jit(jax.value_and_grad(loss)).lower(*shapes).compile()
+
+    temporaries = step.memory_analysis().temp_size_in_bytes
+    assert temporaries <= 0.125 * n_rows * vocab * 4, temporaries

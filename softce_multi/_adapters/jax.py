@@ -35,7 +35,6 @@ import numpy as np
 
 from softce_multi import _core, _linear, kernels
 from softce_multi._types import LinearLossInputs, LossInputs
-from softce_multi.kernels import sparse as sparse_kernels
 from softce_multi.kernels import xla as xla_kernels
 
 __all__ = [
@@ -126,10 +125,23 @@ def _loss_pass(
     )
 
 
-#: The routines of sparse targets: the generic ones of :mod:`softce_multi.kernels.sparse`, over
-#: all rows at once (XLA fuses them).
-sparse_row_routine = sparse_kernels.sparse_row_routine(None, xp=jnp)
-sparse_gradient_routine = sparse_kernels.sparse_gradient_routine(None, xp=jnp)
+def sparse_row_routine(
+    rows: _core.Rows, /, *, with_logits_grad: bool, whole: bool = False
+) -> _core.RowResults:
+    """The row routine of sparse targets: XLA's, chunk by chunk of rows (the Pallas kernels
+    serve dense targets only); ``whole`` is as in :func:`row_routine`."""
+    return _xla_routine(xla_kernels.row_routine, rows, whole=whole)(
+        rows, with_logits_grad=with_logits_grad
+    )
+
+
+def sparse_gradient_routine(
+    rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool, whole: bool = False
+) -> tuple[jax.Array | None, jax.Array | None]:
+    """The gradient routine of sparse targets, XLA's; ``whole`` is as in :func:`row_routine`."""
+    return _xla_routine(xla_kernels.gradient_routine, rows, whole=whole)(
+        rows, logits_grad=logits_grad, targets_grad=targets_grad
+    )
 
 
 def row_routine(
@@ -367,13 +379,14 @@ def _linear_loss_pass(
     inputs = LinearLossInputs(
         hidden, weight, bias, target_probs, weights, reduction, count, chunk, target_ids
     )
-    whole_rows = functools.partial(row_routine, whole=True)
     return _linear.chunked_loss_pass(
         inputs,
         hidden_grad=with_grads,
         weight_grad=with_grads,
         bias_grad=with_grads,
-        row_routine=whole_rows if target_ids is None else sparse_row_routine,
+        row_routine=functools.partial(
+            row_routine if target_ids is None else sparse_row_routine, whole=True
+        ),
         xp=jnp,
     )
 
@@ -399,7 +412,7 @@ def linear_gradient_pass(
     accumulators (the vocabulary-parallel loss types them as varying over mesh axes).
     """
     hidden, weight, bias, target_probs = arrays[:4]
-    whole_rows = functools.partial(gradient_routine, whole=True)
+    routine = gradient_routine if arrays.target_ids is None else sparse_gradient_routine
     grads, grad_targets = _linear.chunked_gradient_pass(
         hidden,
         weight,
@@ -412,7 +425,7 @@ def linear_gradient_pass(
         bias_grad=not targets,
         targets_grad=targets,
         chunk_rows=chunk,
-        gradient_routine=whole_rows if arrays.target_ids is None else sparse_gradient_routine,
+        gradient_routine=functools.partial(routine, whole=True),
         xp=jnp,
         fresh=fresh,
         target_ids=arrays.target_ids,

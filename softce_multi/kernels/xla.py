@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from softce_multi import _chunks, _core
-from softce_multi.kernels import blocked
+from softce_multi.kernels import blocked, sparse
 
 __all__ = ["chunk_rows", "gradient_routine", "row_routine", "widened", "zero_rows"]
 
@@ -41,12 +41,18 @@ def row_routine(
 ) -> _core.RowResults:
     """The :class:`~softce_multi._core.RowRoutine` of the core, chunk by chunk of rows.
 
-    ``chunk`` is the number of rows per chunk; None for :func:`chunk_rows`.
+    ``chunk`` is the number of rows per chunk; None for :func:`chunk_rows`. Rows with sparse
+    targets (``rows.ids``) run the routine of :mod:`softce_multi.kernels.sparse` on each chunk.
     """
     chunk = _chunk(rows.z.shape, chunk)
     n_rows, vocab_size = rows.z.shape
+    width = rows.p.shape[1]
     loop = _chunks.traced()
-    core = blocked.blocked_row_routine(None, xp=jnp)
+    ids, rows = rows.ids, rows._replace(ids=None)  # integers: outside what is differentiated
+    if ids is None:
+        core = blocked.blocked_row_routine(None, xp=jnp)
+    else:
+        core = sparse.sparse_row_routine(None, xp=jnp)
     vector = jax.ShapeDtypeStruct((n_rows,), rows.dtype)
     outputs = [vector, _core.SavedRows(vector, vector, vector)]
     if with_logits_grad:
@@ -58,9 +64,10 @@ def row_routine(
             live = weights != 0
             piece = _core.Rows(
                 zero_rows(loop.get(rows.z, (start, 0), (size, vocab_size)), live),
-                zero_rows(loop.get(rows.p, (start, 0), (size, vocab_size)), live),
+                zero_rows(loop.get(rows.p, (start, 0), (size, width)), live),
                 weights,
                 rows.inv_den,
+                _slice_ids(ids, start, size),
             )
             result = core(piece, with_logits_grad=with_logits_grad)
             return [result.weighted, result.saved, result.logits_grad][: len(outputs)]
@@ -81,17 +88,22 @@ def gradient_routine(
 ) -> tuple[jax.Array | None, jax.Array | None]:
     """The :class:`~softce_multi._core.GradientRoutine` of the core, chunk by chunk of rows.
 
-    ``chunk`` is as in :func:`row_routine`.
+    ``chunk`` and sparse targets are as in :func:`row_routine`.
     """
     z, p = rows.z, rows.p
     chunk = _chunk(z.shape, chunk)
     n_rows, vocab_size = z.shape
+    width = p.shape[1]
     loop = _chunks.traced()
-    core = blocked.blocked_gradient_routine(None, xp=jnp)
+    ids, rows = rows.ids, rows._replace(ids=None)  # integers: outside what is differentiated
+    if ids is None:
+        core = blocked.blocked_gradient_routine(None, xp=jnp)
+    else:
+        core = sparse.sparse_gradient_routine(None, xp=jnp)
     wanted = (logits_grad, targets_grad)
     outputs = [
-        jax.ShapeDtypeStruct(z.shape, dtype)
-        for dtype, want in zip((z.dtype, p.dtype), wanted, strict=True)
+        jax.ShapeDtypeStruct(x.shape, x.dtype)
+        for x, want in zip((z, p), wanted, strict=True)
         if want
     ]
 
@@ -102,9 +114,10 @@ def gradient_routine(
             saved = _core.SavedRows(*(loop.get(x, (start,), (size,)) for x in rows.saved))
             piece = _core.BackwardRows(
                 zero_rows(loop.get(rows.z, (start, 0), (size, vocab_size)), live),
-                zero_rows(loop.get(rows.p, (start, 0), (size, vocab_size)), live),
+                zero_rows(loop.get(rows.p, (start, 0), (size, width)), live),
                 saved,
                 row_scale,
+                _slice_ids(ids, start, size),
             )
             grads = core(piece, logits_grad=logits_grad, targets_grad=targets_grad)
             return [grad for grad in grads if grad is not None]
@@ -143,6 +156,13 @@ def zero_rows(x: jax.Array, live: jax.Array) -> jax.Array:
     fuses the selection into the chunk's computation.
     """
     return jnp.where(live[:, None], x, jnp.zeros((), x.dtype))
+
+
+def _slice_ids(ids: jax.Array | None, start: Any, size: int) -> jax.Array | None:
+    """The ``[size, K]`` ids of the chunk at ``start`` (None without sparse targets)."""
+    if ids is None:
+        return None
+    return jax.lax.dynamic_slice(ids, (start, 0), (size, ids.shape[1]))
 
 
 def _chunk(shape: tuple[int, ...], chunk: int | None) -> int:
