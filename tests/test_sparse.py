@@ -558,7 +558,7 @@ def test_triton_sparse_operators_have_fake_implementations():
 def test_jax_sparse_training_step_needs_no_logits_sized_temporary():
     jax = pytest.importorskip("jax")
     jnp = jax.numpy
-    n_rows, vocab, slots = 1024, 8192, 16
+    n_rows, vocab, slots = 4096, 8192, 16
     shapes = (
         jax.ShapeDtypeStruct((n_rows, vocab), jnp.float32),
         jax.ShapeDtypeStruct((n_rows, slots), jnp.float32),
