@@ -41,6 +41,13 @@ def check_rows(rows: list[dict[str, Any]], sizes: dict[str, Any], dtypes: list[s
     }
     logits_bytes = sizes["rows"] * sizes["vocab"] * 4
     gradient_bytes = bench_sparse.gradient_bytes
+    inputs = {
+        (row["framework"], row["dtype"], row["implementation"]): row["inputs_mib"] for row in rows
+    }
+    for framework, dtype in runs:
+        # int32 ids against float32 dense targets; the other inputs are the same.
+        difference = inputs[framework, dtype, "dense"] - inputs[framework, dtype, "sparse"]
+        assert difference * bench.MIB == sizes["rows"] * (sizes["vocab"] - sizes["top_k"]) * 4
     for row in rows:
         assert {key: row[key] for key in sizes} == sizes
         assert row["median_s"] > 0 and row["time_vs_dense"] > 0

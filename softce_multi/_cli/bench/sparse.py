@@ -315,7 +315,14 @@ def _compare(
     memory: MemoryOf | None,
 ) -> list[dict[str, Any]]:
     """The rows of both paths of ``framework`` at ``sizes`` and ``dtype``."""
-    arrays = framework_arrays(framework, sparse_inputs(sizes, seed), dtype)
+    host = sparse_inputs(sizes, seed)
+    shared_bytes = gradient_bytes(sizes, dtype) + host.probs.nbytes + host.mask.nbytes
+    inputs_bytes = {
+        "sparse": shared_bytes + host.ids.nbytes,
+        "dense": shared_bytes + host.dense.nbytes,
+    }
+    arrays = framework_arrays(framework, host, dtype)
+    del host
     steps = {}
     extras: dict[str, int | None] = dict.fromkeys(PATHS)
     for path in PATHS:
@@ -344,6 +351,7 @@ def _compare(
                 "median_s": statistics.median(times[path]),
                 "times_s": times[path],
                 "time_vs_dense": _median_ratio(times[path], times["dense"]),
+                "inputs_mib": inputs_bytes[path] / MIB,
                 "peak_rise_mib": None if rise is None else rise / MIB,
                 "extra_peak_mib": None if extra is None else extra / MIB,
                 "extra_peak_in_logits": None if extra is None else extra / logits_bytes,
@@ -360,13 +368,13 @@ def format_sparse(rows: Sequence[dict[str, Any]]) -> str:
 
     header = (
         f"{'framework':<10} {'dtype':<9} {'N':>6} {'path':<7} {'median s':>9} {'x dense':>8} "
-        f"{'extra MiB':>10} {'x [N,V]':>8}"
+        f"{'inputs MiB':>11} {'extra MiB':>10} {'x [N,V]':>8}"
     )
     lines = [header, "-" * len(header)]
     lines += [
         f"{row['framework']:<10} {row['dtype']:<9} {row['rows']:>6} {row['implementation']:<7} "
         f"{row['median_s']:>9.4f} {cell(row['time_vs_dense'], '{:.2f}x'):>8} "
-        f"{cell(row['extra_peak_mib'], '{:.0f}'):>10} "
+        f"{row['inputs_mib']:>11.0f} {cell(row['extra_peak_mib'], '{:.0f}'):>10} "
         f"{cell(row['extra_peak_in_logits'], '{:.3f}'):>8}"
         for row in rows
     ]
@@ -414,6 +422,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"median of {args.repeats} interleaved rounds")
     print(format_sparse(rows))
     print("x dense: this path's time over the dense path's of the same framework, per round.")
+    print("inputs MiB: the arrays the path reads, the dense path's [N, V] targets included.")
     print(
         "extra MiB: peak memory beyond the inputs and the gradients the step returns (NumPy "
         "and torch: the rise of the peak resident set in a fresh process, less the gradients; "
