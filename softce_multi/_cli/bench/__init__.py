@@ -10,6 +10,8 @@ Its modules:
 - :mod:`.modes`: the kernel modes timed on their own on CUDA (:data:`KERNEL_MODES`);
 - :mod:`.from_hidden`: ``--linear`` and ``--targets``, functions of hidden states against the
   materialised logits (:data:`FROM_HIDDEN`, :func:`run_from_hidden`);
+- :mod:`.sparse`: ``--sparse K``, the losses of sparse (top-k) targets against those of the
+  dense targets they stand for;
 - :mod:`.report`: the tables, the JSON and the plot;
 - :mod:`.command`: the options, those refused before measuring, and the top level.
 
