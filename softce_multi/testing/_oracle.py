@@ -159,4 +159,3 @@ def dense_targets(
     row_index = np.broadcast_to(np.arange(len(rows))[:, None], flat_ids.shape)
     np.add.at(rows, (row_index[used], flat_ids[used]), flat_probs[used])
     return dense
-

@@ -81,6 +81,14 @@ def _parser() -> argparse.ArgumentParser:
         default=True,
         help="measure extra peak memory, in one fresh process per case (default: yes)",
     )
+    parser.add_argument(
+        "--busy-core",
+        action="store_true",
+        help=(
+            "time every case twice: as the machine is and with one core kept busy by a "
+            "spinning process, shown side by side with the 1-minute load averages"
+        ),
+    )
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the rows as JSON")
     parser.add_argument(
         "--plot", type=output_file, metavar="PATH", help="draw time and memory (needs matplotlib)"
@@ -220,6 +228,7 @@ def _check_sparse_options(parser: argparse.ArgumentParser, args: argparse.Namesp
     mode = "--linear --sparse" if args.linear else "--sparse"
     for flag, given in [
         ("--targets", args.targets),
+        ("--busy-core", args.busy_core),
         ("--top-k", args.top_k is not None),
         ("--target-vocab", args.target_vocab is not None),
         ("--frameworks", args.frameworks is not None),
@@ -248,6 +257,7 @@ def _check_from_hidden_options(
     and frameworks that are not installed."""
     for flag, given in [
         ("--lengths", args.lengths is not None),
+        ("--busy-core", args.busy_core),
         ("--device cuda", args.device == "cuda"),
         ("--plot", args.plot is not None),
         ("--target-vocab", args.linear and args.target_vocab is not None),

@@ -126,8 +126,8 @@ def run(
                     progress.update()
         memory: dict[str, int | None] = {}
         for busy in timings:
-            machine = "busy core" if busy else "as it is"
-            progress.set_postfix_str(f"{dtype} N={length}: timing, machine {machine}")
+            machine = " with a busy core" if busy else ""
+            progress.set_postfix_str(f"{dtype} N={length}: timing{machine}")
             with busy_core() if busy else contextlib.nullcontext():
                 times = _time_cases(runnable, shape, dtype, options)
                 load = load_average()
