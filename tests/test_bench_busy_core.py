@@ -127,3 +127,25 @@ def test_the_report_pairs_the_idle_and_busy_rows(capsys):
     side_by_side = printed[printed.index("idle s") :]
     assert "0.30x" in side_by_side and "0.40x" in side_by_side
     assert "0.50" in side_by_side and "1.50" in side_by_side
+
+
+def test_the_busy_core_flag_times_each_case_twice_from_the_command_line(capsys):
+    from softce_multi._cli import bench
+
+    arguments = ["--lengths", "4", "--vocab", "8", "--repeats", "3", "--no-memory"]
+    assert bench.main([*arguments, "--dtypes", "float32", "--busy-core"]) == 0
+
+    output = capsys.readouterr().out
+    assert "with one core kept busy" in output
+    assert "busy s" in output
+
+
+@pytest.mark.parametrize("mode", [["--sparse", "2"], ["--linear"], ["--targets"]])
+def test_the_busy_core_flag_is_refused_with_the_other_modes(mode, capsys):
+    from softce_multi._cli import bench
+
+    with pytest.raises(SystemExit) as raised:
+        bench.main(["--vocab", "8", "--busy-core", *mode])
+
+    assert raised.value.code == 2
+    assert "--busy-core does not go with" in capsys.readouterr().err
