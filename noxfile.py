@@ -127,6 +127,22 @@ def docs(session: nox.Session) -> None:
         "docs/_build/html",
         env={"JAX_PLATFORMS": "cpu"},
     )
+    # Offline: no page loads a script from the network, and the formulas' MathJax is bundled.
+    session.run("python", "-c", _OFFLINE_PAGES_CHECK, "docs/_build/html")
+
+
+_OFFLINE_PAGES_CHECK = """
+import pathlib, re, sys
+root = pathlib.Path(sys.argv[1])
+remote = re.compile(r'<script[^>]+src="(https?:)?//', re.IGNORECASE)
+pages = sorted(root.glob("*.html"))
+bad = [page.name for page in pages if remote.search(page.read_text(encoding="utf-8"))]
+if bad:
+    sys.exit(f"pages that load a script from the network: {bad}")
+if not (root / "_static" / "mathjax" / "tex-chtml.js").is_file():
+    sys.exit("MathJax is not bundled in _static/mathjax")
+print(f"{len(pages)} pages load no script from the network; MathJax is bundled")
+"""
 
 
 @nox.session(python=PYTHON)
