@@ -113,31 +113,31 @@ def sparse_row_pass(
 ) -> _core.RowResults:
     """The work of :func:`sparse_row_routine` on ``[N, V]`` logits ``z``, ``[N, K]`` ``ids``
     and ``p``, and the ``[N]`` ``weights`` and ``row_scale`` (``w / den``) of the rows."""
+    if _writes_in_place(z):
+        return _eager_row_pass(
+            z,
+            ids,
+            p,
+            weights,
+            row_scale,
+            with_logits_grad=with_logits_grad,
+            block_rows=block_rows,
+            over_logits=over_logits,
+            xp=xp,
+        )
     dtype = weights.dtype
     valid = weights != 0
     parts: dict[str, list[Array]] = {name: [] for name in _ROW_OUTPUTS}
-    in_place = _writes_in_place(z)
     grad = None
     if with_logits_grad:
-        if over_logits:
-            grad = z
-        elif in_place:
-            grad = xp.empty(z.shape, dtype=z.dtype, device=array_api_compat.device(z))
-        else:
-            grad = _allocate_if_blocked(z, block_rows, xp=xp)
-    scratch = _Scratch(z, dtype, block_rows, xp=xp) if in_place else None
+        grad = z if over_logits else _allocate_if_blocked(z, block_rows, xp=xp)
     for block in _core.row_blocks(z.shape[0], block_rows):
         z_block = xp.astype(z[block, ...], dtype, copy=False)
         p_block = xp.astype(p[block, ...], dtype, copy=False)
         ids_block = ids[block, ...]
-        row_max = xp.max(z_block, axis=-1, keepdims=True)
-        row_max = xp.where(xp.isfinite(row_max), row_max, 0.0)
+        row_max = _shift(z_block, xp=xp)
         picked = gather_shifted(z_block, ids_block, xp=xp) - row_max
-        # The exponentials go where the gradient rows go, when they share the dtype.
-        into = None
-        if scratch is not None:
-            into = scratch.rows(block, grad if with_logits_grad else None)
-        exps = _exp_shifted(z_block, row_max, into, xp=xp)
+        exps = xp.exp(z_block - row_max)
         stats = _core.RowStatistics(
             row_max[:, 0],
             xp.sum(exps, axis=-1),
@@ -160,16 +160,96 @@ def sparse_row_pass(
                 row_scale[block],
                 xp=xp,
             )
+            grad_block = xp.astype(grad_block, z.dtype, copy=False)
             if grad is None:
-                parts["grad"].append(xp.astype(grad_block, z.dtype, copy=False))
-            elif grad_block is not into or into.dtype != grad.dtype:
-                grad = _put_rows(grad, block, xp.astype(grad_block, z.dtype, copy=False), xp=xp)
+                parts["grad"].append(grad_block)
+            else:
+                grad = _put_rows(grad, block, grad_block, xp=xp)
     if with_logits_grad and grad is None:
         grad = _concat(parts["grad"], xp=xp)
     saved = _core.SavedRows(
         *(_concat(parts[name], xp=xp) for name in ("row_max", "log_sum_exp", "target_sum"))
     )
     return _core.RowResults(_concat(parts["weighted"], xp=xp), saved, grad)
+
+
+def _eager_row_pass(
+    z: Array,
+    ids: Array,
+    p: Array,
+    weights: Array,
+    row_scale: Array,
+    *,
+    with_logits_grad: bool,
+    block_rows: int | None,
+    over_logits: bool,
+    xp: Namespace,
+) -> _core.RowResults:
+    """:func:`sparse_row_pass` for a library that writes in place (NumPy, torch, CuPy).
+
+    What concerns the ``K`` slots is done once for all rows, on ``[N, K]`` arrays, before the
+    blocks (the gather, which must precede any write over ``z``) and after them (the target
+    terms of the loss). Each block is read once, for its maximum and its exponentials, which go
+    where its gradient rows go (or into one reused buffer when the gradient has another dtype),
+    are summed, scaled and get the target mass scattered in, before their one rounding to the
+    gradient's dtype. Rows without a gradient are zeroed at the end.
+    """
+    dtype = weights.dtype
+    n_rows, vocab_size = z.shape
+    device = array_api_compat.device(z)
+    valid = weights != 0
+    probs = xp.astype(p, dtype, copy=False)
+    valid_ids = _valid_ids(ids, vocab_size, xp=xp)
+    safe_ids = _safe_ids(ids, valid_ids, xp=xp)
+    picked = xp.astype(xp.take_along_axis(z, safe_ids, axis=-1), dtype, copy=False)
+    target_sum = xp.sum(probs, axis=-1)
+    row_max = xp.empty((n_rows,), dtype=dtype, device=device)
+    sum_exp = xp.empty((n_rows,), dtype=dtype, device=device)
+    grad = None
+    if with_logits_grad:
+        grad = z if over_logits else xp.empty(z.shape, dtype=z.dtype, device=device)
+        # A slot of probability 0 adds 0 wherever it points; one with mass and a bad id adds NaN.
+        mass = xp.where(probs == 0, 0.0, xp.where(valid_ids, probs, math.nan))
+        scattered = -row_scale[:, None] * mass
+    scratch = _Scratch(z, dtype, block_rows, xp=xp)
+    for block in _core.row_blocks(n_rows, block_rows):
+        z_block = xp.astype(z[block, ...], dtype, copy=False)
+        shift = _shift(z_block, xp=xp)
+        exps = _exp_shifted(z_block, shift, scratch.rows(block, grad), xp=xp)
+        row_max[block] = shift[:, 0]
+        sum_exp[block] = xp.sum(exps, axis=-1)
+        if grad is not None:
+            scale = row_scale[block]
+            coefficient = _core.softmax_coefficient(
+                scale, target_sum[block], xp.log(sum_exp[block]), xp=xp
+            )
+            exps = _scaled(exps, coefficient[:, None], xp=xp)
+            exps = scatter_add(exps, safe_ids[block, ...], scattered[block, ...], xp=xp)
+            if exps.dtype != grad.dtype:
+                grad[block, ...] = xp.astype(exps, grad.dtype)
+    stats = _core.RowStatistics(
+        row_max,
+        sum_exp,
+        target_sum,
+        xp.sum(
+            xp.where(
+                probs == 0, 0.0, probs * (xp.where(valid_ids, picked, math.nan) - row_max[:, None])
+            ),
+            axis=-1,
+        ),
+    )
+    log_sum_exp = xp.log(sum_exp)
+    weighted = xp.where(valid, weights * _core.row_losses(stats, xp=xp), 0.0)
+    if grad is not None:
+        grad = _zero_rows_without_gradient(grad, _core.rows_with_gradient(row_scale, target_sum))
+    saved = _core.SavedRows(*(xp.where(valid, x, 0.0) for x in (row_max, log_sum_exp, target_sum)))
+    return _core.RowResults(weighted, saved, grad)
+
+
+def _shift(z: Array, *, xp: Namespace) -> Array:
+    """The ``[n, 1]`` row maxima of a block, 0 where not finite (the core's convention)."""
+    row_max = xp.max(z, axis=-1, keepdims=True)
+    return xp.where(xp.isfinite(row_max), row_max, 0.0)
 
 
 class _Scratch:
@@ -192,10 +272,8 @@ class _Scratch:
         return self._buffer[: block.stop - block.start, ...]
 
 
-def _exp_shifted(z: Array, row_max: Array, into: Array | None, *, xp: Namespace) -> Array:
-    """``exp(z - row_max)``, written into ``into`` when given (an eager library's buffer)."""
-    if into is None:
-        return xp.exp(z - row_max)
+def _exp_shifted(z: Array, row_max: Array, into: Array, *, xp: Namespace) -> Array:
+    """``exp(z - row_max)``, written into ``into`` (an eager library's buffer)."""
     if array_api_compat.is_torch_array(into):
         import torch
 
@@ -296,14 +374,20 @@ def _logits_gradient(
     mass = xp.where(p == 0, 0.0, xp.where(valid, p, math.nan))
     grad = scatter_add(grad, _safe_ids(ids, valid, xp=xp), -row_scale[:, None] * mass, xp=xp)
     live = _core.rows_with_gradient(row_scale, target_sum)
+    if _writes_in_place(grad):
+        return _zero_rows_without_gradient(grad, live)
+    return xp.where(live[:, None], grad, 0.0)
+
+
+def _zero_rows_without_gradient(grad: Array, live: Array) -> Array:
+    """``grad`` (of a library that writes in place) with its rows that are not ``live`` set to
+    exactly 0, in place; on the CPU only those rows are written."""
     if array_api_compat.is_torch_array(grad):
         if grad.device.type != "cpu":  # no host read on a device
             return grad.masked_fill_(~live[:, None], 0.0)
         return grad.index_fill_(0, (~live).nonzero()[:, 0], 0.0)
-    if _writes_in_place(grad):
-        grad[~live, ...] = 0.0
-        return grad
-    return xp.where(live[:, None], grad, 0.0)
+    grad[~live, ...] = 0.0
+    return grad
 
 
 def _scaled(block: Array, factor: Array, *, xp: Namespace) -> Array:
