@@ -37,6 +37,7 @@ from torch.library import wrap_triton
 from softce_multi import _core, kernels
 
 __all__ = [
+    "check_contiguous",
     "gradient_routine",
     "gradient_routine_over_logits",
     "row_routine",
@@ -45,6 +46,7 @@ __all__ = [
     "triton_gradient_routine_",
     "triton_row_routine",
     "triton_row_routine_",
+    "zero_row",
 ]
 
 
@@ -75,9 +77,9 @@ def _gradient_sweep(
     """
     if scale == 0:
         if LOGITS:
-            _zero_row(logits_out, n_cols, BLOCK_SIZE)
+            zero_row(logits_out, n_cols, BLOCK_SIZE)
         if TARGETS:
-            _zero_row(targets_out, n_cols, BLOCK_SIZE)
+            zero_row(targets_out, n_cols, BLOCK_SIZE)
     else:
         offsets = tl.arange(0, BLOCK_SIZE)
         softmax_scale = scale * target_sum
@@ -112,7 +114,7 @@ def _gradient_sweep(
 
 
 @triton.jit
-def _zero_row(out_row, n_cols, BLOCK_SIZE: tl.constexpr):
+def zero_row(out_row, n_cols, BLOCK_SIZE: tl.constexpr):
     """Write zeros over one contiguous row."""
     zeros = tl.zeros([BLOCK_SIZE], dtype=out_row.dtype.element_ty)
     for start in range(0, n_cols, BLOCK_SIZE):
@@ -153,7 +155,7 @@ def _forward_kernel(
         tl.store(log_sum_exp_ptr + row, zero)
         tl.store(target_sum_ptr + row, zero)
         if WITH_GRAD:
-            _zero_row(grad_row, n_cols, BLOCK_SIZE)
+            zero_row(grad_row, n_cols, BLOCK_SIZE)
     else:
         # Running statistics relative to ``shift``: the running maximum where it is finite, else
         # 0 (the convention of _core.row_statistics for rows without a finite maximum).
@@ -358,7 +360,7 @@ def triton_row_routine_(
     ``z`` must be contiguous: the gradient sweep of each row stores every chunk where it has
     just loaded it. Returns the four ``[N]`` outputs; ``z`` holds the fifth.
     """
-    _check_contiguous(z)
+    check_contiguous(z)
     statistics = kernels.empty_row_statistics(z, weights)
     _run_forward_kernel((z, p, weights, row_scale), (*statistics, z), True, block_size)
     return statistics
@@ -406,7 +408,7 @@ def triton_gradient_routine_(
     (the targets gradient of the chunk first). Returns the targets gradient (``[0, V]`` without
     ``targets_grad``); ``z`` holds the logits gradient.
     """
-    _check_contiguous(z)
+    check_contiguous(z)
     grad_p = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
     inputs = (z, p, row_max, log_sum_exp, target_sum, row_scale)
     _run_backward_kernel(inputs, (z, grad_p), (True, targets_grad), block_size)
@@ -440,7 +442,7 @@ def _run_backward_kernel(
     _launch(_backward_kernel, inputs, grads, block_size, flags)
 
 
-def _check_contiguous(z: Tensor) -> None:
+def check_contiguous(z: Tensor) -> None:
     """Refuse logits that cannot take their own gradient in place."""
     if not z.is_contiguous():
         msg = f"z must be contiguous to take its own gradient, got strides {z.stride()}"

@@ -36,6 +36,7 @@ from torch import Tensor
 from torch.library import wrap_triton
 
 from softce_multi import _core, kernels
+from softce_multi.kernels.triton import check_contiguous, zero_row
 
 __all__ = [
     "gradient_routine",
@@ -111,14 +112,6 @@ def _fix_targets(grad_row, safe_ids, p, used, valid, z_at, row_max, coefficient,
 
 
 @triton.jit
-def _zero_row(out_row, n_cols, BLOCK_SIZE: tl.constexpr):
-    zeros = tl.zeros([BLOCK_SIZE], dtype=out_row.dtype.element_ty)
-    for start in range(0, n_cols, BLOCK_SIZE):
-        cols = start + tl.arange(0, BLOCK_SIZE)
-        tl.store(out_row + cols, zeros, mask=cols < n_cols)
-
-
-@triton.jit
 def _sparse_forward_kernel(
     z_ptr,
     z_row_stride,
@@ -154,7 +147,7 @@ def _sparse_forward_kernel(
         tl.store(log_sum_exp_ptr + row, zero)
         tl.store(target_sum_ptr + row, zero)
         if WITH_GRAD:
-            _zero_row(grad_row, n_cols, BLOCK_SIZE)
+            zero_row(grad_row, n_cols, BLOCK_SIZE)
     else:
         safe_ids, p, used, valid, z_at = _load_slots(
             ids_ptr + row * ids_row_stride,
@@ -192,7 +185,7 @@ def _sparse_forward_kernel(
         if WITH_GRAD:
             scale = tl.load(scale_ptr + row).to(compute)
             if scale * target_sum == 0:
-                _zero_row(grad_row, n_cols, BLOCK_SIZE)
+                zero_row(grad_row, n_cols, BLOCK_SIZE)
             else:
                 coefficient = scale * target_sum * tl.exp(-log_sum_exp)
                 _softmax_sweep(
@@ -254,7 +247,7 @@ def _sparse_backward_kernel(
         tl.store(out, grad_p.to(targets_grad_ptr.dtype.element_ty), mask=slots < n_slots)
     if LOGITS_GRAD:
         if scale * target_sum == 0:
-            _zero_row(grad_row, n_cols, BLOCK_SIZE)
+            zero_row(grad_row, n_cols, BLOCK_SIZE)
         else:
             coefficient = scale * target_sum * tl.exp(-log_sum_exp)
             _softmax_sweep(
@@ -341,7 +334,7 @@ def triton_sparse_row_routine_(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """:func:`triton_sparse_row_routine` with the logits gradient written over the contiguous
     ``z``; returns the four ``[N]`` outputs."""
-    _check_contiguous(z)
+    check_contiguous(z)
     statistics = kernels.empty_row_statistics(z, weights)
     _launch(
         _sparse_forward_kernel, (z, ids, p, weights, row_scale), (*statistics, z), block_size, True
@@ -385,7 +378,7 @@ def triton_sparse_gradient_routine_(
 ) -> Tensor:
     """:func:`triton_sparse_gradient_routine` with the logits gradient written over the
     contiguous ``z``; returns the targets gradient (``[0, K]`` without ``targets_grad``)."""
-    _check_contiguous(z)
+    check_contiguous(z)
     grad_p = _empty_gradients(z, p, logits_grad=False, targets_grad=targets_grad)[1]
     inputs = (z, ids, p, row_max, log_sum_exp, target_sum, row_scale)
     _launch(_sparse_backward_kernel, inputs, (z, grad_p), block_size, (True, targets_grad))
@@ -400,12 +393,6 @@ def _empty_gradients(
         z.new_empty((n_rows if logits_grad else 0, z.shape[1])),
         p.new_empty((n_rows if targets_grad else 0, p.shape[1])),
     )
-
-
-def _check_contiguous(z: Tensor) -> None:
-    if not z.is_contiguous():
-        msg = f"z must be contiguous to take its own gradient, got strides {z.stride()}"
-        raise ValueError(msg)
 
 
 def _launch(
