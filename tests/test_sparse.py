@@ -573,3 +573,31 @@ def test_jax_sparse_training_step_needs_no_logits_sized_temporary():
 
     temporaries = step.memory_analysis().temp_size_in_bytes
     assert temporaries <= 0.125 * n_rows * vocab * 4, temporaries
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_sparse_16_bit_gradient_is_rounded_once_at_an_upstream_other_than_one(
+    autodiff_backend, reduction
+):
+    pytest.importorskip("torch", reason="the float64 oracle needs torch")
+    from softce_multi.testing import assert_gradient_rounded_once
+
+    autodiff_backend.require("bfloat16")
+    case = SparseCase(autodiff_backend, np.random.default_rng(18), logits_dtype="bfloat16")
+    upstream = np.full(SHAPE[:-1], 0.8) if reduction == "none" else 0.8
+
+    _, grad_logits, _ = differentiate_sparse(
+        autodiff_backend, case, reduction=reduction, upstream=np.asarray(upstream)
+    )
+
+    padding = ~case.mask[..., None]
+    logits = np.where(padding, 0.0, to_float64(case.logits))
+    # Padding holds NaN logits, which the oracle needs not: their gradient is 0 either way.
+    assert_gradient_rounded_once(
+        grad_logits,
+        autodiff_backend.asarray(logits, "bfloat16"),
+        case.p,
+        case.mask,
+        reduction=reduction,
+        upstream=upstream,
+    )
