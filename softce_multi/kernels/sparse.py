@@ -322,7 +322,7 @@ def sparse_gradient_routine(
             if targets_grad:
                 picked = gather_shifted(z_block, ids_block, xp=xp) - row_max[:, None]
                 log_softmax = picked - log_sum_exp[:, None]
-                unused = (p_block == 0) & xp.isnan(picked)
+                unused = (p_block == 0) & ~_valid_ids(ids_block, z.shape[1], xp=xp)
                 grad_p = xp.where(
                     (scale[:, None] == 0) | unused, 0.0, -scale[:, None] * log_softmax
                 )
