@@ -354,23 +354,46 @@ def test_blocks_shared_among_workers_give_the_reference_loss_and_gradients(
     assert_gradient_close(p.grad[finite], expected.grad_targets[finite], "float32")
 
 
-def test_rows_without_a_finite_maximum_get_the_statistics_and_gradient_of_the_core(monkeypatch):
+def row_routine_out_of_place(z: Any, p: Any, weights: Any, row_scale: Any) -> tuple[Any, ...]:
+    return torch_cpu.torch_row_routine(z, p, weights, row_scale, True)
+
+
+def row_routine_over_the_logits(z: Any, p: Any, weights: Any, row_scale: Any) -> tuple[Any, ...]:
+    z = z.clone()
+    losses, row_max, log_sum_exp, target_sum = torch_cpu.torch_row_routine_(
+        z, p, weights, row_scale
+    )
+    return losses, row_max, log_sum_exp, target_sum, z
+
+
+#: The two ways the torch CPU rows are checked: after all blocks (a gradient of its own) and in
+#: each block (the gradient written over the logits, which are gone after their block).
+ROW_ROUTINES = {
+    "checked after the blocks": row_routine_out_of_place,
+    "checked in each block": row_routine_over_the_logits,
+}
+
+
+@pytest.mark.parametrize("routine", ROW_ROUTINES.values(), ids=ROW_ROUTINES.keys())
+def test_rows_without_a_finite_maximum_get_the_statistics_and_gradient_of_the_core(
+    monkeypatch, routine
+):
     # Valid rows of all -inf logits (with and without target mass), with a +inf logit and with
-    # a NaN, among finite rows, 2 rows per block on 2 workers: the softmax kernel's shortcut
-    # (the sum as the reciprocal of the softmax's maximum) must not apply to them.
+    # a NaN, and a finite row with zero targets at -inf logits (a 0 * -inf term), among finite
+    # rows, 2 rows per block on 2 workers: the softmax kernel's shortcut (the sum as the
+    # reciprocal of the softmax's maximum) must not apply to them.
     monkeypatch.setattr(torch_cpu, "BLOCK_ELEMENTS", 2 * 37)
     z, p, _ = float32_inputs(23, (9, 37))
     z[1], z[2] = -torch.inf, -torch.inf
     p[2] = 0.0
     z[4, 3], z[7, 5] = torch.inf, torch.nan
+    z[8, :4], p[8, :4] = -torch.inf, 0.0
     weights = torch.ones(9)
     row_scale = torch.full((9,), 0.25)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        _, row_max, log_sum_exp, target_sum, grad = torch_cpu.torch_row_routine(
-            z, p, weights, row_scale, True
-        )
+        losses, row_max, log_sum_exp, target_sum, grad = routine(z, p, weights, row_scale)
     finally:
         torch.set_num_threads(threads)
     xp = array_api_compat.array_namespace(z)
@@ -380,6 +403,7 @@ def test_rows_without_a_finite_maximum_get_the_statistics_and_gradient_of_the_co
     )
 
     for got, want in [
+        (losses, _core.row_losses(stats, xp=xp)),
         (row_max, stats.row_max),
         (log_sum_exp, torch.log(stats.sum_exp)),
         (target_sum, stats.target_sum),
@@ -388,6 +412,79 @@ def test_rows_without_a_finite_maximum_get_the_statistics_and_gradient_of_the_co
         torch.testing.assert_close(got, want, equal_nan=True)
     assert torch.isnan(grad[[1, 4, 7]]).any(dim=-1).all()  # the core's NaN, not a shortcut's
     assert torch.all(grad[2] == 0)  # no target mass
+    assert torch.isfinite(losses[8]) and torch.isfinite(grad[8]).all()
+
+
+def test_block_workers_run_their_operators_on_one_thread(monkeypatch):
+    """Each worker's PyTorch operators run on that worker alone (a worker that ran them as
+    parallel regions would compete with the other workers for the cores), and the caller keeps
+    its thread count."""
+    monkeypatch.setattr(torch_cpu, "BLOCK_ELEMENTS", 4 * 5)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    torch_cpu._single_threaded_pool.cache_clear()  # a fresh pool, as a new process makes
+    seen: list[int] = []
+
+    def work(blocks: Any) -> None:
+        for _ in blocks:
+            seen.append(torch.get_num_threads())
+
+    try:
+        torch_cpu._run_blocks(work, torch.zeros(64, 5))
+        caller = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+
+    assert len(seen) == 16 and set(seen) == {1}
+    assert caller == 2
+
+
+def transparent_huge_pages() -> str:
+    """The kernel's transparent huge page mode (the bracketed word), or "" where unknown."""
+    try:
+        text = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+    except OSError:
+        return ""
+    return text.partition("[")[2].partition("]")[0]
+
+
+def anonymous_huge_page_bytes(tensor: Any) -> int:
+    """Bytes of the mappings holding ``tensor``'s memory that are transparent huge pages."""
+    address = tensor.data_ptr()
+    total, inside = 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        head = line.split()[0]
+        if "-" in head and not head.endswith(":"):
+            start, stop = (int(bound, 16) for bound in head.split("-"))
+            inside = start <= address < stop
+        elif inside and head == "AnonHugePages:":
+            total += int(line.split()[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(
+    transparent_huge_pages() not in {"madvise", "always"},
+    reason="transparent huge pages are off or unknown on this machine",
+)
+def test_a_fresh_gradient_is_backed_by_huge_pages():
+    """The row operator's fresh ``[N, V]`` gradient is advised into 2 MiB pages: each page
+    fault maps 2 MiB, not 4 KiB (the faults of a 250 MiB gradient cost as much as computing
+    it)."""
+    z, p, _ = float32_inputs(5, (64, 32_000))  # 8 MiB
+    weights, row_scale = torch.ones(64), torch.full((64,), 1 / 64)
+
+    *_, grad = torch_cpu.torch_row_routine(z, p, weights, row_scale, True)
+
+    assert anonymous_huge_page_bytes(grad) >= 4 * torch_cpu.HUGE_PAGE_BYTES
+
+
+def test_huge_page_advice_keeps_the_values():
+    values = torch.randn(3 * torch_cpu.HUGE_PAGE_BYTES // 4)
+    expected = values.clone()
+
+    torch_cpu.advise_huge_pages(values)
+
+    assert torch.equal(values, expected)
 
 
 # --------------------------------------------------------------------------------------------

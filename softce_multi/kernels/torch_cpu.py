@@ -24,8 +24,11 @@ are the operators writing the logits gradient over the logits, for the chunks of
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import mmap
 import os
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +51,9 @@ __all__ = [
     "torch_row_routine",
     "torch_row_routine_",
 ]
+
+#: The size of a transparent huge page on x86-64 and most arm64 Linux kernels.
+HUGE_PAGE_BYTES = 1 << 21
 
 #: Elements per block: a few float32 blocks of this size stay in a core's cache while they
 #: are worked on.
@@ -124,6 +130,7 @@ def torch_row_routine(
     losses, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
         z, weights, with_logits_grad=with_logits_grad
     )
+    advise_huge_pages(grad)
     outputs = (losses, row_max, log_sum_exp, target_sum)
     _row_work(z, p, weights, row_scale, outputs, grad if with_logits_grad else None)
     return losses, row_max, log_sum_exp, target_sum, grad
@@ -160,9 +167,15 @@ def _row_work(
     losses, row_max, log_sum_exp, target_sum = outputs
     # Filled block by block, then turned into the losses and the log of the sum in place.
     target_dot, sum_exp = losses, log_sum_exp
+    stats = _core.RowStatistics(row_max, sum_exp, target_sum, target_dot)
     # A block's softmax is made where its gradient goes when that holds the computation dtype
     # and is contiguous; else in a buffer, then rounded into place.
     in_grad = grad is not None and grad.dtype == dtype and grad.is_contiguous()
+    on_cpu = z.device.type == "cpu"
+    # Rows are checked in their block where the block's logits are overwritten, else after all.
+    check_in_block = grad is z
+    # (row indices, logits) of the rows without a finite maximum, kept before they are gone.
+    kept: list[tuple[Tensor, Tensor]] = []
 
     def work(blocks: Iterator[slice]) -> None:
         products_buf = _block_buffer(z, dtype)
@@ -170,21 +183,38 @@ def _row_work(
         for block in blocks:
             size = block.stop - block.start
             softmax = cast(Tensor, grad)[block] if softmax_buf is None else softmax_buf[:size]
-            stats = _core.RowStatistics(
-                row_max[block], sum_exp[block], target_sum[block], target_dot[block]
-            )
             p_block = p[block]
-            _block_statistics(
-                z[block], p_block, stats, softmax=softmax, products=products_buf[:size]
-            )
+            block_stats = _core.RowStatistics(*(row_output[block] for row_output in stats))
+            if on_cpu:
+                rows = _block_statistics_by_softmax(
+                    z[block],
+                    p_block,
+                    block_stats,
+                    softmax=softmax,
+                    products=products_buf[:size],
+                    check_rows=check_in_block,
+                )
+                if rows is not None:
+                    kept.append((rows[0] + block.start, rows[1]))
+            else:
+                _block_statistics(
+                    z[block], p_block, block_stats, softmax=softmax, products=products_buf[:size]
+                )
             if grad is not None:
                 _gradient_over_softmax(softmax, p_block, row_scale[block], target_sum[block])
                 if softmax_buf is not None:
                     grad[block] = softmax
 
     _run_blocks(work, z)
+    if on_cpu:
+        if not check_in_block:
+            _redo_nan_dots(p, target_dot, lambda rows: z[rows] - row_max[rows, None])
+            rows = _rows_without_finite_maximum(row_max)
+            if rows is not None:
+                kept.append((rows, z[rows]))
+        for rows, z_rows in kept:
+            _redo_rows_without_finite_maximum(rows, z_rows, p, stats, row_scale, grad)
     valid = weights != 0
-    stats = _core.RowStatistics(row_max, sum_exp, target_sum, target_dot)
     weighted = torch.where(valid, weights * _core.row_losses(stats, xp=xp), 0.0)
     if grad is not None:
         # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
@@ -202,41 +232,104 @@ def _block_statistics(
     """Fill the ``[n]`` ``stats`` of a block of ``[n, V]`` logits ``z`` and targets ``p``, and
     leave the block's softmax in ``softmax``; ``products`` is scratch space of the same shape.
 
-    On the CPU the softmax is PyTorch's vectorised softmax kernel, run in place on
-    ``z - row_max`` (whose maximum is 0), and the sum of exponentials is the reciprocal of the
-    softmax's maximum, ``exp(0) / sum_exp``. A row with no finite maximum, shifted by 0 (the
-    core's convention), takes its exponentials and their sum from ``exp``, as the core does;
-    so does every row on other devices, where finding those rows would wait for the device.
+    The core's convention, row by row with no host read: a row with no finite maximum is
+    shifted by 0, and a ``p == 0`` term of the target dot is exactly 0 where the shifted logit
+    is -inf (``0 * -inf`` is NaN). Used on devices other than the CPU, and on the CPU for the
+    rows that :func:`_block_statistics_by_softmax` leaves to it.
     """
     row_max, sum_exp, target_sum, target_dot = stats
     row_max.copy_(torch.amax(z, dim=-1))
-    unshifted = _rows_without_finite_maximum(row_max)
     row_max.nan_to_num_(0.0, 0.0, 0.0)
     shifted = torch.sub(z, row_max[:, None], out=softmax)
     torch.sum(p, dim=-1, out=target_sum)
-    _row_dots(p, shifted, products=products, out=target_dot)
-    if unshifted is None:
-        torch.sum(shifted.exp_(), dim=-1, out=sum_exp)
-        softmax.mul_(sum_exp.reciprocal()[:, None])
-        return
-    exponentials = shifted[unshifted].exp_() if unshifted.numel() else None
+    torch.mul(p, shifted, out=products)
+    torch.sum(products.masked_fill_(p == 0, 0.0), dim=-1, out=target_dot)
+    torch.sum(shifted.exp_(), dim=-1, out=sum_exp)
+    softmax.mul_(sum_exp.reciprocal()[:, None])
+
+
+def _block_statistics_by_softmax(
+    z: Tensor,
+    p: Tensor,
+    stats: _core.RowStatistics,
+    *,
+    softmax: Tensor,
+    products: Tensor,
+    check_rows: bool,
+) -> tuple[Tensor, Tensor] | None:
+    """:func:`_block_statistics` on the CPU, by PyTorch's vectorised softmax kernel, except for
+    the rare rows that need the core's slower convention.
+
+    The softmax runs in place on ``z - row_max`` (whose maximum is 0), so the sum of
+    exponentials is the reciprocal of the softmax's maximum, ``exp(0) / sum_exp``. That does not
+    hold in rows with no finite maximum, and a target dot with a ``0 * -inf`` term comes out
+    NaN. With ``check_rows`` (logits that ``softmax`` overwrites) both are found here, on the
+    host: NaN dots are summed again (:func:`_redo_nan_dots`), and the indices and logits of the
+    rows with no finite maximum are returned, for the caller to compute again
+    (:func:`_redo_rows_without_finite_maximum`) after the block has overwritten them. Without
+    it the caller finds both on ``[N]`` vectors after all blocks, so that a block runs its few
+    elementwise passes and nothing else, and None is returned.
+    """
+    row_max, sum_exp, target_sum, target_dot = stats
+    row_max.copy_(torch.amax(z, dim=-1))
+    kept = None
+    if check_rows:
+        rows = _rows_without_finite_maximum(row_max)
+        if rows is not None:
+            kept = rows, z[rows]
+    shifted = torch.sub(z, row_max[:, None], out=softmax)
+    torch.sum(p, dim=-1, out=target_sum)
+    torch.sum(torch.mul(p, shifted, out=products), dim=-1, out=target_dot)
+    if check_rows:
+        _redo_nan_dots(p, target_dot, lambda rows: shifted[rows])
     torch.softmax(shifted, dim=-1, out=softmax)
     torch.amax(softmax, dim=-1, out=sum_exp).reciprocal_()
-    if exponentials is not None:
-        row_sums = exponentials.sum(dim=-1)
-        sum_exp[unshifted] = row_sums
-        softmax[unshifted] = exponentials * row_sums.reciprocal()[:, None]
+    return kept
 
 
 def _rows_without_finite_maximum(row_max: Tensor) -> Tensor | None:
-    """The indices of the rows whose maximum ``row_max`` is not finite, on the CPU (empty,
-    after one check, in the usual case that there are none); None on other devices."""
-    if row_max.device.type != "cpu":
-        return None
+    """The indices of the rows whose maximum ``row_max`` is not finite, or None (after one
+    check on the host) where there are none."""
     finite = row_max.isfinite()
     if bool(finite.all()):
-        return finite.new_empty(0, dtype=torch.long)
+        return None
     return torch.nonzero(~finite).squeeze(1)
+
+
+def _redo_rows_without_finite_maximum(
+    rows: Tensor,
+    z_rows: Tensor,
+    p: Tensor,
+    stats: _core.RowStatistics,
+    row_scale: Tensor,
+    grad: Tensor | None,
+) -> None:
+    """Compute again, by :func:`_block_statistics`, the ``stats`` and gradient rows of the
+    ``rows`` whose maximum is not finite (all -inf, or holding inf or NaN), from their logits
+    ``z_rows``."""
+    p_rows = p[rows]
+    softmax = z_rows.new_empty(z_rows.shape, dtype=stats.row_max.dtype)
+    redone = _core.RowStatistics(*(torch.empty_like(row_output[rows]) for row_output in stats))
+    _block_statistics(z_rows, p_rows, redone, softmax=softmax, products=torch.empty_like(softmax))
+    for row_output, value in zip(stats, redone, strict=True):
+        row_output[rows] = value
+    if grad is not None:
+        _gradient_over_softmax(softmax, p_rows, row_scale[rows], redone.target_sum)
+        grad[rows] = softmax.to(grad.dtype)
+
+
+def _redo_nan_dots(p: Tensor, target_dot: Tensor, shifted_rows: Callable[[Tensor], Tensor]) -> None:
+    """Sum again the rows of ``target_dot`` that came out NaN, with a ``p == 0`` term exactly 0
+    where the shifted logit (``shifted_rows(rows)``, ``z - row_max`` of those rows) is -inf:
+    ``0 * -inf`` is NaN, and a NaN input keeps its row NaN. Only those rows are read again, so
+    no ``where`` runs over whole blocks."""
+    nan = target_dot.isnan()
+    if not bool(nan.any()):
+        return
+    rows = torch.nonzero(nan).squeeze(1)
+    p_rows = p[rows]
+    terms = torch.where(p_rows == 0, 0.0, p_rows * shifted_rows(rows))
+    target_dot[rows] = terms.sum(dim=-1).to(target_dot.dtype)
 
 
 def _gradient_over_softmax(
@@ -287,6 +380,8 @@ def torch_gradient_routine(
     grad_z, grad_p = kernels.empty_gradient_outputs(
         z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
+    advise_huge_pages(grad_z)
+    advise_huge_pages(grad_p)
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     _gradient_work(
         z,
@@ -317,6 +412,7 @@ def torch_gradient_routine_(
     the targets gradient (``[0, V]`` without ``targets_grad``); ``z`` holds the logits gradient.
     """
     grad_p = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
+    advise_huge_pages(grad_p)
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     _gradient_work(z, p, saved, row_scale, z, grad_p if targets_grad else None)
     return grad_p
@@ -375,6 +471,44 @@ kernels.register_operator_rules(
 )
 
 
+def advise_huge_pages(tensor: Tensor) -> None:
+    """Ask Linux to back a fresh, untouched CPU ``tensor`` with transparent huge pages.
+
+    A new ``[N, V]`` output is memory the kernel maps page by page on first write: 64,000
+    faults for 250 MiB of 4 KiB pages, each zeroing its page, which cost the gradient as much
+    time as computing it. ``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned interior of the
+    tensor's memory lets each fault map 2 MiB instead. It is a hint: where the kernel does not
+    take it (transparent huge pages set to ``never``, other systems, small tensors) nothing
+    changes, and no data is touched either way. PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` does the
+    same for every large CPU allocation of a process; this does it for this library's outputs
+    only.
+    """
+    if tensor.device.type != "cpu":
+        return
+    madvise = _libc_madvise()
+    if madvise is None:
+        return
+    address = tensor.data_ptr()
+    start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
+    stop = (address + tensor.untyped_storage().nbytes()) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
+    if stop > start:
+        madvise(start, stop - start, mmap.MADV_HUGEPAGE)
+
+
+@functools.cache
+def _libc_madvise() -> Callable[[int, int, int], int] | None:
+    """The C library's ``madvise`` on Linux, or None where it or ``MADV_HUGEPAGE`` is missing."""
+    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return None
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return cast(Callable[[int, int, int], int], madvise)
+
+
 def _block_buffer(z: Tensor, dtype: torch.dtype) -> Tensor:
     """An uninitialised buffer of one block of the ``[N, V]`` logits ``z``, in ``dtype``."""
     n_rows, vocab_size = z.shape
@@ -383,26 +517,6 @@ def _block_buffer(z: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _block_rows(n_rows: int, vocab_size: int) -> int:
     return max(1, min(BLOCK_ELEMENTS // vocab_size, n_rows))
-
-
-def _row_dots(p: Tensor, shifted: Tensor, *, products: Tensor, out: Tensor) -> None:
-    """``out = sum(p * shifted)`` per row, with a ``p == 0`` term exactly 0 where ``shifted`` is
-    -inf (``0 * -inf`` is NaN); ``products`` is scratch space of the block's shape.
-
-    On the CPU only the rows whose plain sum came out NaN are summed again with those terms set
-    to 0 (a NaN input keeps its row NaN), so no ``where`` runs over whole blocks; elsewhere,
-    where reading the rows on the host would wait for the device, the terms are set to 0 first.
-    """
-    torch.mul(p, shifted, out=products)
-    if p.device.type != "cpu":
-        torch.sum(products.masked_fill_(p == 0, 0.0), dim=-1, out=out)
-        return
-    torch.sum(products, dim=-1, out=out)
-    nan = out.isnan()
-    if bool(nan.any()):
-        redo = torch.nonzero(nan).squeeze(1)
-        terms = torch.where(p[redo] == 0, 0.0, p[redo] * shifted[redo])
-        out[redo] = terms.sum(dim=-1)
 
 
 def _run_blocks(work: Callable[[Iterator[slice]], None], z: Tensor) -> None:
@@ -448,22 +562,28 @@ def _single_threaded_pool(workers: int, process_id: int) -> ThreadPoolExecutor:
     """A pool of ``workers`` threads whose PyTorch operators run on one thread each.
 
     One pool per process (``process_id``): a forked child does not inherit the threads.
-    ``torch.set_num_threads`` sets the calling thread's OpenMP thread count and a process-wide
-    default for threads started later; each worker sets its own, then the caller restores the
-    default.
+    PyTorch gives a thread its OpenMP thread count on the thread's first call into it, from a
+    process-wide default that ``torch.set_num_threads`` also sets. So each worker makes that
+    first call (``torch.get_num_threads``) before it sets its own count to 1, all before the
+    caller restores the default: a worker that made it later would take the caller's count
+    and run every operator of its blocks as a parallel region of its own.
     """
     started = threading.Barrier(workers + 1)
+    caller_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(
-        workers,
-        thread_name_prefix="softce_multi",
-        initializer=torch.set_num_threads,
-        initargs=(1,),
+        workers, thread_name_prefix="softce_multi", initializer=_run_on_one_thread
     )
     for _ in range(workers):
         pool.submit(started.wait)
     started.wait()
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(caller_threads)
     return pool
+
+
+def _run_on_one_thread() -> None:
+    """Make this thread's PyTorch operators run on this thread alone."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 def _zero_rows(block: Tensor, rows: Tensor) -> None:
