@@ -31,7 +31,7 @@ torch = pytest.importorskip("torch")
 
 import softce_multi  # noqa: E402
 from softce_multi import _core, reference  # noqa: E402
-from softce_multi.kernels import torch_cpu  # noqa: E402
+from softce_multi.kernels import torch_cpu, torch_cpu_blocks  # noqa: E402
 from softce_multi.torch import MaskedSoftCrossEntropy, masked_soft_cross_entropy  # noqa: E402
 
 SHAPE = (2, 3, 7)
@@ -415,14 +415,13 @@ def test_rows_without_a_finite_maximum_get_the_statistics_and_gradient_of_the_co
     assert torch.isfinite(losses[8]) and torch.isfinite(grad[8]).all()
 
 
-def test_block_workers_run_their_operators_on_one_thread(monkeypatch):
+def test_block_workers_run_their_operators_on_one_thread():
     """Each worker's PyTorch operators run on that worker alone (a worker that ran them as
     parallel regions would compete with the other workers for the cores), and the caller keeps
     its thread count."""
-    monkeypatch.setattr(torch_cpu, "BLOCK_ELEMENTS", 4 * 5)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    torch_cpu._single_threaded_pool.cache_clear()  # a fresh pool, as a new process makes
+    torch_cpu_blocks._single_threaded_pool.cache_clear()  # a fresh pool, as a new process makes
     seen: list[int] = []
 
     def work(blocks: Any) -> None:
@@ -430,7 +429,7 @@ def test_block_workers_run_their_operators_on_one_thread(monkeypatch):
             seen.append(torch.get_num_threads())
 
     try:
-        torch_cpu._run_blocks(work, torch.zeros(64, 5))
+        torch_cpu_blocks.run_blocks(work, torch.zeros(64, 5), 4)
         caller = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
@@ -475,14 +474,14 @@ def test_a_fresh_gradient_is_backed_by_huge_pages():
 
     *_, grad = torch_cpu.torch_row_routine(z, p, weights, row_scale, True)
 
-    assert anonymous_huge_page_bytes(grad) >= 4 * torch_cpu.HUGE_PAGE_BYTES
+    assert anonymous_huge_page_bytes(grad) >= 4 * torch_cpu_blocks.HUGE_PAGE_BYTES
 
 
 def test_huge_page_advice_keeps_the_values():
-    values = torch.randn(3 * torch_cpu.HUGE_PAGE_BYTES // 4)
+    values = torch.randn(3 * torch_cpu_blocks.HUGE_PAGE_BYTES // 4)
     expected = values.clone()
 
-    torch_cpu.advise_huge_pages(values)
+    torch_cpu_blocks.advise_huge_pages(values)
 
     assert torch.equal(values, expected)
 

@@ -3,17 +3,19 @@
 ``softce_multi::torch_row_routine`` and ``softce_multi::torch_gradient_routine`` run the core's
 two steps (:func:`softce_multi._core.row_statistics` and the gradients from the saved
 statistics) for torch tensors on the CPU, and on any device where Triton does not run. The
-rows are cut into blocks small enough to stay in a core's cache, worked on in place in a few
-block-sized buffers. In the forward pass each block's softmax is made by PyTorch's vectorised
-softmax kernel where the block's gradient goes (:func:`_block_statistics`), then turned into the
-gradient there (:func:`_gradient_over_softmax`), so that the logits and targets are read and the
-gradient written once each from memory. On the CPU, ``torch.get_num_threads()`` workers,
-each running PyTorch on one thread, take the next block whenever they finish one: a core that
-another process keeps busy slows only its worker, where a PyTorch operator on the whole block,
-a parallel region, would wait for it at every step. The per-row bookkeeping (losses, the log of
-the sum, zeros in padding rows) runs once on ``[N]`` vectors after the blocks. Each operator
-has a fake implementation (shapes and dtypes only) and a vmap rule that folds the batch into
-the rows, so ``torch.compile`` sees an opaque call and ``torch.func.vmap`` works.
+rows are cut into blocks of about 2 MiB, worked on in place in a few block-sized buffers. In
+the forward pass each block's softmax is made by PyTorch's vectorised softmax kernel where the
+block's gradient goes (:func:`_block_statistics_by_softmax`), then turned into the gradient
+there (:func:`_gradient_over_softmax`), so that the logits and targets are read and the
+gradient written once each from memory. On the CPU the blocks go to single-threaded workers
+(:func:`softce_multi.kernels.torch_cpu_blocks.run_blocks`), so that a core another process
+keeps busy slows only its worker, and a fresh gradient is advised into huge pages
+(:func:`softce_multi.kernels.torch_cpu_blocks.advise_huge_pages`). A block runs its elementwise
+passes and nothing else: the per-row bookkeeping (losses, the log of the sum, zeros in padding
+rows) and the checks for the rare rows that need the core's slower convention (no finite
+maximum, a ``0 * -inf`` target term) run once on ``[N]`` vectors after the blocks. Each
+operator has a fake implementation (shapes and dtypes only) and a vmap rule that folds the
+batch into the rows, so ``torch.compile`` sees an opaque call and ``torch.func.vmap`` works.
 
 :func:`row_routine` and :func:`gradient_routine` are the
 :class:`~softce_multi._core.RowRoutine` and :class:`~softce_multi._core.GradientRoutine` that
@@ -24,15 +26,7 @@ are the operators writing the logits gradient over the logits, for the chunks of
 
 from __future__ import annotations
 
-import ctypes
-import functools
-import mmap
-import os
-import sys
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from queue import Empty, SimpleQueue
 from typing import cast
 
 import array_api_compat
@@ -40,6 +34,7 @@ import torch
 from torch import Tensor
 
 from softce_multi import _core, kernels
+from softce_multi.kernels import torch_cpu_blocks
 
 __all__ = [
     "gradient_routine",
@@ -52,12 +47,10 @@ __all__ = [
     "torch_row_routine_",
 ]
 
-#: The size of a transparent huge page on x86-64 and most arm64 Linux kernels.
-HUGE_PAGE_BYTES = 1 << 21
-
-#: Elements per block: a few float32 blocks of this size stay in a core's cache while they
-#: are worked on.
-BLOCK_ELEMENTS = 1 << 18
+#: Elements per block: 2 MiB of float32, one huge page. A worker's few blocks of this size
+#: stay in the cache shared by the cores while they are worked on, and each block costs a
+#: dozen PyTorch calls, whose overhead smaller blocks would multiply.
+BLOCK_ELEMENTS = 1 << 19
 
 
 def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
@@ -130,7 +123,7 @@ def torch_row_routine(
     losses, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
         z, weights, with_logits_grad=with_logits_grad
     )
-    advise_huge_pages(grad)
+    torch_cpu_blocks.advise_huge_pages(grad)
     outputs = (losses, row_max, log_sum_exp, target_sum)
     _row_work(z, p, weights, row_scale, outputs, grad if with_logits_grad else None)
     return losses, row_max, log_sum_exp, target_sum, grad
@@ -205,7 +198,7 @@ def _row_work(
                 if softmax_buf is not None:
                     grad[block] = softmax
 
-    _run_blocks(work, z)
+    torch_cpu_blocks.run_blocks(work, z, _block_rows(*z.shape))
     if on_cpu:
         if not check_in_block:
             _redo_nan_dots(p, target_dot, lambda rows: z[rows] - row_max[rows, None])
@@ -380,8 +373,8 @@ def torch_gradient_routine(
     grad_z, grad_p = kernels.empty_gradient_outputs(
         z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
-    advise_huge_pages(grad_z)
-    advise_huge_pages(grad_p)
+    torch_cpu_blocks.advise_huge_pages(grad_z)
+    torch_cpu_blocks.advise_huge_pages(grad_p)
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     _gradient_work(
         z,
@@ -412,7 +405,7 @@ def torch_gradient_routine_(
     the targets gradient (``[0, V]`` without ``targets_grad``); ``z`` holds the logits gradient.
     """
     grad_p = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
-    advise_huge_pages(grad_p)
+    torch_cpu_blocks.advise_huge_pages(grad_p)
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     _gradient_work(z, p, saved, row_scale, z, grad_p if targets_grad else None)
     return grad_p
@@ -458,7 +451,7 @@ def _gradient_work(
                 if out is exponentials:
                     grad_z[block] = exponentials
 
-    _run_blocks(work, z)
+    torch_cpu_blocks.run_blocks(work, z, _block_rows(*z.shape))
     # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
     if grad_p is not None:
         _zero_rows(grad_p, row_scale == 0)
@@ -471,44 +464,6 @@ kernels.register_operator_rules(
 )
 
 
-def advise_huge_pages(tensor: Tensor) -> None:
-    """Ask Linux to back a fresh, untouched CPU ``tensor`` with transparent huge pages.
-
-    A new ``[N, V]`` output is memory the kernel maps page by page on first write: 64,000
-    faults for 250 MiB of 4 KiB pages, each zeroing its page, which cost the gradient as much
-    time as computing it. ``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned interior of the
-    tensor's memory lets each fault map 2 MiB instead. It is a hint: where the kernel does not
-    take it (transparent huge pages set to ``never``, other systems, small tensors) nothing
-    changes, and no data is touched either way. PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` does the
-    same for every large CPU allocation of a process; this does it for this library's outputs
-    only.
-    """
-    if tensor.device.type != "cpu":
-        return
-    madvise = _libc_madvise()
-    if madvise is None:
-        return
-    address = tensor.data_ptr()
-    start = -(-address // HUGE_PAGE_BYTES) * HUGE_PAGE_BYTES
-    stop = (address + tensor.untyped_storage().nbytes()) // HUGE_PAGE_BYTES * HUGE_PAGE_BYTES
-    if stop > start:
-        madvise(start, stop - start, mmap.MADV_HUGEPAGE)
-
-
-@functools.cache
-def _libc_madvise() -> Callable[[int, int, int], int] | None:
-    """The C library's ``madvise`` on Linux, or None where it or ``MADV_HUGEPAGE`` is missing."""
-    if not sys.platform.startswith("linux") or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return None
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    madvise.restype = ctypes.c_int
-    return cast(Callable[[int, int, int], int], madvise)
-
-
 def _block_buffer(z: Tensor, dtype: torch.dtype) -> Tensor:
     """An uninitialised buffer of one block of the ``[N, V]`` logits ``z``, in ``dtype``."""
     n_rows, vocab_size = z.shape
@@ -517,73 +472,6 @@ def _block_buffer(z: Tensor, dtype: torch.dtype) -> Tensor:
 
 def _block_rows(n_rows: int, vocab_size: int) -> int:
     return max(1, min(BLOCK_ELEMENTS // vocab_size, n_rows))
-
-
-def _run_blocks(work: Callable[[Iterator[slice]], None], z: Tensor) -> None:
-    """Run ``work(blocks)`` over the row blocks of the ``[N, V]`` logits ``z``: on the CPU, on
-    ``torch.get_num_threads()`` single-threaded workers that each take the next block when done
-    with one; elsewhere in order, on the caller's thread.
-
-    Every PyTorch operator on a large tensor is a parallel region that waits for its slowest
-    thread, so when another process holds a core, each of the many operators of a block waits
-    for a time slice. Here a busy core only slows the worker on it; the other workers take its
-    share of the blocks. ``work`` makes its own buffers, so its memory grows with the number of
-    workers, not of blocks; it runs without autograd, in the caller's process.
-    """
-    n_rows, vocab_size = z.shape
-    blocks = list(_core.row_blocks(n_rows, _block_rows(n_rows, vocab_size)))
-    workers = min(torch.get_num_threads(), len(blocks))
-    if workers < 2 or z.device.type != "cpu":
-        with torch.no_grad():
-            work(iter(blocks))
-        return
-    queue: SimpleQueue[slice] = SimpleQueue()
-    for block in blocks:
-        queue.put(block)
-
-    def take() -> Iterator[slice]:
-        while True:
-            try:
-                yield queue.get_nowait()
-            except Empty:
-                return
-
-    def task() -> None:
-        with torch.no_grad():
-            work(take())
-
-    pool = _single_threaded_pool(workers, os.getpid())
-    for future in [pool.submit(task) for _ in range(workers)]:
-        future.result()
-
-
-@functools.cache
-def _single_threaded_pool(workers: int, process_id: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads whose PyTorch operators run on one thread each.
-
-    One pool per process (``process_id``): a forked child does not inherit the threads.
-    PyTorch gives a thread its OpenMP thread count on the thread's first call into it, from a
-    process-wide default that ``torch.set_num_threads`` also sets. So each worker makes that
-    first call (``torch.get_num_threads``) before it sets its own count to 1, all before the
-    caller restores the default: a worker that made it later would take the caller's count
-    and run every operator of its blocks as a parallel region of its own.
-    """
-    started = threading.Barrier(workers + 1)
-    caller_threads = torch.get_num_threads()
-    pool = ThreadPoolExecutor(
-        workers, thread_name_prefix="softce_multi", initializer=_run_on_one_thread
-    )
-    for _ in range(workers):
-        pool.submit(started.wait)
-    started.wait()
-    torch.set_num_threads(caller_threads)
-    return pool
-
-
-def _run_on_one_thread() -> None:
-    """Make this thread's PyTorch operators run on this thread alone."""
-    torch.get_num_threads()
-    torch.set_num_threads(1)
 
 
 def _zero_rows(block: Tensor, rows: Tensor) -> None:
