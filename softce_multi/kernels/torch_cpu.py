@@ -9,8 +9,9 @@ block's gradient goes (:func:`_block_statistics_by_softmax`), then turned into t
 there (:func:`_gradient_over_softmax`), so that the logits and targets are read and the
 gradient written once each from memory. On the CPU the blocks go to single-threaded workers
 (:func:`softce_multi.kernels.torch_cpu_blocks.run_blocks`), so that a core another process
-keeps busy slows only its worker, and a fresh gradient is advised into huge pages
-(:func:`softce_multi.kernels.torch_cpu_blocks.advise_huge_pages`). A block runs its elementwise
+keeps busy slows only its worker, and each worker maps the pages of its block of a fresh
+gradient in one system call (:func:`softce_multi.kernels.torch_cpu_blocks.populate`). A block
+runs its elementwise
 passes and nothing else: the per-row bookkeeping (losses, the log of the sum, zeros in padding
 rows) and the checks for the rare rows that need the core's slower convention (no finite
 maximum, a ``0 * -inf`` target term) run once on ``[N]`` vectors after the blocks. Each
@@ -47,7 +48,7 @@ __all__ = [
     "torch_row_routine_",
 ]
 
-#: Elements per block: 2 MiB of float32, one huge page. A worker's few blocks of this size
+#: Elements per block: 2 MiB of float32. A worker's few blocks of this size
 #: stay in the cache shared by the cores while they are worked on, and each block costs a
 #: dozen PyTorch calls, whose overhead smaller blocks would multiply.
 BLOCK_ELEMENTS = 1 << 19
@@ -123,7 +124,6 @@ def torch_row_routine(
     losses, row_max, log_sum_exp, target_sum, grad = kernels.empty_row_outputs(
         z, weights, with_logits_grad=with_logits_grad
     )
-    torch_cpu_blocks.advise_huge_pages(grad)
     outputs = (losses, row_max, log_sum_exp, target_sum)
     _row_work(z, p, weights, row_scale, outputs, grad if with_logits_grad else None)
     return losses, row_max, log_sum_exp, target_sum, grad
@@ -167,6 +167,7 @@ def _row_work(
     on_cpu = z.device.type == "cpu"
     # Rows are checked in their block where the block's logits are overwritten, else after all.
     check_in_block = grad is z
+    fresh_grad = grad is not None and grad is not z
     # (row indices, logits) of the rows without a finite maximum, kept before they are gone.
     kept: list[tuple[Tensor, Tensor]] = []
 
@@ -175,6 +176,8 @@ def _row_work(
         softmax_buf = None if in_grad else torch.empty_like(products_buf)
         for block in blocks:
             size = block.stop - block.start
+            if fresh_grad:
+                torch_cpu_blocks.populate(cast(Tensor, grad)[block])
             softmax = cast(Tensor, grad)[block] if softmax_buf is None else softmax_buf[:size]
             p_block = p[block]
             block_stats = _core.RowStatistics(*(row_output[block] for row_output in stats))
@@ -373,8 +376,6 @@ def torch_gradient_routine(
     grad_z, grad_p = kernels.empty_gradient_outputs(
         z, p, logits_grad=logits_grad, targets_grad=targets_grad
     )
-    torch_cpu_blocks.advise_huge_pages(grad_z)
-    torch_cpu_blocks.advise_huge_pages(grad_p)
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     _gradient_work(
         z,
@@ -405,7 +406,6 @@ def torch_gradient_routine_(
     the targets gradient (``[0, V]`` without ``targets_grad``); ``z`` holds the logits gradient.
     """
     grad_p = kernels.empty_gradient_outputs(z, p, logits_grad=False, targets_grad=targets_grad)[1]
-    torch_cpu_blocks.advise_huge_pages(grad_p)
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     _gradient_work(z, p, saved, row_scale, z, grad_p if targets_grad else None)
     return grad_p
@@ -425,6 +425,7 @@ def _gradient_work(
     dtype = row_max.dtype
     xp = array_api_compat.array_namespace(z)
     coefficient = _core.softmax_coefficient(row_scale, target_sum, log_sum_exp, xp=xp)
+    fresh_outputs = [grad for grad in (grad_z, grad_p) if grad is not None and grad is not z]
 
     def work(blocks: Iterator[slice]) -> None:
         shifted_buf = _block_buffer(z, dtype)
@@ -433,6 +434,8 @@ def _gradient_work(
         if grad_p is not None and grad_p.dtype != dtype:
             cast_buf = torch.empty_like(shifted_buf)
         for block in blocks:
+            for fresh in fresh_outputs:
+                torch_cpu_blocks.populate(fresh[block])
             size = block.stop - block.start
             shifted = shifted_buf[:size]
             scale = row_scale[block, None]
