@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import softce_multi as sc
+from softce_multi import testing
 from softce_multi.testing import (
     REDUCTIONS,
     assert_gradient_close,
@@ -179,6 +180,30 @@ def test_no_targets_at_all_cost_nothing(backend):
     loss = sc.masked_soft_cross_entropy(case.logits, empty, case.position_mask, target_ids=no_ids)
 
     assert float(to_numpy(loss)) == 0.0
+
+
+@pytest.mark.parametrize("logits_dtype", ["float32", "bfloat16"])
+def test_torch_cpu_blocks_shared_among_workers_match_the_dense_oracle(monkeypatch, logits_dtype):
+    # 2 rows per block, 5 blocks taken by 2 workers, each mapping its block's pages first;
+    # padding holds NaN, slots hold duplicates and bad ids.
+    torch = pytest.importorskip("torch")
+    from softce_multi import _core
+
+    backend = next(b for b in testing.backends() if b.name == "torch-cpu")
+    monkeypatch.setattr(_core, "BLOCK_ELEMENTS", 2 * SHAPE[-1])
+    case = SparseCase(backend, np.random.default_rng(7), logits_dtype=logits_dtype)
+    expected = case.expected()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loss, grad = sc.masked_soft_cross_entropy_with_grad(
+            case.logits, case.target_probs, case.position_mask, target_ids=case.target_ids
+        )
+    finally:
+        torch.set_num_threads(threads)
+
+    assert_loss_close(loss, expected.loss, case.compute)
+    assert_gradient_close(grad, expected.grad_logits, case.compute, dtype=logits_dtype)
 
 
 # --------------------------------------------------------------------------------------------

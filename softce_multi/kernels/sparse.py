@@ -26,6 +26,7 @@ sum and the gradient. The only operation that depends on the library is the scat
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import array_api_compat
@@ -34,11 +35,17 @@ from softce_multi import _core
 from softce_multi._types import Array, Namespace
 
 __all__ = [
+    "BlockRunner",
     "gather_shifted",
     "scatter_add",
     "sparse_gradient_routine",
     "sparse_row_routine",
 ]
+
+
+#: ``run(work, z, block_rows)`` runs ``work(blocks)`` over the blocks of ``block_rows`` rows of
+#: the ``[N, V]`` logits ``z``, each block once (in order, or shared among worker threads).
+BlockRunner = Callable[[Callable[[Iterator[slice]], None], Array, int], None]
 
 
 def gather_shifted(shifted: Array, ids: Array, *, xp: Namespace) -> Array:
@@ -110,9 +117,17 @@ def sparse_row_pass(
     block_rows: int | None,
     over_logits: bool,
     xp: Namespace,
+    run_blocks: BlockRunner | None = None,
+    populate: Callable[[Array], None] | None = None,
 ) -> _core.RowResults:
     """The work of :func:`sparse_row_routine` on ``[N, V]`` logits ``z``, ``[N, K]`` ``ids``
-    and ``p``, and the ``[N]`` ``weights`` and ``row_scale`` (``w / den``) of the rows."""
+    and ``p``, and the ``[N]`` ``weights`` and ``row_scale`` (``w / den``) of the rows.
+
+    For a library that writes in place, ``run_blocks`` runs the block loop (in order by
+    default) and ``populate``, when given, is called on each block's rows of a fresh gradient
+    before they are written (the torch CPU operators pass theirs,
+    :mod:`softce_multi.kernels.torch_cpu_blocks`).
+    """
     if _writes_in_place(z):
         return _eager_row_pass(
             z,
@@ -124,6 +139,8 @@ def sparse_row_pass(
             block_rows=block_rows,
             over_logits=over_logits,
             xp=xp,
+            run_blocks=run_blocks or _in_order,
+            populate=populate,
         )
     dtype = weights.dtype
     valid = weights != 0
@@ -184,15 +201,18 @@ def _eager_row_pass(
     block_rows: int | None,
     over_logits: bool,
     xp: Namespace,
+    run_blocks: BlockRunner,
+    populate: Callable[[Array], None] | None,
 ) -> _core.RowResults:
     """:func:`sparse_row_pass` for a library that writes in place (NumPy, torch, CuPy).
 
     What concerns the ``K`` slots is done once for all rows, on ``[N, K]`` arrays, before the
     blocks (the gather, which must precede any write over ``z``) and after them (the target
     terms of the loss). Each block is read once, for its maximum and its exponentials, which go
-    where its gradient rows go (or into one reused buffer when the gradient has another dtype),
-    are summed, scaled and get the target mass scattered in, before their one rounding to the
-    gradient's dtype. Rows without a gradient are zeroed at the end.
+    where its gradient rows go (or into a buffer each ``run_blocks`` worker reuses when the
+    gradient has another dtype), are summed, scaled and get the target mass scattered in,
+    before their one rounding to the gradient's dtype. Rows without a gradient are zeroed at
+    the end.
     """
     dtype = weights.dtype
     n_rows, vocab_size = z.shape
@@ -211,22 +231,29 @@ def _eager_row_pass(
         # A slot of probability 0 adds 0 wherever it points; one with mass and a bad id adds NaN.
         mass = xp.where(probs == 0, 0.0, xp.where(valid_ids, probs, math.nan))
         scattered = -row_scale[:, None] * mass
-    scratch = _Scratch(z, dtype, block_rows, xp=xp)
-    for block in _core.row_blocks(n_rows, block_rows):
-        z_block = xp.astype(z[block, ...], dtype, copy=False)
-        shift = _shift(z_block, xp=xp)
-        exps = _exp_shifted(z_block, shift, scratch.rows(block, grad), xp=xp)
-        row_max[block] = shift[:, 0]
-        sum_exp[block] = xp.sum(exps, axis=-1)
-        if grad is not None:
-            scale = row_scale[block]
-            coefficient = _core.softmax_coefficient(
-                scale, target_sum[block], xp.log(sum_exp[block]), xp=xp
-            )
-            exps = _scaled(exps, coefficient[:, None], xp=xp)
-            exps = scatter_add(exps, safe_ids[block, ...], scattered[block, ...], xp=xp)
-            if exps.dtype != grad.dtype:
-                grad[block, ...] = xp.astype(exps, grad.dtype)
+    fresh_grad = grad is not None and not over_logits and populate is not None
+
+    def work(blocks: Iterator[slice]) -> None:
+        scratch = _Scratch(z, dtype, block_rows, xp=xp)
+        for block in blocks:
+            if fresh_grad:
+                populate(grad[block, ...])  # type: ignore[index, misc]
+            z_block = xp.astype(z[block, ...], dtype, copy=False)
+            shift = _shift(z_block, xp=xp)
+            exps = _exp_shifted(z_block, shift, scratch.rows(block, grad), xp=xp)
+            row_max[block] = shift[:, 0]
+            sum_exp[block] = xp.sum(exps, axis=-1)
+            if grad is not None:
+                scale = row_scale[block]
+                coefficient = _core.softmax_coefficient(
+                    scale, target_sum[block], xp.log(sum_exp[block]), xp=xp
+                )
+                exps = _scaled(exps, coefficient[:, None], xp=xp)
+                exps = scatter_add(exps, safe_ids[block, ...], scattered[block, ...], xp=xp)
+                if exps.dtype != grad.dtype:
+                    grad[block, ...] = xp.astype(exps, grad.dtype)
+
+    run_blocks(work, z, block_rows or n_rows)
     stats = _core.RowStatistics(
         row_max,
         sum_exp,
@@ -244,6 +271,11 @@ def _eager_row_pass(
         grad = _zero_rows_without_gradient(grad, _core.rows_with_gradient(row_scale, target_sum))
     saved = _core.SavedRows(*(xp.where(valid, x, 0.0) for x in (row_max, log_sum_exp, target_sum)))
     return _core.RowResults(weighted, saved, grad)
+
+
+def _in_order(work: Callable[[Iterator[slice]], None], z: Array, block_rows: int) -> None:
+    """The default :data:`BlockRunner`: every block in order, on the caller's thread."""
+    work(iter(_core.row_blocks(z.shape[0], block_rows)))
 
 
 def _shift(z: Array, *, xp: Namespace) -> Array:

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from softce_multi import _core, kernels
-from softce_multi.kernels import sparse
+from softce_multi.kernels import sparse, torch_cpu_blocks
 
 __all__ = [
     "gradient_routine",
@@ -130,6 +130,8 @@ def sparse_row_routine(
         block_rows=_core.default_block_rows(z.shape[1]),
         over_logits=False,
         xp=xp,
+        run_blocks=torch_cpu_blocks.run_blocks,
+        populate=torch_cpu_blocks.populate,
     )
     grad = results.logits_grad
     if grad is None:
