@@ -417,6 +417,31 @@ def test_rows_without_a_finite_maximum_get_the_statistics_and_gradient_of_the_co
     assert torch.isfinite(losses[8]) and torch.isfinite(grad[8]).all()
 
 
+@pytest.mark.parametrize("routine", ROW_ROUTINES.values(), ids=ROW_ROUTINES.keys())
+def test_only_valid_rows_are_computed_again(monkeypatch, routine):
+    """Padding rows (weight 0) holding NaN and inf cost no second pass; a valid row without a
+    finite maximum gets one."""
+    monkeypatch.setattr(torch_cpu, "BLOCK_ELEMENTS", 2 * 37)
+    redone: list[list[int]] = []
+    redo = torch_cpu._redo_rows_without_finite_maximum
+
+    def spy(rows: Any, *arguments: Any) -> None:
+        redone.append(rows.tolist())
+        redo(rows, *arguments)
+
+    monkeypatch.setattr(torch_cpu, "_redo_rows_without_finite_maximum", spy)
+    z, p, _ = float32_inputs(29, (9, 37))
+    weights = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    z[weights == 0] = torch.nan
+    z[[3, 6], 0] = torch.inf
+    z[5] = -torch.inf
+
+    *_, grad = routine(z, p, weights, weights / 6)
+
+    assert [row for rows in redone for row in rows] == [5]
+    assert torch.all(grad[weights == 0] == 0)
+
+
 def test_block_workers_run_their_operators_on_one_thread():
     """Each worker's PyTorch operators run on that worker alone (a worker that ran them as
     parallel regions would compete with the other workers for the cores), and the caller keeps

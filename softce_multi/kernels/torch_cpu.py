@@ -3,7 +3,7 @@
 ``softce_multi::torch_row_routine`` and ``softce_multi::torch_gradient_routine`` run the core's
 two steps (:func:`softce_multi._core.row_statistics` and the gradients from the saved
 statistics) for torch tensors on the CPU, and on any device where Triton does not run. The
-rows are cut into blocks of about 2 MiB, worked on in place in a few block-sized buffers. In
+rows are cut into blocks of about 1 MiB, worked on in place in a few block-sized buffers. In
 the forward pass each block's softmax is made by PyTorch's vectorised softmax kernel where the
 block's gradient goes (:func:`_block_statistics_by_softmax`), then turned into the gradient
 there (:func:`_gradient_over_softmax`), so that the logits and targets are read and the
@@ -11,10 +11,10 @@ gradient written once each from memory. On the CPU the blocks go to single-threa
 (:func:`softce_multi.kernels.torch_cpu_blocks.run_blocks`), so that a core another process
 keeps busy slows only its worker, and each worker maps the pages of its block of a fresh
 gradient in one system call (:func:`softce_multi.kernels.torch_cpu_blocks.populate`). A block
-runs its elementwise
-passes and nothing else: the per-row bookkeeping (losses, the log of the sum, zeros in padding
-rows) and the checks for the rare rows that need the core's slower convention (no finite
-maximum, a ``0 * -inf`` target term) run once on ``[N]`` vectors after the blocks. Each
+runs its elementwise passes and nothing else: the per-row bookkeeping (losses, the log of the
+sum, zeros in padding rows) and the checks for the rare valid rows that need the core's slower
+convention (no finite maximum, a ``0 * -inf`` target term) run once on ``[N]`` vectors after
+the blocks; padding rows, which may hold anything, are never computed again. Each
 operator has a fake implementation (shapes and dtypes only) and a vmap rule that folds the
 batch into the rows, so ``torch.compile`` sees an opaque call and ``torch.func.vmap`` works.
 
@@ -165,6 +165,7 @@ def _row_work(
     # and is contiguous; else in a buffer, then rounded into place.
     in_grad = grad is not None and grad.dtype == dtype and grad.is_contiguous()
     on_cpu = z.device.type == "cpu"
+    valid = weights != 0
     # Rows are checked in their block where the block's logits are overwritten, else after all.
     check_in_block = grad is z
     fresh_grad = grad is not None and grad is not z
@@ -188,7 +189,7 @@ def _row_work(
                     block_stats,
                     softmax=softmax,
                     products=products_buf[:size],
-                    check_rows=check_in_block,
+                    valid=valid[block] if check_in_block else None,
                 )
                 if rows is not None:
                     kept.append((rows[0] + block.start, rows[1]))
@@ -204,13 +205,12 @@ def _row_work(
     torch_cpu_blocks.run_blocks(work, z, _block_rows(*z.shape))
     if on_cpu:
         if not check_in_block:
-            _redo_nan_dots(p, target_dot, lambda rows: z[rows] - row_max[rows, None])
-            rows = _rows_without_finite_maximum(row_max)
+            _redo_nan_dots(p, target_dot, valid, lambda rows: z[rows] - row_max[rows, None])
+            rows = _rows_without_finite_maximum(row_max, valid)
             if rows is not None:
                 kept.append((rows, z[rows]))
         for rows, z_rows in kept:
             _redo_rows_without_finite_maximum(rows, z_rows, p, stats, row_scale, grad)
-    valid = weights != 0
     weighted = torch.where(valid, weights * _core.row_losses(stats, xp=xp), 0.0)
     if grad is not None:
         # Padding may hold NaN or inf, and a row with no target mass may have no softmax.
@@ -251,7 +251,7 @@ def _block_statistics_by_softmax(
     *,
     softmax: Tensor,
     products: Tensor,
-    check_rows: bool,
+    valid: Tensor | None,
 ) -> tuple[Tensor, Tensor] | None:
     """:func:`_block_statistics` on the CPU, by PyTorch's vectorised softmax kernel, except for
     the rare rows that need the core's slower convention.
@@ -259,37 +259,38 @@ def _block_statistics_by_softmax(
     The softmax runs in place on ``z - row_max`` (whose maximum is 0), so the sum of
     exponentials is the reciprocal of the softmax's maximum, ``exp(0) / sum_exp``. That does not
     hold in rows with no finite maximum, and a target dot with a ``0 * -inf`` term comes out
-    NaN. With ``check_rows`` (logits that ``softmax`` overwrites) both are found here, on the
-    host: NaN dots are summed again (:func:`_redo_nan_dots`), and the indices and logits of the
-    rows with no finite maximum are returned, for the caller to compute again
-    (:func:`_redo_rows_without_finite_maximum`) after the block has overwritten them. Without
-    it the caller finds both on ``[N]`` vectors after all blocks, so that a block runs its few
-    elementwise passes and nothing else, and None is returned.
+    NaN. Given the block's ``valid`` rows (for logits that ``softmax`` overwrites), both are
+    found here among them, on the host: NaN dots are summed again (:func:`_redo_nan_dots`), and
+    the indices and logits of the rows with no finite maximum are returned, for the caller to
+    compute again (:func:`_redo_rows_without_finite_maximum`) after the block has overwritten
+    them. With ``valid`` None the caller finds both on ``[N]`` vectors after all blocks, so that
+    a block runs its few elementwise passes and nothing else, and None is returned.
     """
     row_max, sum_exp, target_sum, target_dot = stats
     row_max.copy_(torch.amax(z, dim=-1))
     kept = None
-    if check_rows:
-        rows = _rows_without_finite_maximum(row_max)
+    if valid is not None:
+        rows = _rows_without_finite_maximum(row_max, valid)
         if rows is not None:
             kept = rows, z[rows]
     shifted = torch.sub(z, row_max[:, None], out=softmax)
     torch.sum(p, dim=-1, out=target_sum)
     torch.sum(torch.mul(p, shifted, out=products), dim=-1, out=target_dot)
-    if check_rows:
-        _redo_nan_dots(p, target_dot, lambda rows: shifted[rows])
+    if valid is not None:
+        _redo_nan_dots(p, target_dot, valid, lambda rows: shifted[rows])
     torch.softmax(shifted, dim=-1, out=softmax)
     torch.amax(softmax, dim=-1, out=sum_exp).reciprocal_()
     return kept
 
 
-def _rows_without_finite_maximum(row_max: Tensor) -> Tensor | None:
-    """The indices of the rows whose maximum ``row_max`` is not finite, or None (after one
-    check on the host) where there are none."""
-    finite = row_max.isfinite()
-    if bool(finite.all()):
+def _rows_without_finite_maximum(row_max: Tensor, valid: Tensor) -> Tensor | None:
+    """The indices of the ``valid`` rows whose maximum ``row_max`` is not finite, or None
+    (after one check on the host) where there are none. Rows of weight 0 (padding) are not
+    counted: their outputs are zeros whatever they hold."""
+    wrong = valid & ~row_max.isfinite()
+    if not bool(wrong.any()):
         return None
-    return torch.nonzero(~finite).squeeze(1)
+    return torch.nonzero(wrong).squeeze(1)
 
 
 def _redo_rows_without_finite_maximum(
@@ -314,12 +315,14 @@ def _redo_rows_without_finite_maximum(
         grad[rows] = softmax.to(grad.dtype)
 
 
-def _redo_nan_dots(p: Tensor, target_dot: Tensor, shifted_rows: Callable[[Tensor], Tensor]) -> None:
-    """Sum again the rows of ``target_dot`` that came out NaN, with a ``p == 0`` term exactly 0
-    where the shifted logit (``shifted_rows(rows)``, ``z - row_max`` of those rows) is -inf:
-    ``0 * -inf`` is NaN, and a NaN input keeps its row NaN. Only those rows are read again, so
-    no ``where`` runs over whole blocks."""
-    nan = target_dot.isnan()
+def _redo_nan_dots(
+    p: Tensor, target_dot: Tensor, valid: Tensor, shifted_rows: Callable[[Tensor], Tensor]
+) -> None:
+    """Sum again the ``valid`` rows of ``target_dot`` that came out NaN, with a ``p == 0`` term
+    exactly 0 where the shifted logit (``shifted_rows(rows)``, ``z - row_max`` of those rows)
+    is -inf: ``0 * -inf`` is NaN, and a NaN input keeps its row NaN. Only those rows are read
+    again, so no ``where`` runs over whole blocks."""
+    nan = valid & target_dot.isnan()
     if not bool(nan.any()):
         return
     rows = torch.nonzero(nan).squeeze(1)
