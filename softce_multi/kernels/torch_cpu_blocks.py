@@ -35,9 +35,8 @@ MADV_POPULATE_WRITE = 23
 
 def run_blocks(work: Callable[[Iterator[slice]], None], z: Tensor, block_rows: int) -> None:
     """Run ``work(blocks)`` over the blocks of ``block_rows`` rows of the ``[N, V]`` logits
-    ``z``: on the CPU, on
-    ``torch.get_num_threads()`` single-threaded workers that each take the next block when done
-    with one; elsewhere in order, on the caller's thread.
+    ``z``: on the CPU, on ``torch.get_num_threads()`` single-threaded workers that each take
+    the next block when done with one; elsewhere in order, on the caller's thread.
 
     Every PyTorch operator on a large tensor is a parallel region that waits for its slowest
     thread, so when another process holds a core, each of the many operators of a block waits
