@@ -13,6 +13,7 @@ from softce_multi._cli.bench.cases import Case
 from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, TOP_K, MemoryOf, Sizes
 from softce_multi._cli.bench.measure import ITEMSIZE, unavailable
 from softce_multi._cli.bench.modes import kernel_mode_rows
+from softce_multi._cli.bench.profile import main_profile
 from softce_multi._cli.bench.report import (
     plot,
     print_from_hidden,
@@ -104,6 +105,14 @@ def _parser() -> argparse.ArgumentParser:
             "logits; with --linear, the linear loss of hidden states, for each --rows"
         ),
     )
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help=(
+            "time each stage of the torch CPU loss's block loop on one thread, for a float32 "
+            "[N, V] gradient (N: the first --lengths), and the operator on one and on all threads"
+        ),
+    )
     return parser
 
 
@@ -188,7 +197,9 @@ def _check_arguments(
     """Refuse, through ``parser.error`` and before anything is measured, the options that the
     run would ignore or fail on, and the outputs it could not write when done."""
     comparison = "--linear" if args.linear else "--targets" if args.targets else None
-    if args.sparse is not None:
+    if args.profile:
+        _check_profile_options(parser, args, is_installed)
+    elif args.sparse is not None:
         _check_sparse_options(parser, args)
     elif comparison is None:
         _check_sweep_options(parser, args)
@@ -220,6 +231,28 @@ def _check_sweep_options(parser: argparse.ArgumentParser, args: argparse.Namespa
         parser.error("--autocast goes with --linear")
     if args.reduction is not None:
         parser.error("--reduction goes with --linear")
+
+
+def _check_profile_options(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, is_installed: Callable[[str], bool]
+) -> None:
+    """Refuse the options that do not go with ``--profile``, and a missing PyTorch."""
+    for flag, given in [
+        ("--linear", args.linear),
+        ("--targets", args.targets),
+        ("--sparse", args.sparse is not None),
+        ("--busy-core", args.busy_core),
+        ("--device cuda", args.device == "cuda"),
+        ("--json", args.json is not None),
+        ("--plot", args.plot is not None),
+        ("--rows", args.rows is not None),
+        ("--hidden", args.hidden is not None),
+        ("--frameworks", args.frameworks is not None),
+    ]:
+        if given:
+            parser.error(f"{flag} does not go with --profile")
+    if not is_installed("torch"):
+        parser.error("--profile times the torch CPU loss: pip install torch==2.13.0")
 
 
 def _check_sparse_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -308,6 +341,9 @@ def main(
             "round makes the median",
             file=sys.stderr,
         )
+    if args.profile:
+        args.lengths = args.lengths or [2048]
+        return main_profile(args)
     if args.sparse is not None:
         args.lengths = args.lengths or list(DEFAULT_LENGTHS)
         return main_sparse(args)
