@@ -231,13 +231,14 @@ def _eager_row_pass(
         # A slot of probability 0 adds 0 wherever it points; one with mass and a bad id adds NaN.
         mass = xp.where(probs == 0, 0.0, xp.where(valid_ids, probs, math.nan))
         scattered = -row_scale[:, None] * mass
-    fresh_grad = grad is not None and not over_logits and populate is not None
+    # A gradient of its own is fresh memory, whose pages ``populate`` maps block by block.
+    fresh_grad = None if over_logits else grad
 
     def work(blocks: Iterator[slice]) -> None:
         scratch = _Scratch(z, dtype, block_rows, xp=xp)
         for block in blocks:
-            if fresh_grad:
-                populate(grad[block, ...])  # type: ignore[index, misc]
+            if fresh_grad is not None and populate is not None:
+                populate(fresh_grad[block, ...])
             z_block = xp.astype(z[block, ...], dtype, copy=False)
             shift = _shift(z_block, xp=xp)
             exps = _exp_shifted(z_block, shift, scratch.rows(block, grad), xp=xp)
