@@ -1,4 +1,4 @@
-"""The command line: ``python -m softce_multi {check,bench,demo} [options]``.
+"""The command line: ``python -m softce_multi {check,bench,demo,device-check} [options]``.
 
 Each command lives in its own module, imported only when that command runs, and parses the
 rest of the command line itself (``python -m softce_multi check --help``).
@@ -17,6 +17,10 @@ COMMANDS = {
     ),
     "bench": ("softce_multi._cli.bench", "time the loss against other implementations"),
     "demo": ("softce_multi._cli.demo", "train a small EAGLE-3 draft head with the loss"),
+    "device-check": (
+        "softce_multi._cli.device_check",
+        "run every GPU path against the reference and the peers on a GPU (--dry-run: the CPU)",
+    ),
 }
 
 

@@ -22,7 +22,9 @@ it holds, written once, what a test of the loss needs.
   the vocabulary-parallel losses and anything else that needs a process group;
 - :func:`ulp_error`, :func:`formula_gradient`, :func:`rounding_errors` and
   :func:`assert_gradient_rounded_once`: the accuracy of a 16-bit gradient in units in the last
-  place, against that of the plain formula.
+  place, against that of the plain formula;
+- :func:`triton_interpreter_rounds_to_nearest`: Triton's interpreter rounding to bfloat16 as a
+  GPU does, for 16-bit checks of the Triton kernels without a GPU.
 
 It imports with NumPy alone; every other library is imported when it is used. The rest of the
 package does not import it.
@@ -65,6 +67,7 @@ from softce_multi.testing._inputs import (
     random_mask,
     random_targets,
 )
+from softce_multi.testing._interpreters import triton_interpreter_rounds_to_nearest
 from softce_multi.testing._oracle import Expected, dense_targets, numpy_reference, reference
 
 __all__ = [
@@ -102,5 +105,6 @@ __all__ = [
     "rounding_errors",
     "to_float64",
     "to_numpy",
+    "triton_interpreter_rounds_to_nearest",
     "ulp_error",
 ]

@@ -315,8 +315,8 @@ def to_float64(array: Array) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def group_of_one(timeout: float = 60.0) -> Iterator[Any]:
-    """A ``torch.distributed`` gloo group of this one process, on 127.0.0.1 (a free port).
+def group_of_one(timeout: float = 60.0, *, backend: str = "gloo") -> Iterator[Any]:
+    """A ``torch.distributed`` group of this one process, on 127.0.0.1 (a free port).
 
     It is the default process group while the context lasts, and destroyed after. Code written
     for a vocabulary split across ranks runs on it with the whole vocabulary on rank 0.
@@ -325,6 +325,9 @@ def group_of_one(timeout: float = 60.0) -> Iterator[Any]:
     ----------
     timeout
         Seconds a collective may wait.
+    backend
+        The ``torch.distributed`` backend: ``"gloo"`` (CPU tensors, and CUDA ones for the
+        collectives gloo has for them) or ``"nccl"`` (CUDA tensors).
 
     Yields
     ------
@@ -342,7 +345,7 @@ def group_of_one(timeout: float = 60.0) -> Iterator[Any]:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     dist.init_process_group(
-        "gloo",
+        backend,
         init_method=f"tcp://127.0.0.1:{port}",
         rank=0,
         world_size=1,

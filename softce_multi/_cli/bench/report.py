@@ -182,19 +182,19 @@ MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p")
 LINE_STYLES = ("-", "--", "-.", ":")
 
 
-def figure_of(rows: Sequence[dict[str, Any]], title: str) -> Any:
+def figure_of(rows: Sequence[dict[str, Any]], title: str, panel: str = "dtype") -> Any:
     """A :class:`matplotlib.figure.Figure` of time and extra memory against sequence length, of
-    the rows timed without a busy core: one row of panels per dtype, one line per
-    implementation, drawn with the same hollow marker and line style in every panel (different
-    for different implementations, so that lines at the same values stay told apart), and a
-    legend in each panel."""
+    the rows timed without a busy core: one row of panels per value of ``row[panel]`` (the
+    dtype by default), one line per implementation, drawn with the same hollow marker and line
+    style in every panel (different for different implementations, so that lines at the same
+    values stay told apart), and a legend in each panel."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [row for row in rows if not row.get("busy_core")]
-    dtypes = list(dict.fromkeys(row["dtype"] for row in rows))
+    panels = list(dict.fromkeys(row[panel] for row in rows))
     names = list(dict.fromkeys(row["implementation"] for row in rows))
     styles = {
         name: {
@@ -207,11 +207,11 @@ def figure_of(rows: Sequence[dict[str, Any]], title: str) -> Any:
         for index, name in enumerate(names)
     }
     figure, axes = plt.subplots(
-        len(dtypes), 2, figsize=(11, 4 * len(dtypes)), squeeze=False, layout="constrained"
+        len(panels), 2, figsize=(11, 4 * len(panels)), squeeze=False, layout="constrained"
     )
-    for (time_axis, memory_axis), dtype in zip(axes, dtypes, strict=True):
+    for (time_axis, memory_axis), label in zip(axes, panels, strict=True):
         for name in names:
-            mine = [row for row in rows if row["implementation"] == name and row["dtype"] == dtype]
+            mine = [row for row in rows if row["implementation"] == name and row[panel] == label]
             if not mine:
                 continue
             lengths = [row["length"] for row in mine]
@@ -223,15 +223,15 @@ def figure_of(rows: Sequence[dict[str, Any]], title: str) -> Any:
             axis.set_xlabel("sequence length N")
             axis.legend(fontsize="small")
         time_axis.set_yscale("log")
-        time_axis.set_ylabel(f"{dtype}: median forward+backward time (s)")
-        memory_axis.set_ylabel(f"{dtype}: extra peak memory (gradient buffers)")
+        time_axis.set_ylabel(f"{label}: median forward+backward time (s)")
+        memory_axis.set_ylabel(f"{label}: extra peak memory (gradient buffers)")
     figure.suptitle(title)
     return figure
 
 
-def plot(rows: Sequence[dict[str, Any]], path: Path, title: str) -> None:
-    """Save :func:`figure_of` ``rows`` to ``path`` (needs matplotlib)."""
-    figure = figure_of(rows, title)
+def plot(rows: Sequence[dict[str, Any]], path: Path, title: str, panel: str = "dtype") -> None:
+    """Save :func:`figure_of` ``rows`` to ``path`` (needs matplotlib); ``panel`` as there."""
+    figure = figure_of(rows, title, panel)
     import matplotlib.pyplot as plt
 
     figure.savefig(path, dpi=110)

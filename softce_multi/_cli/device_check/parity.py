@@ -1,0 +1,343 @@
+"""Parity on the device: every torch path of softce_multi against the float64 reference there.
+
+The paths: the loss and its backward (the Triton forward and backward kernels on CUDA), the
+loss with its gradient (the forward kernel that writes the gradient), the in-place operators
+against the functional ones (bit for bit), the linear loss against the materialised formula,
+and the vocabulary-parallel loss on a process group of one. Each row of the result says the
+errors, the tolerances of :mod:`softce_multi.testing` they are held to, and whether the padding
+positions' gradients are exactly 0 and every value finite.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from softce_multi._cli.device_check.inputs import (
+    CASES,
+    REDUCTIONS,
+    UPSTREAM,
+    Expected,
+    Inputs,
+    make_inputs,
+    reference,
+)
+from softce_multi._cli.device_check.plan import (
+    LOW_PRECISION,
+    Plan,
+    free_device_memory,
+    kernels_as_on_a_gpu,
+)
+
+LINEAR_MARGIN = 0.02
+"""How much larger than the materialised formula's a linear loss gradient's error norm from the
+float64 gradient may be (the test suite's margin)."""
+
+Path = Callable[[Inputs], tuple[Any, Any, Any]]
+"""``path(inputs) -> (loss, logits gradient, targets gradient or None)`` for the upstream of
+``inputs``."""
+
+
+def as_torch(array: Any) -> Any:
+    """``array`` (torch, JAX or CuPy, on any device) as a torch tensor on the same device."""
+    import torch
+
+    return array if isinstance(array, torch.Tensor) else torch.from_dlpack(array)
+
+
+def max_error(actual: Any, desired: Any) -> float:
+    """``max |actual - desired| / max |desired|`` in float64 over the entries where ``desired``
+    is finite; where it is not (the ``inf`` targets gradient of a ``-inf`` logit), ``actual``
+    must equal it, else the error is ``inf``. NaN where ``actual`` holds NaN."""
+    actual, desired = as_torch(actual).double(), desired.double()
+    if actual.shape != desired.shape:
+        msg = f"shapes differ: {tuple(actual.shape)} against {tuple(desired.shape)}"
+        raise ValueError(msg)
+    finite = desired.isfinite()
+    if not bool((actual[~finite] == desired[~finite]).all().item()):
+        return float("inf")
+    actual, desired = actual[finite], desired[finite]
+    if actual.numel() == 0:
+        return 0.0
+    scale = desired.abs().max().clamp_min(1e-300)
+    return float(((actual - desired).abs().max() / scale).item())
+
+
+def compare(
+    path: str,
+    label: dict[str, Any],
+    inputs: Inputs,
+    expected: Expected,
+    loss: Any,
+    grad_logits: Any,
+    grad_targets: Any = None,
+    *,
+    scale: float = 1.0,
+) -> dict[str, Any]:
+    """The row of one path on one case: errors, tolerances, and whether it passes.
+
+    ``scale`` multiplies the gradients (in float64) before they are compared: the upstream of a
+    case, for a path whose gradient is that of upstream 1. The tolerances are those of the
+    dtypes the path returned.
+    """
+    from softce_multi import testing
+
+    loss_t, grad_t = as_torch(loss).double(), as_torch(grad_logits).double() * scale
+    loss_dtype, grad_dtype = testing.dtype_name(loss), testing.dtype_name(grad_logits)
+    loss_tol = max(testing.LOSS_RTOL["float32"], testing.LOSS_RTOL[loss_dtype])
+    grad_tol = testing.gradient_tolerance("float32", grad_dtype)
+    padding = ~inputs.mask
+    row = {
+        "path": path,
+        **label,
+        "loss_error": max_error(loss_t, expected.loss),
+        "loss_tolerance": loss_tol,
+        "grad_error": max_error(grad_t, expected.grad_logits),
+        "grad_tolerance": grad_tol,
+        "padding_exact_zero": bool((grad_t[padding] == 0).all().item()),
+        "finite": bool(grad_t.isfinite().all().item() and loss_t.isfinite().all().item()),
+    }
+    checks = [
+        row["loss_error"] <= loss_tol,
+        row["grad_error"] <= grad_tol,
+        row["padding_exact_zero"],
+        row["finite"],
+    ]
+    if grad_targets is not None and expected.grad_targets is not None:
+        row["targets_grad_error"] = max_error(grad_targets, expected.grad_targets)
+        checks.append(row["targets_grad_error"] <= grad_tol)
+    row["ok"] = all(checks)
+    return row
+
+
+def _upstream_like(loss: Any, upstream: Any) -> Any:
+    import torch
+
+    return torch.as_tensor(upstream, dtype=loss.dtype, device=loss.device).expand_as(loss)
+
+
+def autograd_path(loss_function: Callable[..., Any]) -> Path:
+    """The path that runs ``loss_function`` on fresh leaves and its backward pass."""
+
+    def run(inputs: Inputs) -> tuple[Any, Any, Any]:
+        logits = inputs.logits.detach().requires_grad_(True)
+        targets = inputs.targets.detach().requires_grad_(True)
+        loss = loss_function(
+            logits,
+            targets,
+            inputs.mask,
+            reduction=inputs.reduction,
+            num_valid=inputs.num_valid,
+        )
+        loss.backward(_upstream_like(loss, inputs.upstream))
+        return loss.detach(), logits.grad, targets.grad
+
+    return run
+
+
+def with_grad_path(inputs: Inputs) -> tuple[Any, Any, Any]:
+    """``masked_soft_cross_entropy_with_grad``: the loss and gradient of upstream 1."""
+    import softce_multi
+
+    loss, grad = softce_multi.masked_soft_cross_entropy_with_grad(
+        inputs.logits,
+        inputs.targets,
+        inputs.mask,
+        reduction=inputs.reduction,  # type: ignore[arg-type]
+        num_valid=inputs.num_valid,
+    )
+    return loss, grad, None
+
+
+def _cases(plan: Plan) -> Iterator[tuple[tuple[int, ...], str, str, str]]:
+    """``(shape, dtype, case, reduction)`` of every parity case of ``plan``: the first shape in
+    every dtype with the random case, the second in every dtype, case and reduction, the rest
+    in every dtype with the random case and the mean; then the large cases."""
+    first, *others = plan.parity_shapes
+    for dtype in LOW_PRECISION:
+        yield first, dtype, "random", "mean"
+    if others:
+        middle, *rest = others
+        yield from itertools.product([middle], LOW_PRECISION, CASES, REDUCTIONS)
+        for shape in rest:
+            for dtype in LOW_PRECISION:
+                yield shape, dtype, "random", "mean"
+    yield from plan.parity_large
+
+
+def torch_parity(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+    """Rows of the loss's torch paths (the Triton kernels on CUDA) on every case of ``plan``."""
+    import softce_multi
+
+    rows = []
+    backward = autograd_path(softce_multi.masked_soft_cross_entropy)
+    with kernels_as_on_a_gpu(dry_run):
+        for index, (shape, dtype, case, reduction) in enumerate(_cases(plan)):
+            inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=index)
+            large = shape not in plan.parity_shapes
+            expected = reference(inputs, targets_grad=not large)
+            label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
+            rows.append(compare("torch backward", label, inputs, expected, *backward(inputs)))
+            if inputs.reduction != "none":
+                result = with_grad_path(inputs)
+                row = compare("torch with_grad", label, inputs, expected, *result, scale=UPSTREAM)
+                rows.append(row)
+            del inputs, expected
+            free_device_memory(device)
+    return rows
+
+
+def operator_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+    """The in-place Triton operators against the functional ones, bit for bit, per dtype.
+
+    ``triton_row_routine_`` must leave in the logits the gradient that ``triton_row_routine``
+    returns, and ``triton_gradient_routine_`` the one ``triton_gradient_routine`` returns, with
+    the same statistics and targets gradient.
+    """
+    import torch
+
+    with kernels_as_on_a_gpu(dry_run):
+        from softce_multi.kernels import triton as triton_kernels
+
+    rows = []
+    shape = plan.parity_shapes[-1]
+    for index, dtype in enumerate(LOW_PRECISION):
+        inputs = make_inputs(shape, dtype, "nan_inf_padding", "mean", device=device, seed=100 + index)
+        z = inputs.logits.reshape(-1, shape[-1])
+        p = inputs.targets.reshape(-1, shape[-1])
+        weights = inputs.mask.reshape(-1).float()
+        scale = weights / weights.sum().clamp_min(1)
+        functional = triton_kernels.triton_row_routine(z, p, weights, scale, True, None)
+        over = z.clone()
+        statistics = triton_kernels.triton_row_routine_(over, p, weights, scale, None)
+        row_same = all(
+            torch.equal(a, b) for a, b in zip((*statistics, over), functional, strict=True)
+        )
+        saved = functional[1:4]
+        grads = triton_kernels.triton_gradient_routine(z, p, *saved, scale, True, True, None)
+        over = z.clone()
+        grad_p = triton_kernels.triton_gradient_routine_(over, p, *saved, scale, True, None)
+        gradient_same = torch.equal(over, grads[0]) and torch.equal(grad_p, grads[1])
+        rows.append(
+            {
+                "path": "torch in-place operators",
+                "shape": list(shape),
+                "dtype": dtype,
+                "case": "nan_inf_padding",
+                "reduction": "mean",
+                "row_operator_identical": row_same,
+                "gradient_operator_identical": gradient_same,
+                "ok": row_same and gradient_same,
+            }
+        )
+    return rows
+
+
+def _linear_loss(hidden: Any, weight: Any, inputs: Inputs) -> Any:
+    import softce_multi
+
+    return softce_multi.linear_masked_soft_cross_entropy(
+        hidden, weight, inputs.targets, inputs.mask, reduction=inputs.reduction
+    )
+
+
+def _materialised_loss(hidden: Any, weight: Any, inputs: Inputs) -> Any:
+    from softce_multi.reference import masked_soft_cross_entropy
+
+    return masked_soft_cross_entropy(
+        hidden @ weight.T, inputs.targets, inputs.mask, reduction=inputs.reduction
+    )
+
+
+def _linear_gradients(
+    loss_of: Callable[[Any, Any, Inputs], Any], hidden: Any, weight: Any, inputs: Inputs
+) -> tuple[Any, dict[str, Any]]:
+    """The loss ``loss_of(hidden, weight, inputs)`` and its gradients to fresh leaves."""
+    leaves = hidden.detach().requires_grad_(True), weight.detach().requires_grad_(True)
+    loss = loss_of(*leaves, inputs)
+    loss.backward(_upstream_like(loss, inputs.upstream))
+    return loss.detach(), {"hidden": leaves[0].grad, "weight": leaves[1].grad}
+
+
+def linear_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+    """The linear loss (the in-place operators on each chunk) against the materialised formula.
+
+    As in the test suite: each gradient's root-sum-square error from the float64 gradients of
+    the formula's own rounded logits may be at most ``1 + LINEAR_MARGIN`` times the formula's
+    (or within float32's rounding of the gradient's norm).
+    """
+    import torch
+
+    rows = []
+    shape = plan.parity_shapes[-1]
+    rows_count, vocab, hidden_size = shape[0] * shape[1], shape[-1], 64
+    cases = itertools.product(LOW_PRECISION, ("mean", "none"))
+    with kernels_as_on_a_gpu(dry_run):
+        for index, (dtype, reduction) in enumerate(cases):
+            inputs = make_inputs(
+                (rows_count, vocab), "float32", "random", reduction, device=device, seed=200 + index
+            )
+            generator = torch.Generator(device=device).manual_seed(300 + index)
+            real = getattr(torch, dtype)
+            hidden = torch.randn(rows_count, hidden_size, generator=generator, device=device)
+            weight = torch.randn(vocab, hidden_size, generator=generator, device=device) / 4
+            hidden, weight = hidden.to(real), weight.to(real)
+            ours_loss, ours = _linear_gradients(_linear_loss, hidden, weight, inputs)
+            formula_loss, formula = _linear_gradients(_materialised_loss, hidden, weight, inputs)
+            logits = (hidden @ weight.T).double()
+            exact = reference(
+                Inputs(logits, inputs.targets, inputs.mask, inputs.reduction, None, inputs.upstream),
+                targets_grad=False,
+            )
+            exact_grads = {
+                "hidden": exact.grad_logits @ weight.double(),
+                "weight": exact.grad_logits.T @ hidden.double(),
+            }
+            row: dict[str, Any] = {
+                "path": "torch linear loss",
+                "shape": [rows_count, hidden_size, vocab],
+                "dtype": dtype,
+                "case": "random",
+                "reduction": reduction,
+                "loss_error": max_error(ours_loss, exact.loss),
+                "formula_loss_error": max_error(formula_loss, exact.loss),
+            }
+            ok = row["loss_error"] <= max(2 * row["formula_loss_error"], 1e-5)
+            for name, exact_grad in exact_grads.items():
+                error = float((ours[name].double() - exact_grad).norm().item())
+                formula_error = float((formula[name].double() - exact_grad).norm().item())
+                row[f"{name}_error_norm_ratio"] = error / max(formula_error, 1e-300)
+                floor = 1e-5 * float(exact_grad.norm().item())
+                ok = ok and (error <= (1 + LINEAR_MARGIN) * formula_error or error <= floor)
+            row["ok"] = bool(ok)
+            rows.append(row)
+            free_device_memory(device)
+    return rows
+
+
+def distributed_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+    """``vocab_parallel_masked_soft_cross_entropy`` on a process group of one (NCCL on CUDA,
+    gloo on the CPU), against the reference, per dtype and reduction."""
+    from softce_multi import testing
+    from softce_multi.distributed import vocab_parallel_masked_soft_cross_entropy
+
+    rows = []
+    shape = plan.parity_shapes[-1]
+    backend = "nccl" if device == "cuda" else "gloo"
+    with testing.group_of_one(backend=backend) as group, kernels_as_on_a_gpu(dry_run):
+
+        def loss_function(*arrays: Any, **options: Any) -> Any:
+            return vocab_parallel_masked_soft_cross_entropy(*arrays, group=group, **options)
+
+        path = autograd_path(loss_function)
+        for index, (dtype, reduction) in enumerate(
+            itertools.product(LOW_PRECISION, ("mean", "none", "mean with num_valid"))
+        ):
+            inputs = make_inputs(shape, dtype, "random", reduction, device=device, seed=400 + index)
+            expected = reference(inputs)
+            label = {"shape": list(shape), "dtype": dtype, "case": "random", "reduction": reduction}
+            rows.append(
+                compare(f"torch vocab-parallel ({backend}, one rank)", label, inputs, expected, *path(inputs))
+            )
+    return rows

@@ -1,0 +1,132 @@
+"""Parity on the device of the other array libraries: JAX (XLA and the Pallas kernels) and CuPy
+(the generic path), against the same float64 torch reference.
+
+The inputs are made with torch on the device and handed over through DLPack, so both sides
+see the same values on the same GPU; the results come back to torch the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+from softce_multi._cli.device_check.inputs import (
+    CASES,
+    REDUCTIONS,
+    UPSTREAM,
+    Inputs,
+    make_inputs,
+    reference,
+)
+from softce_multi._cli.device_check.parity import compare
+from softce_multi._cli.device_check.plan import (
+    LOW_PRECISION,
+    Plan,
+    free_device_memory,
+    kernels_as_on_a_gpu,
+    xla_only,
+)
+
+
+def _jax_value_and_grad(inputs: Inputs) -> tuple[Any, Any, Any]:
+    """The jitted loss and its gradients to the logits and the targets, for the case's
+    upstream; arrays handed to JAX through DLPack."""
+    import jax
+    import jax.numpy as jnp
+
+    import softce_multi
+
+    logits, targets, mask = (jnp.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask))
+    num_valid = None if inputs.num_valid is None else jnp.from_dlpack(inputs.num_valid)
+    upstream = inputs.upstream
+    if not isinstance(upstream, float):
+        upstream = jnp.from_dlpack(upstream)
+
+    def weighted_loss(z: Any, p: Any) -> tuple[Any, Any]:
+        loss = softce_multi.masked_soft_cross_entropy(
+            z, p, mask, reduction=inputs.reduction, num_valid=num_valid
+        )
+        return jnp.sum(loss * upstream), loss
+
+    value_and_grad = jax.jit(jax.value_and_grad(weighted_loss, argnums=(0, 1), has_aux=True))
+    (_, loss), (grad_logits, grad_targets) = value_and_grad(logits, targets)
+    return loss, grad_logits, grad_targets
+
+
+def _jax_with_grad(inputs: Inputs) -> tuple[Any, Any, Any]:
+    """``masked_soft_cross_entropy_with_grad`` on JAX arrays: the loss and gradient of
+    upstream 1."""
+    import jax.numpy as jnp
+
+    import softce_multi
+
+    arrays = (jnp.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask))
+    num_valid = None if inputs.num_valid is None else jnp.from_dlpack(inputs.num_valid)
+    loss, grad = softce_multi.masked_soft_cross_entropy_with_grad(
+        *arrays,
+        reduction=inputs.reduction,  # type: ignore[arg-type]
+        num_valid=num_valid,
+    )
+    return loss, grad, None
+
+
+def jax_parity(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+    """Rows of JAX on the device, through XLA alone and through the Pallas kernels."""
+    engines: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
+        "jax XLA": xla_only,
+        "jax Pallas": lambda: kernels_as_on_a_gpu(dry_run),
+    }
+    rows = []
+    for index, (shape, dtype, case, reduction) in enumerate(_jax_cases(plan)):
+        inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=500 + index)
+        expected = reference(inputs)
+        label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
+        for engine, context in engines.items():
+            with context():
+                result = _jax_value_and_grad(inputs)
+                rows.append(compare(f"{engine} grad", label, inputs, expected, *result))
+                if inputs.reduction != "none":
+                    result = _jax_with_grad(inputs)
+                    row = compare(
+                        f"{engine} with_grad", label, inputs, expected, *result, scale=UPSTREAM
+                    )
+                    rows.append(row)
+            del result
+        del inputs, expected
+        free_device_memory(device)
+    return rows
+
+
+def _jax_cases(plan: Plan) -> itertools.chain[tuple[tuple[int, ...], str, str, str]]:
+    """The first shape in every dtype, case and reduction; the others with the random case."""
+    first, *rest = plan.jax_parity_shapes
+    return itertools.chain(
+        itertools.product([first], LOW_PRECISION, CASES, REDUCTIONS),
+        itertools.product(rest, LOW_PRECISION, ["random"], ["mean"]),
+    )
+
+
+def cupy_parity(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+    """Rows of CuPy (the generic path, ``masked_soft_cross_entropy_with_grad``); none without a
+    GPU, where CuPy cannot run."""
+    if dry_run:
+        return []
+    import cupy
+
+    import softce_multi
+
+    rows = []
+    cases = itertools.product(plan.cupy_parity_shapes, ("float16", "float32"), CASES, ("mean", "sum"))
+    for index, (shape, dtype, case, reduction) in enumerate(cases):
+        inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=600 + index)
+        expected = reference(inputs, targets_grad=False)
+        logits, targets, mask = (cupy.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask))
+        loss, grad = softce_multi.masked_soft_cross_entropy_with_grad(
+            logits, targets, mask, reduction=inputs.reduction  # type: ignore[arg-type]
+        )
+        label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
+        rows.append(compare("cupy with_grad", label, inputs, expected, loss, grad, scale=UPSTREAM))
+        free_device_memory(device)
+    return rows

@@ -1,0 +1,214 @@
+"""Speed and memory against the peers, on the same inputs, in one run.
+
+torch, on ``[1, S, V]`` bf16 logits with bf16 targets (as NeMo's benchmark makes them) and with
+float32 targets: softce_multi, NeMo AutoModel's Triton kernel, NeMo's PyTorch formula plain and
+under ``torch.compile``, and ``F.cross_entropy`` with probabilities. JAX: softce_multi through
+the Pallas kernels and through XLA alone, against optax under ``jax.jit``.
+
+Each row is a forward plus backward: its median time (device events on CUDA), its extra peak
+memory in logits gradients, the bytes any implementation must move (read the logits and the
+targets, write the logits gradient) over its time, and that bandwidth as a fraction of a
+device-to-device copy's measured in the same run.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+from softce_multi._cli.bench.cases import _nemo_formula, _torch_cross_entropy, _torch_step
+from softce_multi._cli.bench.measure import ITEMSIZE, MIB
+from softce_multi._cli.device_check.plan import (
+    Plan,
+    extra_peak_bytes,
+    free_device_memory,
+    kernels_as_on_a_gpu,
+    median_seconds,
+    xla_only,
+)
+
+NEMO_KERNEL = "NeMo Triton kernel"
+TARGET_DTYPES = ("bfloat16", "float32")
+
+
+def copy_bandwidth(plan: Plan, device: str) -> dict[str, Any]:
+    """The device-to-device copy of ``plan.copy_bytes`` random bytes: bytes read plus written
+    over its median time."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    source = torch.randint(0, 256, (plan.copy_bytes,), dtype=torch.uint8, device=device, generator=generator)
+    destination = torch.empty_like(source)
+    seconds = median_seconds(lambda: destination.copy_(source), device=device)
+    return {"bytes": 2 * plan.copy_bytes, "median_s": seconds, "gb_per_s": 2 * plan.copy_bytes / seconds / 1e9}
+
+
+def _nemo_kernel(device: str) -> Callable[[Any, Any, Any], Any]:
+    """NeMo AutoModel's fused Triton kernel; it writes the gradient over the logits."""
+    from nemo_automodel.components.loss.triton.soft_cross_entropy import fused_soft_cross_entropy
+
+    return _torch_step(fused_soft_cross_entropy)
+
+
+def _compiled_formula(device: str) -> Callable[[Any, Any, Any], Any]:
+    """NeMo's PyTorch formula under ``torch.compile``."""
+    import torch
+
+    def loss(logits: Any, target: Any, mask: Any) -> Any:
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        per_position = -(target * log_probs).sum(dim=-1)
+        weights = mask.reshape(per_position.shape).float()
+        return (per_position * weights).sum() / weights.sum().clamp(min=1)
+
+    return _torch_step(torch.compile(loss, dynamic=False))
+
+
+def _softce(device: str) -> Callable[[Any, Any, Any], Any]:
+    import softce_multi
+
+    return _torch_step(softce_multi.masked_soft_cross_entropy)
+
+
+TORCH_IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], str | None]] = {
+    "softce_multi[torch]": (_softce, None),
+    NEMO_KERNEL: (_nemo_kernel, "nemo_automodel"),
+    "NeMo formula[torch]": (_nemo_formula, None),
+    "NeMo formula[torch.compile]": (_compiled_formula, None),
+    "F.cross_entropy[torch]": (_torch_cross_entropy, None),
+}
+"""Each torch implementation: its step's factory and the library it needs beyond torch."""
+
+
+def _torch_inputs(shape: tuple[int, ...], targets_dtype: str, device: str, seed: int) -> tuple[Any, ...]:
+    """bf16 logits, softmax targets of ``targets_dtype`` and a ``[..., 1]`` mask (80% valid),
+    drawn on the device."""
+    import torch
+
+    generator = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+    targets = torch.randn(shape, generator=generator, device=device, dtype=torch.bfloat16)
+    targets = torch.softmax(targets, dim=-1, dtype=getattr(torch, targets_dtype))
+    mask = torch.rand((*shape[:-1], 1), generator=generator, device=device) < 0.8
+    return logits, targets, mask
+
+
+def _row(
+    implementation: str,
+    shape: tuple[int, ...],
+    targets_dtype: str,
+    seconds: float,
+    extra: int | None,
+    copy_gb_per_s: float | None,
+) -> dict[str, Any]:
+    count = shape[-2] * shape[-1]
+    floor = count * (2 * ITEMSIZE["bfloat16"] + ITEMSIZE[targets_dtype])
+    gb_per_s = floor / seconds / 1e9
+    return {
+        "implementation": implementation,
+        "dtype": "bfloat16",
+        "targets_dtype": targets_dtype,
+        "length": shape[-2],
+        "vocab": shape[-1],
+        "panel": f"bf16 logits, {targets_dtype} targets, V={shape[-1]}",
+        "median_s": seconds,
+        "extra_peak_mib": None if extra is None else extra / MIB,
+        "extra_peak_in_grads": None if extra is None else extra / (count * ITEMSIZE["bfloat16"]),
+        "floor_bytes": floor,
+        "floor_gb_per_s": gb_per_s,
+        "copy_fraction": None if copy_gb_per_s is None else gb_per_s / copy_gb_per_s,
+        "time_vs_nemo": None,
+    }
+
+
+def torch_speed(
+    plan: Plan, device: str, dry_run: bool, installed: Callable[[str], bool]
+) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
+    """The rows of the torch implementations, those skipped (with why), and the copy's
+    bandwidth."""
+    copy = copy_bandwidth(plan, device)
+    rows, skipped = [], []
+    with kernels_as_on_a_gpu(dry_run):
+        for index, (shape, targets_dtype) in enumerate(
+            (shape, targets_dtype) for shape in plan.speed_shapes for targets_dtype in TARGET_DTYPES
+        ):
+            inputs = _torch_inputs(shape, targets_dtype, device, seed=700 + index)
+            for name, (make, library) in TORCH_IMPLEMENTATIONS.items():
+                if library is not None and not installed(library):
+                    skipped.append({"implementation": name, "reason": f"{library} is not installed"})
+                    continue
+                step = make(device)
+                start = time.perf_counter()
+                step(*inputs)
+                warm_up = time.perf_counter() - start
+                seconds = median_seconds(lambda step=step: step(*inputs), device=device)
+                extra = extra_peak_bytes(lambda step=step: step(*inputs), device=device)
+                row = _row(name, shape, targets_dtype, seconds, extra, copy["gb_per_s"])
+                rows.append({**row, "first_call_s": warm_up})
+                free_device_memory(device)
+            del inputs
+            free_device_memory(device)
+    _add_ratios(rows)
+    return rows, skipped, copy
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Each row's time over NeMo's kernel's on the same inputs (``time_vs_nemo``)."""
+    nemo = {
+        (row["length"], row["vocab"], row["targets_dtype"]): row["median_s"]
+        for row in rows
+        if row["implementation"] == NEMO_KERNEL
+    }
+    for row in rows:
+        baseline = nemo.get((row["length"], row["vocab"], row["targets_dtype"]))
+        row["time_vs_nemo"] = None if baseline is None else row["median_s"] / baseline
+
+
+def _jax_median(step: Callable[[], Any], repeats: int) -> float:
+    """The median wall time of ``step()`` (which waits for its result), after a warm-up."""
+    step()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def jax_speed(
+    plan: Plan, device: str, dry_run: bool, installed: Callable[[str], bool]
+) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
+    """The rows of softce_multi through Pallas and through XLA, and of optax under ``jax.jit``;
+    memory is XLA's temporaries of the compiled step."""
+    import jax
+    import jax.numpy as jnp
+
+    from softce_multi._cli.bench.cases import _optax_loss, _softce_jax
+
+    engines: dict[str, tuple[Callable[[str], Any], Any]] = {
+        "softce_multi[jax, Pallas]": (_softce_jax, lambda: kernels_as_on_a_gpu(dry_run)),
+        "softce_multi[jax, XLA]": (_softce_jax, xla_only),
+    }
+    skipped = []
+    if installed("optax"):
+        engines["optax[jax.jit]"] = (_optax_loss, xla_only)
+    else:
+        skipped.append({"implementation": "optax[jax.jit]", "reason": "optax is not installed"})
+    rows = []
+    for shape in plan.speed_shapes:
+        for targets_dtype in TARGET_DTYPES:
+            keys = jax.random.split(jax.random.key(len(rows)), 3)
+            logits = jax.random.normal(keys[0], shape, jnp.bfloat16)
+            targets = jax.nn.softmax(jax.random.normal(keys[1], shape, jnp.float32), axis=-1)
+            targets = targets.astype(getattr(jnp, targets_dtype))
+            mask = jax.random.uniform(keys[2], (*shape[:-1], 1)) < 0.8
+            inputs = (logits, targets, mask)
+            for name, (make, context) in engines.items():
+                with context():
+                    step = make("gpu")
+                    seconds = _jax_median(lambda step=step: step(*inputs), repeats=10)
+                    extra = step.temp_bytes(*inputs)
+                rows.append(_row(name, shape, targets_dtype, seconds, extra, None))
+            del logits, targets, mask, inputs
+    return rows, skipped
