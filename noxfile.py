@@ -43,6 +43,10 @@ LIGHTNING = os.environ.get("SOFTCE_LIGHTNING_SPEC", "lightning==2.6.6")
 NEMO_AUTOMODEL = os.environ.get("SOFTCE_NEMO_AUTOMODEL_SPEC", "nemo_automodel==0.7.0")
 NEMO_AUTOMODEL_IMPORTS = ("datasets==5.2.0", "pillow==13.0.0")
 OPTAX = "optax==0.2.8"
+# The device check's peers (device/wheels.txt carries the same releases to the GPU machine);
+# installed without their dependencies, the dry run of the check runs their Triton kernels in
+# Triton's interpreter.
+LIGER_KERNEL = "liger-kernel==0.8.5"
 
 RUFF = "ruff==0.17.6"
 MYPY = "mypy==2.4.1"
@@ -58,6 +62,7 @@ def tests(session: nox.Session) -> None:
     session.install(
         TORCH_CPU, JAX_CPU, TRITON, ARRAY_API_STRICT, "pytest-xdist", "-e", ".[test,bench]"
     )
+    session.install("--no-deps", NEMO_AUTOMODEL, LIGER_KERNEL)
     # One worker per core, each test file on one worker (its module fixtures are built once);
     # "nox -s tests -- -n 0" runs in a single process.
     session.run("pytest", "-n", "auto", "--dist", "loadfile", *session.posargs, env=CPU_TEST_ENV)

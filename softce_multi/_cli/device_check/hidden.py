@@ -28,6 +28,7 @@ from softce_multi._cli.device_check.plan import (
 )
 
 LIGER = "Liger fused linear KL"
+LINEAR = "softce_multi linear"
 
 
 def _liger_step(states: Any, weight: Any, target: Any, mask: Any) -> tuple[Any, Any]:
@@ -73,12 +74,13 @@ def linear_speed(
     comparison = FROM_HIDDEN["linear"]
     rows, skipped = [], []
     with kernels_as_on_a_gpu(dry_run):
-        for path, name in (("linear", "softce_multi linear"), ("materialised", "materialised")):
+        for path, name in (("linear", LINEAR), ("materialised", "materialised")):
             step = _from_hidden_torch_step(comparison, path, sizes)
             rows.append(_measure(name, step, inputs, device))
         if installed("liger_kernel"):
             rows.append(_measure(LIGER, _liger_step, inputs, device))
-            ours = _from_hidden_torch_step(comparison, "linear", sizes)(*inputs)
+            linear: Callable[..., Any] = _from_hidden_torch_step(comparison, "linear", sizes)
+            ours = linear(*inputs)
             theirs = _liger_step(*inputs)
             rows[0]["liger_gradient_difference"] = {
                 name: float(((a.double() - b.double()).norm() / b.double().norm()).item())
@@ -111,13 +113,18 @@ def targets_speed(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]
     rows = []
     results = {}
     with kernels_as_on_a_gpu(dry_run):
-        for path, name in (("from_hidden", "prepare_targets_from_hidden"), ("materialised", "prepare_targets")):
-            step = _from_hidden_torch_step(comparison, path, sizes)
+        for path, name in (
+            ("from_hidden", "prepare_targets_from_hidden"),
+            ("materialised", "prepare_targets"),
+        ):
+            step: Callable[..., Any] = _from_hidden_torch_step(comparison, path, sizes)
             rows.append(_measure(name, step, inputs, device))
             results[name] = step(*inputs)
     (probs, mask), (expected_probs, expected_mask) = results.values()
     rows[0]["max_probability_difference"] = float((probs - expected_probs).abs().max().item())
     rows[0]["masks_equal"] = bool(torch.equal(mask, expected_mask))
     for row in rows:
-        row["case"] = f"N={rows_count}, H={hidden_size}, V_target={target_vocab}, V_draft={draft_vocab}, bf16"
+        row["case"] = (
+            f"N={rows_count}, H={hidden_size}, V_target={target_vocab}, V_draft={draft_vocab}, bf16"
+        )
     return rows

@@ -18,7 +18,9 @@ gradient there is set to the ``inf`` it is.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, cast
+
+from softce_multi._types import Reduction
 
 CASES = ("random", "nan_inf_padding", "neg_inf_logits", "unnormalised")
 REDUCTIONS = ("mean", "sum", "none", "mean with num_valid")
@@ -33,7 +35,7 @@ class Inputs:
     logits: Any
     targets: Any
     mask: Any
-    reduction: str
+    reduction: Reduction
     num_valid: Any  # a 0-d tensor, or None
     upstream: Any  # the loss's cotangent: a number, or a tensor of the loss's shape
 
@@ -93,7 +95,7 @@ def make_inputs(
         logits.to(getattr(torch, dtype)),
         targets.to(getattr(torch, targets_dtype)),
         mask,
-        reduction.split()[0],
+        cast(Reduction, reduction.split()[0]),
         num_valid,
         upstream,
     )
@@ -118,10 +120,9 @@ def reference(inputs: Inputs, *, targets_grad: bool = True) -> Expected:
     )
     upstream = torch.as_tensor(inputs.upstream, dtype=torch.float64, device=loss.device)
     loss.backward(upstream.expand_as(loss))
-    grad_targets = None
-    if targets_grad:
+    grad_targets = targets.grad
+    if grad_targets is not None:
         # d/dp of -p log q is -log q: +inf at a -inf logit of a position that counts.
-        grad_targets = torch.where(
-            torch.isneginf(inputs.logits) & (targets.grad > 0), torch.inf, targets.grad
-        )
+        counted = torch.isneginf(inputs.logits) & (grad_targets > 0)
+        grad_targets = torch.where(counted, torch.inf, grad_targets)
     return Expected(loss.detach(), logits.grad, grad_targets)

@@ -203,7 +203,9 @@ def operator_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]
     rows = []
     shape = plan.parity_shapes[-1]
     for index, dtype in enumerate(LOW_PRECISION):
-        inputs = make_inputs(shape, dtype, "nan_inf_padding", "mean", device=device, seed=100 + index)
+        inputs = make_inputs(
+            shape, dtype, "nan_inf_padding", "mean", device=device, seed=100 + index
+        )
         z = inputs.logits.reshape(-1, shape[-1])
         p = inputs.targets.reshape(-1, shape[-1])
         weights = inputs.mask.reshape(-1).float()
@@ -287,7 +289,9 @@ def linear_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
             formula_loss, formula = _linear_gradients(_materialised_loss, hidden, weight, inputs)
             logits = (hidden @ weight.T).double()
             exact = reference(
-                Inputs(logits, inputs.targets, inputs.mask, inputs.reduction, None, inputs.upstream),
+                Inputs(
+                    logits, inputs.targets, inputs.mask, inputs.reduction, None, inputs.upstream
+                ),
                 targets_grad=False,
             )
             exact_grads = {
@@ -338,6 +342,12 @@ def distributed_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, A
             expected = reference(inputs)
             label = {"shape": list(shape), "dtype": dtype, "case": "random", "reduction": reduction}
             rows.append(
-                compare(f"torch vocab-parallel ({backend}, one rank)", label, inputs, expected, *path(inputs))
+                compare(
+                    f"torch vocab-parallel ({backend}, one rank)",
+                    label,
+                    inputs,
+                    expected,
+                    *path(inputs),
+                )
             )
     return rows

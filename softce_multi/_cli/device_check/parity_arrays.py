@@ -38,7 +38,9 @@ def _jax_value_and_grad(inputs: Inputs) -> tuple[Any, Any, Any]:
 
     import softce_multi
 
-    logits, targets, mask = (jnp.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask))
+    logits, targets, mask = (
+        jnp.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask)
+    )
     num_valid = None if inputs.num_valid is None else jnp.from_dlpack(inputs.num_valid)
     upstream = inputs.upstream
     if not isinstance(upstream, float):
@@ -118,13 +120,20 @@ def cupy_parity(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
     import softce_multi
 
     rows = []
-    cases = itertools.product(plan.cupy_parity_shapes, ("float16", "float32"), CASES, ("mean", "sum"))
+    cases = itertools.product(
+        plan.cupy_parity_shapes, ("float16", "float32"), CASES, ("mean", "sum")
+    )
     for index, (shape, dtype, case, reduction) in enumerate(cases):
         inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=600 + index)
         expected = reference(inputs, targets_grad=False)
-        logits, targets, mask = (cupy.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask))
+        logits, targets, mask = (
+            cupy.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask)
+        )
         loss, grad = softce_multi.masked_soft_cross_entropy_with_grad(
-            logits, targets, mask, reduction=inputs.reduction  # type: ignore[arg-type]
+            logits,
+            targets,
+            mask,
+            reduction=inputs.reduction,  # type: ignore[arg-type]
         )
         label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
         rows.append(compare("cupy with_grad", label, inputs, expected, loss, grad, scale=UPSTREAM))

@@ -8,11 +8,10 @@ from pathlib import Path
 from typing import Any
 
 from softce_multi._cli.bench.report import _fixed_width_table, _value, plot
-from softce_multi._cli.device_check.speed import NEMO_KERNEL
+from softce_multi._cli.device_check.hidden import LIGER, LINEAR
+from softce_multi._cli.device_check.speed import PALLAS, XLA
 
 OURS = "softce_multi[torch]"
-PALLAS, XLA = "softce_multi[jax, Pallas]", "softce_multi[jax, XLA]"
-LINEAR, LIGER = "softce_multi linear", "Liger fused linear KL"
 
 
 def _goal(goal: str, value: str, met: bool | None) -> dict[str, Any]:
@@ -82,7 +81,9 @@ def _linear_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
         return [_goal("linear loss at most 1.0x Liger's time and memory", "not measured", None)]
     ours, liger = rows[LINEAR], rows[LIGER]
     time_ratio = ours["median_s"] / liger["median_s"]
-    goals = [_goal("linear loss: at most 1.0x Liger's time", f"{time_ratio:.2f}x", time_ratio <= 1.0)]
+    goals = [
+        _goal("linear loss: at most 1.0x Liger's time", f"{time_ratio:.2f}x", time_ratio <= 1.0)
+    ]
     if ours["extra_peak_mib"] is None or liger["extra_peak_mib"] is None:
         goals.append(_goal("linear loss: at most 1.0x Liger's memory", "not measured", None))
     else:
@@ -166,7 +167,13 @@ def _speed_table(rows: Sequence[dict[str, Any]]) -> str:
         ("targets", "<9", _value("targets_dtype")),
         ("ms", ">8", lambda row: f"{1e3 * row['median_s']:.3f}"),
         ("x NeMo", ">7", _value("time_vs_nemo", "{:.2f}x")),
-        ("copy bw", ">8", lambda row: "n/a" if row.get("copy_fraction") is None else f"{100 * row['copy_fraction']:.0f}%"),
+        (
+            "copy bw",
+            ">8",
+            lambda row: (
+                "n/a" if row.get("copy_fraction") is None else f"{100 * row['copy_fraction']:.0f}%"
+            ),
+        ),
         ("x grad", ">7", _value("extra_peak_in_grads", "{:.3f}")),
     ]
     return _fixed_width_table(rows, columns)
@@ -176,7 +183,9 @@ def summary(report: dict[str, Any]) -> str:
     """The short table printed last: stages, failing parity rows, speed, goals."""
     lines = [_stage_table(report), ""]
     failing = [row for row in report["parity"] if not row["ok"]]
-    lines.append(f"parity: {len(report['parity']) - len(failing)} of {len(report['parity'])} rows ok")
+    lines.append(
+        f"parity: {len(report['parity']) - len(failing)} of {len(report['parity'])} rows ok"
+    )
     for row in failing[:10]:
         keys = ("path", "shape", "dtype", "case", "reduction", "loss_error", "grad_error")
         lines.append("  FAIL " + ", ".join(f"{key}={row.get(key)}" for key in keys))

@@ -13,6 +13,7 @@ device-to-device copy's measured in the same run.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from softce_multi._cli.device_check.plan import (
 )
 
 NEMO_KERNEL = "NeMo Triton kernel"
+PALLAS, XLA = "softce_multi[jax, Pallas]", "softce_multi[jax, XLA]"
 TARGET_DTYPES = ("bfloat16", "float32")
 
 
@@ -39,10 +41,16 @@ def copy_bandwidth(plan: Plan, device: str) -> dict[str, Any]:
     import torch
 
     generator = torch.Generator(device=device).manual_seed(0)
-    source = torch.randint(0, 256, (plan.copy_bytes,), dtype=torch.uint8, device=device, generator=generator)
+    source = torch.randint(
+        0, 256, (plan.copy_bytes,), dtype=torch.uint8, device=device, generator=generator
+    )
     destination = torch.empty_like(source)
     seconds = median_seconds(lambda: destination.copy_(source), device=device)
-    return {"bytes": 2 * plan.copy_bytes, "median_s": seconds, "gb_per_s": 2 * plan.copy_bytes / seconds / 1e9}
+    return {
+        "bytes": 2 * plan.copy_bytes,
+        "median_s": seconds,
+        "gb_per_s": 2 * plan.copy_bytes / seconds / 1e9,
+    }
 
 
 def _nemo_kernel(device: str) -> Callable[[Any, Any, Any], Any]:
@@ -81,7 +89,9 @@ TORCH_IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], str | None]] = {
 """Each torch implementation: its step's factory and the library it needs beyond torch."""
 
 
-def _torch_inputs(shape: tuple[int, ...], targets_dtype: str, device: str, seed: int) -> tuple[Any, ...]:
+def _torch_inputs(
+    shape: tuple[int, ...], targets_dtype: str, device: str, seed: int
+) -> tuple[Any, ...]:
     """bf16 logits, softmax targets of ``targets_dtype`` and a ``[..., 1]`` mask (80% valid),
     drawn on the device."""
     import torch
@@ -100,7 +110,6 @@ def _row(
     targets_dtype: str,
     seconds: float,
     extra: int | None,
-    copy_gb_per_s: float | None,
 ) -> dict[str, Any]:
     count = shape[-2] * shape[-1]
     floor = count * (2 * ITEMSIZE["bfloat16"] + ITEMSIZE[targets_dtype])
@@ -117,18 +126,18 @@ def _row(
         "extra_peak_in_grads": None if extra is None else extra / (count * ITEMSIZE["bfloat16"]),
         "floor_bytes": floor,
         "floor_gb_per_s": gb_per_s,
-        "copy_fraction": None if copy_gb_per_s is None else gb_per_s / copy_gb_per_s,
-        "time_vs_nemo": None,
     }
 
 
 def torch_speed(
-    plan: Plan, device: str, dry_run: bool, installed: Callable[[str], bool]
-) -> tuple[list[dict[str, Any]], list[dict[str, str]], dict[str, Any]]:
-    """The rows of the torch implementations, those skipped (with why), and the copy's
-    bandwidth."""
-    copy = copy_bandwidth(plan, device)
-    rows, skipped = [], []
+    plan: Plan,
+    device: str,
+    dry_run: bool,
+    installed: Callable[[str], bool],
+    record: Callable[[str, Any], None],
+) -> None:
+    """Record the row of each torch implementation (``"speed"``) as it is measured, and those
+    skipped (``"skipped"``), with why."""
     with kernels_as_on_a_gpu(dry_run):
         for index, (shape, targets_dtype) in enumerate(
             (shape, targets_dtype) for shape in plan.speed_shapes for targets_dtype in TARGET_DTYPES
@@ -136,25 +145,26 @@ def torch_speed(
             inputs = _torch_inputs(shape, targets_dtype, device, seed=700 + index)
             for name, (make, library) in TORCH_IMPLEMENTATIONS.items():
                 if library is not None and not installed(library):
-                    skipped.append({"implementation": name, "reason": f"{library} is not installed"})
+                    reason = f"{library} is not installed"
+                    record("skipped", [{"implementation": name, "reason": reason}])
                     continue
                 step = make(device)
                 start = time.perf_counter()
                 step(*inputs)
-                warm_up = time.perf_counter() - start
-                seconds = median_seconds(lambda step=step: step(*inputs), device=device)
-                extra = extra_peak_bytes(lambda step=step: step(*inputs), device=device)
-                row = _row(name, shape, targets_dtype, seconds, extra, copy["gb_per_s"])
-                rows.append({**row, "first_call_s": warm_up})
+                first_call = time.perf_counter() - start
+                call = functools.partial(step, *inputs)
+                seconds = median_seconds(call, device=device)
+                extra = extra_peak_bytes(call, device=device)
+                row = _row(name, shape, targets_dtype, seconds, extra)
+                record("speed", [{**row, "first_call_s": first_call}])
                 free_device_memory(device)
             del inputs
             free_device_memory(device)
-    _add_ratios(rows)
-    return rows, skipped, copy
 
 
-def _add_ratios(rows: list[dict[str, Any]]) -> None:
-    """Each row's time over NeMo's kernel's on the same inputs (``time_vs_nemo``)."""
+def add_ratios(rows: list[dict[str, Any]], copy_gb_per_s: float | None) -> None:
+    """Set each row's time over NeMo's kernel's on the same inputs (``time_vs_nemo``) and its
+    bandwidth over the copy's (``copy_fraction``); None where either was not measured."""
     nemo = {
         (row["length"], row["vocab"], row["targets_dtype"]): row["median_s"]
         for row in rows
@@ -163,6 +173,9 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
     for row in rows:
         baseline = nemo.get((row["length"], row["vocab"], row["targets_dtype"]))
         row["time_vs_nemo"] = None if baseline is None else row["median_s"] / baseline
+        row["copy_fraction"] = (
+            None if copy_gb_per_s is None else row["floor_gb_per_s"] / copy_gb_per_s
+        )
 
 
 def _jax_median(step: Callable[[], Any], repeats: int) -> float:
@@ -177,38 +190,42 @@ def _jax_median(step: Callable[[], Any], repeats: int) -> float:
 
 
 def jax_speed(
-    plan: Plan, device: str, dry_run: bool, installed: Callable[[str], bool]
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """The rows of softce_multi through Pallas and through XLA, and of optax under ``jax.jit``;
-    memory is XLA's temporaries of the compiled step."""
+    plan: Plan,
+    device: str,
+    dry_run: bool,
+    installed: Callable[[str], bool],
+    record: Callable[[str, Any], None],
+) -> None:
+    """Record the rows (``"speed"``) of softce_multi through Pallas and through XLA, and of
+    optax under ``jax.jit``; memory is XLA's temporaries of the compiled step."""
     import jax
     import jax.numpy as jnp
 
     from softce_multi._cli.bench.cases import _optax_loss, _softce_jax
 
     engines: dict[str, tuple[Callable[[str], Any], Any]] = {
-        "softce_multi[jax, Pallas]": (_softce_jax, lambda: kernels_as_on_a_gpu(dry_run)),
-        "softce_multi[jax, XLA]": (_softce_jax, xla_only),
+        PALLAS: (_softce_jax, lambda: kernels_as_on_a_gpu(dry_run)),
+        XLA: (_softce_jax, xla_only),
     }
-    skipped = []
     if installed("optax"):
         engines["optax[jax.jit]"] = (_optax_loss, xla_only)
     else:
-        skipped.append({"implementation": "optax[jax.jit]", "reason": "optax is not installed"})
-    rows = []
-    for shape in plan.speed_shapes:
-        for targets_dtype in TARGET_DTYPES:
-            keys = jax.random.split(jax.random.key(len(rows)), 3)
-            logits = jax.random.normal(keys[0], shape, jnp.bfloat16)
-            targets = jax.nn.softmax(jax.random.normal(keys[1], shape, jnp.float32), axis=-1)
-            targets = targets.astype(getattr(jnp, targets_dtype))
-            mask = jax.random.uniform(keys[2], (*shape[:-1], 1)) < 0.8
-            inputs = (logits, targets, mask)
-            for name, (make, context) in engines.items():
-                with context():
-                    step = make("gpu")
-                    seconds = _jax_median(lambda step=step: step(*inputs), repeats=10)
-                    extra = step.temp_bytes(*inputs)
-                rows.append(_row(name, shape, targets_dtype, seconds, extra, None))
-            del logits, targets, mask, inputs
-    return rows, skipped
+        record(
+            "skipped", [{"implementation": "optax[jax.jit]", "reason": "optax is not installed"}]
+        )
+    for index, (shape, targets_dtype) in enumerate(
+        (shape, targets_dtype) for shape in plan.speed_shapes for targets_dtype in TARGET_DTYPES
+    ):
+        keys = jax.random.split(jax.random.key(index), 3)
+        logits = jax.random.normal(keys[0], shape, jnp.bfloat16)
+        targets = jax.nn.softmax(jax.random.normal(keys[1], shape, jnp.float32), axis=-1)
+        targets = targets.astype(getattr(jnp, targets_dtype))
+        mask = jax.random.uniform(keys[2], (*shape[:-1], 1)) < 0.8
+        inputs = (logits, targets, mask)
+        for name, (make, context) in engines.items():
+            with context():
+                step = make("gpu")
+                seconds = _jax_median(functools.partial(step, *inputs), repeats=10)
+                extra = step.temp_bytes(*inputs)
+            record("speed", [_row(name, shape, targets_dtype, seconds, extra)])
+        del logits, targets, mask, inputs

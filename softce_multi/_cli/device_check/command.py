@@ -1,0 +1,272 @@
+"""The command line of ``python -m softce_multi device-check``: its options, the stages run
+each in a process with a time limit from one budget, the tests after them, and what it writes
+and prints."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from softce_multi._cli._common import positive_int
+from softce_multi._cli.device_check.plan import plan_for
+from softce_multi._cli.device_check.report import draw, goals, summary
+from softce_multi._cli.device_check.speed import add_ratios
+from softce_multi._cli.device_check.stage import STAGES
+
+REPOSITORY = Path(__file__).resolve().parents[3]
+STAGE_LIMIT_S = {
+    "environment": 60,
+    "torch-parity": 150,
+    "torch-speed": 150,
+    "hidden": 90,
+    "jax-parity": 90,
+    "jax-speed": 90,
+    "cupy-parity": 45,
+}
+"""The most seconds each stage may take (less when the budget has less left)."""
+CUDA_TESTS_LIMIT_S = 90
+NO_TESTS_COLLECTED = 5
+"""pytest's exit status when every test of a run skipped at collection."""
+MIN_SUITE_S = 30
+"""The fewest seconds worth starting the test suite with."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m softce_multi device-check",
+        description=(
+            "Run every GPU path against the float64 reference on the device, time it against "
+            "the peers, and run the CUDA tests and the test suite, within one time budget."
+        ),
+    )
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON, log and plot")
+    parser.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="the same stages on the CPU at tiny sizes, kernels interpreted, CuPy skipped",
+    )
+    parser.add_argument(
+        "--budget",
+        type=positive_int,
+        default=450,
+        help="seconds for everything; the test suite gets what the stages leave (%(default)s)",
+    )
+    parser.add_argument(
+        "--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="stages to run"
+    )
+    parser.add_argument(
+        "--suite",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the test suite after the stages (default: yes on the GPU, no in a dry run)",
+    )
+    return parser
+
+
+def _no_gpu_reason() -> str | None:
+    """Why the full check cannot run here (no torch, or no CUDA device), or None."""
+    from softce_multi.testing import is_installed
+
+    if not is_installed("torch"):
+        return "the device check needs torch with CUDA, and torch is not installed"
+    import torch
+
+    if not torch.cuda.is_available():
+        return f"the device check needs a CUDA device, and torch {torch.__version__} sees none"
+    return None
+
+
+def _environment(dry_run: bool) -> dict[str, str]:
+    """The variables of the stages' and tests' processes."""
+    env = dict(os.environ)
+    package_root = str(REPOSITORY)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env["PYTHONUNBUFFERED"] = "1"
+    # torch and JAX share the GPU: JAX takes memory as it needs it, not 75% of it up front.
+    env["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    if dry_run:
+        env["TRITON_INTERPRET"] = "1"
+        env["JAX_PLATFORMS"] = "cpu"
+    return env
+
+
+def _run(
+    command: list[str], limit: float, env: dict[str, str], log: Any
+) -> tuple[str, float, int | None]:
+    """Run ``command`` with its output into ``log``: its status (``ok``, ``failed`` or
+    ``timeout``), seconds, and return code."""
+    log.write(f"\n===== {' '.join(command)} (limit {limit:.0f} s)\n")
+    log.flush()
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            command,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            timeout=limit,
+            check=False,
+            cwd=REPOSITORY,
+        )
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start, None
+    status = "ok" if done.returncode == 0 else "failed"
+    return status, time.perf_counter() - start, done.returncode
+
+
+def _pytest_summary(log_path: Path, offset: int) -> str:
+    """The last line of pytest's output written to the log after ``offset``."""
+    text = log_path.read_text(errors="replace")[offset:]
+    lines = [
+        line
+        for line in text.splitlines()
+        if " in " in line
+        and ("passed" in line or "failed" in line or "skipped" in line or "error" in line)
+    ]
+    return lines[-1].strip("= ") if lines else "no summary (stopped before the end?)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the check; 0 when every stage ran, every parity row passed and the tests passed."""
+    parser = _parser()
+    options = parser.parse_args(argv)
+    if not options.dry_run:
+        reason = _no_gpu_reason()
+        if reason:
+            parser.error(f"{reason}; --dry-run runs the check on the CPU")
+    options.out.mkdir(parents=True, exist_ok=True)
+    run_suite = (not options.dry_run) if options.suite is None else options.suite
+    deadline = time.monotonic() + options.budget
+    env = _environment(options.dry_run)
+    log_path = options.out / "device_check.log"
+    report: dict[str, Any] = {
+        "command": " ".join(
+            ["python -m softce_multi device-check", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "dry_run": options.dry_run,
+        "budget_s": options.budget,
+        "environment": {},
+        "stages": [],
+        "parity": [],
+        "speed": [],
+        "linear": [],
+        "targets": [],
+        "skipped": [],
+        "tests": [],
+    }
+    with log_path.open("w") as log, tempfile.TemporaryDirectory() as scratch:
+        for name in options.stages:
+            left = deadline - time.monotonic()
+            if left < 5:
+                report["stages"].append({"stage": name, "status": "no time", "seconds": 0.0})
+                continue
+            output = Path(scratch) / f"{name}.json"
+            command = [
+                sys.executable,
+                "-m",
+                "softce_multi._cli.device_check.stage",
+                name,
+                str(output),
+            ]
+            if options.dry_run:
+                command.append("--dry-run")
+            status, seconds, _ = _run(command, min(STAGE_LIMIT_S[name], left), env, log)
+            entry: dict[str, Any] = {"stage": name, "status": status, "seconds": seconds}
+            if output.exists():  # also after a timeout: what the stage had done
+                written = json.loads(output.read_text())
+                entry["errors"] = written["errors"]
+                _merge(report, name, written["results"])
+            report["stages"].append(entry)
+            print(f"{name}: {status} in {seconds:.1f} s", flush=True)
+        _run_tests(report, options, run_suite, deadline, env, log, log_path)
+    copy = report.get("copy")
+    add_ratios(report["speed"], copy["gb_per_s"] if copy else None)
+    plan = plan_for(options.dry_run)
+    headline = max(plan.speed_shapes, key=lambda shape: (shape[-2], -shape[-1]))
+    report["goals"] = goals(report, headline)
+    (options.out / "device_check.json").write_text(json.dumps(report, indent=1, default=str))
+    if report["speed"]:
+        try:
+            draw(report, options.out / "device_check.png")
+        except ImportError as error:
+            print(f"no plot: {error}")
+    print(summary(report))
+    passed = all(stage["status"] == "ok" for stage in report["stages"]) and all(
+        test["status"] == "ok" for test in report["tests"]
+    )
+    passed = passed and all(row["ok"] for row in report["parity"])
+    return 0 if passed else 1
+
+
+def _merge(report: dict[str, Any], stage: str, results: dict[str, Any]) -> None:
+    """Add a stage's results to the report: lists are appended to, the rest set."""
+    if stage == "environment":
+        report["environment"] = results
+        return
+    for key, value in results.items():
+        if isinstance(value, list):
+            report.setdefault(key, []).extend(value)
+        else:
+            report[key] = value
+
+
+def _run_tests(
+    report: dict[str, Any],
+    options: argparse.Namespace,
+    run_suite: bool,
+    deadline: float,
+    env: dict[str, str],
+    log: Any,
+    log_path: Path,
+) -> None:
+    """The CUDA tests (no host sync, graph capture), then the suite with the time left."""
+    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    runs: list[tuple[str, list[str], float]] = [
+        ("cuda tests", [*pytest, "tests/test_cuda.py"], CUDA_TESTS_LIMIT_S)
+    ]
+    if run_suite:
+        workers = str(min(8, os.cpu_count() or 1))
+        suite = [*pytest, "-n", workers, "--dist", "loadfile", "tests"]
+        runs.append(("suite", suite, float("inf")))
+    for name, command, most in runs:
+        limit = min(most, deadline - time.monotonic())
+        if limit < (MIN_SUITE_S if name == "suite" else 5):
+            report["tests"].append(
+                {
+                    "stage": name,
+                    "name": name,
+                    "status": "no time",
+                    "seconds": 0.0,
+                    "returncode": None,
+                    "summary": "not run: no time left",
+                }
+            )
+            continue
+        log.flush()
+        offset = log_path.stat().st_size
+        status, seconds, returncode = _run(command, limit, env, log)
+        if options.dry_run and returncode == NO_TESTS_COLLECTED:
+            status = "ok"  # without a GPU, tests/test_cuda.py skips as a whole
+        log.flush()
+        summary = _pytest_summary(log_path, offset)
+        report["tests"].append(
+            {
+                "stage": name,
+                "name": name,
+                "status": status,
+                "seconds": seconds,
+                "returncode": returncode,
+                "summary": summary,
+            }
+        )
+        print(f"{name}: {status} in {seconds:.1f} s ({summary})", flush=True)

@@ -1,0 +1,227 @@
+"""The device check (``python -m softce_multi device-check``, ``bash device/check``).
+
+Its dry run, the same stages on the CPU at tiny sizes with the kernels interpreted, runs here as
+a test: the prepared check spends no device minute on a mistake this machine can show. The
+rest holds its parts to what they promise: the parity measure, the inputs of each case, the
+reference, the goals, a stage that fails or runs out of time, the wheel list.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch", reason="the device check needs torch")
+pytest.importorskip("triton", reason="the device check's dry run interprets the Triton kernels")
+
+from softce_multi._cli.device_check import command, parity, report, stage  # noqa: E402
+from softce_multi._cli.device_check import inputs as case_inputs  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_GPU = not torch.cuda.is_available()
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.CompletedProcess, Path]:
+    """``bash device/check --dry-run``, as the GPU machine runs ``bash device/check``."""
+    out = tmp_path_factory.mktemp("device-check")
+    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out)}
+    done = subprocess.run(
+        ["bash", str(ROOT / "device" / "check"), "--dry-run"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    return done, out
+
+
+def test_the_dry_run_passes_and_prints_the_goals_last(dry_run):
+    done, _ = dry_run
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    last_lines = done.stdout.strip().splitlines()[-12:]
+    assert any(line.startswith("MET") and "parity" in line for line in last_lines), last_lines
+
+
+def test_the_dry_run_runs_every_stage_and_every_parity_row_passes(dry_run):
+    _, out = dry_run
+    written = json.loads((out / "device_check.json").read_text())
+    assert [entry["stage"] for entry in written["stages"]] == list(stage.STAGES)
+    assert all(entry["status"] == "ok" and not entry["errors"] for entry in written["stages"])
+    paths = {row["path"] for row in written["parity"]}
+    assert {"torch backward", "torch with_grad", "torch in-place operators"} <= paths
+    assert {"torch linear loss", "jax XLA grad", "jax Pallas grad"} <= paths
+    assert all(row["ok"] for row in written["parity"])
+
+
+def test_the_dry_run_writes_the_log_and_the_plot(dry_run):
+    _, out = dry_run
+    log = (out / "device_check.log").read_text()
+    assert "tests/test_cuda.py" in log
+    if pytest.importorskip("matplotlib"):
+        assert (out / "device_check.png").stat().st_size > 0
+
+
+def test_the_dry_run_times_every_torch_peer_installed(dry_run):
+    _, out = dry_run
+    written = json.loads((out / "device_check.json").read_text())
+    timed = {row["implementation"] for row in written["speed"]}
+    skipped = {entry["implementation"] for entry in written["skipped"]}
+    assert "softce_multi[torch]" in timed and "NeMo formula[torch.compile]" in timed
+    assert ("NeMo Triton kernel" in timed) != ("NeMo Triton kernel" in skipped)
+
+
+@pytest.mark.skipif(not NO_GPU, reason="a CUDA device is present")
+def test_without_a_gpu_the_full_check_refuses_to_start(capsys, tmp_path):
+    with pytest.raises(SystemExit) as raised:
+        command.main(["--out", str(tmp_path)])
+    assert raised.value.code == 2
+    assert "--dry-run" in capsys.readouterr().err
+
+
+def test_max_error_is_relative_to_the_largest_reference_entry():
+    desired = torch.tensor([4.0, -2.0, 1.0], dtype=torch.float64)
+    actual = torch.tensor([4.0, -2.0, 1.5])
+    assert parity.max_error(actual, desired) == pytest.approx(0.125)
+
+
+def test_max_error_requires_an_infinite_reference_entry_to_be_matched():
+    desired = torch.tensor([torch.inf, 1.0], dtype=torch.float64)
+    assert parity.max_error(torch.tensor([torch.inf, 1.0]), desired) == 0.0
+    assert parity.max_error(torch.tensor([1e30, 1.0]), desired) == float("inf")
+
+
+def test_max_error_of_a_nan_is_nan_and_fails():
+    error = parity.max_error(torch.tensor([torch.nan, 1.0]), torch.tensor([2.0, 1.0]))
+    assert error != error  # NaN: no comparison with a tolerance passes
+
+
+def test_padding_holds_nan_and_inf_and_valid_positions_are_finite():
+    made = case_inputs.make_inputs(
+        (4, 9, 50), "float32", "nan_inf_padding", "mean", device="cpu", seed=3
+    )
+    padding = ~made.mask
+    assert padding.any() and made.mask.any()
+    assert torch.isnan(made.logits[padding]).any() and torch.isinf(made.logits[padding]).any()
+    assert torch.isfinite(made.logits[made.mask]).all()
+    assert torch.isnan(made.targets[padding]).all()
+
+
+def test_reference_targets_gradient_is_inf_at_a_neg_inf_logit_of_a_valid_position():
+    made = case_inputs.make_inputs(
+        (3, 5, 40), "float32", "neg_inf_logits", "sum", device="cpu", seed=4
+    )
+    expected = case_inputs.reference(made)
+    hidden = torch.isneginf(made.logits) & made.mask[..., None]
+    assert hidden.any()
+    assert torch.isposinf(expected.grad_targets[hidden]).all()
+    assert (expected.grad_logits[hidden] == 0).all()
+    assert torch.isfinite(expected.loss).all()
+
+
+def test_a_path_that_leaves_nan_in_the_padding_gradient_fails():
+    made = case_inputs.make_inputs((2, 6, 30), "float32", "random", "mean", device="cpu", seed=5)
+    expected = case_inputs.reference(made)
+    poisoned = expected.grad_logits.clone().float()
+    poisoned[~made.mask] = torch.nan
+    row = parity.compare("poisoned", {}, made, expected, expected.loss.float(), poisoned)
+    assert not row["padding_exact_zero"] and not row["ok"]
+
+
+def _speed_row(implementation: str, seconds: float, **values: object) -> dict:
+    return {
+        "implementation": implementation,
+        "length": 32768,
+        "vocab": 32000,
+        "targets_dtype": "float32",
+        "median_s": seconds,
+        "time_vs_nemo": None,
+        "copy_fraction": 0.8,
+        "extra_peak_in_grads": 1.0,
+        **values,
+    }
+
+
+def _report(speed: list[dict], *, dry_run: bool = False) -> dict:
+    return {
+        "dry_run": dry_run,
+        "parity": [{"ok": True}],
+        "stages": [{"stage": "torch-parity", "status": "ok"}],
+        "tests": [],
+        "speed": speed,
+        "linear": [],
+    }
+
+
+def test_goals_hold_the_headline_case_to_the_issue_thresholds():
+    rows = [
+        _speed_row("softce_multi[torch]", 0.005, time_vs_nemo=0.5, copy_fraction=0.65),
+        _speed_row("NeMo Triton kernel", 0.010),
+    ]
+    goals = {goal["goal"]: goal["met"] for goal in report.goals(_report(rows), (1, 32768, 32000))}
+    prefix = "[1, 32768, 32000] bf16, float32 targets: "
+    assert goals[prefix + "at most 0.6x NeMo's Triton kernel"] is True
+    assert goals[prefix + "at least 70% of the copy bandwidth at its byte floor"] is False
+    assert goals[prefix + "peak memory above the inputs at most 1.01 logits gradients"] is True
+
+
+def test_a_dry_run_judges_parity_alone():
+    rows = [_speed_row("softce_multi[torch]", 0.005, time_vs_nemo=2.0)]
+    goals = report.goals(_report(rows, dry_run=True), (1, 32768, 32000))
+    assert goals[0]["met"] is True
+    assert all(goal["met"] is None for goal in goals[1:])
+
+
+def test_a_part_that_raises_is_recorded_and_the_next_part_runs(monkeypatch, tmp_path):
+    def broken(plan, device, dry_run, record):
+        raise RuntimeError("kernel failed to compile")
+
+    def working(plan, device, dry_run, record):
+        record("parity", [{"ok": True}])
+
+    monkeypatch.setitem(stage.STAGES, "environment", lambda: (broken, working))
+    written = stage.run_stage("environment", tmp_path / "stage.json", dry_run=True)
+    assert "kernel failed to compile" in written["errors"][0]
+    assert written["results"]["parity"] == [{"ok": True}]
+    assert json.loads((tmp_path / "stage.json").read_text()) == written
+
+
+def test_a_command_past_its_limit_is_stopped_and_reported(tmp_path):
+    with (tmp_path / "log").open("w") as log:
+        status, seconds, returncode = command._run(
+            [sys.executable, "-c", "import time; time.sleep(30)"], 1.0, dict(os.environ), log
+        )
+    assert (status, returncode) == ("timeout", None) and seconds < 10
+
+
+def test_the_wheel_list_pins_each_wheel_once_and_matches_the_test_session():
+    lines = (ROOT / "device" / "wheels.txt").read_text().splitlines()
+    pins = [line for line in lines if line.strip() and not line.startswith("#")]
+    assert all(re.fullmatch(r"[a-z0-9-]+==[0-9.]+", pin) for pin in pins), pins
+    names = [pin.split("==")[0] for pin in pins]
+    assert len(names) == len(set(names))
+    noxfile = (ROOT / "noxfile.py").read_text()
+    for peer in ("nemo", "liger"):
+        (pin,) = [pin for pin in pins if pin.startswith(peer)]
+        assert pin.split("==")[1] in noxfile
+
+
+def test_the_device_command_names_the_wheels_it_lacks(tmp_path):
+    shutil.copytree(ROOT / "device", tmp_path / "device")
+    done = subprocess.run(
+        ["bash", str(tmp_path / "device" / "check")],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "array-api-compat==" in done.stderr and "device/download-wheels" in done.stderr
