@@ -62,12 +62,48 @@ def test_the_dry_run_runs_every_stage_and_every_parity_row_passes(dry_run):
     assert all(row["ok"] for row in written["parity"])
 
 
-def test_the_dry_run_writes_the_log_and_the_plot(dry_run):
+def test_every_stage_has_a_limit_and_a_place_in_the_order():
+    assert list(command.STAGE_LIMIT_S) == list(stage.STAGES)
+    assert [step for step in command.ORDER if step not in command.TESTS] == list(stage.STAGES)
+
+
+def test_the_dry_run_writes_the_log(dry_run):
     _, out = dry_run
     log = (out / "device_check.log").read_text()
-    assert "tests/test_cuda.py" in log
-    if pytest.importorskip("matplotlib"):
-        assert (out / "device_check.png").stat().st_size > 0
+    assert "device_check.stage torch-parity" in log and "tests/test_cuda.py" in log
+
+
+def test_the_dry_run_draws_the_speed_comparison(dry_run):
+    pytest.importorskip("matplotlib")
+    _, out = dry_run
+    assert (out / "device_check.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _has_hopper_compiler() -> bool:
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+
+        return os.path.exists(get_ptxas(90).path)
+    except (ImportError, RuntimeError):
+        return False
+
+
+@pytest.mark.skipif(not _has_hopper_compiler(), reason="needs triton with its CUDA compiler")
+def test_the_triton_kernels_compile_for_hopper_without_local_memory():
+    # A fresh process: kernels defined under TRITON_INTERPRET=1 cannot be compiled.
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    code = (
+        "import json; from softce_multi._cli.device_check.resources import kernel_resources; "
+        "print(json.dumps(kernel_resources()))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads(done.stdout.strip().splitlines()[-1])
+    assert {row["kernel"] for row in rows} == {"forward", "backward"}
+    local = [row for row in rows if row["spill_stores"] or row["spill_loads"] or row["stack_frame"]]
+    assert not local
+    assert all(0 < row["registers"] <= 255 for row in rows)
 
 
 def test_the_dry_run_times_every_torch_peer_installed(dry_run):
@@ -158,6 +194,7 @@ def _report(speed: list[dict], *, dry_run: bool = False) -> dict:
         "tests": [],
         "speed": speed,
         "linear": [],
+        "resources": [],
     }
 
 

@@ -20,20 +20,41 @@ from softce_multi._cli._common import positive_int
 from softce_multi._cli.device_check.plan import plan_for
 from softce_multi._cli.device_check.report import draw, goals, summary
 from softce_multi._cli.device_check.speed import add_ratios
-from softce_multi._cli.device_check.stage import STAGES
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 STAGE_LIMIT_S = {
-    "environment": 60,
-    "torch-parity": 150,
-    "torch-speed": 150,
-    "hidden": 90,
-    "jax-parity": 90,
-    "jax-speed": 90,
-    "cupy-parity": 45,
+    "environment": 30,
+    "resources": 60,
+    "torch-parity": 120,
+    "torch-speed": 120,
+    "hidden": 60,
+    "jax-parity": 75,
+    "jax-speed": 75,
+    "cupy-parity": 40,
 }
-"""The most seconds each stage may take (less when the budget has less left)."""
-CUDA_TESTS_LIMIT_S = 90
+"""Each stage of :mod:`.stage` (run as ``python -m softce_multi._cli.device_check.stage``, so
+not imported here) and the most seconds it may take (less when the budget has less left)."""
+GPU_TESTS = "cuda or gpu or cupy"
+"""The ``-k`` expression of the suite's tests of the GPU backends: those parametrized over
+``torch-cuda``, ``jax-gpu`` or ``cupy``, and the CUDA tests. The rest runs in CI on the CPU."""
+TESTS: dict[str, tuple[tuple[str, ...], float]] = {
+    "cuda tests": (("tests/test_cuda.py",), 60),
+    "suite": (("--dist", "loadfile", "-k", GPU_TESTS, "tests"), float("inf")),
+}
+"""Each pytest run: its arguments and the most seconds it may take (the suite: what is left)."""
+ORDER = (
+    "environment",
+    "resources",
+    "torch-parity",
+    "cuda tests",
+    "torch-speed",
+    "hidden",
+    "jax-parity",
+    "jax-speed",
+    "cupy-parity",
+    "suite",
+)
+"""The stages and the test runs in the order they run: the issue's goals first."""
 NO_TESTS_COLLECTED = 5
 """pytest's exit status when every test of a run skipped at collection."""
 MIN_SUITE_S = 30
@@ -61,7 +82,11 @@ def _parser() -> argparse.ArgumentParser:
         help="seconds for everything; the test suite gets what the stages leave (%(default)s)",
     )
     parser.add_argument(
-        "--stages", nargs="+", choices=list(STAGES), default=list(STAGES), help="stages to run"
+        "--stages",
+        nargs="+",
+        choices=list(STAGE_LIMIT_S),
+        default=list(STAGE_LIMIT_S),
+        help="stages to run (default: all)",
     )
     parser.add_argument(
         "--suite",
@@ -144,14 +169,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if reason:
             parser.error(f"{reason}; --dry-run runs the check on the CPU")
     options.out.mkdir(parents=True, exist_ok=True)
-    run_suite = (not options.dry_run) if options.suite is None else options.suite
-    deadline = time.monotonic() + options.budget
-    env = _environment(options.dry_run)
-    log_path = options.out / "device_check.log"
+    arguments = list(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {
-        "command": " ".join(
-            ["python -m softce_multi device-check", *(argv if argv is not None else sys.argv[1:])]
-        ),
+        "command": " ".join(["python -m softce_multi device-check", *arguments]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "dry_run": options.dry_run,
         "budget_s": options.budget,
@@ -161,34 +181,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "speed": [],
         "linear": [],
         "targets": [],
+        "resources": [],
         "skipped": [],
         "tests": [],
     }
-    with log_path.open("w") as log, tempfile.TemporaryDirectory() as scratch:
-        for name in options.stages:
-            left = deadline - time.monotonic()
-            if left < 5:
-                report["stages"].append({"stage": name, "status": "no time", "seconds": 0.0})
-                continue
-            output = Path(scratch) / f"{name}.json"
-            command = [
-                sys.executable,
-                "-m",
-                "softce_multi._cli.device_check.stage",
-                name,
-                str(output),
-            ]
-            if options.dry_run:
-                command.append("--dry-run")
-            status, seconds, _ = _run(command, min(STAGE_LIMIT_S[name], left), env, log)
-            entry: dict[str, Any] = {"stage": name, "status": status, "seconds": seconds}
-            if output.exists():  # also after a timeout: what the stage had done
-                written = json.loads(output.read_text())
-                entry["errors"] = written["errors"]
-                _merge(report, name, written["results"])
-            report["stages"].append(entry)
-            print(f"{name}: {status} in {seconds:.1f} s", flush=True)
-        _run_tests(report, options, run_suite, deadline, env, log, log_path)
+    run_suite = (not options.dry_run) if options.suite is None else options.suite
+    steps = [
+        step
+        for step in ORDER
+        if step in options.stages or step == "cuda tests" or (step == "suite" and run_suite)
+    ]
+    _run_steps(report, steps, options)
     copy = report.get("copy")
     add_ratios(report["speed"], copy["gb_per_s"] if copy else None)
     plan = plan_for(options.dry_run)
@@ -201,11 +204,51 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ImportError as error:
             print(f"no plot: {error}")
     print(summary(report))
-    passed = all(stage["status"] == "ok" for stage in report["stages"]) and all(
-        test["status"] == "ok" for test in report["tests"]
-    )
-    passed = passed and all(row["ok"] for row in report["parity"])
-    return 0 if passed else 1
+    ran = [*report["stages"], *report["tests"]]
+    passed = all(entry["status"] == "ok" for entry in ran)
+    return 0 if passed and all(row["ok"] for row in report["parity"]) else 1
+
+
+def _run_steps(report: dict[str, Any], steps: Sequence[str], options: argparse.Namespace) -> None:
+    """Run ``steps`` in order, each within its limit and the time the budget has left, into
+    ``report`` and the log."""
+    deadline = time.monotonic() + options.budget
+    env = _environment(options.dry_run)
+    log_path = options.out / "device_check.log"
+    with log_path.open("w") as log, tempfile.TemporaryDirectory() as scratch:
+        for step in steps:
+            most = STAGE_LIMIT_S[step] if step in STAGE_LIMIT_S else TESTS[step][1]
+            limit = min(most, deadline - time.monotonic())
+            entry: dict[str, Any]
+            if limit < (MIN_SUITE_S if step == "suite" else 5):
+                entry = {"stage": step, "status": "no time", "seconds": 0.0}
+            elif step in TESTS:
+                entry = _run_tests(step, limit, options.dry_run, env, log, log_path)
+            else:
+                entry = _run_stage(step, limit, options.dry_run, env, log, Path(scratch))
+                _merge(report, step, entry.pop("results"))
+            report["tests" if step in TESTS else "stages"].append(entry)
+            detail = f" ({entry['summary']})" if "summary" in entry else ""
+            print(f"{step}: {entry['status']} in {entry['seconds']:.1f} s{detail}", flush=True)
+
+
+def _run_stage(
+    name: str, limit: float, dry_run: bool, env: dict[str, str], log: Any, scratch: Path
+) -> dict[str, Any]:
+    """Run stage ``name`` in its process; its entry of the report, with its ``results``: what
+    it recorded, also when it was stopped at its limit."""
+    output = scratch / f"{name}.json"
+    command = [sys.executable, "-m", "softce_multi._cli.device_check.stage", name, str(output)]
+    if dry_run:
+        command.append("--dry-run")
+    if name == "resources":  # it compiles the kernels, which the interpreter's cannot be
+        env = {key: value for key, value in env.items() if key != "TRITON_INTERPRET"}
+    status, seconds, _ = _run(command, limit, env, log)
+    entry: dict[str, Any] = {"stage": name, "status": status, "seconds": seconds, "results": {}}
+    if output.exists():
+        written = json.loads(output.read_text())
+        entry.update(errors=written["errors"], results=written["results"])
+    return entry
 
 
 def _merge(report: dict[str, Any], stage: str, results: dict[str, Any]) -> None:
@@ -221,52 +264,24 @@ def _merge(report: dict[str, Any], stage: str, results: dict[str, Any]) -> None:
 
 
 def _run_tests(
-    report: dict[str, Any],
-    options: argparse.Namespace,
-    run_suite: bool,
-    deadline: float,
-    env: dict[str, str],
-    log: Any,
-    log_path: Path,
-) -> None:
-    """The CUDA tests (no host sync, graph capture), then the suite with the time left."""
-    pytest = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    runs: list[tuple[str, list[str], float]] = [
-        ("cuda tests", [*pytest, "tests/test_cuda.py"], CUDA_TESTS_LIMIT_S)
-    ]
-    if run_suite:
-        workers = str(min(8, os.cpu_count() or 1))
-        suite = [*pytest, "-n", workers, "--dist", "loadfile", "tests"]
-        runs.append(("suite", suite, float("inf")))
-    for name, command, most in runs:
-        limit = min(most, deadline - time.monotonic())
-        if limit < (MIN_SUITE_S if name == "suite" else 5):
-            report["tests"].append(
-                {
-                    "stage": name,
-                    "name": name,
-                    "status": "no time",
-                    "seconds": 0.0,
-                    "returncode": None,
-                    "summary": "not run: no time left",
-                }
-            )
-            continue
-        log.flush()
-        offset = log_path.stat().st_size
-        status, seconds, returncode = _run(command, limit, env, log)
-        if options.dry_run and returncode == NO_TESTS_COLLECTED:
-            status = "ok"  # without a GPU, tests/test_cuda.py skips as a whole
-        log.flush()
-        summary = _pytest_summary(log_path, offset)
-        report["tests"].append(
-            {
-                "stage": name,
-                "name": name,
-                "status": status,
-                "seconds": seconds,
-                "returncode": returncode,
-                "summary": summary,
-            }
-        )
-        print(f"{name}: {status} in {seconds:.1f} s ({summary})", flush=True)
+    name: str, limit: float, dry_run: bool, env: dict[str, str], log: Any, log_path: Path
+) -> dict[str, Any]:
+    """Run the pytest run ``name`` of :data:`TESTS` and return its entry of the report."""
+    arguments, _ = TESTS[name]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+    if name == "suite":
+        command += ["-n", str(min(8, os.cpu_count() or 1))]
+    log.flush()
+    offset = log_path.stat().st_size
+    status, seconds, returncode = _run([*command, *arguments], limit, env, log)
+    if dry_run and returncode == NO_TESTS_COLLECTED:
+        status = "ok"  # without a GPU, tests/test_cuda.py skips as a whole
+    log.flush()
+    return {
+        "stage": name,
+        "name": name,
+        "status": status,
+        "seconds": seconds,
+        "returncode": returncode,
+        "summary": _pytest_summary(log_path, offset),
+    }

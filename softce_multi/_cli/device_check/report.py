@@ -98,6 +98,19 @@ def _linear_goals(report: dict[str, Any]) -> list[dict[str, Any]]:
     return goals
 
 
+def _resources_goal(report: dict[str, Any]) -> dict[str, Any]:
+    rows = report["resources"]
+    if not rows:
+        return _goal("Triton kernels for sm_90a: no spills, no stack frame", "not compiled", None)
+    local = [row for row in rows if row["spill_stores"] or row["spill_loads"] or row["stack_frame"]]
+    most = max(row["registers"] for row in rows)
+    return _goal(
+        "Triton kernels for sm_90a: no spills, no stack frame",
+        f"{len(rows) - len(local)} of {len(rows)} variants without; at most {most} registers",
+        not local,
+    )
+
+
 def _pallas_goal(report: dict[str, Any]) -> dict[str, Any]:
     pairs = []
     for row in report["speed"]:
@@ -140,7 +153,7 @@ def goals(report: dict[str, Any], headline_shape: Sequence[int]) -> list[dict[st
     ]
     if report["dry_run"]:
         measured = [{**goal, "met": None} for goal in measured]
-    return [_parity_goal(report), _sync_goal(report), *measured]
+    return [_parity_goal(report), _sync_goal(report), _resources_goal(report), *measured]
 
 
 def draw(report: dict[str, Any], path: Path) -> None:

@@ -82,6 +82,12 @@ def _versions(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
         record("nvidia_smi", done.stdout.strip() or done.stderr.strip())
 
 
+def _resources(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
+    from softce_multi._cli.device_check.resources import kernel_resources
+
+    record("resources", kernel_resources())
+
+
 def _rows_of(part: Callable[[Plan, str, bool], list[dict[str, Any]]], key: str) -> Part:
     """The part that records the rows ``part(plan, device, dry_run)`` returns under ``key``."""
 
@@ -147,6 +153,7 @@ def _jax_speed(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
 
 STAGES: dict[str, Callable[[], tuple[Part, ...]]] = {
     "environment": lambda: (_versions,),
+    "resources": lambda: (_resources,),
     "torch-parity": _parity_parts,
     "torch-speed": lambda: (_torch_speed,),
     "hidden": lambda: (_linear, _targets),
