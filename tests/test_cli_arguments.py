@@ -314,3 +314,26 @@ def test_check_refuses_the_torch_oracle_without_torch() -> None:
         "check",
         "--oracle torch needs PyTorch, which is not installed; use --oracle numpy",
     )
+
+
+def test_bench_from_json_needs_a_plot(
+    tmp_path: Path, nothing_measured: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "rows.json"
+    saved.write_text('{"rows": []}')
+
+    error = refusal(["--from-json", str(saved)], bench.main, capsys)
+
+    assert error.endswith("error: --from-json draws a saved run: give --plot PATH")
+
+
+def test_bench_from_json_refuses_a_measuring_option(
+    tmp_path: Path, nothing_measured: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    saved = tmp_path / "rows.json"
+    saved.write_text('{"rows": []}')
+    plot = ["--plot", str(tmp_path / "plot.png")]
+
+    error = refusal(["--from-json", str(saved), *plot, "--linear"], bench.main, capsys)
+
+    assert error.endswith("error: --linear does not go with --from-json")

@@ -79,6 +79,30 @@ def test_the_dry_run_draws_the_speed_comparison(dry_run):
     assert (out / "device_check.png").read_bytes().startswith(b"\x89PNG")
 
 
+def test_bench_draws_the_saved_device_check(dry_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    _, out = dry_run
+    plot = tmp_path / "replot.png"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "softce_multi",
+            "bench",
+            "--from-json",
+            str(out / "device_check.json"),
+            "--plot",
+            str(plot),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
 def _has_hopper_compiler() -> bool:
     try:
         from triton.backends.nvidia.compiler import get_ptxas

@@ -4,8 +4,10 @@ before measuring anything, and what it runs, prints and writes."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from softce_multi._cli._common import output_file, positive_int
@@ -93,6 +95,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", type=output_file, metavar="PATH", help="write the rows as JSON")
     parser.add_argument(
         "--plot", type=output_file, metavar="PATH", help="draw time and memory (needs matplotlib)"
+    )
+    parser.add_argument(
+        "--from-json",
+        type=_existing_file,
+        metavar="PATH",
+        help=(
+            "with --plot: draw the rows of a saved run instead of measuring: a --json file of "
+            "bench, or the device_check.json of python -m softce_multi device-check"
+        ),
     )
     _add_from_hidden_options(parser)
     parser.add_argument(
@@ -186,6 +197,15 @@ def _add_from_hidden_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _existing_file(text: str) -> Path:
+    """Argument type of a file to read: one that exists."""
+    path = Path(text)
+    if not path.is_file():
+        msg = f"no file {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return path
+
+
 def _frameworks(args: argparse.Namespace) -> Sequence[str]:
     """The frameworks of a comparison from hidden states: JAX has no autocast."""
     return args.frameworks or (("torch",) if args.autocast else FRAMEWORKS)
@@ -197,6 +217,9 @@ def _check_arguments(
     """Refuse, through ``parser.error`` and before anything is measured, the options that the
     run would ignore or fail on, and the outputs it could not write when done."""
     comparison = "--linear" if args.linear else "--targets" if args.targets else None
+    if args.from_json is not None:
+        _check_from_json_options(parser, args)
+        return
     if args.profile:
         _check_profile_options(parser, args, is_installed)
     elif args.sparse is not None:
@@ -253,6 +276,22 @@ def _check_profile_options(
             parser.error(f"{flag} does not go with --profile")
     if not is_installed("torch"):
         parser.error("--profile times the torch CPU loss: pip install torch==2.13.0")
+
+
+def _check_from_json_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """``--from-json`` needs ``--plot`` and measures nothing: refuse what would measure."""
+    if args.plot is None:
+        parser.error("--from-json draws a saved run: give --plot PATH")
+    for flag, given in [
+        ("--linear", args.linear),
+        ("--targets", args.targets),
+        ("--sparse", args.sparse is not None),
+        ("--profile", args.profile),
+        ("--busy-core", args.busy_core),
+        ("--json", args.json is not None),
+    ]:
+        if given:
+            parser.error(f"{flag} does not go with --from-json")
 
 
 def _check_sparse_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -341,6 +380,8 @@ def main(
             "round makes the median",
             file=sys.stderr,
         )
+    if args.from_json is not None:
+        return _main_from_json(args)
     if args.profile:
         args.lengths = args.lengths or [2048]
         return main_profile(args)
@@ -351,6 +392,24 @@ def main(
         name = "linear" if args.linear else "targets"
         return _main_from_hidden(name, args, run_from_hidden, memory_from_hidden)
     return _main_sweep(args, run, cases, is_installed)
+
+
+def _main_from_json(args: argparse.Namespace) -> int:
+    """Draw the rows saved in ``args.from_json`` to ``args.plot``: bench's ``{"rows": ...}``
+    (one row of panels per dtype) or a device check's ``{"speed": ...}`` (one per targets
+    dtype and vocabulary)."""
+    saved = json.loads(args.from_json.read_text())
+    if isinstance(saved, dict) and "speed" in saved:
+        gpu = saved.get("environment", {}).get("gpu", {}).get("name", "the CPU")
+        title = f"forward+backward on {gpu}, {saved.get('date', '')}"
+        plot(saved["speed"], args.plot, title, panel="panel")
+    elif isinstance(saved, dict) and "rows" in saved:
+        plot(saved["rows"], args.plot, f"forward+backward, from {args.from_json.name}")
+    else:
+        msg = f"{args.from_json} holds no rows to draw (neither bench's --json nor device-check's)"
+        raise SystemExit(msg)
+    print(f"drew {args.plot}")
+    return 0
 
 
 def _main_sweep(

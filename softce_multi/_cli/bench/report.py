@@ -223,8 +223,10 @@ def figure_of(rows: Sequence[dict[str, Any]], title: str, panel: str = "dtype") 
             axis.set_xlabel("sequence length N")
             axis.legend(fontsize="small")
         time_axis.set_yscale("log")
-        time_axis.set_ylabel(f"{label}: median forward+backward time (s)")
-        memory_axis.set_ylabel(f"{label}: extra peak memory (gradient buffers)")
+        time_axis.set_ylabel("median forward+backward time (s)")
+        memory_axis.set_ylabel("extra peak memory (gradient buffers)")
+        for axis in (time_axis, memory_axis):
+            axis.set_title(label, fontsize="medium")
     figure.suptitle(title)
     return figure
 

@@ -19,7 +19,7 @@ from typing import Any
 from softce_multi._cli._common import positive_int
 from softce_multi._cli.device_check.plan import plan_for
 from softce_multi._cli.device_check.report import draw, goals, summary
-from softce_multi._cli.device_check.speed import add_ratios
+from softce_multi._cli.device_check.speed import add_copy_fractions, add_ratios, headline_shape
 
 REPOSITORY = Path(__file__).resolve().parents[3]
 STAGE_LIMIT_S = {
@@ -179,6 +179,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stages": [],
         "parity": [],
         "speed": [],
+        "kernel_modes": [],
         "linear": [],
         "targets": [],
         "resources": [],
@@ -194,9 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _run_steps(report, steps, options)
     copy = report.get("copy")
     add_ratios(report["speed"], copy["gb_per_s"] if copy else None)
-    plan = plan_for(options.dry_run)
-    headline = max(plan.speed_shapes, key=lambda shape: (shape[-2], -shape[-1]))
-    report["goals"] = goals(report, headline)
+    add_copy_fractions(report["kernel_modes"], copy["gb_per_s"] if copy else None)
+    report["goals"] = goals(report, headline_shape(plan_for(options.dry_run)))
     (options.out / "device_check.json").write_text(json.dumps(report, indent=1, default=str))
     if report["speed"]:
         try:

@@ -159,8 +159,8 @@ def goals(report: dict[str, Any], headline_shape: Sequence[int]) -> list[dict[st
 def draw(report: dict[str, Any], path: Path) -> None:
     """The speed rows, time and extra memory against S, one row of panels per targets dtype and
     vocabulary, by ``bench``'s plot."""
-    title = f"forward+backward on {report['environment'].get('gpu', {}).get('name', 'the CPU')}"
-    plot(report["speed"], path, title, panel="panel")
+    gpu = report["environment"].get("gpu", {}).get("name", "the CPU")
+    plot(report["speed"], path, f"forward+backward on {gpu}, {report['date']}", panel="panel")
 
 
 def _stage_table(report: dict[str, Any]) -> str:
@@ -207,6 +207,13 @@ def summary(report: dict[str, Any]) -> str:
     copy = report.get("copy")
     if copy:
         lines.append(f"copy: {copy['gb_per_s']:.0f} GB/s (bytes read + written)")
+    for row in report["kernel_modes"]:
+        fraction = row.get("copy_fraction")
+        lines.append(
+            f"mode {row['mode']:<17} {1e3 * row['median_s']:9.3f} ms "
+            f"{row['floor_gb_per_s']:8.0f} GB/s at its floor"
+            + ("" if fraction is None else f" ({100 * fraction:.0f}% of the copy)")
+        )
     for name in ("linear", "targets"):
         for row in report[name]:
             memory = row["extra_peak_mib"]

@@ -21,6 +21,7 @@ from typing import Any
 
 from softce_multi._cli.bench.cases import _nemo_formula, _torch_cross_entropy, _torch_step
 from softce_multi._cli.bench.measure import ITEMSIZE, MIB
+from softce_multi._cli.bench.modes import KERNEL_MODES, _mode_step, mode_floor_bytes
 from softce_multi._cli.device_check.plan import (
     Plan,
     extra_peak_bytes,
@@ -81,12 +82,14 @@ def _softce(device: str) -> Callable[[Any, Any, Any], Any]:
 
 TORCH_IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], str | None]] = {
     "softce_multi[torch]": (_softce, None),
-    NEMO_KERNEL: (_nemo_kernel, "nemo_automodel"),
     "NeMo formula[torch]": (_nemo_formula, None),
-    "NeMo formula[torch.compile]": (_compiled_formula, None),
     "F.cross_entropy[torch]": (_torch_cross_entropy, None),
+    "NeMo formula[torch.compile]": (_compiled_formula, None),
+    NEMO_KERNEL: (_nemo_kernel, "nemo_automodel"),
 }
-"""Each torch implementation: its step's factory and the library it needs beyond torch."""
+"""Each torch implementation: its step's factory and the library it needs beyond torch. NeMo's
+kernel is last: it writes its gradient over the logits, which the others then no longer read as
+drawn (the values change, not the work)."""
 
 
 def _torch_inputs(
@@ -162,6 +165,29 @@ def torch_speed(
             free_device_memory(device)
 
 
+def kernel_modes(
+    plan: Plan, device: str, dry_run: bool, record: Callable[[str, Any], None]
+) -> None:
+    """Record each of ``bench``'s kernel modes (forward only, with the gradient, each backward)
+    at the headline shape, bf16 logits and float32 targets (``"kernel_modes"``): its median
+    time and the bytes it must move (its floor) over that time."""
+    shape = headline_shape(plan)
+    inputs = _torch_inputs(shape, "float32", device, seed=750)
+    with kernels_as_on_a_gpu(dry_run):
+        for name, mode in KERNEL_MODES.items():
+            seconds = median_seconds(_mode_step(mode, *inputs), device=device)
+            floor = mode_floor_bytes(name, shape, "bfloat16")
+            row = {"mode": name, "shape": list(shape), "median_s": seconds, "floor_bytes": floor}
+            record("kernel_modes", [{**row, "floor_gb_per_s": floor / seconds / 1e9}])
+            free_device_memory(device)
+
+
+def headline_shape(plan: Plan) -> tuple[int, ...]:
+    """The speed shape the goals are judged at: the longest sequence at the smallest
+    vocabulary (``[1, 32768, 32000]`` on the GPU)."""
+    return max(plan.speed_shapes, key=lambda shape: (shape[-2], -shape[-1]))
+
+
 def add_ratios(rows: list[dict[str, Any]], copy_gb_per_s: float | None) -> None:
     """Set each row's time over NeMo's kernel's on the same inputs (``time_vs_nemo``) and its
     bandwidth over the copy's (``copy_fraction``); None where either was not measured."""
@@ -173,6 +199,14 @@ def add_ratios(rows: list[dict[str, Any]], copy_gb_per_s: float | None) -> None:
     for row in rows:
         baseline = nemo.get((row["length"], row["vocab"], row["targets_dtype"]))
         row["time_vs_nemo"] = None if baseline is None else row["median_s"] / baseline
+        row["copy_fraction"] = (
+            None if copy_gb_per_s is None else row["floor_gb_per_s"] / copy_gb_per_s
+        )
+
+
+def add_copy_fractions(rows: list[dict[str, Any]], copy_gb_per_s: float | None) -> None:
+    """Set each kernel mode's bandwidth over the copy's (``copy_fraction``)."""
+    for row in rows:
         row["copy_fraction"] = (
             None if copy_gb_per_s is None else row["floor_gb_per_s"] / copy_gb_per_s
         )

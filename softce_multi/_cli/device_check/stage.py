@@ -125,10 +125,11 @@ def _cupy_parity(plan: Plan, device: str, dry_run: bool, record: Record) -> None
 
 
 def _torch_speed(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
-    from softce_multi._cli.device_check.speed import copy_bandwidth, torch_speed
+    from softce_multi._cli.device_check.speed import copy_bandwidth, kernel_modes, torch_speed
 
     record("copy", copy_bandwidth(plan, device))
     torch_speed(plan, device, dry_run, installed, record)
+    kernel_modes(plan, device, dry_run, record)
 
 
 def _linear(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
