@@ -21,7 +21,7 @@ import pytest
 torch = pytest.importorskip("torch", reason="the device check needs torch")
 pytest.importorskip("triton", reason="the device check's dry run interprets the Triton kernels")
 
-from softce_multi._cli.device_check import command, parity, report, stage  # noqa: E402
+from softce_multi._cli.device_check import command, parity, plan, report, stage  # noqa: E402
 from softce_multi._cli.device_check import inputs as case_inputs  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -253,6 +253,24 @@ def test_a_part_that_raises_is_recorded_and_the_next_part_runs(monkeypatch, tmp_
     assert "kernel failed to compile" in written["errors"][0]
     assert written["results"]["parity"] == [{"ok": True}]
     assert json.loads((tmp_path / "stage.json").read_text()) == written
+
+
+def test_an_implementation_that_fails_is_recorded_and_the_next_still_runs():
+    recorded: dict[str, list] = {}
+
+    def record(key, rows):
+        recorded.setdefault(key, []).extend(rows)
+
+    for name in ("peer", "ours"):
+        with plan.failure_recorded(record, name, shape=[1, 8, 32]):
+            if name == "peer":
+                raise RuntimeError("CUDA error: an illegal memory access")
+            record("speed", [{"implementation": name}])
+
+    assert recorded["speed"] == [{"implementation": "ours"}]
+    (failure,) = recorded["failed"]
+    assert failure["implementation"] == "peer" and failure["shape"] == [1, 8, 32]
+    assert "illegal memory access" in failure["error"]
 
 
 def test_a_command_past_its_limit_is_stopped_and_reported(tmp_path):

@@ -61,17 +61,19 @@ def _softce_torch(device: str) -> Step:
     return _torch_step(softce_multi.masked_soft_cross_entropy)
 
 
-def _nemo_formula(device: str) -> Step:
+def nemo_formula(logits: Any, target: Any, mask: Any) -> Any:
     """NeMo AutoModel's soft cross entropy as its users write it in PyTorch."""
     import torch
 
-    def loss(logits: Any, target: Any, mask: Any) -> Any:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        per_position = -(target * log_probs).sum(dim=-1)
-        weights = mask.reshape(per_position.shape).float()
-        return (per_position * weights).sum() / weights.sum().clamp(min=1)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    per_position = -(target * log_probs).sum(dim=-1)
+    weights = mask.reshape(per_position.shape).float()
+    return (per_position * weights).sum() / weights.sum().clamp(min=1)
 
-    return _torch_step(loss)
+
+def _nemo_formula(device: str) -> Step:
+    """The step of :func:`nemo_formula`."""
+    return _torch_step(nemo_formula)
 
 
 def _torch_cross_entropy(device: str) -> Step:

@@ -184,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "targets": [],
         "resources": [],
         "skipped": [],
+        "failed": [],
         "tests": [],
     }
     run_suite = (not options.dry_run) if options.suite is None else options.suite
@@ -205,7 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"no plot: {error}")
     print(summary(report))
     ran = [*report["stages"], *report["tests"]]
-    passed = all(entry["status"] == "ok" for entry in ran)
+    passed = all(entry["status"] == "ok" for entry in ran) and not report["failed"]
     return 0 if passed and all(row["ok"] for row in report["parity"]) else 1
 
 

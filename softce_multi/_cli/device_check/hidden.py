@@ -22,6 +22,7 @@ from softce_multi._cli.bench.measure import MIB
 from softce_multi._cli.device_check.plan import (
     Plan,
     extra_peak_bytes,
+    failure_recorded,
     free_device_memory,
     kernels_as_on_a_gpu,
     median_seconds,
@@ -41,26 +42,33 @@ def _liger_step(states: Any, weight: Any, target: Any, mask: Any) -> tuple[Any, 
 
 
 def _measure(
-    name: str, step: Callable[..., Any], inputs: tuple[Any, ...], device: str
+    name: str, step: Callable[..., Any], inputs: tuple[Any, ...], device: str, case: str
 ) -> dict[str, Any]:
     seconds = median_seconds(lambda: step(*inputs), device=device)
     extra = extra_peak_bytes(lambda: step(*inputs), device=device)
     free_device_memory(device)
     return {
         "implementation": name,
+        "case": case,
         "median_s": seconds,
         "extra_peak_mib": None if extra is None else extra / MIB,
     }
 
 
 def linear_speed(
-    plan: Plan, device: str, dry_run: bool, installed: Callable[[str], bool]
-) -> tuple[list[dict[str, Any]], list[dict[str, str]]]:
-    """Rows of the linear loss, the materialised path and Liger's loss at ``plan.linear_case``,
-    all positions valid; the relative difference of Liger's gradients from ours in the first."""
+    plan: Plan,
+    device: str,
+    dry_run: bool,
+    installed: Callable[[str], bool],
+    record: Callable[[str, Any], None],
+) -> None:
+    """Record the rows (``"linear"``) of the linear loss, the materialised path and Liger's loss
+    at ``plan.linear_case``, all positions valid, as each is measured; then the relative
+    difference of Liger's gradients from ours (``"liger_gradient_difference"``)."""
     import torch
 
     rows_count, hidden_size, vocab = plan.linear_case
+    case = f"N={rows_count}, H={hidden_size}, V={vocab}, bf16"
     sizes = Sizes(rows_count, hidden_size, vocab, vocab, bias=False)
     generator = torch.Generator(device=device).manual_seed(800)
     states = torch.randn(rows_count, hidden_size, generator=generator, device=device)
@@ -72,25 +80,26 @@ def linear_speed(
     mask = torch.ones(rows_count, dtype=torch.bool, device=device)
     inputs = (states, weight, target, mask)
     comparison = FROM_HIDDEN["linear"]
-    rows, skipped = [], []
+    steps: dict[str, Callable[..., Any]] = {
+        LINEAR: _from_hidden_torch_step(comparison, "linear", sizes),
+        "materialised": _from_hidden_torch_step(comparison, "materialised", sizes),
+    }
+    if installed("liger_kernel"):
+        steps[LIGER] = _liger_step
+    else:
+        record("skipped", [{"implementation": LIGER, "reason": "liger_kernel is not installed"}])
     with kernels_as_on_a_gpu(dry_run):
-        for path, name in (("linear", LINEAR), ("materialised", "materialised")):
-            step = _from_hidden_torch_step(comparison, path, sizes)
-            rows.append(_measure(name, step, inputs, device))
-        if installed("liger_kernel"):
-            rows.append(_measure(LIGER, _liger_step, inputs, device))
-            linear: Callable[..., Any] = _from_hidden_torch_step(comparison, "linear", sizes)
-            ours = linear(*inputs)
-            theirs = _liger_step(*inputs)
-            rows[0]["liger_gradient_difference"] = {
-                name: float(((a.double() - b.double()).norm() / b.double().norm()).item())
-                for name, a, b in zip(("hidden", "weight"), ours, theirs, strict=True)
-            }
-        else:
-            skipped.append({"implementation": LIGER, "reason": "liger_kernel is not installed"})
-    for row in rows:
-        row["case"] = f"N={rows_count}, H={hidden_size}, V={vocab}, bf16"
-    return rows, skipped
+        for name, step in steps.items():
+            with failure_recorded(record, name, case=case):
+                record("linear", [_measure(name, step, inputs, device, case)])
+        if LIGER in steps:
+            with failure_recorded(record, f"{LIGER} against {LINEAR}", case=case):
+                ours, theirs = steps[LINEAR](*inputs), _liger_step(*inputs)
+                difference = {
+                    name: float(((a.double() - b.double()).norm() / b.double().norm()).item())
+                    for name, a, b in zip(("hidden", "weight"), ours, theirs, strict=True)
+                }
+                record("liger_gradient_difference", difference)
 
 
 def targets_speed(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
@@ -99,6 +108,7 @@ def targets_speed(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]
     import torch
 
     rows_count, hidden_size, target_vocab, draft_vocab = plan.targets_case
+    case = f"N={rows_count}, H={hidden_size}, V_target={target_vocab}, V_draft={draft_vocab}, bf16"
     sizes = Sizes(rows_count, hidden_size, draft_vocab, target_vocab, bias=False)
     generator = torch.Generator(device=device).manual_seed(900)
     states = torch.randn(rows_count, hidden_size, generator=generator, device=device).bfloat16()
@@ -118,7 +128,7 @@ def targets_speed(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]
             ("materialised", "prepare_targets"),
         ):
             step: Callable[..., Any] = _from_hidden_torch_step(comparison, path, sizes)
-            rows.append(_measure(name, step, inputs, device))
+            rows.append(_measure(name, step, inputs, device, case))
             results[name] = step(*inputs)
     (probs, mask), (expected_probs, expected_mask) = results.values()
     rows[0]["max_probability_difference"] = float((probs - expected_probs).abs().max().item())

@@ -143,16 +143,36 @@ def _jax_installed() -> bool:
     return _installed("jax")
 
 
+@contextlib.contextmanager
+def failure_recorded(
+    record: Callable[[str, Any], None], implementation: str, **where: Any
+) -> Iterator[None]:
+    """Within the block, an exception is recorded under ``"failed"`` (the implementation, where,
+    the error) instead of raised: one implementation that fails on the device leaves the others
+    measured. The check reports it and exits with status 1."""
+    try:
+        yield
+    except Exception as error:
+        failure = {"implementation": implementation, **where}
+        record("failed", [{**failure, "error": f"{type(error).__name__}: {error}"}])
+
+
 def median_seconds(step: Callable[[], Any], *, device: str, repeats: int = 5) -> float:
-    """The median time of ``step()``, after a warm-up call.
+    """The median time of ``step()``.
 
     On CUDA, from device events (``triton.testing.do_bench``, 25 ms of warm-up, 100 ms of
-    repeats, the median); elsewhere, the wall clock over ``repeats`` calls.
+    repeats, the median); elsewhere, :func:`wall_median` of ``repeats`` calls.
     """
     if device == "cuda":
         from triton.testing import do_bench
 
         return float(do_bench(step, warmup=25, rep=100, return_mode="median")) / 1e3
+    return wall_median(step, repeats)
+
+
+def wall_median(step: Callable[[], Any], repeats: int) -> float:
+    """The median wall time of ``repeats`` calls of ``step()``, after a warm-up call; ``step``
+    must wait for its work (JAX's ``block_until_ready``, say)."""
     step()
     times = []
     for _ in range(repeats):

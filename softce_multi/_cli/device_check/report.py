@@ -202,6 +202,8 @@ def summary(report: dict[str, Any]) -> str:
     for row in failing[:10]:
         keys = ("path", "shape", "dtype", "case", "reduction", "loss_error", "grad_error")
         lines.append("  FAIL " + ", ".join(f"{key}={row.get(key)}" for key in keys))
+    for failure in report["failed"]:
+        lines.append(f"  FAILED {failure}")
     if report["speed"]:
         lines += ["", _speed_table(report["speed"])]
     copy = report.get("copy")
@@ -221,6 +223,10 @@ def summary(report: dict[str, Any]) -> str:
                 f"{name}: {row['implementation']:<30} {1e3 * row['median_s']:9.2f} ms "
                 f"{'n/a' if memory is None else f'{memory:9.0f} MiB'}"
             )
+    difference = report.get("liger_gradient_difference")
+    if difference:
+        relative = ", ".join(f"{name} {value:.2e}" for name, value in difference.items())
+        lines.append(f"linear: Liger's gradients from ours, relative norm: {relative}")
     lines.append("")
     for goal in report["goals"]:
         mark = {True: "MET", False: "NOT MET", None: "n/a"}[goal["met"]]

@@ -14,20 +14,27 @@ device-to-device copy's measured in the same run.
 from __future__ import annotations
 
 import functools
-import statistics
 import time
 from collections.abc import Callable
 from typing import Any
 
-from softce_multi._cli.bench.cases import _nemo_formula, _torch_cross_entropy, _torch_step
+from softce_multi._cli.bench.cases import (
+    _nemo_formula,
+    _softce_torch,
+    _torch_cross_entropy,
+    _torch_step,
+    nemo_formula,
+)
 from softce_multi._cli.bench.measure import ITEMSIZE, MIB
 from softce_multi._cli.bench.modes import KERNEL_MODES, _mode_step, mode_floor_bytes
 from softce_multi._cli.device_check.plan import (
     Plan,
     extra_peak_bytes,
+    failure_recorded,
     free_device_memory,
     kernels_as_on_a_gpu,
     median_seconds,
+    wall_median,
     xla_only,
 )
 
@@ -62,26 +69,14 @@ def _nemo_kernel(device: str) -> Callable[[Any, Any, Any], Any]:
 
 
 def _compiled_formula(device: str) -> Callable[[Any, Any, Any], Any]:
-    """NeMo's PyTorch formula under ``torch.compile``."""
+    """NeMo's PyTorch formula under ``torch.compile`` (one compilation per shape and dtypes)."""
     import torch
 
-    def loss(logits: Any, target: Any, mask: Any) -> Any:
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
-        per_position = -(target * log_probs).sum(dim=-1)
-        weights = mask.reshape(per_position.shape).float()
-        return (per_position * weights).sum() / weights.sum().clamp(min=1)
-
-    return _torch_step(torch.compile(loss, dynamic=False))
-
-
-def _softce(device: str) -> Callable[[Any, Any, Any], Any]:
-    import softce_multi
-
-    return _torch_step(softce_multi.masked_soft_cross_entropy)
+    return _torch_step(torch.compile(nemo_formula, dynamic=False))
 
 
 TORCH_IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], str | None]] = {
-    "softce_multi[torch]": (_softce, None),
+    "softce_multi[torch]": (_softce_torch, None),
     "NeMo formula[torch]": (_nemo_formula, None),
     "F.cross_entropy[torch]": (_torch_cross_entropy, None),
     "NeMo formula[torch.compile]": (_compiled_formula, None),
@@ -151,15 +146,17 @@ def torch_speed(
                     reason = f"{library} is not installed"
                     record("skipped", [{"implementation": name, "reason": reason}])
                     continue
-                step = make(device)
-                start = time.perf_counter()
-                step(*inputs)
-                first_call = time.perf_counter() - start
-                call = functools.partial(step, *inputs)
-                seconds = median_seconds(call, device=device)
-                extra = extra_peak_bytes(call, device=device)
-                row = _row(name, shape, targets_dtype, seconds, extra)
-                record("speed", [{**row, "first_call_s": first_call}])
+                where = {"shape": list(shape), "targets_dtype": targets_dtype}
+                with failure_recorded(record, name, **where):
+                    step = make(device)
+                    start = time.perf_counter()
+                    step(*inputs)
+                    first_call = time.perf_counter() - start
+                    call = functools.partial(step, *inputs)
+                    seconds = median_seconds(call, device=device)
+                    extra = extra_peak_bytes(call, device=device)
+                    row = _row(name, shape, targets_dtype, seconds, extra)
+                    record("speed", [{**row, "first_call_s": first_call}])
                 free_device_memory(device)
             del inputs
             free_device_memory(device)
@@ -212,17 +209,6 @@ def add_copy_fractions(rows: list[dict[str, Any]], copy_gb_per_s: float | None) 
         )
 
 
-def _jax_median(step: Callable[[], Any], repeats: int) -> float:
-    """The median wall time of ``step()`` (which waits for its result), after a warm-up."""
-    step()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def jax_speed(
     plan: Plan,
     device: str,
@@ -257,9 +243,10 @@ def jax_speed(
         mask = jax.random.uniform(keys[2], (*shape[:-1], 1)) < 0.8
         inputs = (logits, targets, mask)
         for name, (make, context) in engines.items():
-            with context():
+            where = {"shape": list(shape), "targets_dtype": targets_dtype}
+            with failure_recorded(record, name, **where), context():
                 step = make("gpu")
-                seconds = _jax_median(functools.partial(step, *inputs), repeats=10)
+                seconds = wall_median(functools.partial(step, *inputs), repeats=10)
                 extra = step.temp_bytes(*inputs)
-            record("speed", [_row(name, shape, targets_dtype, seconds, extra)])
+                record("speed", [_row(name, shape, targets_dtype, seconds, extra)])
         del logits, targets, mask, inputs

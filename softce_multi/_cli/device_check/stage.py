@@ -135,9 +135,7 @@ def _torch_speed(plan: Plan, device: str, dry_run: bool, record: Record) -> None
 def _linear(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
     from softce_multi._cli.device_check.hidden import linear_speed
 
-    rows, skipped = linear_speed(plan, device, dry_run, installed)
-    record("linear", rows)
-    record("skipped", skipped)
+    linear_speed(plan, device, dry_run, installed, record)
 
 
 def _targets(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
