@@ -14,7 +14,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from softce_multi._cli._common import positive_int
 from softce_multi._cli.device_check.plan import plan_for
@@ -34,14 +34,43 @@ STAGE_LIMIT_S = {
 }
 """Each stage of :mod:`.stage` (run as ``python -m softce_multi._cli.device_check.stage``, so
 not imported here) and the most seconds it may take (less when the budget has less left)."""
+BENCH_OPTIONS = ("--dtypes", "bfloat16", "--repeats", "3", "--no-memory")
+"""``bench`` beside the stages: bf16, 3 rounds, no memory (the speed stage measures memory)."""
 GPU_TESTS = "cuda or gpu or cupy"
 """The ``-k`` expression of the suite's tests of the GPU backends: those parametrized over
 ``torch-cuda``, ``jax-gpu`` or ``cupy``, and the CUDA tests. The rest runs in CI on the CPU."""
-TESTS: dict[str, tuple[tuple[str, ...], float]] = {
-    "cuda tests": (("tests/test_cuda.py",), 60),
-    "suite": (("--dist", "loadfile", "-k", GPU_TESTS, "tests"), float("inf")),
+PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
+
+
+class Command(NamedTuple):
+    """A command run beside the stages: its arguments to Python on the GPU and in a dry run,
+    and the most seconds it may take."""
+
+    gpu: tuple[str, ...]
+    dry_run: tuple[str, ...]
+    limit: float
+
+
+CUDA_TESTS = (*PYTEST, "tests/test_cuda.py")
+SUITE = (*PYTEST, "-n", "8", "--dist", "loadfile", "-k", GPU_TESTS, "tests")
+TESTS: dict[str, Command] = {
+    "cuda tests": Command(CUDA_TESTS, CUDA_TESTS, 60),
+    "check": Command(
+        ("-m", "softce_multi", "check", "--backend", "torch-cuda", "jax-gpu", "cupy"),
+        ("-m", "softce_multi", "check", "--shape", "2", "8", "64", "--backend", "torch-cpu"),
+        40,
+    ),
+    "bench": Command(
+        ("-m", "softce_multi", "bench", "--device", "cuda", "--lengths", "4096", *BENCH_OPTIONS),
+        ("-m", "softce_multi", "bench", "--lengths", "16", "--vocab", "64", *BENCH_OPTIONS),
+        60,
+    ),
+    "suite": Command(SUITE, SUITE, float("inf")),
 }
-"""Each pytest run: its arguments and the most seconds it may take (the suite: what is left)."""
+"""The commands run beside the stages (what ``nox -s gpu`` runs, which the GPU machine cannot:
+it has no nox and no network): each one's arguments to Python on the GPU and in a dry run, and
+the most seconds it may take (the suite: what is left; it runs by default on the GPU only)."""
+
 ORDER = (
     "environment",
     "resources",
@@ -52,6 +81,8 @@ ORDER = (
     "jax-parity",
     "jax-speed",
     "cupy-parity",
+    "check",
+    "bench",
     "suite",
 )
 """The stages and the test runs in the order they run: the issue's goals first."""
@@ -148,9 +179,14 @@ def _run(
     return status, time.perf_counter() - start, done.returncode
 
 
-def _pytest_summary(log_path: Path, offset: int) -> str:
-    """The last line of pytest's output written to the log after ``offset``."""
-    text = log_path.read_text(errors="replace")[offset:]
+def _last_line(text: str) -> str:
+    """The last line of ``text`` that holds more than blanks."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else "no output"
+
+
+def _pytest_summary(text: str) -> str:
+    """The line of pytest's output ``text`` that counts the tests."""
     lines = [
         line
         for line in text.splitlines()
@@ -191,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     steps = [
         step
         for step in ORDER
-        if step in options.stages or step == "cuda tests" or (step == "suite" and run_suite)
+        if step in options.stages or (step in TESTS and (step != "suite" or run_suite))
     ]
     _run_steps(report, steps, options)
     copy = report.get("copy")
@@ -218,13 +254,13 @@ def _run_steps(report: dict[str, Any], steps: Sequence[str], options: argparse.N
     log_path = options.out / "device_check.log"
     with log_path.open("w") as log, tempfile.TemporaryDirectory() as scratch:
         for step in steps:
-            most = STAGE_LIMIT_S[step] if step in STAGE_LIMIT_S else TESTS[step][1]
+            most = STAGE_LIMIT_S[step] if step in STAGE_LIMIT_S else TESTS[step].limit
             limit = min(most, deadline - time.monotonic())
             entry: dict[str, Any]
             if limit < (MIN_SUITE_S if step == "suite" else 5):
                 entry = {"stage": step, "status": "no time", "seconds": 0.0}
             elif step in TESTS:
-                entry = _run_tests(step, limit, options.dry_run, env, log, log_path)
+                entry = _run_command(step, limit, options.dry_run, env, log, log_path)
             else:
                 entry = _run_stage(step, limit, options.dry_run, env, log, Path(scratch))
                 _merge(report, step, entry.pop("results"))
@@ -264,25 +300,24 @@ def _merge(report: dict[str, Any], stage: str, results: dict[str, Any]) -> None:
             report[key] = value
 
 
-def _run_tests(
+def _run_command(
     name: str, limit: float, dry_run: bool, env: dict[str, str], log: Any, log_path: Path
 ) -> dict[str, Any]:
-    """Run the pytest run ``name`` of :data:`TESTS` and return its entry of the report."""
-    arguments, _ = TESTS[name]
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
-    if name == "suite":
-        command += ["-n", str(min(8, os.cpu_count() or 1))]
+    """Run the command ``name`` of :data:`TESTS` and return its entry of the report: its status,
+    seconds, exit status and the line that sums it up (pytest's, or the last one printed)."""
+    arguments = TESTS[name].dry_run if dry_run else TESTS[name].gpu
     log.flush()
     offset = log_path.stat().st_size
-    status, seconds, returncode = _run([*command, *arguments], limit, env, log)
+    status, seconds, returncode = _run([sys.executable, *arguments], limit, env, log)
     if dry_run and returncode == NO_TESTS_COLLECTED:
         status = "ok"  # without a GPU, tests/test_cuda.py skips as a whole
     log.flush()
+    text = log_path.read_text(errors="replace")[offset:]
     return {
         "stage": name,
         "name": name,
         "status": status,
         "seconds": seconds,
         "returncode": returncode,
-        "summary": _pytest_summary(log_path, offset),
+        "summary": _pytest_summary(text) if arguments[:2] == PYTEST[:2] else _last_line(text),
     }
