@@ -103,6 +103,22 @@ def test_bench_draws_the_saved_device_check(dry_run, tmp_path):
     assert plot.read_bytes().startswith(b"\x89PNG")
 
 
+def test_the_tables_of_a_saved_run_are_ready_for_the_readme_and_the_docs(dry_run, capsys):
+    _, out = dry_run
+    assert command.main(["--tables", str(out / "device_check.json")]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("Run: ") and "device-check --out" in printed
+    assert "| softce_multi[torch] | [1, 32, 256] | float32 |" in printed
+    assert "   * - softce_multi[torch]" in printed and ".. list-table::" in printed
+
+
+def test_the_check_needs_a_folder_for_its_output(capsys):
+    with pytest.raises(SystemExit) as raised:
+        command.main(["--dry-run"])
+    assert raised.value.code == 2
+    assert "--out FOLDER is required" in capsys.readouterr().err
+
+
 def _has_hopper_compiler() -> bool:
     try:
         from triton.backends.nvidia.compiler import get_ptxas

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 
 from softce_multi._cli._common import positive_int
 from softce_multi._cli.device_check.plan import plan_for
-from softce_multi._cli.device_check.report import draw, goals, summary
+from softce_multi._cli.device_check.report import draw, goals, summary, tables
 from softce_multi._cli.device_check.speed import add_copy_fractions, add_ratios, headline_shape
 
 REPOSITORY = Path(__file__).resolve().parents[3]
@@ -100,7 +100,13 @@ def _parser() -> argparse.ArgumentParser:
             "the peers, and run the CUDA tests and the test suite, within one time budget."
         ),
     )
-    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON, log and plot")
+    parser.add_argument("--out", type=Path, help="folder for the JSON, log and plot (required)")
+    parser.add_argument(
+        "--tables",
+        type=Path,
+        metavar="JSON",
+        help="print the tables of a saved run (its device_check.json) for the docs; run nothing",
+    )
     parser.add_argument(
         "--dry-run",
         action="store_true",
@@ -200,6 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; 0 when every stage ran, every parity row passed and the tests passed."""
     parser = _parser()
     options = parser.parse_args(argv)
+    if options.tables is not None:
+        if not options.tables.is_file():
+            parser.error(f"--tables: no file {options.tables}")
+        print(tables(json.loads(options.tables.read_text())))
+        return 0
+    if options.out is None:
+        parser.error("--out FOLDER is required (or --tables JSON)")
     if not options.dry_run:
         reason = _no_gpu_reason()
         if reason:

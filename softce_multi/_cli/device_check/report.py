@@ -232,3 +232,95 @@ def summary(report: dict[str, Any]) -> str:
         mark = {True: "MET", False: "NOT MET", None: "n/a"}[goal["met"]]
         lines.append(f"{mark:<8} {goal['goal']}: {goal['value']}")
     return "\n".join(lines)
+
+
+def _markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    return "\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)])
+
+
+def _rst(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = [".. list-table::", "   :header-rows: 1", ""]
+    for row in [headers, *rows]:
+        lines.append(f"   * - {row[0]}")
+        lines += [f"     - {cell}" for cell in row[1:]]
+    return "\n".join(lines)
+
+
+def _ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.3f}"
+
+
+def _or_na(value: float | None, pattern: str) -> str:
+    return "n/a" if value is None else pattern.format(value)
+
+
+def tables(report: dict[str, Any]) -> str:
+    """The record of a run for the README (Markdown) and ``docs/performance.rst`` (RST): what
+    ran where, and the speed, kernel-mode, hidden-state and goal tables."""
+    environment = report["environment"]
+    versions = environment.get("versions", {})
+    gpu = environment.get("gpu", {})
+    software = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
+    where = (
+        f"{report['date']}, {gpu.get('name', 'no GPU (dry run)')}"
+        f" ({environment.get('nvidia_smi', 'no nvidia-smi')}); {software}; "
+        f"`{report['command']}`"
+    )
+    speed = [
+        [
+            row["implementation"],
+            f"[1, {row['length']}, {row['vocab']}]",
+            row["targets_dtype"],
+            _ms(row["median_s"]),
+            _or_na(row.get("time_vs_nemo"), "{:.2f}x"),
+            _or_na(row.get("copy_fraction"), "{:.0%}"),
+            _or_na(row.get("extra_peak_in_grads"), "{:.3f}"),
+        ]
+        for row in report["speed"]
+    ]
+    speed_headers = [
+        "implementation",
+        "logits",
+        "targets",
+        "ms",
+        "x NeMo kernel",
+        "copy bw",
+        "x grad",
+    ]
+    modes = [
+        [
+            row["mode"],
+            _ms(row["median_s"]),
+            f"{row['floor_gb_per_s']:.0f}",
+            _or_na(row.get("copy_fraction"), "{:.0%}"),
+        ]
+        for row in report["kernel_modes"]
+    ]
+    mode_headers = ["kernel mode", "ms", "GB/s at its floor", "of the copy"]
+    hidden = [
+        [
+            row["implementation"],
+            row["case"],
+            _ms(row["median_s"]),
+            _or_na(row["extra_peak_mib"], "{:.0f}"),
+        ]
+        for row in report["linear"] + report["targets"]
+    ]
+    hidden_headers = ["implementation", "case", "ms", "extra MiB"]
+    goal_rows = [
+        [goal["goal"], goal["value"], {True: "met", False: "not met", None: "n/a"}[goal["met"]]]
+        for goal in report["goals"]
+    ]
+    goal_headers = ["goal", "measured", ""]
+    parts = [f"Run: {where}", ""]
+    for render in (_markdown, _rst):
+        for headers, rows in (
+            (speed_headers, speed),
+            (mode_headers, modes),
+            (hidden_headers, hidden),
+            (goal_headers, goal_rows),
+        ):
+            if rows:
+                parts += [render(headers, rows), ""]
+    return "\n".join(parts)
