@@ -8,6 +8,7 @@ reference, the goals, a stage that fails or runs out of time, the wheel list.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -287,6 +288,27 @@ def test_an_implementation_that_fails_is_recorded_and_the_next_still_runs():
     (failure,) = recorded["failed"]
     assert failure["implementation"] == "peer" and failure["shape"] == [1, 8, 32]
     assert "illegal memory access" in failure["error"]
+
+
+def test_a_parity_case_that_raises_fails_its_row_and_the_next_case_runs(monkeypatch):
+    calls = []
+
+    def reference_failing_once(inputs, **options):
+        calls.append(inputs.logits.dtype)
+        if len(calls) == 2:
+            raise RuntimeError("triton compilation failed")
+        return case_inputs.reference(inputs, **options)
+
+    monkeypatch.setattr(parity, "reference", reference_failing_once)
+    tiny = dataclasses.replace(plan.DRY, parity_shapes=((2, 3, 17),), parity_large=())
+
+    rows = list(parity.torch_parity(tiny, "cpu", dry_run=True))
+
+    failed = [row for row in rows if "error" in row]
+    assert len(calls) == 3 and len(failed) == 1
+    assert failed[0]["dtype"] == "float16" and not failed[0]["ok"]
+    assert "triton compilation failed" in failed[0]["error"]
+    assert [row["ok"] for row in rows if "error" not in row] == [True] * 4
 
 
 def test_a_command_past_its_limit_is_stopped_and_reported(tmp_path):

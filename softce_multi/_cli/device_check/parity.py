@@ -50,14 +50,17 @@ def max_error(actual: Any, desired: Any) -> float:
     """``max |actual - desired| / max |desired|`` in float64 over the entries where ``desired``
     is finite; where it is not (the ``inf`` targets gradient of a ``-inf`` logit), ``actual``
     must equal it, else the error is ``inf``. NaN where ``actual`` holds NaN."""
+    import torch
+
     actual, desired = as_torch(actual).double(), desired.double()
     if actual.shape != desired.shape:
         msg = f"shapes differ: {tuple(actual.shape)} against {tuple(desired.shape)}"
         raise ValueError(msg)
     finite = desired.isfinite()
-    if not bool((actual[~finite] == desired[~finite]).all().item()):
-        return float("inf")
-    actual, desired = actual[finite], desired[finite]
+    if not bool(finite.all().item()):
+        if not bool((actual[~finite] == desired[~finite]).all().item()):
+            return float("inf")
+        actual, desired = torch.where(finite, actual, 0.0), torch.where(finite, desired, 0.0)
     if actual.numel() == 0:
         return 0.0
     scale = desired.abs().max().clamp_min(1e-300)
@@ -105,8 +108,10 @@ def compare(
         row["finite"],
     ]
     if grad_targets is not None and expected.grad_targets is not None:
+        targets_tol = testing.gradient_tolerance("float32", testing.dtype_name(grad_targets))
         row["targets_grad_error"] = max_error(grad_targets, expected.grad_targets)
-        checks.append(row["targets_grad_error"] <= grad_tol)
+        row["targets_grad_tolerance"] = targets_tol
+        checks.append(row["targets_grad_error"] <= targets_tol)
     row["ok"] = all(checks)
     return row
 
@@ -166,74 +171,77 @@ def _cases(plan: Plan) -> Iterator[tuple[tuple[int, ...], str, str, str]]:
     yield from plan.parity_large
 
 
-def torch_parity(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+def failed_row(path: str, label: dict[str, Any], error: Exception) -> dict[str, Any]:
+    """The row of a case whose run raised: it fails, with the error, and the next case runs."""
+    return {"path": path, **label, "ok": False, "error": f"{type(error).__name__}: {error}"}
+
+
+def torch_parity(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
     """Rows of the loss's torch paths (the Triton kernels on CUDA) on every case of ``plan``."""
     import softce_multi
 
-    rows = []
     backward = autograd_path(softce_multi.masked_soft_cross_entropy)
     with kernels_as_on_a_gpu(dry_run):
         for index, (shape, dtype, case, reduction) in enumerate(_cases(plan)):
-            inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=index)
-            large = shape not in plan.parity_shapes
-            expected = reference(inputs, targets_grad=not large)
             label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
-            rows.append(compare("torch backward", label, inputs, expected, *backward(inputs)))
-            if inputs.reduction != "none":
-                result = with_grad_path(inputs)
-                row = compare("torch with_grad", label, inputs, expected, *result, scale=UPSTREAM)
-                rows.append(row)
-            del inputs, expected
+            try:
+                inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=index)
+                large = shape not in plan.parity_shapes
+                expected = reference(inputs, targets_grad=not large)
+                yield compare("torch backward", label, inputs, expected, *backward(inputs))
+                if inputs.reduction != "none":
+                    result = with_grad_path(inputs)
+                    yield compare(
+                        "torch with_grad", label, inputs, expected, *result, scale=UPSTREAM
+                    )
+            except Exception as error:  # reported as a failing row
+                yield failed_row("torch", label, error)
             free_device_memory(device)
-    return rows
 
 
-def operator_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+def operator_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
     """The in-place Triton operators against the functional ones, bit for bit, per dtype.
 
     ``triton_row_routine_`` must leave in the logits the gradient that ``triton_row_routine``
     returns, and ``triton_gradient_routine_`` the one ``triton_gradient_routine`` returns, with
     the same statistics and targets gradient.
     """
+    shape = plan.parity_shapes[-1]
+    with kernels_as_on_a_gpu(dry_run):
+        for index, dtype in enumerate(LOW_PRECISION):
+            label = {"shape": list(shape), "dtype": dtype, "case": "nan_inf_padding"}
+            try:
+                inputs = make_inputs(
+                    shape, dtype, "nan_inf_padding", "mean", device=device, seed=100 + index
+                )
+                identical = _operators_identical(inputs)
+                row = {"path": "torch in-place operators", **label, "reduction": "mean"}
+                yield {**row, **identical, "ok": all(identical.values())}
+            except Exception as error:  # reported as a failing row
+                yield failed_row("torch in-place operators", label, error)
+
+
+def _operators_identical(inputs: Inputs) -> dict[str, bool]:
+    """Whether each in-place Triton operator leaves what its functional twin returns."""
     import torch
 
-    with kernels_as_on_a_gpu(dry_run):
-        from softce_multi.kernels import triton as triton_kernels
+    from softce_multi.kernels import triton as triton_kernels
 
-    rows = []
-    shape = plan.parity_shapes[-1]
-    for index, dtype in enumerate(LOW_PRECISION):
-        inputs = make_inputs(
-            shape, dtype, "nan_inf_padding", "mean", device=device, seed=100 + index
-        )
-        z = inputs.logits.reshape(-1, shape[-1])
-        p = inputs.targets.reshape(-1, shape[-1])
-        weights = inputs.mask.reshape(-1).float()
-        scale = weights / weights.sum().clamp_min(1)
-        functional = triton_kernels.triton_row_routine(z, p, weights, scale, True, None)
-        over = z.clone()
-        statistics = triton_kernels.triton_row_routine_(over, p, weights, scale, None)
-        row_same = all(
-            torch.equal(a, b) for a, b in zip((*statistics, over), functional, strict=True)
-        )
-        saved = functional[1:4]
-        grads = triton_kernels.triton_gradient_routine(z, p, *saved, scale, True, True, None)
-        over = z.clone()
-        grad_p = triton_kernels.triton_gradient_routine_(over, p, *saved, scale, True, None)
-        gradient_same = torch.equal(over, grads[0]) and torch.equal(grad_p, grads[1])
-        rows.append(
-            {
-                "path": "torch in-place operators",
-                "shape": list(shape),
-                "dtype": dtype,
-                "case": "nan_inf_padding",
-                "reduction": "mean",
-                "row_operator_identical": row_same,
-                "gradient_operator_identical": gradient_same,
-                "ok": row_same and gradient_same,
-            }
-        )
-    return rows
+    vocab = inputs.logits.shape[-1]
+    z, p = inputs.logits.reshape(-1, vocab), inputs.targets.reshape(-1, vocab)
+    weights = inputs.mask.reshape(-1).float()
+    scale = weights / weights.sum().clamp_min(1)
+    functional = triton_kernels.triton_row_routine(z, p, weights, scale, True, None)
+    over = z.clone()
+    statistics = triton_kernels.triton_row_routine_(over, p, weights, scale, None)
+    pairs = zip((*statistics, over), functional, strict=True)
+    row_same = all(torch.equal(a, b) for a, b in pairs)
+    saved = functional[1:4]
+    grads = triton_kernels.triton_gradient_routine(z, p, *saved, scale, True, True, None)
+    over = z.clone()
+    grad_p = triton_kernels.triton_gradient_routine_(over, p, *saved, scale, True, None)
+    gradient_same = torch.equal(over, grads[0]) and torch.equal(grad_p, grads[1])
+    return {"row_operator_identical": row_same, "gradient_operator_identical": gradient_same}
 
 
 def _linear_loss(hidden: Any, weight: Any, inputs: Inputs) -> Any:
@@ -262,8 +270,31 @@ def _linear_gradients(
     return loss.detach(), {"hidden": leaves[0].grad, "weight": leaves[1].grad}
 
 
-def linear_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
-    """The linear loss (the in-place operators on each chunk) against the materialised formula.
+def linear_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
+    """The linear loss (the in-place operators on each chunk) against the materialised formula,
+    in every dtype, with the mean and ``"none"``."""
+    shape = plan.parity_shapes[-1]
+    sizes = (shape[0] * shape[1], 64, shape[-1])
+    with kernels_as_on_a_gpu(dry_run):
+        for index, (dtype, reduction) in enumerate(
+            itertools.product(LOW_PRECISION, ("mean", "none"))
+        ):
+            label = {"shape": list(sizes), "dtype": dtype, "case": "random", "reduction": reduction}
+            try:
+                yield {
+                    "path": "torch linear loss",
+                    **label,
+                    **_linear_errors(sizes, label, device, index),
+                }
+            except Exception as error:  # reported as a failing row
+                yield failed_row("torch linear loss", label, error)
+            free_device_memory(device)
+
+
+def _linear_errors(
+    sizes: tuple[int, int, int], label: dict[str, Any], device: str, index: int
+) -> dict[str, Any]:
+    """The errors of the linear loss and of the materialised formula at ``sizes`` ``(N, H, V)``.
 
     As in the test suite: each gradient's root-sum-square error from the float64 gradients of
     the formula's own rounded logits may be at most ``1 + LINEAR_MARGIN`` times the formula's
@@ -271,64 +302,54 @@ def linear_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
     """
     import torch
 
-    rows = []
-    shape = plan.parity_shapes[-1]
-    rows_count, vocab, hidden_size = shape[0] * shape[1], shape[-1], 64
-    cases = itertools.product(LOW_PRECISION, ("mean", "none"))
-    with kernels_as_on_a_gpu(dry_run):
-        for index, (dtype, reduction) in enumerate(cases):
-            inputs = make_inputs(
-                (rows_count, vocab), "float32", "random", reduction, device=device, seed=200 + index
-            )
-            generator = torch.Generator(device=device).manual_seed(300 + index)
-            real = getattr(torch, dtype)
-            hidden = torch.randn(rows_count, hidden_size, generator=generator, device=device)
-            weight = torch.randn(vocab, hidden_size, generator=generator, device=device) / 4
-            hidden, weight = hidden.to(real), weight.to(real)
-            ours_loss, ours = _linear_gradients(_linear_loss, hidden, weight, inputs)
-            formula_loss, formula = _linear_gradients(_materialised_loss, hidden, weight, inputs)
-            logits = (hidden @ weight.T).double()
-            exact = reference(
-                Inputs(
-                    logits, inputs.targets, inputs.mask, inputs.reduction, None, inputs.upstream
-                ),
-                targets_grad=False,
-            )
-            exact_grads = {
-                "hidden": exact.grad_logits @ weight.double(),
-                "weight": exact.grad_logits.T @ hidden.double(),
-            }
-            row: dict[str, Any] = {
-                "path": "torch linear loss",
-                "shape": [rows_count, hidden_size, vocab],
-                "dtype": dtype,
-                "case": "random",
-                "reduction": reduction,
-                "loss_error": max_error(ours_loss, exact.loss),
-                "formula_loss_error": max_error(formula_loss, exact.loss),
-            }
-            ok = row["loss_error"] <= max(2 * row["formula_loss_error"], 1e-5)
-            for name, exact_grad in exact_grads.items():
-                error = float((ours[name].double() - exact_grad).norm().item())
-                formula_error = float((formula[name].double() - exact_grad).norm().item())
-                row[f"{name}_error_norm_ratio"] = error / max(formula_error, 1e-300)
-                floor = 1e-5 * float(exact_grad.norm().item())
-                ok = ok and (error <= (1 + LINEAR_MARGIN) * formula_error or error <= floor)
-            row["ok"] = bool(ok)
-            rows.append(row)
-            free_device_memory(device)
-    return rows
+    rows_count, hidden_size, vocab = sizes
+    inputs = make_inputs(
+        (rows_count, vocab),
+        "float32",
+        "random",
+        label["reduction"],
+        device=device,
+        seed=200 + index,
+    )
+    generator = torch.Generator(device=device).manual_seed(300 + index)
+    real = getattr(torch, label["dtype"])
+    hidden = torch.randn(rows_count, hidden_size, generator=generator, device=device).to(real)
+    weight = torch.randn(vocab, hidden_size, generator=generator, device=device) / 4
+    weight = weight.to(real)
+    ours_loss, ours = _linear_gradients(_linear_loss, hidden, weight, inputs)
+    formula_loss, formula = _linear_gradients(_materialised_loss, hidden, weight, inputs)
+    logits = (hidden @ weight.T).double()
+    exact = reference(
+        Inputs(logits, inputs.targets, inputs.mask, inputs.reduction, None, inputs.upstream),
+        targets_grad=False,
+    )
+    exact_grads = {
+        "hidden": exact.grad_logits @ weight.double(),
+        "weight": exact.grad_logits.T @ hidden.double(),
+    }
+    row: dict[str, Any] = {
+        "loss_error": max_error(ours_loss, exact.loss),
+        "formula_loss_error": max_error(formula_loss, exact.loss),
+    }
+    ok = row["loss_error"] <= max(2 * row["formula_loss_error"], 1e-5)
+    for name, exact_grad in exact_grads.items():
+        error = float((ours[name].double() - exact_grad).norm().item())
+        formula_error = float((formula[name].double() - exact_grad).norm().item())
+        row[f"{name}_error_norm_ratio"] = error / max(formula_error, 1e-300)
+        floor = 1e-5 * float(exact_grad.norm().item())
+        ok = ok and (error <= (1 + LINEAR_MARGIN) * formula_error or error <= floor)
+    return {**row, "ok": bool(ok)}
 
 
-def distributed_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+def distributed_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
     """``vocab_parallel_masked_soft_cross_entropy`` on a process group of one (NCCL on CUDA,
     gloo on the CPU), against the reference, per dtype and reduction."""
     from softce_multi import testing
     from softce_multi.distributed import vocab_parallel_masked_soft_cross_entropy
 
-    rows = []
     shape = plan.parity_shapes[-1]
     backend = "nccl" if device == "cuda" else "gloo"
+    name = f"torch vocab-parallel ({backend}, one rank)"
     with testing.group_of_one(backend=backend) as group, kernels_as_on_a_gpu(dry_run):
 
         def loss_function(*arrays: Any, **options: Any) -> Any:
@@ -338,16 +359,11 @@ def distributed_rows(plan: Plan, device: str, dry_run: bool) -> list[dict[str, A
         for index, (dtype, reduction) in enumerate(
             itertools.product(LOW_PRECISION, ("mean", "none", "mean with num_valid"))
         ):
-            inputs = make_inputs(shape, dtype, "random", reduction, device=device, seed=400 + index)
-            expected = reference(inputs)
             label = {"shape": list(shape), "dtype": dtype, "case": "random", "reduction": reduction}
-            rows.append(
-                compare(
-                    f"torch vocab-parallel ({backend}, one rank)",
-                    label,
-                    inputs,
-                    expected,
-                    *path(inputs),
+            try:
+                inputs = make_inputs(
+                    shape, dtype, "random", reduction, device=device, seed=400 + index
                 )
-            )
-    return rows
+                yield compare(name, label, inputs, reference(inputs), *path(inputs))
+            except Exception as error:  # reported as a failing row
+                yield failed_row(name, label, error)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import itertools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from softce_multi._cli.device_check.inputs import (
@@ -21,7 +21,7 @@ from softce_multi._cli.device_check.inputs import (
     make_inputs,
     reference,
 )
-from softce_multi._cli.device_check.parity import compare
+from softce_multi._cli.device_check.parity import compare, failed_row
 from softce_multi._cli.device_check.plan import (
     LOW_PRECISION,
     Plan,
@@ -96,31 +96,29 @@ def _jax_with_grad(inputs: Inputs) -> tuple[Any, Any, Any]:
     return loss, grad, None
 
 
-def jax_parity(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
+def jax_parity(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
     """Rows of JAX on the device, through XLA alone and through the Pallas kernels."""
     engines: dict[str, Callable[[], contextlib.AbstractContextManager[None]]] = {
         "jax XLA": xla_only,
         "jax Pallas": lambda: kernels_as_on_a_gpu(dry_run),
     }
-    rows = []
     for index, (shape, dtype, case, reduction) in enumerate(_jax_cases(plan)):
+        label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
         inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=500 + index)
         expected = reference(inputs)
-        label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
         for engine, context in engines.items():
-            with context():
-                result = _jax_value_and_grad(engine, inputs)
-                rows.append(compare(f"{engine} grad", label, inputs, expected, *result))
-                if inputs.reduction != "none":
-                    result = _jax_with_grad(inputs)
-                    row = compare(
-                        f"{engine} with_grad", label, inputs, expected, *result, scale=UPSTREAM
-                    )
-                    rows.append(row)
-            del result
+            try:
+                with context():
+                    result = _jax_value_and_grad(engine, inputs)
+                    yield compare(f"{engine} grad", label, inputs, expected, *result)
+                    if inputs.reduction != "none":
+                        result = _jax_with_grad(inputs)
+                        name = f"{engine} with_grad"
+                        yield compare(name, label, inputs, expected, *result, scale=UPSTREAM)
+            except Exception as error:  # reported as a failing row
+                yield failed_row(engine, label, error)
         del inputs, expected
         free_device_memory(device)
-    return rows
 
 
 def _jax_cases(plan: Plan) -> itertools.chain[tuple[tuple[int, ...], str, str, str]]:
@@ -134,32 +132,26 @@ def _jax_cases(plan: Plan) -> itertools.chain[tuple[tuple[int, ...], str, str, s
     )
 
 
-def cupy_parity(plan: Plan, device: str, dry_run: bool) -> list[dict[str, Any]]:
-    """Rows of CuPy (the generic path, ``masked_soft_cross_entropy_with_grad``); none without a
-    GPU, where CuPy cannot run."""
-    if dry_run:
-        return []
+def cupy_parity(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
+    """Rows of CuPy (the generic path, ``masked_soft_cross_entropy_with_grad``)."""
     import cupy
 
     import softce_multi
 
-    rows = []
     cases = itertools.product(
         plan.cupy_parity_shapes, ("float16", "float32"), CASES, ("mean", "sum")
     )
     for index, (shape, dtype, case, reduction) in enumerate(cases):
-        inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=600 + index)
-        expected = reference(inputs, targets_grad=False)
-        logits, targets, mask = (
-            cupy.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask)
-        )
-        loss, grad = softce_multi.masked_soft_cross_entropy_with_grad(
-            logits,
-            targets,
-            mask,
-            reduction=inputs.reduction,  # type: ignore[arg-type]
-        )
         label = {"shape": list(shape), "dtype": dtype, "case": case, "reduction": reduction}
-        rows.append(compare("cupy with_grad", label, inputs, expected, loss, grad, scale=UPSTREAM))
+        try:
+            inputs = make_inputs(shape, dtype, case, reduction, device=device, seed=600 + index)
+            expected = reference(inputs, targets_grad=False)
+            arrays = (cupy.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask))
+            loss, grad = softce_multi.masked_soft_cross_entropy_with_grad(
+                *arrays,
+                reduction=inputs.reduction,  # type: ignore[arg-type]
+            )
+            yield compare("cupy with_grad", label, inputs, expected, loss, grad, scale=UPSTREAM)
+        except Exception as error:  # reported as a failing row
+            yield failed_row("cupy", label, error)
         free_device_memory(device)
-    return rows

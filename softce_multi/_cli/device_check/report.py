@@ -200,8 +200,9 @@ def summary(report: dict[str, Any]) -> str:
         f"parity: {len(report['parity']) - len(failing)} of {len(report['parity'])} rows ok"
     )
     for row in failing[:10]:
-        keys = ("path", "shape", "dtype", "case", "reduction", "loss_error", "grad_error")
-        lines.append("  FAIL " + ", ".join(f"{key}={row.get(key)}" for key in keys))
+        keys = ("path", "shape", "dtype", "case", "reduction", "loss_error", "grad_error", "error")
+        shown = [f"{key}={row[key]}" for key in keys if key in row]
+        lines.append("  FAIL " + ", ".join(shown))
     for failure in report["failed"]:
         lines.append(f"  FAILED {failure}")
     if report["speed"]:

@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,11 +88,13 @@ def _resources(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
     record("resources", kernel_resources())
 
 
-def _rows_of(part: Callable[[Plan, str, bool], list[dict[str, Any]]], key: str) -> Part:
-    """The part that records the rows ``part(plan, device, dry_run)`` returns under ``key``."""
+def _rows_of(part: Callable[[Plan, str, bool], Iterator[dict[str, Any]]], key: str) -> Part:
+    """The part that records each row ``part(plan, device, dry_run)`` yields under ``key``, as
+    it comes."""
 
     def run(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
-        record(key, part(plan, device, dry_run))
+        for row in part(plan, device, dry_run):
+            record(key, [row])
 
     return run
 
@@ -112,7 +114,7 @@ def _parity_parts() -> tuple[Part, ...]:
 def _jax_parity(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
     from softce_multi._cli.device_check.parity_arrays import jax_parity
 
-    record("parity", jax_parity(plan, device, dry_run))
+    _rows_of(jax_parity, "parity")(plan, device, dry_run, record)
 
 
 def _cupy_parity(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
@@ -121,7 +123,7 @@ def _cupy_parity(plan: Plan, device: str, dry_run: bool, record: Record) -> None
     if dry_run:
         record("skipped", [{"implementation": "cupy", "reason": "dry run: no GPU"}])
         return
-    record("parity", cupy_parity(plan, device, dry_run))
+    _rows_of(cupy_parity, "parity")(plan, device, dry_run, record)
 
 
 def _torch_speed(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
