@@ -155,3 +155,62 @@ def cupy_parity(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, An
         except Exception as error:  # reported as a failing row
             yield failed_row("cupy", label, error)
         free_device_memory(device)
+
+
+def _vocab_parallel_objective(
+    logits: Any, targets: Any, mask: Any, num_valid: Any, upstream: Any, *, reduction: str
+) -> tuple[Any, Any]:
+    """``vocab_parallel_masked_soft_cross_entropy`` under ``jax.shard_map`` over a mesh of this
+    one device, the vocabulary along its axis: ``sum(loss * upstream)`` and the loss."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh
+    from jax.sharding import PartitionSpec as P
+
+    from softce_multi.distributed import vocab_parallel_masked_soft_cross_entropy
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("vocab",))
+
+    def shard(z: Any, p: Any, w: Any, count: Any) -> Any:
+        return vocab_parallel_masked_soft_cross_entropy(
+            z,
+            p,
+            w,
+            axis_name="vocab",
+            reduction=reduction,  # type: ignore[arg-type]
+            num_valid=count,
+        )
+
+    vocabulary = P(None, None, "vocab")
+    loss = jax.shard_map(
+        shard, mesh=mesh, in_specs=(vocabulary, vocabulary, P(), P()), out_specs=P()
+    )(logits, targets, mask, num_valid)
+    return jnp.sum(loss * upstream), loss
+
+
+def jax_distributed_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
+    """``vocab_parallel_masked_soft_cross_entropy`` on a one-device mesh (``jax.shard_map``),
+    jitted with its gradients, against the reference, per dtype and reduction."""
+    import jax
+    import jax.numpy as jnp
+
+    shape = plan.jax_parity_shapes[0]
+    name = "jax vocab-parallel (shard_map, one device)"
+    for index, (dtype, reduction) in enumerate(
+        itertools.product(LOW_PRECISION, ("mean", "none", "mean with num_valid"))
+    ):
+        label = {"shape": list(shape), "dtype": dtype, "case": "random", "reduction": reduction}
+        try:
+            inputs = make_inputs(shape, dtype, "random", reduction, device=device, seed=650 + index)
+            arrays = [jnp.from_dlpack(x) for x in (inputs.logits, inputs.targets, inputs.mask)]
+            count = None if inputs.num_valid is None else jnp.from_dlpack(inputs.num_valid)
+            upstream = inputs.upstream
+            if not isinstance(upstream, float):
+                upstream = jnp.from_dlpack(upstream)
+            objective = functools.partial(_vocab_parallel_objective, reduction=inputs.reduction)
+            step = jax.jit(jax.value_and_grad(objective, argnums=(0, 1), has_aux=True))
+            (_, loss), (grad_logits, grad_targets) = step(*arrays, count, upstream)
+            yield compare(name, label, inputs, reference(inputs), loss, grad_logits, grad_targets)
+        except Exception as error:  # reported as a failing row
+            yield failed_row(name, label, error)

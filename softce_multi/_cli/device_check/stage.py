@@ -111,10 +111,10 @@ def _parity_parts() -> tuple[Part, ...]:
     return tuple(_rows_of(part, "parity") for part in parts)
 
 
-def _jax_parity(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
-    from softce_multi._cli.device_check.parity_arrays import jax_parity
+def _jax_parity_parts() -> tuple[Part, ...]:
+    from softce_multi._cli.device_check.parity_arrays import jax_distributed_rows, jax_parity
 
-    _rows_of(jax_parity, "parity")(plan, device, dry_run, record)
+    return (_rows_of(jax_parity, "parity"), _rows_of(jax_distributed_rows, "parity"))
 
 
 def _cupy_parity(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
@@ -158,7 +158,7 @@ STAGES: dict[str, Callable[[], tuple[Part, ...]]] = {
     "torch-parity": _parity_parts,
     "torch-speed": lambda: (_torch_speed,),
     "hidden": lambda: (_linear, _targets),
-    "jax-parity": lambda: (_jax_parity,),
+    "jax-parity": _jax_parity_parts,
     "jax-speed": lambda: (_jax_speed,),
     "cupy-parity": lambda: (_cupy_parity,),
 }
