@@ -25,7 +25,7 @@ REPOSITORY = Path(__file__).resolve().parents[3]
 STAGE_LIMIT_S = {
     "environment": 30,
     "resources": 60,
-    "torch-parity": 120,
+    "torch-parity": 150,
     "torch-speed": 120,
     "hidden": 60,
     "jax-parity": 75,

@@ -156,19 +156,20 @@ def with_grad_path(inputs: Inputs) -> tuple[Any, Any, Any]:
 
 
 def _cases(plan: Plan) -> Iterator[tuple[tuple[int, ...], str, str, str]]:
-    """``(shape, dtype, case, reduction)`` of every parity case of ``plan``: the first shape in
-    every dtype with the random case, the second in every dtype, case and reduction, the rest
-    in every dtype with the random case and the mean; then the large cases."""
+    """``(shape, dtype, case, reduction)`` of every parity case of ``plan``, the ones a stage
+    stopped at its limit would miss most first: the first shape in every dtype with the random
+    case, then the large cases, then the second shape in every dtype, case and reduction, and
+    the rest in every dtype with the random case and the mean."""
     first, *others = plan.parity_shapes
     for dtype in LOW_PRECISION:
         yield first, dtype, "random", "mean"
+    yield from plan.parity_large
     if others:
         middle, *rest = others
         yield from itertools.product([middle], LOW_PRECISION, CASES, REDUCTIONS)
         for shape in rest:
             for dtype in LOW_PRECISION:
                 yield shape, dtype, "random", "mean"
-    yield from plan.parity_large
 
 
 def failed_row(path: str, label: dict[str, Any], error: Exception) -> dict[str, Any]:
