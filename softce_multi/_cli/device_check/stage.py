@@ -130,8 +130,8 @@ def _torch_speed(plan: Plan, device: str, dry_run: bool, record: Record) -> None
     from softce_multi._cli.device_check.speed import copy_bandwidth, kernel_modes, torch_speed
 
     record("copy", copy_bandwidth(plan, device))
+    kernel_modes(plan, device, dry_run, record)  # quick: before the compilations of the peers
     torch_speed(plan, device, dry_run, installed, record)
-    kernel_modes(plan, device, dry_run, record)
 
 
 def _linear(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
