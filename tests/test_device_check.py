@@ -15,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -313,12 +314,28 @@ def test_a_parity_case_that_raises_fails_its_row_and_the_next_case_runs(monkeypa
     assert [row["ok"] for row in rows if "error" not in row] == [True] * 4
 
 
-def test_a_command_past_its_limit_is_stopped_and_reported(tmp_path):
+def test_a_command_past_its_limit_is_stopped_with_the_processes_it_started(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time; "
+        "child = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid)); time.sleep(60)"
+    )
     with (tmp_path / "log").open("w") as log:
         status, seconds, returncode = command._run(
-            [sys.executable, "-c", "import time; time.sleep(30)"], 1.0, dict(os.environ), log
+            [sys.executable, "-c", code], 2.0, dict(os.environ), log
         )
     assert (status, returncode) == ("timeout", None) and seconds < 10
+    child = int(pid_file.read_text())
+    for _ in range(50):  # the kill is sent; the child is gone once it is reaped
+        if (
+            not Path(f"/proc/{child}").exists()
+            or "Z" in Path(f"/proc/{child}/stat").read_text().split()[2]
+        ):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the child process {child} of the stopped command still runs")
 
 
 def test_the_wheel_list_pins_each_wheel_once_and_matches_the_test_session():

@@ -5,9 +5,11 @@ and prints."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -165,24 +167,32 @@ def _run(
     command: list[str], limit: float, env: dict[str, str], log: Any
 ) -> tuple[str, float, int | None]:
     """Run ``command`` with its output into ``log``: its status (``ok``, ``failed`` or
-    ``timeout``), seconds, and return code."""
+    ``timeout``), seconds, and return code.
+
+    It runs in a process group of its own, which is killed whole at the limit: the workers a
+    command starts (pytest-xdist's, ``torch.compile``'s) stop with it and leave the machine to
+    the next step.
+    """
     log.write(f"\n===== {' '.join(command)} (limit {limit:.0f} s)\n")
     log.flush()
     start = time.perf_counter()
+    process = subprocess.Popen(
+        command,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=REPOSITORY,
+        start_new_session=True,
+    )
     try:
-        done = subprocess.run(
-            command,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            timeout=limit,
-            check=False,
-            cwd=REPOSITORY,
-        )
+        returncode = process.wait(timeout=limit)
     except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
         return "timeout", time.perf_counter() - start, None
-    status = "ok" if done.returncode == 0 else "failed"
-    return status, time.perf_counter() - start, done.returncode
+    status = "ok" if returncode == 0 else "failed"
+    return status, time.perf_counter() - start, returncode
 
 
 def _last_line(text: str) -> str:
