@@ -116,6 +116,11 @@ def test_the_tables_of_a_saved_run_are_ready_for_the_readme_and_the_docs(dry_run
     assert "   * - softce_multi[torch]" in printed and ".. list-table::" in printed
 
 
+def test_the_report_names_the_commit_given_where_there_is_no_git_folder(monkeypatch):
+    monkeypatch.setenv("SOFTCE_COMMIT", "0123abc")
+    assert command._commit() == "0123abc"
+
+
 def test_the_check_needs_a_folder_for_its_output(capsys):
     with pytest.raises(SystemExit) as raised:
         command.main(["--dry-run"])

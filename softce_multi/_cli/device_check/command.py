@@ -136,6 +136,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _commit() -> str:
+    """The commit checked: ``$SOFTCE_COMMIT`` (for a copy of the tree without its git folder,
+    as the GPU machine gets), else ``git rev-parse HEAD``, else ``unknown``."""
+    given = os.environ.get("SOFTCE_COMMIT")
+    if given:
+        return given
+    try:
+        done = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=REPOSITORY,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    except OSError:
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 else "unknown"
+
+
 def _no_gpu_reason() -> str | None:
     """Why the full check cannot run here (no torch, or no CUDA device), or None."""
     from softce_multi.testing import is_installed
@@ -232,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     report: dict[str, Any] = {
         "command": " ".join(["python -m softce_multi device-check", *arguments]),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
         "dry_run": options.dry_run,
         "budget_s": options.budget,
         "environment": {},

@@ -264,7 +264,8 @@ def tables(report: dict[str, Any]) -> str:
     gpu = environment.get("gpu", {})
     software = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
     where = (
-        f"{report['date']}, {gpu.get('name', 'no GPU (dry run)')}"
+        f"{report['date']}, commit {report.get('commit', 'unknown')}, "
+        f"{gpu.get('name', 'no GPU (dry run)')}"
         f" ({environment.get('nvidia_smi', 'no nvidia-smi')}); {software}; "
         f"`{report['command']}`"
     )
