@@ -21,6 +21,7 @@ from softce_multi._cli.bench.from_hidden import FROM_HIDDEN, Sizes, _from_hidden
 from softce_multi._cli.bench.measure import MIB
 from softce_multi._cli.device_check.plan import (
     Plan,
+    Record,
     extra_peak_bytes,
     failure_recorded,
     free_device_memory,
@@ -61,7 +62,7 @@ def linear_speed(
     device: str,
     dry_run: bool,
     installed: Callable[[str], bool],
-    record: Callable[[str, Any], None],
+    record: Record,
 ) -> None:
     """Record the rows (``"linear"``) of the linear loss, the materialised path and Liger's loss
     at ``plan.linear_case``, all positions valid, as each is measured; then the relative

@@ -22,6 +22,9 @@ from unittest import mock
 
 Shape = tuple[int, ...]
 
+Record = Callable[[str, Any], None]
+"""``record(key, value)``: add a stage's result (a list is appended to) and write it out."""
+
 LOW_PRECISION = ("bfloat16", "float16", "float32")
 """The logits dtypes every parity case runs in."""
 
@@ -144,9 +147,7 @@ def _jax_installed() -> bool:
 
 
 @contextlib.contextmanager
-def failure_recorded(
-    record: Callable[[str, Any], None], implementation: str, **where: Any
-) -> Iterator[None]:
+def failure_recorded(record: Record, implementation: str, **where: Any) -> Iterator[None]:
     """Within the block, an exception is recorded under ``"failed"`` (the implementation, where,
     the error) instead of raised: one implementation that fails on the device leaves the others
     measured. The check reports it and exits with status 1."""

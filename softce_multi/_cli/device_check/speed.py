@@ -29,6 +29,7 @@ from softce_multi._cli.bench.measure import ITEMSIZE, MIB
 from softce_multi._cli.bench.modes import KERNEL_MODES, _mode_step, mode_floor_bytes
 from softce_multi._cli.device_check.plan import (
     Plan,
+    Record,
     extra_peak_bytes,
     failure_recorded,
     free_device_memory,
@@ -133,7 +134,7 @@ def torch_speed(
     device: str,
     dry_run: bool,
     installed: Callable[[str], bool],
-    record: Callable[[str, Any], None],
+    record: Record,
 ) -> None:
     """Record the row of each torch implementation (``"speed"``) as it is measured, and those
     skipped (``"skipped"``), with why."""
@@ -166,9 +167,7 @@ def torch_speed(
             free_device_memory(device)
 
 
-def kernel_modes(
-    plan: Plan, device: str, dry_run: bool, record: Callable[[str, Any], None]
-) -> None:
+def kernel_modes(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
     """Record each of ``bench``'s kernel modes (forward only, with the gradient, each backward)
     at the headline shape, bf16 logits and float32 targets (``"kernel_modes"``): its median
     time and the bytes it must move (its floor) over that time."""
@@ -218,7 +217,7 @@ def jax_speed(
     device: str,
     dry_run: bool,
     installed: Callable[[str], bool],
-    record: Callable[[str, Any], None],
+    record: Record,
 ) -> None:
     """Record the rows (``"speed"``) of softce_multi through Pallas and through XLA, and of
     optax under ``jax.jit``; memory is XLA's temporaries of the compiled step."""

@@ -23,10 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from softce_multi._cli._common import installed
-from softce_multi._cli.device_check.plan import Plan, plan_for, torch_device
+from softce_multi._cli.device_check.plan import Plan, Record, plan_for, torch_device
 
-Record = Callable[[str, Any], None]
-"""``record(key, value)``: add a stage's result (a list is appended to) and write it out."""
 Part = Callable[[Plan, str, bool, Record], None]
 
 
