@@ -62,6 +62,7 @@ def test_the_dry_run_runs_every_stage_and_every_parity_row_passes(dry_run):
     assert {"torch backward", "torch with_grad", "torch in-place operators"} <= paths
     assert {"torch linear loss", "jax XLA grad", "jax Pallas grad"} <= paths
     assert any(path.startswith("torch vocab-parallel") for path in paths)
+    assert any(path.startswith("torch.compile(fullgraph=True") for path in paths)
     assert any(path.startswith("jax vocab-parallel") for path in paths)
     assert all(row["ok"] for row in written["parity"])
 

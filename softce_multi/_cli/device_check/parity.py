@@ -200,6 +200,38 @@ def torch_parity(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, A
             free_device_memory(device)
 
 
+def compiled_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
+    """The loss under ``torch.compile(fullgraph=True)``, its backward included, called by
+    keyword as trainers do, against the reference: bf16 and float32, the mean and ``"none"``.
+
+    On the GPU, Inductor around the Triton operators. In a dry run, ``aot_eager`` around the
+    torch CPU operators: the Triton interpreter cannot run on the fake tensors a trace uses.
+    """
+    import torch
+
+    import softce_multi
+
+    backend = "aot_eager" if dry_run else "inductor"
+    compiled = torch.compile(
+        softce_multi.masked_soft_cross_entropy, fullgraph=True, backend=backend
+    )
+    path = autograd_path(compiled)
+    name = f"torch.compile(fullgraph=True, backend={backend!r})"
+    shape = plan.parity_shapes[-1]
+    for index, (dtype, reduction) in enumerate(
+        itertools.product(("bfloat16", "float32"), ("mean", "none"))
+    ):
+        label = {"shape": list(shape), "dtype": dtype, "case": "nan_inf_padding"}
+        label["reduction"] = reduction
+        try:
+            inputs = make_inputs(
+                shape, dtype, "nan_inf_padding", reduction, device=device, seed=150 + index
+            )
+            yield compare(name, label, inputs, reference(inputs), *path(inputs))
+        except Exception as error:  # reported as a failing row
+            yield failed_row(name, label, error)
+
+
 def operator_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
     """The in-place Triton operators against the functional ones, bit for bit, per dtype.
 

@@ -99,13 +99,14 @@ def _rows_of(part: Callable[[Plan, str, bool], Iterator[dict[str, Any]]], key: s
 
 def _parity_parts() -> tuple[Part, ...]:
     from softce_multi._cli.device_check.parity import (
+        compiled_rows,
         distributed_rows,
         linear_rows,
         operator_rows,
         torch_parity,
     )
 
-    parts = (torch_parity, operator_rows, linear_rows, distributed_rows)
+    parts = (torch_parity, operator_rows, compiled_rows, linear_rows, distributed_rows)
     return tuple(_rows_of(part, "parity") for part in parts)
 
 
