@@ -62,3 +62,29 @@ def test_the_reference_pages_document_no_private_module():
     private = re.findall(r"^\.\. auto\w+:: (softce_multi\.\S*\._\w+)", text, re.M)
 
     assert not private
+
+
+# The architecture and kernels pages are for contributors: they name the internals on purpose.
+USER_PAGES = sorted(
+    page.name for page in DOCS.glob("*.rst") if page.name not in ("architecture.rst", "kernels.rst")
+)
+
+
+@pytest.mark.parametrize("page", USER_PAGES)
+def test_user_pages_point_at_no_private_module(page):
+    text = (DOCS / page).read_text()
+
+    private = re.findall(r"softce_multi(?:\.\w+)*\._\w+|softce_multi/_\w+", text)
+
+    assert not private, f"docs/{page} names private modules: {sorted(set(private))}"
+
+
+@pytest.mark.parametrize("page", [*USER_PAGES, "../README.md"])
+def test_documented_commands_write_outside_the_checkout(page):
+    text = (DOCS / page).read_text()
+
+    written = re.findall(r"--(?:plot|json|out)[ =]+([^\s`]+)", text)
+    # An absolute path, a shell variable or a placeholder such as PATH or DIR.
+    inside = [path for path in written if not (path.startswith(("/", "$", '"$')) or path.isupper())]
+
+    assert not inside, f"{page}: commands write into the checkout: {inside}"
