@@ -18,6 +18,7 @@ import pytest
 
 import softce_multi as sc
 from softce_multi import eagle3
+from softce_multi.testing import REDUCTIONS
 
 torch = pytest.importorskip("torch")
 
@@ -84,7 +85,7 @@ def assert_results_close(actual: tuple, expected: tuple, **tolerances: float) ->
 
 
 @pytest.mark.parametrize("chunk_rows", [None, 7], ids=["one chunk", "7 rows a chunk"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 def test_linear_loss_equals_f_linear_then_the_loss_under_autocast(dtype, reduction, chunk_rows):
     inputs = linear_inputs(1)

@@ -48,7 +48,7 @@ def test_check_command_passes_on_every_installed_cpu_backend() -> None:
 
     assert result.returncode == 0, result.stdout + result.stderr
     rows = table_rows(result.stdout)
-    expected = {backend.name for backend in testing.backends() if backend.device == "cpu"}
+    expected = {backend.library for backend in testing.backends() if backend.device == "cpu"}
     assert {"numpy"} <= expected <= {row[0] for row in rows}
     assert all(row[-1] == "PASS" for row in rows), result.stdout
     assert "check: PASS" in result.stdout
@@ -136,6 +136,30 @@ def test_check_fails_a_nan_loss(
 
     assert status == 1
     assert table_rows(output)[0][-1] == "FAIL"
+
+
+def test_check_names_each_backend_by_its_library_and_device(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pytest.importorskip("array_api_strict")
+    status, output = run_check([*SMALL_SHAPE, "--backend", "array-api-strict"], capsys)
+
+    assert status == 0, output
+    assert [row[:2] + row[-1:] for row in table_rows(output)] == [
+        ["array_api_strict", "cpu", "PASS"]
+    ]
+
+
+def test_check_selects_a_library_by_its_name(capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    status, output = run_check([*SMALL_SHAPE, "--backend", "torch", "--dtype", "float32"], capsys)
+
+    assert status == 0, output
+    assert [row[:3] for row in table_rows(output)] == [
+        ["torch", backend.device, "float32"]
+        for backend in testing.backends()
+        if backend.library == "torch"
+    ]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

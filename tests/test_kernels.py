@@ -28,6 +28,7 @@ from softce_multi import _core, kernels
 from softce_multi.kernels import blocked
 from softce_multi.kernels import numpy as numpy_kernels
 from softce_multi.testing import (
+    REDUCTIONS,
     Backend,
     assert_gradient_close,
     assert_loss_close,
@@ -829,7 +830,7 @@ WANTED = {"logits": (True, False), "targets": (False, True), "both": (True, True
 
 
 @pytest.mark.parametrize(("logits_grad", "targets_grad"), WANTED.values(), ids=WANTED.keys())
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_torch_adapter_runs_the_triton_kernels(triton_spy, reduction, logits_grad, targets_grad):
     rng = np.random.default_rng(30)
     case = make_case(triton_spy.backend, rng, SHAPE, mask_kind="float")
@@ -889,7 +890,7 @@ def test_torch_loss_with_grad_runs_the_triton_kernel(triton_spy):
     assert triton_spy.calls == [("row_routine", {"with_logits_grad": True})]
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_jax_adapter_runs_the_pallas_kernels(pallas_spy, reduction):
     import jax
 

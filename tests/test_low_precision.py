@@ -53,6 +53,7 @@ torch = pytest.importorskip("torch", reason="the formula and the oracle need tor
 import softce_multi  # noqa: E402
 from softce_multi import _core, testing  # noqa: E402
 from softce_multi.testing import (  # noqa: E402
+    REDUCTIONS,
     ULP_MARGIN,
     assert_gradient_rounded_once,
     dtype_name,
@@ -890,7 +891,7 @@ def test_linear_loss_with_grad_at_a_unit_upstream_is_as_accurate_as_the_formula(
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_torch_vocab_parallel_rounds_the_gradient_once(group_of_one, rng, dtype, reduction):
     upstream = upstream_of(rng, reduction, EAGLE3_UPSTREAM, SHAPE[:-1])
@@ -902,7 +903,7 @@ def test_torch_vocab_parallel_rounds_the_gradient_once(group_of_one, rng, dtype,
     assert_gradient_rounded_once(grad, *arrays, reduction=reduction, upstream=upstream)
 
 
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_jax_vocab_parallel_rounds_the_gradient_once(needs_jax, rng, dtype, reduction):
     upstream = upstream_of(rng, reduction, EAGLE3_UPSTREAM, SHAPE[:-1])

@@ -13,7 +13,9 @@ against the float64 one, beside the plain float32 formula's gradient rounded onc
 :data:`softce_multi.testing.ULP_MARGIN` further.
 
 The backends are those of :func:`softce_multi.testing.backends`, the enumeration the test suite
-and ``bench`` use, under the same names.
+and ``bench`` use. The table names each by its library (``numpy``, ``array_api_strict``,
+``torch``, ``jax``, ``cupy``) and its device; ``--backend`` takes a backend's name
+(``torch-cpu``) or a library's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ DEFAULT_SHAPE = (2, 512, 32000)
 DEFAULT_DTYPES = ("float32", "bfloat16")
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 BACKENDS = tuple(backend.name for backend in testing.known_backends())
+LIBRARIES = tuple(dict.fromkeys(backend.library for backend in testing.known_backends()))
 #: The weight of the second test-time step of a three-step EAGLE-3 loss (0.8**i over the sum of
 #: the three), an upstream gradient that training steps pass to the loss.
 DEFAULT_UPSTREAM = 0.8 / 2.44
@@ -89,7 +92,7 @@ class Oracle:
 class Row:
     """One line of the table: a backend and dtype, its errors and its verdict."""
 
-    backend: str
+    backend: str  # the backend's library, as the array-API namespace names it
     device: str
     dtype: str
     loss: float
@@ -331,7 +334,7 @@ def check_backend(
     except Exception as error:
         message = f"{type(error).__name__}: {error}"
         nan = math.nan
-        return Row(backend.name, backend.device, dtype, nan, nan, nan, nan, False, message)
+        return Row(backend.library, backend.device, dtype, nan, nan, nan, nan, False, message)
     loss_error = relative_error(outcome.loss, reference_loss)
     grad_error = gradient_error(testing.to_float64(outcome.grad), reference_grad)
     # A NaN error compares false, and so fails.
@@ -339,7 +342,7 @@ def check_backend(
     if ulps is not None:
         passed = passed and ulps[0] <= ulps[1] + ULP_MARGIN
     return Row(
-        backend.name,
+        backend.library,
         backend.device,
         dtype,
         outcome.loss,
@@ -428,8 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend",
         nargs="+",
-        choices=BACKENDS,
-        help="check only these backends (default: every one available here)",
+        choices=BACKENDS + tuple(name for name in LIBRARIES if name not in BACKENDS),
+        help=(
+            "check only these backends, by backend (torch-cpu) or by library, which selects "
+            "its backends on every device present (torch) (default: every one available here)"
+        ),
     )
     parser.add_argument(
         "--oracle",
@@ -438,6 +444,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="reference implementation; auto uses PyTorch when installed (default: auto)",
     )
     return parser
+
+
+def _selected(backend: testing.Backend, names: Sequence[str]) -> bool:
+    """Whether ``--backend names`` selects ``backend``, by its name or by its library's."""
+    return backend.name in names or backend.library in names
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -453,7 +464,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if reasons:
             parser.error(f"--backend {'; '.join(reasons)}")
-        backends = [backend for backend in backends if backend.name in args.backend]
+        backends = [backend for backend in backends if _selected(backend, args.backend)]
+        if not backends:
+            parser.error(f"--backend {' '.join(args.backend)}: none of them is available here")
     if args.oracle == "torch" and not installed("torch"):
         parser.error("--oracle torch needs PyTorch, which is not installed; use --oracle numpy")
     oracle = select_oracle(args.oracle)

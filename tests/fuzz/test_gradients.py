@@ -13,6 +13,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from softce_multi.testing import (
+    REDUCTIONS,
     Backend,
     assert_gradient_rounded_once,
     dtype_name,
@@ -58,7 +59,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
     structure=structures(
         "rounded_once",
         **{**LOSS_DIMENSIONS, "logits": ("bfloat16", "float16")},
-        reduction=("mean", "sum", "none"),
+        reduction=REDUCTIONS,
         num_valid=(None, 3, 0.5, 1000),
         positional=(0, 1, 2, 3),
     ),
@@ -220,7 +221,7 @@ def second_order_inputs(
     structure=structures(
         "penalty",
         **LOSS_DIMENSIONS,
-        reduction=("mean", "sum", "none"),
+        reduction=REDUCTIONS,
         positional=(0, 1, 2, 3),
     ),
     seed=seed_st,
@@ -317,7 +318,7 @@ def hessian_oracle(
     structure=structures(
         "hessian",
         **{**LOSS_DIMENSIONS, "shape": HESSIAN_SHAPES},
-        reduction=("mean", "sum", "none"),
+        reduction=REDUCTIONS,
         positional=(0, 1, 2, 3),
     ),
     seed=seed_st,

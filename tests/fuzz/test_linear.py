@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 import softce_multi as sc
 from softce_multi.testing import (
     LOSS_RTOL,
+    REDUCTIONS,
     Backend,
     dtype_name,
     random_targets,
@@ -200,7 +201,7 @@ def linear_loss(*args: Any, positional: int = 4, **options: Any) -> Any:
     structure=structures(
         "linear",
         **LINEAR_DIMENSIONS,
-        reduction=("mean", "sum", "none"),
+        reduction=REDUCTIONS,
         positional=LINEAR_POSITIONAL,
     ),
 )
@@ -306,7 +307,7 @@ def jax_linear_gradients(
     structure=structures(
         "linear_autodiff",
         **LINEAR_DIMENSIONS,
-        reduction=("mean", "sum", "none"),
+        reduction=REDUCTIONS,
         positional=LINEAR_POSITIONAL,
     ),
     seed=seed_st,
@@ -422,7 +423,7 @@ def linear_penalty_oracle(
         mask=LINEAR_DIMENSIONS["mask"],
         trailing_one=(False, True),
         chunk_rows=(None, 1, 3),
-        reduction=("mean", "sum", "none"),
+        reduction=REDUCTIONS,
         positional=LINEAR_POSITIONAL,
     ),
     seed=seed_st,
@@ -487,7 +488,7 @@ def test_jax_linear_gradient_penalty_derivatives_are_zero_at_padding(
     structure=structures(
         "torch_linear_once",
         **LINEAR_DIMENSIONS,
-        reduction=("mean", "sum", "none"),
+        reduction=REDUCTIONS,
         positional=LINEAR_POSITIONAL,
     ),
     upstream_requires_grad=st.booleans(),

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from softce_multi.testing import Backend
+from softce_multi.testing import REDUCTIONS, Backend
 
 from .strategies import (
     LOSS_DIMENSIONS,
@@ -45,9 +45,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 @fuzz
 @given(
     data=st.data(),
-    structure=structures(
-        "loss", **LOSS_DIMENSIONS, reduction=("mean", "sum", "none"), positional=(0, 1, 2, 3)
-    ),
+    structure=structures("loss", **LOSS_DIMENSIONS, reduction=REDUCTIONS, positional=(0, 1, 2, 3)),
 )
 def test_loss_agrees_with_the_oracle_on_every_backend(data: Any, structure: dict) -> None:
     inputs = data.draw(loss_values(structure))
@@ -140,7 +138,7 @@ def test_loss_with_grad_agrees_with_the_oracle_on_every_backend(data: Any, struc
 @given(
     data=st.data(),
     structure=structures(
-        "autodiff", **LOSS_DIMENSIONS, reduction=("mean", "sum", "none"), positional=(0, 1, 2, 3)
+        "autodiff", **LOSS_DIMENSIONS, reduction=REDUCTIONS, positional=(0, 1, 2, 3)
     ),
     seed=seed_st,
 )

@@ -25,6 +25,7 @@ from softce_multi._cli.bench.report import (
     write_json,
 )
 from softce_multi._cli.bench.sparse import main as main_sparse
+from softce_multi._types import REDUCTIONS
 
 DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
 DEFAULT_TARGET_VOCAB = 128000
@@ -178,7 +179,7 @@ def _add_from_hidden_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--reduction",
-        choices=("mean", "sum", "none"),
+        choices=REDUCTIONS,
         help="with --linear: the reduction of both paths; none sums the losses (default: mean)",
     )
     parser.add_argument(
