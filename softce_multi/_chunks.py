@@ -130,17 +130,22 @@ def traced() -> Loop:
     def is_half(x: Any) -> bool:
         return jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
 
-    @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
     def get(x: Any, starts: tuple[Any, ...], sizes: tuple[int, ...]) -> Any:
+        # The whole array is itself: no slice, which on an array split over devices (a mesh's
+        # explicit axes) XLA would have to gather.
+        return x if tuple(sizes) == tuple(x.shape) else get_slice(x, starts, sizes)
+
+    @functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+    def get_slice(x: Any, starts: tuple[Any, ...], sizes: tuple[int, ...]) -> Any:
         if not is_half(x):
             return jax.lax.dynamic_slice(x, starts, sizes)
         bits = jax.lax.dynamic_slice(jax.lax.bitcast_convert_type(x, jnp.uint16), starts, sizes)
         return jax.lax.bitcast_convert_type(bits, x.dtype)
 
-    @get.defjvp
+    @get_slice.defjvp
     def get_derivative(sizes: tuple[int, ...], primals: Any, tangents: Any) -> Any:
         (x, starts), (x_tangent, _) = primals, tangents
-        return get(x, starts, sizes), jax.lax.dynamic_slice(x_tangent, starts, sizes)
+        return get_slice(x, starts, sizes), jax.lax.dynamic_slice(x_tangent, starts, sizes)
 
     def put(out: Any, starts: tuple[Any, ...], value: Any) -> Any:
         return jax.lax.dynamic_update_slice(out, jnp.astype(value, out.dtype), starts)

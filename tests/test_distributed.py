@@ -950,6 +950,22 @@ def jax_checks() -> dict[str, Any]:
             name = f"plain jit {layout} sharded"
             compare_jax(checks, f"{name} {dtype}", plain_step(*args), expected)
             checks[f"collectives {name}"] = compiled_collectives(plain_step, *args)
+
+    # Large enough that the XLA routine runs over chunks of rows unsharded (N * V > 2**20).
+    keys = jax.random.split(jax.random.key(0), 3)
+    z = jax.random.normal(keys[0], (4, 64, 8192))
+    p = jax.nn.softmax(jax.random.normal(keys[1], z.shape))
+    w = jax.random.uniform(keys[2], z.shape[:-1]) < 0.8
+    plain_step = jax.jit(jax.value_and_grad(sc.masked_soft_cross_entropy, argnums=(0, 1)))
+    expected = plain_step(z, p, w)
+    for layout, spec in (("batch", ("data",)), ("vocab", ("data", None, "vocab"))):
+        args = (placed(z, *spec), placed(p, *spec), placed(w, "data"))
+        name = f"plain jit {layout} sharded chunked"
+        loss, grads = plain_step(*args)
+        compare_jax(checks, f"{name} float32", (loss, grads), expected)
+        checks[f"collectives {name}"] = compiled_collectives(plain_step, *args)
+        checks[f"{name} gradient layout"] = [axes_of(grad) for grad in grads]
+        checks[f"{name} input layout"] = axes_of(args[0])
     return checks
 
 
@@ -1053,6 +1069,12 @@ def compare_jax(
         checks[f"{prefix} {name}"] = [error, float(np.max(np.abs(e)))]
 
 
+def axes_of(x: Any) -> list[str | None]:
+    """The mesh axis each axis of the JAX array ``x`` is split over (None where it is whole)."""
+    spec = tuple(x.sharding.spec)
+    return [None if axis is None else str(axis) for axis in spec + (None,) * (x.ndim - len(spec))]
+
+
 def compiled_collectives(step: Any, *args: Any) -> list[list[str]]:
     """``[operation, result shape]`` of every collective in the compiled HLO of ``step``."""
     text = step.lower(*args).compile().as_text()
@@ -1126,6 +1148,22 @@ def test_jax_plain_loss_under_jit_on_sharded_inputs_equals_the_unsharded(jax_res
     for name in ("loss", "grad_logits", "grad_targets"):
         error, scale = jax_results[f"plain jit {layout} sharded float32 {name}"]
         assert error <= TOLERANCE["float32"] * scale, name
+
+
+@pytest.mark.parametrize("layout", ["batch", "vocab"])
+def test_jax_plain_loss_under_jit_on_sharded_inputs_large_enough_to_chunk(jax_results, layout):
+    """Above the size where the XLA routine loops over chunks of rows, sharded inputs (a mesh's
+    explicit axes, ``jax.make_mesh``'s default) run unchunked on each device's shard: the
+    unsharded result, no all-gather, and gradients laid out as the inputs."""
+    name = f"plain jit {layout} sharded chunked"
+    for result in ("loss", "grad_logits", "grad_targets"):
+        error, scale = jax_results[f"{name} float32 {result}"]
+        assert error <= TOLERANCE["float32"] * scale, result
+    assert [op for op, _ in jax_results[f"collectives {name}"]] == ["all-reduce"] * len(
+        jax_results[f"collectives {name}"]
+    )
+    layout_of_input = jax_results[f"{name} input layout"]
+    assert jax_results[f"{name} gradient layout"] == [layout_of_input, layout_of_input]
 
 
 def test_jax_vocab_parallel_loss_and_count_inside_pmap(jax_results):

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from softce_multi import _chunks, _core
-from softce_multi.kernels import blocked, sparse
+from softce_multi.kernels import blocked, is_sharded, sparse
 
 __all__ = ["chunk_rows", "gradient_routine", "row_routine", "widened", "zero_rows"]
 
@@ -44,7 +44,7 @@ def row_routine(
     ``chunk`` is the number of rows per chunk; None for :func:`chunk_rows`. Rows with sparse
     targets (``rows.ids``) run the routine of :mod:`softce_multi.kernels.sparse` on each chunk.
     """
-    chunk = _chunk(rows.z.shape, chunk)
+    chunk = _chunk(rows.z, chunk)
     n_rows, vocab_size = rows.z.shape
     width = rows.p.shape[1]
     loop = _chunks.traced()
@@ -91,7 +91,7 @@ def gradient_routine(
     ``chunk`` and sparse targets are as in :func:`row_routine`.
     """
     z, p = rows.z, rows.p
-    chunk = _chunk(z.shape, chunk)
+    chunk = _chunk(z, chunk)
     n_rows, vocab_size = z.shape
     width = p.shape[1]
     loop = _chunks.traced()
@@ -165,11 +165,16 @@ def _slice_ids(ids: jax.Array | None, start: Any, size: int) -> jax.Array | None
     return jax.lax.dynamic_slice(ids, (start, 0), (size, ids.shape[1]))
 
 
-def _chunk(shape: tuple[int, ...], chunk: int | None) -> int:
-    """Rows per chunk of an ``[N, V]`` array: ``chunk`` (at most ``N``, at least 1) if given."""
-    if chunk is None:
-        return chunk_rows(*shape)
-    return max(1, min(chunk, shape[0]))
+def _chunk(z: Any, chunk: int | None) -> int:
+    """Rows per chunk of the ``[N, V]`` logits ``z``: ``chunk`` (at most ``N``, at least 1) if
+    given; all of them if ``z`` is split over devices
+    (:func:`~softce_multi.kernels.is_sharded`); else
+    :func:`chunk_rows`."""
+    if chunk is not None:
+        return max(1, min(chunk, z.shape[0]))
+    if is_sharded(z):
+        return z.shape[0]
+    return chunk_rows(*z.shape)
 
 
 def _over_chunks(
@@ -190,7 +195,9 @@ def _over_chunks(
     def bits_of_chunk(start: Any, size: int) -> Any:
         return jax.tree.map(encode, chunk_results(start, size))
 
-    if n_rows % chunk == 0:
+    if chunk == n_rows:
+        bits = bits_of_chunk(0, n_rows)
+    elif n_rows % chunk == 0:
         stacked = jax.lax.map(
             lambda start: bits_of_chunk(start, chunk), jnp.arange(0, n_rows, chunk)
         )
