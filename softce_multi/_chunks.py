@@ -32,7 +32,15 @@ import array_api_compat
 
 from softce_multi._types import Array, Namespace
 
-__all__ = ["EAGER", "Loop", "loop_for", "over_chunks", "traced"]
+__all__ = [
+    "EAGER",
+    "Loop",
+    "check_not_split",
+    "loop_for",
+    "over_chunks",
+    "split_over_devices",
+    "traced",
+]
 
 #: ``step(start, size, carry)``: the new carry after the chunk of ``size`` items at ``start``
 #: (``start`` is an ``int``, or a traced integer in the full chunks of the traced loop).
@@ -125,7 +133,20 @@ def traced() -> Loop:
         def scan_body(state: Any, index: Any) -> tuple[Any, None]:
             return body(index, state), None
 
-        return jax.lax.scan(scan_body, carry, jnp.arange(count))[0]
+        indices = jnp.arange(count)
+        if count == 0:
+            return carry
+        # A scan's carry keeps its type. Inside jax.shard_map a carry of zeros made by the
+        # caller varies over no mesh axis, and the body's results over those of its inputs;
+        # then the first chunk runs on its own and its results are the loop's carry. Where the
+        # types agree, that first run is unused and XLA drops it.
+        first = body(indices[0], carry)
+        if _types_of(first) == _types_of(carry):
+            return jax.lax.scan(scan_body, carry, indices)[0]
+        return jax.lax.scan(scan_body, first, indices[1:])[0]
+
+    def _types_of(tree: Any) -> list[Any]:
+        return [jax.typeof(leaf) for leaf in jax.tree.leaves(tree)]
 
     def is_half(x: Any) -> bool:
         return jnp.dtype(x.dtype).itemsize == 2 and jnp.issubdtype(x.dtype, jnp.floating)
@@ -156,3 +177,38 @@ def traced() -> Loop:
 def loop_for(xp: Namespace) -> Loop:
     """The loop of the engine of namespace ``xp``: :func:`traced` for JAX, else :data:`EAGER`."""
     return traced() if array_api_compat.is_jax_namespace(xp) else EAGER
+
+
+def split_over_devices(x: Any) -> bool:
+    """Whether ``x`` is a JAX array whose type splits an axis of it over devices (a mesh's
+    explicit axes, ``jax.make_mesh``'s default).
+
+    A loop over chunks of rows of such an array would need the rows of every device. With
+    automatic axes the type does not say, and this is False; inside ``jax.shard_map`` each
+    device's block is whole, and this is False too.
+    """
+    if not array_api_compat.is_jax_array(x):
+        return False
+    import jax
+
+    spec = getattr(jax.typeof(x).sharding, "spec", None)
+    return spec is not None and any(entry is not None for entry in spec)
+
+
+def check_not_split(function: str, **arrays: Any) -> None:
+    """Refuse arrays split over devices (:func:`split_over_devices`) for ``function``, whose
+    chunk loops need every row and every column of them, naming each with its layout."""
+    split = {name: x for name, x in arrays.items() if x is not None and split_over_devices(x)}
+    if split:
+        import jax
+
+        layouts = ", ".join(f"{name} {jax.typeof(x).sharding.spec}" for name, x in split.items())
+        msg = (
+            f"{function}: its chunk loops need whole rows and columns, and cannot run on arrays "
+            f"split over devices by a mesh's explicit axes; got {layouts}. Call it inside "
+            "jax.shard_map, "
+            "where each device's block is whole (softce_multi.distributed.global_num_valid "
+            "gives the global count of a split batch; the vocabulary-parallel functions take a "
+            "split vocabulary)"
+        )
+        raise ValueError(msg)

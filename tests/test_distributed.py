@@ -39,7 +39,7 @@ torch = pytest.importorskip("torch", reason="torch not installed")
 dist = pytest.importorskip("torch.distributed", reason="torch.distributed not available")
 
 import softce_multi as sc  # noqa: E402
-from softce_multi import distributed  # noqa: E402
+from softce_multi import distributed, eagle3  # noqa: E402
 from softce_multi.reference import masked_soft_cross_entropy as reference_loss  # noqa: E402
 from softce_multi.testing import REDUCTIONS  # noqa: E402
 
@@ -966,6 +966,71 @@ def jax_checks() -> dict[str, Any]:
         checks[f"collectives {name}"] = compiled_collectives(plain_step, *args)
         checks[f"{name} gradient layout"] = [axes_of(grad) for grad in grads]
         checks[f"{name} input layout"] = axes_of(args[0])
+
+    checks.update(jax_chunk_loops_inside_shard_map(jax, mesh, placed))
+    return checks
+
+
+def jax_chunk_loops_inside_shard_map(jax: Any, mesh: Any, placed: Any) -> dict[str, Any]:
+    """The linear loss and the targets from hidden states, whose loops over chunks need whole
+    rows: inside ``shard_map`` over a batch split on "data" (the weight whole on every
+    device) against the unsharded results; on explicitly split arrays, the error."""
+    from jax.sharding import PartitionSpec as P
+
+    checks: dict[str, Any] = {}
+    keys = jax.random.split(jax.random.key(1), 4)
+    hidden = jax.random.normal(keys[0], (8, 16, 32))
+    weight = 0.1 * jax.random.normal(keys[1], (3000, 32))
+    target_probs = jax.nn.softmax(jax.random.normal(keys[2], (8, 16, 3000)))
+    mask = jax.random.uniform(keys[3], (8, 16)) < 0.8
+    t2d = jax.numpy.arange(3000) % 3 != 0
+    data = ("data", "vocab")  # the batch split over all 8 devices
+
+    def linear(hidden: Any, weight: Any, target_probs: Any, mask: Any) -> Any:
+        return sc.linear_masked_soft_cross_entropy(hidden, weight, target_probs, mask)
+
+    def block_linear(hidden: Any, weight: Any, target_probs: Any, mask: Any) -> Any:
+        num_valid = distributed.global_num_valid(mask, axis_name=data)
+        loss = sc.linear_masked_soft_cross_entropy(
+            hidden, weight, target_probs, mask, num_valid=num_valid, chunk_rows=8
+        )
+        return jax.lax.psum(loss, data)
+
+    expected = jax.jit(jax.value_and_grad(linear, argnums=(0, 1)))(
+        hidden, weight, target_probs, mask
+    )
+    split = jax.shard_map(
+        block_linear, mesh=mesh, in_specs=(P(data), P(), P(data), P(data)), out_specs=P()
+    )
+    arrays = (placed(hidden, data), placed(weight), placed(target_probs, data), placed(mask, data))
+    actual = jax.jit(jax.value_and_grad(split, argnums=(0, 1)))(*arrays)
+    names = ("loss", "grad_hidden", "grad_weight")
+    compare_jax(checks, "linear inside shard_map", actual, expected, names=names)
+
+    def targets(hidden: Any, weight: Any, mask: Any, t2d: Any) -> Any:
+        return eagle3.prepare_targets_from_hidden(
+            hidden, weight, mask, t2d, draft_vocab_size=2000, chunk_rows=8, chunk_vocab=512
+        )
+
+    expected = jax.jit(targets)(hidden, weight, mask, t2d)
+    split = jax.shard_map(
+        targets, mesh=mesh, in_specs=(P(data), P(), P(data), P()), out_specs=(P(data), P(data))
+    )
+    actual = jax.jit(split)(placed(hidden, data), placed(weight), placed(mask, data), placed(t2d))
+    checks["targets inside shard_map"] = [
+        float(np.max(np.abs(np.asarray(actual[0]) - np.asarray(expected[0])))),
+        bool(np.array_equal(np.asarray(actual[1]), np.asarray(expected[1]))),
+    ]
+
+    for name, call in (
+        ("linear", lambda: jax.jit(linear)(*arrays)),
+        ("targets", lambda: jax.jit(targets)(arrays[0], arrays[1], arrays[3], placed(t2d))),
+    ):
+        try:
+            call()
+            checks[f"{name} on split arrays"] = None
+        except ValueError as error:
+            checks[f"{name} on split arrays"] = str(error)
     return checks
 
 
@@ -1164,6 +1229,28 @@ def test_jax_plain_loss_under_jit_on_sharded_inputs_large_enough_to_chunk(jax_re
     )
     layout_of_input = jax_results[f"{name} input layout"]
     assert jax_results[f"{name} gradient layout"] == [layout_of_input, layout_of_input]
+
+
+def test_jax_linear_loss_inside_shard_map_equals_the_unsharded(jax_results):
+    """Hidden states split over "data", the weight whole on every device: the chunk loop's carry
+    varies over the axis, and the weight's gradient is summed over it."""
+    for name in ("loss", "grad_hidden", "grad_weight"):
+        error, scale = jax_results[f"linear inside shard_map {name}"]
+        assert error <= TOLERANCE["float32"] * scale, name
+
+
+def test_jax_targets_from_hidden_inside_shard_map_equal_the_unsharded(jax_results):
+    error, same_mask = jax_results["targets inside shard_map"]
+    assert error <= 1e-6
+    assert same_mask
+
+
+@pytest.mark.parametrize("name", ["linear", "targets"])
+def test_jax_chunk_loops_refuse_arrays_split_by_explicit_axes(jax_results, name):
+    message = jax_results[f"{name} on split arrays"]
+    assert message is not None, "no error"
+    assert "hidden P(('data', 'vocab')" in message  # the argument and its layout
+    assert "jax.shard_map" in message
 
 
 def test_jax_vocab_parallel_loss_and_count_inside_pmap(jax_results):

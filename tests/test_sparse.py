@@ -101,6 +101,33 @@ def test_sparse_loss_is_the_dense_loss_of_the_scattered_targets(
     assert_loss_close(loss, case.expected(reduction=reduction).loss, case.compute)
 
 
+@pytest.mark.parametrize("ids_dtype", ["uint8", "uint16", "uint32", "uint64"])
+def test_unsigned_target_ids_give_the_loss_and_gradients_of_int64_ids(backend, ids_dtype):
+    """Every unsigned width, ids beyond the vocabulary (with probability 0) included; PyTorch's
+    CPU kernels compare and gather no uint16, uint32 or uint64."""
+    rng = np.random.default_rng(3)
+    ids = rng.integers(0, SHAPE[-1], (*SHAPE[:-1], K))
+    ids[..., -1] = SHAPE[-1] + 2
+    probs = rng.dirichlet(np.ones(K), size=SHAPE[:-1])
+    probs[..., -1] = 0.0
+    z = backend.asarray(rng.standard_normal(SHAPE), "float64")
+    p = backend.asarray(probs, "float64")
+    mask = backend.asarray(rng.random(SHAPE[:-1]) < 0.8)
+    hidden = backend.asarray(rng.standard_normal((*SHAPE[:-1], 4)), "float64")
+    weight = backend.asarray(rng.standard_normal((SHAPE[-1], 4)), "float64")
+    signed, unsigned = backend.asarray(ids, "int64"), backend.asarray(ids, ids_dtype)
+
+    def results(ids):
+        loss, grad = sc.masked_soft_cross_entropy_with_grad(z, p, mask, target_ids=ids)
+        linear_loss, grads = sc.linear_masked_soft_cross_entropy_with_grad(
+            hidden, weight, p, mask, target_ids=ids
+        )
+        return [loss, grad, linear_loss, grads.hidden, grads.weight]
+
+    for actual, expected in zip(results(unsigned), results(signed), strict=True):
+        np.testing.assert_array_equal(to_numpy(actual), to_numpy(expected))
+
+
 @pytest.mark.parametrize(
     ("reduction", "num_valid"), [("mean", None), ("mean", 40.0), ("mean", 0), ("sum", None)]
 )

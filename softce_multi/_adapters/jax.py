@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from softce_multi import _core, _linear, kernels
+from softce_multi import _chunks, _core, _linear, kernels
 from softce_multi._types import LinearLossInputs, LossInputs
 from softce_multi.kernels import xla as xla_kernels
 
@@ -220,7 +220,13 @@ def _loss_bwd(
         target_ids=target_ids,
     )
     zero_count = None if count is None else jnp.zeros_like(count)
-    return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count, _no_cotangent(target_ids)
+    return (
+        like_primal(grad_logits, logits),
+        like_primal(grad_targets, target_probs),
+        jnp.zeros_like(weights),
+        zero_count,
+        _no_cotangent(target_ids),
+    )
 
 
 def _xla_routine(routine: Callable[..., Any], rows: Any, *, whole: bool) -> Callable[..., Any]:
@@ -311,6 +317,14 @@ def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     write its gradient, half as often per row.
     """
     hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs[:8]
+    _chunks.check_not_split(
+        "linear_masked_soft_cross_entropy",
+        hidden=hidden,
+        weight=weight,
+        bias=bias,
+        target_probs=target_probs,
+        position_mask=position_mask,
+    )
     dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=jnp)
     weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
@@ -355,10 +369,10 @@ def _linear_loss_bwd(
     zero_count = None if count is None else jnp.zeros_like(count)
     grad_hidden, grad_weight, grad_bias = grads
     cotangents = LinearArrays(
-        grad_hidden,
-        grad_weight,
-        grad_bias,
-        grad_targets,
+        like_primal(grad_hidden, arrays.hidden),
+        like_primal(grad_weight, arrays.weight),
+        None if grad_bias is None else like_primal(grad_bias, arrays.bias),
+        like_primal(grad_targets, arrays.target_probs),
         jnp.zeros_like(weights),
         zero_count,
         _no_cotangent(arrays.target_ids),
@@ -431,3 +445,35 @@ def linear_gradient_pass(
         target_ids=arrays.target_ids,
     )
     return grad_targets if targets else grads
+
+
+# --------------------------------------------------------------------------------------------
+# Inside jax.shard_map
+# --------------------------------------------------------------------------------------------
+
+
+def varying_axes(x: Any) -> frozenset[Any]:
+    """The mesh axes over which the JAX array ``x`` varies inside ``shard_map`` (none outside).
+
+    JAX types record them as ``mat.varying`` (0.10) or ``vma`` (0.6 to 0.9).
+    """
+    aval = jax.typeof(x)
+    manual = getattr(aval, "mat", None)
+    if manual is not None:
+        return frozenset(manual.varying)
+    return frozenset(getattr(aval, "vma", ()))
+
+
+def like_primal(cotangent: Any, primal: Any) -> Any:
+    """``cotangent`` varying over the mesh axes ``primal`` varies over, as a VJP must return it.
+
+    Summed over the axes where only the cotangent varies (a weight replicated over a data axis
+    gets the sum of the data blocks' gradients, as JAX's own transpose rules do), broadcast to
+    those where only the primal does.
+    """
+    have, want = varying_axes(cotangent), varying_axes(primal)
+    if have - want:
+        cotangent = jax.lax.psum(cotangent, tuple(have - want))
+    if want - have:
+        cotangent = jax.lax.pcast(cotangent, tuple(want - have), to="varying")
+    return cotangent

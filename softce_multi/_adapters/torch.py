@@ -54,6 +54,7 @@ from softce_multi import _core
 from softce_multi._adapters.torch_linear import linear_loss, linear_loss_with_grad
 from softce_multi._adapters.torch_shared import (
     gradient_routine,
+    indexable_ids,
     is_one_on_the_cpu,
     row_routine,
     scaled_exactly,
@@ -71,6 +72,7 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
     refuse forward-mode differentiation by name (the function has no ``jvp``) rather than lose
     the tangents.
     """
+    inputs = inputs._replace(target_ids=indexable_ids(inputs.target_ids))
     logits, reduction = inputs.logits, inputs.reduction
     with_logits_grad = (
         torch.is_grad_enabled()
@@ -84,6 +86,7 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
 
 def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of validated inputs and its logits gradient, from one pass (no autograd)."""
+    inputs = inputs._replace(target_ids=indexable_ids(inputs.target_ids))
     result = _loss_pass(inputs, with_logits_grad=True)
     return result.loss, cast(torch.Tensor, result.logits_grad)
 

@@ -55,6 +55,18 @@ def kernels_for(z: torch.Tensor) -> ModuleType:
     return torch_cpu
 
 
+#: The unsigned integer dtypes whose comparisons and gathers PyTorch's CPU kernels lack.
+_WIDE_UNSIGNED = (torch.uint16, torch.uint32, torch.uint64)
+
+
+def indexable_ids(ids: Tensor | None) -> Tensor | None:
+    """``target_ids`` as PyTorch compares and indexes with them: wide unsigned ones as int64.
+
+    A ``uint64`` id beyond the int64 range becomes negative, outside the vocabulary as it was.
+    """
+    return ids.long() if ids is not None and ids.dtype in _WIDE_UNSIGNED else ids
+
+
 def readable_for_free(x: Tensor) -> bool:
     """Whether reading a value of ``x`` on the host waits for no device and breaks no trace.
 

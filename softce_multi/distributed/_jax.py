@@ -96,8 +96,8 @@ def _loss_backward(reduction: str, axis_name: Any, residuals: Any, grad_loss: An
         for want_logits in (True, False)
     ]
     zero_count = None if count is None else jnp.zeros_like(count)
-    grad_logits = _like_primal(grads[0][0], logits)
-    grad_targets = _like_primal(grads[1][1], targets)
+    grad_logits = jax_adapter.like_primal(grads[0][0], logits)
+    grad_targets = jax_adapter.like_primal(grads[1][1], targets)
     return grad_logits, grad_targets, jnp.zeros_like(weights), zero_count
 
 
@@ -126,10 +126,10 @@ def vocab_parallel_linear_loss(inputs: LinearLossInputs, axis_name: Any) -> Any:
 
 def _varying_over(*arrays: Any) -> Callable[[Any], Any]:
     """The ``fresh`` hook: an accumulator made to vary over the axes ``arrays`` vary over."""
-    axes = frozenset().union(*(_varying_axes(x) for x in arrays if x is not None))
+    axes = frozenset().union(*(jax_adapter.varying_axes(x) for x in arrays if x is not None))
 
     def fresh(zeros: Any) -> Any:
-        missing = tuple(axes - _varying_axes(zeros))
+        missing = tuple(axes - jax_adapter.varying_axes(zeros))
         return jax.lax.pcast(zeros, missing, to="varying") if missing else zeros
 
     return fresh
@@ -207,10 +207,10 @@ def _linear_loss_backward(
     grad_hidden = jax.lax.psum(grads.hidden, axis_name)
     zero_count = None if count is None else jnp.zeros_like(count)
     cotangents = jax_adapter.LinearArrays(
-        _like_primal(grad_hidden, hidden),
-        _like_primal(grads.weight, weight),
-        None if bias is None else _like_primal(grads.bias, bias),
-        _like_primal(grad_targets, targets),
+        jax_adapter.like_primal(grad_hidden, hidden),
+        jax_adapter.like_primal(grads.weight, weight),
+        None if bias is None else jax_adapter.like_primal(grads.bias, bias),
+        jax_adapter.like_primal(grad_targets, targets),
         jnp.zeros_like(weights),
         zero_count,
     )
@@ -218,35 +218,3 @@ def _linear_loss_backward(
 
 
 _linear_loss.defvjp(_linear_loss_forward, _linear_loss_backward)
-
-
-# --------------------------------------------------------------------------------------------
-# Varying mesh axes
-# --------------------------------------------------------------------------------------------
-
-
-def _varying_axes(x: Any) -> frozenset[Any]:
-    """The mesh axes over which the JAX array ``x`` varies inside ``shard_map`` (none outside).
-
-    JAX types record them as ``mat.varying`` (0.10) or ``vma`` (0.6 to 0.9).
-    """
-    aval = jax.typeof(x)
-    manual = getattr(aval, "mat", None)
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def _like_primal(cotangent: Any, primal: Any) -> Any:
-    """``cotangent`` varying over the mesh axes ``primal`` varies over, as a VJP must return it.
-
-    Summed over the axes where only the cotangent varies (a weight replicated over a data axis
-    gets the sum of the data blocks' gradients, as JAX's own transpose rules do), broadcast to
-    those where only the primal does.
-    """
-    have, want = _varying_axes(cotangent), _varying_axes(primal)
-    if have - want:
-        cotangent = jax.lax.psum(cotangent, tuple(have - want))
-    if want - have:
-        cotangent = jax.lax.pcast(cotangent, tuple(want - have), to="varying")
-    return cotangent

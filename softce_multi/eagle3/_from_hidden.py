@@ -230,6 +230,13 @@ def from_hidden_inputs(
         t2d=t2d,
     )
     check_prepare_from_hidden_inputs(xp, target_hidden, target_head_weight, loss_mask, t2d)
+    _chunks.check_not_split(
+        "prepare_targets_from_hidden (and its top-k sibling)",
+        target_hidden=target_hidden,
+        target_head_weight=target_head_weight,
+        loss_mask=loss_mask,
+        t2d=t2d,
+    )
     rows_per_chunk = check_chunk_rows(chunk_rows)
     columns_per_chunk = check_chunk_rows(chunk_vocab, name="chunk_vocab")
     size, wrong_size = checked_draft_size(t2d, draft_vocab_size, xp=xp)

@@ -80,14 +80,13 @@ import importlib.util
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from softce_multi import _core
+from softce_multi import _chunks, _core
 
 __all__ = [
     "empty_gradient_outputs",
     "empty_row_outputs",
     "empty_row_statistics",
     "folded_batch_rule",
-    "is_sharded",
     "launch_config",
     "register_operator_rules",
     "run_gradient_operator",
@@ -115,12 +114,12 @@ def use_pallas(*arrays: Any) -> bool:
 
     True when the arrays live on GPUs (under a trace, where arrays carry no device: when JAX's
     default backend is the GPU), none is split over devices in its type (XLA's partitioner
-    cannot split a kernel call; :func:`is_sharded`) and this JAX has the Triton backend of
-    Pallas.
+    cannot split a kernel call; :func:`softce_multi._chunks.split_over_devices`) and this JAX
+    has the Triton backend of Pallas.
     """
     import jax
 
-    if any(is_sharded(array) for array in arrays):
+    if any(_chunks.split_over_devices(array) for array in arrays):
         return False
     platforms = set()
     for array in arrays:
@@ -129,20 +128,6 @@ def use_pallas(*arrays: Any) -> bool:
         else:
             platforms.update(device.platform for device in array.devices())
     return platforms == {"gpu"} and _installed("jax.experimental.pallas.triton")
-
-
-def is_sharded(x: Any) -> bool:
-    """Whether the type of the JAX array ``x`` splits an axis of it over devices (a mesh's
-    explicit axes).
-
-    XLA's partitioner runs an unchunked routine on each device's shard; a loop over chunks of
-    rows would need the rows of every device. With automatic axes the type does not say, and
-    this is False.
-    """
-    import jax
-
-    spec = getattr(jax.typeof(x).sharding, "spec", None)
-    return spec is not None and any(entry is not None for entry in spec)
 
 
 @functools.cache

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from softce_multi import _chunks, _core
-from softce_multi.kernels import blocked, is_sharded, sparse
+from softce_multi.kernels import blocked, sparse
 
 __all__ = ["chunk_rows", "gradient_routine", "row_routine", "widened", "zero_rows"]
 
@@ -167,12 +167,12 @@ def _slice_ids(ids: jax.Array | None, start: Any, size: int) -> jax.Array | None
 
 def _chunk(z: Any, chunk: int | None) -> int:
     """Rows per chunk of the ``[N, V]`` logits ``z``: ``chunk`` (at most ``N``, at least 1) if
-    given; all of them if ``z`` is split over devices
-    (:func:`~softce_multi.kernels.is_sharded`); else
+    given; all of them if ``z`` is split over devices (:func:`_chunks.split_over_devices`);
+    else
     :func:`chunk_rows`."""
     if chunk is not None:
         return max(1, min(chunk, z.shape[0]))
-    if is_sharded(z):
+    if _chunks.split_over_devices(z):
         return z.shape[0]
     return chunk_rows(*z.shape)
 

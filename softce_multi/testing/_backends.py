@@ -98,7 +98,11 @@ class Backend:
     device: str
     float_dtypes: tuple[str, ...] = ("float64", "float32", "float16")
     is_autodiff: bool = False
-    _other_dtypes: tuple[str, ...] = field(default=("bool", "int32", "int64"), repr=False)
+    _other_dtypes: tuple[str, ...] = field(
+        # The array API standard's booleans and integers: every library has them.
+        default=("bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64"),
+        repr=False,
+    )
 
     @property
     def module(self) -> ModuleType:
