@@ -154,6 +154,13 @@ def test_assertion_rejects_a_wrong_namespace(assertion):
 
 
 @pytest.mark.parametrize("assertion", ASSERTIONS)
+def test_a_numpy_desired_that_is_not_float64_is_no_oracle_for_another_library(assertion):
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    with pytest.raises(AssertionError, match="namespaces differ: expected numpy, got torch"):
+        assertion(torch.ones(3), np.ones(3, np.float32))
+
+
+@pytest.mark.parametrize("assertion", ASSERTIONS)
 def test_assertion_rejects_a_wrong_device(assertion):
     torch = pytest.importorskip("torch", reason="torch not installed")
     cpu = torch.ones(3, dtype=torch.float64)

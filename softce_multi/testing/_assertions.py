@@ -62,12 +62,13 @@ def _check_properties(
     """Namespace, dtype, shape and device of ``actual``, before any value is compared.
 
     Each expectation comes from the keyword when given, else from ``desired`` unless ``desired``
-    is the float64 oracle (a float64 NumPy array with ``compute_dtype`` given, or a NumPy array
-    for another library's result): then only the keywords given are checked.
+    is the float64 oracle (a float64 NumPy array, with ``compute_dtype`` given or for another
+    library's result): then only the keywords given are checked.
     """
-    desired_is_oracle = library_of(desired) == "numpy" and (
-        library_of(actual) != "numpy"
-        or (compute_dtype is not None and dtype_name(desired) == "float64")
+    desired_is_oracle = (
+        library_of(desired) == "numpy"
+        and dtype_name(desired) == "float64"
+        and (library_of(actual) != "numpy" or compute_dtype is not None)
     )
     expected_library = library or (None if desired_is_oracle else library_of(desired))
     expected_dtype = dtype or (None if desired_is_oracle else dtype_name(desired))
