@@ -8,7 +8,8 @@ Every adapter is a module of :mod:`softce_multi._adapters` that implements
 :mod:`softce_multi._adapters.torch` (autograd, the torch CPU path and the Triton kernels),
 :mod:`softce_multi._adapters.jax` (``custom_vjp``, XLA and the Pallas kernels), and
 :mod:`softce_multi._adapters.generic` (the blocked core) for every other library. The adapters
-are imported on first use, so that importing the package needs NumPy and array-api-compat only.
+are imported on first use, so that importing the package imports no framework: NumPy,
+array-api-compat and array-api-extra only.
 """
 
 from __future__ import annotations
@@ -310,5 +311,5 @@ def linear_masked_soft_cross_entropy_with_grad(
         target_ids,
     )
     xp = validate_linear_inputs(inputs)
-    check_reduction(reduction, with_grad=True)
+    check_reduction(reduction, with_grad=True, loss="linear_masked_soft_cross_entropy")
     return _adapter(xp).linear_loss_with_grad(inputs)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Any, NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import array_api_compat
 
@@ -390,6 +390,7 @@ class GradientRoutine(Protocol):
     ) -> tuple[Array | None, Array | None]: ...
 
 
+@runtime_checkable
 class Adapter(Protocol):
     """What every engine adapter module provides: the four losses of validated inputs.
 

@@ -305,15 +305,18 @@ def check_chunk_rows(chunk_rows: Any, *, name: str = "chunk_rows") -> int | None
     return value
 
 
-def check_reduction(reduction: Any, *, with_grad: bool) -> None:
-    """Raise ValueError for an unknown reduction, or ``"none"`` where a gradient is returned."""
+def check_reduction(
+    reduction: Any, *, with_grad: bool, loss: str = "masked_soft_cross_entropy"
+) -> None:
+    """Raise ValueError for an unknown reduction, or ``"none"`` where a gradient is returned
+    (by ``loss + "_with_grad"``, whose differentiable sibling is ``loss``)."""
     if reduction not in REDUCTIONS:
         msg = f"reduction must be one of {REDUCTIONS}, got {reduction!r}"
         raise ValueError(msg)
     if with_grad and reduction == "none":
         msg = (
-            "reduction='none' has no single gradient to return; use 'mean' or 'sum' with "
-            "masked_soft_cross_entropy_with_grad, or the differentiable masked_soft_cross_entropy"
+            f"reduction='none' has no single gradient to return; use 'mean' or 'sum' with "
+            f"{loss}_with_grad, or the differentiable {loss}"
         )
         raise ValueError(msg)
 

@@ -213,6 +213,17 @@ def test_with_grad_refuses_reduction_none():
         sc.masked_soft_cross_entropy_with_grad(*inputs(), reduction="none")
 
 
+def test_linear_with_grad_refuses_reduction_none_naming_the_linear_losses():
+    rng = np.random.default_rng(0)
+    hidden, weight = rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4))
+    target_probs, mask = np.full((2, 3, 5), 0.2), np.ones((2, 3), bool)
+    expected = message("reduction='none'", "linear_masked_soft_cross_entropy_with_grad")
+    with pytest.raises(ValueError, match=expected):
+        sc.linear_masked_soft_cross_entropy_with_grad(
+            hidden, weight, target_probs, mask, reduction="none"
+        )
+
+
 @pytest.mark.parametrize("loss", LOSS_FUNCTIONS)
 @pytest.mark.parametrize("num_valid", [-1, -0.5, np.int64(-3), np.float32(-2.0)], ids=repr)
 def test_negative_num_valid_number_is_refused(loss, num_valid):

@@ -114,3 +114,15 @@ def test_no_import_cycles():
 def test_modules_are_at_most_600_lines(name):
     lines = len(MODULES[name].read_text().splitlines())
     assert lines <= MAX_LINES, f"{name} has {lines} lines"
+
+
+@pytest.mark.parametrize("library", ["generic", "torch", "jax"])
+def test_every_adapter_module_is_an_adapter(library):
+    import importlib
+
+    from softce_multi._core import Adapter
+
+    pytest.importorskip(library if library != "generic" else "numpy")
+    module = importlib.import_module(f"softce_multi._adapters.{library}")
+
+    assert isinstance(module, Adapter)

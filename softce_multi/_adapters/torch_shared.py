@@ -161,7 +161,8 @@ def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:
         if not torch.is_grad_enabled():
             return grads
         msg = (
-            "softce_multi's linear and vocabulary-parallel losses are differentiable once: the "
+            "softce_multi's losses from hidden states (linear_masked_soft_cross_entropy and "
+            "vocab_parallel_linear_masked_soft_cross_entropy) are differentiable once: the "
             "derivative of their gradients (a gradient penalty, a hessian) is not computed"
         )
         refuse = torch._C._functions.DelayedError(msg, len(grads))
