@@ -186,11 +186,16 @@ def test_bench_refuses_an_output_in_a_folder_it_cannot_write(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    monkeypatch.setattr(_common.os, "access", lambda path, mode: False)
+    def refused(**options: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(_common.tempfile, "NamedTemporaryFile", refused)
 
     error = refusal(["--json", str(tmp_path / "rows.json")], bench.main, capsys)
 
-    assert error.endswith(f"error: argument --json: folder {tmp_path} is not writable")
+    assert error.endswith(
+        f"error: argument --json: cannot write a file in folder {tmp_path}: Permission denied"
+    )
 
 
 def test_bench_refuses_a_plot_without_matplotlib_before_measuring(tmp_path: Path) -> None:
@@ -337,3 +342,66 @@ def test_bench_from_json_refuses_a_measuring_option(
     error = refusal(["--from-json", str(saved), *plot, "--linear"], bench.main, capsys)
 
     assert error.endswith("error: --linear does not go with --from-json")
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not a JSON file"),
+        ('{"rows": []}', "holds no rows of measurements"),
+        ('{"rows": [{"a": 1}]}', "has rows without dtype, extra_peak_in_grads"),
+        ('{"other": 1}', "holds no rows to draw"),
+    ],
+)
+def test_bench_from_json_refuses_a_file_that_is_not_a_saved_run(
+    tmp_path: Path, content: str, message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("matplotlib", reason="--plot needs matplotlib")
+    saved = tmp_path / "rows.json"
+    saved.write_text(content)
+    plot = ["--plot", str(tmp_path / "plot.png")]
+
+    error = refusal(["--from-json", str(saved), *plot], bench.main, capsys)
+
+    assert f"error: --from-json {saved}: {message}" in error
+    assert not (tmp_path / "plot.png").exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "is not a JSON file"),
+        ('{"date": "today"}', "is not a device check's report (missing: command, speed"),
+    ],
+)
+def test_device_check_tables_refuses_a_file_that_is_not_a_report(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    saved = tmp_path / "device_check.json"
+    saved.write_text(content)
+
+    result = run_cli(["device-check", "--tables", str(saved)])
+
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2
+    assert f"error: --tables: {saved} {message}" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "fast"])
+def test_demo_refuses_a_learning_rate_that_is_not_a_finite_positive_number(value: str) -> None:
+    result = run_cli(["demo", "--lr", value])
+
+    assert "Traceback" not in result.stderr, result.stderr
+    assert result.returncode == 2
+    assert "error: argument --lr: must be a" in result.stderr.splitlines()[-1]
+
+
+def test_an_output_file_is_refused_where_no_file_can_be_made(
+    nothing_measured: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``/proc`` is a folder that even root cannot make a file in."""
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc on this system")
+    error = refusal([*TINY_BENCH, "--json", "/proc/bench.json"], bench.main, capsys)
+
+    assert error.startswith("python -m softce_multi bench: error: argument --json: cannot write")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import softce_multi as sc
+from softce_multi import eagle3
 from softce_multi.eagle3 import (
     build_vocab_mapping,
     multi_step_loss,
@@ -349,6 +350,19 @@ def test_longdouble_inputs_are_refused(position, loss):
     name = ["logits", "target_probs"][position]
     with pytest.raises(TypeError, match=f"{name}.*longdouble|{name}.*float128"):
         loss(*args)
+
+
+@needs_wide_longdouble
+@pytest.mark.parametrize(
+    ("step_losses", "name"),
+    [
+        ([np.longdouble(1) / 3, np.longdouble(2)], r"step_losses\[0\]"),
+        (np.array([1.0, 2.0], np.longdouble), "step_losses"),
+    ],
+)
+def test_longdouble_step_losses_are_refused(step_losses, name):
+    with pytest.raises(TypeError, match=f"{name} must be float16.*float128"):
+        eagle3.multi_step_loss(step_losses)
 
 
 @needs_wide_longdouble

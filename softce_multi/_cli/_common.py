@@ -5,14 +5,22 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Protocol, TextIO
 
 from softce_multi.kernels import _installed as installed
 
-__all__ = ["Progress", "ProgressLines", "installed", "output_file", "positive_int", "progress_bar"]
+__all__ = [
+    "Progress",
+    "ProgressLines",
+    "installed",
+    "output_file",
+    "positive_float",
+    "positive_int",
+    "progress_bar",
+]
 
 
 def positive_int(text: str) -> int:
@@ -20,6 +28,19 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         msg = f"must be a positive integer, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def positive_float(text: str) -> float:
+    """Argument type of a rate or a scale: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"must be a number, got {text}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not (math.isfinite(value) and value > 0):
+        msg = f"must be a finite number above 0, got {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -35,9 +56,12 @@ def output_file(text: str) -> Path:
     if not folder.is_dir():
         msg = f"no folder {folder} to write {path.name} in"
         raise argparse.ArgumentTypeError(msg)
-    if not os.access(folder, os.W_OK):
-        msg = f"folder {folder} is not writable"
-        raise argparse.ArgumentTypeError(msg)
+    try:  # a file made and removed: os.access says yes to root where nothing can be written
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        msg = f"cannot write a file in folder {folder}: {error.strerror or error}"
+        raise argparse.ArgumentTypeError(msg) from None
     return path
 
 

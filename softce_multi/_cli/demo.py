@@ -25,7 +25,7 @@ import array_api_compat
 import numpy as np
 
 import softce_multi as sc
-from softce_multi._cli._common import installed, positive_int, progress_bar
+from softce_multi._cli._common import installed, positive_float, positive_int, progress_bar
 from softce_multi.eagle3 import (
     build_vocab_mapping,
     draft_accuracy,
@@ -456,7 +456,7 @@ _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--seed", "seed", int, "seed of the target model and data"),
     ("--batch-size", "batch_size", positive_int, "sequences per step"),
     ("--ttt-steps", "ttt_steps", positive_int, "test-time steps per training step (%(default)s)"),
-    ("--lr", "learning_rate", float, "Adam learning rate"),
+    ("--lr", "learning_rate", positive_float, "Adam learning rate"),
     ("--log-every", "log_every", positive_int, "steps per logged line"),
     (
         "--torch-threads",
@@ -474,7 +474,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="python -m softce_multi demo",
         description=(
             "Train a small EAGLE-3-style draft head on a tiny frozen target model, on the CPU, "
-            "with prepare_targets, masked_soft_cross_entropy and multi_step_loss."
+            "with prepare_targets, masked_soft_cross_entropy (or, with --linear, the default on "
+            "jax, linear_masked_soft_cross_entropy) and multi_step_loss."
         ),
     )
     parser.add_argument(

@@ -17,6 +17,7 @@ import array_api_extra as xpx
 from softce_multi._core import compute_dtype
 from softce_multi._types import Array, LossInputs, Namespace
 from softce_multi._validate import (
+    check_floating,
     check_same_device,
     is_dtype,
     is_real_number,
@@ -181,7 +182,7 @@ def check_step_losses(step_losses: Any) -> Namespace:
                 f"an array of shape {tuple(step_losses.shape)}"
             )
             raise ValueError(msg)
-        dtypes = {"step_losses": step_losses.dtype}
+        arrays = {"step_losses": step_losses}
     else:
         if isinstance(step_losses, (str, bytes)) or not isinstance(step_losses, Sequence):
             msg = (
@@ -199,12 +200,13 @@ def check_step_losses(step_losses: Any) -> Namespace:
         if shapes:
             msg = f"step_losses must hold 0-d arrays, got shapes {shapes}"
             raise ValueError(msg)
-        dtypes = {name: loss.dtype for name, loss in named.items()}
-    for name, dtype in dtypes.items():
-        if not is_dtype(xp, dtype, "real floating", name=name):
+        arrays = named
+    for name, array in arrays.items():
+        if not is_dtype(xp, array.dtype, "real floating", name=name):
             shown = "" if name == "step_losses" else f" ({name})"
-            msg = f"step_losses must have a real floating dtype, got {dtype}{shown}"
+            msg = f"step_losses must have a real floating dtype, got {array.dtype}{shown}"
             raise TypeError(msg)
+    check_floating(xp, **arrays)  # no dtype wider than 64 bits, which no weight is computed in
     return xp
 
 

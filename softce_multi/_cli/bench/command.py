@@ -8,7 +8,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from softce_multi._cli._common import output_file, positive_int
 from softce_multi._cli.bench.cases import Case
@@ -293,6 +293,51 @@ def _check_from_json_options(parser: argparse.ArgumentParser, args: argparse.Nam
     ]:
         if given:
             parser.error(f"{flag} does not go with --from-json")
+    try:
+        args.saved = _saved_rows(args.from_json)
+    except ValueError as error:
+        parser.error(f"--from-json {args.from_json}: {error}")
+
+
+class SavedRows(NamedTuple):
+    """The rows of a saved run, its plot's title, and the key of its rows of panels."""
+
+    rows: list[dict[str, Any]]
+    title: str
+    panel: str
+
+
+def _saved_rows(path: Path) -> SavedRows:
+    """The rows saved at ``path``: bench's ``{"rows": ...}`` (one row of panels per dtype) or a
+    device check's ``{"speed": ...}`` (one per targets dtype and vocabulary).
+
+    Raises ValueError, saying what is wrong, for anything else.
+    """
+    try:
+        saved = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        msg = f"not a JSON file ({error})"
+        raise ValueError(msg) from None
+    if isinstance(saved, dict) and "speed" in saved:
+        gpu = saved.get("environment", {}).get("gpu", {}).get("name", "the CPU")
+        saved_rows = SavedRows(
+            saved["speed"], f"forward+backward on {gpu}, {saved.get('date', '')}", "panel"
+        )
+    elif isinstance(saved, dict) and "rows" in saved:
+        saved_rows = SavedRows(saved["rows"], f"forward+backward, from {path.name}", "dtype")
+    else:
+        msg = "holds no rows to draw (neither bench's --json nor device-check's)"
+        raise ValueError(msg)
+    rows = saved_rows.rows
+    keys = ("implementation", "length", "median_s", "extra_peak_in_grads", saved_rows.panel)
+    if not isinstance(rows, list) or not rows or not all(isinstance(row, dict) for row in rows):
+        msg = "holds no rows of measurements"
+        raise ValueError(msg)
+    missing = sorted({key for row in rows for key in keys if key not in row})
+    if missing:
+        msg = f"has rows without {', '.join(missing)}: not bench's --json or device-check's"
+        raise ValueError(msg)
+    return saved_rows
 
 
 def _check_sparse_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -396,19 +441,10 @@ def main(
 
 
 def _main_from_json(args: argparse.Namespace) -> int:
-    """Draw the rows saved in ``args.from_json`` to ``args.plot``: bench's ``{"rows": ...}``
-    (one row of panels per dtype) or a device check's ``{"speed": ...}`` (one per targets
-    dtype and vocabulary)."""
-    saved = json.loads(args.from_json.read_text())
-    if isinstance(saved, dict) and "speed" in saved:
-        gpu = saved.get("environment", {}).get("gpu", {}).get("name", "the CPU")
-        title = f"forward+backward on {gpu}, {saved.get('date', '')}"
-        plot(saved["speed"], args.plot, title, panel="panel")
-    elif isinstance(saved, dict) and "rows" in saved:
-        plot(saved["rows"], args.plot, f"forward+backward, from {args.from_json.name}")
-    else:
-        msg = f"{args.from_json} holds no rows to draw (neither bench's --json nor device-check's)"
-        raise SystemExit(msg)
+    """Draw the rows of ``args.saved`` (read by :func:`_check_from_json_options`) to
+    ``args.plot``."""
+    rows, title, panel = args.saved
+    plot(rows, args.plot, title, panel=panel)
     print(f"drew {args.plot}")
     return 0
 

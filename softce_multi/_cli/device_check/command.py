@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from softce_multi._cli._common import positive_int
 from softce_multi._cli.device_check.plan import plan_for
@@ -231,14 +231,35 @@ def _pytest_summary(text: str) -> str:
     return lines[-1].strip("= ") if lines else "no summary (stopped before the end?)"
 
 
+#: What ``--tables`` reads of a saved run: what every run writes, however early it stopped.
+SAVED_KEYS = ("date", "command", "speed", "kernel_modes", "linear", "targets", "goals")
+
+
+def _saved_report(parser: argparse.ArgumentParser, path: Path) -> dict[str, Any]:
+    """The report saved at ``path`` (a device check's ``device_check.json``), or exit with what
+    is wrong with it."""
+    if not path.is_file():
+        parser.error(f"--tables: no file {path}")
+    try:
+        report = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        parser.error(f"--tables: {path} is not a JSON file ({error})")
+    missing = (
+        [key for key in SAVED_KEYS if key not in report] if isinstance(report, dict) else ["all"]
+    )
+    if missing:
+        parser.error(
+            f"--tables: {path} is not a device check's report (missing: {', '.join(missing)})"
+        )
+    return cast(dict[str, Any], report)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the check; 0 when every stage ran, every parity row passed and the tests passed."""
     parser = _parser()
     options = parser.parse_args(argv)
     if options.tables is not None:
-        if not options.tables.is_file():
-            parser.error(f"--tables: no file {options.tables}")
-        print(tables(json.loads(options.tables.read_text())))
+        print(tables(_saved_report(parser, options.tables)))
         return 0
     if options.out is None:
         parser.error("--out FOLDER is required (or --tables JSON)")

@@ -259,7 +259,7 @@ def _or_na(value: float | None, pattern: str) -> str:
 def tables(report: dict[str, Any]) -> str:
     """The record of a run for the README (Markdown) and ``docs/performance.rst`` (RST): what
     ran where, and the speed, kernel-mode, hidden-state and goal tables."""
-    environment = report["environment"]
+    environment = report.get("environment", {})  # absent where the environment step failed
     versions = environment.get("versions", {})
     gpu = environment.get("gpu", {})
     software = ", ".join(f"{name} {version}" for name, version in versions.items() if version)
