@@ -169,7 +169,10 @@ def test_linear_module_equals_f_linear_then_the_loss_under_autocast(dtype):
     assert_results_close(ours, expected, **SAME_MATMULS)
 
 
-def test_vocab_parallel_linear_loss_equals_f_linear_then_the_loss_under_autocast(group_of_one):
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_vocab_parallel_linear_loss_equals_f_linear_then_the_loss_under_autocast(
+    group_of_one, dtype
+):
     from softce_multi import distributed
 
     inputs = linear_inputs(3)
@@ -180,8 +183,8 @@ def test_vocab_parallel_linear_loss_equals_f_linear_then_the_loss_under_autocast
         )
 
     upstream = torch.tensor(0.4)
-    ours = differentiate(vocab_parallel, inputs, torch.bfloat16, upstream)
-    expected = differentiate(materialised(inputs), inputs, torch.bfloat16, upstream)
+    ours = differentiate(vocab_parallel, inputs, AUTOCAST_DTYPES[dtype], upstream)
+    expected = differentiate(materialised(inputs), inputs, AUTOCAST_DTYPES[dtype], upstream)
 
     assert_results_close(ours, expected, **SAME_MATMULS)
 
@@ -203,6 +206,42 @@ def test_targets_from_hidden_equal_the_targets_of_f_linear_under_autocast(dtype)
 
     torch.testing.assert_close(ours[0], expected[0], rtol=1e-6, atol=1e-7)
     assert torch.equal(ours[1], expected[1])
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_linear_with_grad_equals_f_linear_then_the_loss_under_autocast(dtype):
+    inputs = linear_inputs(6)
+    arrays = {name: inputs[name] for name in ("hidden", "weight", "target_probs", "position_mask")}
+
+    with torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype]):
+        loss, grads = sc.linear_masked_soft_cross_entropy_with_grad(**arrays, bias=inputs["bias"])
+    expected = differentiate(materialised(inputs), inputs, AUTOCAST_DTYPES[dtype], None)
+
+    assert_results_close((loss, grads.hidden, grads.weight, grads.bias), expected, **SAME_MATMULS)
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_top_k_targets_from_hidden_are_the_top_k_of_f_linear_under_autocast(dtype):
+    generator = torch.Generator().manual_seed(5)
+    hidden = torch.randn(2, 32, 48, generator=generator)
+    weight = torch.randn(400, 48, generator=generator) * 48**-0.5
+    loss_mask = torch.rand(2, 32, generator=generator) < 0.9
+    t2d = torch.zeros(400, dtype=torch.bool)
+    t2d[torch.randperm(400, generator=generator)[:120]] = True
+
+    with torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype]):
+        ids, probs, mask = eagle3.prepare_top_k_targets_from_hidden(
+            hidden, weight, loss_mask, t2d, 8, draft_vocab_size=120, chunk_rows=5
+        )
+        dense, expected_mask = eagle3.prepare_targets(F.linear(hidden, weight), loss_mask, t2d)
+    expected_ids, expected_probs = eagle3.top_k_targets(dense, 8)
+
+    torch.testing.assert_close(probs, expected_probs, rtol=1e-6, atol=1e-7)
+    assert torch.equal(mask, expected_mask)
+    # Ids may differ only where two probabilities are equal (which of them comes first).
+    gathered = torch.gather(dense, -1, ids)
+    torch.testing.assert_close(gathered, expected_probs, rtol=1e-6, atol=1e-7)
+    assert (ids == expected_ids).float().mean() > 0.9
 
 
 @pytest.mark.parametrize("logits_dtype", ["float32", "bfloat16"])
