@@ -37,6 +37,14 @@ def test_every_example_lists_its_libraries() -> None:
     assert sorted(REQUIREMENTS) == SCRIPTS
 
 
+def test_the_examples_page_shows_every_example() -> None:
+    page = (ROOT / "docs" / "examples.rst").read_text()
+
+    shown = sorted(name for name in SCRIPTS if f".. literalinclude:: ../examples/{name}" in page)
+
+    assert shown == SCRIPTS
+
+
 def test_examples_session_runs_every_example() -> None:
     noxfile = ast.parse((ROOT / "noxfile.py").read_text(encoding="utf-8"))
     sessions = [
