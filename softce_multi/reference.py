@@ -31,13 +31,25 @@ def masked_soft_cross_entropy(
     position_mask : torch.Tensor, shape ``[...]`` or ``[..., 1]``
     reduction : {"mean", "sum", "none"}
     num_valid : number or 0-d tensor, optional
-        Replaces the denominator of ``"mean"``; 0 gives 0.
+        Replaces the denominator of ``"mean"``; 0 gives 0. Only with ``"mean"``.
 
     Returns
     -------
     torch.Tensor
         float32, or float64 when an input is float64.
+
+    Raises
+    ------
+    ValueError
+        For an unknown ``reduction``, or ``num_valid`` with another reduction than ``"mean"``,
+        as :func:`softce_multi.masked_soft_cross_entropy` refuses them.
     """
+    if reduction not in ("mean", "sum", "none"):
+        msg = f"reduction must be one of ('mean', 'sum', 'none'), got {reduction!r}"
+        raise ValueError(msg)
+    if num_valid is not None and reduction != "mean":
+        msg = f"num_valid replaces the denominator of reduction='mean'; got reduction={reduction!r}"
+        raise ValueError(msg)
     dtype = torch.float64 if torch.float64 in (logits.dtype, target_probs.dtype) else torch.float32
     log_probs = torch.log_softmax(logits.to(dtype), dim=-1)
     per_position = -(target_probs.to(dtype) * log_probs).sum(dim=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+import softce_multi as sc
 from softce_multi import testing
 from softce_multi.testing import (
     REDUCTIONS,
@@ -84,8 +85,10 @@ def test_round_trip_through_a_backend_keeps_the_rounded_values(backend: Backend,
     assert to_numpy(array).dtype == (np.float32 if dtype == "bfloat16" else np.dtype(dtype))
 
 
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("num_valid", [None, 2.5, 0.0])
+@pytest.mark.parametrize(
+    ("reduction", "num_valid"),
+    [*((reduction, None) for reduction in REDUCTIONS), ("mean", 2.5), ("mean", 0.0)],
+)
 def test_numpy_formula_matches_the_torch_reference(reduction: str, num_valid):
     pytest.importorskip("torch", reason="torch not installed")
     logits, targets, mask = testing.random_inputs(1, (3, 4, 7), mask_kind="float")
@@ -200,3 +203,17 @@ def test_an_absolute_floor_admits_the_rounding_of_larger_terms_and_no_more(asser
     assertion(rounded, desired, "float32", dtype="float32", atol=1e-6)
     with pytest.raises(AssertionError):
         assertion(rounded * 10, desired, "float32", dtype="float32", atol=1e-6)
+
+
+@pytest.mark.parametrize("oracle", ["reference", "numpy_reference"])
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_the_oracles_refuse_num_valid_with_another_reduction_than_mean(oracle, reduction):
+    """As the loss does: ``num_valid`` replaces the mean's denominator and nothing else."""
+    if oracle == "reference":
+        pytest.importorskip("torch", reason="torch not installed")
+    logits, targets, mask = testing.random_inputs(1, (3, 4, 7))
+
+    with pytest.raises(ValueError, match="num_valid replaces the denominator"):
+        getattr(testing, oracle)(logits, targets, mask, reduction=reduction, num_valid=2.0)
+    with pytest.raises(ValueError, match="num_valid replaces the denominator"):
+        sc.masked_soft_cross_entropy(logits, targets, mask, reduction=reduction, num_valid=2.0)

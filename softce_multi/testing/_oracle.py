@@ -40,7 +40,8 @@ def reference(
     reduction
         ``"mean"``, ``"sum"`` or ``"none"``.
     num_valid
-        Denominator of ``"mean"`` in place of ``max(sum(mask), 1)``.
+        Denominator of ``"mean"`` in place of ``max(sum(mask), 1)``; with another reduction,
+        a ValueError, as the loss raises.
     upstream
         Cotangent of the loss: a number, or an array of the loss's shape for ``"none"``.
 
@@ -49,7 +50,7 @@ def reference(
     Expected
         ``loss``, ``grad_logits`` and ``grad_targets`` as float64 NumPy arrays. They come from
         :func:`softce_multi.reference.masked_soft_cross_entropy` with torch autograd when torch
-        is installed, else from :func:`numpy_reference`.
+        is installed (on the GPU when torch has one), else from :func:`numpy_reference`.
 
     Examples
     --------
@@ -66,15 +67,17 @@ def reference(
 
     from softce_multi.reference import masked_soft_cross_entropy
 
-    z_tensor = torch.tensor(z, requires_grad=True)
-    p_tensor = torch.tensor(p, requires_grad=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    z_tensor = torch.tensor(z, requires_grad=True, device=device)
+    p_tensor = torch.tensor(p, requires_grad=True, device=device)
     loss = masked_soft_cross_entropy(
-        z_tensor, p_tensor, torch.tensor(w), reduction=reduction, num_valid=num_valid
+        z_tensor, p_tensor, torch.tensor(w, device=device), reduction=reduction, num_valid=num_valid
     )
-    loss.backward(torch.as_tensor(np.asarray(upstream), dtype=torch.float64).expand_as(loss))
+    cotangent = torch.as_tensor(np.asarray(upstream), dtype=torch.float64, device=device)
+    loss.backward(cotangent.expand_as(loss))
     assert z_tensor.grad is not None and p_tensor.grad is not None
     return Expected(
-        loss.detach().numpy(), z_tensor.grad.numpy().copy(), p_tensor.grad.numpy().copy()
+        loss.detach().cpu().numpy(), z_tensor.grad.cpu().numpy(), p_tensor.grad.cpu().numpy()
     )
 
 
@@ -93,6 +96,9 @@ def numpy_reference(
     ``d/dz = w/den * (sum(p) * softmax(z) - p)`` and ``d/dp = -w/den * log_softmax(z)``, with
     ``den`` the mean's denominator (1 for ``"sum"`` and ``"none"``).
     """
+    if num_valid is not None and reduction != "mean":
+        msg = f"num_valid replaces the denominator of reduction='mean'; got reduction={reduction!r}"
+        raise ValueError(msg)
     z, p = np.asarray(logits, np.float64), np.asarray(target_probs, np.float64)
     shifted = z - z.max(axis=-1, keepdims=True)
     log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
