@@ -415,6 +415,43 @@ def test_prepare_targets_makes_no_float32_copy_of_the_full_vocabulary_logits() -
     assert peak < logits.size * 4 / 8
 
 
+@pytest.mark.parametrize("vocab", [100, 40000], ids=["at once", "by chunks of rows"])
+def test_jax_top_index_is_numpy_argmax_with_ties_and_nan(vocab: int) -> None:
+    """The first maximum, and in a row with a NaN the first NaN, as NumPy's argmax."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    from softce_multi.eagle3._arrays import top_index
+
+    rng = np.random.default_rng(27)
+    x = rng.integers(0, 3, (40, vocab)).astype(np.float32)  # many ties
+    x[3, 70], x[7, 50], x[7, 20] = np.nan, np.nan, np.nan
+    x[9, :] = -np.inf
+
+    found = jax.jit(lambda z: top_index(z, xp=jax.numpy))(jax.numpy.asarray(x))
+
+    np.testing.assert_array_equal(np.asarray(found), np.argmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prepare_targets_under_jax_jit_keeps_no_logits_sized_temporary(dtype: str) -> None:
+    """XLA's temporaries (its CPU top index by chunks of rows included) stay far below a
+    float32 copy of the full-vocabulary logits (compiled only: nothing runs)."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    shape, draft = (2, 64, 131072), 512
+    step = jax.jit(lambda z, mask, t2d: prepare_targets(z, mask, t2d, draft_vocab_size=draft))
+
+    compiled = step.lower(
+        jax.ShapeDtypeStruct(shape, jax.numpy.dtype(dtype)),
+        jax.ShapeDtypeStruct(shape[:-1], jax.numpy.bool_),
+        jax.ShapeDtypeStruct(shape[-1:], jax.numpy.bool_),
+    ).compile()
+
+    float32_copy = math.prod(shape) * 4
+    # A 16-bit input's chunks are read as their bits, of which XLA keeps one copy (half a
+    # float32 copy); the rest is one chunk's temporaries.
+    bound = float32_copy / 4 if dtype == "float32" else float32_copy * 3 / 4
+    assert compiled.memory_analysis().temp_size_in_bytes < bound
+
+
 def test_prepare_targets_accepts_a_trailing_unit_axis_on_the_loss_mask(backend: Backend) -> None:
     rng = np.random.default_rng(12)
     _, t2d = random_mapping(rng, 50, 10)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import array_api_compat
 import array_api_extra as xpx
 
+from softce_multi import _chunks
 from softce_multi._types import Array, Namespace
 
 __all__ = ["constant", "nan_where", "top_index", "zero_d"]
@@ -72,9 +74,36 @@ def top_index(x: Array, *, xp: Namespace) -> Array:
     if not (array_api_compat.is_jax_namespace(xp) and _jax_runs_on_cpu()):
         return xp.argmax(x, axis=-1)
     # XLA's CPU backend lowers argmax to one reduction over (value, index) pairs; a max, then a
-    # min over the positions of the maximum, finds the same index with two plain reductions.
+    # min over the positions of the maximum, finds the same index with two plain reductions,
+    # but XLA keeps the positions of the maximum as a [..., V] integer array: chunks of rows
+    # keep it to TOP_INDEX_CHUNK_ELEMENTS.
+    size = x.shape[-1]
+    rows = math.prod(x.shape[:-1])
+    if rows * size <= TOP_INDEX_CHUNK_ELEMENTS or size == 0:
+        return _first_maximum(x, xp=xp)
+    flat = xp.reshape(x, (rows, size))
+    loop = _chunks.traced()
+    index_dtype = xpx.default_dtype(xp, "indexing")
+
+    def step(start: Any, count: int, out: Array) -> Array:
+        block = loop.get(flat, (start, 0), (count, size))
+        return loop.put(out, (start,), _first_maximum(block, xp=xp))
+
+    chunk = max(1, TOP_INDEX_CHUNK_ELEMENTS // size)
+    out = _chunks.over_chunks(rows, chunk, step, xp.zeros((rows,), dtype=index_dtype), loop)
+    return xp.reshape(out, x.shape[:-1])
+
+
+#: Elements of the rows whose top index JAX on the CPU finds at once (4 MiB of int32 positions).
+TOP_INDEX_CHUNK_ELEMENTS = 1 << 20
+
+
+def _first_maximum(x: Array, *, xp: Namespace) -> Array:
+    """The first index of the maximum of each row of ``x`` by two plain reductions."""
     top = xp.max(x, axis=-1, keepdims=True)
-    is_top = xp.where(xp.isnan(top), xp.isnan(x), x == top)
+    # XLA's CPU max may skip a NaN: whether a row holds one is a reduction of its own.
+    nan = xp.isnan(x)
+    is_top = xp.where(xp.any(nan, axis=-1, keepdims=True), nan, x == top)
     size = x.shape[-1]
     positions = xp.arange(size, dtype=xpx.default_dtype(xp, "indexing"))
     return xp.min(xp.where(is_top, positions, size), axis=-1)
