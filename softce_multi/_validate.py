@@ -212,7 +212,9 @@ def validate_linear_inputs(inputs: LinearLossInputs, /) -> Namespace:
     ``target_probs`` ``[..., V]`` over the positions of ``hidden``; the messages name the two
     arguments that disagree. ``chunk_rows`` is checked by :func:`check_chunk_rows`.
     """
-    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs[:8]
+    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    target_probs, position_mask = inputs.target_probs, inputs.position_mask
+    reduction, num_valid, chunk_rows = inputs.reduction, inputs.num_valid, inputs.chunk_rows
     target_ids = inputs.target_ids
     arrays = {
         "hidden": hidden,

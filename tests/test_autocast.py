@@ -189,14 +189,21 @@ def test_vocab_parallel_linear_loss_equals_f_linear_then_the_loss_under_autocast
     assert_results_close(ours, expected, **SAME_MATMULS)
 
 
-@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
-def test_targets_from_hidden_equal_the_targets_of_f_linear_under_autocast(dtype):
-    generator = torch.Generator().manual_seed(4)
+def target_inputs(seed: int) -> tuple:
+    """float32 target hidden states ``[2, 32, 48]``, a ``[400, 48]`` head, a loss mask, and a
+    ``t2d`` marking 120 draft tokens."""
+    generator = torch.Generator().manual_seed(seed)
     hidden = torch.randn(2, 32, 48, generator=generator)
     weight = torch.randn(400, 48, generator=generator) * 48**-0.5
     loss_mask = torch.rand(2, 32, generator=generator) < 0.9
     t2d = torch.zeros(400, dtype=torch.bool)
     t2d[torch.randperm(400, generator=generator)[:120]] = True
+    return hidden, weight, loss_mask, t2d
+
+
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
+def test_targets_from_hidden_equal_the_targets_of_f_linear_under_autocast(dtype):
+    hidden, weight, loss_mask, t2d = target_inputs(4)
 
     with torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype]):
         ours = eagle3.prepare_targets_from_hidden(
@@ -222,12 +229,7 @@ def test_linear_with_grad_equals_f_linear_then_the_loss_under_autocast(dtype):
 
 @pytest.mark.parametrize("dtype", AUTOCAST_DTYPES)
 def test_top_k_targets_from_hidden_are_the_top_k_of_f_linear_under_autocast(dtype):
-    generator = torch.Generator().manual_seed(5)
-    hidden = torch.randn(2, 32, 48, generator=generator)
-    weight = torch.randn(400, 48, generator=generator) * 48**-0.5
-    loss_mask = torch.rand(2, 32, generator=generator) < 0.9
-    t2d = torch.zeros(400, dtype=torch.bool)
-    t2d[torch.randperm(400, generator=generator)[:120]] = True
+    hidden, weight, loss_mask, t2d = target_inputs(5)
 
     with torch.autocast("cpu", dtype=AUTOCAST_DTYPES[dtype]):
         ids, probs, mask = eagle3.prepare_top_k_targets_from_hidden(

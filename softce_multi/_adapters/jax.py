@@ -316,7 +316,9 @@ def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     array (``memory_analysis`` of the step says so), and the longer chunks read the weight, and
     write its gradient, half as often per row.
     """
-    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs[:8]
+    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    target_probs, position_mask = inputs.target_probs, inputs.position_mask
+    reduction, num_valid, chunk_rows = inputs.reduction, inputs.num_valid, inputs.chunk_rows
     _chunks.check_not_split(
         "linear_masked_soft_cross_entropy",
         hidden=hidden,
@@ -425,7 +427,12 @@ def linear_gradient_pass(
     ``row_scale`` includes the upstream gradient; ``fresh`` is the driver's hook for the
     accumulators (the vocabulary-parallel loss types them as varying over mesh axes).
     """
-    hidden, weight, bias, target_probs = arrays[:4]
+    hidden, weight, bias, target_probs = (
+        arrays.hidden,
+        arrays.weight,
+        arrays.bias,
+        arrays.target_probs,
+    )
     routine = gradient_routine if arrays.target_ids is None else sparse_gradient_routine
     grads, grad_targets = _linear.chunked_gradient_pass(
         hidden,

@@ -83,7 +83,9 @@ def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
     ``num_valid`` goes in as a tensor or as a number, two arguments: an operator's schema
     takes no union of the two. The last one is the :func:`autocast_dtype` of the matmuls.
     """
-    hidden, weight, bias, target_probs, position_mask, reduction, num_valid, chunk_rows = inputs[:8]
+    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    target_probs, position_mask = inputs.target_probs, inputs.position_mask
+    reduction, num_valid, chunk_rows = inputs.reduction, inputs.num_valid, inputs.chunk_rows
     is_tensor = isinstance(num_valid, Tensor)
     return (
         hidden,

@@ -158,7 +158,8 @@ def _global_linear_loss_pass(
     arrays: jax_adapter.LinearArrays, reduction: str, axis_name: Any, chunk: int
 ) -> _linear.LinearForwardResult:
     """The chunked forward pass over the whole vocabulary: the loss and the saved statistics."""
-    hidden, weight, bias, targets, weights, count = arrays[:6]
+    hidden, weight, bias = arrays.hidden, arrays.weight, arrays.bias
+    targets, weights, count = arrays.target_probs, arrays.weights, arrays.num_valid
     inputs = LinearLossInputs(hidden, weight, bias, targets, weights, reduction, count, chunk)
     return _linear.chunked_loss_pass(
         inputs,
@@ -191,7 +192,8 @@ def _linear_loss_backward(
 ) -> Any:
     """The cotangents of the linear arrays; the hidden one summed over the vocabulary axis."""
     arrays, saved, row_scale = residuals
-    hidden, weight, bias, targets, weights, count = arrays[:6]
+    hidden, weight, bias = arrays.hidden, arrays.weight, arrays.bias
+    targets, weights, count = arrays.target_probs, arrays.weights, arrays.num_valid
     upstream = _core.upstream_per_row(grad_loss, reduction, xp=jnp)
     row_scale = row_scale * upstream
     # This device's shard of the backward pass, from the global statistics; one computation per

@@ -78,7 +78,7 @@ def blocked_gradient_routine(block_rows: int | None, *, xp: Namespace) -> _core.
     def routine(
         rows: _core.BackwardRows, /, *, logits_grad: bool, targets_grad: bool
     ) -> tuple[Array | None, Array | None]:
-        z, p, saved, row_scale = rows[:4]
+        z, p, saved, row_scale = rows.z, rows.p, rows.saved, rows.row_scale
         dtype = saved.row_max.dtype
 
         def logits_block(block: slice) -> Array:

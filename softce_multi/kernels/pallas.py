@@ -291,7 +291,7 @@ def gradient_routine(
     ``row_scale`` is 0 are not read and get exactly 0. ``block_size`` and ``interpret`` are as
     in :func:`row_routine`.
     """
-    z, p, saved, row_scale = rows[:4]
+    z, p, saved, row_scale = rows.z, rows.p, rows.saved, rows.row_scale
     out_shape = []
     if logits_grad:
         out_shape.append(jax.ShapeDtypeStruct(z.shape, z.dtype))
