@@ -133,9 +133,9 @@ def traced() -> Loop:
         def scan_body(state: Any, index: Any) -> tuple[Any, None]:
             return body(index, state), None
 
-        indices = jnp.arange(count)
         if count == 0:
             return carry
+        indices = jnp.arange(count)
         # A scan's carry keeps its type. Inside jax.shard_map a carry of zeros made by the
         # caller varies over no mesh axis, and the body's results over those of its inputs;
         # then the first chunk runs on its own and its results are the loop's carry. Where the
@@ -206,9 +206,8 @@ def check_not_split(function: str, **arrays: Any) -> None:
         msg = (
             f"{function}: its chunk loops need whole rows and columns, and cannot run on arrays "
             f"split over devices by a mesh's explicit axes; got {layouts}. Call it inside "
-            "jax.shard_map, "
-            "where each device's block is whole (softce_multi.distributed.global_num_valid "
-            "gives the global count of a split batch; the vocabulary-parallel functions take a "
-            "split vocabulary)"
+            "jax.shard_map, where each device's block is whole "
+            "(softce_multi.distributed.global_num_valid gives the global count of a split "
+            "batch; the vocabulary-parallel functions take a split vocabulary)"
         )
         raise ValueError(msg)

@@ -168,8 +168,7 @@ def _slice_ids(ids: jax.Array | None, start: Any, size: int) -> jax.Array | None
 def _chunk(z: Any, chunk: int | None) -> int:
     """Rows per chunk of the ``[N, V]`` logits ``z``: ``chunk`` (at most ``N``, at least 1) if
     given; all of them if ``z`` is split over devices (:func:`_chunks.split_over_devices`);
-    else
-    :func:`chunk_rows`."""
+    else :func:`chunk_rows`."""
     if chunk is not None:
         return max(1, min(chunk, z.shape[0]))
     if _chunks.split_over_devices(z):
@@ -183,9 +182,9 @@ def _over_chunks(
     """The pytree ``outputs`` (shapes, rows first) from ``chunk_results(start, size)`` of each
     chunk.
 
-    When ``chunk`` divides ``n_rows``, ``lax.map`` stacks the chunks' results, and the stack is
-    the output, reshaped for free; otherwise the loop of :func:`softce_multi._chunks.over_chunks`
-    writes them into the outputs in place. With ``as_bits``, 16-bit floats are stacked and
+    One chunk of every row is computed as it is. When ``chunk`` divides ``n_rows``, ``lax.map``
+    stacks the chunks' results, and the stack is the output, reshaped for free; otherwise the
+    loop of :func:`softce_multi._chunks.over_chunks` writes them into the outputs in place. With ``as_bits``, 16-bit floats are stacked and
     written as their bits: XLA's CPU backend computes them in float32, and would convert the
     whole output to float32 and back to write one chunk into it. JAX differentiates no bitcast,
     so :func:`_differentiable_as_floats` differentiates the same stacking of floats.
