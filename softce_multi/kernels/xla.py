@@ -184,10 +184,11 @@ def _over_chunks(
 
     One chunk of every row is computed as it is. When ``chunk`` divides ``n_rows``, ``lax.map``
     stacks the chunks' results, and the stack is the output, reshaped for free; otherwise the
-    loop of :func:`softce_multi._chunks.over_chunks` writes them into the outputs in place. With ``as_bits``, 16-bit floats are stacked and
-    written as their bits: XLA's CPU backend computes them in float32, and would convert the
-    whole output to float32 and back to write one chunk into it. JAX differentiates no bitcast,
-    so :func:`_differentiable_as_floats` differentiates the same stacking of floats.
+    loop of :func:`softce_multi._chunks.over_chunks` writes them into the outputs in place.
+    With ``as_bits``, 16-bit floats are stacked and written as their bits: XLA's CPU backend
+    computes them in float32, and would convert the whole output to float32 and back to write
+    one chunk into it. JAX differentiates no bitcast, so :func:`_differentiable_as_floats`
+    differentiates the same stacking of floats.
     """
     encode = _as_bits if as_bits else _unchanged
 
