@@ -221,15 +221,8 @@ def compiled_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, 
     for index, (dtype, reduction) in enumerate(
         itertools.product(("bfloat16", "float32"), ("mean", "none"))
     ):
-        label = {"shape": list(shape), "dtype": dtype, "case": "nan_inf_padding"}
-        label["reduction"] = reduction
-        try:
-            inputs = make_inputs(
-                shape, dtype, "nan_inf_padding", reduction, device=device, seed=150 + index
-            )
-            yield compare(name, label, inputs, reference(inputs), *path(inputs))
-        except Exception as error:  # reported as a failing row
-            yield failed_row(name, label, error)
+        case = {"shape": list(shape), "dtype": dtype, "case": "nan_inf_padding"}
+        yield path_row(name, path, {**case, "reduction": reduction}, device, seed=150 + index)
 
 
 def operator_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
@@ -374,6 +367,25 @@ def _linear_errors(
     return {**row, "ok": bool(ok)}
 
 
+def path_row(
+    name: str, path: Callable[[Inputs], Any], label: dict[str, Any], device: str, *, seed: int
+) -> dict[str, Any]:
+    """The row of ``path`` on the case ``label`` names (shape, dtype, case, reduction) against
+    the reference, or a failing row if anything raises."""
+    try:
+        inputs = make_inputs(
+            tuple(label["shape"]),
+            label["dtype"],
+            label["case"],
+            label["reduction"],
+            device=device,
+            seed=seed,
+        )
+        return compare(name, label, inputs, reference(inputs), *path(inputs))
+    except Exception as error:  # reported as a failing row
+        return failed_row(name, label, error)
+
+
 def distributed_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, Any]]:
     """``vocab_parallel_masked_soft_cross_entropy`` on a process group of one (NCCL on CUDA,
     gloo on the CPU), against the reference, per dtype and reduction."""
@@ -393,10 +405,4 @@ def distributed_rows(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[st
             itertools.product(LOW_PRECISION, ("mean", "none", "mean with num_valid"))
         ):
             label = {"shape": list(shape), "dtype": dtype, "case": "random", "reduction": reduction}
-            try:
-                inputs = make_inputs(
-                    shape, dtype, "random", reduction, device=device, seed=400 + index
-                )
-                yield compare(name, label, inputs, reference(inputs), *path(inputs))
-            except Exception as error:  # reported as a failing row
-                yield failed_row(name, label, error)
+            yield path_row(name, path, label, device, seed=400 + index)
