@@ -509,7 +509,8 @@ def test_target_ids_from_another_library_are_a_type_error():
 
 
 def _operator_inputs(torch, logits_dtype, *, n_rows=9, vocab=37, slots=6):
-    """Rows with duplicates, a padding slot, padding rows holding NaN and bad ids, a weight."""
+    """Rows with duplicates, a padding slot, padding rows holding NaN and bad ids, a weight; on
+    the GPU when there is one, else on the CPU for Triton's interpreter."""
     generator = torch.Generator().manual_seed(17)
     compute = torch.float64 if logits_dtype == torch.float64 else torch.float32
     z = (torch.randn(n_rows, vocab, generator=generator) * 3).to(logits_dtype)
@@ -522,7 +523,8 @@ def _operator_inputs(torch, logits_dtype, *, n_rows=9, vocab=37, slots=6):
     padding = weights == 0
     z[padding], p[padding] = float("nan"), float("nan")
     ids[padding, 2] = vocab + 1
-    return z, ids, p, weights, weights * 0.3
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return tuple(x.to(device) for x in (z, ids, p, weights, weights * 0.3))
 
 
 @pytest.mark.parametrize("logits_dtype", ["float64", "float32", "bfloat16"])
@@ -545,6 +547,34 @@ def test_triton_sparse_kernels_match_the_generic_operators(logits_dtype):
     expected_backward = torch_sparse.sparse_gradient_routine(z, ids, p, *saved, scale, True, True)
     for got, want in zip(backward, expected_backward, strict=True):
         torch.testing.assert_close(got, want, **tolerance)
+
+
+def test_triton_sparse_kernels_launch_where_torch_refuses_to_wrap_an_interpreted_kernel(
+    monkeypatch,
+):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("triton")
+    from triton.runtime.jit import JITFunction
+
+    from softce_multi.kernels import torch_sparse, triton, triton_sparse
+
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, triton.jit makes a JIT function, which every torch wraps")
+
+    def wrap_jit_functions_only(kernel):  # torch 2.11's wrap_triton
+        if not isinstance(kernel, JITFunction):
+            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit")
+        return kernel
+
+    for module in (triton, triton_sparse):  # wherever a launcher could take it from
+        monkeypatch.setattr(module, "wrap_triton", wrap_jit_functions_only, raising=False)
+    z, ids, p, weights, scale = _operator_inputs(torch, torch.float32)
+
+    forward = triton_sparse.triton_sparse_row_routine(z, ids, p, weights, scale, True, 16)
+
+    expected = torch_sparse.sparse_row_routine(z, ids, p, weights, scale, True)
+    for got, want in zip(forward, expected, strict=True):
+        torch.testing.assert_close(got, want)
 
 
 def test_triton_sparse_kernels_write_the_gradient_over_the_logits():

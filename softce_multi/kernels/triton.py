@@ -33,6 +33,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
+from triton.runtime.interpreter import InterpretedFunction
 
 from softce_multi import _core, kernels
 
@@ -40,6 +41,7 @@ __all__ = [
     "check_contiguous",
     "gradient_routine",
     "gradient_routine_over_logits",
+    "launchable",
     "row_routine",
     "row_routine_over_logits",
     "triton_gradient_routine",
@@ -449,6 +451,17 @@ def check_contiguous(z: Tensor) -> None:
         raise ValueError(msg)
 
 
+def launchable(kernel: Any) -> Any:
+    """The Triton ``kernel`` wrapped for graph capture by :func:`torch.library.wrap_triton`.
+
+    Under ``TRITON_INTERPRET=1``, ``triton.jit`` makes an interpreted function, which some torch
+    releases (2.11 among them) refuse to wrap; it is returned as it is, as later releases do.
+    """
+    if isinstance(kernel, InterpretedFunction):
+        return kernel
+    return wrap_triton(kernel)
+
+
 def _check_block_size(z: Tensor, block_size: int | None) -> None:
     kernels.launch_config(z.shape[-1], block_size)  # the fakes raise the operators' error
 
@@ -480,7 +493,7 @@ def _launch(
     block, num_warps = kernels.launch_config(n_cols, block_size)
     device = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with device:
-        wrap_triton(kernel)[(n_rows,)](
+        launchable(kernel)[(n_rows,)](
             z,
             *z.stride(),
             p,

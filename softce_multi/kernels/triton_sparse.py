@@ -33,10 +33,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import wrap_triton
 
 from softce_multi import _core, kernels
-from softce_multi.kernels.triton import check_contiguous, zero_row
+from softce_multi.kernels.triton import check_contiguous, launchable, zero_row
 
 __all__ = [
     "gradient_routine",
@@ -417,7 +416,7 @@ def _launch(
         return
     device = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()
     with device:
-        wrap_triton(kernel)[(n_rows,)](
+        launchable(kernel)[(n_rows,)](
             z,
             *z.stride(),
             ids,
