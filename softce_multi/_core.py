@@ -245,12 +245,15 @@ def inverse_denominator(
     dtype = weights.dtype
     device = _device(weights)
     if reduction != "mean":
-        return xp.asarray(1.0, dtype=dtype, device=device)
+        return xp.ones((), dtype=dtype, device=device)
     if num_valid is None:
         total = xp.sum(weights)
         # maximum, not clip: array-api-compat's CuPy clip indexes with a mask (a host sync).
         return 1.0 / xp.maximum(total, xp.ones_like(total))
-    count = xp.asarray(num_valid, dtype=dtype, device=device)
+    if isinstance(num_valid, int | float):  # filled on the device: no copy from the host
+        count = xp.full((), float(num_valid), dtype=dtype, device=device)
+    else:
+        count = xp.asarray(num_valid, dtype=dtype, device=device)
     safe = xp.where(count == 0, 1.0, count)
     return xp.where(count == 0, 0.0, 1.0 / safe)
 

@@ -24,6 +24,22 @@ if testing.is_installed("jax"):
 
     # float64 cases need it; set once, before any JAX array exists.
     jax.config.update("jax_enable_x64", True)
+    # Float32 matmuls in float32: on recent NVIDIA GPUs JAX's default rounds their operands to
+    # TensorFloat-32, beyond the float32 tolerance of the tests against the float64 oracle.
+    jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture
+def xla_on_the_cpu():
+    """JAX, for a test of what XLA does on the CPU (its temporaries, its CPU-only routines):
+    skipped where JAX's default backend is a GPU, on which the same code compiles otherwise."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    if jax.default_backend() != "cpu":
+        pytest.skip(
+            f"a statement about XLA on the CPU; JAX's default backend is {jax.default_backend()}"
+        )
+    return jax
+
 
 hypothesis.settings.register_profile("default", deadline=None, max_examples=30)
 hypothesis.settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True)

@@ -425,9 +425,9 @@ def test_prepare_targets_makes_no_float32_copy_of_the_full_vocabulary_logits() -
 
 
 @pytest.mark.parametrize("vocab", [100, 40000], ids=["at once", "by chunks of rows"])
-def test_jax_top_index_is_numpy_argmax_with_ties_and_nan(vocab: int) -> None:
+def test_jax_top_index_is_numpy_argmax_with_ties_and_nan(xla_on_the_cpu, vocab: int) -> None:
     """The first maximum, and in a row with a NaN the first NaN, as NumPy's argmax."""
-    jax = pytest.importorskip("jax", reason="jax not installed")
+    jax = xla_on_the_cpu
     from softce_multi.eagle3._arrays import top_index
 
     rng = np.random.default_rng(27)
@@ -441,10 +441,12 @@ def test_jax_top_index_is_numpy_argmax_with_ties_and_nan(vocab: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_prepare_targets_under_jax_jit_keeps_no_logits_sized_temporary(dtype: str) -> None:
+def test_prepare_targets_under_jax_jit_keeps_no_logits_sized_temporary(
+    xla_on_the_cpu, dtype: str
+) -> None:
     """XLA's temporaries (its CPU top index by chunks of rows included) stay far below a
     float32 copy of the full-vocabulary logits (compiled only: nothing runs)."""
-    jax = pytest.importorskip("jax", reason="jax not installed")
+    jax = xla_on_the_cpu
     shape, draft = (2, 64, 131072), 512
     step = jax.jit(lambda z, mask, t2d: prepare_targets(z, mask, t2d, draft_vocab_size=draft))
 
@@ -480,6 +482,19 @@ def test_prepare_targets_keeps_loss_mask_weights(backend: Backend) -> None:
         backend.asarray(logits), backend.asarray(weights), backend.asarray(t2d)
     )
     np.testing.assert_array_equal(backend.to_numpy(position_mask)[..., 0], [[0.5, 0.0, 0.25]])
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "uint64"])
+def test_prepare_targets_keeps_unsigned_integer_loss_masks_in_torch(torch: Any, dtype: str) -> None:
+    # torch before 2.13 has no `where` for uint16/32/64: the mask is multiplied, not selected.
+    t2d = torch.tensor([True, False, True])
+    logits = torch.tensor([[[3.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 3.0]]])
+    loss_mask = torch.tensor([[1, 2, 3]]).to(getattr(torch, dtype))
+
+    _, position_mask = prepare_targets(logits, loss_mask, t2d)
+
+    assert position_mask.dtype == loss_mask.dtype
+    np.testing.assert_array_equal(position_mask[..., 0].to(torch.int64).numpy(), [[1, 0, 3]])
 
 
 def test_prepare_targets_with_given_draft_vocab_size_equals_counted(backend: Backend) -> None:

@@ -11,6 +11,7 @@ and only there, and that XLA's compiled loss and gradient need no logits-sized t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -730,6 +731,24 @@ def test_triton_kernels_compile_for_cuda():
     assert done.returncode == 0, done.stderr
 
 
+def lowering_for_a_gpu() -> Any:
+    """A context in which JAX lowers Pallas kernels for an H200 where it sees no GPU.
+
+    Pallas's Triton lowering reads the GPU's compute capability; without a GPU, jax 0.11 and
+    later take it from an abstract device, and fail without one.
+    """
+    import jax
+
+    if jax.default_backend() == "gpu":
+        return contextlib.nullcontext()
+    sharding = jax.sharding
+    h200 = sharding.AbstractDevice(device_kind="NVIDIA H200", num_cores=None, platform="gpu")
+    axis_types = (sharding.AxisType.Explicit,)
+    return sharding.use_abstract_mesh(
+        sharding.AbstractMesh((1,), ("x",), axis_types, abstract_device=h200)
+    )
+
+
 @pytest.mark.parametrize("with_logits_grad", [True, False])
 def test_pallas_kernels_lower_for_cuda(with_logits_grad):
     kernel = _pallas_kernel()
@@ -767,7 +786,8 @@ def test_pallas_kernels_lower_for_cuda(with_logits_grad):
     saved = _core.SavedRows(rows, rows, rows)
     calls = [(forward, (logits, targets, rows)), (backward, (logits, targets, saved, rows))]
     for function, arrays in calls:
-        lowered = jax.jit(function).trace(*arrays).lower(lowering_platforms=("cuda",))
+        with lowering_for_a_gpu():
+            lowered = jax.jit(function).trace(*arrays).lower(lowering_platforms=("cuda",))
         assert "triton" in lowered.as_text()
 
 
@@ -993,9 +1013,10 @@ def test_jax_adapter_compiles_the_pallas_kernels_for_gpus_only(
     def loss(logits, targets):
         return softce_multi.masked_soft_cross_entropy(logits, targets, mask)
 
-    traced = jax.jit(jax.grad(loss, argnums=argnums)).trace(logits, targets)
-    cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
-    cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
+    with lowering_for_a_gpu():
+        traced = jax.jit(jax.grad(loss, argnums=argnums)).trace(logits, targets)
+        cuda = traced.lower(lowering_platforms=("cuda",)).as_text()
+        cpu = traced.lower(lowering_platforms=("cpu",)).as_text()
 
     assert cuda.count('name = "_forward_kernel"') == 1
     assert cuda.count('name = "_backward_kernel"') == backward_kernels
@@ -1056,12 +1077,11 @@ def test_adapters_load_no_kernel_module_on_the_cpu(library):
     assert done.returncode == 0, done.stderr
 
 
-@pytest.mark.skipif(not is_installed("jax"), reason="needs jax")
 @pytest.mark.parametrize("n_rows", [2048, 2053], ids=["N=2048", "prime N=2053"])
-def test_jax_loss_and_gradient_under_jit_need_no_logits_sized_temporary(n_rows):
+def test_jax_loss_and_gradient_under_jit_need_no_logits_sized_temporary(xla_on_the_cpu, n_rows):
     """On XLA, the compiled step's temporaries stay within an eighth of one float32 gradient."""
-    import jax
-    import jax.numpy as jnp
+    jax = xla_on_the_cpu
+    jnp = jax.numpy
 
     import softce_multi.jax
 

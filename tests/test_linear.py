@@ -582,14 +582,14 @@ def test_torch_second_derivative_beside_another_term_is_refused():
 # --------------------------------------------------------------------------------------------
 
 
-def test_jax_temporaries_are_bounded_by_the_chunk():
+def test_jax_temporaries_are_bounded_by_the_chunk(xla_on_the_cpu):
     """XLA's temporaries of a jitted training step do not grow with the number of rows.
 
     With 128-row chunks of a 2048-entry vocabulary (1 MiB of float32 logits each), the step's
     temporaries stay within a few chunks when N grows from 2048 to 8192 rows, while one
     ``[N, V]`` float32 buffer grows from 16 MiB to 64 MiB.
     """
-    jax = pytest.importorskip("jax")
+    jax = xla_on_the_cpu
     jnp = jax.numpy
     vocab, hidden_size, chunk = 2048, 64, 128
     chunk_bytes = chunk * vocab * 4
@@ -673,7 +673,8 @@ def test_triton_routines_in_the_chunked_driver(reduction, over_logits):
         case.bias,
         case.target_probs,
         result.saved,
-        result.row_scale * torch.as_tensor(upstream, dtype=torch.float32).reshape(-1),
+        result.row_scale
+        * torch.as_tensor(upstream, dtype=torch.float32, device=device).reshape(-1),
         hidden_grad=True,
         weight_grad=True,
         bias_grad=True,

@@ -637,8 +637,8 @@ def test_triton_sparse_operators_have_fake_implementations():
     assert [tuple(x.shape) for x in grads] == [(0, 40), (5, 3)]
 
 
-def test_jax_sparse_training_step_needs_no_logits_sized_temporary():
-    jax = pytest.importorskip("jax")
+def test_jax_sparse_training_step_needs_no_logits_sized_temporary(xla_on_the_cpu):
+    jax = xla_on_the_cpu
     jnp = jax.numpy
     n_rows, vocab, slots = 4096, 8192, 16
     shapes = (

@@ -264,11 +264,11 @@ def test_under_jax_jit_without_draft_vocab_size_is_a_type_error() -> None:
         jax.jit(prepare_targets_from_hidden)(*args)
 
 
-def test_jax_temporaries_are_bounded_by_the_chunk() -> None:
+def test_jax_temporaries_are_bounded_by_the_chunk(xla_on_the_cpu) -> None:
     """Under ``jax.jit``, XLA's temporaries hold a few ``[chunk_rows, chunk_vocab]`` blocks of
     logits, whatever ``N``: at ``N = 4133`` under four blocks (256 KiB), where the ``[N, V_target]``
     float32 logits of the materialised path would take 65 MiB."""
-    jax = pytest.importorskip("jax")
+    jax = xla_on_the_cpu
     jnp = jax.numpy
     v_target, v_draft, hidden_size, chunk_rows, chunk_vocab = 4096, 1024, 32, 64, 256
     block_bytes = chunk_rows * chunk_vocab * 4

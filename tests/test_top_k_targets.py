@@ -328,12 +328,12 @@ def test_under_jax_jit_without_draft_vocab_size_is_a_type_error() -> None:
         jax.jit(prepare_top_k_targets_from_hidden, static_argnums=4)(*arrays, 3)
 
 
-def test_jax_temporaries_hold_no_dense_targets() -> None:
+def test_jax_temporaries_hold_no_dense_targets(xla_on_the_cpu) -> None:
     """Under ``jax.jit``, XLA's temporaries hold the ``[chunk_rows, k + MERGE_BLOCKS *
     chunk_vocab]`` candidates of a selection and a few smaller blocks, whatever ``N``: at
     ``N = 4133`` under two candidate buffers (530 KiB), where one ``[N, V_draft]`` float32 array
     takes 65 MiB, and growing with ``N`` by less than a quarter of that buffer."""
-    jax = pytest.importorskip("jax")
+    jax = xla_on_the_cpu
     jnp = jax.numpy
     v_target, v_draft, hidden_size, chunk_rows, chunk_vocab, k = 4096, 4096, 32, 64, 64, 16
     candidates_bytes = chunk_rows * (k + eagle3._top_k.MERGE_BLOCKS * chunk_vocab) * 4

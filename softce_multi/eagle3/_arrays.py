@@ -126,7 +126,7 @@ def nan_where(condition: Array, x: Array, *, xp: Namespace) -> Array:
     array
         Shape, dtype and device of ``x``.
     """
-    nan = xp.asarray(math.nan, dtype=x.dtype, device=array_api_compat.device(x))
+    nan = xp.full((), math.nan, dtype=x.dtype, device=array_api_compat.device(x))
     return xp.where(condition, nan, x)
 
 

@@ -137,8 +137,8 @@ def multi_step_loss(
     else:
         check_step_weights_fit(ratio, steps, xp=xp, dtype=losses.dtype)
         weights = [ratio**i for i in range(steps)]
-    device = array_api_compat.device(losses)
-    total = xp.sum(xp.asarray(weights, dtype=losses.dtype, device=device) * losses)
+    # Python weights times each step's loss: the weights are never copied from the host.
+    total = xp.sum(xp.stack([weight * losses[step] for step, weight in enumerate(weights)]))
     return zero_d(total, xp=xp)
 
 

@@ -94,7 +94,7 @@ def draft_token_ids(t2d: Array, size: int, *, xp: Namespace) -> Array:
     running = xp.cumulative_sum(xp.astype(t2d, dtype))
     # The k-th True entry (from 1) is the first position where the running count reaches k.
     ranks = xp.arange(1, size + 1, dtype=dtype, device=device)
-    last = xp.asarray(t2d.shape[0] - 1, dtype=dtype, device=device)
+    last = xp.full((), t2d.shape[0] - 1, dtype=dtype, device=device)
     return xp.minimum(xp.astype(xp.searchsorted(running, ranks), dtype), last)
 
 
@@ -121,6 +121,9 @@ def draft_position_mask(loss_mask: Array, top: Array, t2d: Array, *, xp: Namespa
     mask = xp.reshape(loss_mask, top.shape)
     if mask.dtype == xp.bool:
         position_mask = mask & in_draft
+    elif xp.isdtype(mask.dtype, "integral"):
+        # Exact, and torch (before 2.13) has no `where` for uint16, uint32 and uint64.
+        position_mask = mask * xp.astype(in_draft, mask.dtype)
     else:
         position_mask = xp.where(in_draft, mask, xp.zeros_like(mask))
     return constant(position_mask[..., None], xp=xp)

@@ -373,7 +373,7 @@ def _top_k_by_chunks(
             )
             values, positions = _largest(candidates, k, xp=xp)
             positions = xp.astype(positions, ids_dtype)
-            last = xp.asarray(k - 1, dtype=ids_dtype, device=device)
+            last = xp.full((), k - 1, dtype=ids_dtype, device=device)
             kept = xp.take_along_axis(
                 ids, xp.astype(xp.minimum(positions, last), index_dtype), axis=-1
             )

@@ -38,9 +38,10 @@ STAGE_LIMIT_S = {
 not imported here) and the most seconds it may take (less when the budget has less left)."""
 BENCH_OPTIONS = ("--dtypes", "bfloat16", "--repeats", "3", "--no-memory")
 """``bench`` beside the stages: bf16, 3 rounds, no memory (the speed stage measures memory)."""
-GPU_TESTS = "cuda or gpu or cupy"
+GPU_TESTS = "cuda or gpu or cupy or triton or pallas"
 """The ``-k`` expression of the suite's tests of the GPU backends: those parametrized over
-``torch-cuda``, ``jax-gpu`` or ``cupy``, and the CUDA tests. The rest runs in CI on the CPU."""
+``torch-cuda``, ``jax-gpu`` or ``cupy``, the CUDA tests, and the tests of the Triton and Pallas
+kernels (compiled on a GPU, interpreted on the CPU). The rest runs in CI on the CPU."""
 PYTEST = ("-m", "pytest", "-q", "-p", "no:cacheprovider")
 
 
