@@ -17,6 +17,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton", reason="triton not installed")
 
 import softce_multi as sc  # noqa: E402
+from softce_multi import eagle3  # noqa: E402
 from softce_multi.testing import REDUCTIONS  # noqa: E402
 
 SHAPE = (2, 64, 1000)
@@ -85,3 +86,107 @@ def test_a_training_step_replays_from_a_cuda_graph(reduction):
     torch.testing.assert_close(captured_loss, expected_loss)
     torch.testing.assert_close(logits.grad, fresh_logits.grad)
     torch.testing.assert_close(targets.grad, fresh_targets.grad)
+
+
+DRAFT_VOCAB, TARGET_VOCAB, HIDDEN, STEPS = 300, 1000, 64, 3
+
+
+def eagle3_inputs() -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    batch, length = SHAPE[:2]
+    draft_logits = torch.randn(
+        (STEPS, batch, length, DRAFT_VOCAB), device="cuda", generator=generator
+    ).to(torch.bfloat16)
+    target_logits = torch.randn(
+        (batch, length, TARGET_VOCAB), device="cuda", generator=generator
+    ).to(torch.bfloat16)
+    loss_mask = torch.rand((batch, length), device="cuda", generator=generator) < 0.8
+    t2d = torch.zeros(TARGET_VOCAB, dtype=torch.bool, device="cuda")
+    t2d[torch.randperm(TARGET_VOCAB, device="cuda", generator=generator)[:DRAFT_VOCAB]] = True
+    return draft_logits.requires_grad_(True), target_logits, loss_mask, t2d
+
+
+def eagle3_step(draft_logits, target_logits, loss_mask, t2d) -> torch.Tensor:
+    """The draft's targets from the target's logits, a loss per step, their decayed sum, and its
+    gradient: an EAGLE-3 training step, with the draft vocabulary's size given."""
+    losses = []
+    for step in range(STEPS):
+        probs, position_mask = eagle3.prepare_targets(
+            target_logits, loss_mask, t2d, draft_vocab_size=DRAFT_VOCAB
+        )
+        losses.append(sc.masked_soft_cross_entropy(draft_logits[step], probs, position_mask))
+    loss = eagle3.multi_step_loss(losses, decay=0.8)
+    loss.backward()
+    return loss
+
+
+def linear_step(hidden, weight, targets, mask) -> torch.Tensor:
+    loss = sc.linear_masked_soft_cross_entropy(hidden, weight, targets, mask, chunk_rows=32)
+    loss.backward()
+    return loss
+
+
+def linear_inputs() -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator(device="cuda").manual_seed(2)
+    rows = SHAPE[0] * SHAPE[1]
+    hidden = torch.randn((rows, HIDDEN), device="cuda", generator=generator)
+    weight = torch.randn((DRAFT_VOCAB, HIDDEN), device="cuda", generator=generator) / 8
+    targets = torch.softmax(
+        torch.randn((rows, DRAFT_VOCAB), device="cuda", generator=generator), dim=-1
+    )
+    mask = torch.rand(rows, device="cuda", generator=generator) < 0.8
+    return (
+        hidden.to(torch.bfloat16).requires_grad_(True),
+        weight.to(torch.bfloat16).requires_grad_(True),
+        targets,
+        mask,
+    )
+
+
+STEP_FUNCTIONS = {
+    "eagle3 step": (eagle3_step, eagle3_inputs),
+    "linear loss": (linear_step, linear_inputs),
+}
+
+
+@pytest.mark.parametrize("step", STEP_FUNCTIONS.values(), ids=STEP_FUNCTIONS.keys())
+def test_an_eagle3_or_linear_step_never_synchronises_with_the_host(step):
+    function, make_inputs = step
+    inputs = make_inputs()
+    torch.cuda.synchronize()
+
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = function(*inputs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    assert loss.device == inputs[0].device and inputs[0].grad is not None
+
+
+@pytest.mark.parametrize("step", STEP_FUNCTIONS.values(), ids=STEP_FUNCTIONS.keys())
+def test_an_eagle3_or_linear_step_replays_from_a_cuda_graph(step):
+    function, make_inputs = step
+    inputs = make_inputs()
+    leaves = [x for x in inputs if x.requires_grad]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        function(*inputs)
+    torch.cuda.current_stream().wait_stream(stream)
+    for leaf in leaves:
+        leaf.grad = None
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured_loss = function(*inputs)
+    for leaf in leaves:
+        leaf.grad.zero_()
+    graph.replay()
+    torch.cuda.synchronize()
+
+    fresh = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
+    expected_loss = function(*fresh)
+    torch.testing.assert_close(captured_loss, expected_loss)
+    for leaf, fresh_leaf in zip(leaves, [x for x in fresh if x.requires_grad], strict=True):
+        torch.testing.assert_close(leaf.grad, fresh_leaf.grad)
