@@ -250,7 +250,7 @@ def inverse_denominator(
         total = xp.sum(weights)
         # maximum, not clip: array-api-compat's CuPy clip indexes with a mask (a host sync).
         return 1.0 / xp.maximum(total, xp.ones_like(total))
-    if isinstance(num_valid, int | float):  # filled on the device: no copy from the host
+    if isinstance(num_valid, (int, float)):  # filled on the device: no copy from the host
         count = xp.full((), float(num_valid), dtype=dtype, device=device)
     else:
         count = xp.asarray(num_valid, dtype=dtype, device=device)

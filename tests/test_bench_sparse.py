@@ -63,6 +63,9 @@ def check_rows(rows: list[dict[str, Any]], sizes: dict[str, Any], dtypes: list[s
             assert gradients == pytest.approx(gradient_bytes(shape, row["dtype"]))
 
 
+@pytest.mark.skipif(
+    not (installed("torch") and installed("jax")), reason="its report lists the torch and jax rows"
+)
 def test_bench_sparse_times_the_sparse_loss_of_logits_against_the_dense_loss(
     tmp_path: Path, memory_in_this_process: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -82,6 +85,9 @@ def test_bench_sparse_times_the_sparse_loss_of_logits_against_the_dense_loss(
     assert "skipped numpy (bfloat16): no bfloat16" in output
 
 
+@pytest.mark.skipif(
+    not (installed("torch") and installed("jax")), reason="its report lists the torch and jax rows"
+)
 def test_bench_linear_sparse_times_the_sparse_linear_loss_against_the_dense_one(
     tmp_path: Path, memory_in_this_process: None, capsys: pytest.CaptureFixture[str]
 ) -> None:

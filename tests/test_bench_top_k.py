@@ -14,6 +14,10 @@ from softce_multi._cli._common import installed
 SIZES = ["--rows", "24", "--hidden", "4", "--vocab", "6", "--target-vocab", "20"]
 
 
+@pytest.mark.skipif(
+    not (installed("torch") or installed("jax")),
+    reason="bench --targets runs on torch or jax, and neither is installed",
+)
 def test_bench_top_k_adds_a_path_timed_against_the_dense_targets(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -325,6 +325,9 @@ def test_bench_measures_or_skips_every_case_at_every_length_and_dtype(
             assert at_lengths <= measured or (case.name, dtype) in skipped
 
 
+@pytest.mark.skipif(
+    not testing.is_installed("jax"), reason="optax's case is a jax one; jax not installed"
+)
 def test_bench_skips_a_case_whose_library_is_missing_and_says_why(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -437,6 +440,10 @@ def test_each_bench_case_computes_the_gradient_of_its_loss(name: str) -> None:
     np.testing.assert_allclose(np.asarray(gradient, dtype=np.float64), expected, atol=1e-6)
 
 
+@pytest.mark.skipif(
+    not (testing.is_installed("torch") or testing.is_installed("jax")),
+    reason="bench --targets runs on torch or jax, and neither is installed",
+)
 def test_bench_compares_targets_from_hidden_with_the_materialised_logits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

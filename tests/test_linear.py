@@ -783,6 +783,10 @@ def test_torch_backward_chunks_take_their_gradient_over_the_logits_buffer(monkey
         assert_gradient_close(grad, want, "float64" if dtype == "float64" else "float32")
 
 
+@pytest.mark.skipif(
+    not (is_installed("torch") or is_installed("jax")),
+    reason="bench --linear runs on torch or jax, and neither is installed",
+)
 @pytest.mark.parametrize(("options", "bias"), [([], True), (["--no-bias"], False)])
 def test_bench_compares_the_linear_loss_with_the_materialised_path(
     tmp_path, monkeypatch, capsys, options, bias
@@ -838,6 +842,7 @@ def test_bench_compares_the_linear_loss_with_the_materialised_path(
             np.testing.assert_allclose(to_numpy(grad), to_numpy(want), rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.skipif(not is_installed("torch"), reason="torch not installed")
 @pytest.mark.parametrize("reduction", ["sum", "none"])
 def test_bench_compares_both_linear_paths_at_a_reduction(tmp_path, monkeypatch, capsys, reduction):
     """``bench --linear --reduction`` runs both paths at that reduction (``"none"``'s losses

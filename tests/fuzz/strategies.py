@@ -68,6 +68,12 @@ seed_st = st.integers(0, 2**32 - 1)
 # of a dtype no installed backend has are discarded (all of bfloat16 without torch and JAX).
 fuzz = settings(deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 
+#: Skips a fuzz test of gradients where no installed backend differentiates (NumPy alone).
+needs_autodiff = pytest.mark.skipif(
+    not any(backend.is_autodiff for backend in BACKENDS),
+    reason="no installed backend differentiates (torch or jax)",
+)
+
 
 def structures(test: str, **dimensions: Sequence[Any]) -> st.SearchStrategy[dict[str, Any]]:
     """A fixed list of :data:`STRUCTURES` combinations of the dimensions' values, to sample.

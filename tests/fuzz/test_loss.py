@@ -28,6 +28,7 @@ from .strategies import (
     loss_values,
     loss_with_count,
     loss_with_grad_with_count,
+    needs_autodiff,
     on_backend,
     on_each,
     oracle_terms,
@@ -134,6 +135,7 @@ def test_loss_with_grad_agrees_with_the_oracle_on_every_backend(data: Any, struc
     on_each(each_backend(*inputs.dtypes, *num_valid.dtypes), check)
 
 
+@needs_autodiff
 @fuzz
 @given(
     data=st.data(),

@@ -29,6 +29,7 @@ from .strategies import (
     expected_loss,
     fuzz,
     loss_values,
+    needs_autodiff,
     on_backend,
     on_each,
     oracle_terms,
@@ -175,6 +176,7 @@ def _gathered(grad_targets: np.ndarray, inputs: SparseInputs) -> np.ndarray:
     return np.where(valid, picked, 0.0)
 
 
+@needs_autodiff
 @fuzz
 @given(
     data=st.data(),
