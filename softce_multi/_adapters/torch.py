@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import array_api_compat
+import array_api_compat.torch as torch_namespace
 import torch
 from torch import Tensor
 
@@ -104,7 +104,7 @@ def _loss_pass(inputs: LossInputs, /, *, with_logits_grad: bool) -> _core.Forwar
         num_valid=inputs.num_valid,
         with_logits_grad=with_logits_grad,
         row_routine=torch_sparse.row_routine if sparse else row_routine,
-        xp=array_api_compat.array_namespace(inputs.logits),
+        xp=torch_namespace,
         target_ids=inputs.target_ids,
     )
 
@@ -178,7 +178,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
             logits_grad=wants_logits and grad_z is None,
             targets_grad=wants_targets,
             gradient_routine=torch_sparse.gradient_routine if ctx.sparse else gradient_routine,
-            xp=array_api_compat.array_namespace(logits),
+            xp=torch_namespace,
             target_ids=target_ids,
         )
         return (recomputed if grad_z is None else grad_z), grad_p, *nothing[2:]

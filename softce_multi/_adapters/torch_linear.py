@@ -27,7 +27,7 @@ import math
 from types import ModuleType
 from typing import Any
 
-import array_api_compat
+import array_api_compat.torch as torch_namespace
 import torch
 from torch import Tensor
 
@@ -166,7 +166,7 @@ def linear_forward(
             weight_grad=weight_grad,
             bias_grad=bias_grad,
             row_routine=_routines(hidden, target_ids).row_routine_over_logits,
-            xp=array_api_compat.array_namespace(hidden),
+            xp=torch_namespace,
             add=add_product,
             logits=LogitsBuffer(),
             logits_copies=1,
@@ -243,7 +243,7 @@ def linear_backward(
             targets_grad=targets_grad,
             chunk_rows=chunk_rows,
             gradient_routine=_routines(hidden, target_ids).gradient_routine_over_logits,
-            xp=array_api_compat.array_namespace(hidden),
+            xp=torch_namespace,
             add=add_product,
             logits=LogitsBuffer(),
             logits_copies=1,

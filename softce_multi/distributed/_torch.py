@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import array_api_compat
+import array_api_compat.torch as torch_namespace
 import torch
 from torch import Tensor
 
@@ -100,7 +100,7 @@ class _VocabParallelFunction(torch.autograd.Function):
             max_over_shards=torch_all_reduce("MAX", group),
             sum_over_shards=torch_all_reduce("SUM", group),
             block_rows=_core.default_block_rows(logits_shard.shape[-1]),
-            xp=array_api_compat.array_namespace(logits_shard),
+            xp=torch_namespace,
         )
         return (result.loss, result.row_scale, *result.saved)
 
@@ -142,7 +142,7 @@ class _VocabParallelFunction(torch.autograd.Function):
                 logits_grad=wants_logits,
                 targets_grad=wants_targets,
                 gradient_routine=torch_shared.gradient_routine,
-                xp=array_api_compat.array_namespace(logits_shard),
+                xp=torch_namespace,
             )
         return grad_logits, grad_targets, *nothing[2:]
 
@@ -237,7 +237,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
         group: Any,
         matmul_dtype: torch.dtype | None,
     ) -> tuple[Tensor, ...]:
-        xp = array_api_compat.array_namespace(hidden)
+        xp = torch_namespace
         rows = _linear.as_linear_rows(
             hidden,
             weight_shard,
@@ -306,7 +306,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
             targets_grad=wants[3],
             chunk_rows=None,
             gradient_routine=torch_shared.gradient_routine,
-            xp=array_api_compat.array_namespace(hidden),
+            xp=torch_namespace,
             # The logits of the forward pass, to the last bit.
             logits=torch_shared.LogitsBuffer(),
             matmul_dtype=ctx.matmul_dtype,

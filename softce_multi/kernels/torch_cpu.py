@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import cast
 
-import array_api_compat
+import array_api_compat.torch as torch_namespace
 import torch
 from torch import Tensor
 
@@ -155,7 +155,7 @@ def _row_work(
 ) -> None:
     """Fill the four ``[N]`` ``outputs`` of :func:`torch_row_routine` and, unless ``grad`` is
     None, the ``[N, V]`` logits gradient ``grad`` (which may be ``z`` itself)."""
-    xp = array_api_compat.array_namespace(z)
+    xp = torch_namespace
     dtype = weights.dtype
     losses, row_max, log_sum_exp, target_sum = outputs
     # Filled block by block, then turned into the losses and the log of the sum in place.
@@ -426,7 +426,7 @@ def _gradient_work(
     ``grad_z`` may be ``z`` itself."""
     row_max, log_sum_exp, target_sum = saved
     dtype = row_max.dtype
-    xp = array_api_compat.array_namespace(z)
+    xp = torch_namespace
     coefficient = _core.softmax_coefficient(row_scale, target_sum, log_sum_exp, xp=xp)
     fresh_outputs = [grad for grad in (grad_z, grad_p) if grad is not None and grad is not z]
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from types import ModuleType
 
-import array_api_compat
+import array_api_compat.torch as torch_namespace
 import torch
 from torch import Tensor
 
@@ -96,7 +96,7 @@ def _generic_routines(
     vocab_size: int, *, over_logits: bool
 ) -> tuple[_core.RowRoutine, _core.GradientRoutine]:
     """The routines of :mod:`softce_multi.kernels.sparse` for torch, over cache-sized blocks."""
-    xp = array_api_compat.array_namespace(torch.empty(0))
+    xp = torch_namespace
     block_rows = _core.default_block_rows(vocab_size)
     return (
         sparse.sparse_row_routine(block_rows, xp=xp, over_logits=over_logits),
@@ -119,7 +119,7 @@ def sparse_row_routine(
     the ``[N, V]`` logits gradient (``[0, V]`` when not asked for), as the dense row operators
     do (:func:`softce_multi.kernels.empty_row_outputs`).
     """
-    xp = array_api_compat.array_namespace(z)
+    xp = torch_namespace
     results = sparse.sparse_row_pass(
         z,
         ids,
