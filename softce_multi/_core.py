@@ -274,10 +274,14 @@ class WeightedRows:
         """The computation dtype (see :func:`compute_dtype`), that of the weights."""
         return self.weights.dtype
 
-    @property
-    def row_scale(self) -> Array:
-        """``d loss / d c_row`` for a unit upstream gradient: ``w / den``."""
-        return self.weights * self.inv_den
+
+def row_scale(rows: WeightedRows) -> Array:
+    """``d loss / d c_row`` of each row for a unit upstream gradient: ``w / den``.
+
+    A function rather than a property of the rows: Dynamo before torch 2.11 cannot trace a
+    property of a ``NamedTuple`` subclass.
+    """
+    return rows.weights * rows.inv_den
 
 
 class _RowsFields(NamedTuple):
@@ -475,7 +479,7 @@ def loss_pass(
     logits_grad = None
     if with_logits_grad:
         logits_grad = xp.reshape(results.logits_grad, logits.shape)
-    return ForwardResult(loss, logits_grad, results.saved, rows.row_scale)
+    return ForwardResult(loss, logits_grad, results.saved, row_scale(rows))
 
 
 def gradient_pass(

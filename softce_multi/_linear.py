@@ -303,7 +303,7 @@ def chunked_loss_pass(
     logits = logits or functools.partial(chunk_logits, xp=xp)
     fresh = fresh or _unchanged
     loop = _chunks.loop_for(xp)
-    row_scale = rows.row_scale
+    row_scale = _core.row_scale(rows)
 
     def vector() -> Array:
         return fresh(xp.zeros((n_rows,), dtype=dtype, device=array_api_compat.device(rows.p)))

@@ -29,6 +29,17 @@ _SHOWN_CHARACTERS = 40
 # --- arrays: namespaces, devices, dtypes, shapes ------------------------------------------
 
 
+def _namespace(array: Array) -> Namespace:
+    """The array-API namespace of one array; a PyTorch tensor's is found by its type alone
+    (array-api-compat's dispatch tests a PEP 604 union, which Dynamo before torch 2.11 cannot
+    trace)."""
+    if array_api_compat.is_torch_array(array):
+        from array_api_compat import torch as torch_namespace
+
+        return torch_namespace
+    return array_api_compat.array_namespace(array)
+
+
 def namespace_of(**arrays: Array) -> Namespace:
     """Return the one array namespace shared by ``arrays`` (given by argument name).
 
@@ -42,7 +53,7 @@ def namespace_of(**arrays: Array) -> Namespace:
         if not array_api_compat.is_array_api_obj(array):
             msg = f"{name} must be an array, got {type(array).__module__}.{type(array).__name__}"
             raise TypeError(msg)
-        namespaces[name] = array_api_compat.array_namespace(array)
+        namespaces[name] = _namespace(array)
     (first_name, xp), *rest = namespaces.items()
     for name, other in rest:
         if other is not xp:

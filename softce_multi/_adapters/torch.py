@@ -72,7 +72,7 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
     refuse forward-mode differentiation by name (the function has no ``jvp``) rather than lose
     the tangents.
     """
-    inputs = inputs._replace(target_ids=indexable_ids(inputs.target_ids))
+    inputs = _with_indexable_ids(inputs)
     logits, reduction = inputs.logits, inputs.reduction
     with_logits_grad = (
         torch.is_grad_enabled()
@@ -86,9 +86,17 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
 
 def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
     """The loss of validated inputs and its logits gradient, from one pass (no autograd)."""
-    inputs = inputs._replace(target_ids=indexable_ids(inputs.target_ids))
+    inputs = _with_indexable_ids(inputs)
     result = _loss_pass(inputs, with_logits_grad=True)
     return result.loss, cast(torch.Tensor, result.logits_grad)
+
+
+def _with_indexable_ids(inputs: LossInputs) -> LossInputs:
+    """``inputs`` with ``target_ids`` as PyTorch indexes with them, built field by field: Dynamo
+    before torch 2.11 traces neither ``NamedTuple._replace`` nor a star-argument construction."""
+    logits, target_probs, position_mask, reduction, num_valid, target_ids = inputs
+    ids = indexable_ids(target_ids)
+    return LossInputs(logits, target_probs, position_mask, reduction, num_valid, ids)
 
 
 @torch.no_grad()

@@ -224,7 +224,9 @@ def run_row_operator(
     softce_multi._core.RowResults
         The weighted losses, the saved statistics, and the logits gradient or None.
     """
-    outputs = operator(rows.z, rows.p, rows.weights, rows.row_scale, with_logits_grad, *options)
+    outputs = operator(
+        rows.z, rows.p, rows.weights, _core.row_scale(rows), with_logits_grad, *options
+    )
     weighted, row_max, log_sum_exp, target_sum, grad = outputs
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
     return _core.RowResults(weighted, saved, grad if with_logits_grad else None)
@@ -238,7 +240,7 @@ def run_row_operator_over_logits(
     ``operator(z, p, weights, row_scale, *options)`` returns the outputs of
     :func:`empty_row_statistics`, filled; the logits gradient of the results is ``rows.z``.
     """
-    weighted, *saved = operator(rows.z, rows.p, rows.weights, rows.row_scale, *options)
+    weighted, *saved = operator(rows.z, rows.p, rows.weights, _core.row_scale(rows), *options)
     return _core.RowResults(weighted, _core.SavedRows(*saved), rows.z)
 
 

@@ -32,7 +32,7 @@ def blocked_row_routine(block_rows: int | None, *, xp: Namespace) -> _core.RowRo
     def routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResults:
         z, p, dtype = rows.z, rows.p, rows.dtype
         valid = rows.weights != 0
-        row_scale = rows.row_scale
+        row_scale = _core.row_scale(rows)
         losses, row_maxes, log_sum_exps, target_sums, grad_blocks = [], [], [], [], []
         grad = _allocate_if_blocked(z, block_rows, with_logits_grad, xp=xp)
         for block in _core.row_blocks(z.shape[0], block_rows):

@@ -28,7 +28,7 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
     z, p, weights = rows.z, rows.p, rows.weights
     dtype = rows.dtype
     n_rows, vocab_size = z.shape
-    row_scale = rows.row_scale
+    row_scale = _core.row_scale(rows)
     valid = weights != 0
 
     weighted = np.zeros(n_rows, dtype)

@@ -270,7 +270,7 @@ def row_routine(
         out_shape.append(jax.ShapeDtypeStruct((n_rows, n_cols), rows.z.dtype))
     block, num_warps = kernels.launch_config(n_cols, block_size)
     kernel = functools.partial(_forward_kernel, compute=rows.dtype, block_size=block)
-    inputs = (rows.z, rows.p, rows.weights, rows.row_scale)
+    inputs = (rows.z, rows.p, rows.weights, _core.row_scale(rows))
     weighted, *outputs = _call(kernel, out_shape, inputs, num_warps, interpret)
     logits_grad = outputs[n_saved] if with_logits_grad else None
     return _core.RowResults(weighted, _core.SavedRows(*outputs[:n_saved]), logits_grad)

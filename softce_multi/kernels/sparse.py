@@ -96,7 +96,7 @@ def sparse_row_routine(
             rows.ids,
             rows.p,
             rows.weights,
-            rows.row_scale,
+            _core.row_scale(rows),
             with_logits_grad=with_logits_grad,
             block_rows=block_rows,
             over_logits=over_logits,

@@ -41,7 +41,7 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
     if kernels.use_triton(rows.z):
         return _triton().row_routine(rows, with_logits_grad=with_logits_grad)
     outputs = sparse_row_routine(
-        rows.z, rows.ids, rows.p, rows.weights, rows.row_scale, with_logits_grad
+        rows.z, rows.ids, rows.p, rows.weights, _core.row_scale(rows), with_logits_grad
     )
     weighted, row_max, log_sum_exp, target_sum, grad = outputs
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)

@@ -259,7 +259,7 @@ def row_routine(rows: _core.Rows, /, *, with_logits_grad: bool) -> _core.RowResu
     """The :class:`~softce_multi._core.RowRoutine` of :func:`triton_sparse_row_routine`."""
     assert rows.ids is not None  # chosen for sparse targets only
     outputs = triton_sparse_row_routine(
-        rows.z, rows.ids, rows.p, rows.weights, rows.row_scale, with_logits_grad, None
+        rows.z, rows.ids, rows.p, rows.weights, _core.row_scale(rows), with_logits_grad, None
     )
     weighted, row_max, log_sum_exp, target_sum, grad = outputs
     saved = _core.SavedRows(row_max, log_sum_exp, target_sum)
@@ -272,7 +272,7 @@ def row_routine_over_logits(rows: _core.Rows, /, *, with_logits_grad: bool) -> _
     if not with_logits_grad:
         return row_routine(rows, with_logits_grad=False)
     statistics = triton_sparse_row_routine_(
-        rows.z, rows.ids, rows.p, rows.weights, rows.row_scale, None
+        rows.z, rows.ids, rows.p, rows.weights, _core.row_scale(rows), None
     )
     weighted, *saved = statistics
     return _core.RowResults(weighted, _core.SavedRows(*saved), rows.z)
