@@ -85,6 +85,19 @@ def tests_numpy(session: nox.Session) -> None:
 
 
 @nox.session(python=PYTHON)
+def lowest(session: nox.Session) -> None:
+    """Run the test suite on the lowest releases the package admits (tests/lowest-versions.txt).
+
+    PyTorch 2.8 is on PyPI as a CUDA build only, a download of several GB; it runs on the CPU.
+    """
+    constraints = ("-c", "tests/lowest-versions.txt")
+    session.install(*constraints, "torch", "jax", "array-api-strict", "pytest-xdist")
+    session.install(*constraints, "-e", ".[test,bench]")
+    session.install("--no-deps", NEMO_AUTOMODEL, LIGER_KERNEL)
+    session.run("pytest", "-n", "auto", "--dist", "loadfile", *session.posargs, env=CPU_TEST_ENV)
+
+
+@nox.session(python=PYTHON)
 def gpu(session: nox.Session) -> None:
     """Run the test suite and ``check`` with PyTorch CUDA, JAX GPU and CuPy on a CUDA device."""
     device = _cuda_device()

@@ -131,9 +131,9 @@ def test_the_check_needs_a_folder_for_its_output(capsys):
 
 def _has_hopper_compiler() -> bool:
     try:
-        from triton.backends.nvidia.compiler import get_ptxas
+        from softce_multi._cli.device_check.resources import ptxas_path
 
-        return os.path.exists(get_ptxas(90).path)
+        return os.path.exists(ptxas_path())
     except (ImportError, RuntimeError):
         return False
 

@@ -48,16 +48,25 @@ def _compile(fn: Any, pointers: dict[str, str], constexprs: dict[str, Any], warp
     return triton.compile(source, target=target, options={"num_warps": warps})
 
 
+def ptxas_path() -> str:
+    """The ``ptxas`` Triton uses for ``sm_90a``: Triton 3.6 chooses it by architecture, 3.4
+    takes no argument."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    try:
+        return get_ptxas(CAPABILITY).path
+    except TypeError:
+        return get_ptxas().path
+
+
 def ptxas_report(ptx: str) -> dict[str, int]:
     """Registers, spill stores and loads (bytes) and stack frame (bytes) of ``ptx`` for
     ``sm_90a``, from the ``ptxas -v`` that Triton uses for that target."""
-    from triton.backends.nvidia.compiler import get_ptxas
-
     with tempfile.TemporaryDirectory() as folder:
         path = os.path.join(folder, "kernel.ptx")
         with open(path, "w") as file:
             file.write(ptx)
-        command = [get_ptxas(CAPABILITY).path, "-v", "--gpu-name", f"sm_{CAPABILITY}a", path]
+        command = [ptxas_path(), "-v", "--gpu-name", f"sm_{CAPABILITY}a", path]
         done = subprocess.run(
             [*command, "-o", os.devnull], capture_output=True, text=True, check=True
         )
