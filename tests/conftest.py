@@ -41,6 +41,28 @@ def xla_on_the_cpu():
     return jax
 
 
+@pytest.fixture
+def wrap_triton_of_jit_functions_only(monkeypatch):
+    """torch 2.11's ``wrap_triton``, which refuses the kernels of Triton's interpreter, put
+    wherever the Triton launchers could take ``wrap_triton`` from; skipped on a GPU, where
+    ``triton.jit`` makes JIT functions, which every torch wraps."""
+    torch = pytest.importorskip("torch", reason="torch not installed")
+    pytest.importorskip("triton", reason="triton not installed")
+    if torch.cuda.is_available():
+        pytest.skip("on a GPU, triton.jit makes a JIT function, which every torch wraps")
+    from triton.runtime.jit import JITFunction
+
+    from softce_multi.kernels import triton, triton_sparse
+
+    def wrap_jit_functions_only(kernel):
+        if not isinstance(kernel, JITFunction):
+            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit")
+        return kernel
+
+    for module in (triton, triton_sparse):
+        monkeypatch.setattr(module, "wrap_triton", wrap_jit_functions_only, raising=False)
+
+
 hypothesis.settings.register_profile("default", deadline=None, max_examples=30)
 hypothesis.settings.register_profile("ci", deadline=None, max_examples=30, derandomize=True)
 # A long search: pytest --hypothesis-profile=thorough tests/test_properties.py

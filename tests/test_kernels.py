@@ -611,20 +611,8 @@ def test_triton_reads_strided_rows_in_place(triton_kernel):
 
 
 def test_triton_kernels_launch_where_torch_refuses_to_wrap_an_interpreted_kernel(
-    triton_kernel, monkeypatch
+    triton_kernel, wrap_triton_of_jit_functions_only
 ):
-    import torch
-    from triton.runtime.jit import JITFunction
-
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU, triton.jit makes a JIT function, which every torch wraps")
-
-    def wrap_jit_functions_only(kernel):  # torch 2.11's wrap_triton
-        if not isinstance(kernel, JITFunction):
-            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit")
-        return kernel
-
-    monkeypatch.setattr(triton_kernel.module, "wrap_triton", wrap_jit_functions_only)
     case = make_case(triton_kernel.backend, np.random.default_rng(23), SHAPE)
 
     result = triton_kernel.forward(

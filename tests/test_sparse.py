@@ -550,24 +550,11 @@ def test_triton_sparse_kernels_match_the_generic_operators(logits_dtype):
 
 
 def test_triton_sparse_kernels_launch_where_torch_refuses_to_wrap_an_interpreted_kernel(
-    monkeypatch,
+    wrap_triton_of_jit_functions_only,
 ):
     torch = pytest.importorskip("torch")
-    pytest.importorskip("triton")
-    from triton.runtime.jit import JITFunction
+    from softce_multi.kernels import torch_sparse, triton_sparse
 
-    from softce_multi.kernels import torch_sparse, triton, triton_sparse
-
-    if torch.cuda.is_available():
-        pytest.skip("on a GPU, triton.jit makes a JIT function, which every torch wraps")
-
-    def wrap_jit_functions_only(kernel):  # torch 2.11's wrap_triton
-        if not isinstance(kernel, JITFunction):
-            raise RuntimeError("wrap_triton only works on functions annotated with triton.jit")
-        return kernel
-
-    for module in (triton, triton_sparse):  # wherever a launcher could take it from
-        monkeypatch.setattr(module, "wrap_triton", wrap_jit_functions_only, raising=False)
     z, ids, p, weights, scale = _operator_inputs(torch, torch.float32)
 
     forward = triton_sparse.triton_sparse_row_routine(z, ids, p, weights, scale, True, 16)
