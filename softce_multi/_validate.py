@@ -77,8 +77,12 @@ def check_same_device(**arrays: Array) -> None:
 
 
 def is_array(value: Any) -> bool:
-    """Whether ``value`` is an array; NumPy scalars such as ``np.int64(3)`` are host numbers."""
-    return array_api_compat.is_array_api_obj(value) and not isinstance(value, numbers.Number)
+    """Whether ``value`` is an array; NumPy scalars such as ``np.int64(3)`` are host numbers.
+
+    Numbers are told apart first: under ``torch.compile``, a number that changes between calls
+    is a symbolic ``torch.SymInt`` or ``SymFloat``, which array-api-compat's test cannot trace.
+    """
+    return not isinstance(value, numbers.Number) and array_api_compat.is_array_api_obj(value)
 
 
 def is_dtype(xp: Namespace, dtype: Any, kind: str | tuple[str, ...], *, name: str) -> bool:
@@ -359,7 +363,8 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any
     if not is_real_number(num_valid):
         msg = f"num_valid must be a number or a 0-d array, got {type(num_valid).__name__}"
         raise TypeError(msg)
-    host_dtype = getattr(num_valid, "dtype", None)  # NumPy scalars have one
+    # NumPy scalars have a dtype; Python's numbers (symbolic ones under torch.compile) none.
+    host_dtype = None if isinstance(num_valid, (int, float)) else getattr(num_valid, "dtype", None)
     if host_dtype is not None and host_dtype.itemsize * 8 > _WIDEST_FLOAT_BITS:
         msg = (
             f"num_valid must be a Python number or a NumPy scalar of at most 64 bits, got "

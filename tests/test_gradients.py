@@ -180,6 +180,27 @@ def test_torch_backward_twice_with_retain_graph_gives_the_same_gradient(reductio
 
 
 @needs_torch
+@pytest.mark.parametrize("upstream", [None, 1.0], ids=["implicit", "unit"])
+def test_torch_autograd_grad_twice_returns_gradients_the_caller_owns(upstream):
+    """Two ``torch.autograd.grad`` calls through a retained graph return two tensors: changing
+    the first in place leaves the second, and a third, equal to the reference."""
+    torch = pytest.importorskip("torch")
+    logits, targets, mask = torch_inputs(21)
+    loss = sc.masked_soft_cross_entropy(logits, targets, mask)
+    grad_outputs = None if upstream is None else torch.tensor(upstream)
+    expected = reference_of(logits, targets, mask)
+
+    (first,) = torch.autograd.grad(loss, logits, grad_outputs, retain_graph=True)
+    first.mul_(0.5)
+    (second,) = torch.autograd.grad(loss, logits, grad_outputs, retain_graph=True)
+    second.zero_()
+    (third,) = torch.autograd.grad(loss, logits, grad_outputs)
+
+    assert_gradient_close(2 * first, expected.grad_logits, "float32")
+    assert_gradient_close(third, expected.grad_logits, "float32")
+
+
+@needs_torch
 def test_torch_gradients_accumulate_over_two_backward_passes():
     logits, targets, mask = torch_inputs(7)
     loss = sc.masked_soft_cross_entropy(logits, targets, mask)
@@ -490,6 +511,28 @@ def test_torch_vocab_parallel_linear_second_derivative_beside_another_term_is_re
 
     with pytest.raises(RuntimeError, match="differentiable once"):
         (grad.pow(2).sum() + weight.pow(2).sum()).backward()
+
+
+@needs_torch
+def test_torch_vocab_parallel_linear_second_derivative_through_autograd_grad_is_refused(
+    group_of_one,
+):
+    """``torch.autograd.grad`` of a gradient penalty plus weight decay, to ``hidden`` alone,
+    meets the refusal as ``backward()`` does: the penalty's term is never dropped."""
+    import torch
+
+    from softce_multi import distributed
+
+    _, targets, mask = torch_inputs(22, shape=(2, 3, 7), dtype="float64")
+    weight = torch.randn(7, 4, dtype=torch.float64)
+    hidden = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
+    loss = distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+        hidden, weight, targets.detach(), mask
+    )
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(grad.pow(2).sum() + hidden.pow(2).sum(), hidden)
 
 
 @needs_torch

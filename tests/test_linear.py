@@ -24,6 +24,7 @@ from softce_multi import _linear
 from softce_multi._types import LinearLossInputs
 from softce_multi.testing import (
     GRAD_RTOL,
+    REDUCTIONS,
     Backend,
     assert_gradient_close,
     assert_loss_close,
@@ -575,6 +576,72 @@ def test_torch_second_derivative_beside_another_term_is_refused():
     grad_hidden, _ = torch.autograd.grad(loss, (hidden, weight), create_graph=True)
     with pytest.raises(RuntimeError, match="differentiable once"):
         (grad_hidden.pow(2).sum() + 0.1 * weight.pow(2).sum()).backward()
+
+
+@pytest.mark.parametrize("allow_unused", [False, True])
+def test_torch_second_derivative_through_autograd_grad_is_refused(allow_unused):
+    """``torch.autograd.grad(penalty + decay, hidden)`` raises: the refusal lies on the path
+    from the gradient to ``hidden``, not only on that from the upstream gradient."""
+    torch = pytest.importorskip("torch")
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(20))
+    hidden = case.hidden.clone().requires_grad_(True)
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden, case.weight, case.target_probs, case.position_mask
+    )
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    objective = grad.pow(2).sum() + 0.01 * hidden.pow(2).sum()
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(objective, hidden, allow_unused=allow_unused)
+
+
+def test_torch_func_grad_of_the_linear_loss_matches_the_materialised_loss():
+    torch = pytest.importorskip("torch")
+    from softce_multi import reference as torch_reference
+
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(21))
+    hidden = case.hidden.double()
+    weight, targets = case.weight.double(), case.target_probs.double()
+
+    def ours(w):
+        return sc.linear_masked_soft_cross_entropy(hidden, w, targets, case.position_mask)
+
+    def materialised(w):
+        return torch_reference.masked_soft_cross_entropy(hidden @ w.T, targets, case.position_mask)
+
+    got, want = torch.func.grad(ours)(weight), torch.func.grad(materialised)(weight)
+    assert_gradient_close(got, want.numpy(), "float64")
+
+
+def test_torch_func_vmap_of_the_linear_loss_is_refused_by_name():
+    torch = pytest.importorskip("torch")
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(22))
+
+    def loss(hidden, targets, mask):
+        return sc.linear_masked_soft_cross_entropy(hidden, case.weight, targets, mask)
+
+    with pytest.raises(NotImplementedError, match=r"linear_masked_soft_cross_entropy.*vmap"):
+        torch.func.vmap(loss)(case.hidden, case.target_probs, case.position_mask)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_torch_linear_loss_of_meta_tensors_has_the_shapes_of_the_loss(reduction):
+    torch = pytest.importorskip("torch")
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(23))
+    hidden, weight, targets, mask = (
+        x.to("meta") for x in (case.hidden, case.weight, case.target_probs, case.position_mask)
+    )
+    hidden.requires_grad_(True)
+
+    loss = sc.linear_masked_soft_cross_entropy(hidden, weight, targets, mask, reduction=reduction)
+    (grad,) = torch.autograd.grad(loss.sum(), hidden)
+
+    assert loss.device.type == "meta"
+    assert tuple(loss.shape) == (tuple(mask.shape) if reduction == "none" else ())
+    assert grad.shape == hidden.shape
 
 
 # --------------------------------------------------------------------------------------------

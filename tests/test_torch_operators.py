@@ -630,7 +630,8 @@ def reference_gradient(logits: Any, targets: Any, mask: Any, **options: Any) -> 
 
 
 def test_a_unit_upstream_receives_the_saved_buffer_itself():
-    # Eagerly on the CPU, a unit upstream gradient needs no pass over the buffer.
+    # Eagerly on the CPU, a unit upstream gradient needs no pass over the buffer, when no later
+    # backward pass (retain_graph) could hand the same buffer out again.
     logits, targets, mask = float32_inputs(4)
     (logits,) = leaves(logits)
     saved: list[Any] = []
@@ -641,8 +642,8 @@ def test_a_unit_upstream_receives_the_saved_buffer_itself():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
         loss = masked_soft_cross_entropy(logits, targets, mask)
-    (unit,) = torch.autograd.grad(loss, logits, retain_graph=True)
-    (scaled,) = torch.autograd.grad(loss, logits, torch.tensor(2.0))
+    (scaled,) = torch.autograd.grad(loss, logits, torch.tensor(2.0), retain_graph=True)
+    (unit,) = torch.autograd.grad(loss, logits)
 
     assert any(tensor is unit for tensor in saved)
     assert all(tensor is not scaled for tensor in saved)
@@ -935,6 +936,20 @@ def test_dynamo_finds_no_graph_break(criterion):
 
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.parametrize("counts", [(6, 8, 10), (6.0, 7.5, 9.0)], ids=["int", "float"])
+def test_a_num_valid_that_changes_between_calls_compiles_without_a_graph_break(counts):
+    """Dynamo makes a number that changes between calls symbolic (a ``SymInt``): the loss
+    takes it in one graph, as SpecForge's ``num_valid=batch * seq`` needs."""
+    torch._dynamo.reset()
+    compiled = torch.compile(loss_function, backend="aot_eager", fullgraph=True)
+    logits, targets, mask = float32_inputs(5)
+
+    for count in counts:
+        got = compiled(logits, targets, mask, num_valid=count)
+        want = loss_function(logits, targets, mask, num_valid=count)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
 def test_compiled_backward_scales_the_gradient_made_in_forward():

@@ -55,8 +55,8 @@ from softce_multi._adapters.torch_linear import linear_loss, linear_loss_with_gr
 from softce_multi._adapters.torch_shared import (
     gradient_routine,
     indexable_ids,
-    is_one_on_the_cpu,
     row_routine,
+    scaled_by_upstream,
     scaled_exactly,
 )
 from softce_multi._types import LossInputs
@@ -176,8 +176,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
             return grad_z, grad_p, *nothing[2:]
         grad_z = None
         if wants_logits and ctx.has_logits_grad:
-            # Never written in place: a second backward (retain_graph) finds it unchanged.
-            grad_z = logits_grad if is_one_on_the_cpu(grad_loss) else logits_grad * grad_loss
+            grad_z = scaled_by_upstream(logits_grad, grad_loss)
         recomputed, grad_p = _core.gradient_pass(
             logits,
             target_probs,

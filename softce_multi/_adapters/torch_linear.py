@@ -38,8 +38,9 @@ from softce_multi._adapters.torch_shared import (
     autocast_dtype,
     differentiable_once,
     indexable_ids,
-    is_one_on_the_cpu,
     kernels_for,
+    refused_vmap,
+    scaled_by_upstream,
     scaled_exactly,
 )
 from softce_multi._types import LinearGradients, LinearLossInputs
@@ -314,6 +315,8 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
     computes with :func:`linear_backward`, which recomputes the logits chunk by chunk.
     """
 
+    vmap = refused_vmap("linear_masked_soft_cross_entropy")
+
     @staticmethod
     def forward(
         hidden: Tensor,
@@ -373,9 +376,8 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
         wants = ctx.needs_input_grad[:4]
         upstream = _core.upstream_per_row(grad_loss, ctx.reduction, xp=torch)
         # The gradients made in forward are those of a unit upstream (never of "none").
-        scaled = any(ctx.made) and is_one_on_the_cpu(grad_loss)
         grads: list[Tensor | None] = [
-            (grad if scaled else grad * grad_loss) if want and was_made else None
+            scaled_by_upstream(grad, grad_loss) if want and was_made else None
             for grad, want, was_made in zip(made, wants[:3], ctx.made, strict=True)
         ]
         missing = [want and grad is None for want, grad in zip(wants[:3], grads, strict=True)]

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,10 +83,22 @@ def readable_for_free(x: Tensor) -> bool:
     )
 
 
-def is_one_on_the_cpu(upstream: Tensor) -> bool:
-    """Whether ``upstream`` is exactly 1, asked only where the answer is free and traceable
-    (:func:`readable_for_free`)."""
-    return readable_for_free(upstream) and bool(upstream == 1)
+def scaled_by_upstream(grad: Tensor, upstream: Tensor) -> Tensor:
+    """``grad * upstream``, or ``grad`` itself where that is the same and nothing else gets it.
+
+    ``grad`` is a gradient made in the forward pass for a unit upstream gradient and kept by the
+    autograd node. It is handed over as it is only when ``upstream`` is exactly 1, asked where
+    the answer is free and traceable (:func:`readable_for_free`), and when the backward pass
+    keeps no graph (no ``retain_graph``): a later backward pass through the same node would
+    otherwise return the same tensor, which the caller of the first owns and may change.
+    """
+    if (
+        readable_for_free(upstream)
+        and not torch._C._autograd._get_current_graph_task_keep_graph()
+        and bool(upstream == 1)
+    ):
+        return grad
+    return grad * upstream
 
 
 def scaled_exactly(*tensors: Tensor) -> bool:
@@ -107,6 +119,8 @@ def autocast_dtype(*tensors: Tensor) -> torch.dtype | None:
     for the dtype the tensors promote to.
     """
     device_type = tensors[0].device.type
+    if not torch.amp.is_autocast_available(device_type):  # "meta", say
+        return None
     if not torch.is_autocast_enabled(device_type):
         return None
     if any(tensor.dtype == torch.float64 for tensor in tensors):
@@ -147,11 +161,14 @@ def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:
     """Mark an autograd function's ``backward`` as not differentiable, loudly.
 
     ``backward`` runs without grad. When autograd records the backward pass
-    (``create_graph=True``), its gradients come back attached to a node that raises if anything
-    differentiates through it, naming the loss. ``torch.autograd.function.once_differentiable``
-    attaches that node only when an upstream gradient requires grad; otherwise it returns
-    gradients that look constant, and a gradient penalty plus any other term (weight decay, say)
-    would be differentiated without the penalty's term, silently.
+    (``create_graph=True``), its gradients come back from a node that raises if anything
+    differentiates through it, naming the loss. That node hangs on the function's saved tensors
+    and upstream gradients that require grad, so that it lies on every path from the gradients
+    to the function's inputs: ``torch.autograd.grad(penalty, inputs)`` meets it as
+    ``backward()`` does. ``torch.autograd.function.once_differentiable`` hangs its node on the
+    upstream gradients only; with a constant upstream, its gradients look constant, and a
+    gradient penalty plus any other term (weight decay, say) would be differentiated without the
+    penalty's term, silently.
     """
 
     @functools.wraps(backward)
@@ -160,19 +177,52 @@ def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:
             grads = backward(ctx, *grad_outputs)
         if not torch.is_grad_enabled():
             return grads
+        anchors = [
+            tensor
+            for tensor in (*ctx.saved_tensors, *grad_outputs)
+            if isinstance(tensor, Tensor) and tensor.requires_grad
+        ]
+        made = [grad for grad in grads if grad is not None]
+        if not (anchors and made):
+            return grads
+        refused = iter(_SecondDerivativeRefused.apply(len(made), *made, *anchors))
+        return tuple(None if grad is None else next(refused) for grad in grads)
+
+    return wrapper
+
+
+def refused_vmap(loss: str) -> Any:
+    """An autograd function's ``vmap`` rule that refuses ``torch.func.vmap``, naming ``loss``."""
+
+    def vmap(info: Any, in_dims: Any, *args: Any) -> Any:
+        msg = (
+            f"{loss} does not support torch.func.vmap: its leading dimensions are a batch "
+            "already, so fold the mapped dimension into them (hidden [B, ..., H] with "
+            "target_probs [B, ..., V] and a mask [B, ...]) and take reduction='none' for one "
+            "loss per position"
+        )
+        raise NotImplementedError(msg)
+
+    return staticmethod(vmap)
+
+
+class _SecondDerivativeRefused(torch.autograd.Function):
+    """The first ``count`` tensors as they are, attached to all of them; differentiating
+    through the result raises (:func:`differentiable_once`)."""
+
+    @staticmethod
+    def forward(count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
+        return tuple(tensor.view_as(tensor) for tensor in tensors[:count])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> tuple[None, ...]:
         msg = (
             "softce_multi's losses from hidden states (linear_masked_soft_cross_entropy and "
             "vocab_parallel_linear_masked_soft_cross_entropy) are differentiable once: the "
             "derivative of their gradients (a gradient penalty, a hessian) is not computed"
         )
-        refuse = torch._C._functions.DelayedError(msg, len(grads))
-        return cast(Any, refuse)(*(_requiring_grad(grad) for grad in grads))
-
-    return wrapper
-
-
-def _requiring_grad(grad: Tensor | None) -> Tensor | None:
-    """A detached alias of ``grad`` that requires grad, for a node to hang on; None stays."""
-    if grad is None:
-        return None
-    return grad.detach().requires_grad_(True)
+        raise RuntimeError(msg)

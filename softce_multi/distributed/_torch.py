@@ -225,6 +225,8 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
     """Forward: chunked local statistics, all-reduced. Backward: chunked, then the hidden
     gradient all-reduced; differentiable once."""
 
+    vmap = torch_shared.refused_vmap("vocab_parallel_linear_masked_soft_cross_entropy")
+
     @staticmethod
     def forward(
         hidden: Tensor,
