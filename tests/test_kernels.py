@@ -984,6 +984,34 @@ def test_jax_adapter_runs_the_pallas_kernels_under_vmap(pallas_spy):
     assert ("gradient_routine", {"logits_grad": True, "targets_grad": False}) in pallas_spy.calls
 
 
+def test_second_derivatives_through_the_pallas_kernels_are_the_references(pallas_spy):
+    """A hessian differentiates the backward pass's kernel, whose derivative is the core's."""
+    import jax
+    import jax.numpy as jnp
+
+    torch = pytest.importorskip("torch")
+    from softce_multi import reference as torch_reference
+
+    rng = np.random.default_rng(35)
+    case = make_case(pallas_spy.backend, rng, (2, 3, 11), mask_kind="float")
+
+    def loss(logits):
+        return softce_multi.masked_soft_cross_entropy(logits, case.target_probs, case.position_mask)
+
+    got = jax.jit(jax.hessian(loss))(case.logits)
+    jax.effects_barrier()
+    want = torch.autograd.functional.hessian(
+        lambda z: torch_reference.masked_soft_cross_entropy(
+            z, torch.from_numpy(case.p), torch.from_numpy(case.w)
+        ),
+        torch.from_numpy(case.z),
+    )
+
+    np.testing.assert_allclose(np.asarray(got, np.float64), want.numpy(), rtol=0, atol=1e-6)
+    assert ("gradient_routine", {"logits_grad": True, "targets_grad": False}) in pallas_spy.calls
+    assert jnp.all(jnp.isfinite(got))
+
+
 @pytest.mark.parametrize(
     ("argnums", "backward_kernels"),
     [(0, 1), (1, 1), ((0, 1), 2)],

@@ -251,9 +251,27 @@ def _per_platform(
         return core(rows, **flags)
     from softce_multi.kernels import pallas
 
-    kernel = kernel_of(pallas)
-    branches = dict.fromkeys(_KERNEL_PLATFORMS, functools.partial(kernel, **flags))
+    kernel = _differentiated_as(
+        functools.partial(kernel_of(pallas), **flags), functools.partial(core, **flags)
+    )
+    branches = dict.fromkeys(_KERNEL_PLATFORMS, kernel)
     return jax.lax.platform_dependent(rows, default=functools.partial(core, **flags), **branches)
+
+
+def _differentiated_as(kernel: Callable[[Any], Any], core: Callable[[Any], Any]) -> Any:
+    """``kernel``, differentiated as ``core`` is: the derivative of a Pallas call is not defined.
+
+    The loss's own derivative is a ``custom_vjp`` and never differentiates the kernels; a
+    derivative of that derivative (a gradient penalty, a hessian) differentiates the backward
+    pass's kernel. It gets the derivative of XLA's core routine, which computes the same values.
+    """
+    differentiable = jax.custom_jvp(kernel)
+
+    def derivative(primals: tuple[Any], tangents: tuple[Any]) -> tuple[Any, Any]:
+        return kernel(*primals), jax.jvp(core, primals, tangents)[1]
+
+    differentiable.defjvp(derivative)
+    return differentiable
 
 
 def _no_cotangent(target_ids: jax.Array | None) -> Any:
