@@ -19,8 +19,8 @@ import array_api_compat
 from softce_multi._core import compute_dtype
 from softce_multi._types import REDUCTIONS, Array, LinearLossInputs, LossInputs, Namespace
 
-#: The widest floating dtype any backend computes in; NumPy's longdouble is wider.
-_WIDEST_FLOAT_BITS = 64
+#: The narrowest and widest floating dtypes the losses read (float8 and longdouble are out).
+_NARROWEST_FLOAT_BITS, _WIDEST_FLOAT_BITS = 16, 64
 
 #: Host numbers longer than this are shown cut in error messages (10**400 has 401 digits).
 _SHOWN_CHARACTERS = 40
@@ -52,6 +52,12 @@ def namespace_of(**arrays: Array) -> Namespace:
     for name, array in arrays.items():
         if not array_api_compat.is_array_api_obj(array):
             msg = f"{name} must be an array, got {type(array).__module__}.{type(array).__name__}"
+            raise TypeError(msg)
+        if array_api_compat.is_torch_array(array) and (
+            array.is_nested or str(array.layout) != "torch.strided"
+        ):
+            kind = "a nested tensor" if array.is_nested else f"layout {array.layout}"
+            msg = f"{name} must be a dense (strided) tensor, got {kind}; make it dense first"
             raise TypeError(msg)
         namespaces[name] = _namespace(array)
     (first_name, xp), *rest = namespaces.items()
@@ -103,22 +109,28 @@ def is_dtype(xp: Namespace, dtype: Any, kind: str | tuple[str, ...], *, name: st
 
 
 def check_floating(xp: Namespace, **arrays: Array) -> None:
-    """Raise TypeError unless every array (given by argument name) is float16 to float64.
-
-    Real floating dtypes wider than 64 bits (NumPy's longdouble on x86-64 Linux) are refused:
-    no backend computes in them, and converting them would quietly drop their precision.
-    """
+    """Raise TypeError unless every array (given by argument name) is float16 to float64."""
     for name, array in arrays.items():
         if not is_dtype(xp, array.dtype, "real floating", name=name):
             msg = f"{name} must have a real floating dtype, got {array.dtype}"
             raise TypeError(msg)
-        bits = xp.finfo(array.dtype).bits
-        if bits > _WIDEST_FLOAT_BITS:
-            msg = (
-                f"{name} must be float16, bfloat16, float32 or float64, got {array.dtype} "
-                f"({bits} bits, wider than any computation dtype); convert it to float64"
-            )
-            raise TypeError(msg)
+        check_float_width(xp, array.dtype, name=name)
+
+
+def check_float_width(xp: Namespace, dtype: Any, /, *, name: str) -> None:
+    """Raise TypeError unless the real floating ``dtype`` has 16 to 64 bits.
+
+    Wider ones (NumPy's longdouble on x86-64 Linux) no backend computes in, and converting them
+    would quietly drop their precision; float8 and float4 dtypes not every library converts.
+    """
+    bits = xp.finfo(dtype).bits
+    if not _NARROWEST_FLOAT_BITS <= bits <= _WIDEST_FLOAT_BITS:
+        target = "float64" if bits > _WIDEST_FLOAT_BITS else "bfloat16 or float32"
+        msg = (
+            f"{name} must be float16, bfloat16, float32 or float64, got {dtype} ({bits} bits); "
+            f"convert it to {target}"
+        )
+        raise TypeError(msg)
 
 
 def check_integer(xp: Namespace, **arrays: Array) -> None:
@@ -148,6 +160,8 @@ def check_mask_dtype(xp: Namespace, mask: Array, /, *, name: str) -> None:
     if not is_dtype(xp, mask.dtype, ("bool", "integral", "real floating"), name=name):
         msg = f"{name} must be bool, integer or real floating, got {mask.dtype}"
         raise TypeError(msg)
+    if is_dtype(xp, mask.dtype, "real floating", name=name):
+        check_float_width(xp, mask.dtype, name=name)
 
 
 def check_mask(
@@ -359,6 +373,8 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any
         if not is_dtype(xp, num_valid.dtype, ("integral", "real floating"), name="num_valid"):
             msg = f"num_valid must have an integer or real floating dtype, got {num_valid.dtype}"
             raise TypeError(msg)
+        if is_dtype(xp, num_valid.dtype, "real floating", name="num_valid"):
+            check_float_width(xp, num_valid.dtype, name="num_valid")
         return
     if not is_real_number(num_valid):
         msg = f"num_valid must be a number or a 0-d array, got {type(num_valid).__name__}"
@@ -375,6 +391,8 @@ def check_num_valid(num_valid: Any, reduction: str, *, xp: Namespace, dtype: Any
     if num_valid != num_valid or num_valid < 0 or num_valid == math.inf:
         msg = f"num_valid must be finite and non-negative, got {shown(num_valid)}"
         raise ValueError(msg)
+    if host_dtype is not None:  # a NumPy scalar: compared in float64, not in its own dtype
+        num_valid = float(num_valid)
     smallest = float(xp.finfo(dtype).smallest_normal)
     if num_valid != 0 and not smallest <= num_valid <= 1 / smallest:
         msg = (

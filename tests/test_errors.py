@@ -373,6 +373,76 @@ def test_a_longdouble_num_valid_is_refused(backend):
         )
 
 
+#: The narrow floating dtypes of torch, as (name, how a [2, 3, 6] tensor of them is made).
+_TORCH_NARROW_FLOATS = ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn_x2"]
+
+
+def torch_array_of(torch, dtype_name: str, shape: tuple[int, ...]):
+    """Random bytes viewed as ``dtype_name`` (float4_e2m1fn_x2 packs two values in one)."""
+    rng = np.random.default_rng(3)
+    return torch.from_numpy(rng.integers(0, 64, size=shape, dtype=np.uint8)).view(
+        getattr(torch, dtype_name)
+    )
+
+
+@needs_torch
+@pytest.mark.parametrize("argument", ["logits", "target_probs", "position_mask", "num_valid"])
+@pytest.mark.parametrize("dtype_name", _TORCH_NARROW_FLOATS)
+def test_torch_float8_and_float4_arrays_are_refused_naming_the_argument(argument, dtype_name):
+    torch = pytest.importorskip("torch")
+    if not hasattr(torch, dtype_name):
+        pytest.skip(f"torch {torch.__version__} has no {dtype_name}")
+    arrays = dict(zip(("logits", "target_probs", "position_mask"), inputs(), strict=True))
+    arrays = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    shape = () if argument == "num_valid" else tuple(arrays[argument].shape)
+    arrays[argument] = torch_array_of(torch, dtype_name, shape)
+
+    with pytest.raises(TypeError, match=f"{argument} must be float16.*{dtype_name}"):
+        sc.masked_soft_cross_entropy(**arrays)
+
+
+@needs_jax
+@pytest.mark.parametrize("argument", ["logits", "target_probs"])
+@pytest.mark.parametrize("dtype_name", ["float8_e4m3fn", "float8_e5m2", "float4_e2m1fn"])
+def test_jax_float8_and_float4_arrays_are_refused_naming_the_argument(argument, dtype_name):
+    jnp = pytest.importorskip("jax.numpy")
+    if not hasattr(jnp, dtype_name):
+        pytest.skip(f"jax has no {dtype_name}")
+    arrays = dict(zip(("logits", "target_probs", "position_mask"), inputs(), strict=True))
+    arrays = {name: jnp.asarray(array) for name, array in arrays.items()}
+    arrays[argument] = jnp.astype(arrays[argument], getattr(jnp, dtype_name))
+
+    with pytest.raises(TypeError, match=f"{argument} must be float16.*{dtype_name}"):
+        sc.masked_soft_cross_entropy(**arrays)
+
+
+@needs_torch
+@pytest.mark.parametrize("argument", ["logits", "target_probs", "position_mask"])
+@pytest.mark.parametrize("layout", ["sparse_coo", "nested"])
+def test_torch_tensors_that_are_not_dense_are_refused_naming_the_argument(argument, layout):
+    torch = pytest.importorskip("torch")
+    arrays = dict(zip(("logits", "target_probs", "position_mask"), inputs(), strict=True))
+    arrays = {name: torch.from_numpy(array) for name, array in arrays.items()}
+    if layout == "sparse_coo":
+        arrays[argument] = arrays[argument].to_sparse()
+    else:
+        arrays[argument] = torch.nested.nested_tensor(list(arrays[argument]))
+
+    with pytest.raises(TypeError, match=f"{argument} must be a dense"):
+        sc.masked_soft_cross_entropy(**arrays)
+
+
+def test_a_float16_numpy_num_valid_is_checked_without_overflow_warnings(backend):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss = sc.masked_soft_cross_entropy(
+            *random_inputs(0, (2, 3, 5)).on(backend), num_valid=np.float16(4)
+        )
+    assert loss.shape == ()
+
+
 _PROBS = np.full((2, 3), 1 / 3, dtype=np.float32)
 _MASK = np.ones(2, dtype=bool)
 
