@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from softce_multi import testing
-from softce_multi._cli import _common, bench
+from softce_multi._cli import _common, bench, demo
 from softce_multi._cli import check as _check
+from softce_multi._cli.device_check import command as device_check
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_BENCH = ["--lengths", "4", "--vocab", "8", "--repeats", "3", "--no-memory"]
@@ -368,6 +369,46 @@ def test_bench_from_json_refuses_a_file_that_is_not_a_saved_run(
 
 
 @pytest.mark.parametrize(
+    ("mode", "saved_json", "message"),
+    [
+        ("--linear", '[{"implementation": "ours", "median_s": 1.0}]', "holds no rows to draw"),
+        (
+            "--sparse",
+            '{"rows": [{"implementation": "ours", "median_s": 1.0}], "skipped": []}',
+            "has rows without dtype, extra_peak_in_grads, length",
+        ),
+    ],
+)
+def test_bench_from_json_says_the_json_of_linear_or_sparse_runs_is_not_drawn(
+    mode: str, saved_json: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The JSON of ``bench --linear`` (a list of rows) and of ``bench --sparse`` (rows of other
+    columns) is refused, and the error says which files are drawn."""
+    saved = tmp_path / "rows.json"
+    saved.write_text(saved_json)
+    plot = ["--plot", str(tmp_path / "plot.png")]
+
+    error = refusal(["--from-json", str(saved), *plot], bench.main, capsys)
+
+    assert f"error: --from-json {saved}: {message}: " in error
+    assert "the --json of the plain bench (not of --linear, --targets or --sparse)" in error
+    assert "device-check's device_check.json" in error
+
+
+def test_bench_help_says_which_json_files_from_json_draws(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert (
+        "a --json file of the plain bench (not of --linear, --targets or --sparse, whose rows "
+        "it does not draw), or the device_check.json of python -m softce_multi device-check"
+    ) in help_text
+
+
+@pytest.mark.parametrize(
     ("content", "message"),
     [
         ("not json", "is not a JSON file"),
@@ -394,6 +435,133 @@ def test_demo_refuses_a_learning_rate_that_is_not_a_finite_positive_number(value
     assert "Traceback" not in result.stderr, result.stderr
     assert result.returncode == 2
     assert "error: argument --lr: must be a" in result.stderr.splitlines()[-1]
+
+
+@pytest.mark.parametrize("value", ["1e300", "3.5e37"])
+def test_demo_refuses_a_learning_rate_adams_first_step_overflows_in_float32(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """torch's Adam takes 10 x lr as a float32 on its first step."""
+    error = refusal(["--lr", value], demo.main, capsys)
+
+    assert error == (
+        "python -m softce_multi demo: error: argument --lr: must be at most 3.4e+37 (Adam's "
+        f"first step, 10 x lr, must fit in float32), got {value}"
+    )
+
+
+@pytest.mark.parametrize("value", ["-1", str(2**64), "x"])
+@pytest.mark.parametrize(
+    ("command", "main", "argv"),
+    [
+        ("check", _check.main, ["--shape", "2", "3", "8", "--backend", "numpy"]),
+        ("bench", bench.main, TINY_BENCH),
+        ("demo", demo.main, ["--steps", "2"]),
+    ],
+)
+def test_a_seed_outside_what_the_generators_take_is_refused(
+    value: str,
+    command: str,
+    main: Callable[[list[str]], int],
+    argv: list[str],
+    nothing_measured: None,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """NumPy's generators take no negative seed, PyTorch's none of 2**64 or more."""
+    error = refusal([*argv, "--seed", value], main, capsys)
+
+    prefix = f"python -m softce_multi {command}: error: argument --seed:"
+    if value == "x":
+        assert error == f"{prefix} invalid random_seed value: 'x'"
+    else:
+        assert error == f"{prefix} must be an integer from 0 to 2**64 - 1, got {value}"
+
+
+def test_the_largest_seed_is_taken(capsys: pytest.CaptureFixture[str]) -> None:
+    largest = str(2**64 - 1)
+
+    assert _check.main(["--shape", "2", "8", "--backend", "numpy", "--seed", largest]) == 0
+    assert f"seed {largest}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "x"])
+def test_check_refuses_an_upstream_gradient_that_is_not_a_finite_number(
+    value: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = refusal(["--shape", "2", "8", f"--upstream={value}"], _check.main, capsys)
+
+    assert error.startswith("python -m softce_multi check: error: argument --upstream: must be")
+
+
+def test_check_help_says_the_backends_without_autodiff_take_an_upstream_gradient_of_1(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        _check.main(["--help"])
+
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "the other backends, which have no autodiff, take 1" in help_text
+
+
+@pytest.mark.parametrize("shape", [["100000"] * 3, [str(10**10)] * 3])
+def test_check_refuses_a_shape_whose_inputs_do_not_fit_in_memory(
+    shape: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    error = refusal(["--shape", *shape, "--backend", "numpy"], _check.main, capsys)
+
+    assert error.startswith(
+        f"python -m softce_multi check: error: --shape {' '.join(shape)}: the inputs do not fit "
+        "in memory"
+    )
+
+
+def test_device_check_refuses_an_out_folder_that_is_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+
+    error = refusal(["--dry-run", "--out", str(a_file)], device_check.main, capsys)
+
+    assert error == (
+        "python -m softce_multi device-check: error: argument --out: "
+        f"{a_file} is a file; give a folder"
+    )
+
+
+def test_device_check_refuses_an_out_folder_under_a_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    out = a_file / "sub" / "out"
+
+    error = refusal(["--dry-run", "--out", str(out)], device_check.main, capsys)
+
+    assert error == (
+        "python -m softce_multi device-check: error: argument --out: "
+        f"{a_file} is a file: no folder {out} can be made in it"
+    )
+
+
+def test_device_check_refuses_an_out_folder_that_cannot_be_made(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``/proc`` is a folder that even root cannot make a file or a folder in."""
+    if not Path("/proc").is_dir():
+        pytest.skip("no /proc on this system")
+    error = refusal(["--dry-run", "--out", "/proc/softce_multi/out"], device_check.main, capsys)
+
+    assert error.startswith(
+        "python -m softce_multi device-check: error: argument --out: cannot write a file in "
+        "folder /proc: "
+    )
+
+
+def test_device_check_takes_an_out_folder_to_make_or_one_that_exists(tmp_path: Path) -> None:
+    for out in (tmp_path, tmp_path / "new" / "out"):
+        assert device_check._parser().parse_args(["--out", str(out)]).out == out
+    assert not (tmp_path / "new").exists()
 
 
 def test_an_output_file_is_refused_where_no_file_can_be_made(

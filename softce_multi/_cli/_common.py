@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -15,12 +16,19 @@ from softce_multi.kernels import _installed as installed
 __all__ = [
     "Progress",
     "ProgressLines",
+    "finite_float",
     "installed",
     "output_file",
+    "output_folder",
     "positive_float",
     "positive_int",
     "progress_bar",
+    "random_seed",
 ]
+
+SEED_LIMIT = 2**64
+"""One more than the largest seed taken: NumPy's generators take no negative seed, and
+PyTorch's none of ``2**64`` or more."""
 
 
 def positive_int(text: str) -> int:
@@ -28,6 +36,29 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:
         msg = f"must be a positive integer, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def random_seed(text: str) -> int:
+    """Argument type of a random seed: an integer from 0 to ``SEED_LIMIT - 1``, which NumPy's
+    and PyTorch's generators both take."""
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        msg = f"must be an integer from 0 to 2**64 - 1, got {text}"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
+def finite_float(text: str) -> float:
+    """Argument type of a factor of any sign: a finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        msg = f"must be a number, got {text}"
+        raise argparse.ArgumentTypeError(msg) from None
+    if not math.isfinite(value):
+        msg = f"must be a finite number, got {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
 
@@ -45,6 +76,16 @@ def positive_float(text: str) -> float:
     return value
 
 
+def _check_writable(folder: Path) -> None:
+    """Raise :class:`argparse.ArgumentTypeError` unless a file can be made in ``folder``."""
+    try:  # a file made and removed: os.access says yes to root where nothing can be written
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        msg = f"cannot write a file in folder {folder}: {error.strerror or error}"
+        raise argparse.ArgumentTypeError(msg) from None
+
+
 def output_file(text: str) -> Path:
     """Argument type of a file a command writes when it is done: a path in a folder that exists
     and can be written, so that a mistyped path is refused before the work, not after it."""
@@ -56,12 +97,27 @@ def output_file(text: str) -> Path:
     if not folder.is_dir():
         msg = f"no folder {folder} to write {path.name} in"
         raise argparse.ArgumentTypeError(msg)
-    try:  # a file made and removed: os.access says yes to root where nothing can be written
-        with tempfile.NamedTemporaryFile(dir=folder):
-            pass
-    except OSError as error:
-        msg = f"cannot write a file in folder {folder}: {error.strerror or error}"
-        raise argparse.ArgumentTypeError(msg) from None
+    _check_writable(folder)
+    return path
+
+
+def output_folder(text: str) -> Path:
+    """Argument type of a folder a command writes its files in: a folder that exists and can be
+    written, or a path that can be made one (its nearest existing parent a folder that can be
+    written), so that a mistyped path is refused before the work, not after it. The folder is
+    not made here."""
+    path = Path(text)
+    existing = path
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        msg = (
+            f"{text} is a file; give a folder"
+            if existing == path
+            else f"{existing} is a file: no folder {text} can be made in it"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    _check_writable(existing)
     return path
 
 

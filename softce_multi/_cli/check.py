@@ -32,7 +32,7 @@ import numpy as np
 
 import softce_multi as sc
 from softce_multi import testing
-from softce_multi._cli._common import installed, positive_int
+from softce_multi._cli._common import finite_float, installed, positive_int, random_seed
 from softce_multi.testing import LOSS_RTOL, ULP_MARGIN, gradient_tolerance
 
 DEFAULT_SHAPE = (2, 512, 32000)
@@ -418,13 +418,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=list(DEFAULT_DTYPES),
         help="dtypes of the inputs; each backend runs those it supports (default: %(default)s)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--seed", type=random_seed, default=0, help="random seed, 0 to 2**64 - 1 (default: 0)"
+    )
     parser.add_argument(
         "--upstream",
-        type=float,
+        type=finite_float,
         default=DEFAULT_UPSTREAM,
         help=(
-            "upstream gradient of the loss on PyTorch and JAX, as a training step passes it "
+            "upstream gradient of the loss on PyTorch and JAX, as a training step passes it; "
+            "the other backends, which have no autodiff, take 1 "
             "(default: %(default).4g, a test-time step weight 0.8 / 2.44)"
         ),
     )
@@ -470,7 +473,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.oracle == "torch" and not installed("torch"):
         parser.error("--oracle torch needs PyTorch, which is not installed; use --oracle numpy")
     oracle = select_oracle(args.oracle)
-    inputs = make_inputs(args.shape, args.seed)
+    try:
+        inputs = make_inputs(args.shape, args.seed)
+    except (MemoryError, ValueError) as error:  # NumPy's ValueError: beyond its address space
+        parser.error(
+            f"--shape {' '.join(map(str, args.shape))}: the inputs do not fit in memory ({error})"
+        )
     cached_oracle = _CachedOracle(oracle)
 
     n_valid = int(np.count_nonzero(inputs.position_mask))

@@ -25,7 +25,13 @@ import array_api_compat
 import numpy as np
 
 import softce_multi as sc
-from softce_multi._cli._common import installed, positive_float, positive_int, progress_bar
+from softce_multi._cli._common import (
+    installed,
+    positive_float,
+    positive_int,
+    progress_bar,
+    random_seed,
+)
 from softce_multi.eagle3 import (
     build_vocab_mapping,
     draft_accuracy,
@@ -449,14 +455,37 @@ def _train(config: DemoConfig, out: TextIO) -> DemoResult:
     )
 
 
+MAX_LEARNING_RATE = 3.4e37
+"""The largest ``--lr``: PyTorch's Adam takes ``lr / (1 - 0.9)`` as a float32 on its first
+step, and refuses a value beyond float32's largest, about 3.4e38."""
+
+
+def learning_rate(text: str) -> float:
+    """Argument type of ``--lr``: a finite number above 0 and at most
+    :data:`MAX_LEARNING_RATE`."""
+    value = positive_float(text)
+    if value > MAX_LEARNING_RATE:
+        msg = (
+            f"must be at most {MAX_LEARNING_RATE:.2g} (Adam's first step, 10 x lr, must fit in "
+            f"float32), got {text}"
+        )
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 #: The command line's valued options: flag, the :class:`DemoConfig` field it sets, its type and
 #: its help.
 _OPTIONS: tuple[tuple[str, str, Callable[[str], Any], str], ...] = (
     ("--steps", "steps", positive_int, "training steps (%(default)s)"),
-    ("--seed", "seed", int, "seed of the target model and data"),
+    ("--seed", "seed", random_seed, "seed of the target model and data"),
     ("--batch-size", "batch_size", positive_int, "sequences per step"),
     ("--ttt-steps", "ttt_steps", positive_int, "test-time steps per training step (%(default)s)"),
-    ("--lr", "learning_rate", positive_float, "Adam learning rate"),
+    (
+        "--lr",
+        "learning_rate",
+        learning_rate,
+        f"Adam learning rate, at most {MAX_LEARNING_RATE:.2g}",
+    ),
     ("--log-every", "log_every", positive_int, "steps per logged line"),
     (
         "--torch-threads",

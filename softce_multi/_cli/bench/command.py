@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from softce_multi._cli._common import output_file, positive_int
+from softce_multi._cli._common import output_file, positive_int, random_seed
 from softce_multi._cli.bench.cases import Case
 from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, TOP_K, MemoryOf, Sizes
 from softce_multi._cli.bench.measure import ITEMSIZE, unavailable
@@ -31,6 +31,10 @@ DEFAULT_LENGTHS = (512, 1024, 2048, 4096, 8192)
 DEFAULT_TARGET_VOCAB = 128000
 MIN_REPEATS = 3
 """The fewest timed rounds whose median one slow round cannot move."""
+NOT_DRAWN = "not of --linear, --targets or --sparse"
+"""The runs whose ``--json`` ``--from-json`` does not draw: their rows are of other columns."""
+DRAWN = f"it draws the --json of the plain bench ({NOT_DRAWN}) and device-check's device_check.json"
+"""What ``--from-json`` draws, said when it refuses a file."""
 
 Sweep = Callable[
     [argparse.Namespace, Sequence[Case], Callable[[str], bool]],
@@ -77,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
             f"fewer than {MIN_REPEATS} gives a warning (default: %(default)s)"
         ),
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=random_seed, default=0, help="0 to 2**64 - 1 (%(default)s)")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument(
         "--memory",
@@ -103,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help=(
             "with --plot: draw the rows of a saved run instead of measuring: a --json file of "
-            "bench, or the device_check.json of python -m softce_multi device-check"
+            f"the plain bench ({NOT_DRAWN}, whose rows it does not draw), or the "
+            "device_check.json of python -m softce_multi device-check"
         ),
     )
     _add_from_hidden_options(parser)
@@ -326,7 +331,7 @@ def _saved_rows(path: Path) -> SavedRows:
     elif isinstance(saved, dict) and "rows" in saved:
         saved_rows = SavedRows(saved["rows"], f"forward+backward, from {path.name}", "dtype")
     else:
-        msg = "holds no rows to draw (neither bench's --json nor device-check's)"
+        msg = f"holds no rows to draw: {DRAWN}"
         raise ValueError(msg)
     rows = saved_rows.rows
     keys = ("implementation", "length", "median_s", "extra_peak_in_grads", saved_rows.panel)
@@ -335,7 +340,7 @@ def _saved_rows(path: Path) -> SavedRows:
         raise ValueError(msg)
     missing = sorted({key for row in rows for key in keys if key not in row})
     if missing:
-        msg = f"has rows without {', '.join(missing)}: not bench's --json or device-check's"
+        msg = f"has rows without {', '.join(missing)}: {DRAWN}"
         raise ValueError(msg)
     return saved_rows
 

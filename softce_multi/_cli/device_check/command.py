@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from softce_multi._cli._common import positive_int
+from softce_multi._cli._common import output_folder, positive_int
 from softce_multi._cli.device_check.plan import plan_for
 from softce_multi._cli.device_check.report import draw, goals, summary, tables
 from softce_multi._cli.device_check.speed import add_copy_fractions, add_ratios, headline_shape
@@ -103,7 +103,11 @@ def _parser() -> argparse.ArgumentParser:
             "the peers, and run the CUDA tests and the test suite, within one time budget."
         ),
     )
-    parser.add_argument("--out", type=Path, help="folder for the JSON, log and plot (required)")
+    parser.add_argument(
+        "--out",
+        type=output_folder,
+        help="folder for the JSON, log and plot, made if missing (required)",
+    )
     parser.add_argument(
         "--tables",
         type=Path,
