@@ -487,7 +487,8 @@ def _live_rows(hidden: Array, scale: Array, *, xp: Namespace) -> Array:
     Padding may hold NaN or inf: with zeros in, its logits and every derivative through them
     are finite, and the row routines give the row exactly 0.
     """
-    return xp.where(scale[:, None] != 0, hidden, xp.zeros((), dtype=hidden.dtype))
+    zero = xp.zeros((), dtype=hidden.dtype, device=array_api_compat.device(hidden))
+    return xp.where(scale[:, None] != 0, hidden, zero)
 
 
 def _zero_sums(

@@ -71,6 +71,16 @@ def namespace_of(**arrays: Array) -> Namespace:
     return xp
 
 
+def check_library(xp: Namespace, libraries: tuple[str, ...], *, function: str) -> None:
+    """Raise TypeError unless ``xp`` is the namespace of one of ``libraries`` ("torch", "jax")."""
+    if not any(getattr(array_api_compat, f"is_{name}_namespace")(xp) for name in libraries):
+        msg = (
+            f"{function} takes arrays of {' or '.join(libraries)}, got arrays of {xp.__name__}; "
+            "the functions of softce_multi itself take arrays of any library"
+        )
+        raise TypeError(msg)
+
+
 def check_same_device(**arrays: Array) -> None:
     """Raise ValueError if the arrays (given by argument name) live on different devices."""
     devices = {name: array_api_compat.device(array) for name, array in arrays.items()}
@@ -126,10 +136,8 @@ def check_float_width(xp: Namespace, dtype: Any, /, *, name: str) -> None:
     bits = xp.finfo(dtype).bits
     if not _NARROWEST_FLOAT_BITS <= bits <= _WIDEST_FLOAT_BITS:
         target = "float64" if bits > _WIDEST_FLOAT_BITS else "bfloat16 or float32"
-        msg = (
-            f"{name} must be float16, bfloat16, float32 or float64, got {dtype} ({bits} bits); "
-            f"convert it to {target}"
-        )
+        msg = f"{name} must be float16, bfloat16, float32 or float64, got {dtype} ({bits} bits); "
+        msg += f"convert it to {target}"
         raise TypeError(msg)
 
 

@@ -10,7 +10,7 @@ import jax
 
 from softce_multi._adapters import jax as _adapter
 from softce_multi._types import LossInputs, Reduction
-from softce_multi._validate import validate_inputs
+from softce_multi._validate import check_library, validate_inputs
 
 __all__ = ["masked_soft_cross_entropy"]
 
@@ -68,5 +68,6 @@ def masked_soft_cross_entropy(
     (2, 4, 16)
     """
     inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
-    validate_inputs(inputs)
+    xp = validate_inputs(inputs)
+    check_library(xp, ("jax", "numpy"), function="softce_multi.jax.masked_soft_cross_entropy")
     return _adapter.loss(inputs)

@@ -16,6 +16,7 @@ from softce_multi._adapters import torch as _adapter
 from softce_multi._types import LinearLossInputs, LossInputs, Reduction
 from softce_multi._validate import (
     check_chunk_rows,
+    check_library,
     check_reduction,
     validate_inputs,
     validate_linear_inputs,
@@ -56,7 +57,8 @@ def masked_soft_cross_entropy(
     True
     """
     inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
-    validate_inputs(inputs)
+    xp = validate_inputs(inputs)
+    check_library(xp, ("torch",), function="softce_multi.torch.masked_soft_cross_entropy")
     return _adapter.loss(inputs)
 
 
@@ -170,7 +172,8 @@ class LinearMaskedSoftCrossEntropy(torch.nn.Module):
             self.chunk_rows,
             target_ids,
         )
-        validate_linear_inputs(inputs)
+        xp = validate_linear_inputs(inputs)
+        check_library(xp, ("torch",), function="softce_multi.torch.LinearMaskedSoftCrossEntropy")
         return _adapter.linear_loss(inputs)
 
     def extra_repr(self) -> str:

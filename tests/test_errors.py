@@ -443,6 +443,59 @@ def test_a_float16_numpy_num_valid_is_checked_without_overflow_warnings(backend)
     assert loss.shape == ()
 
 
+@needs_torch
+@pytest.mark.parametrize("library", ["numpy", "jax"])
+@pytest.mark.parametrize("face", ["function", "module"])
+def test_the_torch_face_refuses_arrays_of_another_library(library, face):
+    if library == "jax":
+        pytest.importorskip("jax")
+    from softce_multi.testing import known_backends
+    from softce_multi.torch import MaskedSoftCrossEntropy, masked_soft_cross_entropy
+
+    backend = next(b for b in known_backends() if b.library == library and b.device == "cpu")
+    loss = masked_soft_cross_entropy if face == "function" else MaskedSoftCrossEntropy()
+    with pytest.raises(TypeError, match=r"softce_multi\.torch\..* takes arrays of torch"):
+        loss(*random_inputs(0, (2, 3, 5)).on(backend))
+
+
+@needs_torch
+@pytest.mark.parametrize("library", ["numpy", "jax"])
+def test_the_torch_linear_module_refuses_arrays_of_another_library(library):
+    if library == "jax":
+        pytest.importorskip("jax")
+    from softce_multi.testing import known_backends
+    from softce_multi.torch import LinearMaskedSoftCrossEntropy
+
+    backend = next(b for b in known_backends() if b.library == library and b.device == "cpu")
+    rng = np.random.default_rng(5)
+    hidden, weight = rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4))
+    targets, mask = np.full((2, 3, 5), 0.2), np.ones((2, 3), bool)
+    arrays = (backend.asarray(x) for x in (hidden, weight, targets, mask))
+    with pytest.raises(TypeError, match="LinearMaskedSoftCrossEntropy takes arrays of torch"):
+        LinearMaskedSoftCrossEntropy()(*arrays)
+
+
+@needs_jax
+@pytest.mark.parametrize("library", ["torch", "array_api_strict"])
+def test_the_jax_face_refuses_arrays_of_another_library(library):
+    pytest.importorskip(library)
+    from softce_multi.jax import masked_soft_cross_entropy
+    from softce_multi.testing import known_backends
+
+    backend = next(b for b in known_backends() if b.library == library)
+    with pytest.raises(TypeError, match=r"softce_multi\.jax\..* takes arrays of jax or numpy"):
+        masked_soft_cross_entropy(*random_inputs(0, (2, 3, 5)).on(backend))
+
+
+@needs_jax
+def test_the_jax_face_takes_numpy_arrays_as_jax_does():
+    from softce_multi.jax import masked_soft_cross_entropy
+
+    case = random_inputs(0, (2, 3, 5))
+    loss = masked_soft_cross_entropy(*(np.asarray(x, np.float32) for x in case[:2]), case[2])
+    np.testing.assert_allclose(float(loss), float(sc.masked_soft_cross_entropy(*case)), rtol=1e-6)
+
+
 _PROBS = np.full((2, 3), 1 / 3, dtype=np.float32)
 _MASK = np.ones(2, dtype=bool)
 

@@ -90,7 +90,8 @@ def top_index(x: Array, *, xp: Namespace) -> Array:
         return loop.put(out, (start,), _first_maximum(block, xp=xp))
 
     chunk = max(1, TOP_INDEX_CHUNK_ELEMENTS // size)
-    out = _chunks.over_chunks(rows, chunk, step, xp.zeros((rows,), dtype=index_dtype), loop)
+    out = xp.zeros((rows,), dtype=index_dtype, device=array_api_compat.device(x))
+    out = _chunks.over_chunks(rows, chunk, step, out, loop)
     return xp.reshape(out, x.shape[:-1])
 
 
@@ -105,7 +106,8 @@ def _first_maximum(x: Array, *, xp: Namespace) -> Array:
     nan = xp.isnan(x)
     is_top = xp.where(xp.any(nan, axis=-1, keepdims=True), nan, x == top)
     size = x.shape[-1]
-    positions = xp.arange(size, dtype=xpx.default_dtype(xp, "indexing"))
+    index_dtype = xpx.default_dtype(xp, "indexing")
+    positions = xp.arange(size, dtype=index_dtype, device=array_api_compat.device(x))
     return xp.min(xp.where(is_top, positions, size), axis=-1)
 
 
