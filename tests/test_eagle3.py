@@ -986,6 +986,16 @@ def test_draft_to_target_ids_of_narrow_dtypes_are_exact(backend: Backend, dtype:
     assert out.dtype == xpx.default_dtype(array_api_compat.array_namespace(out), "indexing")
 
 
+def test_an_empty_map_translates_every_id_to_minus_one(backend: Backend) -> None:
+    ids = backend.asarray(np.array([[0, 1], [-3, 7]]))
+    empty_d2t = backend.asarray(np.zeros(0, dtype=np.int64))
+    empty_t2d = backend.asarray(np.zeros(0, dtype=bool))
+
+    for out in (draft_to_target_ids(ids, empty_d2t), target_to_draft_ids(ids, empty_t2d)):
+        np.testing.assert_array_equal(to_numpy(out), np.full((2, 2), -1))
+        assert out.dtype == ids.dtype
+
+
 def test_draft_to_target_ids_accept_unsigned_ids(backend: Backend) -> None:
     ids = array_of(backend, [[0, 2], [1, 255]], "uint8")
     out = draft_to_target_ids(ids, backend.asarray(np.array([2, 2, 3])))

@@ -310,10 +310,11 @@ def test_float64_matches_materialised_path(backend, reduction, with_bias):
     assert_matches(result, expected, case)
 
 
-@pytest.mark.parametrize("chunk_rows", [1, None], ids=lambda c: f"chunk={c}")
+@pytest.mark.parametrize("chunk_rows", [1, None, 2**64], ids=lambda c: f"chunk={c}")
 def test_any_chunk_size_gives_the_same_result(backend, chunk_rows):
-    """One row per chunk, and the default chunk (beyond N: a single chunk). The other tests
-    use chunks of 5 rows: four chunks of the 18 rows, the last one partial.
+    """One row per chunk, the default chunk (beyond N: a single chunk) and a chunk wider than
+    any 64-bit int. The other tests use chunks of 5 rows: four chunks of the 18 rows, the last
+    one partial.
 
     The vocabulary (37) is prime, so no chunk size divides it either.
     """

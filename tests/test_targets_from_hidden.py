@@ -344,3 +344,51 @@ def test_bad_shapes_are_value_errors_naming_the_arguments(changes, words) -> Non
 def test_bad_types_and_values_are_named(changes, keywords, error, word) -> None:
     with pytest.raises(error, match=word):
         prepare_targets_from_hidden(*_arrays(**changes), **keywords)
+
+
+def test_the_default_vocabulary_chunk_is_sized_for_the_rows_a_chunk_holds() -> None:
+    """A row chunk longer than the N rows holds N rows: the default vocabulary chunk is sized
+    for those, not for the empty rest (one column per chunk would take a loop per column)."""
+    from softce_multi.eagle3._from_hidden import TARGET_CHUNK_ELEMENTS, from_hidden_inputs
+
+    hidden, weight = np.ones((2, 32, 4)), np.ones((50, 4))
+    mask, t2d = np.ones((2, 32), bool), np.arange(50) < 10
+
+    def columns(chunk_rows: int) -> int:
+        inputs = from_hidden_inputs(
+            hidden, weight, mask, t2d, draft_vocab_size=10, chunk_rows=chunk_rows, chunk_vocab=None
+        )
+        return inputs.chunk.vocab
+
+    assert columns(2**20) == columns(64) == TARGET_CHUNK_ELEMENTS // 64
+    assert columns(16) == TARGET_CHUNK_ELEMENTS // 16
+
+
+@pytest.mark.parametrize("top_k", [None, 2], ids=["dense", "top-k"])
+def test_torch_func_vmap_is_refused_by_name(top_k) -> None:
+    torch = pytest.importorskip("torch")
+    hidden, weight = torch.randn(3, 2, 4, 5), torch.randn(9, 5)
+    mask, t2d = torch.ones(3, 2, 4, dtype=torch.bool), torch.arange(9) < 4
+
+    def targets(h: object, m: object) -> object:
+        if top_k is None:
+            return prepare_targets_from_hidden(h, weight, m, t2d, draft_vocab_size=4)
+        return eagle3.prepare_top_k_targets_from_hidden(h, weight, m, t2d, top_k)
+
+    with pytest.raises(NotImplementedError, match=r"do not support torch\.func\.vmap"):
+        torch.func.vmap(targets)(hidden, mask)
+
+
+def test_torch_func_grad_around_the_targets_still_runs() -> None:
+    """Only vmap is refused: under ``torch.func.grad`` the targets are constants, as outside."""
+    torch = pytest.importorskip("torch")
+    hidden, weight = torch.randn(2, 4, 5), torch.randn(9, 5)
+    mask, t2d = torch.ones(2, 4, dtype=torch.bool), torch.arange(9) < 4
+    expected, _ = prepare_targets_from_hidden(hidden, weight, mask, t2d)
+
+    def objective(scale: object) -> object:
+        probs, _ = prepare_targets_from_hidden(hidden, weight, mask, t2d)
+        return (scale * probs).sum()
+
+    grad = torch.func.grad(objective)(torch.tensor(2.0))
+    torch.testing.assert_close(grad, expected.sum())

@@ -88,6 +88,8 @@ def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
     target_probs, position_mask = inputs.target_probs, inputs.position_mask
     reduction, num_valid, chunk_rows = inputs.reduction, inputs.num_valid, inputs.chunk_rows
     is_tensor = isinstance(num_valid, Tensor)
+    if chunk_rows is not None:  # an operator's int has 64 bits; more rows than N are N
+        chunk_rows = min(chunk_rows, max(math.prod(hidden.shape[:-1]), 1))
     return (
         hidden,
         weight,

@@ -83,6 +83,14 @@ def readable_for_free(x: Tensor) -> bool:
     )
 
 
+def under_vmap() -> bool:
+    """Whether the code runs inside ``torch.func.vmap`` (asked outside ``torch.compile`` only)."""
+    if torch.compiler.is_compiling():
+        return False
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
 def scaled_by_upstream(grad: Tensor, upstream: Tensor) -> Tensor:
     """``grad * upstream``, or ``grad`` itself where that is the same and nothing else gets it.
 

@@ -89,7 +89,8 @@ def prepare_targets_from_hidden(
         Rows per chunk; 1024 by default.
     chunk_vocab : int, optional
         Vocabulary columns per chunk, of the target vocabulary (the argmax) and of the draft
-        vocabulary (the softmax); by default ``2**19 // chunk_rows``.
+        vocabulary (the softmax); by default ``2**19 // min(chunk_rows, N)``, ``N`` the
+        number of positions.
 
     Returns
     -------
@@ -230,6 +231,7 @@ def from_hidden_inputs(
         t2d=t2d,
     )
     check_prepare_from_hidden_inputs(xp, target_hidden, target_head_weight, loss_mask, t2d)
+    _refuse_torch_vmap(xp)
     _chunks.check_not_split(
         "prepare_targets_from_hidden (and its top-k sibling)",
         target_hidden=target_hidden,
@@ -242,8 +244,9 @@ def from_hidden_inputs(
     size, wrong_size = checked_draft_size(t2d, draft_vocab_size, xp=xp)
     if rows_per_chunk is None:
         rows_per_chunk = DEFAULT_TARGET_CHUNK_ROWS
-    if columns_per_chunk is None:
-        columns_per_chunk = max(1, TARGET_CHUNK_ELEMENTS // rows_per_chunk)
+    if columns_per_chunk is None:  # for the rows a chunk holds, never more than N
+        rows_held = min(rows_per_chunk, max(math.prod(target_hidden.shape[:-1]), 1))
+        columns_per_chunk = max(1, TARGET_CHUNK_ELEMENTS // rows_held)
 
     hidden = constant(target_hidden, xp=xp)
     weight = constant(target_head_weight, xp=xp)
@@ -259,6 +262,21 @@ def from_hidden_inputs(
         matmul_dtype=xp.result_type(hidden.dtype, weight.dtype),
         batch_shape=batch_shape,
     )
+
+
+def _refuse_torch_vmap(xp: Namespace) -> None:
+    """Raise NotImplementedError inside ``torch.func.vmap``: the chunks are written in place."""
+    if not array_api_compat.is_torch_namespace(xp):
+        return
+    from softce_multi._adapters import torch_shared
+
+    if torch_shared.under_vmap():
+        msg = (
+            "prepare_targets_from_hidden and prepare_top_k_targets_from_hidden do not support "
+            "torch.func.vmap: their leading dimensions are a batch already, so fold the mapped "
+            "dimension into them (target_hidden [B, ..., H] with a loss_mask [B, ...])"
+        )
+        raise NotImplementedError(msg)
 
 
 def chunk_logits(h: Array, w: Array, matmul_dtype: Any, dtype: Any, *, xp: Namespace) -> Array:

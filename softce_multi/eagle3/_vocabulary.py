@@ -247,6 +247,8 @@ def _translate_ids(
     array, shape of ``ids``
         The translations, of their dtype; -1 where an id has none.
     """
+    if table_size == 0:  # nothing to take from: no id has an entry
+        return xp.full(ids.shape, -1, dtype=dtype, device=array_api_compat.device(ids))
     flat = xp.astype(xp.reshape(ids, (-1,)), dtype)
     in_table = (flat >= 0) & (flat < table_size)
     found, translated = translate(xp.where(in_table, flat, 0))
