@@ -485,6 +485,29 @@ def test_torch_adapter_on_the_triton_kernels_rounds_the_gradient_once(
     assert_gradient_rounded_once(leaf.grad, logits, targets, mask, upstream=upstream)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_kernels_computing_in_float64_round_the_gradient_once(
+    triton_kernels, monkeypatch, rng, dtype
+):
+    """float64 targets make the kernels compute in float64: the 16-bit logits are read and
+    their gradient written with conversions from and to float64."""
+    from softce_multi import kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
+    calls: list[str] = []
+    module = _triton_module()
+    monkeypatch.setattr(module, "row_routine", _recording(module.row_routine, calls, "row"))
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SMALL_SHAPE), dtype, triton_device())
+    targets = targets.double()
+    leaf = logits.clone().requires_grad_(True)
+
+    loss = softce_multi.masked_soft_cross_entropy(leaf, targets, mask)
+    (loss * EAGLE3_UPSTREAM).backward()
+
+    assert calls
+    assert_gradient_rounded_once(leaf.grad, logits, targets, mask, upstream=EAGLE3_UPSTREAM)
+
+
 def _recording(routine: Any, calls: list[str], name: str) -> Any:
     def recorded(*args: Any, **kwargs: Any) -> Any:
         calls.append(name)
