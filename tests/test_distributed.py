@@ -156,6 +156,7 @@ def torch_worker(rank: int, world_size: int, port: int, out_dir: str) -> None:
         case = make_case("float32", dirty=True)
         run_collective_sizes(results, case, rank, world_size)
         run_disagreements(results, case, rank, world_size)
+        run_refusals_on_one_rank(results, case, rank, world_size)
         run_group_of_one(results, case, rank, world_size)
         if world_size == 4:
             run_data_times_vocab(results, case, rank)
@@ -359,8 +360,15 @@ def run_disagreements(results: dict, case: dict, rank: int, world_size: int) -> 
         targets.transpose(0, 1).contiguous(),
         mask.T.contiguous(),
     )
+    # 30 positions as (1,) * 8 + (5, 6) on rank 0, (1,) * 8 + (6, 5) on the others: the same
+    # number of axes and positions, and the same first 8 axes.
+    deep = [
+        x.reshape(*(1,) * 8, *((5, 6) if odd else (6, 5)), *x.shape[2:])
+        for x in (logits, targets, mask)
+    ]
     scenarios = {
         "positions": lambda: loss(*short) if odd else loss(),
+        "positions past the compared axes": lambda: loss(*deep),
         "leading shape": lambda: loss(*transposed) if odd else loss(),
         "mask trailing axis": lambda: loss(w=mask[..., None]) if last else loss(),
         "mask refused on one rank": lambda: loss(w=mask[:, 1:]) if last else loss(),
@@ -376,6 +384,53 @@ def run_disagreements(results: dict, case: dict, rank: int, world_size: int) -> 
     }
     results["disagreements"] = {name: outcome(call) for name, call in scenarios.items()}
     results["after disagreements"] = loss().detach()
+
+
+#: Arguments that the last rank alone gets wrong: ``(error type, message)`` it raises.
+ONE_RANK_REFUSALS = {
+    "reduction": ("ValueError", "reduction must be one of"),
+    "check_shapes": ("TypeError", "check_shapes must be a bool, got int"),
+    "position_mask None": ("TypeError", "position_mask must be an array, got builtins.NoneType"),
+    "hidden None": ("TypeError", "hidden must be an array, got builtins.NoneType"),
+    "axis_name": ("TypeError", "axis_name='vocab' is for JAX arrays"),
+    "numpy logits": ("TypeError", "must come from the same array library"),
+}
+
+
+def run_refusals_on_one_rank(results: dict, case: dict, rank: int, world_size: int) -> None:
+    """Arguments the last rank alone gets wrong, each refused before anything is computed:
+    every rank must still take part in the agreement, or the others wait in it (or pair with
+    the refusing rank's next call). Then ``position_mask=None`` on every rank."""
+    columns = vocab_slice(world_size, rank)
+    logits, targets, mask = (
+        case["logits"][..., columns],
+        case["targets"][..., columns],
+        case["mask"],
+    )
+    lonely = rank == world_size - 1
+
+    def loss(z: Any = logits, w: Any = mask, **options: Any) -> Any:
+        return distributed.vocab_parallel_masked_soft_cross_entropy(z, targets, w, **options)
+
+    def linear(hidden: Any = case["hidden"]) -> Any:
+        return distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            hidden, case["head"][columns], targets, mask
+        )
+
+    wrong = {
+        "reduction": lambda: loss(reduction="avg"),
+        "check_shapes": lambda: loss(check_shapes=1),
+        "position_mask None": lambda: loss(w=None),
+        "hidden None": lambda: linear(None),
+        "axis_name": lambda: loss(axis_name="vocab"),
+        "numpy logits": lambda: loss(z=logits.numpy()),
+    }
+    right = {"hidden None": linear}
+    results["one rank refuses"] = {
+        name: outcome(call if lonely else right.get(name, loss)) for name, call in wrong.items()
+    }
+    results["position_mask None everywhere"] = outcome(lambda: loss(w=None))
+    results["after refusals"] = loss().detach()
 
 
 def run_group_of_one(results: dict, case: dict, rank: int, world_size: int) -> None:
@@ -686,7 +741,7 @@ def test_only_finite_row_sized_vectors_cross_the_network(world_size):
         # The shape agreement, the maximum, and the three sums; nothing in the backward pass.
         # The padding's NaN and inf never reach them.
         assert sizes == [
-            ("all_gather", world_size * 17, True),
+            ("all_gather", world_size * 18, True),
             ("all_reduce", n_positions, True),
             ("all_reduce", 3 * n_positions, True),
         ]
@@ -697,7 +752,7 @@ def test_the_linear_loss_also_all_reduces_the_hidden_gradient_and_nothing_else(w
     n_positions = BATCH * SEQ
     for rank in spawned(world_size):
         assert rank["linear collective sizes"] == [
-            ("all_gather", world_size * 17, True),
+            ("all_gather", world_size * 18, True),
             ("all_reduce", n_positions, True),
             ("all_reduce", 3 * n_positions, True),
             ("all_reduce", n_positions * HIDDEN, True),
@@ -741,10 +796,47 @@ def test_inputs_one_rank_refuses_raise_there_and_name_it_on_the_others(world_siz
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_the_group_works_after_the_errors(world_size):
+def test_positions_that_differ_past_the_compared_axes_raise_on_every_rank(world_size):
+    for rank in spawned(world_size):
+        error, text = rank["disagreements"]["positions past the compared axes"]
+        assert error == "ValueError"
+        assert "disagree" in text
+        others = "rank [1]" if world_size == 2 else "ranks [1, 2, 3]"
+        assert f"positions past their first 8 axes: shape 1 on rank [0], shape 2 on {others}" in (
+            text
+        )
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("scenario", ONE_RANK_REFUSALS)
+def test_arguments_one_rank_alone_gets_wrong_raise_there_and_name_it_on_the_others(
+    world_size, scenario
+):
+    ranks = spawned(world_size)
+    last = world_size - 1
+
+    assert ranks[last]["one rank refuses"][scenario][0] == ONE_RANK_REFUSALS[scenario][0]
+    assert ONE_RANK_REFUSALS[scenario][1] in ranks[last]["one rank refuses"][scenario][1]
+    for rank in ranks[:last]:
+        error, text = rank["one rank refuses"][scenario]
+        assert error == "ValueError"
+        assert f"rank(s) [{last}] of the group refused their inputs" in text
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_no_mask_on_every_rank_is_a_type_error_naming_it_on_every_rank(world_size):
+    for rank in spawned(world_size):
+        error, text = rank["position_mask None everywhere"]
+        assert error == "TypeError"
+        assert "position_mask must be an array, got builtins.NoneType" in text
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("after", ["disagreements", "refusals"])
+def test_the_group_works_after_the_errors(world_size, after):
     expected = reference(make_case("float32", dirty=False))
     for rank in spawned(world_size):
-        assert_close(rank["after disagreements"], expected["loss"], "float32")
+        assert_close(rank[f"after {after}"], expected["loss"], "float32")
 
 
 def double_backward_reference(case: dict, reduction: str) -> dict[str, Any]:
@@ -865,6 +957,99 @@ def test_the_default_group_must_exist():
 def test_a_group_that_is_no_process_group_is_a_type_error():
     with pytest.raises(TypeError, match=r"group must be a torch\.distributed\.ProcessGroup"):
         distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(torch), group=2)
+
+
+NO_MASK = re.escape("position_mask must be an array, got builtins.NoneType")
+NO_HIDDEN = re.escape("hidden must be an array, got builtins.NoneType")
+
+
+@pytest.mark.parametrize("check_shapes", [True, False])
+def test_no_mask_or_no_hidden_states_is_a_type_error_naming_the_argument(check_shapes):
+    logits, targets, mask = small_case(torch)
+    with pytest.raises(TypeError, match=NO_MASK):
+        distributed.vocab_parallel_masked_soft_cross_entropy(
+            logits, targets, None, check_shapes=check_shapes
+        )
+    weight = torch.ones((5, 4))
+    with pytest.raises(TypeError, match=NO_HIDDEN):
+        distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            None, weight, targets, mask, check_shapes=check_shapes
+        )
+    with pytest.raises(TypeError, match=NO_MASK):
+        distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            torch.ones((2, 3, 4)), weight, targets, None, check_shapes=check_shapes
+        )
+
+
+#: ``axis_name`` values that name no bound axis inside ``jax.vmap(..., axis_name="v")``, with
+#: the error and the start of its message.
+UNBOUND_AXIS_NAMES = [
+    ("nope", ValueError, "axis_name='nope' names an axis that is not bound here: 'nope'"),
+    (("v", "nope"), ValueError, "axis_name=('v', 'nope') names an axis that is not bound"),
+    ((), ValueError, "axis_name=() names no axis"),
+    (3, TypeError, "axis_name must be a mesh axis name"),
+    (["v"], TypeError, "axis_name must be a mesh axis name"),
+    (("v", ["v"]), TypeError, "axis_name must be a mesh axis name"),
+]
+
+
+@pytest.mark.parametrize(
+    ("axis_name", "error", "message"),
+    UNBOUND_AXIS_NAMES,
+    ids=[repr(c[0]) for c in UNBOUND_AXIS_NAMES],
+)
+def test_jax_axis_name_that_names_no_bound_axis_is_refused_naming_it(axis_name, error, message):
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    jnp = jax.numpy
+    logits, targets, mask = (jnp.stack([x, x]) for x in small_case(jnp))
+    hidden, weight = jnp.ones((2, 2, 3, 4)), jnp.ones((2, 5, 4))
+    calls = {
+        "loss": lambda z, p, w, h, v: distributed.vocab_parallel_masked_soft_cross_entropy(
+            z, p, w, axis_name=axis_name
+        ),
+        "linear": lambda z, p, w, h, v: distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            h, v, p, w, axis_name=axis_name
+        ),
+        "count": lambda z, p, w, h, v: distributed.global_num_valid(w, axis_name=axis_name),
+    }
+    for call in calls.values():
+        with pytest.raises(error, match=re.escape(message)):
+            jax.vmap(call, axis_name="v")(logits, targets, mask, hidden, weight)
+
+
+def test_jax_axis_name_outside_any_mapped_function_is_refused_naming_it():
+    jnp = pytest.importorskip("jax.numpy", reason="jax not installed")
+    with pytest.raises(ValueError, match="axis_name='vocab' names an axis that is not bound"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(jnp), axis_name="vocab")
+    with pytest.raises(ValueError, match="axis_name='data' names an axis that is not bound"):
+        distributed.global_num_valid(small_case(jnp)[2], axis_name="data")
+
+
+def test_jax_vocab_parallel_loss_over_a_vmap_axis_is_the_plain_loss():
+    """A bound axis that is no mesh axis (``jax.vmap``'s) passes the check."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    jnp = jax.numpy
+    logits, targets, mask = small_case(jnp)
+    logits = logits * jnp.arange(5.0)  # distinct logits, then two shards of two columns each
+    split = [jnp.stack([x[..., :2], x[..., 2:4]]) for x in (logits, targets)]
+    loss = jax.vmap(
+        lambda z, p: distributed.vocab_parallel_masked_soft_cross_entropy(
+            z, p, mask, axis_name="v"
+        ),
+        axis_name="v",
+    )(*split)
+    expected = sc.masked_soft_cross_entropy(logits[..., :4], targets[..., :4], mask)
+    np.testing.assert_allclose(np.asarray(loss), np.asarray(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", ["bool", "uint8", "int8", "uint32", "int64"])
+def test_jax_global_num_valid_of_an_integer_mask_is_of_the_default_integer_dtype(dtype):
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    jnp = jax.numpy
+    mask = jnp.ones((2, 3, 4), dtype=dtype)
+    total = jax.vmap(lambda w: distributed.global_num_valid(w, axis_name="v"), axis_name="v")(mask)
+    assert total.dtype == jnp.asarray(0).dtype
+    assert total.tolist() == [24, 24]
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,20 +48,17 @@ neither. The recipes (DDP, FSDP, gradient accumulation, sequence and tensor para
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from typing import Any, cast
 
+import array_api_compat
+
 from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace, Reduction
-from softce_multi._validate import (
-    check_mask_dtype,
-    check_reduction,
-    validate_inputs,
-    validate_linear_inputs,
-)
+from softce_multi._validate import check_mask_dtype, validate_inputs, validate_linear_inputs
 from softce_multi.distributed._agreement import InputDescription, agree_on_inputs
 from softce_multi.distributed._communicators import (
     check_communicator,
+    engine_of,
     library_of,
     mask_total,
     torch_group,
@@ -335,33 +332,32 @@ def _vocab_parallel_call(
     """The body of both vocabulary-parallel losses, for their arguments as a record.
 
     ``names`` are the names of the arrays, which come first in the record (an absent bias is
-    None). It finds their library, checks the communicator and the options, validates the
-    inputs (on torch with ``check_shapes``, agreeing across the ranks first) and runs the
-    library's loss: :mod:`softce_multi.distributed._torch` or
-    :mod:`softce_multi.distributed._jax`, imported on first use.
+    None). It finds the engine from the arrays (:func:`engine_of`), checks the communicator, the
+    options and the inputs, and runs the library's loss: :mod:`softce_multi.distributed._torch`
+    or :mod:`softce_multi.distributed._jax`, imported on first use.
+
+    On torch with ``check_shapes`` (or a ``check_shapes`` that is not a bool, refused there),
+    every check runs inside the agreement of the ranks (:func:`agree_on_inputs`), so that a rank
+    that refuses its arguments still takes part in it. Only what the agreement needs comes
+    before it: arrays that hold no torch tensor, and a ``group`` that is not a process group
+    (or no default group); without a group the rank's other errors come first.
     """
     linear = isinstance(inputs, LinearLossInputs)
     arrays = dict(zip(names, inputs, strict=False))
-    library, _ = library_of(**{name: x for name, x in arrays.items() if x is not None})
-    check_communicator(library, group=group, axis_name=axis_name)
-    if not isinstance(check_shapes, bool):
-        msg = f"check_shapes must be a bool, got {type(check_shapes).__name__}"
-        raise TypeError(msg)
-    check_reduction(inputs.reduction, with_grad=False)
+    library = engine_of(
+        **{name: x for name, x in arrays.items() if not (name == "bias_shard" and x is None)}
+    )
     validator: Callable[[Any], Namespace] = validate_linear_inputs if linear else validate_inputs
-    validate = functools.partial(validator, inputs)
-    if library == "jax":
-        validate()
-        from softce_multi.distributed import _jax
 
-        jax_loss: Callable[..., Array] = (
-            _jax.vocab_parallel_linear_loss if linear else _jax.vocab_parallel_loss
-        )
-        return jax_loss(inputs, axis_name)
-    process_group = torch_group(group)
-    if check_shapes:
+    def describe() -> InputDescription:
+        """Check every argument; describe them for the agreement of the torch ranks."""
+        check_communicator(library, group=group, axis_name=axis_name)
+        if not isinstance(check_shapes, bool):
+            msg = f"check_shapes must be a bool, got {type(check_shapes).__name__}"
+            raise TypeError(msg)
+        validator(inputs)
         leading = cast(Any, inputs[0])  # the logits or the hidden states
-        description = InputDescription(
+        return InputDescription(
             positions=tuple(leading.shape[:-1]),
             mask_ndim=inputs.position_mask.ndim,
             arrays=tuple(arrays.values())[:-1],
@@ -370,9 +366,25 @@ def _vocab_parallel_call(
             hidden_size=leading.shape[-1] if linear and leading.ndim else 0,
             has_bias=linear and arrays["bias_shard"] is not None,
         )
-        agree_on_inputs(validate, description, device=leading.device, group=process_group)
+
+    if library == "jax":
+        describe()
+        from softce_multi.distributed import _jax
+
+        jax_loss: Callable[..., Array] = (
+            _jax.vocab_parallel_linear_loss if linear else _jax.vocab_parallel_loss
+        )
+        return jax_loss(inputs, axis_name)
+    try:
+        process_group = torch_group(group)
+    except (TypeError, ValueError):
+        describe()  # with no group to agree with, this rank's own errors come first
+        raise
+    if check_shapes is False:
+        describe()
     else:
-        validate()
+        tensors = [x for x in arrays.values() if array_api_compat.is_torch_array(x)]
+        agree_on_inputs(describe, device=tensors[0].device, group=process_group)
     from softce_multi.distributed import _torch
 
     torch_loss: Callable[..., Array] = (

@@ -1,14 +1,16 @@
 """Rank agreement on the inputs of the torch vocabulary-parallel losses, with its messages.
 
-Before a torch call with ``check_shapes``, every rank describes its validated inputs as
-:data:`DESCRIPTION_SIZE` int64 (:class:`InputDescription`), the ranks all-gather the
-descriptions and read them on the host (:func:`agree_on_inputs`), and inputs that disagree, or
-that one rank refuses, raise on every rank (:func:`disagreement_message` shows each rank's
-values) instead of hanging in collectives of mismatched sizes. torch is imported on first use.
+Before a torch call with ``check_shapes``, every rank validates its arguments and describes
+them as :data:`DESCRIPTION_SIZE` int64 (:class:`InputDescription`), or as zeros if it refuses
+them; the ranks all-gather the descriptions and read them on the host (:func:`agree_on_inputs`),
+and inputs that disagree, or that one rank refuses, raise on every rank
+(:func:`disagreement_message` shows each rank's values) instead of hanging in collectives of
+mismatched sizes. torch is imported on first use.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -19,8 +21,8 @@ from softce_multi import _core
 from softce_multi._types import REDUCTIONS
 from softce_multi._validate import is_array
 
-#: Leading dimensions of the inputs that the shape agreement compares one by one (beyond them,
-#: their number and product are compared).
+#: Leading dimensions of the inputs that the shape agreement sends one by one, to show them
+#: when they differ; the whole shape is compared through its digest (:func:`shape_digest`).
 AGREED_DIMS = 8
 
 
@@ -41,7 +43,8 @@ class InputDescription(NamedTuple):
     """Whether the linear loss has a bias."""
 
     def as_ints(self) -> list[int]:
-        """The description as :data:`DESCRIPTION_FIELDS`, then the leading dimensions."""
+        """The description as :data:`DESCRIPTION_FIELDS`, the digest of the positions' shape,
+        then its first :data:`AGREED_DIMS` dimensions (-1 past its end)."""
         present = [array for array in self.arrays if array is not None]
         dtype = _core.compute_dtype(*present, xp=array_api_compat.array_namespace(*present))
         dims = [*self.positions[:AGREED_DIMS], *[-1] * (AGREED_DIMS - len(self.positions))]
@@ -56,12 +59,19 @@ class InputDescription(NamedTuple):
             num_valid_kind,
             self.hidden_size,
             int(self.has_bias),
+            shape_digest(self.positions),
             *dims,
         ]
 
 
-#: The fields of :meth:`InputDescription.as_ints` with how to show them; the leading
-#: dimensions follow.
+def shape_digest(shape: tuple[int, ...]) -> int:
+    """A digest of the whole shape as a non-negative int64, the same in every process."""
+    digest = hashlib.blake2b(repr(tuple(shape)).encode(), digest_size=7).digest()
+    return int.from_bytes(digest, "little")
+
+
+#: The fields of :meth:`InputDescription.as_ints` with how to show them; the digest of the
+#: positions' shape and their leading dimensions follow.
 DESCRIPTION_FIELDS: tuple[tuple[str, Callable[[int], str]], ...] = (
     ("valid", str),
     ("number of position axes", str),
@@ -75,27 +85,25 @@ DESCRIPTION_FIELDS: tuple[tuple[str, Callable[[int], str]], ...] = (
 )
 
 #: How many int64 each rank sends to the shape agreement.
-DESCRIPTION_SIZE = len(DESCRIPTION_FIELDS) + AGREED_DIMS
+DESCRIPTION_SIZE = len(DESCRIPTION_FIELDS) + 1 + AGREED_DIMS
 
 
-def agree_on_inputs(
-    validate: Callable[[], None], description: InputDescription, *, device: Any, group: Any
-) -> None:
+def agree_on_inputs(describe: Callable[[], InputDescription], *, device: Any, group: Any) -> None:
     """Validate the inputs on every rank and check that the ranks agree on them.
 
-    One ``all_gather`` of :data:`DESCRIPTION_SIZE` int64 per rank, read on the host. Every
-    rank raises: the rank whose inputs are invalid its own error, the others a ValueError naming
-    it; if the descriptions differ, the same ValueError on every rank, showing each rank's
-    values.
+    ``describe`` checks this rank's arguments and describes them. Every rank takes part in one
+    ``all_gather`` of :data:`DESCRIPTION_SIZE` int64 per rank, read on the host, whatever
+    ``describe`` raises: the rank whose arguments are refused then raises its own error, the
+    others a ValueError naming it; if the descriptions differ, every rank raises the same
+    ValueError, showing each rank's values.
     """
     import torch
     import torch.distributed as dist
 
     try:
-        validate()
+        ints = describe().as_ints()
         local_error = None
-        ints = description.as_ints()
-    except (TypeError, ValueError) as error:
+    except Exception as error:  # re-raised after the collective, which the others wait in
         local_error = error
         ints = [0] * DESCRIPTION_SIZE
     local = torch.tensor(ints, dtype=torch.int64, device=device)
@@ -123,10 +131,18 @@ def disagreement_message(descriptions: list[tuple[int, ...]]) -> str:
         values = [row[index] for row in descriptions]
         if len(set(values)) > 1:
             differences.append(f"{name}: " + _per_rank(values, show))
-    shapes = [row[n_fields:] for row in descriptions]
+    digests = [row[n_fields] for row in descriptions]
+    shapes = [row[n_fields + 1 :] for row in descriptions]
     if not differences and len(set(shapes)) > 1:
         shown = [tuple(dim for dim in dims if dim >= 0) for dims in shapes]
         differences.append("shape of the positions: " + _per_rank(shown, str))
+    elif not differences:
+        # The shapes differ past the dimensions sent: number them by first appearance.
+        numbers = {digest: number for number, digest in enumerate(dict.fromkeys(digests), 1)}
+        differences.append(
+            f"shape of the positions past their first {AGREED_DIMS} axes: "
+            + _per_rank([numbers[digest] for digest in digests], lambda number: f"shape {number}")
+        )
     return (
         f"the ranks of the group disagree on the inputs of the vocabulary-parallel loss "
         f"({'; '.join(differences)}); every rank must hold the same positions, with the "

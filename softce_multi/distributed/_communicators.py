@@ -1,10 +1,12 @@
 """Which library, which communicator: the checks and collectives under the public functions.
 
-:func:`library_of` tells torch tensors from JAX arrays, :func:`check_communicator` refuses a
-communicator of the other library, :func:`torch_group` resolves torch's ``group=None``, and
-:func:`torch_all_reduce` makes the all-reduce that :mod:`softce_multi.distributed._statistics`
-takes as ``max_over_shards`` or ``sum_over_shards`` on torch. torch is imported only by the
-functions that take torch tensors, so importing this module needs neither torch nor JAX.
+:func:`library_of` tells torch tensors from JAX arrays (:func:`engine_of` from the first such
+argument), :func:`check_communicator` refuses a communicator of the other library or a JAX
+``axis_name`` that names no bound axis (:func:`check_axis_name`), :func:`torch_group` resolves
+torch's ``group=None``, and :func:`torch_all_reduce` makes the all-reduce that
+:mod:`softce_multi.distributed._statistics` takes as ``max_over_shards`` or
+``sum_over_shards`` on torch. torch and JAX are imported only by the functions that take their
+arrays, so importing this module needs neither.
 """
 
 from __future__ import annotations
@@ -34,8 +36,24 @@ def library_of(**arrays: Array) -> tuple[str, Namespace]:
     raise TypeError(msg)
 
 
+def engine_of(**arrays: Array) -> str:
+    """``"torch"`` or ``"jax"``: the library of the first argument that is a torch tensor or a
+    JAX array, even if others are not; if none is, :func:`library_of`'s TypeError.
+
+    The torch losses take the engine from it before they validate the arguments, so that a rank
+    with one wrong argument still takes part in the agreement of the ranks and refuses there.
+    """
+    for array in arrays.values():
+        if array_api_compat.is_torch_array(array):
+            return "torch"
+        if array_api_compat.is_jax_array(array):
+            return "jax"
+    return library_of(**arrays)[0]
+
+
 def check_communicator(library: str, *, group: Any, axis_name: Any) -> None:
-    """Refuse a communicator of the other library, or JAX arrays without an axis name."""
+    """Refuse a communicator of the other library, or JAX arrays without an axis name or with
+    one that :func:`check_axis_name` refuses."""
     if library == "torch" and axis_name is not None:
         msg = (
             f"axis_name={axis_name!r} is for JAX arrays inside jax.shard_map or jax.pmap; torch "
@@ -56,6 +74,51 @@ def check_communicator(library: str, *, group: Any, axis_name: Any) -> None:
             "jax.shard_map or jax.pmap to reduce over"
         )
         raise TypeError(msg)
+    if library == "jax":
+        check_axis_name(axis_name)
+
+
+def check_axis_name(axis_name: Any) -> None:
+    """Check that ``axis_name`` names axes bound where the call is traced.
+
+    It must be a name (hashable, and not an int, which JAX's collectives read as an axis of
+    the array) or a non-empty tuple of names, each bound by an enclosing ``jax.shard_map``,
+    ``jax.pmap`` or ``jax.vmap``: TypeError for the first, ValueError for the others.
+    """
+    names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+    if not names:
+        msg = (
+            "axis_name=() names no axis: pass the mesh axis (or a tuple of mesh axes) of "
+            "jax.shard_map or jax.pmap to reduce over"
+        )
+        raise ValueError(msg)
+    for name in names:
+        if isinstance(name, int) or not _hashable(name):
+            msg = (
+                "axis_name must be a mesh axis name (a hashable that is not an int: JAX reads "
+                f"ints as axes of the array) or a non-empty tuple of names, got {axis_name!r}"
+            )
+            raise TypeError(msg)
+    import jax
+
+    for name in names:
+        try:
+            jax.lax.axis_size(name)
+        except (NameError, ValueError, TypeError, AssertionError):
+            msg = (
+                f"axis_name={axis_name!r} names an axis that is not bound here: {name!r}; the "
+                "call must run inside jax.shard_map or jax.pmap (or jax.vmap) over that axis"
+            )
+            raise ValueError(msg) from None
+
+
+def _hashable(value: Any) -> bool:
+    """Whether ``value`` can be hashed (a tuple holding a list cannot)."""
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def torch_group(group: Any) -> Any:
@@ -93,7 +156,9 @@ def torch_all_reduce(op_name: str, group: Any) -> Callable[[Any], Any]:
 
 
 def mask_total(position_mask: Array, *, xp: Namespace) -> Array:
-    """The sum of a mask, exactly for bool and integer masks, in float32 or wider otherwise."""
+    """The sum of a mask: exact, of the default integer dtype, for bool and integer masks; in
+    float32 or wider for floating ones."""
     if not xp.isdtype(position_mask.dtype, "real floating"):
-        return xp.sum(position_mask)
+        integers = xp.__array_namespace_info__().default_dtypes()["integral"]
+        return xp.sum(position_mask, dtype=integers)
     return xp.sum(position_mask, dtype=_core.compute_dtype(position_mask, xp=xp))
