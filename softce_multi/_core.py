@@ -100,6 +100,13 @@ def upstream_per_row(grad_output: Array, reduction: str, *, xp: Namespace) -> Ar
     return xp.reshape(grad_output, (-1,)) if reduction == "none" else grad_output
 
 
+def upstream_row_scale(row_scale: Array, upstream: Array, *, xp: Namespace) -> Array:
+    """``row_scale * upstream`` (the upstream of :func:`upstream_per_row`), exactly 0 where
+    ``row_scale`` is: a padding row's gradient is 0 whatever its upstream gradient holds, NaN or
+    inf included (as ``where`` patterns downstream of a per-position loss often leave there)."""
+    return xp.where(row_scale == 0, 0.0, row_scale * upstream)
+
+
 def row_statistics(z: Array, p: Array, *, xp: Namespace) -> RowStatistics:
     """Reduce a ``[n, V]`` block of logits and targets to its :class:`RowStatistics`."""
     row_max = xp.max(z, axis=-1, keepdims=True)

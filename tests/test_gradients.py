@@ -616,3 +616,82 @@ def test_an_empty_batch_under_jax_grad_gives_empty_gradients(shape, reduction):
     assert float(value) == 0.0
     assert grad_logits.shape == shape and grad_logits.dtype == logits.dtype
     assert grad_targets.shape == shape and grad_targets.dtype == targets.dtype
+
+
+# --------------------------------------------------------------------------------------------
+# A NaN or inf upstream gradient at padding positions ("none")
+# --------------------------------------------------------------------------------------------
+
+
+#: Per-position upstream gradients of :func:`padded_inputs`' positions: 1.5 where valid, NaN
+#: and inf at the two padding positions, as ``where(mask, loss / count, 0)`` patterns leave.
+def padding_upstream(mask: np.ndarray) -> np.ndarray:
+    upstream = np.where(mask, 1.5, np.nan)
+    upstream[1, 2] = np.inf
+    return upstream
+
+
+def assert_zero_at_padding_and_reference_elsewhere(grad, expected, mask, dtype="float64"):
+    grad = to_numpy(grad)
+    assert np.all(grad[~mask] == 0)
+    assert_gradient_close(np.where(mask[..., None], grad, 0.0), expected, dtype)
+
+
+@needs_torch
+@pytest.mark.parametrize("create_graph", [False, True], ids=["backward", "create_graph"])
+def test_torch_gradients_at_padding_are_zero_whatever_the_upstream(create_graph):
+    torch = pytest.importorskip("torch")
+    (logits, targets, mask), (finite_logits, finite_targets) = padded_inputs(23)
+    z = torch.tensor(logits, requires_grad=True)
+    p = torch.tensor(targets, requires_grad=True)
+    upstream = padding_upstream(mask)
+    expected = reference(
+        finite_logits, finite_targets, mask, reduction="none", upstream=np.where(mask, 1.5, 0.0)
+    )
+
+    loss = sc.masked_soft_cross_entropy(z, p, torch.tensor(mask), reduction="none")
+    grads = torch.autograd.grad(loss, (z, p), torch.tensor(upstream), create_graph=create_graph)
+
+    assert_zero_at_padding_and_reference_elsewhere(grads[0].detach(), expected.grad_logits, mask)
+    assert_zero_at_padding_and_reference_elsewhere(grads[1].detach(), expected.grad_targets, mask)
+
+
+@needs_jax
+def test_jax_gradients_at_padding_are_zero_whatever_the_upstream():
+    import jax
+    import jax.numpy as jnp
+
+    (logits, targets, mask), (finite_logits, finite_targets) = padded_inputs(24)
+    upstream = padding_upstream(mask)
+    expected = reference(
+        finite_logits, finite_targets, mask, reduction="none", upstream=np.where(mask, 1.5, 0.0)
+    )
+
+    def loss(z, p):
+        return sc.masked_soft_cross_entropy(z, p, jnp.asarray(mask), reduction="none")
+
+    _, pullback = jax.vjp(loss, jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32))
+    grad_z, grad_p = pullback(jnp.asarray(upstream, jnp.float32))
+
+    assert_zero_at_padding_and_reference_elsewhere(grad_z, expected.grad_logits, mask, "float32")
+    assert_zero_at_padding_and_reference_elsewhere(grad_p, expected.grad_targets, mask, "float32")
+
+
+@needs_torch
+def test_torch_linear_loss_gradients_at_padding_are_zero_whatever_the_upstream():
+    torch = pytest.importorskip("torch")
+    (_, _, mask), (_, finite_targets) = padded_inputs(25)
+    rng = np.random.default_rng(25)
+    hidden = torch.tensor(rng.standard_normal((2, 4, 3)), requires_grad=True)
+    weight = torch.tensor(rng.standard_normal((7, 3)), requires_grad=True)
+    p = torch.tensor(finite_targets, requires_grad=True)
+    upstream = torch.tensor(padding_upstream(mask))
+
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden, weight, p, torch.tensor(mask), reduction="none", chunk_rows=3
+    )
+    grads = torch.autograd.grad(loss, (hidden, weight, p), upstream)
+
+    assert all(bool(torch.isfinite(grad).all()) for grad in grads)
+    assert bool((grads[0][torch.tensor(~mask)] == 0).all())
+    assert bool((grads[2][torch.tensor(~mask)] == 0).all())

@@ -194,7 +194,7 @@ def _loss_bwd(
 ) -> tuple[Any, ...]:
     logits, target_probs, saved, row_scale, weights, count, target_ids = residuals
     upstream = _core.upstream_per_row(grad_output, reduction, xp=jnp)
-    row_scale = row_scale * upstream
+    row_scale = _core.upstream_row_scale(row_scale, upstream, xp=jnp)
     routine = gradient_routine if target_ids is None else sparse_gradient_routine
     # One computation per gradient, so that jit drops the one that is not used.
     grad_logits, _ = _core.gradient_pass(
@@ -379,7 +379,7 @@ def _linear_loss_bwd(
     arrays, saved, row_scale, grads = residuals
     weights, count = arrays.weights, arrays.num_valid
     upstream = _core.upstream_per_row(grad_output, reduction, xp=jnp)
-    row_scale = row_scale * upstream
+    row_scale = _core.upstream_row_scale(row_scale, upstream, xp=jnp)
     if grads is None:  # "none" or 16-bit: the gradients come now, the upstream inside
         grads = linear_gradient_pass(arrays, saved, row_scale, chunk, targets=False)
     else:

@@ -181,7 +181,7 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
             logits,
             target_probs,
             _core.SavedRows(*saved_rows),
-            row_scale * upstream,
+            _core.upstream_row_scale(row_scale, upstream, xp=torch_namespace),
             logits_grad=wants_logits and grad_z is None,
             targets_grad=wants_targets,
             gradient_routine=torch_sparse.gradient_routine if ctx.sparse else gradient_routine,
@@ -240,7 +240,7 @@ def _differentiable_gradients(
     p = torch.where(live, probs, 0.0)
     defined = z.amax(dim=-1, keepdim=True).isfinite()
     z = torch.where(defined, z, 0.0)
-    scale = (row_scale * upstream)[:, None]
+    scale = _core.upstream_row_scale(row_scale, upstream, xp=torch_namespace)[:, None]
     grad_z = grad_p = None
     if logits_grad:
         target_sum = p.sum(dim=-1, keepdim=True)

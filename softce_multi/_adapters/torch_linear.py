@@ -392,7 +392,7 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
             target_probs,
             ids if ctx.sparse else None,
             *saved,
-            row_scale * upstream,
+            _core.upstream_row_scale(row_scale, upstream, xp=torch_namespace),
             ctx.chunk_rows,
             ctx.matmul_dtype,
             *missing,

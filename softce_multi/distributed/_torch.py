@@ -138,7 +138,7 @@ class _VocabParallelFunction(torch.autograd.Function):
                 logits_shard,
                 target_probs_shard,
                 _core.SavedRows(*saved),
-                row_scale * upstream,
+                _core.upstream_row_scale(row_scale, upstream, xp=torch_namespace),
                 logits_grad=wants_logits,
                 targets_grad=wants_targets,
                 gradient_routine=torch_shared.gradient_routine,
@@ -184,7 +184,7 @@ def _differentiable_shard_gradients(
     exponentials = torch.exp(shifted)
     local_sums = torch.stack([exponentials.sum(dim=-1), p.sum(dim=-1)])
     sum_exp, target_sum = _SumOverRanks.apply(local_sums, group)
-    scale = (row_scale * upstream)[:, None]
+    scale = _core.upstream_row_scale(row_scale, upstream, xp=torch_namespace)[:, None]
     grad_z = grad_p = None
     if logits_grad:
         # One rounded exponential per entry, as in the core's logits gradient.
@@ -301,7 +301,7 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
             bias_shard,
             target_probs_shard,
             _core.SavedRows(*saved),
-            row_scale * upstream,
+            _core.upstream_row_scale(row_scale, upstream, xp=torch_namespace),
             hidden_grad=wants[0],
             weight_grad=wants[1],
             bias_grad=wants[2] and bias_shard is not None,
