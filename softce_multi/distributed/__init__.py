@@ -87,7 +87,8 @@ def global_num_valid(position_mask: Array, *, group: Any = None, axis_name: Any 
         For torch tensors: the ranks to sum over; None is the default process group.
     axis_name : hashable or tuple of hashables
         For JAX arrays, required: the mesh axis (or axes) of ``jax.shard_map`` or ``jax.pmap``
-        to sum over.
+        to sum over, bound where the call runs (a ``jax.vmap`` axis too); not an int, which JAX
+        reads as an axis of the array.
 
     Returns
     -------
@@ -101,9 +102,13 @@ def global_num_valid(position_mask: Array, *, group: Any = None, axis_name: Any 
     TypeError
         If the mask is neither a torch tensor nor a JAX array, or is not bool, integer or
         floating; if ``axis_name`` is given with torch or ``group`` with JAX; if ``axis_name``
-        is missing with JAX; if ``group`` is not a process group.
+        is missing with JAX, or is neither a name nor a tuple of names; if ``group`` is not a
+        process group.
     ValueError
-        If ``group`` is None and torch's default process group is not initialized.
+        If ``group`` is None and torch's default process group is not initialized; if
+        ``axis_name`` is an empty tuple or names an axis that is not bound where the call runs.
+        On torch these errors come before the all-reduce: every rank must pass a valid mask, or
+        the others wait in theirs.
 
     Examples
     --------
@@ -171,7 +176,8 @@ def vocab_parallel_masked_soft_cross_entropy(
         which every rank must then run alike).
     axis_name : hashable or tuple of hashables
         For JAX arrays, required: the mesh axis the vocabulary is sharded over, inside
-        ``jax.shard_map`` (or ``jax.pmap``). The function has a ``jax.custom_vjp``.
+        ``jax.shard_map`` (or ``jax.pmap``, or over a ``jax.vmap`` axis), as
+        :func:`global_num_valid` takes it. The function has a ``jax.custom_vjp``.
     reduction : {"mean", "sum", "none"}, default "mean"
         As in :func:`softce_multi.masked_soft_cross_entropy`. ``"mean"`` divides by the sum
         of this rank's mask, which is every rank's.
@@ -179,13 +185,17 @@ def vocab_parallel_masked_soft_cross_entropy(
         Replaces the denominator of ``"mean"``, for example :func:`global_num_valid` over the
         data-parallel group when the positions are split too.
     check_shapes : bool, default True
-        On torch, agree on the inputs before computing: one ``all_gather`` of 17 int64 per rank
+        On torch, agree on the inputs before computing: one ``all_gather`` of 18 int64 per rank
         and one host synchronisation per call, so that inputs that disagree across ranks (the
         positions' shape, the mask's shape, the computation dtype, the reduction, whether
         ``num_valid`` is given) or that a rank refuses raise ValueError on every rank instead
-        of hanging or giving a wrong answer. False skips it; the collectives then assume that
-        every rank holds ``N`` positions. JAX needs no check: ``shard_map`` gives every device
-        blocks of one shape.
+        of hanging or giving a wrong answer: the refusing rank its own error, the others one
+        naming it. Every check runs inside the agreement, but for the three that finding the
+        group needs (no torch tensor among the arrays, a ``group`` that is no process group, no
+        default group), which the rank raises alone. It must be the same on every rank (a value
+        that is not a bool takes part in the agreement, and is refused there). False skips it;
+        the collectives then assume that every rank holds ``N`` positions. JAX needs no check:
+        ``shard_map`` gives every device blocks of one shape.
 
     Returns
     -------
@@ -197,11 +207,13 @@ def vocab_parallel_masked_soft_cross_entropy(
     ------
     TypeError
         For arguments of the wrong type, ``group`` given with JAX arrays, ``axis_name`` with
-        torch tensors, or no ``axis_name`` with JAX arrays.
+        torch tensors, or no ``axis_name`` (or one that is neither a name nor a tuple of names)
+        with JAX arrays.
     ValueError
         For inputs :func:`softce_multi.masked_soft_cross_entropy` refuses; with
         ``check_shapes``, for inputs that disagree across the ranks (on every rank); for
-        ``group=None`` without an initialized default process group.
+        ``group=None`` without an initialized default process group; for an ``axis_name`` that
+        is an empty tuple or names an axis that is not bound where the call runs.
 
     Examples
     --------
