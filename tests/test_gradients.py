@@ -695,3 +695,42 @@ def test_torch_linear_loss_gradients_at_padding_are_zero_whatever_the_upstream()
     assert all(bool(torch.isfinite(grad).all()) for grad in grads)
     assert bool((grads[0][torch.tensor(~mask)] == 0).all())
     assert bool((grads[2][torch.tensor(~mask)] == 0).all())
+
+
+@needs_jax
+@pytest.mark.parametrize("linear", [False, True], ids=["logits", "linear"])
+def test_jax_vocab_parallel_gradients_at_padding_are_zero_whatever_the_upstream(linear):
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import Mesh, PartitionSpec
+
+    from softce_multi import distributed
+
+    (logits, _, mask), (_, finite_targets) = padded_inputs(26)
+    hidden = np.random.default_rng(26).standard_normal((2, 4, 3))
+    weight = np.random.default_rng(27).standard_normal((7, 3))
+    first = jnp.asarray(hidden if linear else logits, jnp.float32)
+    weights, targets = jnp.asarray(weight, jnp.float32), jnp.asarray(finite_targets, jnp.float32)
+
+    def loss(x, p):
+        if linear:
+            return distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+                x, weights, p, jnp.asarray(mask), reduction="none", axis_name="vocab"
+            )
+        return distributed.vocab_parallel_masked_soft_cross_entropy(
+            x, p, jnp.asarray(mask), reduction="none", axis_name="vocab"
+        )
+
+    mesh = Mesh(np.array(jax.devices()[:1]), ("vocab",))
+    on_the_mesh = jax.shard_map(
+        lambda x, p, u: jax.vjp(loss, x, p)[1](u),
+        mesh=mesh,
+        in_specs=(PartitionSpec(),) * 3,
+        out_specs=PartitionSpec(),
+    )
+    grads = on_the_mesh(first, targets, jnp.asarray(padding_upstream(mask), jnp.float32))
+
+    for grad in grads:
+        grad = np.asarray(grad)
+        assert np.all(np.isfinite(grad))
+        assert np.all(grad[~mask] == 0)

@@ -86,7 +86,7 @@ def _loss_backward(reduction: str, axis_name: Any, residuals: Any, grad_loss: An
             logits,
             targets,
             saved,
-            row_scale * upstream,
+            _core.upstream_row_scale(row_scale, upstream, xp=jnp),
             logits_grad=want_logits,
             targets_grad=not want_logits,
             gradient_routine=jax_adapter.gradient_routine,
@@ -195,7 +195,7 @@ def _linear_loss_backward(
     hidden, weight, bias = arrays.hidden, arrays.weight, arrays.bias
     targets, weights, count = arrays.target_probs, arrays.weights, arrays.num_valid
     upstream = _core.upstream_per_row(grad_loss, reduction, xp=jnp)
-    row_scale = row_scale * upstream
+    row_scale = _core.upstream_row_scale(row_scale, upstream, xp=jnp)
     # This device's shard of the backward pass, from the global statistics; one computation per
     # result, so that jit drops the targets' gradient if unused.
     fresh = _varying_over(hidden, weight, bias, targets, *saved, row_scale)
