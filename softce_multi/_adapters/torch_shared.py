@@ -127,7 +127,9 @@ def autocast_dtype(*tensors: Tensor) -> torch.dtype | None:
     for the dtype the tensors promote to.
     """
     device_type = tensors[0].device.type
-    if not torch.amp.is_autocast_available(device_type):  # "meta", say
+    # A device type autocast does not know ("meta", say); Dynamo before torch 2.11 cannot
+    # trace the question, and a compiled call has the real device types.
+    if not torch.compiler.is_compiling() and not torch.amp.is_autocast_available(device_type):
         return None
     if not torch.is_autocast_enabled(device_type):
         return None
