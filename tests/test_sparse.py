@@ -129,6 +129,39 @@ def test_unsigned_target_ids_give_the_loss_and_gradients_of_int64_ids(backend, i
 
 
 @pytest.mark.parametrize(
+    ("ids_dtype", "vocab"), [("int8", 200), ("uint8", 300), ("int16", 40000)], ids=str
+)
+def test_ids_of_a_dtype_narrower_than_the_vocabulary_give_the_loss_of_int64_ids(
+    backend, ids_dtype, vocab
+):
+    """Every id fits its dtype, the vocabulary size does not: it bounds no id."""
+    backend.require(ids_dtype)
+    rng = np.random.default_rng(4)
+    ids = rng.integers(0, 100, (2, 3, K))
+    ids[0, 0, 0] = -1  # outside the vocabulary, with mass: that position is NaN
+    probs = rng.dirichlet(np.ones(K), size=(2, 3))
+    z = backend.asarray(rng.standard_normal((2, 3, vocab)), "float64")
+    p = backend.asarray(probs, "float64")
+    mask = backend.asarray(np.ones((2, 3), bool))
+
+    narrow = backend.asarray(ids, ids_dtype)  # uint8 holds -1 as 255, an id of the vocabulary
+    wide = backend.asarray(to_numpy(narrow).astype(np.int64), "int64")
+
+    def losses(ids_array):
+        loss = sc.masked_soft_cross_entropy(z, p, mask, target_ids=ids_array, reduction="none")
+        _, grad = sc.masked_soft_cross_entropy_with_grad(
+            z, p, mask, target_ids=ids_array, reduction="sum"
+        )
+        return to_numpy(loss), to_numpy(grad)
+
+    (narrow_loss, narrow_grad), (wide_loss, wide_grad) = losses(narrow), losses(wide)
+    np.testing.assert_array_equal(narrow_loss, wide_loss)
+    np.testing.assert_array_equal(narrow_grad, wide_grad)
+    assert np.isnan(narrow_loss[0, 0]) == ids_dtype.startswith("int")
+    assert np.all(np.isfinite(narrow_loss.reshape(-1)[1:]))
+
+
+@pytest.mark.parametrize(
     ("reduction", "num_valid"), [("mean", None), ("mean", 40.0), ("mean", 0), ("sum", None)]
 )
 def test_sparse_loss_with_grad_matches_the_dense_oracle(backend, reduction, num_valid):

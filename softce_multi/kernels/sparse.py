@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import array_api_compat
+import array_api_extra as xpx
 
 from softce_multi import _core
 from softce_multi._types import Array, Namespace
@@ -434,14 +435,23 @@ def _scaled(block: Array, factor: Array, *, xp: Namespace) -> Array:
 
 
 def _valid_ids(ids: Array, vocab_size: int, *, xp: Namespace) -> Array:
+    """Whether each id lies in ``[0, V)``. A ``V`` beyond the ids' dtype (int8 ids of a
+    200-entry vocabulary) bounds no id of it, and is not compared: it would wrap, or be refused.
+    """
+    if vocab_size > xp.iinfo(ids.dtype).max:
+        return ids >= 0
     return (ids >= 0) & (ids < vocab_size)
 
 
 def _safe_ids(ids: Array, valid: Array, *, xp: Namespace) -> Array:
-    """The ids with those outside the vocabulary replaced by 0, safe to index with (int64 for
-    torch, whose gathers and scatters take no other index dtype)."""
+    """The ids with those outside the vocabulary replaced by 0, safe to index with: in the
+    default index dtype (int64 for torch, whose gathers and scatters take no other), where a
+    narrower one cannot count to ``V`` (JAX normalises indices in the ids' dtype)."""
     safe = xp.where(valid, ids, 0)
-    return safe.long() if array_api_compat.is_torch_array(safe) else safe
+    if array_api_compat.is_torch_array(safe):
+        return safe.long()
+    index_dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(safe))
+    return xp.astype(safe, index_dtype, copy=False)
 
 
 def _add_at(block: Array) -> Any:
