@@ -50,6 +50,25 @@ def _describe(array: Array) -> str:
     )
 
 
+def _check_compute_dtype(table: dict[str, float], compute_dtype: str | None) -> None:
+    if compute_dtype is not None and compute_dtype not in table:
+        msg = f"compute_dtype must be one of {sorted(table)}, got {compute_dtype!r}"
+        raise ValueError(msg)
+
+
+def _tolerance(table: dict[str, float], compute_dtype: str | None, actual: Array) -> float:
+    """The tolerance of ``table`` for ``compute_dtype``, or for the dtype of ``actual``."""
+    if compute_dtype is not None:
+        return table[compute_dtype]
+    if dtype_name(actual) not in table:
+        msg = (
+            f"no tolerance for a result of dtype {dtype_name(actual)}: the loss and its "
+            f"gradients are floating ({', '.join(table)})\nactual: {_describe(actual)}"
+        )
+        raise AssertionError(msg)
+    return table[dtype_name(actual)]
+
+
 def _check_properties(
     actual: Array,
     desired: Array,
@@ -65,6 +84,13 @@ def _check_properties(
     is the float64 oracle (a float64 NumPy array, with ``compute_dtype`` given or for another
     library's result): then only the keywords given are checked.
     """
+    if not _is_array(desired):
+        kind = type(desired).__name__
+        msg = f"desired must be an array, the oracle's or a backend's; got a {kind}"
+        raise TypeError(msg)
+    if not _is_array(actual):
+        msg = f"actual is a {type(actual).__name__}, not an array\ndesired: {_describe(desired)}"
+        raise AssertionError(msg)
     desired_is_oracle = (
         library_of(desired) == "numpy"
         and dtype_name(desired) == "float64"
@@ -80,11 +106,22 @@ def _check_properties(
     if expected_dtype is not None and dtype_name(actual) != expected_dtype:
         msg = f"dtypes differ: expected {expected_dtype}, got {dtype_name(actual)}{both}"
         raise AssertionError(msg)
-    if tuple(actual.shape) != tuple(desired.shape):
-        msg = f"shapes differ: expected {tuple(desired.shape)}, got {tuple(actual.shape)}{both}"
-        raise AssertionError(msg)
+    _check_shape(actual, desired)
     if expected_device is not None and device_of(actual) != expected_device:
         msg = f"devices differ: expected {expected_device}, got {device_of(actual)}{both}"
+        raise AssertionError(msg)
+
+
+def _is_array(value: Any) -> bool:
+    return hasattr(value, "dtype") and hasattr(value, "shape")
+
+
+def _check_shape(actual: Array, desired: Array) -> None:
+    if tuple(actual.shape) != tuple(desired.shape):
+        msg = (
+            f"shapes differ: expected {tuple(desired.shape)}, got {tuple(actual.shape)}"
+            f"\nactual:  {_describe(actual)}\ndesired: {_describe(desired)}"
+        )
         raise AssertionError(msg)
 
 
@@ -113,9 +150,11 @@ def assert_loss_close(
         Default: the dtype of ``actual``. Given with a float64 NumPy ``desired``, it marks
         ``desired`` as the oracle, whose dtype is not the one ``actual`` must have.
     library, dtype, device
-        Expected library (``"torch"``...), dtype name and device (``"cpu"``, ``"gpu"``) of
-        ``actual``. Default: those of ``desired``, unless ``desired`` is the oracle (then they
-        are checked only when given).
+        Expected library (``"torch"``...), dtype name and device (``"cpu"``, ``"gpu"``; see
+        :func:`device_of`) of ``actual``. Default: those of ``desired``, unless ``desired`` is
+        the oracle: then each is checked only when given, so that a test against the oracle
+        passes ``dtype=`` (a loss has the dtype it is computed in) to fail a loss of another
+        dtype.
     atol
         An absolute floor, added to the relative tolerance (a number, or per position for
         ``"none"``): for losses whose rounding is set by terms larger than the loss, such as a
@@ -124,9 +163,14 @@ def assert_loss_close(
     Raises
     ------
     AssertionError
-        If the namespace, dtype, shape or device differ (checked in that order, before the
-        values), or a value is further than ``atol`` plus ``LOSS_RTOL[compute_dtype]``
-        relatively.
+        If ``actual`` is not an array or has no floating dtype of :data:`LOSS_RTOL`, if the
+        namespace, dtype, shape or device differ (checked in that order, before the values),
+        or if a value is further than ``atol`` plus ``LOSS_RTOL[compute_dtype]`` relatively. A
+        non-finite desired value (``inf``, ``-inf``, NaN) is matched only by itself.
+    TypeError
+        If ``desired`` is not an array.
+    ValueError
+        If ``compute_dtype`` is not a dtype of :data:`LOSS_RTOL`.
 
     Examples
     --------
@@ -138,8 +182,9 @@ def assert_loss_close(
     ...
     AssertionError: dtypes differ: expected float64, got float32...
     """
+    _check_compute_dtype(LOSS_RTOL, compute_dtype)
     _check_properties(actual, desired, compute_dtype, library=library, dtype=dtype, device=device)
-    rtol = LOSS_RTOL[compute_dtype or dtype_name(actual)]
+    rtol = _tolerance(LOSS_RTOL, compute_dtype, actual)
     actual_values, desired_values = to_float64(actual), to_float64(desired)
     # np.isclose, unlike np.testing.assert_allclose, takes a per-position atol.
     close = np.isclose(actual_values, desired_values, rtol=rtol, atol=atol, equal_nan=True)
@@ -190,6 +235,11 @@ def ulp_error(
         and ``desired`` is; entries where ``desired`` is not finite are not counted. 0 for an
         empty array.
 
+    Raises
+    ------
+    AssertionError
+        If the shapes of ``actual`` and ``desired`` differ.
+
     Examples
     --------
     >>> import numpy as np
@@ -199,6 +249,7 @@ def ulp_error(
     >>> ulp_error(np.array([1.0, 2.0]), np.array([1.0 + 2**-9, 2.0]), "bfloat16")
     0.25
     """
+    _check_shape(actual, desired)
     mantissa_bits, min_exponent = _FLOAT_FORMATS[dtype or dtype_name(actual)]
     actual_values, desired_values = to_float64(actual), to_float64(desired)
     counted = np.isfinite(desired_values)
@@ -326,13 +377,14 @@ def assert_gradient_rounded_once(
     Raises
     ------
     AssertionError
-        If the dtypes differ, or ``actual`` is further from the float64 gradient than
-        allowed; the message gives both errors.
+        If the dtypes or the shapes of ``actual`` and ``logits`` differ, or ``actual`` is
+        further from the float64 gradient than allowed; the message gives both errors.
     """
     dtype = dtype_name(logits)
     if dtype_name(actual) != dtype:
         msg = f"dtypes differ: the gradient is {dtype_name(actual)}, the logits {dtype}"
         raise AssertionError(msg)
+    _check_shape(actual, logits)
     error, formula_error = rounding_errors(
         actual,
         logits,
@@ -352,7 +404,17 @@ def assert_gradient_rounded_once(
 
 
 def gradient_tolerance(compute_dtype: str, gradient_dtype: str) -> float:
-    """Gradient tolerance relative to the largest entry: the coarser of the two dtypes'."""
+    """Gradient tolerance relative to the largest entry: the coarser of the two dtypes'.
+
+    Raises
+    ------
+    ValueError
+        If either dtype is not one of :data:`GRAD_RTOL`.
+    """
+    for argument, name in (("compute_dtype", compute_dtype), ("gradient_dtype", gradient_dtype)):
+        if name not in GRAD_RTOL:
+            msg = f"{argument} must be one of {sorted(GRAD_RTOL)}, got {name!r}"
+            raise ValueError(msg)
     return max(GRAD_RTOL[compute_dtype], GRAD_RTOL[gradient_dtype])
 
 
@@ -370,14 +432,17 @@ def assert_gradient_close(
     """Assert a gradient equals the desired one within a tolerance of its largest entry.
 
     Every entry must be within ``gradient_tolerance(compute_dtype, dtype of actual)`` times
-    ``max(abs(desired))`` of the desired entry, or within ``atol`` if that is larger: the
-    gradient of a loss is judged on the scale of its largest component, since small entries
-    carry the rounding of large ones.
+    the largest finite ``abs(desired)`` of the desired entry, or within ``atol`` if that is
+    larger: the gradient of a loss is judged on the scale of its largest component, since small
+    entries carry the rounding of large ones. Where ``desired`` is not finite (``inf``,
+    ``-inf``, NaN), ``actual`` must hold the same value.
 
     Parameters
     ----------
     actual, desired, compute_dtype, library, dtype, device
-        As in :func:`assert_loss_close`.
+        As in :func:`assert_loss_close`. A gradient has the dtype of what it is the gradient
+        of (a bfloat16 gradient of a loss computed in float32): against the oracle, pass that
+        as ``dtype``.
     atol
         An absolute floor for gradients whose largest entry is below the rounding of the terms
         they are computed from (a gradient that cancels, such as every gradient of ``V = 1``),
@@ -386,8 +451,13 @@ def assert_gradient_close(
     Raises
     ------
     AssertionError
-        If the namespace, dtype, shape or device differ (before the values), or a value is
-        outside the tolerance.
+        If ``actual`` is not an array or has no floating dtype of :data:`GRAD_RTOL`, if the
+        namespace, dtype, shape or device differ (before the values), if a non-finite desired
+        entry is not matched exactly, or if a value is outside the tolerance.
+    TypeError
+        If ``desired`` is not an array.
+    ValueError
+        If ``compute_dtype`` is not a dtype of :data:`GRAD_RTOL`.
 
     Examples
     --------
@@ -399,14 +469,26 @@ def assert_gradient_close(
     ...
     AssertionError: shapes differ: expected (1,), got (2,)...
     """
+    _check_compute_dtype(GRAD_RTOL, compute_dtype)
     _check_properties(actual, desired, compute_dtype, library=library, dtype=dtype, device=device)
-    desired_values = to_float64(desired)
-    rtol = gradient_tolerance(compute_dtype or dtype_name(actual), dtype_name(actual))
-    largest = float(np.max(np.abs(desired_values), initial=0.0))
+    rtol = max(_tolerance(GRAD_RTOL, compute_dtype, actual), _tolerance(GRAD_RTOL, None, actual))
+    actual_values, desired_values = to_float64(actual), to_float64(desired)
+    described = f"actual: {_describe(actual)}; desired: {_describe(desired)}"
+    finite = np.isfinite(desired_values)
+    both_nan = np.isnan(actual_values) & np.isnan(desired_values)
+    differ = ~finite & ~((actual_values == desired_values) | both_nan)
+    if np.any(differ):
+        msg = (
+            f"gradient differs where desired is not finite, at {np.count_nonzero(differ)} of "
+            f"{np.count_nonzero(~finite)} such entries: actual {actual_values[differ][:5]}, "
+            f"desired {desired_values[differ][:5]}\n{described}"
+        )
+        raise AssertionError(msg)
+    largest = float(np.max(np.abs(desired_values[finite]), initial=0.0))
     np.testing.assert_allclose(
-        to_float64(actual),
-        desired_values,
+        np.where(finite, actual_values, 0.0),
+        np.where(finite, desired_values, 0.0),
         rtol=0.0,
         atol=max(rtol * largest, atol),
-        err_msg=f"gradient; actual: {_describe(actual)}; desired: {_describe(desired)}",
+        err_msg=f"gradient; {described}",
     )

@@ -110,8 +110,14 @@ class Backend:
         return importlib.import_module("jax.numpy" if self.library == "jax" else self.library)
 
     def supports(self, dtype: str) -> bool:
-        """Whether the library has the dtype called ``dtype``."""
-        return dtype in self.float_dtypes or dtype in self._other_dtypes
+        """Whether the library has the dtype called ``dtype``.
+
+        JAX has float64, int64 and uint64 only with ``jax_enable_x64`` (without it,
+        ``jax.numpy`` makes them float32, int32 and uint32).
+        """
+        if dtype not in self.float_dtypes and dtype not in self._other_dtypes:
+            return False
+        return not (self.library == "jax" and dtype in _JAX_X64_DTYPES and not _jax_has_x64())
 
     def require(self, *dtypes: str) -> None:
         """Skip the calling pytest test unless the library has every dtype in ``dtypes``.
@@ -152,7 +158,8 @@ class Backend:
     def asarray(self, values: Any, dtype: str | None = None) -> Array:
         """Copy ``values`` (NumPy array or nested sequence) to an array of this backend.
 
-        ``dtype`` is a dtype name; by default the NumPy dtype of ``values`` is kept.
+        ``dtype`` is a dtype name; by default the NumPy dtype of ``values`` is kept. Skips the
+        calling pytest test if the library has no such dtype (:meth:`supports`).
         """
         values = np.asarray(values)
         name = values.dtype.name if dtype is None else dtype
@@ -188,6 +195,18 @@ class Backend:
 
     def __str__(self) -> str:
         return self.name
+
+
+_JAX_X64_DTYPES = frozenset({"float64", "int64", "uint64"})
+
+
+def _jax_has_x64() -> bool:
+    """Whether JAX makes 64-bit arrays (``jax_enable_x64``); ``True`` if JAX is not installed."""
+    if not is_installed("jax"):
+        return True
+    import jax
+
+    return bool(jax.config.read("jax_enable_x64"))
 
 
 _FLOATS_WITH_BF16 = ("float64", "float32", "bfloat16", "float16")
@@ -266,10 +285,21 @@ def library_of(array: Array) -> str:
 
 
 def device_of(array: Array) -> str:
-    """``"cpu"`` or ``"gpu"``: where an array of any backend lives."""
+    """Where an array of any backend lives: ``"cpu"`` or ``"gpu"``.
+
+    Two other answers: ``"meta"`` for a PyTorch tensor on the meta device (which has no
+    values), and the device itself, as ``str`` gives it, for an array-api-strict array on
+    another device than its ``CPU_DEVICE`` (``"array_api_strict.Device('device1')"``).
+    """
     library = library_of(array)
     if library == "torch":
-        return "cpu" if array.device.type == "cpu" else "gpu"
+        if array.device.type in ("cpu", "meta"):
+            return str(array.device.type)
+        return "gpu"
+    if library == "array_api_strict":
+        import array_api_strict
+
+        return "cpu" if array.device == array_api_strict.Device("CPU_DEVICE") else str(array.device)
     if library == "jax":
         platforms = {device.platform for device in array.devices()}
         return "cpu" if platforms == {"cpu"} else "gpu"
@@ -279,7 +309,12 @@ def device_of(array: Array) -> str:
 
 
 def dtype_name(array: Array) -> str:
-    """The short name of an array's dtype (``"float32"``, ``"bfloat16"``...), on any backend."""
+    """The short name of an array's dtype (``"float32"``, ``"bfloat16"``...), on any backend.
+
+    The name holds no byte order: a big-endian NumPy float32 array's is ``"float32"``.
+    """
+    if isinstance(array.dtype, np.dtype):
+        return array.dtype.name
     return str(array.dtype).rsplit(".", maxsplit=1)[-1]
 
 
@@ -340,10 +375,14 @@ def group_of_one(timeout: float = 60.0, *, backend: str = "gloo") -> Iterator[An
 
     Raises
     ------
-    RuntimeError
-        If a default process group already exists (from ``torch.distributed``).
+    ValueError
+        If a default process group already exists.
     """
     import torch.distributed as dist
+
+    if dist.is_initialized():
+        msg = "a default process group already exists: group_of_one makes one of its own"
+        raise ValueError(msg)
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

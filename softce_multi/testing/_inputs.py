@@ -31,13 +31,26 @@ def random_logits(
 def random_targets(
     rng: np.random.Generator, shape: tuple[int, ...], *, normalised: bool = True
 ) -> np.ndarray:
-    """Non-negative float64 targets with some exact zeros; rows sum to 1 if ``normalised``."""
+    """Non-negative float64 targets with some exact zeros; rows sum to 1 if ``normalised``
+    (a row of zeros becomes uniform)."""
     targets = rng.random(shape) ** 3
     targets[rng.random(shape) < 0.2] = 0.0
-    if normalised:
+    if normalised and shape[-1] > 0:
         totals = targets.sum(axis=-1, keepdims=True)
         targets = np.where(totals > 0, targets / np.where(totals > 0, totals, 1.0), 1.0 / shape[-1])
     return targets
+
+
+# The mask kinds of random_mask (boolean, int32 0/1, non-negative float weights), and which
+# positions it makes valid (about 70% of them, all, none).
+_MASK_KINDS = ("bool", "int", "float")
+_VALID = ("random", "all", "none")
+
+
+def _check_choice(argument: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        msg = f"{argument} must be one of {', '.join(map(repr, allowed))}; got {value!r}"
+        raise ValueError(msg)
 
 
 def random_mask(
@@ -50,15 +63,19 @@ def random_mask(
     """A mask over ``positions``.
 
     ``kind`` is ``"bool"``, ``"int"`` (int32 0/1) or ``"float"`` (non-negative weights, some 0);
-    ``valid`` is ``"random"`` (about 70% valid, at least one), ``"all"`` or ``"none"``.
+    ``valid`` is ``"random"`` (about 70% valid, at least one unless there is no position),
+    ``"all"`` or ``"none"``. Any other ``kind`` or ``valid`` is a ValueError.
     """
+    _check_choice("kind", kind, _MASK_KINDS)
+    _check_choice("valid", valid, _VALID)
     if valid == "all":
         keep = np.ones(positions, dtype=bool)
     elif valid == "none":
         keep = np.zeros(positions, dtype=bool)
     else:
         keep = rng.random(positions) < 0.7
-        keep.flat[rng.integers(keep.size)] = True
+        if keep.size:
+            keep.flat[rng.integers(keep.size)] = True
     if kind == "bool":
         return keep
     if kind == "int":
@@ -112,18 +129,25 @@ def random_inputs(
         A seed, or the generator to draw from (drawn from in place).
     shape
         ``[..., V]``: the shape of the logits and the targets; the mask has ``shape[:-1]``.
+        Any axis may be empty.
     scale, offset
         The logits are ``offset`` plus normal noise of standard deviation ``scale`` (float64).
     normalised
         As in :func:`random_targets` (float64).
     mask_kind, valid
-        As in :func:`random_mask`.
+        As in :func:`random_mask` (``kind`` and ``valid``).
 
     Returns
     -------
     RandomInputs
         NumPy arrays; :meth:`RandomInputs.astype` and :meth:`RandomInputs.on` convert them.
         The same seed gives the same inputs as :func:`make_case` with that seed.
+
+    Raises
+    ------
+    ValueError
+        If ``shape`` has no axis, or ``mask_kind`` or ``valid`` is not one of the values
+        :func:`random_mask` takes.
 
     Examples
     --------
@@ -132,6 +156,11 @@ def random_inputs(
     >>> inputs.logits.dtype, inputs.target_probs.shape, inputs.position_mask.shape
     (dtype('float32'), (2, 3, 5), (2, 3))
     """
+    if len(shape) == 0:
+        msg = "shape must have at least one axis, the vocabulary's: [..., V]"
+        raise ValueError(msg)
+    _check_choice("mask_kind", mask_kind, _MASK_KINDS)
+    _check_choice("valid", valid, _VALID)
     rng = np.random.default_rng(seed)
     mask = random_mask(rng, shape[:-1], kind=mask_kind, valid=valid)
     logits = offset + random_logits(rng, shape, scale)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import NamedTuple
 
 import numpy as np
 
 from softce_multi.testing._backends import is_installed, to_float64, to_numpy
 
-__all__ = ["Expected", "numpy_reference", "reference"]
+__all__ = ["Expected", "dense_targets", "numpy_reference", "reference"]
 
 
 class Expected(NamedTuple):
@@ -149,19 +151,65 @@ def dense_targets(
     add up); a slot of probability 0 is skipped whatever its id. The oracle of the sparse loss:
     its value is the dense loss of these targets.
 
+    An id outside ``[0, vocab_size)`` whose probability is not 0 (NaN included) makes its
+    position's targets NaN, the whole row: the oracle's loss there is NaN, as the sparse loss
+    is. (The oracle's logits gradient is then NaN in the whole row, where the loss's is NaN
+    in part of it; see the sparse targets' documentation.)
+
+    Parameters
+    ----------
+    target_ids
+        Ids of any integer dtype, ``[..., K]``, of any backend.
+    target_probs
+        Their probabilities, of the same shape, of any backend.
+    vocab_size
+        ``V``, a non-negative integer.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``[..., V]`` float64 targets.
+
+    Raises
+    ------
+    TypeError
+        If ``target_ids`` has no integer dtype (bool included).
+    ValueError
+        If ``target_ids`` is 0-d or its shape differs from that of ``target_probs``, or
+        ``vocab_size`` is negative.
+
     Examples
     --------
     >>> import numpy as np
     >>> from softce_multi.testing import dense_targets
     >>> dense_targets(np.array([[2, 0, 2, -1]]), np.array([[0.25, 0.5, 0.125, 0.0]]), 3)
     array([[0.5  , 0.   , 0.375]])
+    >>> dense_targets(np.array([[0, -1]]), np.array([[0.5, 0.5]]), 3)
+    array([[nan, nan, nan]])
     """
     ids, probs = to_numpy(target_ids), to_float64(target_probs)
-    dense = np.zeros((*probs.shape[:-1], vocab_size))
-    rows = dense.reshape(-1, vocab_size)
+    if not np.issubdtype(ids.dtype, np.integer):
+        msg = f"target_ids must have an integer dtype, got {ids.dtype}"
+        raise TypeError(msg)
+    if ids.ndim == 0 or ids.shape != probs.shape:
+        msg = (
+            f"target_ids and target_probs must have the same shape [..., K]; got target_ids "
+            f"{ids.shape} and target_probs {probs.shape}"
+        )
+        raise ValueError(msg)
+    vocab = operator.index(vocab_size)
+    if vocab < 0:
+        msg = f"vocab_size must be a non-negative integer, got {vocab_size}"
+        raise ValueError(msg)
+    n_rows = math.prod(probs.shape[:-1])
+    dense = np.zeros((*probs.shape[:-1], vocab))
+    rows = dense.reshape(n_rows, vocab)
     slots = probs.shape[-1]
-    flat_ids, flat_probs = ids.reshape(len(rows), slots), probs.reshape(len(rows), slots)
+    flat_ids, flat_probs = ids.reshape(n_rows, slots), probs.reshape(n_rows, slots)
     used = flat_probs != 0
-    row_index = np.broadcast_to(np.arange(len(rows))[:, None], flat_ids.shape)
-    np.add.at(rows, (row_index[used], flat_ids[used]), flat_probs[used])
+    inside = (flat_ids >= 0) & (flat_ids < vocab)
+    row_index = np.broadcast_to(np.arange(n_rows)[:, None], flat_ids.shape)
+    added = used & inside
+    np.add.at(rows, (row_index[added], flat_ids[added]), flat_probs[added])
+    rows[np.any(used & ~inside, axis=-1)] = np.nan
     return dense
