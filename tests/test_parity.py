@@ -416,3 +416,26 @@ def test_a_tiny_num_valid_divides_a_float64_loss_in_float64(backend):
     total = sc.masked_soft_cross_entropy(logits, targets, mask, reduction="sum")
     loss = sc.masked_soft_cross_entropy(logits, targets, mask, num_valid=1e-50)
     np.testing.assert_allclose(to_numpy(loss), to_numpy(total) / 1e-50, rtol=1e-12)
+
+
+def test_numpy_arrays_of_the_other_byte_order_are_computed_as_the_native_ones():
+    """``>f8`` on a little-endian machine is float64: the loss is computed in float64."""
+    rng = np.random.default_rng(12)
+    logits, targets = rng.standard_normal((2, 3, 5)), rng.dirichlet(np.ones(5), (2, 3))
+    hidden, weight = rng.standard_normal((2, 3, 4)), rng.standard_normal((5, 4))
+    mask = rng.random((2, 3)) < 0.7
+    swapped = logits.dtype.newbyteorder("S")
+
+    def flipped(x):
+        return x.astype(swapped)
+
+    native = sc.masked_soft_cross_entropy_with_grad(logits, targets, mask)
+    other = sc.masked_soft_cross_entropy_with_grad(flipped(logits), flipped(targets), mask)
+    linear_native = sc.linear_masked_soft_cross_entropy(hidden, weight, targets, mask)
+    linear_other = sc.linear_masked_soft_cross_entropy(
+        flipped(hidden), flipped(weight), targets, mask
+    )
+
+    for got, want in zip((*other, linear_other), (*native, linear_native), strict=True):
+        assert got.dtype == np.float64
+        np.testing.assert_array_equal(got, want)

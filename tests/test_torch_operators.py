@@ -356,6 +356,24 @@ def test_blocks_shared_among_workers_give_the_reference_loss_and_gradients(
     assert_gradient_close(p.grad[finite], expected.grad_targets[finite], "float32")
 
 
+@pytest.mark.parametrize("vocab", [128256, 2**18], ids=["llama3", "2**18"])
+def test_long_rows_meet_the_float32_tolerance(vocab):
+    """PyTorch's softmax kernel adds a row one element after another: at these vocabularies
+    its total is off by more than float32's tolerance, so the row's sum is taken again."""
+    rng = np.random.default_rng(8)
+    logits = torch.tensor(rng.standard_normal((3, vocab)) * 4, dtype=torch.float32)
+    targets = torch.softmax(torch.tensor(rng.standard_normal((3, vocab)) * 3), -1).float()
+    mask = torch.ones(3, dtype=torch.bool)
+    (z,) = leaves(logits)
+
+    loss = masked_soft_cross_entropy(z, targets, mask)
+    loss.backward()
+
+    expected = numpy_reference(to_float64(logits), to_float64(targets), mask)
+    assert_loss_close(loss, expected.loss, "float32", dtype="float32")
+    assert_gradient_close(z.grad, expected.grad_logits, "float32", dtype="float32")
+
+
 def row_routine_out_of_place(z: Any, p: Any, weights: Any, row_scale: Any) -> tuple[Any, ...]:
     return torch_cpu.torch_row_routine(z, p, weights, row_scale, True)
 
@@ -448,7 +466,7 @@ def test_block_workers_run_their_operators_on_one_thread():
     its thread count."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
-    torch_cpu_blocks._single_threaded_pool.cache_clear()  # a fresh pool, as a new process makes
+    torch_cpu_blocks._pool = None  # a fresh pool, as a new process makes
     seen: list[int] = []
 
     def work(blocks: Any) -> None:
@@ -463,6 +481,72 @@ def test_block_workers_run_their_operators_on_one_thread():
 
     assert len(seen) == 16 and set(seen) == {1}
     assert caller == 2
+
+
+def worker_threads() -> list[Any]:
+    import threading
+
+    return [thread for thread in threading.enumerate() if thread.name.startswith("softce_multi")]
+
+
+def test_one_pool_serves_every_worker_count(monkeypatch):
+    """Calls over 2, 3, 4 and 5 blocks share one pool: the threads do not pile up per count."""
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch_cpu_blocks, "_pool", None)
+    torch.set_num_threads(5)
+    try:
+        before = len(worker_threads())
+        for rows in (8, 12, 16, 20, 8, 20):
+            torch_cpu_blocks.run_blocks(lambda blocks: list(blocks), torch.zeros(rows, 5), 4)
+        grown = len(worker_threads()) - before
+    finally:
+        torch.set_num_threads(threads)
+    assert grown <= 5
+
+
+def test_an_interrupt_while_the_pool_starts_leaves_no_worker_waiting(monkeypatch):
+    """Ctrl-C while the caller waits for its workers to start: they are released, and end."""
+    import threading
+
+    class InterruptedBarrier(threading.Barrier):
+        def wait(self, timeout: float | None = None) -> int:
+            if threading.current_thread() is threading.main_thread():
+                raise KeyboardInterrupt
+            return super().wait(timeout)
+
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch_cpu_blocks, "_pool", None)
+    monkeypatch.setattr(torch_cpu_blocks.threading, "Barrier", InterruptedBarrier)
+    before = set(worker_threads())
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            torch_cpu_blocks.run_blocks(lambda blocks: list(blocks), torch.zeros(8, 5), 4)
+        caller = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(threads)
+    started = [thread for thread in worker_threads() if thread not in before]
+    for thread in started:
+        thread.join(timeout=10)
+    assert not any(thread.is_alive() for thread in started)
+    assert caller == 2
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_inference_mode_over_many_blocks_gives_the_loss_of_no_grad(monkeypatch, reduction):
+    """The workers write the caller's outputs, inference tensors under inference mode."""
+    monkeypatch.setattr(torch_cpu, "BLOCK_ELEMENTS", 3 * 37)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        logits, targets, mask = float32_inputs(9, (41, 37))
+        with torch.no_grad():
+            expected = masked_soft_cross_entropy(logits, targets, mask, reduction=reduction)
+        with torch.inference_mode():
+            loss = masked_soft_cross_entropy(logits, targets, mask, reduction=reduction)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
 
 
 def resident_pages(tensor: Any) -> int:

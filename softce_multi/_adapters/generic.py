@@ -33,7 +33,8 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[Array, Array]:
 
 def _loss_pass(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardResult:
     """The core's loss pass (:func:`softce_multi._core.loss_pass`) with the library's routine."""
-    logits, target_probs, position_mask, reduction, num_valid, target_ids = inputs
+    logits, target_probs = _native(inputs.logits), _native(inputs.target_probs)
+    _, _, position_mask, reduction, num_valid, target_ids = inputs
     xp = array_api_compat.array_namespace(logits)
     # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
     # (under NumPy and array-api-strict) would still warn about computing it.
@@ -81,6 +82,11 @@ def _linear_loss_pass(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.
     """The chunked loss pass (:func:`softce_multi._linear.chunked_loss_pass`), with all three
     gradients when ``with_grads``."""
     xp = array_api_compat.array_namespace(inputs.hidden)
+    inputs = inputs._replace(
+        **{name: _native(getattr(inputs, name)) for name in ("hidden", "weight", "target_probs")}
+    )
+    if inputs.bias is not None:
+        inputs = inputs._replace(bias=_native(inputs.bias))
     with np.errstate(all="ignore"):  # padding rows of hidden may hold NaN or inf
         return _linear.chunked_loss_pass(
             inputs,
@@ -92,3 +98,11 @@ def _linear_loss_pass(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.
             ),
             xp=xp,
         )
+
+
+def _native(x: Array) -> Array:
+    """A NumPy array in the machine's byte order (``>f8`` on x86 is float64 to compute in, but
+    compares unequal to it); any other array as it is."""
+    if isinstance(x, np.ndarray) and not x.dtype.isnative:
+        return x.astype(x.dtype.newbyteorder("="))
+    return x

@@ -182,8 +182,9 @@ def _row_work(
             softmax = cast(Tensor, grad)[block] if softmax_buf is None else softmax_buf[:size]
             p_block = p[block]
             block_stats = _core.RowStatistics(*(row_output[block] for row_output in stats))
+            softmax_sum = None
             if on_cpu:
-                rows = _block_statistics_by_softmax(
+                rows, softmax_sum = _block_statistics_by_softmax(
                     z[block],
                     p_block,
                     block_stats,
@@ -198,7 +199,9 @@ def _row_work(
                     z[block], p_block, block_stats, softmax=softmax, products=products_buf[:size]
                 )
             if grad is not None:
-                _gradient_over_softmax(softmax, p_block, row_scale[block], target_sum[block])
+                _gradient_over_softmax(
+                    softmax, p_block, row_scale[block], target_sum[block], softmax_sum
+                )
                 if softmax_buf is not None:
                     grad[block] = softmax
 
@@ -252,19 +255,25 @@ def _block_statistics_by_softmax(
     softmax: Tensor,
     products: Tensor,
     valid: Tensor | None,
-) -> tuple[Tensor, Tensor] | None:
+) -> tuple[tuple[Tensor, Tensor] | None, Tensor]:
     """:func:`_block_statistics` on the CPU, by PyTorch's vectorised softmax kernel, except for
     the rare rows that need the core's slower convention.
 
-    The softmax runs in place on ``z - row_max`` (whose maximum is 0), so the sum of
-    exponentials is the reciprocal of the softmax's maximum, ``exp(0) / sum_exp``. That does not
-    hold in rows with no finite maximum, and a target dot with a ``0 * -inf`` term comes out
+    The softmax runs in place on ``z - row_max`` (whose maximum is 0). The kernel adds each row
+    into float32 accumulators one element after another, which loses accuracy as rows grow
+    (:doc:`/kernels` has the measurement); :func:`torch.sum` adds in a cascade. So the
+    softmax's total ``t`` is taken again by :func:`torch.sum`: the sum of exponentials is ``t``
+    over the softmax's maximum (``exp(0)`` over the kernel's sum), and the softmax left in
+    ``softmax``, the kernel's, is returned with ``t``, by which :func:`_gradient_over_softmax`
+    divides it.
+
+    Rows with no finite maximum break that, and a target dot with a ``0 * -inf`` term comes out
     NaN. Given the block's ``valid`` rows (for logits that ``softmax`` overwrites), both are
     found here among them, on the host: NaN dots are summed again (:func:`_redo_nan_dots`), and
-    the indices and logits of the rows with no finite maximum are returned, for the caller to
-    compute again (:func:`_redo_rows_without_finite_maximum`) after the block has overwritten
+    the indices and logits of the rows with no finite maximum are returned first, for the caller
+    to compute again (:func:`_redo_rows_without_finite_maximum`) after the block has overwritten
     them. With ``valid`` None the caller finds both on ``[N]`` vectors after all blocks, so that
-    a block runs its few elementwise passes and nothing else, and None is returned.
+    a block runs its few elementwise passes and nothing else, and the first value is None.
     """
     row_max, sum_exp, target_sum, target_dot = stats
     row_max.copy_(torch.amax(z, dim=-1))
@@ -279,8 +288,9 @@ def _block_statistics_by_softmax(
     if valid is not None:
         _redo_nan_dots(p, target_dot, valid, lambda rows: shifted[rows])
     torch.softmax(shifted, dim=-1, out=softmax)
-    torch.amax(softmax, dim=-1, out=sum_exp).reciprocal_()
-    return kept
+    softmax_sum = torch.sum(softmax, dim=-1)
+    torch.amax(softmax, dim=-1, out=sum_exp).reciprocal_().mul_(softmax_sum)
+    return kept, softmax_sum
 
 
 def _rows_without_finite_maximum(row_max: Tensor, valid: Tensor) -> Tensor | None:
@@ -332,11 +342,19 @@ def _redo_nan_dots(
 
 
 def _gradient_over_softmax(
-    softmax: Tensor, p: Tensor, row_scale: Tensor, target_sum: Tensor
+    softmax: Tensor,
+    p: Tensor,
+    row_scale: Tensor,
+    target_sum: Tensor,
+    softmax_sum: Tensor | None = None,
 ) -> None:
     """Turn the softmax of a block into its logits gradient, ``row_scale * (sum(p) * softmax -
-    p)``, in place."""
-    softmax.mul_((row_scale * target_sum)[:, None]).addcmul_(p, row_scale[:, None], value=-1)
+    p)``, in place; a softmax whose rows add up to ``softmax_sum`` rather than 1 is divided by
+    it (:func:`_block_statistics_by_softmax`)."""
+    coefficient = row_scale * target_sum
+    if softmax_sum is not None:
+        coefficient = coefficient / softmax_sum
+    softmax.mul_(coefficient[:, None]).addcmul_(p, row_scale[:, None], value=-1)
 
 
 @torch.library.custom_op("softce_multi::torch_gradient_routine", mutates_args=())

@@ -2,7 +2,7 @@
 the pages of fresh outputs mapped a block at a time.
 
 :func:`run_blocks` runs an operator's block loop on ``torch.get_num_threads()`` workers, threads
-of a pool kept per process that each run PyTorch on one thread and take the next block of rows
+of one pool kept per process that each run PyTorch on one thread and take the next block of rows
 whenever they finish one, so that a core kept busy by another process slows only the worker on
 it. :func:`populate` maps the pages of a block of a fresh ``[N, V]`` output in one system call,
 where its first write would fault them in one 4 KiB page at a time.
@@ -17,9 +17,9 @@ import os
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from queue import Empty, SimpleQueue
-from typing import cast
+from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor
@@ -61,35 +61,75 @@ def run_blocks(work: Callable[[Iterator[slice]], None], z: Tensor, block_rows: i
             except Empty:
                 return
 
+    # Grad and inference modes are per thread: the workers take the caller's, so that they may
+    # write into the caller's outputs (inference tensors under torch.inference_mode).
+    inference = torch.is_inference_mode_enabled()
+
     def task() -> None:
-        with torch.no_grad():
+        with torch.inference_mode(inference), torch.no_grad():
             work(take())
 
-    pool = _single_threaded_pool(workers, os.getpid())
-    for future in [pool.submit(task) for _ in range(workers)]:
+    for future in _submitted(task, workers):
         future.result()
 
 
-@functools.cache
-def _single_threaded_pool(workers: int, process_id: int) -> ThreadPoolExecutor:
-    """A pool of ``workers`` threads whose PyTorch operators run on one thread each.
+class _Pool(NamedTuple):
+    """The process's pool of single-threaded workers (:func:`_submitted`)."""
 
-    One pool per process (``process_id``): a forked child does not inherit the threads.
+    process_id: int
+    workers: int
+    executor: ThreadPoolExecutor
+
+
+_pool: _Pool | None = None
+_pool_lock = threading.Lock()
+
+
+def _submitted(task: Callable[[], None], workers: int) -> list[Future[None]]:
+    """``task`` submitted ``workers`` times to the process's pool of single-threaded workers.
+
+    One pool per process: a forked child does not inherit the threads, and gets its own. It has
+    ``torch.get_num_threads()`` threads when made; a larger worker count (after
+    ``torch.set_num_threads``) replaces it by a larger pool, and the old one's threads end once
+    idle, so that a process keeps one pool, not one per count. The lock makes one pool when
+    threads call at once, and keeps a task from being submitted to a pool being replaced.
+    """
+    global _pool
+    with _pool_lock:
+        if _pool is None or _pool.process_id != os.getpid() or _pool.workers < workers:
+            if _pool is not None and _pool.process_id == os.getpid():
+                _pool.executor.shutdown(wait=False)
+            size = max(workers, torch.get_num_threads())
+            _pool = _Pool(os.getpid(), size, _started_pool(size))
+        return [_pool.executor.submit(task) for _ in range(workers)]
+
+
+def _started_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads, each started and running PyTorch on one thread.
+
     PyTorch gives a thread its OpenMP thread count on the thread's first call into it, from a
     process-wide default that ``torch.set_num_threads`` also sets. So each worker makes that
     first call (``torch.get_num_threads``) before it sets its own count to 1, all before the
     caller restores the default: a worker that made it later would take the caller's count
-    and run every operator of its blocks as a parallel region of its own.
+    and run every operator of its blocks as a parallel region of its own. If the caller is
+    interrupted while it waits (Ctrl-C), the workers are released and the pool shut down, so
+    that no thread waits forever and keeps the interpreter from exiting.
     """
     started = threading.Barrier(workers + 1)
     caller_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(
         workers, thread_name_prefix="softce_multi", initializer=_run_on_one_thread
     )
-    for _ in range(workers):
-        pool.submit(started.wait)
-    started.wait()
-    torch.set_num_threads(caller_threads)
+    try:
+        for _ in range(workers):
+            pool.submit(started.wait)
+        started.wait()
+    except BaseException:
+        started.abort()
+        pool.shutdown(wait=False)
+        raise
+    finally:
+        torch.set_num_threads(caller_threads)
     return pool
 
 
