@@ -187,7 +187,7 @@ def test_gradient_tolerance_scales_with_the_largest_entry():
 
 def test_loss_tolerance_follows_the_compute_dtype():
     desired = np.array(1.0)
-    assert_loss_close(np.array(1.0 + 1e-6), desired, "float32")
+    assert_loss_close(np.array(1.0 + 1e-6), desired, "float32", dtype="float64")
     with pytest.raises(AssertionError):
         assert_loss_close(np.array(1.0 + 1e-6), desired)
 
@@ -325,10 +325,12 @@ def test_the_documented_oracle_pattern_fails_a_float64_loss_where_float32_was_pr
             testing.assert_loss_close(to_numpy(loss), expected.loss, "float32", **expectations)
 
 
-def test_against_the_oracle_only_the_properties_given_are_checked():
-    """A float64 NumPy desired with a compute dtype is the oracle, not a float64 promise."""
+def test_against_the_oracle_a_loss_has_its_compute_dtype():
+    """A float64 NumPy desired with a compute dtype is the oracle, not a float64 promise: the
+    loss must have the compute dtype, or the dtype given."""
     assert_loss_close(np.array(1.0, np.float32), np.array(1.0), "float32")
-    assert_loss_close(np.array(1.0), np.array(1.0), "float32")
+    with pytest.raises(AssertionError, match="dtypes differ: expected float32, got float64"):
+        assert_loss_close(np.array(1.0), np.array(1.0), "float32")
     with pytest.raises(AssertionError, match="dtypes differ: expected float16, got float32"):
         assert_loss_close(np.array(1.0, np.float32), np.array(1.0), "float32", dtype="float16")
 

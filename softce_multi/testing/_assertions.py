@@ -146,15 +146,16 @@ def assert_loss_close(
         The expected loss: an array of the same backend, or the float64 NumPy oracle
         (:func:`reference`).
     compute_dtype
-        Name of the dtype the loss was computed in; picks the tolerance in :data:`LOSS_RTOL`.
-        Default: the dtype of ``actual``. Given with a float64 NumPy ``desired``, it marks
-        ``desired`` as the oracle, whose dtype is not the one ``actual`` must have.
+        Name of the dtype the loss was computed in; picks the tolerance in :data:`LOSS_RTOL`,
+        and is the dtype ``actual`` must have (a loss has the dtype it is computed in) unless
+        ``dtype`` says otherwise. Default: the dtype of ``actual``. Given with a float64 NumPy
+        ``desired``, it marks ``desired`` as the oracle, whose dtype is not the one ``actual``
+        must have.
     library, dtype, device
         Expected library (``"torch"``...), dtype name and device (``"cpu"``, ``"gpu"``; see
-        :func:`device_of`) of ``actual``. Default: those of ``desired``, unless ``desired`` is
-        the oracle: then each is checked only when given, so that a test against the oracle
-        passes ``dtype=`` (a loss has the dtype it is computed in) to fail a loss of another
-        dtype.
+        :func:`device_of`) of ``actual``. Default: those of ``desired`` (the dtype:
+        ``compute_dtype`` when given), unless ``desired`` is the oracle: then the library and
+        device are checked only when given.
     atol
         An absolute floor, added to the relative tolerance (a number, or per position for
         ``"none"``): for losses whose rounding is set by terms larger than the loss, such as a
@@ -183,7 +184,11 @@ def assert_loss_close(
     AssertionError: dtypes differ: expected float64, got float32...
     """
     _check_compute_dtype(LOSS_RTOL, compute_dtype)
-    _check_properties(actual, desired, compute_dtype, library=library, dtype=dtype, device=device)
+    # A loss has the dtype it is computed in.
+    expected_dtype = dtype or compute_dtype
+    _check_properties(
+        actual, desired, compute_dtype, library=library, dtype=expected_dtype, device=device
+    )
     rtol = _tolerance(LOSS_RTOL, compute_dtype, actual)
     actual_values, desired_values = to_float64(actual), to_float64(desired)
     # np.isclose, unlike np.testing.assert_allclose, takes a per-position atol.
