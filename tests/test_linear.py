@@ -596,6 +596,26 @@ def test_torch_second_derivative_through_autograd_grad_is_refused(allow_unused):
         torch.autograd.grad(objective, hidden, allow_unused=allow_unused)
 
 
+def test_torch_gradients_made_with_create_graph_may_be_changed_in_place():
+    """The gradients of ``create_graph=True`` are the caller's: an in-place update (a meta-
+    learning step, a scaling) works, and the derivative of the result is still refused."""
+    torch = pytest.importorskip("torch")
+    backend = Backend("torch-cpu", "torch", "cpu")
+    case = make_linear_case(backend, np.random.default_rng(24))
+    hidden = case.hidden.clone().requires_grad_(True)
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden, case.weight, case.target_probs, case.position_mask
+    )
+    (grad,) = torch.autograd.grad(loss, hidden, create_graph=True)
+    expected = grad.detach().clone()
+
+    grad.mul_(2.0)
+
+    torch.testing.assert_close(grad.detach(), 2 * expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(grad.pow(2).sum(), hidden)
+
+
 def test_torch_func_grad_of_the_linear_loss_matches_the_materialised_loss():
     torch = pytest.importorskip("torch")
     from softce_multi import reference as torch_reference

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -172,13 +172,14 @@ def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:
 
     ``backward`` runs without grad. When autograd records the backward pass
     (``create_graph=True``), its gradients come back from a node that raises if anything
-    differentiates through it, naming the loss. That node hangs on the function's saved tensors
-    and upstream gradients that require grad, so that it lies on every path from the gradients
-    to the function's inputs: ``torch.autograd.grad(penalty, inputs)`` meets it as
+    differentiates through it, naming the loss. That node also takes the function's saved
+    tensors and upstream gradients that require grad, so that it lies on every path from the
+    gradients to the function's inputs: ``torch.autograd.grad(penalty, inputs)`` meets it as
     ``backward()`` does. ``torch.autograd.function.once_differentiable`` hangs its node on the
     upstream gradients only; with a constant upstream, its gradients look constant, and a
     gradient penalty plus any other term (weight decay, say) would be differentiated without the
-    penalty's term, silently.
+    penalty's term, silently. The gradients are plain aliases (no views), which the caller may
+    change in place.
     """
 
     @functools.wraps(backward)
@@ -192,10 +193,16 @@ def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:
             for tensor in (*ctx.saved_tensors, *grad_outputs)
             if isinstance(tensor, Tensor) and tensor.requires_grad
         ]
-        made = [grad for grad in grads if grad is not None]
+        made = [grad.detach() for grad in grads if grad is not None]
         if not (anchors and made):
             return grads
-        refused = iter(_SecondDerivativeRefused.apply(len(made), *made, *anchors))
+        msg = (
+            "softce_multi's losses from hidden states (linear_masked_soft_cross_entropy and "
+            "vocab_parallel_linear_masked_soft_cross_entropy) are differentiable once: the "
+            "derivative of their gradients (a gradient penalty, a hessian) is not computed"
+        )
+        refuse = torch._C._functions.DelayedError(msg, len(made) + len(anchors))
+        refused = iter(cast(Any, refuse)(*made, *anchors)[: len(made)])
         return tuple(None if grad is None else next(refused) for grad in grads)
 
     return wrapper
@@ -214,25 +221,3 @@ def refused_vmap(loss: str) -> Any:
         raise NotImplementedError(msg)
 
     return staticmethod(vmap)
-
-
-class _SecondDerivativeRefused(torch.autograd.Function):
-    """The first ``count`` tensors as they are, attached to all of them; differentiating
-    through the result raises (:func:`differentiable_once`)."""
-
-    @staticmethod
-    def forward(count: int, *tensors: Tensor) -> tuple[Tensor, ...]:
-        return tuple(tensor.view_as(tensor) for tensor in tensors[:count])
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
-        pass
-
-    @staticmethod
-    def backward(ctx: Any, *grads: Any) -> tuple[None, ...]:
-        msg = (
-            "softce_multi's losses from hidden states (linear_masked_soft_cross_entropy and "
-            "vocab_parallel_linear_masked_soft_cross_entropy) are differentiable once: the "
-            "derivative of their gradients (a gradient penalty, a hessian) is not computed"
-        )
-        raise RuntimeError(msg)
