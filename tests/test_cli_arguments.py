@@ -484,7 +484,7 @@ def test_the_largest_seed_is_taken(capsys: pytest.CaptureFixture[str]) -> None:
     assert f"seed {largest}" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "x"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "x", "1e39", "-1e308"])
 def test_check_refuses_an_upstream_gradient_that_is_not_a_finite_number(
     value: str, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -990,6 +990,7 @@ UNBOUND_AXIS_NAMES = [
     (3, TypeError, "axis_name must be a mesh axis name"),
     (["v"], TypeError, "axis_name must be a mesh axis name"),
     (("v", ["v"]), TypeError, "axis_name must be a mesh axis name"),
+    (("v", ("v",)), TypeError, "axis_name must be a mesh axis name"),
 ]
 
 

@@ -485,3 +485,20 @@ def test_a_second_group_of_one_is_a_value_error():
         testing.group_of_one(),
     ):
         pass
+
+
+def test_float_masks_reach_jax_without_x64_as_float32():
+    """Without ``jax_enable_x64`` JAX has no float64, but a float mask's weights are exact in
+    float32: the case is made, not skipped."""
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    backend = next(b for b in testing.known_backends() if b.library == "jax")
+    enabled = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", False)
+    try:
+        case = testing.make_case(backend, 3, (2, 3, 5), mask_kind="float")
+        inputs = testing.random_inputs(3, (2, 3, 5), mask_kind="float").on(backend)
+    finally:
+        jax.config.update("jax_enable_x64", enabled)
+    for mask in (case.position_mask, inputs.position_mask):
+        assert testing.dtype_name(mask) == "float32"
+    np.testing.assert_array_equal(testing.to_float64(case.position_mask), case.w)

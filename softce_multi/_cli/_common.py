@@ -50,15 +50,19 @@ def random_seed(text: str) -> int:
     return value
 
 
+#: The largest float32, the dtype a factor such as an upstream gradient is applied in.
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 def finite_float(text: str) -> float:
-    """Argument type of a factor of any sign: a finite number."""
+    """Argument type of a factor of any sign: a finite number within float32's range."""
     try:
         value = float(text)
     except ValueError:
         msg = f"must be a number, got {text}"
         raise argparse.ArgumentTypeError(msg) from None
-    if not math.isfinite(value):
-        msg = f"must be a finite number, got {text}"
+    if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
+        msg = f"must be a finite number within float32's range (at most 3.4e38), got {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
 

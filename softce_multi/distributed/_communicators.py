@@ -93,7 +93,7 @@ def check_axis_name(axis_name: Any) -> None:
         )
         raise ValueError(msg)
     for name in names:
-        if isinstance(name, int) or not _hashable(name):
+        if isinstance(name, (int, tuple)) or not _hashable(name):
             msg = (
                 "axis_name must be a mesh axis name (a hashable that is not an int: JAX reads "
                 f"ints as axes of the array) or a non-empty tuple of names, got {axis_name!r}"

@@ -107,8 +107,18 @@ class RandomInputs(NamedTuple):
         return RandomInputs(
             backend.asarray(self.logits, dtype),
             backend.asarray(self.target_probs, dtype),
-            backend.asarray(self.position_mask),
+            _mask_on(backend, self.position_mask),
         )
+
+
+def _mask_on(backend: Backend, mask: np.ndarray) -> Array:
+    """``mask`` on ``backend`` in its own dtype, or float32 for float64 weights on a backend
+    without float64 (JAX without ``jax_enable_x64``): :func:`random_mask`'s weights are exact
+    there."""
+    mask = np.asarray(mask)
+    if mask.dtype == np.float64 and not backend.supports("float64"):
+        mask = mask.astype(np.float32)
+    return backend.asarray(mask)
 
 
 def random_inputs(
@@ -215,7 +225,7 @@ def make_case(
     return Case(
         logits,
         targets,
-        backend.asarray(mask),
+        _mask_on(backend, mask),
         to_float64(logits),
         to_float64(targets),
         mask.astype(np.float64),
