@@ -394,6 +394,7 @@ ONE_RANK_REFUSALS = {
     "hidden None": ("TypeError", "hidden must be an array, got builtins.NoneType"),
     "axis_name": ("TypeError", "axis_name='vocab' is for JAX arrays"),
     "numpy logits": ("TypeError", "must come from the same array library"),
+    "meta logits": ("ValueError", "logits_shard is a meta tensor"),
 }
 
 
@@ -424,6 +425,7 @@ def run_refusals_on_one_rank(results: dict, case: dict, rank: int, world_size: i
         "hidden None": lambda: linear(None),
         "axis_name": lambda: loss(axis_name="vocab"),
         "numpy logits": lambda: loss(z=logits.numpy()),
+        "meta logits": lambda: loss(z=logits.to("meta")),
     }
     right = {"hidden None": linear}
     results["one rank refuses"] = {
@@ -961,6 +963,30 @@ def test_a_group_that_is_no_process_group_is_a_type_error():
 
 NO_MASK = re.escape("position_mask must be an array, got builtins.NoneType")
 NO_HIDDEN = re.escape("hidden must be an array, got builtins.NoneType")
+
+
+@pytest.mark.parametrize("check_shapes", [True, False])
+def test_meta_tensors_are_a_value_error_naming_the_argument(group_of_one, check_shapes):
+    """A meta tensor holds no values to reduce across the ranks: refused by name, where the
+    agreement on the meta device exchanged nothing (and the collectives raised inside)."""
+    logits, targets, mask = small_case(torch)
+    with pytest.raises(ValueError, match="logits_shard is a meta tensor"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(
+            logits.to("meta"),
+            targets.to("meta"),
+            mask,
+            group=group_of_one,
+            check_shapes=check_shapes,
+        )
+    with pytest.raises(ValueError, match="weight_shard is a meta tensor"):
+        distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            torch.ones((2, 3, 4)),
+            torch.ones((5, 4), device="meta"),
+            targets,
+            mask,
+            group=group_of_one,
+            check_shapes=check_shapes,
+        )
 
 
 @pytest.mark.parametrize("check_shapes", [True, False])

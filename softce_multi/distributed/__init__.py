@@ -57,7 +57,9 @@ from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace, 
 from softce_multi._validate import check_mask_dtype, validate_inputs, validate_linear_inputs
 from softce_multi.distributed._agreement import InputDescription, agree_on_inputs
 from softce_multi.distributed._communicators import (
+    agreement_device,
     check_communicator,
+    check_not_meta,
     engine_of,
     library_of,
     mask_total,
@@ -367,6 +369,8 @@ def _vocab_parallel_call(
         if not isinstance(check_shapes, bool):
             msg = f"check_shapes must be a bool, got {type(check_shapes).__name__}"
             raise TypeError(msg)
+        if library == "torch":
+            check_not_meta(**arrays)
         validator(inputs)
         leading = cast(Any, inputs[0])  # the logits or the hidden states
         return InputDescription(
@@ -396,7 +400,8 @@ def _vocab_parallel_call(
         describe()
     else:
         tensors = [x for x in arrays.values() if array_api_compat.is_torch_array(x)]
-        agree_on_inputs(describe, device=tensors[0].device, group=process_group)
+        device = agreement_device(tensors, process_group)
+        agree_on_inputs(describe, device=device, group=process_group)
     from softce_multi.distributed import _torch
 
     torch_loss: Callable[..., Array] = (

@@ -139,6 +139,33 @@ def torch_group(group: Any) -> Any:
     return dist.group.WORLD
 
 
+def agreement_device(tensors: list[Any], group: Any) -> Any:
+    """Where the ranks' agreement runs: the device of the first tensor that is not a meta
+    tensor, else the group's (CUDA for NCCL, the CPU otherwise), where a collective moves
+    values: on the meta device it would move nothing, and the ranks would get out of step."""
+    import torch
+    import torch.distributed as dist
+
+    for tensor in tensors:
+        if tensor.device.type != "meta":
+            return tensor.device
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def check_not_meta(**arrays: Any) -> None:
+    """Raise ValueError for a torch meta tensor among ``arrays``: the vocabulary-parallel
+    losses reduce values across the ranks, which a meta tensor does not hold."""
+    for name, array in arrays.items():
+        if getattr(getattr(array, "device", None), "type", None) == "meta":
+            msg = (
+                f"{name} is a meta tensor: the vocabulary-parallel losses reduce values across "
+                "the ranks, which a meta tensor does not hold"
+            )
+            raise ValueError(msg)
+
+
 def torch_all_reduce(op_name: str, group: Any) -> Callable[[Any], Any]:
     """A function that all-reduces a tensor over ``group`` with the ``ReduceOp`` named.
 
