@@ -373,7 +373,7 @@ def test_a_longdouble_num_valid_is_refused(backend):
         )
 
 
-#: The narrow floating dtypes of torch, as (name, how a [2, 3, 6] tensor of them is made).
+#: The floating dtypes of torch narrower than 16 bits, by name.
 _TORCH_NARROW_FLOATS = ["float8_e4m3fn", "float8_e5m2", "float8_e8m0fnu", "float4_e2m1fn_x2"]
 
 

@@ -56,11 +56,7 @@ FLOAT32_MAX = 3.4028234663852886e38
 
 def finite_float(text: str) -> float:
     """Argument type of a factor of any sign: a finite number within float32's range."""
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"must be a number, got {text}"
-        raise argparse.ArgumentTypeError(msg) from None
+    value = _number(text)
     if not math.isfinite(value) or abs(value) > FLOAT32_MAX:
         msg = f"must be a finite number within float32's range (at most 3.4e38), got {text}"
         raise argparse.ArgumentTypeError(msg)
@@ -69,15 +65,20 @@ def finite_float(text: str) -> float:
 
 def positive_float(text: str) -> float:
     """Argument type of a rate or a scale: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"must be a number, got {text}"
-        raise argparse.ArgumentTypeError(msg) from None
+    value = _number(text)
     if not (math.isfinite(value) and value > 0):
         msg = f"must be a finite number above 0, got {text}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _number(text: str) -> float:
+    """``float(text)``, or the argument error of a value that is no number."""
+    try:
+        return float(text)
+    except ValueError:
+        msg = f"must be a number, got {text}"
+        raise argparse.ArgumentTypeError(msg) from None
 
 
 def _check_writable(folder: Path) -> None:
