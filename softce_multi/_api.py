@@ -16,8 +16,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import array_api_compat
-
+from softce_multi import _compat
 from softce_multi._core import Adapter
 from softce_multi._types import (
     Array,
@@ -38,9 +37,9 @@ def _adapter(xp: Namespace) -> Adapter:
     returned as an :class:`~softce_multi._core.Adapter`, which mypy checks it against.
     """
     adapter: Adapter
-    if array_api_compat.is_torch_namespace(xp):
+    if _compat.is_torch_namespace(xp):
         from softce_multi._adapters import torch as adapter
-    elif array_api_compat.is_jax_namespace(xp):
+    elif _compat.is_jax_namespace(xp):
         from softce_multi._adapters import jax as adapter
     else:
         from softce_multi._adapters import generic as adapter

@@ -28,8 +28,7 @@ import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import array_api_compat
-
+from softce_multi import _compat
 from softce_multi._types import Array, Namespace
 
 __all__ = [
@@ -176,7 +175,7 @@ def traced() -> Loop:
 
 def loop_for(xp: Namespace) -> Loop:
     """The loop of the engine of namespace ``xp``: :func:`traced` for JAX, else :data:`EAGER`."""
-    return traced() if array_api_compat.is_jax_namespace(xp) else EAGER
+    return traced() if _compat.is_jax_namespace(xp) else EAGER
 
 
 def split_over_devices(x: Any) -> bool:
@@ -187,7 +186,7 @@ def split_over_devices(x: Any) -> bool:
     automatic axes the type does not say, and this is False; inside ``jax.shard_map`` each
     device's block is whole, and this is False too.
     """
-    if not array_api_compat.is_jax_array(x):
+    if not _compat.is_jax_array(x):
         return False
     import jax
 

@@ -25,8 +25,7 @@ import math
 from collections.abc import Iterator
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
-import array_api_compat
-
+from softce_multi import _compat
 from softce_multi._types import Array, LinearGradients, LinearLossInputs, LossInputs, Namespace
 
 #: Elements per block on eager backends: large enough that few parallel regions are started
@@ -544,4 +543,4 @@ def _as_rows(x: Array, *, xp: Namespace) -> Array:
 
 def _device(x: Array) -> Any:
     # None under a JAX trace, where arrays carry no concrete device.
-    return array_api_compat.device(x)
+    return _compat.device(x)

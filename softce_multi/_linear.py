@@ -38,9 +38,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
 
-import array_api_compat
-
-from softce_multi import _chunks, _core
+from softce_multi import _chunks, _compat, _core
 from softce_multi._types import Array, LinearGradients, LinearLossInputs, Namespace
 
 __all__ = [
@@ -306,7 +304,7 @@ def chunked_loss_pass(
     row_scale = _core.row_scale(rows)
 
     def vector() -> Array:
-        return fresh(xp.zeros((n_rows,), dtype=dtype, device=array_api_compat.device(rows.p)))
+        return fresh(xp.zeros((n_rows,), dtype=dtype, device=_compat.device(rows.p)))
 
     state = _ForwardState(
         vector(),
@@ -487,7 +485,7 @@ def _live_rows(hidden: Array, scale: Array, *, xp: Namespace) -> Array:
     Padding may hold NaN or inf: with zeros in, its logits and every derivative through them
     are finite, and the row routines give the row exactly 0.
     """
-    zero = xp.zeros((), dtype=hidden.dtype, device=array_api_compat.device(hidden))
+    zero = xp.zeros((), dtype=hidden.dtype, device=_compat.device(hidden))
     return xp.where(scale[:, None] != 0, hidden, zero)
 
 
@@ -506,7 +504,7 @@ def _zero_sums(
     rows); the weight and bias gradients are zeros in the computation dtype.
     """
     dtype = rows.weights.dtype
-    device = array_api_compat.device(rows.weight)
+    device = _compat.device(rows.weight)
     return LinearGradients(
         fresh(_empty(rows.hidden, xp=xp)) if hidden_grad else None,
         fresh(xp.zeros(rows.weight.shape, dtype=dtype, device=device)) if weight_grad else None,
@@ -537,7 +535,7 @@ def _add_chunk(
         sums.weight,
         sums.bias,
         add=add,
-        xp=array_api_compat.array_namespace(hidden_rows),
+        xp=_compat.array_namespace(hidden_rows),
     )
     grad_hidden = sums.hidden
     if grad_hidden is not None:
@@ -546,7 +544,7 @@ def _add_chunk(
 
 
 def _empty(x: Array, *, xp: Namespace) -> Array:
-    return xp.empty(x.shape, dtype=x.dtype, device=array_api_compat.device(x))
+    return xp.empty(x.shape, dtype=x.dtype, device=_compat.device(x))
 
 
 def _finish_gradients(

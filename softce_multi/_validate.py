@@ -14,8 +14,7 @@ import operator
 from collections.abc import Iterable
 from typing import Any
 
-import array_api_compat
-
+from softce_multi import _compat
 from softce_multi._core import compute_dtype
 from softce_multi._types import REDUCTIONS, Array, LinearLossInputs, LossInputs, Namespace
 
@@ -29,17 +28,6 @@ _SHOWN_CHARACTERS = 40
 # --- arrays: namespaces, devices, dtypes, shapes ------------------------------------------
 
 
-def _namespace(array: Array) -> Namespace:
-    """The array-API namespace of one array; a PyTorch tensor's is found by its type alone
-    (array-api-compat's dispatch tests a PEP 604 union, which Dynamo before torch 2.11 cannot
-    trace)."""
-    if array_api_compat.is_torch_array(array):
-        from array_api_compat import torch as torch_namespace
-
-        return torch_namespace
-    return array_api_compat.array_namespace(array)
-
-
 def namespace_of(**arrays: Array) -> Namespace:
     """Return the one array namespace shared by ``arrays`` (given by argument name).
 
@@ -50,16 +38,16 @@ def namespace_of(**arrays: Array) -> Namespace:
     """
     namespaces = {}
     for name, array in arrays.items():
-        if not array_api_compat.is_array_api_obj(array):
+        if not _compat.is_array_api_obj(array):
             msg = f"{name} must be an array, got {type(array).__module__}.{type(array).__name__}"
             raise TypeError(msg)
-        if array_api_compat.is_torch_array(array) and (
+        if _compat.is_torch_array(array) and (
             array.is_nested or str(array.layout) != "torch.strided"
         ):
             kind = "a nested tensor" if array.is_nested else f"layout {array.layout}"
             msg = f"{name} must be a dense (strided) tensor, got {kind}; make it dense first"
             raise TypeError(msg)
-        namespaces[name] = _namespace(array)
+        namespaces[name] = _compat.array_namespace(array)
     (first_name, xp), *rest = namespaces.items()
     for name, other in rest:
         if other is not xp:
@@ -73,7 +61,7 @@ def namespace_of(**arrays: Array) -> Namespace:
 
 def check_library(xp: Namespace, libraries: tuple[str, ...], *, function: str) -> None:
     """Raise TypeError unless ``xp`` is the namespace of one of ``libraries`` ("torch", "jax")."""
-    if not any(getattr(array_api_compat, f"is_{name}_namespace")(xp) for name in libraries):
+    if not any(getattr(_compat, f"is_{name}_namespace")(xp) for name in libraries):
         msg = (
             f"{function} takes arrays of {' or '.join(libraries)}, got arrays of {xp.__name__}; "
             "the functions of softce_multi itself take arrays of any library"
@@ -83,7 +71,7 @@ def check_library(xp: Namespace, libraries: tuple[str, ...], *, function: str) -
 
 def check_same_device(**arrays: Array) -> None:
     """Raise ValueError if the arrays (given by argument name) live on different devices."""
-    devices = {name: array_api_compat.device(array) for name, array in arrays.items()}
+    devices = {name: _compat.device(array) for name, array in arrays.items()}
     # Traced JAX arrays have no concrete device; there is nothing to compare.
     known = {name: device for name, device in devices.items() if device is not None}
     if len({str(device) for device in known.values()}) > 1:
@@ -98,7 +86,7 @@ def is_array(value: Any) -> bool:
     Numbers are told apart first: under ``torch.compile``, a number that changes between calls
     is a symbolic ``torch.SymInt`` or ``SymFloat``, which array-api-compat's test cannot trace.
     """
-    return not isinstance(value, numbers.Number) and array_api_compat.is_array_api_obj(value)
+    return not isinstance(value, numbers.Number) and _compat.is_array_api_obj(value)
 
 
 def is_dtype(xp: Namespace, dtype: Any, kind: str | tuple[str, ...], *, name: str) -> bool:
@@ -441,8 +429,8 @@ def check_always_include(
     """
     if always_include is None:
         return []
-    if array_api_compat.is_array_api_obj(always_include):
-        xp = array_api_compat.array_namespace(always_include)
+    if _compat.is_array_api_obj(always_include):
+        xp = _compat.array_namespace(always_include)
         is_integral = is_dtype(xp, always_include.dtype, "integral", name="always_include")
         if not is_integral or always_include.ndim != 1:
             msg = (

@@ -26,7 +26,7 @@ from softce_multi._adapters import torch_shared  # noqa: E402
 
 F = torch.nn.functional
 
-pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+pytestmark = pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")
 
 AUTOCAST_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 #: Liger-Kernel's tolerances for its fused linear losses under autocast.

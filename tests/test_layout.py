@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "softce_multi"
 #: The layers, lowest first: a module may import its own layer's modules (without a circle) and
 #: those of lower layers, never a higher one. A module is in the layer of its longest prefix.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("softce_multi._types",),
+    ("softce_multi._types", "softce_multi._compat"),
     ("softce_multi._core", "softce_multi._validate", "softce_multi._chunks"),
     ("softce_multi._linear",),
     ("softce_multi.kernels",),
@@ -108,6 +108,31 @@ def test_no_import_cycles():
         if name not in state:
             visit(name, [name])
     assert not cycles, " | ".join(" -> ".join(cycle) for cycle in cycles)
+
+
+def _uses_array_api_compat_checks(path: Path) -> bool:
+    """Whether the module imports array-api-compat itself or a name from it other than a
+    namespace (``from array_api_compat import torch`` is a namespace)."""
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(
+            alias.name == "array_api_compat" for alias in node.names
+        ):
+            return True
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module == "array_api_compat"
+            and any(alias.name not in {"numpy", "torch", "cupy"} for alias in node.names)
+        ):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("name", sorted(set(MODULES) - {"softce_multi._compat"}))
+def test_type_checks_go_through_compat(name):
+    # array-api-compat's checks are cached, and Dynamo warns as it traces each cached call.
+    assert not _uses_array_api_compat_checks(MODULES[name]), (
+        f"{name} imports array_api_compat's checks: use softce_multi._compat"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))

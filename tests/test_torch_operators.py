@@ -41,8 +41,8 @@ SHAPE = (2, 3, 7)
 #: Differences between two float64 computations of the same derivative (rounding only).
 FLOAT64_TOL = {"rtol": 1e-10, "atol": 1e-12}
 
-#: torch.compile goes through array-api-compat, whose cached helpers Dynamo warns about.
-pytestmark = pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+#: A compiled loss that steps into a cached helper of array-api-compat (Dynamo warns) fails.
+pytestmark = pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")
 
 
 def float64_inputs(seed: int, shape: tuple[int, ...] = SHAPE) -> tuple[Any, Any, Any]:

@@ -228,7 +228,7 @@ def test_jax_vmap_with_a_num_valid_per_example():
 
 
 @needs_torch
-@pytest.mark.filterwarnings("ignore:Dynamo detected a call to a `functools.lru_cache`")
+@pytest.mark.filterwarnings("error:Dynamo detected a call to a `functools.lru_cache`")
 def test_torch_compile_loss_and_gradients_equal_eager():
     # The public entry point of the package, through its dispatch to the torch adapter. The
     # "aot_eager" backend runs Dynamo's tracing and AOTAutograd, where graph breaks and

@@ -10,10 +10,9 @@ gradients are computed in the same pass as the loss when asked for.
 
 from __future__ import annotations
 
-import array_api_compat
 import numpy as np
 
-from softce_multi import _core, _linear
+from softce_multi import _compat, _core, _linear
 from softce_multi._types import Array, LinearGradients, LinearLossInputs, LossInputs, Namespace
 from softce_multi.kernels import blocked
 from softce_multi.kernels import numpy as numpy_kernels
@@ -35,7 +34,7 @@ def _loss_pass(inputs: LossInputs, *, with_logits_grad: bool) -> _core.ForwardRe
     """The core's loss pass (:func:`softce_multi._core.loss_pass`) with the library's routine."""
     logits, target_probs = _native(inputs.logits), _native(inputs.target_probs)
     _, _, position_mask, reduction, num_valid, target_ids = inputs
-    xp = array_api_compat.array_namespace(logits)
+    xp = _compat.array_namespace(logits)
     # Padding may hold NaN or inf: the core discards what they produce with where(), but NumPy
     # (under NumPy and array-api-strict) would still warn about computing it.
     with np.errstate(all="ignore"):
@@ -61,7 +60,7 @@ def _row_routine(vocab_size: int, *, sparse: bool, xp: Namespace) -> _core.RowRo
     """
     if sparse:
         return sparse_kernels.sparse_row_routine(_core.default_block_rows(vocab_size), xp=xp)
-    if array_api_compat.is_numpy_namespace(xp):
+    if _compat.is_numpy_namespace(xp):
         return numpy_kernels.row_routine
     return blocked.blocked_row_routine(_core.default_block_rows(vocab_size), xp=xp)
 
@@ -81,7 +80,7 @@ def linear_loss_with_grad(inputs: LinearLossInputs, /) -> tuple[Array, LinearGra
 def _linear_loss_pass(inputs: LinearLossInputs, *, with_grads: bool) -> _linear.LinearForwardResult:
     """The chunked loss pass (:func:`softce_multi._linear.chunked_loss_pass`), with all three
     gradients when ``with_grads``."""
-    xp = array_api_compat.array_namespace(inputs.hidden)
+    xp = _compat.array_namespace(inputs.hidden)
     inputs = inputs._replace(
         **{name: _native(getattr(inputs, name)) for name in ("hidden", "weight", "target_probs")}
     )

@@ -21,10 +21,10 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-import array_api_compat
 import numpy as np
 
 import softce_multi as sc
+from softce_multi import _compat
 from softce_multi._cli._common import (
     installed,
     positive_float,
@@ -205,7 +205,7 @@ def draft_losses(
     logits (the logits still give the accuracy, which needs no gradient).
     """
     states, tokens, loss_mask = batch
-    xp = array_api_compat.array_namespace(states)
+    xp = _compat.array_namespace(states)
     embedding = frozen["embedding"]
     # The target model's logits at every position (its online forward pass).
     target_logits = states @ frozen["output"] + frozen["output_bias"]

@@ -51,8 +51,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, cast
 
-import array_api_compat
-
+from softce_multi import _compat
 from softce_multi._types import Array, LinearLossInputs, LossInputs, Namespace, Reduction
 from softce_multi._validate import check_mask_dtype, validate_inputs, validate_linear_inputs
 from softce_multi.distributed._agreement import InputDescription, agree_on_inputs
@@ -399,7 +398,7 @@ def _vocab_parallel_call(
     if check_shapes is False:
         describe()
     else:
-        tensors = [x for x in arrays.values() if array_api_compat.is_torch_array(x)]
+        tensors = [x for x in arrays.values() if _compat.is_torch_array(x)]
         device = agreement_device(tensors, process_group)
         agree_on_inputs(describe, device=device, group=process_group)
     from softce_multi.distributed import _torch

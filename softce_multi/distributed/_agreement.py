@@ -15,9 +15,7 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import array_api_compat
-
-from softce_multi import _core
+from softce_multi import _compat, _core
 from softce_multi._types import REDUCTIONS
 from softce_multi._validate import is_array
 
@@ -46,7 +44,7 @@ class InputDescription(NamedTuple):
         """The description as :data:`DESCRIPTION_FIELDS`, the digest of the positions' shape,
         then its first :data:`AGREED_DIMS` dimensions (-1 past its end)."""
         present = [array for array in self.arrays if array is not None]
-        dtype = _core.compute_dtype(*present, xp=array_api_compat.array_namespace(*present))
+        dtype = _core.compute_dtype(*present, xp=_compat.array_namespace(*present))
         dims = [*self.positions[:AGREED_DIMS], *[-1] * (AGREED_DIMS - len(self.positions))]
         num_valid_kind = 0 if self.num_valid is None else 2 if is_array(self.num_valid) else 1
         return [

@@ -14,9 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
-
-from softce_multi import _core
+from softce_multi import _compat, _core
 from softce_multi._types import Array, Namespace
 from softce_multi._validate import namespace_of
 
@@ -24,9 +22,9 @@ from softce_multi._validate import namespace_of
 def library_of(**arrays: Array) -> tuple[str, Namespace]:
     """``("torch" or "jax", namespace)`` of the arrays (by argument name), or TypeError."""
     xp = namespace_of(**arrays)
-    if array_api_compat.is_torch_namespace(xp):
+    if _compat.is_torch_namespace(xp):
         return "torch", xp
-    if array_api_compat.is_jax_namespace(xp):
+    if _compat.is_jax_namespace(xp):
         return "jax", xp
     names = ", ".join(arrays)
     msg = (
@@ -44,9 +42,9 @@ def engine_of(**arrays: Array) -> str:
     with one wrong argument still takes part in the agreement of the ranks and refuses there.
     """
     for array in arrays.values():
-        if array_api_compat.is_torch_array(array):
+        if _compat.is_torch_array(array):
             return "torch"
-        if array_api_compat.is_jax_array(array):
+        if _compat.is_jax_array(array):
             return "jax"
     return library_of(**arrays)[0]
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import array_api_compat
 import array_api_extra as xpx
 
-from softce_multi import _chunks
+from softce_multi import _chunks, _compat
 from softce_multi._types import Array, Namespace
 
 __all__ = ["constant", "nan_where", "top_index", "zero_d"]
@@ -29,9 +28,9 @@ def constant(x: Array, *, xp: Namespace) -> Array:
     array
         ``x.detach()`` on PyTorch, ``jax.lax.stop_gradient(x)`` on JAX, ``x`` itself elsewhere.
     """
-    if array_api_compat.is_torch_namespace(xp):
+    if _compat.is_torch_namespace(xp):
         return x.detach()
-    if array_api_compat.is_jax_namespace(xp):
+    if _compat.is_jax_namespace(xp):
         import jax
 
         return jax.lax.stop_gradient(x)
@@ -53,7 +52,7 @@ def zero_d(x: Array, *, xp: Namespace) -> Array:
     array, shape ``()``
         ``x`` as a 0-d NumPy array on NumPy; ``x`` itself elsewhere.
     """
-    return xp.asarray(x) if array_api_compat.is_numpy_namespace(xp) else x
+    return xp.asarray(x) if _compat.is_numpy_namespace(xp) else x
 
 
 def top_index(x: Array, *, xp: Namespace) -> Array:
@@ -71,7 +70,7 @@ def top_index(x: Array, *, xp: Namespace) -> Array:
     array, shape ``[...]``
         The index of the first maximum (the first NaN where there is one) of each row.
     """
-    if not (array_api_compat.is_jax_namespace(xp) and _jax_runs_on_cpu()):
+    if not (_compat.is_jax_namespace(xp) and _jax_runs_on_cpu()):
         return xp.argmax(x, axis=-1)
     # XLA's CPU backend lowers argmax to one reduction over (value, index) pairs; a max, then a
     # min over the positions of the maximum, finds the same index with two plain reductions,
@@ -90,7 +89,7 @@ def top_index(x: Array, *, xp: Namespace) -> Array:
         return loop.put(out, (start,), _first_maximum(block, xp=xp))
 
     chunk = max(1, TOP_INDEX_CHUNK_ELEMENTS // size)
-    out = xp.zeros((rows,), dtype=index_dtype, device=array_api_compat.device(x))
+    out = xp.zeros((rows,), dtype=index_dtype, device=_compat.device(x))
     out = _chunks.over_chunks(rows, chunk, step, out, loop)
     return xp.reshape(out, x.shape[:-1])
 
@@ -107,7 +106,7 @@ def _first_maximum(x: Array, *, xp: Namespace) -> Array:
     is_top = xp.where(xp.any(nan, axis=-1, keepdims=True), nan, x == top)
     size = x.shape[-1]
     index_dtype = xpx.default_dtype(xp, "indexing")
-    positions = xp.arange(size, dtype=index_dtype, device=array_api_compat.device(x))
+    positions = xp.arange(size, dtype=index_dtype, device=_compat.device(x))
     return xp.min(xp.where(is_top, positions, size), axis=-1)
 
 
@@ -128,7 +127,7 @@ def nan_where(condition: Array, x: Array, *, xp: Namespace) -> Array:
     array
         Shape, dtype and device of ``x``.
     """
-    nan = xp.full((), math.nan, dtype=x.dtype, device=array_api_compat.device(x))
+    nan = xp.full((), math.nan, dtype=x.dtype, device=_compat.device(x))
     return xp.where(condition, nan, x)
 
 

@@ -14,10 +14,9 @@ import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import array_api_compat
 import array_api_extra as xpx
 
-from softce_multi import _chunks
+from softce_multi import _chunks, _compat
 from softce_multi._core import compute_dtype
 from softce_multi._types import Array, Namespace
 from softce_multi._validate import (
@@ -141,9 +140,7 @@ def prepare_targets_from_hidden(
         chunk_vocab=chunk_vocab,
     )
     xp = inputs.xp
-    by_chunks = (
-        _jax_targets_by_chunks() if array_api_compat.is_jax_namespace(xp) else _targets_by_chunks
-    )
+    by_chunks = _jax_targets_by_chunks() if _compat.is_jax_namespace(xp) else _targets_by_chunks
     probs, top = by_chunks(
         inputs.rows,
         inputs.weight,
@@ -266,7 +263,7 @@ def from_hidden_inputs(
 
 def _refuse_torch_vmap(xp: Namespace) -> None:
     """Raise NotImplementedError inside ``torch.func.vmap``: the chunks are written in place."""
-    if not array_api_compat.is_torch_namespace(xp):
+    if not _compat.is_torch_namespace(xp):
         return
     from softce_multi._adapters import torch_shared
 
@@ -334,7 +331,7 @@ def full_vocabulary_top(
         dtype.
     """
     loops = _chunks.loop_for(xp)
-    device = array_api_compat.device(h)
+    device = _compat.device(h)
     index_dtype = xpx.default_dtype(xp, "indexing", device=device)
     dtype = compute_dtype(h, weight, xp=xp)
     hidden_size = h.shape[1]
@@ -398,7 +395,7 @@ def _targets_by_chunks(
         maximal, of the default index dtype.
     """
     loops = _chunks.loop_for(xp)
-    device = array_api_compat.device(rows)
+    device = _compat.device(rows)
     index_dtype = xpx.default_dtype(xp, "indexing", device=device)
     dtype = compute_dtype(rows, weight, xp=xp)
     hidden_size, draft_size = rows.shape[1], draft_ids.shape[0]
@@ -476,7 +473,7 @@ def _widened(x: Array, dtype: Any, *, xp: Namespace) -> Array:
     array
         Shape of ``x``, dtype ``dtype``: exactly the values of ``x`` in its own dtype.
     """
-    if x.dtype == dtype or not array_api_compat.is_jax_namespace(xp):
+    if x.dtype == dtype or not _compat.is_jax_namespace(xp):
         return xp.astype(x, dtype, copy=False)
     from softce_multi.kernels.xla import widened
 

@@ -11,9 +11,9 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import array_api_compat
 import array_api_extra as xpx
 
+from softce_multi import _compat
 from softce_multi._core import compute_dtype
 from softce_multi._types import Array, LossInputs, Namespace
 from softce_multi._validate import (
@@ -72,7 +72,7 @@ def draft_accuracy(logits: Array, target_probs: Array, position_mask: Array) -> 
     if valid.dtype != xp.bool:
         valid = valid != 0
     dtype = compute_dtype(logits, target_probs, xp=xp)
-    count_dtype = xpx.default_dtype(xp, "integral", device=array_api_compat.device(logits))
+    count_dtype = xpx.default_dtype(xp, "integral", device=_compat.device(logits))
     hits = xp.astype(xp.sum(xp.astype(hit & valid, count_dtype)), dtype)
     count = xp.astype(xp.sum(xp.astype(valid, count_dtype)), dtype)
     return constant(zero_d(hits / xp.maximum(count, xp.ones_like(count)), xp=xp), xp=xp)
@@ -129,7 +129,7 @@ def multi_step_loss(
     xp = check_step_losses(step_losses)
     ratio = check_decay(decay)
     check_normalize(normalize)
-    is_stacked = array_api_compat.is_array_api_obj(step_losses)
+    is_stacked = _compat.is_array_api_obj(step_losses)
     losses: Array = step_losses if is_stacked else xp.stack(list(step_losses))
     steps = losses.shape[0]
     if normalize:
@@ -174,7 +174,7 @@ def check_step_losses(step_losses: Any) -> Namespace:
     It is a non-empty 1-D real floating array, or a non-empty sequence of 0-d real floating
     arrays of one namespace and device.
     """
-    if array_api_compat.is_array_api_obj(step_losses):
+    if _compat.is_array_api_obj(step_losses):
         xp = namespace_of(step_losses=step_losses)
         if step_losses.ndim != 1 or step_losses.shape[0] == 0:
             msg = (

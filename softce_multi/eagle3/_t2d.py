@@ -7,9 +7,9 @@ its target ids (:func:`draft_token_ids`), and the positions whose top token is o
 
 from __future__ import annotations
 
-import array_api_compat
 import array_api_extra as xpx
 
+from softce_multi import _compat
 from softce_multi._types import Array, Namespace
 from softce_multi._validate import check_size
 from softce_multi.eagle3._arrays import constant
@@ -52,7 +52,7 @@ def checked_draft_size(
         If ``draft_vocab_size`` is out of ``[1, V_target]``, or is not ``sum(t2d)`` where that
         is read, or ``t2d`` selects no token where its count is read.
     """
-    count_dtype = xpx.default_dtype(xp, "integral", device=array_api_compat.device(t2d))
+    count_dtype = xpx.default_dtype(xp, "integral", device=_compat.device(t2d))
     count = xp.sum(xp.astype(t2d, count_dtype))
     if draft_vocab_size is None:
         size = _read_count(t2d, count, xp=xp)
@@ -89,7 +89,7 @@ def draft_token_ids(t2d: Array, size: int, *, xp: Namespace) -> Array:
         missing positions are the last one, a valid index (the targets are then NaN, see
         :func:`checked_draft_size`).
     """
-    device = array_api_compat.device(t2d)
+    device = _compat.device(t2d)
     dtype = xpx.default_dtype(xp, "indexing", device=device)
     running = xp.cumulative_sum(xp.astype(t2d, dtype))
     # The k-th True entry (from 1) is the first position where the running count reaches k.
@@ -153,7 +153,7 @@ def _read_count(t2d: Array, count: Array, *, xp: Namespace) -> int:
     ValueError
         If the count is 0.
     """
-    if array_api_compat.is_jax_namespace(xp):
+    if _compat.is_jax_namespace(xp):
         import jax
 
         if isinstance(count, jax.core.Tracer):
@@ -186,14 +186,14 @@ def _is_readable_for_free(x: Array, *, xp: Namespace) -> bool:
         (not under ``torch.compile``, not batched by ``torch.func.vmap``), and for concrete JAX
         arrays on the CPU; False on a GPU and for traced arrays.
     """
-    host_only = array_api_compat.is_numpy_namespace(xp)
-    if host_only or array_api_compat.is_array_api_strict_namespace(xp):
+    host_only = _compat.is_numpy_namespace(xp)
+    if host_only or _compat.is_array_api_strict_namespace(xp):
         return True
-    if array_api_compat.is_torch_namespace(xp):
+    if _compat.is_torch_namespace(xp):
         from softce_multi._adapters import torch_shared
 
         return torch_shared.readable_for_free(x)
-    if array_api_compat.is_jax_namespace(xp):
+    if _compat.is_jax_namespace(xp):
         import jax
 
         return not isinstance(x, jax.core.Tracer) and all(

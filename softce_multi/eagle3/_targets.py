@@ -7,8 +7,7 @@ over the draft vocabulary and the position mask.
 
 from __future__ import annotations
 
-import array_api_compat
-
+from softce_multi import _compat
 from softce_multi._core import compute_dtype
 from softce_multi._types import Array, Namespace
 from softce_multi._validate import (
@@ -183,5 +182,5 @@ def shift_left(x: Array, *, axis: int = 1, fill: bool | float = 0) -> Array:
     rest[axis] = slice(step, None)
     pad_shape = list(x.shape)
     pad_shape[axis] = step
-    pad = xp.full(tuple(pad_shape), value, dtype=x.dtype, device=array_api_compat.device(x))
+    pad = xp.full(tuple(pad_shape), value, dtype=x.dtype, device=_compat.device(x))
     return xp.concat([x[tuple(rest)], pad], axis=axis)

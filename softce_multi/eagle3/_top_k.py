@@ -15,10 +15,9 @@ import operator
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
 import array_api_extra as xpx
 
-from softce_multi import _chunks
+from softce_multi import _chunks, _compat
 from softce_multi._core import compute_dtype
 from softce_multi._types import Array, Namespace
 from softce_multi._validate import check_floating, namespace_of
@@ -93,7 +92,7 @@ def top_k_targets(target_probs: Array, k: int, /) -> tuple[Array, Array]:
     keys = xp.where(target_probs == 0, xp.zeros_like(target_probs), target_probs)
     keys = xp.where(xp.isnan(keys), xp.full_like(keys, math.inf), keys)
     positions = _first_largest(keys, k, xp=xp)
-    ids_dtype = xpx.default_dtype(xp, "integral", device=array_api_compat.device(target_probs))
+    ids_dtype = xpx.default_dtype(xp, "integral", device=_compat.device(target_probs))
     return (
         xp.astype(positions, ids_dtype),
         xp.take_along_axis(target_probs, positions, axis=-1),
@@ -192,9 +191,7 @@ def prepare_top_k_targets_from_hidden(
     )
     xp = inputs.xp
     k = _checked_k(k, inputs.size, of="the draft vocabulary size")
-    by_chunks = (
-        _jax_top_k_by_chunks() if array_api_compat.is_jax_namespace(xp) else _top_k_by_chunks
-    )
+    by_chunks = _jax_top_k_by_chunks() if _compat.is_jax_namespace(xp) else _top_k_by_chunks
     ids, probs, top = by_chunks(
         inputs.rows,
         inputs.weight,
@@ -239,12 +236,12 @@ def _first_largest(keys: Array, k: int, *, xp: Namespace) -> Array:
     array, shape ``[..., k]``
         Positions in descending order of key, ascending among equal keys.
     """
-    if array_api_compat.is_jax_namespace(xp):
+    if _compat.is_jax_namespace(xp):
         import jax
 
         # Documented to put the lower index first among equal values.
         return jax.lax.top_k(keys, k)[1]
-    if array_api_compat.is_torch_namespace(xp):
+    if _compat.is_torch_namespace(xp):
         import torch
 
         return torch.sort(keys, dim=-1, descending=True, stable=True).indices[..., :k]
@@ -271,11 +268,11 @@ def _largest(values: Array, k: int, *, xp: Namespace) -> tuple[Array, Array]:
     values : array, shape ``[n, k]``
     positions : array, shape ``[n, k]``, integer
     """
-    if array_api_compat.is_jax_namespace(xp):
+    if _compat.is_jax_namespace(xp):
         import jax
 
         return jax.lax.top_k(values, k)
-    if array_api_compat.is_torch_namespace(xp):
+    if _compat.is_torch_namespace(xp):
         import torch
 
         return torch.topk(values, k, dim=-1)
@@ -331,7 +328,7 @@ def _top_k_by_chunks(
         maximal, of the default index dtype.
     """
     loops = _chunks.loop_for(xp)
-    device = array_api_compat.device(rows)
+    device = _compat.device(rows)
     ids_dtype = xpx.default_dtype(xp, "integral", device=device)
     index_dtype = xpx.default_dtype(xp, "indexing", device=device)
     dtype = compute_dtype(rows, weight, xp=xp)

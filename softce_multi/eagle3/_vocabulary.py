@@ -10,9 +10,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import array_api_compat
 import array_api_extra as xpx
 
+from softce_multi import _compat
 from softce_multi._types import Array, Namespace
 from softce_multi._validate import (
     check_1d,
@@ -97,7 +97,7 @@ def build_vocab_mapping(
     size = check_size(draft_vocab_size, target_vocab_size, name="draft_vocab_size")
     forced = check_always_include(always_include, target_vocab_size, size)
 
-    device = array_api_compat.device(token_counts)
+    device = _compat.device(token_counts)
     index_dtype = xpx.default_dtype(xp, "indexing", device=device)
     target_ids = xp.arange(target_vocab_size, dtype=index_dtype, device=device)
     # Two stable sorts: by count (descending, ties in id order), then forced ids first.
@@ -149,7 +149,7 @@ def draft_to_target_ids(draft_ids: Array, d2t: Array) -> Array:
     check_same_device(draft_ids=draft_ids, d2t=d2t)
     check_integer(xp, draft_ids=draft_ids, d2t=d2t)
     check_1d(d2t, name="d2t", meaning="one offset per draft token")
-    dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(d2t))
+    dtype = xpx.default_dtype(xp, "indexing", device=_compat.device(d2t))
 
     # The offsets in the index dtype before the lookup: PyTorch's take has no unsigned
     # integers wider than 8 bits.
@@ -207,7 +207,7 @@ def target_to_draft_ids(target_ids: Array, t2d: Array) -> Array:
     check_mapping(xp, t2d)
     # Indices of the index dtype (PyTorch takes no other); narrow ids would also overflow
     # the comparison with the vocabulary size.
-    index_dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(t2d))
+    index_dtype = xpx.default_dtype(xp, "indexing", device=_compat.device(t2d))
     dtype = xp.result_type(target_ids.dtype, index_dtype)
     positions = xp.cumulative_sum(xp.astype(t2d, dtype)) - 1
 
@@ -248,7 +248,7 @@ def _translate_ids(
         The translations, of their dtype; -1 where an id has none.
     """
     if table_size == 0:  # nothing to take from: no id has an entry
-        return xp.full(ids.shape, -1, dtype=dtype, device=array_api_compat.device(ids))
+        return xp.full(ids.shape, -1, dtype=dtype, device=_compat.device(ids))
     flat = xp.astype(xp.reshape(ids, (-1,)), dtype)
     in_table = (flat >= 0) & (flat < table_size)
     found, translated = translate(xp.where(in_table, flat, 0))

@@ -13,10 +13,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-import array_api_compat
 import array_api_extra as xpx
 
-from softce_multi import _core
+from softce_multi import _compat, _core
 from softce_multi._types import Array, Namespace
 
 __all__ = ["blocked_gradient_routine", "blocked_row_routine"]
@@ -123,7 +122,7 @@ def _allocate_if_blocked(
     if not needed or block_rows is None or block_rows >= z.shape[0]:
         return None
     out_dtype = z.dtype if dtype is None else dtype
-    return xp.empty(z.shape, dtype=out_dtype, device=array_api_compat.device(z))
+    return xp.empty(z.shape, dtype=out_dtype, device=_compat.device(z))
 
 
 def _map_row_blocks(

@@ -29,10 +29,9 @@ import math
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import array_api_compat
 import array_api_extra as xpx
 
-from softce_multi import _core
+from softce_multi import _compat, _core
 from softce_multi._types import Array, Namespace
 
 __all__ = [
@@ -62,18 +61,18 @@ def scatter_add(block: Array, ids: Array, values: Array, *, xp: Namespace) -> Ar
     ``ids`` must lie in ``[0, V)`` (int64 for torch). NumPy, torch and CuPy blocks are updated
     in place (and returned); JAX and other libraries get a new array.
     """
-    if array_api_compat.is_torch_array(block):
+    if _compat.is_torch_array(block):
         return block.scatter_add_(1, ids, values)
-    if array_api_compat.is_jax_array(block):
+    if _compat.is_jax_array(block):
         rows = xp.arange(block.shape[0])[:, None]
         return block.at[rows, ids].add(values)
-    if array_api_compat.is_numpy_array(block) or array_api_compat.is_cupy_array(block):
+    if _compat.is_numpy_array(block) or _compat.is_cupy_array(block):
         rows = xp.arange(block.shape[0])[:, None]
         add_at = _add_at(block)
         add_at(block, (rows, ids), values)
         return block
     # No scatter in the array API: one comparison with the vocabulary per slot.
-    vocabulary = xp.arange(block.shape[1], dtype=ids.dtype, device=array_api_compat.device(ids))
+    vocabulary = xp.arange(block.shape[1], dtype=ids.dtype, device=_compat.device(ids))
     for slot in range(ids.shape[1]):
         hit = vocabulary[None, :] == ids[:, slot : slot + 1]
         block = block + xp.where(hit, values[:, slot : slot + 1], 0.0)
@@ -217,7 +216,7 @@ def _eager_row_pass(
     """
     dtype = weights.dtype
     n_rows, vocab_size = z.shape
-    device = array_api_compat.device(z)
+    device = _compat.device(z)
     valid = weights != 0
     probs = xp.astype(p, dtype, copy=False)
     valid_ids = _valid_ids(ids, vocab_size, xp=xp)
@@ -295,7 +294,7 @@ class _Scratch:
         self._dtype = dtype
         self._buffer: Array | None = None
         self._shape = (min(block_rows or z.shape[0], z.shape[0]), z.shape[1])
-        self._device = array_api_compat.device(z)
+        self._device = _compat.device(z)
         self._xp = xp
 
     def rows(self, block: slice, grad: Array | None) -> Array:
@@ -308,7 +307,7 @@ class _Scratch:
 
 def _exp_shifted(z: Array, row_max: Array, into: Array, *, xp: Namespace) -> Array:
     """``exp(z - row_max)``, written into ``into`` (an eager library's buffer)."""
-    if array_api_compat.is_torch_array(into):
+    if _compat.is_torch_array(into):
         import torch
 
         torch.sub(z, row_max, out=into)
@@ -319,11 +318,7 @@ def _exp_shifted(z: Array, row_max: Array, into: Array, *, xp: Namespace) -> Arr
 
 def _writes_in_place(x: Array) -> bool:
     """Whether ``x``'s library writes into existing arrays (NumPy, torch, CuPy)."""
-    return (
-        array_api_compat.is_torch_array(x)
-        or array_api_compat.is_numpy_array(x)
-        or array_api_compat.is_cupy_array(x)
-    )
+    return _compat.is_torch_array(x) or _compat.is_numpy_array(x) or _compat.is_cupy_array(x)
 
 
 def sparse_gradient_routine(
@@ -416,7 +411,7 @@ def _logits_gradient(
 def _zero_rows_without_gradient(grad: Array, live: Array) -> Array:
     """``grad`` (of a library that writes in place) with its rows that are not ``live`` set to
     exactly 0, in place; on the CPU only those rows are written."""
-    if array_api_compat.is_torch_array(grad):
+    if _compat.is_torch_array(grad):
         if grad.device.type != "cpu":  # no host read on a device
             return grad.masked_fill_(~live[:, None], 0.0)
         return grad.index_fill_(0, (~live).nonzero()[:, 0], 0.0)
@@ -426,9 +421,9 @@ def _zero_rows_without_gradient(grad: Array, live: Array) -> Array:
 
 def _scaled(block: Array, factor: Array, *, xp: Namespace) -> Array:
     """``block * factor``, in place where the library writes in place."""
-    if array_api_compat.is_torch_array(block):
+    if _compat.is_torch_array(block):
         return block.mul_(factor)
-    if array_api_compat.is_numpy_array(block) or array_api_compat.is_cupy_array(block):
+    if _compat.is_numpy_array(block) or _compat.is_cupy_array(block):
         block *= factor
         return block
     return block * factor
@@ -448,14 +443,14 @@ def _safe_ids(ids: Array, valid: Array, *, xp: Namespace) -> Array:
     default index dtype (int64 for torch, whose gathers and scatters take no other), where a
     narrower one cannot count to ``V`` (JAX normalises indices in the ids' dtype)."""
     safe = xp.where(valid, ids, 0)
-    if array_api_compat.is_torch_array(safe):
+    if _compat.is_torch_array(safe):
         return safe.long()
-    index_dtype = xpx.default_dtype(xp, "indexing", device=array_api_compat.device(safe))
+    index_dtype = xpx.default_dtype(xp, "indexing", device=_compat.device(safe))
     return xp.astype(safe, index_dtype, copy=False)
 
 
 def _add_at(block: Array) -> Any:
-    if array_api_compat.is_cupy_array(block):
+    if _compat.is_cupy_array(block):
         import cupyx
 
         return cupyx.scatter_add
@@ -468,7 +463,7 @@ def _allocate_if_blocked(z: Array, block_rows: int | None, *, xp: Namespace) -> 
     """An ``[N, V]`` output to fill block by block; None when one block covers every row."""
     if block_rows is None or block_rows >= z.shape[0]:
         return None
-    return xp.empty(z.shape, dtype=z.dtype, device=array_api_compat.device(z))
+    return xp.empty(z.shape, dtype=z.dtype, device=_compat.device(z))
 
 
 def _put_rows(out: Array, block: slice, rows: Array, *, xp: Namespace) -> Array:

@@ -15,9 +15,9 @@ import statistics
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-import array_api_compat
 import numpy as np
 
+from softce_multi import _compat
 from softce_multi._cli.bench.cases import Step
 from softce_multi._cli.bench.measure import (
     ITEMSIZE,
@@ -122,7 +122,7 @@ def _linear_function(path: str, sizes: Sizes) -> Callable[..., Any]:
         ).sum()
 
     def materialised(states: Any, weight: Any, bias: Any, target: Any, mask: Any) -> Any:
-        if array_api_compat.is_torch_array(states):
+        if _compat.is_torch_array(states):
             import torch
 
             # nn.Linear's logits: one rounding with a bias, and autocast's dtype under it.

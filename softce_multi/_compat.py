@@ -1,0 +1,91 @@
+"""array-api-compat's type checks, answered for PyTorch first, without their caches.
+
+array-api-compat memoises its type tests with :func:`functools.lru_cache`. When
+``torch.compile`` traces a public function, Dynamo steps through those caches and warns once
+for every call site it passes, about twenty UserWarnings on the first compiled loss ("Dynamo
+detected a call to a `functools.lru_cache`-wrapped function"). The functions here answer for
+PyTorch tensors and namespaces by ``isinstance`` and a module's name, which Dynamo traces
+without a warning, and ask array-api-compat about everything else. Every module of the package
+asks here rather than array-api-compat.
+
+PyTorch is looked up among the imported modules, never imported: an array can only be a
+PyTorch tensor once PyTorch is loaded.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import array_api_compat
+
+from softce_multi._types import Array, Namespace
+
+#: The ``__name__`` of PyTorch's namespaces: its own and array-api-compat's wrapper.
+_TORCH_NAMESPACES = frozenset({"torch", "array_api_compat.torch"})
+
+
+def is_torch_array(x: object) -> bool:
+    """Whether ``x`` is a PyTorch tensor (a subclass such as ``Parameter`` included)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
+def is_torch_namespace(xp: Namespace) -> bool:
+    """Whether ``xp`` is PyTorch or array-api-compat's PyTorch namespace."""
+    return getattr(xp, "__name__", None) in _TORCH_NAMESPACES
+
+
+def is_array_api_obj(x: object) -> bool:
+    """Whether ``x`` is an array of a library that array-api-compat knows (``None`` is not)."""
+    return x is not None and (is_torch_array(x) or array_api_compat.is_array_api_obj(x))
+
+
+def is_jax_array(x: object) -> bool:
+    """Whether ``x`` is a JAX array or tracer."""
+    return not is_torch_array(x) and array_api_compat.is_jax_array(x)
+
+
+def is_numpy_array(x: object) -> bool:
+    """Whether ``x`` is a NumPy array or scalar."""
+    return not is_torch_array(x) and array_api_compat.is_numpy_array(x)
+
+
+def is_cupy_array(x: object) -> bool:
+    """Whether ``x`` is a CuPy array."""
+    return not is_torch_array(x) and array_api_compat.is_cupy_array(x)
+
+
+def is_jax_namespace(xp: Namespace) -> bool:
+    """Whether ``xp`` is JAX's namespace."""
+    return not is_torch_namespace(xp) and array_api_compat.is_jax_namespace(xp)
+
+
+def is_numpy_namespace(xp: Namespace) -> bool:
+    """Whether ``xp`` is NumPy or array-api-compat's NumPy namespace."""
+    return not is_torch_namespace(xp) and array_api_compat.is_numpy_namespace(xp)
+
+
+def is_array_api_strict_namespace(xp: Namespace) -> bool:
+    """Whether ``xp`` is array-api-strict."""
+    return not is_torch_namespace(xp) and array_api_compat.is_array_api_strict_namespace(xp)
+
+
+def array_namespace(*arrays: Array) -> Namespace:
+    """The array-API namespace of ``arrays``: array-api-compat's PyTorch namespace for tensors.
+
+    Raises
+    ------
+    TypeError
+        As :func:`array_api_compat.array_namespace`: for a non-array, or arrays of two
+        libraries.
+    """
+    if arrays and all(is_torch_array(x) for x in arrays):
+        from array_api_compat import torch as torch_namespace
+
+        return torch_namespace
+    return array_api_compat.array_namespace(*arrays)
+
+
+def device(x: Array) -> object:
+    """The device of the array ``x`` (``None`` for a traced JAX array)."""
+    return x.device if is_torch_array(x) else array_api_compat.device(x)
