@@ -69,13 +69,25 @@ def check_library(xp: Namespace, libraries: tuple[str, ...], *, function: str) -
         raise TypeError(msg)
 
 
+def _placement(array: Array) -> object:
+    """Where ``array`` lives, for comparing arguments: its device, or for a JAX array the ids
+    of the devices it is committed to, a sharded array's several (``None`` where JAX may
+    place it: a tracer, or an array not committed to a device)."""
+    device = _compat.device(array)
+    if device is None or not _compat.is_jax_array(array):
+        return device
+    if not array.committed:
+        return None
+    return sorted(device.id for device in array.sharding.device_set)
+
+
 def check_same_device(**arrays: Array) -> None:
-    """Raise ValueError if the arrays (given by argument name) live on different devices."""
-    devices = {name: _compat.device(array) for name, array in arrays.items()}
-    # Traced JAX arrays have no concrete device; there is nothing to compare.
-    known = {name: device for name, device in devices.items() if device is not None}
-    if len({str(device) for device in known.values()}) > 1:
-        shown = ", ".join(f"{name} on {device}" for name, device in known.items())
+    """Raise ValueError if the arrays (given by argument name) live on different devices; JAX
+    arrays committed to devices must be on one set of devices, whatever their shardings."""
+    placements = {name: _placement(array) for name, array in arrays.items()}
+    known = {name: placement for name, placement in placements.items() if placement is not None}
+    if len({str(placement) for placement in known.values()}) > 1:
+        shown = ", ".join(f"{name} on {_compat.device(arrays[name])}" for name in known)
         msg = f"all arrays must be on the same device, got {shown}"
         raise ValueError(msg)
 

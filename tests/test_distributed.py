@@ -1165,6 +1165,21 @@ def jax_checks() -> dict[str, Any]:
             name = f"plain jit {layout} sharded"
             compare_jax(checks, f"{name} {dtype}", plain_step(*args), expected)
             checks[f"collectives {name}"] = compiled_collectives(plain_step, *args)
+            # Without jit, with the count replicated over the mesh as the mask's sum comes.
+            eager = sc.masked_soft_cross_entropy(*args, num_valid=args[2].sum())
+            compare_jax(
+                checks,
+                f"plain eager {layout} sharded",
+                (eager, ()),
+                (expected[0], ()),
+                names=("loss",),
+            )
+        on_one_device = jax.device_put(w, jax.devices()[1])
+        try:
+            sc.masked_soft_cross_entropy(placed(z, "data"), placed(p, "data"), on_one_device)
+            checks["eager other devices refused"] = ""
+        except ValueError as error:
+            checks["eager other devices refused"] = str(error)
 
     # Large enough that the XLA routine runs over chunks of rows unsharded (N * V > 2**20).
     keys = jax.random.split(jax.random.key(0), 3)
@@ -1428,6 +1443,18 @@ def test_jax_plain_loss_under_jit_on_sharded_inputs_equals_the_unsharded(jax_res
     for name in ("loss", "grad_logits", "grad_targets"):
         error, scale = jax_results[f"plain jit {layout} sharded float32 {name}"]
         assert error <= TOLERANCE["float32"] * scale, name
+
+
+@pytest.mark.parametrize("layout", ["batch", "vocab"])
+def test_jax_plain_loss_without_jit_on_sharded_inputs_equals_the_unsharded(jax_results, layout):
+    error, scale = jax_results[f"plain eager {layout} sharded loss"]
+    assert error <= TOLERANCE["float32"] * scale
+
+
+def test_jax_arrays_committed_to_other_devices_are_refused_naming_them(jax_results):
+    message = jax_results["eager other devices refused"]
+    assert "all arrays must be on the same device" in message
+    assert "position_mask on cpu:1" in message
 
 
 @pytest.mark.parametrize("layout", ["batch", "vocab"])
