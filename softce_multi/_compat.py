@@ -36,8 +36,11 @@ def is_torch_namespace(xp: Namespace) -> bool:
 
 
 def is_array_api_obj(x: object) -> bool:
-    """Whether ``x`` is an array of a library that array-api-compat knows (``None`` is not)."""
-    return x is not None and (is_torch_array(x) or array_api_compat.is_array_api_obj(x))
+    """Whether ``x`` is an array of a library that array-api-compat knows (``None``, a list
+    and a tuple are not)."""
+    if x is None or isinstance(x, list | tuple):
+        return False
+    return is_torch_array(x) or array_api_compat.is_array_api_obj(x)
 
 
 def is_jax_array(x: object) -> bool:
@@ -84,6 +87,11 @@ def array_namespace(*arrays: Array) -> Namespace:
 
         return torch_namespace
     return array_api_compat.array_namespace(*arrays)
+
+
+def cumulative_sum(x: Array, *, xp: Namespace) -> Array:
+    """``xp.cumulative_sum`` of the 1-D array ``x`` (array-api-compat's looks up the namespace through its caches)."""
+    return x.cumsum(0) if is_torch_array(x) else xp.cumulative_sum(x)
 
 
 def device(x: Array) -> object:

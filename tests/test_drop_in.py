@@ -803,12 +803,14 @@ def test_inductor_full_graph_training_step_equals_eager(torch, make_step):
     assert_compiled_equals_eager(torch, make_step("mean"), "inductor", seed=118)
 
 
-#: Compiles a training step through each public name, dense and sparse targets, in a fresh
-#: interpreter (Dynamo warns once per process), and prints the warnings tracing them raised.
+#: Compiles a training step through each public loss, dense and sparse targets, and each
+#: eagle3 function a training step calls, in a fresh interpreter (Dynamo warns once per
+#: process), and prints the warnings tracing them raised.
 COMPILE_EVERY_PUBLIC_NAME = """
 import warnings
 import torch
 import softce_multi as sc
+from softce_multi import eagle3
 
 torch.manual_seed(120)
 hidden = torch.randn(2, 5, 8, requires_grad=True)
@@ -829,12 +831,32 @@ steps = [
     lambda: sc.torch.MaskedSoftCrossEntropy()(head(hidden), targets, mask),
     lambda: sc.torch.LinearMaskedSoftCrossEntropy()(hidden, head.weight, targets, mask),
 ]
+target_head = torch.randn(40, 8)
+t2d = torch.arange(40) % 3 != 0
+loss_mask = torch.ones(2, 5, dtype=torch.long)
+token_ids = torch.randint(0, 40, (2, 5))
+d2t = torch.nonzero(t2d).flatten()
+steps += [
+    lambda: eagle3.multi_step_loss(
+        [sc.masked_soft_cross_entropy(head(hidden), targets, mask) for _ in range(2)]
+    ),
+    lambda: eagle3.prepare_targets(hidden @ target_head.T, loss_mask, t2d, draft_vocab_size=26)[0],
+    lambda: eagle3.prepare_targets_from_hidden(hidden, target_head, loss_mask, t2d,
+                                               draft_vocab_size=26)[0],
+    lambda: eagle3.prepare_top_k_targets_from_hidden(hidden, target_head, loss_mask, t2d, 4,
+                                                     draft_vocab_size=26)[1],
+    lambda: eagle3.top_k_targets(targets, 4)[1],
+    lambda: eagle3.draft_accuracy(head(hidden), targets, mask),
+    lambda: eagle3.shift_left(head(hidden)).sum(),
+    lambda: eagle3.target_to_draft_ids(token_ids, t2d),
+    lambda: eagle3.draft_to_target_ids(token_ids % 26, d2t),
+]
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     for step in steps:
-        loss = torch.compile(step, fullgraph=True, backend="aot_eager")()
-        if loss.requires_grad:
-            loss.backward()
+        result = torch.compile(step, fullgraph=True, backend="aot_eager")()
+        if result.requires_grad:
+            result.sum().backward()
 print(repr([str(warning.message).splitlines()[0] for warning in caught]))
 """
 

@@ -91,7 +91,7 @@ def draft_token_ids(t2d: Array, size: int, *, xp: Namespace) -> Array:
     """
     device = _compat.device(t2d)
     dtype = xpx.default_dtype(xp, "indexing", device=device)
-    running = xp.cumulative_sum(xp.astype(t2d, dtype))
+    running = _compat.cumulative_sum(xp.astype(t2d, dtype), xp=xp)
     # The k-th True entry (from 1) is the first position where the running count reaches k.
     ranks = xp.arange(1, size + 1, dtype=dtype, device=device)
     last = xp.full((), t2d.shape[0] - 1, dtype=dtype, device=device)

@@ -209,7 +209,7 @@ def target_to_draft_ids(target_ids: Array, t2d: Array) -> Array:
     # the comparison with the vocabulary size.
     index_dtype = xpx.default_dtype(xp, "indexing", device=_compat.device(t2d))
     dtype = xp.result_type(target_ids.dtype, index_dtype)
-    positions = xp.cumulative_sum(xp.astype(t2d, dtype)) - 1
+    positions = _compat.cumulative_sum(xp.astype(t2d, dtype), xp=xp) - 1
 
     def draft_of(ids: Array) -> tuple[Array | bool, Array]:
         return xp.take(t2d, ids), xp.take(positions, ids)
