@@ -90,7 +90,8 @@ def array_namespace(*arrays: Array) -> Namespace:
 
 
 def cumulative_sum(x: Array, *, xp: Namespace) -> Array:
-    """``xp.cumulative_sum`` of the 1-D array ``x`` (array-api-compat's looks up the namespace through its caches)."""
+    """``xp.cumulative_sum`` of the 1-D array ``x``; array-api-compat's own looks the namespace
+    up again, through its caches."""
     return x.cumsum(0) if is_torch_array(x) else xp.cumulative_sum(x)
 
 
