@@ -6,7 +6,11 @@ same loss under a JAX-only signature, for code that wants to say so.
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
+import jax.numpy as jnp
+import numpy as np
 
 from softce_multi._adapters import jax as _adapter
 from softce_multi._types import LossInputs, Reduction
@@ -27,7 +31,9 @@ def masked_soft_cross_entropy(
     """Masked soft-target cross entropy for JAX, differentiable with a custom VJP.
 
     Same function as :func:`softce_multi.masked_soft_cross_entropy`, for ``jax.Array`` inputs;
-    safe under ``jax.jit``, ``jax.grad`` and ``jax.vmap``.
+    safe under ``jax.jit``, ``jax.grad`` and ``jax.vmap``. NumPy arrays are converted with
+    ``jnp.asarray``, as JAX's own functions convert them, so they may stand beside JAX arrays
+    and tracers (under ``jax.grad`` of one argument, for example).
 
     Parameters
     ----------
@@ -67,7 +73,13 @@ def masked_soft_cross_entropy(
     >>> grad.shape
     (2, 4, 16)
     """
-    inputs = LossInputs(logits, target_probs, position_mask, reduction, num_valid, target_ids)
+    arrays = (logits, target_probs, position_mask)
+    inputs = LossInputs(*map(_as_jax, arrays), reduction, _as_jax(num_valid), _as_jax(target_ids))
     xp = validate_inputs(inputs)
-    check_library(xp, ("jax", "numpy"), function="softce_multi.jax.masked_soft_cross_entropy")
+    check_library(xp, ("jax",), function="softce_multi.jax.masked_soft_cross_entropy")
     return _adapter.loss(inputs)
+
+
+def _as_jax(x: Any) -> Any:
+    """A NumPy array as a JAX array; anything else (NumPy scalars included) as it is."""
+    return jnp.asarray(x) if isinstance(x, np.ndarray) else x

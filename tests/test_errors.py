@@ -483,7 +483,7 @@ def test_the_jax_face_refuses_arrays_of_another_library(library):
     from softce_multi.testing import known_backends
 
     backend = next(b for b in known_backends() if b.library == library)
-    with pytest.raises(TypeError, match=r"softce_multi\.jax\..* takes arrays of jax or numpy"):
+    with pytest.raises(TypeError, match=r"softce_multi\.jax\..* takes arrays of jax, got"):
         masked_soft_cross_entropy(*random_inputs(0, (2, 3, 5)).on(backend))
 
 
@@ -494,6 +494,21 @@ def test_the_jax_face_takes_numpy_arrays_as_jax_does():
     case = random_inputs(0, (2, 3, 5))
     loss = masked_soft_cross_entropy(*(np.asarray(x, np.float32) for x in case[:2]), case[2])
     np.testing.assert_allclose(float(loss), float(sc.masked_soft_cross_entropy(*case)), rtol=1e-6)
+
+
+@needs_jax
+def test_the_jax_face_takes_numpy_arrays_beside_a_differentiated_one():
+    jax = pytest.importorskip("jax")
+    from softce_multi.jax import masked_soft_cross_entropy
+
+    logits, targets, mask = random_inputs(0, (2, 3, 5))
+    logits, targets = np.asarray(logits, np.float32), np.asarray(targets, np.float32)
+
+    grad = jax.grad(masked_soft_cross_entropy)(logits, targets, mask)
+
+    as_jax = (jax.numpy.asarray(x) for x in (logits, targets, mask))
+    expected = jax.grad(sc.masked_soft_cross_entropy)(*as_jax)
+    np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-6, atol=1e-7)
 
 
 _PROBS = np.full((2, 3), 1 / 3, dtype=np.float32)
