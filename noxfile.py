@@ -20,9 +20,12 @@ nox.options.sessions = ["tests", "lint"]
 
 PYTHON = "3.11"
 
-# The CPU build of torch 2.13.0 installs from local disk. An unpinned "torch" (or a range that
-# admits a newer release) resolves to a CUDA build of several GB, so torch is always pinned and
-# installed in the same pip command as the package.
+# The CPU build of torch 2.13.0 comes from PyTorch's CPU index,
+# https://download.pytorch.org/whl/cpu; on PyPI, torch==2.13.0 (like an unpinned "torch" or a
+# range that admits a newer release) is a CUDA build of several GB. The sessions name no index:
+# pip finds the CPU build where its configuration points it, a find-links folder holding the
+# wheel or PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu; with PyPI alone they install
+# the CUDA build. Torch is always pinned and installed in the same pip command as the package.
 TORCH_CPU = os.environ.get("SOFTCE_TORCH_SPEC", "torch==2.13.0")
 JAX_CPU = os.environ.get("SOFTCE_JAX_SPEC", "jax==0.10.2")
 TRITON = "triton==3.9.0"

@@ -290,6 +290,17 @@ def test_bench_refuses_to_compare_from_hidden_states_without_torch_and_jax() -> 
     )
 
 
+def test_bench_profile_without_torch_names_the_cpu_build_from_pytorchs_index() -> None:
+    result = run_cli(["bench", "--profile", *TINY_BENCH], unimportable=["torch"])
+
+    assert_refused(
+        result,
+        "bench",
+        "--profile times the torch CPU loss: "
+        "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu",
+    )
+
+
 def test_bench_refuses_cuda_without_torch() -> None:
     result = run_cli(["bench", "--device", "cuda", *TINY_BENCH], unimportable=["torch"])
 

@@ -72,5 +72,27 @@ def test_the_demo_without_torch_points_to_the_pinned_cpu_build(
     monkeypatch.setattr(_demo, "installed", lambda name: False)
     assert _demo.main(["--backend", "torch"]) == 2
     error = capsys.readouterr().err
-    assert "pip install torch==2.13.0" in error
+    assert "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu" in error
     assert "softce_multi[torch]" not in error
+
+
+CPU_INDEX_INSTALL = "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/getting_started.rst", "docs/eagle3.rst"])
+def test_every_cpu_build_hint_names_pytorchs_cpu_index(page: str) -> None:
+    """On PyPI, ``torch==2.13.0`` alone is the CUDA build: a hint for the CPU build gives the
+    index it comes from."""
+    text = " ".join((ROOT / page).read_text(encoding="utf-8").split())
+    hints = re.findall(r"pip install torch==[^`\n]*", text)
+    assert hints, f"{page} gives no command that installs torch"
+    assert all(CPU_INDEX_INSTALL in hint for hint in hints), hints
+
+
+def test_the_noxfile_says_where_the_cpu_build_comes_from_and_installs_it_as_pip_is_set_up() -> None:
+    """The sessions install ``torch==2.13.0`` through pip's own configuration (no index of their
+    own), and the comment above the pin says the CPU build is on PyTorch's CPU index."""
+    noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
+    comment = noxfile[: noxfile.index("TORCH_CPU = ")].rsplit("\n\n", 1)[-1]
+    assert "https://download.pytorch.org/whl/cpu" in comment
+    assert "index-url" not in noxfile.replace(comment, "")

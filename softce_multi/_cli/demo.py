@@ -26,6 +26,7 @@ import numpy as np
 import softce_multi as sc
 from softce_multi import _compat
 from softce_multi._cli._common import (
+    TORCH_CPU_INSTALL,
     installed,
     positive_float,
     positive_int,
@@ -540,8 +541,8 @@ def main(argv: list[str]) -> int:
     if not installed(args.backend):
         if args.backend == "torch":
             install = (
-                "pip install torch==2.13.0 (the CPU build; an unpinned torch from PyPI is a "
-                "CUDA build of several GB)"
+                f"{TORCH_CPU_INSTALL} (the CPU build, from PyTorch's CPU index; torch from "
+                "PyPI is a CUDA build of several GB)"
             )
         else:
             install = "pip install 'softce_multi[jax]'"

@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from softce_multi._cli._common import output_file, positive_int, random_seed
+from softce_multi._cli._common import TORCH_CPU_INSTALL, output_file, positive_int, random_seed
 from softce_multi._cli.bench.cases import Case
 from softce_multi._cli.bench.from_hidden import FRAMEWORKS, FROM_HIDDEN, TOP_K, MemoryOf, Sizes
 from softce_multi._cli.bench.measure import ITEMSIZE, unavailable
@@ -281,7 +281,7 @@ def _check_profile_options(
         if given:
             parser.error(f"{flag} does not go with --profile")
     if not is_installed("torch"):
-        parser.error("--profile times the torch CPU loss: pip install torch==2.13.0")
+        parser.error(f"--profile times the torch CPU loss: {TORCH_CPU_INSTALL}")
 
 
 def _check_from_json_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
