@@ -96,3 +96,45 @@ def test_the_noxfile_says_where_the_cpu_build_comes_from_and_installs_it_as_pip_
     comment = noxfile[: noxfile.index("TORCH_CPU = ")].rsplit("\n\n", 1)[-1]
     assert "https://download.pytorch.org/whl/cpu" in comment
     assert "index-url" not in noxfile.replace(comment, "")
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """The tables of a Markdown text, each a list of rows of cells (the header row first, the
+    ``|---|`` row left out)."""
+    tables: list[list[list[str]]] = []
+    previous_was_row = False
+    for line in text.splitlines():
+        is_row = line.startswith("|")
+        if is_row and not re.fullmatch(r"\|(\s*:?-+:?\s*\|)+", line):
+            cells = [cell.strip() for cell in line.strip().strip("|").split(" | ")]
+            if not previous_was_row:
+                tables.append([])
+            tables[-1].append(cells)
+        previous_was_row = is_row
+    return tables
+
+
+def _readme_table(header: list[str]) -> list[list[str]]:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    return next(table for table in _markdown_tables(readme) if table[0] == header)
+
+
+def test_every_row_of_the_readme_tables_has_as_many_cells_as_its_header() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    for table in _markdown_tables(readme):
+        assert [len(row) for row in table] == [len(table[0])] * len(table), table
+
+
+def test_the_readme_says_the_cuda_and_gpu_backends_are_tested_by_the_gpu_session() -> None:
+    table = _readme_table(["backend", "device", "tested by"])
+    tested_by = {(backend, device): session for backend, device, session in table[1:]}
+    for backend, device in [("PyTorch", "CUDA"), ("JAX", "GPU"), ("CuPy", "CUDA")]:
+        assert tested_by[backend, device] == "`nox -s gpu`"
+
+
+def test_the_readme_lists_every_nox_session() -> None:
+    noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
+    sessions = re.findall(r"^@nox\.session\(.*\)\ndef (\w+)\(", noxfile, re.MULTILINE)
+    table = _readme_table(["session", "what it does"])
+    listed = [session for session, _ in table[1:]]
+    assert sorted(listed) == sorted(f"`nox -s {session}`" for session in sessions)
