@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 # Submodules that need an optional library are imported on first use, so that importing the
 # package needs NumPy, array-api-compat and array-api-extra only.
-_LAZY_SUBMODULES = ("reference", "torch", "jax", "eagle3", "distributed")
+_LAZY_SUBMODULES = ("reference", "torch", "jax", "eagle3", "distributed", "testing")
 
 
 def __getattr__(name: str) -> ModuleType:

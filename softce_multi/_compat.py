@@ -98,3 +98,21 @@ def cumulative_sum(x: Array, *, xp: Namespace) -> Array:
 def device(x: Array) -> object:
     """The device of the array ``x`` (``None`` for a traced JAX array)."""
     return x.device if is_torch_array(x) else array_api_compat.device(x)
+
+
+#: How to install each optional framework, for :func:`missing_framework`.
+_INSTALL_HINTS = {
+    "torch": (
+        "PyTorch, which is not installed: install the build for your machine "
+        "(https://pytorch.org/get-started/locally/); PyTorch's CPU build is "
+        "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+    ),
+    "jax": "JAX, which is not installed: pip install 'softce_multi[jax]' (JAX for the CPU)",
+}
+
+
+def missing_framework(library: str, module: str) -> ModuleNotFoundError:
+    """The error for ``module`` of the package imported without ``library`` ("torch", "jax")."""
+    error = ModuleNotFoundError(f"{module} needs {_INSTALL_HINTS[library]}")
+    error.name = library
+    return error

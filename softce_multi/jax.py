@@ -8,8 +8,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
-import jax.numpy as jnp
+from softce_multi import _compat
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ModuleNotFoundError as error:
+    raise _compat.missing_framework("jax", "softce_multi.jax") from error
 import numpy as np
 
 from softce_multi._adapters import jax as _adapter
@@ -73,8 +78,14 @@ def masked_soft_cross_entropy(
     >>> grad.shape
     (2, 4, 16)
     """
-    arrays = (logits, target_probs, position_mask)
-    inputs = LossInputs(*map(_as_jax, arrays), reduction, _as_jax(num_valid), _as_jax(target_ids))
+    inputs = LossInputs(
+        _as_jax(logits),
+        _as_jax(target_probs),
+        _as_jax(position_mask),
+        reduction,
+        _as_jax(num_valid),
+        _as_jax(target_ids),
+    )
     xp = validate_inputs(inputs)
     check_library(xp, ("jax",), function="softce_multi.jax.masked_soft_cross_entropy")
     return _adapter.loss(inputs)

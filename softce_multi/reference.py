@@ -9,7 +9,12 @@ so padding must hold finite values here.
 
 from __future__ import annotations
 
-import torch
+from softce_multi import _compat
+
+try:
+    import torch
+except ModuleNotFoundError as error:
+    raise _compat.missing_framework("torch", "softce_multi.reference") from error
 
 __all__ = ["masked_soft_cross_entropy"]
 

@@ -10,7 +10,12 @@ work behind them is the torch adapter, :mod:`softce_multi._adapters.torch`.
 
 from __future__ import annotations
 
-import torch
+from softce_multi import _compat
+
+try:
+    import torch
+except ModuleNotFoundError as error:
+    raise _compat.missing_framework("torch", "softce_multi.torch") from error
 
 from softce_multi._adapters import torch as _adapter
 from softce_multi._types import LinearLossInputs, LossInputs, Reduction

@@ -931,6 +931,29 @@ def test_axis_name_with_torch_tensors_is_a_type_error():
         distributed.global_num_valid(small_case(torch)[2], axis_name="data")
 
 
+def test_errors_of_the_arrays_name_the_shard_arguments():
+    logits, targets, mask = small_case(torch)
+    expected = r"target_probs_shard must have the shape of logits_shard, got target_probs_shard"
+    with pytest.raises(ValueError, match=expected):
+        distributed.vocab_parallel_masked_soft_cross_entropy(logits, targets[..., :4], mask)
+    with pytest.raises(TypeError, match="logits_shard must have a real floating dtype"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(logits.int(), targets, mask)
+
+
+def test_errors_of_the_linear_arrays_name_the_shard_arguments():
+    _, targets, mask = small_case(torch)
+    hidden, weight = torch.ones(2, 3, 4), torch.ones(5, 4)
+    expected = r"bias_shard must have shape \(5,\), one entry per row of weight_shard \(5, 4\)"
+    with pytest.raises(ValueError, match=expected):
+        distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            hidden, weight, targets, mask, bias_shard=torch.ones(3)
+        )
+    with pytest.raises(ValueError, match=r"weight_shard must have shape \[V, H\] with H = 4"):
+        distributed.vocab_parallel_linear_masked_soft_cross_entropy(
+            hidden, weight[:, :3], targets, mask
+        )
+
+
 def test_group_with_jax_arrays_is_a_type_error():
     jnp = pytest.importorskip("jax.numpy", reason="jax not installed")
     with pytest.raises(TypeError, match=r"group \(a str\) is a torch.distributed process group"):

@@ -903,6 +903,35 @@ def imported_after(code: str) -> set[str]:
     return set(result.stdout.split())
 
 
+@pytest.mark.parametrize(
+    ("module", "library", "hint"),
+    [
+        ("softce_multi.torch", "torch", "download.pytorch.org/whl/cpu"),
+        ("softce_multi.reference", "torch", "download.pytorch.org/whl/cpu"),
+        ("softce_multi.jax", "jax", "pip install 'softce_multi[jax]'"),
+    ],
+)
+def test_a_face_without_its_framework_says_what_to_install(module, library, hint):
+    code = f"""
+import sys
+sys.modules[{library!r}] = None  # as if it were not installed
+try:
+    import {module}
+except ModuleNotFoundError as error:
+    print(error.name, error)
+"""
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
+    )
+
+    assert result.stdout.startswith(f"{library} {module} needs "), result.stdout
+    assert hint in result.stdout
+
+
+def test_the_testing_module_is_an_attribute_of_the_package():
+    assert imported_after("import softce_multi as sc; sc.testing.assert_loss_close") == set()
+
+
 def test_importing_the_package_imports_neither_torch_nor_jax():
     assert imported_after("import softce_multi") == set()
 

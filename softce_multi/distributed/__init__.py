@@ -48,6 +48,7 @@ neither. The recipes (DDP, FSDP, gradient accumulation, sequence and tensor para
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any, cast
 
@@ -370,7 +371,10 @@ def _vocab_parallel_call(
             raise TypeError(msg)
         if library == "torch":
             check_not_meta(**arrays)
-        validator(inputs)
+        try:
+            validator(inputs)
+        except (TypeError, ValueError) as error:
+            raise type(error)(_named_as_shards(str(error))) from error
         leading = cast(Any, inputs[0])  # the logits or the hidden states
         return InputDescription(
             positions=tuple(leading.shape[:-1]),
@@ -407,3 +411,13 @@ def _vocab_parallel_call(
         _torch.vocab_parallel_linear_loss if linear else _torch.vocab_parallel_loss
     )
     return torch_loss(inputs, process_group)
+
+
+#: The single-device loss's names of the arrays that these functions take as shards.
+_SHARD_NAMES = {name: f"{name}_shard" for name in ("logits", "target_probs", "weight", "bias")}
+
+
+def _named_as_shards(message: str) -> str:
+    """An error message of the single-device checks, naming the arguments as these functions
+    do (``logits_shard`` for ``logits``...)."""
+    return re.sub(r"\b(logits|target_probs|weight|bias)\b", lambda m: _SHARD_NAMES[m[1]], message)
