@@ -1,8 +1,13 @@
 """Packaging and release: one version for the package, its metadata and its citation; the
-license; the dependencies the README names; the install hints of the command line."""
+license; the dependencies the README names; the install hints of the command line; an sdist that
+carries what its tests read."""
 
 import importlib.metadata
 import re
+import shutil
+import subprocess
+import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -138,3 +143,70 @@ def test_the_readme_lists_every_nox_session() -> None:
     table = _readme_table(["session", "what it does"])
     listed = [session for session, _ in table[1:]]
     assert sorted(listed) == sorted(f"`nox -s {session}`" for session in sessions)
+
+
+SDIST_FOLDERS = ("tests", "docs", "examples", "device")
+"""The folders of the repository the test suite reads, which the sdist carries whole."""
+
+SDIST_RELEASE_FILES = (
+    "README.md",
+    "LICENSE",
+    "CITATION.cff",
+    "CHANGELOG.md",
+    "noxfile.py",
+    "pyproject.toml",
+)
+
+BUILD_OUTPUTS = ("docs/_build/html/index.html", "tests/__pycache__/conftest.cpython-311.pyc")
+"""Files a build or a test run leaves in the tree, which no sdist carries."""
+
+
+def _is_build_output(path: str) -> bool:
+    parts = path.split("/")
+    return (
+        "__pycache__" in parts or path.endswith((".pyc", ".pyo")) or path.startswith("docs/_build/")
+    )
+
+
+def test_the_sdist_carries_every_file_its_tests_read_and_no_build_output(tmp_path: Path) -> None:
+    """The sdist, built by the project's build backend from a copy of this tree with build outputs
+    added, holds every file of the folders the tests read and the release files, and none of
+    the outputs."""
+    setuptools = pytest.importorskip("setuptools")
+    if int(setuptools.__version__.split(".")[0]) < 77:
+        pytest.skip(f"the build needs setuptools>=77, and {setuptools.__version__} is installed")
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".nox", "build", "dist", "_build", "*.egg-info", "__pycache__", ".*_cache"
+        ),
+    )
+    for output in BUILD_OUTPUTS:
+        (source / output).parent.mkdir(parents=True, exist_ok=True)
+        (source / output).write_text("", encoding="utf-8")
+    expected = set(SDIST_RELEASE_FILES) | {
+        path.relative_to(source).as_posix()
+        for folder in SDIST_FOLDERS
+        for path in (source / folder).rglob("*")
+        if path.is_file() and not path.name.startswith(".")
+    }
+    expected = {path for path in expected if not _is_build_output(path)}
+    build = (
+        "import sys; from setuptools import build_meta; print(build_meta.build_sdist(sys.argv[1]))"
+    )
+    built = subprocess.run(
+        [sys.executable, "-c", build, str(tmp_path / "dist")],
+        cwd=source,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert built.returncode == 0, built.stderr
+    archive = tmp_path / "dist" / built.stdout.strip().splitlines()[-1]
+    with tarfile.open(archive) as sdist:
+        members = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+
+    assert sorted(expected - members) == []
+    assert sorted(path for path in members if _is_build_output(path)) == []
