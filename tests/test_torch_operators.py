@@ -1036,6 +1036,50 @@ def test_a_num_valid_that_changes_between_calls_compiles_without_a_graph_break(c
         torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
 
 
+def logits_loss_of_hidden(hidden: Any, weight: Any, targets: Any, mask: Any, count: Any) -> Any:
+    return masked_soft_cross_entropy(hidden @ weight.T, targets, mask, num_valid=count)
+
+
+def linear_loss_of_hidden(hidden: Any, weight: Any, targets: Any, mask: Any, count: Any) -> Any:
+    return softce_multi.linear_masked_soft_cross_entropy(
+        hidden, weight, targets, mask, num_valid=count
+    )
+
+
+NUMBERED_LOSSES = {"logits": logits_loss_of_hidden, "linear": linear_loss_of_hidden}
+
+
+@pytest.mark.parametrize("dynamic", [None, True], ids=["automatic dynamic", "dynamic"])
+@pytest.mark.parametrize("kind", [int, float], ids=["int", "float"])
+@pytest.mark.parametrize("loss", NUMBERED_LOSSES.values(), ids=NUMBERED_LOSSES.keys())
+def test_a_python_number_num_valid_compiles_into_one_graph_for_every_value(loss, kind, dynamic):
+    """EAGLE/SpecForge's ``num_valid=batch * seq`` changes with the padded length: past the
+    first value, Dynamo makes it symbolic, and every later value reuses that graph (a graph per
+    value would stop ``fullgraph=True`` at Dynamo's recompile limit of 8)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, backend=counter, fullgraph=True, dynamic=dynamic)
+    rng = np.random.default_rng(29)
+    weight = torch.tensor(rng.standard_normal((11, 4)), dtype=torch.float32)
+    targets = torch.tensor(random_targets(rng, (6, 11)), dtype=torch.float32)
+    mask = torch.tensor(random_mask(rng, (6,)))
+
+    for step in range(12):
+        count = kind(10 + step) if kind is int else 10.25 + step
+        hidden = torch.tensor(rng.standard_normal((6, 4)), dtype=torch.float32)
+        eager_hidden, compiled_hidden = leaves(hidden, hidden)
+        eager = loss(eager_hidden, weight, targets, mask, count)
+        got = compiled(compiled_hidden, weight, targets, mask, count)
+        eager.backward()
+        got.backward()
+
+        torch.testing.assert_close(got, eager, rtol=0, atol=0)
+        torch.testing.assert_close(compiled_hidden.grad, eager_hidden.grad, rtol=0, atol=0)
+    assert counter.frame_count <= 2
+
+
 def test_compiled_backward_scales_the_gradient_made_in_forward():
     # For "mean", the forward graph computes the logits gradient with the loss, and the backward
     # graph only multiplies it by the upstream gradient: no gradient operator runs there.

@@ -58,6 +58,7 @@ from softce_multi._adapters.torch_shared import (
     row_routine,
     scaled_by_upstream,
     scaled_exactly,
+    traced_num_valid,
 )
 from softce_multi._types import LossInputs
 from softce_multi.kernels import torch_sparse
@@ -92,10 +93,14 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _with_indexable_ids(inputs: LossInputs) -> LossInputs:
-    """``inputs`` with ``target_ids`` as PyTorch indexes with them, built field by field: Dynamo
-    before torch 2.11 traces neither ``NamedTuple._replace`` nor a star-argument construction."""
+    """``inputs`` with ``target_ids`` as PyTorch indexes with them and ``num_valid`` as
+    :func:`~softce_multi._adapters.torch_shared.traced_num_valid` makes it, built field by
+    field: Dynamo before torch 2.11 traces neither ``NamedTuple._replace`` nor a star-argument
+    construction."""
     logits, target_probs, position_mask, reduction, num_valid, target_ids = inputs
     ids = indexable_ids(target_ids)
+    dtype = _core.compute_dtype(logits, target_probs, xp=torch)
+    num_valid = traced_num_valid(num_valid, logits, dtype)
     return LossInputs(logits, target_probs, position_mask, reduction, num_valid, ids)
 
 

@@ -42,6 +42,7 @@ from softce_multi._adapters.torch_shared import (
     refused_vmap,
     scaled_by_upstream,
     scaled_exactly,
+    traced_num_valid,
 )
 from softce_multi._types import LinearGradients, LinearLossInputs
 from softce_multi.kernels import torch_sparse
@@ -82,11 +83,15 @@ def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
     """The arguments of :func:`linear_forward` before its three flags, from validated inputs.
 
     ``num_valid`` goes in as a tensor or as a number, two arguments: an operator's schema
-    takes no union of the two. The last one is the :func:`autocast_dtype` of the matmuls.
+    takes no union of the two. Under ``torch.compile`` a Python number goes in as a tensor
+    (:func:`traced_num_valid`): as an operator's number it would be compiled into the graph.
+    The last argument is the :func:`autocast_dtype` of the matmuls.
     """
     hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
     target_probs, position_mask = inputs.target_probs, inputs.position_mask
-    reduction, num_valid, chunk_rows = inputs.reduction, inputs.num_valid, inputs.chunk_rows
+    reduction, chunk_rows = inputs.reduction, inputs.chunk_rows
+    dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=torch)
+    num_valid = traced_num_valid(inputs.num_valid, hidden, dtype)
     is_tensor = isinstance(num_valid, Tensor)
     if chunk_rows is not None:  # an operator's int has 64 bits; more rows than N are N
         chunk_rows = min(chunk_rows, max(math.prod(hidden.shape[:-1]), 1))

@@ -67,6 +67,22 @@ def indexable_ids(ids: Tensor | None) -> Tensor | None:
     return ids.long() if ids is not None and ids.dtype in _WIDE_UNSIGNED else ids
 
 
+def traced_num_valid(num_valid: Any, like: Tensor, dtype: torch.dtype) -> Any:
+    """``num_valid`` as the losses take it: a Python number as a 0-d tensor under ``torch.compile``.
+
+    Dynamo makes a Python number that changes between calls symbolic, but a symbolic float
+    filled into a tensor (``torch.full``) or passed to an operator as a number is specialized
+    again, a graph per value. Multiplied into a tensor it stays symbolic: the result is
+    ``float(num_valid)`` rounded once to ``dtype`` (the computation dtype) on the device of
+    ``like``, the value the loss computes with in eager mode. Anything else is returned as it
+    is: None, a tensor, a number in eager mode, and host numbers that are neither ``int`` nor
+    ``float`` (a ``Fraction``), which Dynamo keeps constant.
+    """
+    if not torch.compiler.is_compiling() or not isinstance(num_valid, (int, float)):
+        return num_valid
+    return like.new_ones((), dtype=dtype) * float(num_valid)
+
+
 def readable_for_free(x: Tensor) -> bool:
     """Whether reading a value of ``x`` on the host waits for no device and breaks no trace.
 
