@@ -83,6 +83,8 @@ def over_chunks(total: int, size: int, step: Step, carry: Any, loop: Loop) -> An
     through ``loop.fold``, and a shorter one, when ``size`` does not divide ``total``, with a
     step of its own and its static size, first or last as ``loop.short_first`` says.
     """
+    if not is_static(total):
+        return step(0, total, carry)
     if total == 0:
         return carry
     size = max(1, min(size, total))  # a chunk beyond the end would be traced even if never run
@@ -176,6 +178,14 @@ def traced() -> Loop:
 def loop_for(xp: Namespace) -> Loop:
     """The loop of the engine of namespace ``xp``: :func:`traced` for JAX, else :data:`EAGER`."""
     return traced() if _compat.is_jax_namespace(xp) else EAGER
+
+
+def is_static(*sizes: Any) -> bool:
+    """Whether no size is one of ``jax.export``'s symbolic sizes, an expression whose comparison
+    with a number is inconclusive, so that no loop over chunks can be planned on it (the rows
+    then go in one chunk). PyTorch's symbolic sizes under ``torch.compile`` compare with
+    numbers (Dynamo guards on the outcome), and count as static."""
+    return not any(type(size).__module__.startswith("jax.") for size in sizes)
 
 
 def split_over_devices(x: Any) -> bool:

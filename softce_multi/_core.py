@@ -230,10 +230,14 @@ def targets_gradient_rows(
 
 
 def row_blocks(n_rows: int, block_rows: int | None) -> Iterator[slice]:
-    """Yield slices covering ``range(n_rows)`` in blocks of ``block_rows`` (all at once if None)."""
-    step = n_rows if block_rows is None else block_rows
-    for start in range(0, n_rows, max(step, 1)):
-        yield slice(start, min(start + step, n_rows))
+    """Yield slices covering ``range(n_rows)`` in blocks of ``block_rows`` (all at once if None,
+    ``n_rows`` a number or, under ``jax.export``, a symbolic size)."""
+    if block_rows is None:
+        if not (isinstance(n_rows, int) and n_rows == 0):
+            yield slice(0, n_rows)
+        return
+    for start in range(0, n_rows, max(block_rows, 1)):
+        yield slice(start, min(start + block_rows, n_rows))
 
 
 def default_block_rows(vocab_size: int) -> int:

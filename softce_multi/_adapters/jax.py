@@ -326,7 +326,8 @@ class LinearArrays(NamedTuple):
 
 def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     """The arguments of the linear losses' VJPs: the arrays, the reduction and the rows per
-    chunk (``chunk_rows``, at most the number of rows, at least 1).
+    chunk (``chunk_rows``, at most the number of rows, at least 1; all of them when their
+    number is symbolic, :func:`_chunks.is_static`).
 
     By default a chunk's ``[chunk, V]`` arrays take :data:`softce_multi._linear.CHUNK_BYTES`
     counted once, not twice as in the eager driver: XLA fuses the row routine into one pass
@@ -350,7 +351,8 @@ def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     if chunk_rows is None:
         chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp, copies=1)
-    chunk = max(1, min(chunk_rows, math.prod(hidden.shape[:-1])))
+    rows = math.prod(hidden.shape[:-1])
+    chunk = max(1, min(chunk_rows, rows)) if _chunks.is_static(rows) else rows
     arrays = LinearArrays(hidden, weight, bias, target_probs, weights, count, inputs.target_ids)
     return arrays, reduction, chunk
 

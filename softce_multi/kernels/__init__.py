@@ -114,12 +114,15 @@ def use_pallas(*arrays: Any) -> bool:
 
     True when the arrays live on GPUs (under a trace, where arrays carry no device: when JAX's
     default backend is the GPU), none is split over devices in its type (XLA's partitioner
-    cannot split a kernel call; :func:`softce_multi._chunks.split_over_devices`) and this JAX
-    has the Triton backend of Pallas.
+    cannot split a kernel call; :func:`softce_multi._chunks.split_over_devices`) or has a
+    symbolic shape (a kernel's grid is a number; :func:`softce_multi._chunks.is_static`), and
+    this JAX has the Triton backend of Pallas.
     """
     import jax
 
-    if any(_chunks.split_over_devices(array) for array in arrays):
+    if any(
+        _chunks.split_over_devices(array) or not _chunks.is_static(*array.shape) for array in arrays
+    ):
         return False
     platforms = set()
     for array in arrays:

@@ -166,9 +166,12 @@ def _slice_ids(ids: jax.Array | None, start: Any, size: int) -> jax.Array | None
 
 
 def _chunk(z: Any, chunk: int | None) -> int:
-    """Rows per chunk of the ``[N, V]`` logits ``z``: ``chunk`` (at most ``N``, at least 1) if
-    given; all of them if ``z`` is split over devices (:func:`_chunks.split_over_devices`);
-    else :func:`chunk_rows`."""
+    """Rows per chunk of the ``[N, V]`` logits ``z``: all of them if the shape is symbolic
+    (:func:`_chunks.is_static`); else ``chunk`` (at most ``N``, at least 1) if given; all of
+    them if ``z`` is split over devices (:func:`_chunks.split_over_devices`); else
+    :func:`chunk_rows`."""
+    if not _chunks.is_static(*z.shape):
+        return z.shape[0]
     if chunk is not None:
         return max(1, min(chunk, z.shape[0]))
     if _chunks.split_over_devices(z):
