@@ -5,6 +5,8 @@ traceback."""
 from __future__ import annotations
 
 import io
+import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -584,3 +586,77 @@ def test_an_output_file_is_refused_where_no_file_can_be_made(
     error = refusal([*TINY_BENCH, "--json", "/proc/bench.json"], bench.main, capsys)
 
     assert error.startswith("python -m softce_multi bench: error: argument --json: cannot write")
+
+
+# --- device-check: what it needs, refused before it starts ---------------------------------
+
+
+@pytest.mark.parametrize("dry_run", [["--dry-run"], []], ids=["dry run", "on the GPU"])
+def test_device_check_from_an_installed_package_refuses_to_run_the_repository_tests(
+    dry_run: list[str], tmp_path: Path
+) -> None:
+    """Installed without the repository beside it (as from a wheel), the package has no
+    ``tests/`` for the CUDA tests and the suite: the check refuses before it starts."""
+    site = tmp_path / "site-packages"
+    shutil.copytree(
+        ROOT / "softce_multi", site / "softce_multi", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(site)}
+
+    result = subprocess.run(
+        [sys.executable, "-m", "softce_multi", "device-check", *dry_run, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=elsewhere,
+        env=env,
+    )
+
+    assert_refused(
+        result,
+        "device-check",
+        "the device check runs the repository's tests (tests/test_cuda.py and the suite), and "
+        f"softce_multi is imported from {site / 'softce_multi'}, not from a checkout of the "
+        "repository: run it at the root of a checkout",
+    )
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("missing", "message"),
+    [
+        (
+            ["torch"],
+            "torch is not installed: "
+            "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu",
+        ),
+        (["triton"], "triton is not installed: pip install triton==3.9.0"),
+        (
+            ["torch", "triton"],
+            "torch and triton are not installed: "
+            "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu; "
+            "pip install triton==3.9.0",
+        ),
+    ],
+)
+def test_device_check_dry_run_without_torch_or_triton_says_what_to_install(
+    missing: list[str], message: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    result = run_cli(["device-check", "--dry-run", "--out", str(out)], unimportable=missing)
+
+    assert_refused(
+        result,
+        "device-check",
+        "the dry run of the device check needs torch and triton (it runs the Triton kernels in "
+        f"Triton's interpreter), and {message}",
+    )
+    assert not out.exists()
+
+
+def test_the_triton_the_dry_run_asks_for_is_the_one_the_test_session_installs() -> None:
+    noxfile = (ROOT / "noxfile.py").read_text(encoding="utf-8")
+    assert f'TRITON = "{device_check.TRITON}"' in noxfile

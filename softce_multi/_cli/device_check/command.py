@@ -18,12 +18,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple, cast
 
-from softce_multi._cli._common import output_folder, positive_int
+from softce_multi._cli._common import TORCH_CPU_INSTALL, installed, output_folder, positive_int
 from softce_multi._cli.device_check.plan import plan_for
 from softce_multi._cli.device_check.report import draw, goals, summary, tables
 from softce_multi._cli.device_check.speed import add_copy_fractions, add_ratios, headline_shape
 
 REPOSITORY = Path(__file__).resolve().parents[3]
+"""The folder that holds the imported package: the root of a checkout of the repository, whose
+``tests/`` the check runs, or, for an installed package, its ``site-packages``."""
+TRITON = "triton==3.9.0"
+"""The Triton release the dry run asks for when Triton is missing: the one beside torch 2.13."""
 STAGE_LIMIT_S = {
     "environment": 30,
     "resources": 60,
@@ -160,6 +164,33 @@ def _commit() -> str:
     return done.stdout.strip() if done.returncode == 0 else "unknown"
 
 
+def _no_checkout_reason() -> str | None:
+    """Why the check cannot run the repository's tests from where the package is imported (an
+    installed package carries no ``tests/``), or None at the root of a checkout."""
+    if (REPOSITORY / "tests" / "test_cuda.py").is_file():
+        return None
+    return (
+        "the device check runs the repository's tests (tests/test_cuda.py and the suite), and "
+        f"softce_multi is imported from {REPOSITORY / 'softce_multi'}, not from a checkout of "
+        "the repository: run it at the root of a checkout"
+    )
+
+
+def _no_dry_run_reason() -> str | None:
+    """Why the dry run cannot run here (torch or Triton not installed, with the commands that
+    install them), or None."""
+    commands = {"torch": TORCH_CPU_INSTALL, "triton": f"pip install {TRITON}"}
+    missing = [name for name in commands if not installed(name)]
+    if not missing:
+        return None
+    verb = "is" if len(missing) == 1 else "are"
+    return (
+        "the dry run of the device check needs torch and triton (it runs the Triton kernels in "
+        f"Triton's interpreter), and {' and '.join(missing)} {verb} not installed: "
+        + "; ".join(commands[name] for name in missing)
+    )
+
+
 def _no_gpu_reason() -> str | None:
     """Why the full check cannot run here (no torch, or no CUDA device), or None."""
     from softce_multi.testing import is_installed
@@ -268,10 +299,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if options.out is None:
         parser.error("--out FOLDER is required (or --tables JSON)")
-    if not options.dry_run:
-        reason = _no_gpu_reason()
-        if reason:
-            parser.error(f"{reason}; --dry-run runs the check on the CPU")
+    checkout_reason = _no_checkout_reason()
+    if checkout_reason:
+        parser.error(checkout_reason)
+    if options.dry_run:
+        dry_run_reason = _no_dry_run_reason()
+        if dry_run_reason:
+            parser.error(dry_run_reason)
+    else:
+        gpu_reason = _no_gpu_reason()
+        if gpu_reason:
+            parser.error(f"{gpu_reason}; --dry-run runs the check on the CPU")
     options.out.mkdir(parents=True, exist_ok=True)
     arguments = list(argv if argv is not None else sys.argv[1:])
     report: dict[str, Any] = {
