@@ -5,6 +5,7 @@ traceback."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -276,6 +277,26 @@ def test_bench_warns_of_fewer_than_three_timed_rounds(
 
     warning = f"warning: --repeats {repeats}: under 3 timed rounds, one slow round makes the median"
     assert warning in capsys.readouterr().err.splitlines()
+
+
+def test_bench_that_measures_nothing_exits_with_status_2_saying_why(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """NumPy has no bfloat16: with NumPy's cases alone, a bfloat16 sweep skips them all."""
+    numpy_cases = [case for case in bench.CASES if case.framework == "numpy"]
+    monkeypatch.setattr(bench, "CASES", numpy_cases)
+    saved = tmp_path / "rows.json"
+
+    status = bench.main([*TINY_BENCH, "--dtypes", "bfloat16", "--json", str(saved)])
+
+    output = capsys.readouterr()
+    assert status == 2
+    assert "skipped plain NumPy (bfloat16): no bfloat16" in output.out
+    assert output.err.splitlines()[-1] == (
+        "python -m softce_multi bench: error: nothing was measured: every implementation was "
+        "skipped in --dtypes bfloat16 (the reasons are above)"
+    )
+    assert json.loads(saved.read_text())["rows"] == []
 
 
 def test_bench_refuses_a_framework_that_is_not_installed() -> None:

@@ -457,7 +457,8 @@ def _main_from_json(args: argparse.Namespace) -> int:
 def _main_sweep(
     args: argparse.Namespace, run: Sweep, cases: Sequence[Case], is_installed: Callable[[str], bool]
 ) -> int:
-    """Time ``cases`` on ``[1, N, V]`` logits, then, on CUDA, each kernel mode on its own."""
+    """Time ``cases`` on ``[1, N, V]`` logits, then, on CUDA, each kernel mode on its own; exit
+    status 2 when every case was skipped and nothing was measured."""
     args.lengths = args.lengths or list(DEFAULT_LENGTHS)
     rows, skipped = run(args, cases, is_installed)
     print_sweep(rows, args.vocab, args.device, args.repeats)
@@ -474,6 +475,13 @@ def _main_sweep(
         print_kernel_modes(modes)
     print_skipped(skipped)
     write_json(args.json, {"rows": rows, "skipped": skipped, "kernel_modes": modes})
+    if not rows and not modes:
+        print(
+            "python -m softce_multi bench: error: nothing was measured: every implementation "
+            f"was skipped in --dtypes {' '.join(args.dtypes)} (the reasons are above)",
+            file=sys.stderr,
+        )
+        return 2
     if args.plot:
         plot(rows, args.plot, f"[1, N, {args.vocab}] logits on {args.device}, forward+backward")
     return 0
