@@ -914,16 +914,35 @@ def test_inference_mode_gives_the_loss_of_grad_mode(reduction):
     torch.testing.assert_close(actual, expected.detach(), rtol=0, atol=0)
 
 
-def test_forward_mode_differentiation_is_refused_by_name():
-    # A custom jvp would make Dynamo break the graph, so forward mode (jvp, jacfwd,
-    # torch.func.hessian) is left out; PyTorch says so rather than giving a wrong tangent.
+def forward_mode_case(name: str) -> tuple[Callable[[Any], Any], Any]:
+    """A loss as a function of one tensor, and that tensor: of the logits for the loss of
+    logits, of the weight for the linear loss."""
     logits, targets, mask = float64_inputs(21)
+    if name == "masked_soft_cross_entropy":
+        return (lambda z: masked_soft_cross_entropy(z, targets, mask)), logits
+    hidden = logits[..., :4]
+    weight = logits[0, :, :4].new_ones((SHAPE[-1], 4))
 
-    with pytest.raises(RuntimeError, match="jvp"):
-        torch.func.jvp(lambda z: loss_of("mean", mask)(z, targets), (logits,), (logits,))
-    with torch.autograd.forward_ad.dual_level(), pytest.raises(RuntimeError, match="jvp"):
-        dual = torch.autograd.forward_ad.make_dual(logits, torch.ones_like(logits))
-        loss_of("mean", mask)(dual, targets)
+    def linear(w: Any) -> Any:
+        return softce_multi.linear_masked_soft_cross_entropy(hidden, w, targets, mask)
+
+    return linear, weight
+
+
+@pytest.mark.parametrize("name", ["masked_soft_cross_entropy", "linear_masked_soft_cross_entropy"])
+def test_forward_mode_differentiation_is_refused_by_name(name):
+    # A custom jvp would make Dynamo break the graph, so forward mode (jvp, jacfwd,
+    # torch.func.hessian) is left out; the loss says so, and names reverse mode, rather than
+    # giving a wrong tangent.
+    loss, x = forward_mode_case(name)
+    refused = rf"softce_multi's {name} has no forward-mode derivative \(jvp\).*reverse mode"
+
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.func.jvp(loss, (x,), (torch.ones_like(x),))
+    with pytest.raises(NotImplementedError, match=refused):
+        torch.func.hessian(loss)(x)
+    with torch.autograd.forward_ad.dual_level(), pytest.raises(NotImplementedError, match=refused):
+        loss(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
 
 
 def test_batched_upstream_gradients_equal_a_loop():
@@ -1078,6 +1097,52 @@ def test_a_python_number_num_valid_compiles_into_one_graph_for_every_value(loss,
         torch.testing.assert_close(got, eager, rtol=0, atol=0)
         torch.testing.assert_close(compiled_hidden.grad, eager_hidden.grad, rtol=0, atol=0)
     assert counter.frame_count <= 2
+
+
+def weight_losses() -> dict[str, Callable[[Any], Any]]:
+    """Losses as functions of the weight of a head, which goes into them as it is."""
+    rng = np.random.default_rng(31)
+    hidden = torch.tensor(rng.standard_normal((2, 3, 4)))
+    targets = torch.tensor(random_targets(rng, (2, 3, 7)))
+    mask = torch.tensor(random_mask(rng, (2, 3)))
+    head = LinearLossHead()
+    return {
+        "logits": lambda logits: masked_soft_cross_entropy(logits, targets, mask),
+        "linear": lambda weight: softce_multi.linear_masked_soft_cross_entropy(
+            hidden, weight, targets, mask
+        ),
+        "functional_call": lambda weight: torch.func.functional_call(
+            head, {"weight": weight}, (hidden, targets, mask)
+        ),
+    }
+
+
+class LinearLossHead(torch.nn.Module):
+    """The linear loss over a head's weight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(7, 4, dtype=torch.float64))
+
+    def forward(self, hidden: Any, targets: Any, mask: Any) -> Any:
+        return softce_multi.linear_masked_soft_cross_entropy(hidden, self.weight, targets, mask)
+
+
+@pytest.mark.parametrize("name", ["logits", "linear", "functional_call"])
+def test_compiled_func_grad_equals_eager_func_grad(name):
+    # torch.func.grad makes its argument require grad after Dynamo has seen it; handed to the
+    # autograd function as it is, Dynamo inlined the function (a zero gradient, or an error).
+    torch._dynamo.reset()
+    loss = weight_losses()[name]
+    x = torch.tensor(
+        np.random.default_rng(32).standard_normal((2, 3, 7) if name == "logits" else (7, 4))
+    )
+
+    eager = torch.func.grad(loss)(x)
+    compiled = torch.compile(torch.func.grad(loss), backend="aot_eager", fullgraph=True)(x)
+
+    assert eager.abs().sum() > 0
+    torch.testing.assert_close(compiled, eager, **FLOAT64_TOL)
 
 
 def test_compiled_backward_scales_the_gradient_made_in_forward():

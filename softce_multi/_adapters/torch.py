@@ -33,7 +33,7 @@ same pass over the inputs. Its backward pass has two modes:
   the gradient (gradient penalties, hessians, upstream gradients that require grad) are right.
 
 The function has no ``jvp`` (Dynamo cannot trace one), so forward-mode differentiation is
-refused by PyTorch with an error naming it.
+refused, by :func:`~softce_multi._adapters.torch_shared.refuse_forward_mode` naming the loss.
 
 Like every adapter (:class:`~softce_multi._core.Adapter`), the module has ``loss`` and
 ``loss_with_grad`` of validated inputs, and ``linear_loss`` and ``linear_loss_with_grad``, which
@@ -55,9 +55,11 @@ from softce_multi._adapters.torch_linear import linear_loss, linear_loss_with_gr
 from softce_multi._adapters.torch_shared import (
     gradient_routine,
     indexable_ids,
+    refuse_forward_mode,
     row_routine,
     scaled_by_upstream,
     scaled_exactly,
+    traced_input,
     traced_num_valid,
 )
 from softce_multi._types import LossInputs
@@ -71,10 +73,25 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
 
     Without a gradient to record it records nothing; going through it even then makes PyTorch
     refuse forward-mode differentiation by name (the function has no ``jvp``) rather than lose
-    the tangents.
+    the tangents. ``torch.export`` with a gradient to record is a RuntimeError: an exported
+    program keeps the forward pass of an autograd function, not its backward pass.
     """
     inputs = _with_indexable_ids(inputs)
     logits, reduction = inputs.logits, inputs.reduction
+    refuse_forward_mode("masked_soft_cross_entropy", logits, inputs.target_probs)
+    if (
+        torch.compiler.is_exporting()
+        and torch.is_grad_enabled()
+        and (logits.requires_grad or inputs.target_probs.requires_grad)
+    ):
+        msg = (
+            "softce_multi's masked_soft_cross_entropy cannot be exported with its gradient: "
+            "torch.export would keep its forward pass only, and the exported program would "
+            "give the loss no gradient. Export under torch.no_grad() for inference; train "
+            "with eager mode or torch.compile, or export linear_masked_soft_cross_entropy, "
+            "whose exported program is differentiable"
+        )
+        raise RuntimeError(msg)
     with_logits_grad = (
         torch.is_grad_enabled()
         and logits.requires_grad
@@ -93,12 +110,17 @@ def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _with_indexable_ids(inputs: LossInputs) -> LossInputs:
-    """``inputs`` with ``target_ids`` as PyTorch indexes with them and ``num_valid`` as
-    :func:`~softce_multi._adapters.torch_shared.traced_num_valid` makes it, built field by
+    """``inputs`` with ``target_ids`` as PyTorch indexes with them, and ``logits``,
+    ``target_probs`` and ``num_valid`` as :func:`~softce_multi._adapters.torch_shared.traced_input`
+    and :func:`~softce_multi._adapters.torch_shared.traced_num_valid` make them, built field by
     field: Dynamo before torch 2.11 traces neither ``NamedTuple._replace`` nor a star-argument
     construction."""
     logits, target_probs, position_mask, reduction, num_valid, target_ids = inputs
     ids = indexable_ids(target_ids)
+    logits, target_probs = (
+        cast(Tensor, traced_input(logits)),
+        cast(Tensor, traced_input(target_probs)),
+    )
     dtype = _core.compute_dtype(logits, target_probs, xp=torch)
     num_valid = traced_num_valid(num_valid, logits, dtype)
     return LossInputs(logits, target_probs, position_mask, reduction, num_valid, ids)

@@ -16,7 +16,10 @@ chunks, each with a fake implementation (shapes and dtypes only):
     of 16-bit inputs, the gradient to ``target_probs``), the logits recomputed chunk by chunk.
 
 :class:`_LinearMaskedSoftCrossEntropyFunction` calls them; it is differentiable once (its
-backward pass is :func:`~softce_multi._adapters.torch_shared.differentiable_once`).
+backward pass is :func:`~softce_multi._adapters.torch_shared.differentiable_once`). Its
+``setup_context`` and ``backward`` are also the autograd formula registered for
+``softce_multi::linear_forward``, which ``torch.export`` calls directly: an exported program
+keeps operators, not autograd functions.
 :func:`linear_loss` and :func:`linear_loss_with_grad` are the two linear functions of the torch
 adapter (:mod:`softce_multi._adapters.torch`).
 """
@@ -25,7 +28,7 @@ from __future__ import annotations
 
 import math
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import array_api_compat.torch as torch_namespace
 import torch
@@ -39,9 +42,11 @@ from softce_multi._adapters.torch_shared import (
     differentiable_once,
     indexable_ids,
     kernels_for,
+    refuse_forward_mode,
     refused_vmap,
     scaled_by_upstream,
     scaled_exactly,
+    traced_input,
     traced_num_valid,
 )
 from softce_multi._types import LinearGradients, LinearLossInputs
@@ -55,10 +60,12 @@ def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
     the forward pass, when scaling them by the upstream gradient later rounds nothing twice
     (:func:`scaled_exactly`: no 16-bit input, no 16-bit logits); otherwise the backward pass
     computes them with the upstream gradient inside. Under ``torch.autocast`` the chunks'
-    matmuls run in the autocast dtype (:func:`autocast_dtype`).
+    matmuls run in the autocast dtype (:func:`autocast_dtype`). Under ``torch.export`` it calls
+    :func:`linear_forward` directly, whose registered autograd formula is that of the function.
     """
     arguments = _operator_arguments(inputs)
-    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
+    hidden, weight, bias = arguments[:3]
+    refuse_forward_mode("linear_masked_soft_cross_entropy", hidden, weight, bias, arguments[3])
     matmul_dtype = arguments[-1]
     wanted = (False, False, False)
     if (
@@ -69,6 +76,10 @@ def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
     ):
         with_bias_grad = bias is not None and bias.requires_grad
         wanted = (hidden.requires_grad, weight.requires_grad, with_bias_grad)
+    if torch.compiler.is_exporting():
+        # The operator itself, whose autograd formula is the function's: an exported program
+        # then asks at run time which inputs require grad, not at export time.
+        return linear_forward(*arguments, *wanted)[0]
     return _LinearMaskedSoftCrossEntropyFunction.apply(*arguments, wanted)[0]
 
 
@@ -84,12 +95,16 @@ def _operator_arguments(inputs: LinearLossInputs) -> tuple[Any, ...]:
 
     ``num_valid`` goes in as a tensor or as a number, two arguments: an operator's schema
     takes no union of the two. Under ``torch.compile`` a Python number goes in as a tensor
-    (:func:`traced_num_valid`): as an operator's number it would be compiled into the graph.
-    The last argument is the :func:`autocast_dtype` of the matmuls.
+    (:func:`traced_num_valid`): as an operator's number it would be compiled into the graph;
+    and the four tensors that may require grad go in as :func:`traced_input` makes them. The
+    last argument is the :func:`autocast_dtype` of the matmuls.
     """
-    hidden, weight, bias = inputs.hidden, inputs.weight, inputs.bias
-    target_probs, position_mask = inputs.target_probs, inputs.position_mask
-    reduction, chunk_rows = inputs.reduction, inputs.chunk_rows
+    hidden, weight = (
+        cast(Tensor, traced_input(inputs.hidden)),
+        cast(Tensor, traced_input(inputs.weight)),
+    )
+    bias, target_probs = traced_input(inputs.bias), cast(Tensor, traced_input(inputs.target_probs))
+    position_mask, reduction, chunk_rows = inputs.position_mask, inputs.reduction, inputs.chunk_rows
     dtype = _core.compute_dtype(hidden, weight, bias, target_probs, xp=torch)
     num_valid = traced_num_valid(inputs.num_valid, hidden, dtype)
     is_tensor = isinstance(num_valid, Tensor)
@@ -408,3 +423,22 @@ class _LinearMaskedSoftCrossEntropyFunction(torch.autograd.Function):
             for grad, fresh, need in zip(grads, recomputed[:3], missing, strict=True)
         ]
         return (*grads, recomputed[3] if wants[3] else None, *nothing[4:])
+
+
+def _setup_linear_forward(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """The autograd context of :func:`linear_forward`: that of
+    :class:`_LinearMaskedSoftCrossEntropyFunction`, whose last input is the operator's three
+    flags as one tuple."""
+    _LinearMaskedSoftCrossEntropyFunction.setup_context(
+        ctx, (*inputs[:11], tuple(inputs[11:])), output
+    )
+
+
+def _linear_forward_backward(ctx: Any, *grad_outputs: Any) -> tuple[Any, ...]:
+    """The backward pass of :func:`linear_forward`: that of the autograd function, with no
+    gradient for each of the three flags."""
+    grads = _LinearMaskedSoftCrossEntropyFunction.backward(ctx, *grad_outputs)
+    return (*grads[:11], None, None, None)
+
+
+linear_forward.register_autograd(_linear_forward_backward, setup_context=_setup_linear_forward)

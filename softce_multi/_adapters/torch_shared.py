@@ -67,6 +67,21 @@ def indexable_ids(ids: Tensor | None) -> Tensor | None:
     return ids.long() if ids is not None and ids.dtype in _WIDE_UNSIGNED else ids
 
 
+def traced_input(tensor: Tensor | None) -> Tensor | None:
+    """``tensor``, under ``torch.compile`` as a view of itself, so that Dynamo knows whether it
+    requires grad.
+
+    Dynamo records whether a tensor requires grad when the tensor enters the trace; an input
+    that ``torch.func.grad`` makes differentiable after that looks constant to it, and it then
+    inlines an autograd function applied to the input, differentiating its ``forward`` in
+    place of its ``backward``: a wrong gradient, or none. A view made inside the trace records
+    what is true. Outside ``torch.compile`` the tensor itself.
+    """
+    if tensor is None or not torch.compiler.is_compiling():
+        return tensor
+    return tensor.view_as(tensor)
+
+
 def traced_num_valid(num_valid: Any, like: Tensor, dtype: torch.dtype) -> Any:
     """``num_valid`` as the losses take it: a Python number as a 0-d tensor under ``torch.compile``.
 
@@ -105,6 +120,32 @@ def under_vmap() -> bool:
         return False
     stack = torch._C._functorch.get_interpreter_stack() or ()
     return any(level.key() == torch._C._functorch.TransformType.Vmap for level in stack)
+
+
+def refuse_forward_mode(loss: str, *tensors: Tensor | None) -> None:
+    """Raise NotImplementedError, naming ``loss``, under forward-mode differentiation.
+
+    The autograd functions have no ``jvp`` (Dynamo cannot trace one); this names the loss and
+    the reverse-mode transforms that work where PyTorch's own error would name neither. Asked
+    in eager mode: of ``torch.func.jvp`` (and ``jacfwd``, ``torch.func.hessian``) on the
+    transform stack and of dual tensors of ``torch.autograd.forward_ad``.
+    """
+    if torch.compiler.is_compiling():
+        return
+    stack = torch._C._functorch.get_interpreter_stack() or ()
+    forward_mode = any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack)
+    dual = any(
+        tensor is not None and torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None
+        for tensor in tensors
+    )
+    if forward_mode or dual:
+        msg = (
+            f"softce_multi's {loss} has no forward-mode derivative (jvp), so torch.func.jvp, "
+            "jacfwd, torch.func.hessian and forward_ad dual tensors are not supported; use "
+            "reverse mode: torch.autograd.functional.hessian, or torch.func.jacrev of "
+            "torch.func.jacrev"
+        )
+        raise NotImplementedError(msg)
 
 
 def scaled_by_upstream(grad: Tensor, upstream: Tensor) -> Tensor:
