@@ -31,8 +31,9 @@ JAX_CPU = os.environ.get("SOFTCE_JAX_SPEC", "jax==0.10.2")
 TRITON = "triton==3.9.0"
 ARRAY_API_STRICT = "array-api-strict==2.6.1"
 
+# One CUDA release for the three: torch's wheel on PyPI, JAX's plugin and CuPy all for CUDA 13.
 TORCH_GPU = os.environ.get("SOFTCE_TORCH_GPU_SPEC", "torch==2.14.1")
-JAX_GPU = os.environ.get("SOFTCE_JAX_GPU_SPEC", "jax[cuda12]==0.10.2")
+JAX_GPU = os.environ.get("SOFTCE_JAX_GPU_SPEC", "jax[cuda13]==0.10.2")
 CUPY_GPU = os.environ.get("SOFTCE_CUPY_SPEC", "cupy-cuda13x")
 
 # The examples' libraries, at releases that install here beside the CPU torch. NeMo AutoModel
