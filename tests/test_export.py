@@ -1,9 +1,8 @@
 """torch.export of models that call the PyTorch losses.
 
-An exported program keeps the forward pass of an autograd function and differentiates what it
-traced: the loss of logits is exported for inference only (a gradient would be lost, so
-exporting it with one is refused), and the linear loss exports its operator, whose registered
-autograd formula is the autograd function's backward pass.
+An exported program keeps operators, not autograd functions: under ``torch.export`` both losses
+call an operator whose registered autograd formula is their autograd function's, so that the
+exported program differentiates as eager mode does.
 """
 
 from __future__ import annotations
@@ -63,16 +62,13 @@ def test_an_export_under_no_grad_gives_the_eager_loss(model):
         torch.testing.assert_close(exported(*inputs(2)), eager(*inputs(2)), rtol=0, atol=0)
 
 
-def test_exporting_the_loss_of_logits_with_a_gradient_is_refused_by_name():
-    # Exported, its forward pass would run without grad and the loss give no gradient, silently.
-    with pytest.raises(RuntimeError, match=r"softce_multi.*torch\.no_grad\(\)"):
-        torch.export.export(LogitsHead(), inputs(3))
-
-
 @pytest.mark.parametrize("strict", [False, True], ids=["non-strict", "strict"])
-def test_the_exported_linear_loss_gives_the_eager_gradients(strict):
-    eager = LinearHead()
-    exported = torch.export.export(LinearHead(), inputs(4), strict=strict).module()
+@pytest.mark.parametrize("model", [LogitsHead, LinearHead], ids=["logits", "linear"])
+def test_the_exported_loss_gives_the_eager_gradients(model, strict):
+    # The weight decay term after the loss keeps a gradient of its own: a loss exported without
+    # its gradient would go unnoticed in the sum, and the weight's gradient be that term's alone.
+    eager = model()
+    exported = torch.export.export(model(), inputs(4), strict=strict).module()
     hidden, targets, mask = inputs(5)
     eager_hidden = hidden.clone().requires_grad_(True)
     exported_hidden = hidden.clone().requires_grad_(True)
@@ -82,10 +78,53 @@ def test_the_exported_linear_loss_gives_the_eager_gradients(strict):
     eager_loss.backward()
     exported_loss.backward()
 
-    # The export saw a hidden state that requires no grad: its gradient is made in the backward
-    # pass, in eager mode in the forward pass (float32 rounding apart, the same).
+    # The export saw a hidden state that requires no grad: the linear loss makes its gradient in
+    # the backward pass, in eager mode in the forward pass (float32 rounding apart, the same).
     torch.testing.assert_close(exported_loss, eager_loss, rtol=0, atol=0)
     torch.testing.assert_close(exported_hidden.grad, eager_hidden.grad, rtol=1e-5, atol=1e-7)
     for name, parameter in exported.named_parameters():
         eager_grad = eager.get_parameter(name).grad
         torch.testing.assert_close(parameter.grad, eager_grad, rtol=1e-5, atol=1e-7)
+
+
+def loss_forward_arguments(reduction: str, count: Any, sparse: bool) -> tuple[Any, ...]:
+    rng = np.random.default_rng(6)
+    logits = torch.tensor(rng.standard_normal((2, 3, VOCAB)), requires_grad=True)
+    mask = torch.tensor(random_mask(rng, (2, 3)))
+    if sparse:
+        ids = torch.tensor(rng.integers(0, VOCAB, (2, 3, 4)))
+        targets = torch.tensor(random_targets(rng, (2, 3, 4)), requires_grad=True)
+    else:
+        ids, targets = None, torch.tensor(random_targets(rng, (2, 3, VOCAB)), requires_grad=True)
+    tensor_count = torch.tensor(count) if isinstance(count, int) else None
+    number = count if isinstance(count, float) else None
+    with_logits_grad = reduction != "none"
+    return (logits, targets, mask, ids, tensor_count, number, reduction, with_logits_grad)
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
+@pytest.mark.parametrize(
+    ("reduction", "count"),
+    [("mean", None), ("mean", 4), ("mean", 2.5), ("sum", None), ("none", None)],
+)
+def test_the_exported_loss_operator_passes_opcheck(reduction, count, sparse):
+    from softce_multi._adapters import torch as torch_adapter
+
+    arguments = loss_forward_arguments(reduction, count, sparse)
+
+    torch.library.opcheck(torch_adapter.loss_forward, arguments)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_the_linear_operator_passes_opcheck(reduction):
+    from softce_multi._adapters import torch_linear
+
+    rng = np.random.default_rng(7)
+    hidden = torch.tensor(rng.standard_normal((2, 3, HIDDEN)), requires_grad=True)
+    weight = torch.tensor(rng.standard_normal((VOCAB, HIDDEN)), requires_grad=True)
+    targets = torch.tensor(random_targets(rng, (2, 3, VOCAB)), requires_grad=True)
+    mask = torch.tensor(random_mask(rng, (2, 3)))
+    made = reduction != "none"
+    arguments = (hidden, weight, None, targets, None, mask, None, None, reduction, 2, None)
+
+    torch.library.opcheck(torch_linear.linear_forward, (*arguments, made, made, False))

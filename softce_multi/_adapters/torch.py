@@ -16,6 +16,9 @@ dtypes only) and a vmap rule (the batch is folded into the rows):
 
 :func:`~softce_multi._adapters.torch_shared.row_routine` and
 :func:`~softce_multi._adapters.torch_shared.gradient_routine` choose between them by device.
+``softce_multi::loss_forward`` (:func:`loss_forward`) is the forward pass of the autograd
+function below as one operator, whose autograd formula is the function's: ``torch.export``,
+which keeps operators and not autograd functions, exports the loss as it.
 
 :class:`_MaskedSoftCrossEntropyFunction` is an ``autograd.Function`` in the style that
 ``torch.func`` and ``torch.compile`` support (``forward`` without ``ctx``, a separate
@@ -44,6 +47,7 @@ face is :mod:`softce_multi.torch`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, cast
 
 import array_api_compat.torch as torch_namespace
@@ -73,31 +77,21 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
 
     Without a gradient to record it records nothing; going through it even then makes PyTorch
     refuse forward-mode differentiation by name (the function has no ``jvp``) rather than lose
-    the tangents. ``torch.export`` with a gradient to record is a RuntimeError: an exported
-    program keeps the forward pass of an autograd function, not its backward pass.
+    the tangents. Under ``torch.export`` it calls the operator :func:`loss_forward`, whose
+    autograd formula is the function's: an exported program keeps operators, not autograd
+    functions.
     """
     inputs = _with_indexable_ids(inputs)
     logits, reduction = inputs.logits, inputs.reduction
     refuse_forward_mode("masked_soft_cross_entropy", logits, inputs.target_probs)
-    if (
-        torch.compiler.is_exporting()
-        and torch.is_grad_enabled()
-        and (logits.requires_grad or inputs.target_probs.requires_grad)
-    ):
-        msg = (
-            "softce_multi's masked_soft_cross_entropy cannot be exported with its gradient: "
-            "torch.export would keep its forward pass only, and the exported program would "
-            "give the loss no gradient. Export under torch.no_grad() for inference; train "
-            "with eager mode or torch.compile, or export linear_masked_soft_cross_entropy, "
-            "whose exported program is differentiable"
-        )
-        raise RuntimeError(msg)
     with_logits_grad = (
         torch.is_grad_enabled()
         and logits.requires_grad
         and reduction != "none"
         and scaled_exactly(logits)
     )
+    if torch.compiler.is_exporting():
+        return _exported_loss(inputs, with_logits_grad=with_logits_grad)
     outputs = _MaskedSoftCrossEntropyFunction.apply(*inputs, with_logits_grad)
     return outputs[0]
 
@@ -283,3 +277,82 @@ def _differentiable_gradients(
             rows = torch.where(valid, rows, torch.where(sparse_probs == 0, 0.0, torch.nan))
         grad_p = rows.to(target_probs.dtype).reshape(target_probs.shape)
     return grad_z, grad_p
+
+
+def _exported_loss(inputs: LossInputs, /, *, with_logits_grad: bool) -> Tensor:
+    """The loss through :func:`loss_forward`, ``num_valid`` split into a tensor and a number."""
+    logits, target_probs, position_mask, reduction, num_valid, target_ids = inputs
+    is_tensor = isinstance(num_valid, Tensor)
+    number = None if is_tensor or num_valid is None else float(num_valid)
+    return loss_forward(
+        logits,
+        target_probs,
+        position_mask,
+        target_ids,
+        num_valid if is_tensor else None,
+        number,
+        reduction,
+        with_logits_grad,
+    )[0]
+
+
+@torch.library.custom_op("softce_multi::loss_forward", mutates_args=())
+def loss_forward(
+    logits: Tensor,
+    target_probs: Tensor,
+    position_mask: Tensor,
+    target_ids: Tensor | None,
+    num_valid: Tensor | None,
+    num_valid_number: float | None,
+    reduction: str,
+    with_logits_grad: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The forward pass of :class:`_MaskedSoftCrossEntropyFunction` as one operator, for
+    ``torch.export``, which keeps operators and not autograd functions; its autograd formula is
+    the function's ``setup_context`` and ``backward``.
+
+    ``num_valid`` comes as a tensor or as a number (``num_valid_number``), None for both
+    without it; the other arguments and the outputs are those of the function.
+    """
+    count = num_valid if num_valid is not None else num_valid_number
+    outputs = _MaskedSoftCrossEntropyFunction.forward(
+        logits, target_probs, position_mask, reduction, count, target_ids, with_logits_grad
+    )
+    return outputs  # type: ignore[return-value]
+
+
+@loss_forward.register_fake
+def _(
+    logits: Tensor,
+    target_probs: Tensor,
+    position_mask: Tensor,
+    target_ids: Tensor | None,
+    num_valid: Tensor | None,
+    num_valid_number: float | None,
+    reduction: str,
+    with_logits_grad: bool,
+) -> tuple[Tensor, ...]:
+    dtype = _core.compute_dtype(logits, target_probs, xp=torch)
+    batch_shape = logits.shape[:-1]
+    loss = logits.new_empty(batch_shape if reduction == "none" else (), dtype=dtype)
+    logits_grad = logits.new_empty(logits.shape if with_logits_grad else (0,))
+    rows = [logits.new_empty(math.prod(batch_shape), dtype=dtype) for _ in range(4)]
+    return (loss, logits_grad, *rows)
+
+
+def _setup_loss_forward(ctx: Any, inputs: tuple[Any, ...], output: Any) -> None:
+    """The autograd context of :func:`loss_forward`: that of the autograd function, whose
+    inputs come in another order."""
+    logits, target_probs, position_mask, target_ids, _, _, reduction, with_logits_grad = inputs
+    function_inputs = (logits, target_probs, position_mask, reduction, None, target_ids)
+    _MaskedSoftCrossEntropyFunction.setup_context(ctx, (*function_inputs, with_logits_grad), output)
+
+
+def _loss_forward_backward(ctx: Any, *grad_outputs: Any) -> tuple[Any, ...]:
+    """The backward pass of :func:`loss_forward`: that of the autograd function, whose
+    gradients to ``logits`` and ``target_probs`` are the first two of either."""
+    grads = _MaskedSoftCrossEntropyFunction.backward(ctx, *grad_outputs)
+    return (*grads[:2], None, None, None, None, None, None)
+
+
+loss_forward.register_autograd(_loss_forward_backward, setup_context=_setup_loss_forward)
