@@ -88,7 +88,7 @@ def over_chunks(total: int, size: int, step: Step, carry: Any, loop: Loop) -> An
     if total == 0:
         return carry
     size = max(1, min(size, total))  # a chunk beyond the end would be traced even if never run
-    full, rest = divmod(total, size)
+    full, rest = total // size, total % size  # Dynamo has no divmod of symbolic sizes
     first = rest if loop.short_first else 0
     if rest and loop.short_first:
         carry = step(0, rest, carry)
@@ -185,7 +185,7 @@ def is_static(*sizes: Any) -> bool:
     with a number is inconclusive, so that no loop over chunks can be planned on it (the rows
     then go in one chunk). PyTorch's symbolic sizes under ``torch.compile`` compare with
     numbers (Dynamo guards on the outcome), and count as static."""
-    return not any(type(size).__module__.startswith("jax.") for size in sizes)
+    return not any(_compat.is_jax_symbolic_size(size) for size in sizes)
 
 
 def split_over_devices(x: Any) -> bool:

@@ -89,6 +89,17 @@ def array_namespace(*arrays: Array) -> Namespace:
     return array_api_compat.array_namespace(*arrays)
 
 
+def is_jax_symbolic_size(size: object) -> bool:
+    """Whether ``size`` is one of ``jax.export``'s symbolic sizes (a number, or a PyTorch
+    symbolic size under ``torch.compile``, is not; Dynamo traces this for those)."""
+    if isinstance(size, int):
+        return False
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(size, torch.SymInt):
+        return False
+    return type(size).__module__.startswith("jax.")
+
+
 def cumulative_sum(x: Array, *, xp: Namespace) -> Array:
     """``xp.cumulative_sum`` of the 1-D array ``x``; array-api-compat's own looks the namespace
     up again, through its caches."""

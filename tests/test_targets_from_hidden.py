@@ -304,6 +304,24 @@ def test_torch_outputs_are_detached() -> None:
     assert not mask.requires_grad
 
 
+@pytest.mark.parametrize("chunks", [{}, MANY])
+def test_torch_compile_with_dynamic_shapes_equals_eager(chunks) -> None:
+    torch = pytest.importorskip("torch")
+    case = _case(np.random.default_rng(16))
+    weight, t2d = torch.tensor(case["weight"]), torch.tensor(case["t2d"])
+
+    def targets(hidden, loss_mask):
+        return prepare_targets_from_hidden(
+            hidden, weight, loss_mask, t2d, draft_vocab_size=V_DRAFT, **chunks
+        )
+
+    compiled = torch.compile(targets, fullgraph=True, dynamic=True, backend="aot_eager")
+    for rows in (BATCH[1], BATCH[1] - 2):  # a second size runs the same symbolic graph
+        hidden = torch.tensor(case["hidden"][:, :rows])
+        loss_mask = torch.tensor(case["loss_mask"][:, :rows])
+        _assert_same(compiled(hidden, loss_mask), targets(hidden, loss_mask), rtol=1e-12)
+
+
 # --- bad input ------------------------------------------------------------------------------
 
 
