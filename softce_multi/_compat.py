@@ -38,7 +38,7 @@ def is_torch_namespace(xp: Namespace) -> bool:
 def is_array_api_obj(x: object) -> bool:
     """Whether ``x`` is an array of a library that array-api-compat knows (``None``, a list
     and a tuple are not)."""
-    if x is None or isinstance(x, list | tuple):
+    if x is None or isinstance(x, (list, tuple)):  # Dynamo before torch 2.11 has no X | Y
         return False
     return is_torch_array(x) or array_api_compat.is_array_api_obj(x)
 

@@ -38,6 +38,9 @@ from softce_multi.torch import MaskedSoftCrossEntropy, masked_soft_cross_entropy
 
 SHAPE = (2, 3, 7)
 
+#: The installed PyTorch's (major, minor) release.
+TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split(".")[:2])
+
 #: Differences between two float64 computations of the same derivative (rounding only).
 FLOAT64_TOL = {"rtol": 1e-10, "atol": 1e-12}
 
@@ -1128,6 +1131,11 @@ class LinearLossHead(torch.nn.Module):
         return softce_multi.linear_masked_soft_cross_entropy(hidden, self.weight, targets, mask)
 
 
+@pytest.mark.skipif(
+    TORCH_RELEASE < (2, 13),
+    reason="Dynamo before torch 2.13 refuses torch.func.grad through the losses' autograd "
+    "functions with torch's setup_context error (documented in kernels.rst)",
+)
 @pytest.mark.parametrize("name", ["logits", "linear", "functional_call"])
 def test_compiled_func_grad_equals_eager_func_grad(name):
     # torch.func.grad makes its argument require grad after Dynamo has seen it; handed to the

@@ -57,6 +57,7 @@ from torch import Tensor
 from softce_multi import _core
 from softce_multi._adapters.torch_linear import linear_loss, linear_loss_with_grad
 from softce_multi._adapters.torch_shared import (
+    exporting,
     gradient_routine,
     indexable_ids,
     refuse_forward_mode,
@@ -90,7 +91,7 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
         and reduction != "none"
         and scaled_exactly(logits)
     )
-    if torch.compiler.is_exporting():
+    if exporting():
         return _exported_loss(inputs, with_logits_grad=with_logits_grad)
     outputs = _MaskedSoftCrossEntropyFunction.apply(*inputs, with_logits_grad)
     return outputs[0]

@@ -40,6 +40,7 @@ from softce_multi._adapters.torch_shared import (
     add_product,
     autocast_dtype,
     differentiable_once,
+    exporting,
     indexable_ids,
     kernels_for,
     refuse_forward_mode,
@@ -76,7 +77,7 @@ def linear_loss(inputs: LinearLossInputs, /) -> Tensor:
     ):
         with_bias_grad = bias is not None and bias.requires_grad
         wanted = (hidden.requires_grad, weight.requires_grad, with_bias_grad)
-    if torch.compiler.is_exporting():
+    if exporting():
         # The operator itself, whose autograd formula is the function's: an exported program
         # then asks at run time which inputs require grad, not at export time.
         return linear_forward(*arguments, *wanted)[0]

@@ -67,6 +67,17 @@ def indexable_ids(ids: Tensor | None) -> Tensor | None:
     return ids.long() if ids is not None and ids.dtype in _WIDE_UNSIGNED else ids
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing (not ``torch.compile``).
+
+    Dynamo before torch 2.13 answers ``torch.compiler.is_exporting()`` with True under every
+    ``torch.compile``; the flag that ``torch.export`` sets while it traces says the truth, and
+    is read where it exists.
+    """
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    return torch.compiler.is_exporting() if flag is None else bool(flag)
+
+
 def traced_input(tensor: Tensor | None) -> Tensor | None:
     """``tensor``, under ``torch.compile`` as a view of itself, so that Dynamo knows whether it
     requires grad.
