@@ -92,5 +92,9 @@ def masked_soft_cross_entropy(
 
 
 def _as_jax(x: Any) -> Any:
-    """A NumPy array as a JAX array; anything else (NumPy scalars included) as it is."""
-    return jnp.asarray(x) if isinstance(x, np.ndarray) else x
+    """A NumPy array of bools, integers or floats (bfloat16 included) as a JAX array; anything
+    else as it is (NumPy scalars, masked arrays, and dtypes JAX cannot hold, which the checks
+    then refuse by the argument's name)."""
+    if type(x) is not np.ndarray or not (x.dtype.kind in "biuf" or x.dtype.name == "bfloat16"):
+        return x
+    return jnp.asarray(x)

@@ -940,6 +940,11 @@ def test_errors_of_the_arrays_name_the_shard_arguments():
         distributed.vocab_parallel_masked_soft_cross_entropy(logits.int(), targets, mask)
 
 
+def test_errors_show_the_callers_own_values_as_given():
+    with pytest.raises(ValueError, match="got 'logits'"):
+        distributed.vocab_parallel_masked_soft_cross_entropy(*small_case(torch), reduction="logits")
+
+
 def test_errors_of_the_linear_arrays_name_the_shard_arguments():
     _, targets, mask = small_case(torch)
     hidden, weight = torch.ones(2, 3, 4), torch.ones(5, 4)

@@ -511,6 +511,16 @@ def test_the_jax_face_takes_numpy_arrays_beside_a_differentiated_one():
     np.testing.assert_allclose(np.asarray(grad), np.asarray(expected), rtol=1e-6, atol=1e-7)
 
 
+@needs_jax
+def test_the_jax_face_refuses_a_numpy_array_jax_cannot_hold_by_name():
+    from softce_multi.jax import masked_soft_cross_entropy
+
+    logits, targets, mask = random_inputs(0, (2, 3, 5))
+
+    with pytest.raises(TypeError, match="position_mask"):
+        masked_soft_cross_entropy(logits, targets, np.asarray(mask, dtype=object))
+
+
 _PROBS = np.full((2, 3), 1 / 3, dtype=np.float32)
 _MASK = np.ones(2, dtype=bool)
 

@@ -315,11 +315,17 @@ def test_torch_compile_with_dynamic_shapes_equals_eager(chunks) -> None:
             hidden, weight, loss_mask, t2d, draft_vocab_size=V_DRAFT, **chunks
         )
 
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     compiled = torch.compile(targets, fullgraph=True, dynamic=True, backend="aot_eager")
-    for rows in (BATCH[1], BATCH[1] - 2):  # a second size runs the same symbolic graph
+    for rows in (BATCH[1], BATCH[1] - 2):
         hidden = torch.tensor(case["hidden"][:, :rows])
         loss_mask = torch.tensor(case["loss_mask"][:, :rows])
         _assert_same(compiled(hidden, loss_mask), targets(hidden, loss_mask), rtol=1e-12)
+    # One chunk of rows (the default here) is one symbolic graph for every size; several chunks
+    # unroll their Python loop, a graph per number of chunks.
+    assert counters["stats"]["unique_graphs"] == (1 if not chunks else 2)
 
 
 # --- bad input ------------------------------------------------------------------------------

@@ -948,6 +948,20 @@ def test_forward_mode_differentiation_is_refused_by_name(name):
         loss(torch.autograd.forward_ad.make_dual(x, torch.ones_like(x)))
 
 
+@pytest.mark.parametrize("name", ["masked_soft_cross_entropy", "linear_masked_soft_cross_entropy"])
+def test_a_loss_that_a_jvp_does_not_differentiate_runs_under_it(name):
+    loss, x = forward_mode_case(name)
+    scale = torch.tensor([1.0, -2.0, 3.0], dtype=torch.float64)
+
+    def scaled(s: Any) -> Any:
+        return s * loss(x)
+
+    value, tangent = torch.func.jvp(scaled, (scale,), (torch.ones_like(scale),))
+
+    torch.testing.assert_close(value, scale * loss(x))
+    torch.testing.assert_close(tangent, loss(x).expand(3))
+
+
 def test_batched_upstream_gradients_equal_a_loop():
     # is_grads_batched runs backward under vmap: the upstream has no single value to test.
     logits, targets, mask = float32_inputs(15)

@@ -319,7 +319,8 @@ def loss_forward(
     outputs = _MaskedSoftCrossEntropyFunction.forward(
         logits, target_probs, position_mask, reduction, count, target_ids, with_logits_grad
     )
-    return outputs  # type: ignore[return-value]
+    # Of an empty batch, the outputs are views of one empty buffer; an operator's may not alias.
+    return tuple(x.clone() if x.numel() == 0 else x for x in outputs)  # type: ignore[return-value]
 
 
 @loss_forward.register_fake

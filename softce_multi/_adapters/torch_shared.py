@@ -134,22 +134,31 @@ def under_vmap() -> bool:
 
 
 def refuse_forward_mode(loss: str, *tensors: Tensor | None) -> None:
-    """Raise NotImplementedError, naming ``loss``, under forward-mode differentiation.
+    """Raise NotImplementedError, naming ``loss``, where ``tensors`` carry forward-mode tangents.
 
     The autograd functions have no ``jvp`` (Dynamo cannot trace one); this names the loss and
     the reverse-mode transforms that work where PyTorch's own error would name neither. Asked
-    in eager mode: of ``torch.func.jvp`` (and ``jacfwd``, ``torch.func.hessian``) on the
-    transform stack and of dual tensors of ``torch.autograd.forward_ad``.
+    in eager mode, of ``tensors`` only: with a tangent of ``torch.func.jvp`` (``jacfwd``) or of
+    ``torch.autograd.forward_ad``, or wrapped by a transform inside a ``jvp`` (the reverse pass
+    of ``torch.func.hessian``). A loss that does not depend on what a ``jvp`` differentiates
+    runs under it.
     """
     if torch.compiler.is_compiling():
         return
-    stack = torch._C._functorch.get_interpreter_stack() or ()
-    forward_mode = any(level.key() == torch._C._functorch.TransformType.Jvp for level in stack)
-    dual = any(
-        tensor is not None and torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None
-        for tensor in tensors
-    )
-    if forward_mode or dual:
+    functorch = torch._C._functorch
+    stack = functorch.get_interpreter_stack() or ()
+    jvp_levels = {level.level() for level in stack if level.key() == functorch.TransformType.Jvp}
+
+    def differentiated(tensor: Tensor) -> bool:
+        if jvp_levels and functorch.maybe_get_level(tensor) > max(jvp_levels):
+            return True
+        while functorch.is_functorch_wrapped_tensor(tensor):
+            if functorch.maybe_get_level(tensor) in jvp_levels and _has_tangent(tensor):
+                return True
+            tensor = functorch.get_unwrapped(tensor)
+        return _has_tangent(tensor)
+
+    if any(tensor is not None and differentiated(tensor) for tensor in tensors):
         msg = (
             f"softce_multi's {loss} has no forward-mode derivative (jvp), so torch.func.jvp, "
             "jacfwd, torch.func.hessian and forward_ad dual tensors are not supported; use "
@@ -157,6 +166,10 @@ def refuse_forward_mode(loss: str, *tensors: Tensor | None) -> None:
             "torch.func.jacrev"
         )
         raise NotImplementedError(msg)
+
+
+def _has_tangent(tensor: Tensor) -> bool:
+    return torch.autograd.forward_ad.unpack_dual(tensor).tangent is not None
 
 
 def scaled_by_upstream(grad: Tensor, upstream: Tensor) -> Tensor:

@@ -419,5 +419,10 @@ _SHARD_NAMES = {name: f"{name}_shard" for name in ("logits", "target_probs", "we
 
 def _named_as_shards(message: str) -> str:
     """An error message of the single-device checks, naming the arguments as these functions
-    do (``logits_shard`` for ``logits``...)."""
-    return re.sub(r"\b(logits|target_probs|weight|bias)\b", lambda m: _SHARD_NAMES[m[1]], message)
+    do (``logits_shard`` for ``logits``...); quoted values, the caller's own, stay as given."""
+    pattern = re.compile(r"\b(logits|target_probs|weight|bias)\b")
+    parts = re.split(r"('[^']*')", message)
+    return "".join(
+        part if part.startswith("'") else pattern.sub(lambda m: _SHARD_NAMES[m[1]], part)
+        for part in parts
+    )
