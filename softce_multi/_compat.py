@@ -111,12 +111,15 @@ def device(x: Array) -> object:
     return x.device if is_torch_array(x) else array_api_compat.device(x)
 
 
+#: The command that installs the PyTorch CPU build the package is tested with, from PyTorch's
+#: CPU index: ``torch`` from PyPI alone is a CUDA build of several GB.
+TORCH_CPU_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+
 #: How to install each optional framework, for :func:`missing_framework`.
 _INSTALL_HINTS = {
     "torch": (
         "PyTorch, which is not installed: install the build for your machine "
-        "(https://pytorch.org/get-started/locally/); PyTorch's CPU build is "
-        "pip install torch --index-url https://download.pytorch.org/whl/cpu"
+        f"(https://pytorch.org/get-started/locally/); the CPU build: {TORCH_CPU_INSTALL}"
     ),
     "jax": "JAX, which is not installed: pip install 'softce_multi[jax]' (JAX for the CPU)",
 }

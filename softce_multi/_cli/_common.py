@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Protocol, TextIO
 
+from softce_multi._compat import TORCH_CPU_INSTALL
 from softce_multi.kernels import _installed as installed
 
 __all__ = [
@@ -27,9 +28,6 @@ __all__ = [
     "random_seed",
 ]
 
-TORCH_CPU_INSTALL = "pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
-"""The command that installs PyTorch's CPU build, from PyTorch's CPU index: the ``torch`` on PyPI,
-pinned or not, is a CUDA build of several GB."""
 
 SEED_LIMIT = 2**64
 """One more than the largest seed taken: NumPy's generators take no negative seed, and
