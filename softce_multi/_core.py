@@ -534,11 +534,12 @@ def gradient_pass(
 
 
 def _empty_row_results(rows: Rows, *, with_logits_grad: bool, xp: Namespace) -> RowResults:
-    """The :class:`RowResults` of zero rows."""
+    """The :class:`RowResults` of zero rows: four distinct empty arrays, since ``torch.compile``
+    cannot save outputs of an autograd function that are one tensor."""
     device = _device(rows.z)
-    empty = xp.zeros((0,), dtype=rows.dtype, device=device)
+    losses, *saved = (xp.zeros((0,), dtype=rows.dtype, device=device) for _ in range(4))
     grad = xp.empty(rows.z.shape, dtype=rows.z.dtype, device=device) if with_logits_grad else None
-    return RowResults(empty, SavedRows(empty, empty, empty), grad)
+    return RowResults(losses, SavedRows(*saved), grad)
 
 
 def _as_rows(x: Array, *, xp: Namespace) -> Array:

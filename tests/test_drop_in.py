@@ -765,8 +765,9 @@ def train_once(torch: Any, step: Callable[..., Any], head: Any, batch: DraftInpu
     return Trained(loss.detach(), (hidden.grad, head.weight.grad, head.bias.grad))
 
 
-def assert_compiled_equals_eager(torch: Any, step: Callable[..., Any], backend: str, seed: int):
-    batch = draft_inputs(seed)
+def assert_compiled_equals_eager(
+    torch: Any, step: Callable[..., Any], backend: str, batch: DraftInputs
+) -> None:
     head = torch_head(torch, batch)
     eager = train_once(torch, step, head, batch)
 
@@ -793,14 +794,31 @@ def test_dynamo_traces_the_training_step_as_one_graph(torch, make_step, reductio
 def test_aot_eager_full_graph_training_step_equals_eager(torch, make_step, reduction):
     torch._dynamo.reset()
 
-    assert_compiled_equals_eager(torch, make_step(reduction), "aot_eager", seed=117)
+    assert_compiled_equals_eager(torch, make_step(reduction), "aot_eager", draft_inputs(117))
 
 
 @pytest.mark.parametrize("make_step", STEPS.values(), ids=STEPS.keys())
 def test_inductor_full_graph_training_step_equals_eager(torch, make_step):
     torch._dynamo.reset()
 
-    assert_compiled_equals_eager(torch, make_step("mean"), "inductor", seed=118)
+    assert_compiled_equals_eager(torch, make_step("mean"), "inductor", draft_inputs(118))
+
+
+def without_sequences(batch: DraftInputs) -> DraftInputs:
+    """``batch`` with a batch size of 0: its arrays ``[0, ...]``, its head unchanged."""
+    return batch._replace(
+        hidden=batch.hidden[:0],
+        target_probs=batch.target_probs[:0],
+        position_mask=batch.position_mask[:0],
+    )
+
+
+@pytest.mark.parametrize(("make_step", "reduction"), COMPILED_CASES)
+def test_a_full_graph_training_step_of_an_empty_batch_equals_eager(torch, make_step, reduction):
+    torch._dynamo.reset()
+
+    batch = without_sequences(draft_inputs(119))
+    assert_compiled_equals_eager(torch, make_step(reduction), "aot_eager", batch)
 
 
 #: Compiles a training step through each public loss, dense and sparse targets, and each

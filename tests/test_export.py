@@ -120,8 +120,8 @@ def test_the_exported_loss_operator_passes_opcheck(reduction, count, sparse):
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 def test_the_exported_loss_operator_passes_opcheck_on_an_empty_batch(reduction):
-    # Of no rows, the function's outputs are views of one empty buffer, which an operator's
-    # outputs may not be.
+    # Of no rows, the function's outputs are empty arrays, which an operator's outputs may
+    # not share.
     from softce_multi._adapters import torch as torch_adapter
 
     arguments = loss_forward_arguments(reduction, None, False, positions=(0, 3))

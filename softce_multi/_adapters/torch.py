@@ -316,11 +316,9 @@ def loss_forward(
     without it; the other arguments and the outputs are those of the function.
     """
     count = num_valid if num_valid is not None else num_valid_number
-    outputs = _MaskedSoftCrossEntropyFunction.forward(
+    return _MaskedSoftCrossEntropyFunction.forward(  # type: ignore[return-value]
         logits, target_probs, position_mask, reduction, count, target_ids, with_logits_grad
     )
-    # Of an empty batch, the outputs are views of one empty buffer; an operator's may not alias.
-    return tuple(x.clone() if x.numel() == 0 else x for x in outputs)  # type: ignore[return-value]
 
 
 @loss_forward.register_fake
