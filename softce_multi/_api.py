@@ -201,9 +201,11 @@ def linear_masked_soft_cross_entropy(
     reduction, num_valid
         As in :func:`masked_soft_cross_entropy`.
     chunk_rows : int, optional
-        Rows per chunk. By default a chunk takes about 32 MiB in the computation dtype: its
+        Rows per chunk. By default a chunk takes about 32 MiB in the computation dtype, or as
+        much as one ``[V, H]`` array (the size of the weight gradient) where that is more: its
         logits and their gradient side by side (131 rows of a 32000-token vocabulary in
-        float32), or on PyTorch one buffer that takes the gradient over the logits (262 rows).
+        float32, ``H / 2`` rows if more), or on PyTorch and JAX one buffer that takes the
+        gradient over the logits (262 rows, ``H`` rows if more).
     target_ids : integer array, shape ``[..., K]``, optional
         Sparse targets, as in :func:`masked_soft_cross_entropy`: ``target_probs`` is then
         ``[..., K]``, the probabilities of these ids of the vocabulary of ``weight``.

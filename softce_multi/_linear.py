@@ -43,6 +43,7 @@ from softce_multi._types import Array, LinearGradients, LinearLossInputs, Namesp
 
 __all__ = [
     "CHUNK_BYTES",
+    "CHUNK_WEIGHTS",
     "ChunkLogits",
     "LinearForwardResult",
     "LinearGradients",
@@ -56,8 +57,13 @@ __all__ = [
 
 #: Bytes of the ``[chunk, V]`` arrays that one chunk holds at once (its logits and, unless the
 #: row routine writes it over them, their gradient), in the computation dtype, that the default
-#: chunk size aims for (:func:`default_chunk_rows`).
+#: chunk size aims for at least (:func:`default_chunk_rows`).
 CHUNK_BYTES = 32 << 20
+
+#: How many ``[V, H]`` arrays (the size of the weight gradient) the default chunk's ``[chunk, V]``
+#: arrays may take instead, when that is more than :data:`CHUNK_BYTES`: ``H`` rows with one such
+#: array (:func:`default_chunk_rows`).
+CHUNK_WEIGHTS = 1
 
 
 class LinearForwardResult(NamedTuple):
@@ -97,14 +103,23 @@ class LinearRows(_LinearRowsFields, _core.WeightedRows):
     __slots__ = ()
 
 
-def default_chunk_rows(vocab_size: int, dtype: Any, *, xp: Namespace, copies: int = 2) -> int:
-    """Rows per chunk: ``copies`` ``[chunk, V]`` arrays take :data:`CHUNK_BYTES` in ``dtype``.
+def default_chunk_rows(
+    vocab_size: int, dtype: Any, *, xp: Namespace, copies: int = 2, hidden_size: int = 0
+) -> int:
+    """Rows per chunk: ``copies`` ``[chunk, V]`` arrays in ``dtype`` take the larger of
+    :data:`CHUNK_BYTES` and :data:`CHUNK_WEIGHTS` ``[V, H]`` arrays (``H`` = ``hidden_size``).
 
     ``dtype`` is the computation dtype (float32 or float64); ``copies`` is 2 for a chunk's
     logits and their gradient, 1 when the gradient is written over the logits. At least one row.
+
+    Every chunk reads the whole weight twice (its logits, its hidden gradient) and adds to the
+    whole weight gradient, so a chunk of few rows makes those matmuls as slow as their memory
+    traffic: at least ``H / copies`` rows give each of them about ``H`` multiply-adds per
+    element of the weight moved, and their chunk holds no more than the weight gradient the
+    pass makes anyway.
     """
     row_bytes = copies * vocab_size * xp.finfo(dtype).bits // 8
-    return max(1, CHUNK_BYTES // max(row_bytes, 1))
+    return max(1, CHUNK_BYTES // max(row_bytes, 1), CHUNK_WEIGHTS * hidden_size // copies)
 
 
 def as_linear_rows(
@@ -295,7 +310,9 @@ def chunked_loss_pass(
     n_rows, vocab_size = rows.p.shape[0], rows.weight.shape[0]
     hidden_size = rows.hidden.shape[1]
     dtype = rows.weights.dtype
-    chunk = inputs.chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
+    chunk = inputs.chunk_rows or default_chunk_rows(
+        vocab_size, dtype, xp=xp, copies=logits_copies, hidden_size=hidden_size
+    )
     wants_grads = hidden_grad or weight_grad or bias_grad
     add = add or functools.partial(add_product, xp=xp)
     logits = logits or functools.partial(chunk_logits, xp=xp)
@@ -406,7 +423,9 @@ def chunked_gradient_pass(
     n_rows, vocab_size = rows.p.shape[0], rows.weight.shape[0]
     hidden_size = rows.hidden.shape[1]
     dtype = row_scale.dtype
-    chunk = chunk_rows or default_chunk_rows(vocab_size, dtype, xp=xp, copies=logits_copies)
+    chunk = chunk_rows or default_chunk_rows(
+        vocab_size, dtype, xp=xp, copies=logits_copies, hidden_size=hidden_size
+    )
     state = _BackwardState(
         _zero_sums(rows, hidden_grad, weight_grad, bias_grad, fresh=fresh, xp=xp)
         if wants_grads

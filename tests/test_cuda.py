@@ -190,3 +190,19 @@ def test_an_eagle3_or_linear_step_replays_from_a_cuda_graph(step):
     torch.testing.assert_close(captured_loss, expected_loss)
     for leaf, fresh_leaf in zip(leaves, [x for x in fresh if x.requires_grad], strict=True):
         torch.testing.assert_close(leaf.grad, fresh_leaf.grad)
+
+
+def test_16_bit_products_add_to_a_float32_weight_gradient_without_a_16_bit_rounding():
+    from softce_multi._adapters.torch_shared import add_product
+
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    total = torch.randn(64, 32, device="cuda", generator=generator)
+    a = torch.randn(64, 256, device="cuda", generator=generator).to(torch.bfloat16)
+    b = torch.randn(256, 32, device="cuda", generator=generator).to(torch.bfloat16)
+    expected = total.double() + a.double() @ b.double()
+
+    result = add_product(total.clone(), a, b)
+
+    # A product rounded to bfloat16 first (entries of about 16) would be about 0.03 off.
+    assert result.dtype == torch.float32
+    torch.testing.assert_close(result.double(), expected, rtol=1e-5, atol=1e-3)

@@ -801,6 +801,20 @@ def test_default_chunk_follows_the_memory_budget():
     assert _linear.default_chunk_rows(10**9, numpy.float32, xp=numpy) == 1
     one_copy = _linear.default_chunk_rows(32000, numpy.float32, xp=numpy, copies=1)
     assert rows32 * 32000 * 4 * 2 <= one_copy * 32000 * 4 <= _linear.CHUNK_BYTES
+    assert _linear.default_chunk_rows(32000, numpy.float32, xp=numpy, hidden_size=256) == rows32
+
+
+def test_default_chunk_of_a_large_hidden_size_holds_one_weight_gradient():
+    """Where ``H / copies`` rows are more than the byte budget gives, the chunk takes them: its
+    ``[chunk, V]`` arrays then take the bytes of one ``[V, H]`` array, as the weight gradient."""
+    import numpy
+
+    for copies in (1, 2):
+        rows = _linear.default_chunk_rows(
+            128256, numpy.float32, xp=numpy, copies=copies, hidden_size=4096
+        )
+        assert rows == 4096 // copies
+        assert copies * rows * 128256 == 128256 * 4096
 
 
 def test_torch_chunks_share_one_logits_buffer_that_takes_their_gradient(monkeypatch):
@@ -810,6 +824,7 @@ def test_torch_chunks_share_one_logits_buffer_that_takes_their_gradient(monkeypa
     from softce_multi.kernels import torch_cpu
 
     monkeypatch.setattr(_linear, "CHUNK_BYTES", CHUNK * VOCAB * 8)  # float64
+    monkeypatch.setattr(_linear, "CHUNK_WEIGHTS", 0)
     seen: list[tuple[int, int]] = []
     in_place = torch_cpu.torch_row_routine_
 
@@ -830,6 +845,35 @@ def test_torch_chunks_share_one_logits_buffer_that_takes_their_gradient(monkeypa
     expected = linear_reference(case)
     for grad, want in zip((hidden.grad, weight.grad, bias.grad), expected[1:4], strict=True):
         assert_gradient_close(grad, want, "float64")
+
+
+def test_torch_default_chunk_takes_a_row_per_hidden_unit_beyond_the_byte_budget(monkeypatch):
+    """With a byte budget of one row, the torch path's one-buffer chunk still takes ``H``
+    rows: 18 rows of hidden size 8 make chunks of 8, 8 and 2."""
+    pytest.importorskip("torch")
+    from softce_multi.kernels import torch_cpu
+
+    monkeypatch.setattr(_linear, "CHUNK_BYTES", VOCAB * 8)  # one float64 row
+    seen: list[int] = []
+    in_place = torch_cpu.torch_row_routine_
+
+    def spy(z: Any, *arguments: Any) -> Any:
+        seen.append(z.shape[0])
+        return in_place(z, *arguments)
+
+    monkeypatch.setattr(torch_cpu, "torch_row_routine_", spy)
+    case = make_linear_case(Backend("torch-cpu", "torch", "cpu"), np.random.default_rng(24))
+    hidden = case.hidden.clone().requires_grad_()
+
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden, case.weight, case.target_probs, case.position_mask, bias=case.bias
+    )
+    loss.backward()
+
+    assert seen == [HIDDEN, HIDDEN, 2]
+    expected = linear_reference(case)
+    assert_loss_close(loss, expected.loss, "float64")
+    assert_gradient_close(hidden.grad, expected.hidden, "float64")
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean"])
@@ -974,6 +1018,7 @@ def test_torch_backward_recomputes_the_chunks_of_the_forward_pass(monkeypatch):
     from softce_multi.kernels import torch_cpu
 
     monkeypatch.setattr(_linear, "CHUNK_BYTES", CHUNK * VOCAB * 8)  # float64
+    monkeypatch.setattr(_linear, "CHUNK_WEIGHTS", 0)
     rows: dict[str, list[int]] = {"forward": [], "backward": []}
     for name, operator in (
         ("forward", "torch_row_routine"),

@@ -329,8 +329,9 @@ def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     chunk (``chunk_rows``, at most the number of rows, at least 1; all of them when their
     number is symbolic, :func:`_chunks.is_static`).
 
-    By default a chunk's ``[chunk, V]`` arrays take :data:`softce_multi._linear.CHUNK_BYTES`
-    counted once, not twice as in the eager driver: XLA fuses the row routine into one pass
+    By default a chunk's ``[chunk, V]`` arrays take the budget of
+    :func:`softce_multi._linear.default_chunk_rows` counted once, not twice as in the eager
+    driver: XLA fuses the row routine into one pass
     whose gradient takes the place of the chunk's logits, so the compiled step holds one such
     array (``memory_analysis`` of the step says so), and the longer chunks read the weight, and
     write its gradient, half as often per row.
@@ -350,7 +351,9 @@ def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     if chunk_rows is None:
-        chunk_rows = _linear.default_chunk_rows(weight.shape[0], dtype, xp=jnp, copies=1)
+        chunk_rows = _linear.default_chunk_rows(
+            weight.shape[0], dtype, xp=jnp, copies=1, hidden_size=weight.shape[1]
+        )
     rows = math.prod(hidden.shape[:-1])
     chunk = max(1, min(chunk_rows, rows)) if _chunks.is_static(rows) else rows
     arrays = LinearArrays(hidden, weight, bias, target_probs, weights, count, inputs.target_ids)

@@ -242,10 +242,30 @@ class LogitsBuffer:
 
 
 def add_product(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``total += a @ b`` in place: one pass over ``total`` where the dtypes allow it."""
+    """``total += a @ b`` in place: one pass over ``total`` where the dtypes and device allow it.
+
+    Of one dtype, ``addmm_``. 16-bit products into a float32 ``total`` on a CUDA device of
+    compute capability 8 or more: ``torch.addmm`` with ``out_dtype``, whose matmul accumulates
+    into ``total`` in float32, with no 16-bit product, and no ``[V, H]`` temporary, on the
+    way. Elsewhere the product is made in the dtype of ``a`` and ``b``, then added.
+    """
     if a.dtype == total.dtype:
         return total.addmm_(a, b)
+    if _accumulates_in_float32(total, a, b):
+        return torch.addmm(total, a, b, out_dtype=total.dtype, out=total)
     return total.add_(a @ b)
+
+
+def _accumulates_in_float32(total: Tensor, a: Tensor, b: Tensor) -> bool:
+    """Whether ``torch.addmm(total, a, b, out_dtype=torch.float32)`` runs: a float32 ``total``,
+    16-bit ``a`` and ``b`` of one dtype, on a CUDA device of compute capability 8 or more."""
+    return (
+        total.dtype == torch.float32
+        and a.dtype in (torch.bfloat16, torch.float16)
+        and b.dtype == a.dtype
+        and total.device.type == "cuda"
+        and torch.cuda.get_device_capability(total.device)[0] >= 8
+    )
 
 
 def differentiable_once(backward: Callable[..., Any]) -> Callable[..., Any]:

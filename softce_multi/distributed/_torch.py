@@ -259,7 +259,9 @@ class _VocabParallelLinearFunction(torch.autograd.Function):
             return chunk_logits(rows.hidden[block], rows.weight, rows.bias)
 
         dtype = rows.weights.dtype
-        chunk = _linear.default_chunk_rows(weight_shard.shape[0], dtype, xp=xp)
+        chunk = _linear.default_chunk_rows(
+            weight_shard.shape[0], dtype, xp=xp, hidden_size=weight_shard.shape[1]
+        )
         result = global_forward(
             local_statistics(logits_of, rows.p, dtype, chunk, xp=xp),
             rows.weights,
