@@ -610,6 +610,23 @@ def test_triton_reads_strided_rows_in_place(triton_kernel):
     assert result.logits_grad.dtype == torch.float32
 
 
+def test_triton_copies_columns_whose_32_bit_offsets_would_overflow(triton_kernel):
+    # The kernels multiply column indices by the column stride in 32 bits. A transposed
+    # [N, V] view with (V - 1) * N >= 2**31 (V = 128256, N >= 16744) must be copied first; on
+    # the meta device such a view costs no memory.
+    import torch
+
+    from softce_multi.kernels.triton import addressable
+
+    transposed = torch.empty((128256, 16744), device="meta").T
+    near = torch.empty((128256, 16743), device="meta").T
+
+    assert addressable(transposed).is_contiguous()
+    assert addressable(near) is near  # (V - 1) * 16743 < 2**31: read in place
+    contiguous = torch.empty((3, 5))
+    assert addressable(contiguous) is contiguous
+
+
 def test_triton_kernels_launch_where_torch_refuses_to_wrap_an_interpreted_kernel(
     triton_kernel, wrap_triton_of_jit_functions_only
 ):

@@ -38,6 +38,7 @@ from triton.runtime.interpreter import InterpretedFunction
 from softce_multi import _core, kernels
 
 __all__ = [
+    "addressable",
     "check_contiguous",
     "gradient_routine",
     "gradient_routine_over_logits",
@@ -444,6 +445,15 @@ def _run_backward_kernel(
     _launch(_backward_kernel, inputs, grads, block_size, flags)
 
 
+def addressable(x: Tensor) -> Tensor:
+    """``x`` as the kernels can address it: a contiguous copy where a row's last column lies
+    ``2**31`` elements or more past its first through a column stride other than 1, since the
+    kernels multiply column indices by the stride in 32 bits; ``x`` itself otherwise."""
+    if x.ndim == 2 and x.stride(1) != 1 and (x.shape[1] - 1) * abs(x.stride(1)) >= 2**31:
+        return x.contiguous()
+    return x
+
+
 def check_contiguous(z: Tensor) -> None:
     """Refuse logits that cannot take their own gradient in place."""
     if not z.is_contiguous():
@@ -489,6 +499,7 @@ def _launch(
     named compile-time constants.
     """
     z, p, *rest = inputs
+    z, p = addressable(z), addressable(p)
     n_rows, n_cols = z.shape
     block, num_warps = kernels.launch_config(n_cols, block_size)
     device = torch.cuda.device(z.device) if z.is_cuda else contextlib.nullcontext()

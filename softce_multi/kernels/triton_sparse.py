@@ -35,7 +35,7 @@ import triton.language as tl
 from torch import Tensor
 
 from softce_multi import _core, kernels
-from softce_multi.kernels.triton import check_contiguous, launchable, zero_row
+from softce_multi.kernels.triton import addressable, check_contiguous, launchable, zero_row
 
 __all__ = [
     "gradient_routine",
@@ -404,6 +404,7 @@ def _launch(
     """Run ``kernel`` with one program per row of ``z = inputs[0]``: ``z``, ``ids`` and ``p``
     with their strides, the other inputs, the outputs, the row length and the slots per row."""
     z, ids, p, *rest = inputs
+    z, ids, p = addressable(z), addressable(ids), addressable(p)
     n_rows, n_cols = z.shape
     n_slots = p.shape[1]
     block, num_warps = kernels.launch_config(n_cols, block_size)
