@@ -420,6 +420,22 @@ def test_kernel_mode_bandwidth_is_the_byte_floor_over_the_median_time() -> None:
     assert "backward both" in bench.format_kernel_modes(rows)
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_forward_gradient_mode_writes_the_logits_gradient_in_every_dtype(dtype: str) -> None:
+    # Autograd's forward pass writes no gradient for 16-bit logits: the mode must not time it.
+    pytest.importorskip("torch")
+    from softce_multi._cli.bench.cases import make_inputs
+    from softce_multi._cli.bench.modes import _mode_step
+
+    logits, targets, mask = make_inputs("torch", (1, 6, 40), dtype, 0, "cpu")
+
+    result = _mode_step(bench.KERNEL_MODES["forward+gradient"], logits, targets, mask)()
+
+    loss, grad = result
+    assert grad.shape == logits.shape and grad.dtype == logits.dtype
+    assert loss.ndim == 0
+
+
 @pytest.mark.parametrize("name", [case.name for case in bench.CASES])
 def test_each_bench_case_computes_the_gradient_of_its_loss(name: str) -> None:
     case = next(case for case in bench.CASES if case.name == name)

@@ -367,3 +367,14 @@ def test_the_device_command_names_the_wheels_it_lacks(tmp_path):
     )
     assert done.returncode == 2
     assert "array-api-compat==" in done.stderr and "device/download-wheels" in done.stderr
+
+
+def test_the_speed_floor_reads_the_kept_rows_and_writes_every_gradient_row():
+    from softce_multi._cli.device_check.speed import _row
+
+    # 10 rows of 7: 8 kept rows read bf16 logits (2 bytes) and float32 targets (4 bytes); all
+    # 10 rows write the bf16 gradient.
+    row = _row("softce_multi[torch]", (1, 10, 7), "float32", 1e-3, None, valid_rows=8)
+
+    assert row["floor_bytes"] == 8 * 7 * (2 + 4) + 10 * 7 * 2
+    assert row["floor_gb_per_s"] == pytest.approx(row["floor_bytes"] / 1e-3 / 1e9)

@@ -19,9 +19,12 @@ class KernelMode(NamedTuple):
     (``grad_z``, ``grad_p``), and whether it is a backward pass.
 
     The gradients it writes are those of its leaves: the logits with ``grad_z``, the targets
-    with ``grad_p``. A forward mode times the loss of its leaves (a logits leaf makes the
-    forward pass write the gradient); a backward mode times ``torch.autograd.grad`` of the
-    per-position loss of ``reduction="none"``, whose forward pass makes no gradient, to them.
+    with ``grad_p``. A forward mode times the loss, and with ``grad_z``
+    :func:`softce_multi.masked_soft_cross_entropy_with_grad`, whose one pass writes the logits
+    gradient in every dtype (autograd's forward pass writes it only where scaling it later
+    rounds nothing, not for 16-bit logits); a backward mode times ``torch.autograd.grad`` of
+    the per-position loss of ``reduction="none"``, whose forward pass makes no gradient, to
+    them.
     """
 
     arrays: tuple[str, ...]
@@ -58,13 +61,9 @@ def _mode_step(mode: KernelMode, logits: Any, target: Any, mask: Any) -> Callabl
         )
 
     if not mode.backward:
-
-        def forward() -> Any:
-            z, p = leaves()
-            with torch.set_grad_enabled(z.requires_grad):
-                return softce_multi.masked_soft_cross_entropy(z, p, mask)
-
-        return forward
+        if "grad_z" in mode.arrays:
+            return lambda: softce_multi.masked_soft_cross_entropy_with_grad(logits, target, mask)
+        return lambda: softce_multi.masked_soft_cross_entropy(logits, target, mask)
     z, p = leaves()
     loss = softce_multi.masked_soft_cross_entropy(z, p, mask, reduction="none")
     differentiated = [leaf for leaf in (z, p) if leaf.requires_grad]

@@ -110,9 +110,14 @@ def _row(
     targets_dtype: str,
     seconds: float,
     extra: int | None,
+    valid_rows: int,
 ) -> dict[str, Any]:
+    """The record of one measurement. Its byte floor reads the logits and targets of the
+    ``valid_rows`` rows the mask keeps (a padding row's gradient is 0 whatever it holds) and
+    writes the bf16 gradient of every row."""
     count = shape[-2] * shape[-1]
-    floor = count * (2 * ITEMSIZE["bfloat16"] + ITEMSIZE[targets_dtype])
+    read = valid_rows * shape[-1] * (ITEMSIZE["bfloat16"] + ITEMSIZE[targets_dtype])
+    floor = read + count * ITEMSIZE["bfloat16"]
     gb_per_s = floor / seconds / 1e9
     return {
         "implementation": implementation,
@@ -143,6 +148,7 @@ def torch_speed(
             (shape, targets_dtype) for shape in plan.speed_shapes for targets_dtype in TARGET_DTYPES
         ):
             inputs = _torch_inputs(shape, targets_dtype, device, seed=700 + index)
+            valid_rows = int(inputs[2].sum())
             for name, (make, library) in TORCH_IMPLEMENTATIONS.items():
                 if library is not None and not installed(library):
                     reason = f"{library} is not installed"
@@ -160,7 +166,7 @@ def torch_speed(
                     call = functools.partial(step, *arguments)
                     seconds = median_seconds(call, device=device)
                     extra = extra_peak_bytes(call, device=device)
-                    row = _row(name, shape, targets_dtype, seconds, extra)
+                    row = _row(name, shape, targets_dtype, seconds, extra, valid_rows)
                     record("speed", [{**row, "first_call_s": first_call}])
                 free_device_memory(device)
             del inputs
@@ -245,11 +251,12 @@ def jax_speed(
         targets = targets.astype(getattr(jnp, targets_dtype))
         mask = jax.random.uniform(keys[2], (*shape[:-1], 1)) < 0.8
         inputs = (logits, targets, mask)
+        valid_rows = int(mask.sum())
         for name, (make, context) in engines.items():
             where = {"shape": list(shape), "targets_dtype": targets_dtype}
             with failure_recorded(record, name, **where), context():
                 step = make("gpu")
                 seconds = wall_median(functools.partial(step, *inputs), repeats=10)
                 extra = step.temp_bytes(*inputs)
-                record("speed", [_row(name, shape, targets_dtype, seconds, extra)])
+                record("speed", [_row(name, shape, targets_dtype, seconds, extra, valid_rows)])
         del logits, targets, mask, inputs
