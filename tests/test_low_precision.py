@@ -485,6 +485,79 @@ def test_torch_adapter_on_the_triton_kernels_rounds_the_gradient_once(
     assert_gradient_rounded_once(leaf.grad, logits, targets, mask, upstream=upstream)
 
 
+@pytest.mark.parametrize("upstream", UPSTREAMS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_backward_rewrites_the_forward_gradient_for_the_upstream_in_place(
+    triton_kernels, monkeypatch, rng, dtype, upstream
+):
+    # The forward kernel writes the 16-bit gradient for an upstream of 1; the backward pass
+    # turns that buffer into the upstream's, on the device, without the backward kernel's
+    # functional recomputation and without a new [N, V] tensor.
+    from softce_multi import kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
+    calls: list[str] = []
+    module = _triton_module()
+    for name in ("row_routine", "gradient_routine", "rewrite_for_upstream_"):
+        routine = getattr(module, name)
+        monkeypatch.setattr(module, name, _recording(routine, calls, name))
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SMALL_SHAPE), dtype, triton_device())
+    leaf = logits.clone().requires_grad_(True)
+
+    loss = softce_multi.masked_soft_cross_entropy(leaf, targets, mask)
+    (grad,) = torch.autograd.grad(loss * upstream, leaf)
+
+    assert calls == ["row_routine", "rewrite_for_upstream_"]
+    assert_gradient_rounded_once(grad, logits, targets, mask, upstream=upstream)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_backward_keeping_the_graph_computes_each_upstreams_gradient_anew(
+    triton_kernels, monkeypatch, rng, dtype
+):
+    # With retain_graph the forward's buffer is not written: a later backward pass through the
+    # same loss, with an upstream of exactly 1, still gets the unit gradient.
+    from softce_multi import kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SMALL_SHAPE), dtype, triton_device())
+    leaf = logits.clone().requires_grad_(True)
+    loss = softce_multi.masked_soft_cross_entropy(leaf, targets, mask)
+
+    (scaled,) = torch.autograd.grad(loss * 0.131, leaf, retain_graph=True)
+    (unit,) = torch.autograd.grad(loss, leaf)
+
+    assert_gradient_rounded_once(scaled, logits, targets, mask, upstream=0.131)
+    assert_gradient_rounded_once(unit, logits, targets, mask, upstream=1.0)
+
+
+def test_rewriting_for_an_upstream_of_exactly_one_writes_nothing(triton_kernels, rng):
+    # Each program reads the upstream on the device and leaves its row alone for exactly 1:
+    # a buffer of sevens stays sevens. Another upstream writes every row.
+    import array_api_compat.torch as xp
+
+    from softce_multi import _core
+
+    module = _triton_module()
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SMALL_SHAPE), "bfloat16", triton_device())
+    rows = _core.as_rows(logits, targets, mask, reduction="mean", num_valid=None, xp=xp)
+    z, p, row_scale = rows.z, rows.p, _core.row_scale(rows)
+    result = module.row_routine(rows, with_logits_grad=False)
+    buffer = torch.full_like(z, 7.0)
+    one = torch.ones((), device=z.device)
+
+    module.rewrite_for_upstream_(buffer, z, p, result.saved, row_scale, one)
+    assert bool((buffer == 7).all())
+
+    module.rewrite_for_upstream_(buffer, z, p, result.saved, row_scale, one * 0.131)
+    expected, _ = module.gradient_routine(
+        _core.BackwardRows(z, p, result.saved, row_scale * 0.131),
+        logits_grad=True,
+        targets_grad=False,
+    )
+    assert torch.equal(buffer, expected)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_kernels_computing_in_float64_round_the_gradient_once(
     triton_kernels, monkeypatch, rng, dtype

@@ -27,10 +27,12 @@ loss and, for ``"mean"`` and ``"sum"`` with logits that require grad, the logits
 same pass over the inputs. Its backward pass has two modes:
 
 * Grad mode off (a plain ``backward()``): the logits gradient is the buffer made in forward,
-  saved with ``save_for_backward`` and never written, times the upstream gradient (on the CPU
-  in eager mode an upstream of exactly 1 hands the buffer over as it is). The rest (the logits
-  gradient of ``"none"``, the gradient to ``target_probs``) comes from the saved per-row
-  statistics through the gradient routine.
+  saved with ``save_for_backward``, times the upstream gradient (on the CPU in eager mode an
+  upstream of exactly 1 hands the buffer over as it is). The forward pass makes a 16-bit
+  buffer only where :func:`_rewritable_for_upstream` says so (the Triton kernels, eager, dense
+  targets); the backward pass turns it into the upstream's in place (:func:`_for_upstream`)
+  where no graph is kept. The rest (the logits gradient of ``"none"``, the gradient to
+  ``target_probs``) comes from the saved per-row statistics through the gradient routine.
 * Grad mode on (``create_graph=True``, ``torch.func.grad``, hessians): the gradients are
   recomputed from the saved inputs with differentiable torch operations, so that derivatives of
   the gradient (gradient penalties, hessians, upstream gradients that require grad) are right.
@@ -48,18 +50,20 @@ face is :mod:`softce_multi.torch`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, cast
 
 import array_api_compat.torch as torch_namespace
 import torch
 from torch import Tensor
 
-from softce_multi import _core
+from softce_multi import _core, kernels
 from softce_multi._adapters.torch_linear import linear_loss, linear_loss_with_grad
 from softce_multi._adapters.torch_shared import (
     exporting,
     gradient_routine,
     indexable_ids,
+    plain_and_eager,
     refuse_forward_mode,
     row_routine,
     scaled_by_upstream,
@@ -89,12 +93,45 @@ def loss(inputs: LossInputs, /) -> torch.Tensor:
         torch.is_grad_enabled()
         and logits.requires_grad
         and reduction != "none"
-        and scaled_exactly(logits)
+        and (scaled_exactly(logits) or _rewritable_for_upstream(logits, inputs.target_ids))
     )
     if exporting():
         return _exported_loss(inputs, with_logits_grad=with_logits_grad)
     outputs = _MaskedSoftCrossEntropyFunction.apply(*inputs, with_logits_grad)
     return outputs[0]
+
+
+def _rewritable_for_upstream(logits: Tensor, target_ids: Tensor | None) -> bool:
+    """Whether a 16-bit logits gradient made in the forward pass for an upstream of 1 can be
+    turned into that of the upstream in the backward pass, in place and rounded once
+    (:func:`~softce_multi.kernels.triton.rewrite_for_upstream_`): dense targets on the Triton
+    kernels, in eager mode, outside the ``torch.func`` transforms."""
+    return target_ids is None and kernels.use_triton(logits) and plain_and_eager(logits)
+
+
+def _for_upstream(
+    logits: Tensor,
+    target_probs: Tensor,
+    logits_grad: Tensor,
+    saved_rows: Sequence[Tensor],
+    row_scale: Tensor,
+    grad_loss: Tensor,
+) -> Tensor:
+    """``logits_grad``, made in the forward pass for an upstream of 1, made that of
+    ``grad_loss`` (0-d) in place on the device, where the backward pass keeps no graph (no
+    later backward pass reads it again); returned as the logits gradient."""
+    from softce_multi.kernels import triton as triton_kernels
+
+    vocab_size = logits.shape[-1]
+    triton_kernels.rewrite_for_upstream_(
+        logits_grad.view(-1, vocab_size),
+        logits.reshape(-1, vocab_size),
+        target_probs.reshape(-1, vocab_size),
+        _core.SavedRows(*saved_rows),
+        row_scale,
+        grad_loss,
+    )
+    return logits_grad
 
 
 def loss_with_grad(inputs: LossInputs, /) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,7 +235,13 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
             return grad_z, grad_p, *nothing[2:]
         grad_z = None
         if wants_logits and ctx.has_logits_grad:
-            grad_z = scaled_by_upstream(logits_grad, grad_loss)
+            if scaled_exactly(logits):
+                grad_z = scaled_by_upstream(logits_grad, grad_loss)
+            elif not torch._C._autograd._get_current_graph_task_keep_graph():
+                grad_z = _for_upstream(
+                    logits, target_probs, logits_grad, saved_rows, row_scale, grad_loss
+                )
+            # Else a 16-bit gradient with a graph kept: computed again below, into a new tensor.
         recomputed, grad_p = _core.gradient_pass(
             logits,
             target_probs,

@@ -116,10 +116,17 @@ def readable_for_free(x: Tensor) -> bool:
     (``torch.compile`` would break its graph on reading a value), and not batched by
     ``torch.func.vmap`` or ``is_grads_batched`` (a batch of values has no single value).
     """
+    return x.device.type == "cpu" and plain_and_eager(x)
+
+
+def plain_and_eager(x: Tensor) -> bool:
+    """Whether ``x`` is a plain tensor (no subclass, not wrapped by a ``torch.func`` transform,
+    not batched by ``is_grads_batched``) seen in eager mode (not under ``torch.compile`` or
+    ``torch.export``)."""
     return (
         type(x) is torch.Tensor
-        and x.device.type == "cpu"
         and not torch.compiler.is_compiling()
+        and not exporting()
         and not torch._C._functorch.is_functorch_wrapped_tensor(x)
         and not torch._C._functorch.is_legacy_batchedtensor(x)
     )

@@ -43,6 +43,7 @@ __all__ = [
     "gradient_routine",
     "gradient_routine_over_logits",
     "launchable",
+    "rewrite_for_upstream_",
     "row_routine",
     "row_routine_over_logits",
     "triton_gradient_routine",
@@ -261,6 +262,76 @@ def _backward_kernel(
         COMPUTE=compute,
         BLOCK_SIZE=BLOCK_SIZE,
     )
+
+
+@triton.jit
+def _upstream_gradient_kernel(
+    z_ptr,
+    z_row_stride,
+    z_col_stride,
+    p_ptr,
+    p_row_stride,
+    p_col_stride,
+    row_max_ptr,
+    log_sum_exp_ptr,
+    target_sum_ptr,
+    scale_ptr,
+    upstream_ptr,
+    logits_grad_ptr,
+    n_cols,
+    BLOCK_SIZE: tl.constexpr,
+):
+    compute = row_max_ptr.dtype.element_ty
+    upstream = tl.load(upstream_ptr).to(compute)
+    # The rows hold the gradient for an upstream of 1: left as they are for exactly 1.
+    if upstream != 1:
+        row = tl.program_id(0).to(tl.int64)
+        unit_scale = tl.load(scale_ptr + row).to(compute)
+        out = logits_grad_ptr + row * n_cols
+        _gradient_sweep(
+            z_ptr + row * z_row_stride,
+            z_col_stride,
+            p_ptr + row * p_row_stride,
+            p_col_stride,
+            out,
+            out,
+            n_cols,
+            tl.load(row_max_ptr + row).to(compute),
+            tl.load(log_sum_exp_ptr + row).to(compute),
+            tl.load(target_sum_ptr + row).to(compute),
+            tl.where(unit_scale == 0, 0.0, unit_scale * upstream),
+            LOGITS=True,
+            TARGETS=False,
+            LAST_FIRST=False,
+            COMPUTE=compute,
+            BLOCK_SIZE=BLOCK_SIZE,
+        )
+
+
+def rewrite_for_upstream_(
+    logits_grad: Tensor,
+    z: Tensor,
+    p: Tensor,
+    saved: _core.SavedRows,
+    row_scale: Tensor,
+    upstream: Tensor,
+    /,
+    *,
+    block_size: int | None = None,
+) -> None:
+    """Turn ``logits_grad``, the gradient made for an upstream gradient of 1, into that for
+    ``upstream``, in place, without reading ``upstream`` on the host.
+
+    Each program reads ``upstream`` (a 0-d tensor) on the device: where it is exactly 1 its
+    row is left as it is; otherwise the row is computed again from the logits ``z``, the targets
+    ``p`` (both ``[N, V]``), the ``saved`` statistics and ``row_scale`` (``[N]``, for an
+    upstream of 1) times ``upstream``, and rounded once to the dtype of ``logits_grad``, a
+    contiguous ``[N, V]`` tensor. A batch with no rows is left as it is.
+    """
+    if z.shape[0] == 0:
+        return
+    inputs = (z, p, *saved, row_scale, upstream.to(row_scale.dtype))
+    _launch(_upstream_gradient_kernel, inputs, (logits_grad,), block_size, {})
 
 
 def row_routine(

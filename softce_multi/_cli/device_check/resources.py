@@ -89,29 +89,33 @@ def ptxas_report(ptx: str) -> dict[str, int]:
 
 def _variants() -> list[tuple[str, dict[str, Any], str, int]]:
     """``(kernel, flags, logits dtype, V)`` of every variant compiled."""
-    forward = [
+    forward: list[tuple[str, dict[str, Any]]] = [
         ("forward", {"WITH_GRAD": grad, "STATS_EVICTION": "evict_last"}) for grad in (True, False)
     ]
-    backward = [
+    backward: list[tuple[str, dict[str, Any]]] = [
         ("backward", {"LOGITS_GRAD": logits, "TARGETS_GRAD": targets})
         for logits, targets in ((True, True), (True, False), (False, True))
     ]
+    # The backward pass's rewrite of a forward gradient for the upstream: 16-bit logits only.
+    upstream: list[tuple[str, dict[str, Any]]] = [("upstream", {})]
     return [
         (kernel, flags, dtype, vocab)
         for dtype in LOGITS_DTYPES
         for vocab in (VOCABULARIES if dtype == "bfloat16" else VOCABULARIES[-1:])
-        for kernel, flags in forward + backward
+        for kernel, flags in [*forward, *backward, *(upstream if dtype.endswith("16") else [])]
     ]
 
 
 def kernel_resources() -> list[dict[str, Any]]:
-    """One row per variant of the forward and backward kernels: its launch configuration and
+    """One row per variant of the forward and backward kernels (and the backward pass's rewrite
+    of a 16-bit forward gradient for the upstream): its launch configuration and
     the resources ``ptxas`` reports, with float32 targets (float64 with float64 logits)."""
     from softce_multi.kernels import triton as triton_kernels
 
     functions = {
         "forward": triton_kernels._forward_kernel,
         "backward": triton_kernels._backward_kernel,
+        "upstream": triton_kernels._upstream_gradient_kernel,
     }
     rows = []
     for kernel, flags, dtype, vocab in _variants():
