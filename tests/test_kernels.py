@@ -1113,6 +1113,24 @@ def test_adapters_load_no_kernel_module_on_the_cpu(library):
     assert done.returncode == 0, done.stderr
 
 
+def test_xla_chunks_on_a_gpu_hold_the_gpu_budget_of_rows(monkeypatch):
+    # [32768, 32000] logits: 32 rows per chunk on the CPU (1024 chunks that run one after the
+    # other), 2048 on a GPU (16 chunks). The platform is asked of the array, or of JAX's
+    # default backend under a trace.
+    jax = pytest.importorskip("jax", reason="jax not installed")
+    from softce_multi import kernels
+    from softce_multi.kernels import xla
+
+    logits = jax.ShapeDtypeStruct((32768, 32000), jax.numpy.float32)
+    rows_here = jax.eval_shape(lambda z: jax.numpy.zeros((xla._chunk(z, None),)), logits).shape
+    monkeypatch.setattr(kernels, "jax_platforms", lambda *arrays: {"gpu"})
+    rows_on_a_gpu = jax.eval_shape(lambda z: jax.numpy.zeros((xla._chunk(z, None),)), logits).shape
+
+    assert rows_here == (xla.CHUNK_ELEMENTS // 32000,) == (32,)
+    assert rows_on_a_gpu == (2048,)
+    assert xla.chunk_rows(32768, 32000, elements=xla.GPU_CHUNK_ELEMENTS) == 2048
+
+
 @pytest.mark.parametrize("n_rows", [2048, 2053], ids=["N=2048", "prime N=2053"])
 def test_jax_loss_and_gradient_under_jit_need_no_logits_sized_temporary(xla_on_the_cpu, n_rows):
     """On XLA, the compiled step's temporaries stay within an eighth of one float32 gradient."""

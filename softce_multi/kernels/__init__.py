@@ -87,6 +87,7 @@ __all__ = [
     "empty_row_outputs",
     "empty_row_statistics",
     "folded_batch_rule",
+    "jax_platforms",
     "launch_config",
     "register_operator_rules",
     "run_gradient_operator",
@@ -118,19 +119,25 @@ def use_pallas(*arrays: Any) -> bool:
     symbolic shape (a kernel's grid is a number; :func:`softce_multi._chunks.is_static`), and
     this JAX has the Triton backend of Pallas.
     """
-    import jax
-
     if any(
         _chunks.split_over_devices(array) or not _chunks.is_static(*array.shape) for array in arrays
     ):
         return False
+    return jax_platforms(*arrays) == {"gpu"} and _installed("jax.experimental.pallas.triton")
+
+
+def jax_platforms(*arrays: Any) -> set[str]:
+    """The platforms (``"cpu"``, ``"gpu"``, ``"tpu"``) of the devices of these JAX arrays; for an
+    array under a trace, which carries no device, JAX's default backend."""
+    import jax
+
     platforms = set()
     for array in arrays:
         if isinstance(array, jax.core.Tracer):
             platforms.add(jax.default_backend())
         else:
             platforms.update(device.platform for device in array.devices())
-    return platforms == {"gpu"} and _installed("jax.experimental.pallas.triton")
+    return platforms
 
 
 @functools.cache

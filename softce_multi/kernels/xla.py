@@ -1,4 +1,4 @@
-"""Row routines for JAX on XLA (CPU, TPU): the generic core, one chunk of rows at a time.
+"""Row routines for JAX on XLA: the generic core, one chunk of rows at a time.
 
 Unchunked, XLA keeps an ``[N, V]`` float32 temporary for the softmax, as large as the gradient
 itself. Here the rows are walked in chunks of :func:`chunk_rows`: each chunk is read with
@@ -19,19 +19,24 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from softce_multi import _chunks, _core
+from softce_multi import _chunks, _core, kernels
 from softce_multi.kernels import blocked, sparse
 
 __all__ = ["chunk_rows", "gradient_routine", "row_routine", "widened", "zero_rows"]
 
-#: Elements of one chunk of rows: its float32 temporaries take 4 MiB each.
+#: Elements of one chunk of rows on the CPU and TPU: its float32 temporaries take 4 MiB each.
 CHUNK_ELEMENTS = 1 << 20
 
+#: Elements of one chunk of rows on a GPU: 256 MiB per float32 temporary. The chunks run one
+#: after the other, each as a few kernels over its rows; a chunk of a few thousand rows fills
+#: a GPU, where one of a few dozen (``CHUNK_ELEMENTS`` at ``V = 32000``) leaves it mostly idle.
+GPU_CHUNK_ELEMENTS = 1 << 26
 
-def chunk_rows(n_rows: int, vocab_size: int) -> int:
-    """Rows per chunk: at most :data:`CHUNK_ELEMENTS` elements, a divisor of ``n_rows`` if one
-    is at least half that many rows, else the most rows that fit."""
-    limit = max(1, min(n_rows, CHUNK_ELEMENTS // max(vocab_size, 1)))
+
+def chunk_rows(n_rows: int, vocab_size: int, *, elements: int = CHUNK_ELEMENTS) -> int:
+    """Rows per chunk: at most ``elements`` elements, a divisor of ``n_rows`` if one is at
+    least half that many rows, else the most rows that fit."""
+    limit = max(1, min(n_rows, elements // max(vocab_size, 1)))
     divisors = (size for size in range(limit, (limit + 1) // 2 - 1, -1) if n_rows % size == 0)
     return next(divisors, limit)
 
@@ -169,14 +174,15 @@ def _chunk(z: Any, chunk: int | None) -> int:
     """Rows per chunk of the ``[N, V]`` logits ``z``: all of them if the shape is symbolic
     (:func:`_chunks.is_static`); else ``chunk`` (at most ``N``, at least 1) if given; all of
     them if ``z`` is split over devices (:func:`_chunks.split_over_devices`); else
-    :func:`chunk_rows`."""
+    :func:`chunk_rows`, of :data:`GPU_CHUNK_ELEMENTS` on a GPU."""
     if not _chunks.is_static(*z.shape):
         return z.shape[0]
     if chunk is not None:
         return max(1, min(chunk, z.shape[0]))
     if _chunks.split_over_devices(z):
         return z.shape[0]
-    return chunk_rows(*z.shape)
+    on_gpu = kernels.jax_platforms(z) == {"gpu"}
+    return chunk_rows(*z.shape, elements=GPU_CHUNK_ELEMENTS if on_gpu else CHUNK_ELEMENTS)
 
 
 def _over_chunks(
