@@ -67,6 +67,20 @@ def test_the_dry_run_runs_every_stage_and_every_parity_row_passes(dry_run):
     assert all(row["ok"] for row in written["parity"])
 
 
+def test_the_dry_run_times_each_kernel_mode_and_each_chunk_size_of_the_fused_forward(dry_run):
+    from softce_multi._cli.bench.modes import KERNEL_MODES
+    from softce_multi._cli.device_check.speed import BLOCK_SIZES
+
+    _, out = dry_run
+    written = json.loads((out / "device_check.json").read_text())
+    modes = [row["mode"] for row in written["kernel_modes"]]
+
+    assert modes[: len(KERNEL_MODES)] == list(KERNEL_MODES)
+    blocks = modes[len(KERNEL_MODES) :]
+    assert [int(mode.split(", ")[1].split()[0]) for mode in blocks] == list(BLOCK_SIZES)
+    assert all(row["median_s"] > 0 for row in written["kernel_modes"])
+
+
 def test_every_stage_has_a_limit_and_a_place_in_the_order():
     assert list(command.STAGE_LIMIT_S) == list(stage.STAGES)
     assert [step for step in command.ORDER if step not in command.TESTS] == list(stage.STAGES)

@@ -570,6 +570,16 @@ def test_empty_batch_gives_zero_loss_and_empty_gradient(kernel):
     assert tuple(result.logits_grad.shape) == (0, 5)
 
 
+def test_long_chunks_get_a_warp_per_512_entries():
+    # 8192 entries with 8 warps need more registers than a thread has (ptxas spills them); a
+    # warp per 512 entries keeps 16 entries a thread, as 4096 with 8 warps.
+    from softce_multi.kernels import launch_config
+
+    assert [launch_config(100_000, block)[1] for block in (1024, 2048, 4096)] == [4, 8, 8]
+    assert [launch_config(100_000, block)[1] for block in (8192, 16384, 65536)] == [16, 32, 32]
+    assert launch_config(32000, None) == (4096, 8)
+
+
 def test_block_size_must_be_a_power_of_two(gpu_kernel):
     rng = np.random.default_rng(20)
     case = make_case(gpu_kernel.backend, rng, SHAPE)

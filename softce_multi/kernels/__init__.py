@@ -158,7 +158,7 @@ def launch_config(n_cols: int, block_size: int | None) -> tuple[int, int]:
     if block_size < 1 or block_size & (block_size - 1):
         msg = f"block_size must be a positive power of two, got {block_size}"
         raise ValueError(msg)
-    return block_size, 8 if block_size >= 2048 else 4
+    return block_size, 4 if block_size < 2048 else min(32, max(8, block_size // 512))
 
 
 # --------------------------------------------------------------------------------------------

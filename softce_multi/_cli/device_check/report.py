@@ -213,7 +213,7 @@ def summary(report: dict[str, Any]) -> str:
     for row in report["kernel_modes"]:
         fraction = row.get("copy_fraction")
         lines.append(
-            f"mode {row['mode']:<17} {1e3 * row['median_s']:9.3f} ms "
+            f"mode {row['mode']:<42} {1e3 * row['median_s']:9.3f} ms "
             f"{row['floor_gb_per_s']:8.0f} GB/s at its floor"
             + ("" if fraction is None else f" ({100 * fraction:.0f}% of the copy)")
         )

@@ -173,19 +173,54 @@ def torch_speed(
             free_device_memory(device)
 
 
+#: The chunk sizes (vocabulary entries per step of a row's sweep) at which the fused forward
+#: is also timed: the default and two longer ones, each with its own warps (``launch_config``).
+#: Fewer programs fit an SM with longer chunks, so fewer rows are in flight and more of the
+#: second sweep's reads may come from L2.
+BLOCK_SIZES = (4096, 8192, 16384)
+
+
 def kernel_modes(plan: Plan, device: str, dry_run: bool, record: Record) -> None:
     """Record each of ``bench``'s kernel modes (forward only, with the gradient, each backward)
-    at the headline shape, bf16 logits and float32 targets (``"kernel_modes"``): its median
-    time and the bytes it must move (its floor) over that time."""
+    at the headline shape, bf16 logits and float32 targets, every position valid (so that each
+    mode moves exactly its floor), and the fused forward of the Triton kernels at each of
+    :data:`BLOCK_SIZES` (``"kernel_modes"``): its median time and the bytes it must move (its
+    floor) over that time."""
+    import array_api_compat.torch as torch_namespace
+    import torch
+
+    from softce_multi import _core, kernels
+
     shape = headline_shape(plan)
-    inputs = _torch_inputs(shape, "float32", device, seed=750)
+    logits, targets, mask = _torch_inputs(shape, "float32", device, seed=750)
+    mask = torch.ones_like(mask)
     with kernels_as_on_a_gpu(dry_run):
         for name, mode in KERNEL_MODES.items():
-            seconds = median_seconds(_mode_step(mode, *inputs), device=device)
-            floor = mode_floor_bytes(name, shape, "bfloat16")
-            row = {"mode": name, "shape": list(shape), "median_s": seconds, "floor_bytes": floor}
-            record("kernel_modes", [{**row, "floor_gb_per_s": floor / seconds / 1e9}])
+            seconds = median_seconds(_mode_step(mode, logits, targets, mask), device=device)
+            _record_mode(record, name, shape, seconds, mode_floor_bytes(name, shape, "bfloat16"))
             free_device_memory(device)
+        from softce_multi.kernels import triton as triton_kernels
+
+        rows = _core.as_rows(
+            logits, targets, mask, reduction="mean", num_valid=None, xp=torch_namespace
+        )
+        floor = mode_floor_bytes("forward+gradient", shape, "bfloat16")
+        for block in BLOCK_SIZES:
+            warps = kernels.launch_config(shape[-1], block)[1]
+            name = f"forward+gradient, {block} per step, {warps} warps"
+            with failure_recorded(record, name, shape=list(shape)):
+                step = functools.partial(
+                    triton_kernels.row_routine, rows, with_logits_grad=True, block_size=block
+                )
+                _record_mode(record, name, shape, median_seconds(step, device=device), floor)
+            free_device_memory(device)
+
+
+def _record_mode(
+    record: Record, name: str, shape: tuple[int, ...], seconds: float, floor: int
+) -> None:
+    row = {"mode": name, "shape": list(shape), "median_s": seconds, "floor_bytes": floor}
+    record("kernel_modes", [{**row, "floor_gb_per_s": floor / seconds / 1e9}])
 
 
 def headline_shape(plan: Plan) -> tuple[int, ...]:
