@@ -1,8 +1,8 @@
 """Developer and CI sessions. ``nox -s tests`` runs the CPU test suite; ``nox -l`` lists the rest.
 
 Every session builds its own virtual environment with the standard library's ``venv`` and pip,
-so a machine needs only Python 3.11 and ``python3 -m pip install nox``. Environments are kept in
-``.nox/`` and reused on the next run; ``nox -R`` also skips the install step.
+so a machine needs only Python 3.11 and ``python3 -m pip install nox==2026.10.20``. Environments
+are kept in ``.nox/`` and reused on the next run; ``nox -R`` also skips the install step.
 """
 
 from __future__ import annotations

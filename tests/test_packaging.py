@@ -210,3 +210,13 @@ def test_the_sdist_carries_every_file_its_tests_read_and_no_build_output(tmp_pat
 
     assert sorted(expected - members) == []
     assert sorted(path for path in members if _is_build_output(path)) == []
+
+
+def test_the_readme_and_ci_install_one_pinned_nox() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    pinned = r"pip install (nox==[0-9.]+)"
+
+    assert len(re.findall(pinned, readme)) == 2  # the demo's command and the tests'
+    assert set(re.findall(pinned, readme)) == set(re.findall(pinned, ci))
+    assert len(set(re.findall(pinned, ci))) == 1
