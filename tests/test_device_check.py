@@ -60,6 +60,7 @@ def test_the_dry_run_runs_every_stage_and_every_parity_row_passes(dry_run):
     assert all(entry["status"] == "ok" and not entry["errors"] for entry in written["stages"])
     paths = {row["path"] for row in written["parity"]}
     assert {"torch backward", "torch with_grad", "torch in-place operators"} <= paths
+    assert "torch backward, upstream 1" in paths  # the 16-bit forward gradient handed over
     assert {"torch linear loss", "jax XLA grad", "jax Pallas grad"} <= paths
     assert any(path.startswith("torch vocab-parallel") for path in paths)
     assert any(path.startswith("torch.compile(fullgraph=True") for path in paths)

@@ -10,6 +10,7 @@ positions' gradients are exactly 0 and every value finite.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -190,6 +191,11 @@ def torch_parity(plan: Plan, device: str, dry_run: bool) -> Iterator[dict[str, A
                 large = shape not in plan.parity_shapes
                 expected = reference(inputs, targets_grad=not large)
                 yield compare("torch backward", label, inputs, expected, *backward(inputs))
+                if not large and inputs.reduction != "none" and dtype in ("bfloat16", "float16"):
+                    # A 16-bit gradient made in the forward pass and kept for an upstream of 1.
+                    unit = dataclasses.replace(inputs, upstream=1.0)
+                    path = "torch backward, upstream 1"
+                    yield compare(path, label, unit, reference(unit), *backward(unit))
                 if inputs.reduction != "none":
                     result = with_grad_path(inputs)
                     yield compare(
