@@ -124,3 +124,29 @@ def test_linear_loss_and_gradients_exported_on_symbolic_positions_equal_the_unex
     assert_loss_close(loss, expected_loss)
     for grad, expected in zip(grads, expected_grads, strict=True):
         assert_gradient_close(grad, expected)
+
+
+def test_linear_loss_exported_on_a_symbolic_hidden_size_equals_the_unexported():
+    # The default chunk takes H rows where H is a number; a symbolic H leaves the byte budget.
+    b, s, hidden_size = export.symbolic_shape("b, s, h")
+    specs = symbolic_shapes(
+        (b, s, hidden_size),
+        (VOCAB, hidden_size),
+        (b, s, VOCAB),
+        (b, s),
+        dtypes=(jnp.float32, jnp.float32, jnp.float32, jnp.bool_),
+    )
+    value_and_grad = jax.value_and_grad(sc.linear_masked_soft_cross_entropy, argnums=(0, 1))
+    exported = export.export(jax.jit(value_and_grad))(*specs)
+    rng = np.random.default_rng(13)
+    hidden = jnp.asarray(rng.standard_normal((2, 3, HIDDEN)), jnp.float32)
+    weight = jnp.asarray(rng.standard_normal((VOCAB, HIDDEN)), jnp.float32)
+    targets = jnp.asarray(rng.dirichlet(np.ones(VOCAB), (2, 3)), jnp.float32)
+    mask = jnp.asarray(rng.random((2, 3)) < 0.7)
+
+    loss, grads = exported.call(hidden, weight, targets, mask)
+
+    expected_loss, expected_grads = value_and_grad(hidden, weight, targets, mask)
+    assert_loss_close(loss, expected_loss)
+    for grad, expected in zip(grads, expected_grads, strict=True):
+        assert_gradient_close(grad, expected)

@@ -531,6 +531,26 @@ def test_triton_backward_keeping_the_graph_computes_each_upstreams_gradient_anew
     assert_gradient_rounded_once(unit, logits, targets, mask, upstream=1.0)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_backward_of_a_batch_of_upstreams_rounds_each_gradient_once(
+    triton_kernels, monkeypatch, rng, dtype
+):
+    # is_grads_batched (and vmap over torch.autograd.grad) hands the backward pass a batched
+    # upstream, which the in-place rewrite cannot read: each gradient is computed anew.
+    from softce_multi import kernels
+
+    monkeypatch.setattr(kernels, "use_triton", lambda *tensors: True)
+    logits, targets, mask = torch_arrays(draw_inputs(rng, SMALL_SHAPE), dtype, triton_device())
+    leaf = logits.clone().requires_grad_(True)
+    loss = softce_multi.masked_soft_cross_entropy(leaf, targets, mask)
+    upstreams = torch.tensor([1.0, 0.131, 3.0], device=logits.device)
+
+    (grads,) = torch.autograd.grad(loss, leaf, upstreams, is_grads_batched=True)
+
+    for grad, upstream in zip(grads, upstreams.tolist(), strict=True):
+        assert_gradient_rounded_once(grad, logits, targets, mask, upstream=upstream)
+
+
 def test_rewriting_for_an_upstream_of_exactly_one_writes_nothing(triton_kernels, rng):
     # Each program reads the upstream on the device and leaves its row alone for exactly 1:
     # a buffer of sevens stays sevens. Another upstream writes every row.

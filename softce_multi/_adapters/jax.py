@@ -351,8 +351,9 @@ def linear_arguments(inputs: LinearLossInputs) -> tuple[LinearArrays, str, int]:
     weights = jax.lax.stop_gradient(jnp.reshape(jnp.astype(position_mask, dtype), (-1,)))
     count = None if num_valid is None else jax.lax.stop_gradient(jnp.asarray(num_valid, dtype))
     if chunk_rows is None:
+        hidden_size = weight.shape[1] if _chunks.is_static(weight.shape[1]) else 0
         chunk_rows = _linear.default_chunk_rows(
-            weight.shape[0], dtype, xp=jnp, copies=1, hidden_size=weight.shape[1]
+            weight.shape[0], dtype, xp=jnp, copies=1, hidden_size=hidden_size
         )
     rows = math.prod(hidden.shape[:-1])
     chunk = max(1, min(chunk_rows, rows)) if _chunks.is_static(rows) else rows

@@ -237,11 +237,15 @@ class _MaskedSoftCrossEntropyFunction(torch.autograd.Function):
         if wants_logits and ctx.has_logits_grad:
             if scaled_exactly(logits):
                 grad_z = scaled_by_upstream(logits_grad, grad_loss)
-            elif not torch._C._autograd._get_current_graph_task_keep_graph():
+            elif (
+                plain_and_eager(grad_loss)
+                and not torch._C._autograd._get_current_graph_task_keep_graph()
+            ):
                 grad_z = _for_upstream(
                     logits, target_probs, logits_grad, saved_rows, row_scale, grad_loss
                 )
-            # Else a 16-bit gradient with a graph kept: computed again below, into a new tensor.
+            # Else (a graph kept, a batched upstream, a compiled backward pass) the 16-bit
+            # gradient is computed again below, into a new tensor.
         recomputed, grad_p = _core.gradient_pass(
             logits,
             target_probs,
