@@ -265,12 +265,14 @@ def add_product(total: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 def _accumulates_in_float32(total: Tensor, a: Tensor, b: Tensor) -> bool:
     """Whether ``torch.addmm(total, a, b, out_dtype=torch.float32)`` runs: a float32 ``total``,
-    16-bit ``a`` and ``b`` of one dtype, on a CUDA device of compute capability 8 or more."""
+    16-bit ``a`` and ``b`` of one dtype, on an NVIDIA device of compute capability 8 or more
+    (not a ROCm build, whose ``"cuda"`` devices this kernel is not known to serve)."""
     return (
         total.dtype == torch.float32
         and a.dtype in (torch.bfloat16, torch.float16)
         and b.dtype == a.dtype
         and total.device.type == "cuda"
+        and torch.version.hip is None
         and torch.cuda.get_device_capability(total.device)[0] >= 8
     )
 
