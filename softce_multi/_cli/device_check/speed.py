@@ -76,8 +76,25 @@ def _compiled_formula(device: str) -> Callable[[Any, Any, Any], Any]:
     return _torch_step(torch.compile(nemo_formula, dynamic=False))
 
 
+#: An EAGLE-3 step weight (0.8 / 2.44) as the upstream gradient of the loss.
+STEP_WEIGHT = 0.8 / 2.44
+
+
+def _softce_torch_weighted(device: str) -> Callable[[Any, Any, Any], Any]:
+    """softce_multi's loss times :data:`STEP_WEIGHT`: with bf16 logits its backward pass
+    computes the gradient again with the upstream inside, where an upstream of 1 hands over the
+    forward kernel's (``rewrite_for_upstream_``)."""
+    import softce_multi
+
+    def weighted(logits: Any, target: Any, mask: Any) -> Any:
+        return softce_multi.masked_soft_cross_entropy(logits, target, mask) * STEP_WEIGHT
+
+    return _torch_step(weighted)
+
+
 TORCH_IMPLEMENTATIONS: dict[str, tuple[Callable[[str], Any], str | None]] = {
     "softce_multi[torch]": (_softce_torch, None),
+    "softce_multi[torch], upstream 0.33": (_softce_torch_weighted, None),
     NEMO_KERNEL: (_nemo_kernel, "nemo_automodel"),
     "NeMo formula[torch]": (_nemo_formula, None),
     "F.cross_entropy[torch]": (_torch_cross_entropy, None),
