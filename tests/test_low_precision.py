@@ -78,6 +78,8 @@ HIDDEN = 64
 #: How much larger the root-sum-square error of a linear-loss gradient may be than the
 #: materialised formula's (see :func:`assert_linear_gradients_as_accurate`).
 LINEAR_MARGIN = 0.02
+#: Bits of the significand after the leading one, per dtype: an ulp of ``x`` in ``[1, 2)``.
+MANTISSA_BITS = {"bfloat16": 7, "float16": 10, "float32": 23, "float64": 52}
 #: The fraction of entries of a unit-upstream gradient that must equal the formula's bits.
 SAME_BITS = 0.999
 
@@ -816,10 +818,16 @@ def assert_linear_gradients_as_accurate(
     chance. Over a whole gradient the errors average out: one rounded once, as the formula's,
     has the formula's error norm to 0.1% (it rounds the same float32 values: mostly the same
     bits), and one rounded twice has 1.2 to 1.5 times it (measured). Hence the 2% margin.
+    Beyond it, one entry may land one ulp (of the gradient's largest entry) on the other side:
+    on the bias gradient, ``V`` entries of which a few dominate the norm, a single such entry
+    moved the ratio to 1.029 once in about 500 draws.
     """
     for name, (error, formula_error) in linear_errors(actual, formula, exact).items():
         assert dtype_name(actual[name]) == dtype_name(formula[name]), name
-        if error > (1 + LINEAR_MARGIN) * formula_error:
+        largest = float(np.max(np.abs(to_float64(formula[name])), initial=0.0))
+        bits = MANTISSA_BITS[dtype_name(formula[name])]
+        one_ulp = float(np.ldexp(1.0, np.frexp(largest)[1] - 1 - bits)) if largest else 0.0
+        if error > (1 + LINEAR_MARGIN) * formula_error and error**2 > formula_error**2 + one_ulp**2:
             msg = (
                 f"the {dtype_name(actual[name])} gradient to {name} is {error:.4g} from the "
                 f"float64 one (root-sum-square), {error / formula_error:.3f} times the "
