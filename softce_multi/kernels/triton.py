@@ -224,48 +224,6 @@ def _forward_kernel(
 
 
 @triton.jit
-def _saved_row_gradient(
-    z_ptr,
-    z_row_stride,
-    z_col_stride,
-    p_ptr,
-    p_row_stride,
-    p_col_stride,
-    row_max_ptr,
-    log_sum_exp_ptr,
-    target_sum_ptr,
-    logits_grad_ptr,
-    targets_grad_ptr,
-    n_cols,
-    row,
-    scale,
-    LOGITS: tl.constexpr,
-    TARGETS: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr,
-):
-    """Write the gradients of row ``row`` from its saved statistics, with row scale ``scale``."""
-    compute = row_max_ptr.dtype.element_ty
-    _gradient_sweep(
-        z_ptr + row * z_row_stride,
-        z_col_stride,
-        p_ptr + row * p_row_stride,
-        p_col_stride,
-        logits_grad_ptr + row * n_cols,
-        targets_grad_ptr + row * n_cols,
-        n_cols,
-        tl.load(row_max_ptr + row).to(compute),
-        tl.load(log_sum_exp_ptr + row).to(compute),
-        tl.load(target_sum_ptr + row).to(compute),
-        scale,
-        LOGITS=LOGITS,
-        TARGETS=TARGETS,
-        LAST_FIRST=False,
-        COMPUTE=compute,
-        BLOCK_SIZE=BLOCK_SIZE,
-    )
-
-
-@triton.jit
 def _backward_kernel(
     z_ptr,
     z_row_stride,
@@ -284,24 +242,24 @@ def _backward_kernel(
     TARGETS_GRAD: tl.constexpr,
     BLOCK_SIZE: tl.constexpr,
 ):
+    compute = row_max_ptr.dtype.element_ty
     row = tl.program_id(0).to(tl.int64)
-    _saved_row_gradient(
-        z_ptr,
-        z_row_stride,
+    _gradient_sweep(
+        z_ptr + row * z_row_stride,
         z_col_stride,
-        p_ptr,
-        p_row_stride,
+        p_ptr + row * p_row_stride,
         p_col_stride,
-        row_max_ptr,
-        log_sum_exp_ptr,
-        target_sum_ptr,
-        logits_grad_ptr,
-        targets_grad_ptr,
+        logits_grad_ptr + row * n_cols,
+        targets_grad_ptr + row * n_cols,
         n_cols,
-        row,
-        tl.load(scale_ptr + row).to(row_max_ptr.dtype.element_ty),
+        tl.load(row_max_ptr + row).to(compute),
+        tl.load(log_sum_exp_ptr + row).to(compute),
+        tl.load(target_sum_ptr + row).to(compute),
+        tl.load(scale_ptr + row).to(compute),
         LOGITS=LOGITS_GRAD,
         TARGETS=TARGETS_GRAD,
+        LAST_FIRST=False,
+        COMPUTE=compute,
         BLOCK_SIZE=BLOCK_SIZE,
     )
 
@@ -329,23 +287,23 @@ def _upstream_gradient_kernel(
     if upstream != 1:
         row = tl.program_id(0).to(tl.int64)
         unit_scale = tl.load(scale_ptr + row).to(compute)
-        _saved_row_gradient(
-            z_ptr,
-            z_row_stride,
+        out = logits_grad_ptr + row * n_cols
+        _gradient_sweep(
+            z_ptr + row * z_row_stride,
             z_col_stride,
-            p_ptr,
-            p_row_stride,
+            p_ptr + row * p_row_stride,
             p_col_stride,
-            row_max_ptr,
-            log_sum_exp_ptr,
-            target_sum_ptr,
-            logits_grad_ptr,
-            logits_grad_ptr,
+            out,
+            out,
             n_cols,
-            row,
+            tl.load(row_max_ptr + row).to(compute),
+            tl.load(log_sum_exp_ptr + row).to(compute),
+            tl.load(target_sum_ptr + row).to(compute),
             tl.where(unit_scale == 0, 0.0, unit_scale * upstream),
             LOGITS=True,
             TARGETS=False,
+            LAST_FIRST=False,
+            COMPUTE=compute,
             BLOCK_SIZE=BLOCK_SIZE,
         )
 
