@@ -32,7 +32,7 @@ STAGE_LIMIT_S = {
     "environment": 30,
     "resources": 60,
     "torch-parity": 150,
-    "torch-speed": 120,
+    "torch-speed": 150,
     "hidden": 60,
     "jax-parity": 75,
     "jax-speed": 75,
