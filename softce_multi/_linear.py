@@ -53,6 +53,7 @@ __all__ = [
     "chunked_gradient_pass",
     "chunked_loss_pass",
     "default_chunk_rows",
+    "finish_gradients",
 ]
 
 #: Bytes of the ``[chunk, V]`` arrays that one chunk holds at once (its logits and, unless the
@@ -253,6 +254,7 @@ def chunked_loss_pass(
     logits_copies: int = 2,
     matmul_dtype: Any = None,
     fresh: Fresh | None = None,
+    finish: bool = True,
 ) -> LinearForwardResult:
     """The loss of validated inputs, and the gradients asked for, chunk by chunk of rows.
 
@@ -288,6 +290,11 @@ def chunked_loss_pass(
         ``hidden @ weight.T + bias``. The gradients come back in their inputs' dtypes.
     fresh
         Applied to every accumulator before the first chunk (see :data:`Fresh`).
+    finish
+        Whether to return the gradients in the shapes and dtypes of their inputs; False returns
+        the sums as accumulated (``[N, H]`` rows, the weight and bias gradients in the
+        computation dtype), for a caller that frees what the chunks held (a reused logits
+        buffer) before :func:`finish_gradients` makes its copies.
 
     Returns
     -------
@@ -363,9 +370,9 @@ def chunked_loss_pass(
         batch_shape=inputs.hidden.shape[:-1],
         xp=xp,
     )
-    grads = None
-    if state.grads is not None:
-        grads = _finish_gradients(inputs.hidden, inputs.weight, inputs.bias, state.grads, xp=xp)
+    grads = state.grads
+    if grads is not None and finish:
+        grads = finish_gradients(inputs.hidden, inputs.weight, inputs.bias, grads, xp=xp)
     return LinearForwardResult(loss, grads, state.saved, row_scale)
 
 
@@ -390,6 +397,7 @@ def chunked_gradient_pass(
     matmul_dtype: Any = None,
     fresh: Fresh | None = None,
     target_ids: Array | None = None,
+    finish: bool = True,
 ) -> tuple[LinearGradients | None, Array | None]:
     """Recompute the logits chunk by chunk and return the gradients asked for.
 
@@ -397,8 +405,9 @@ def chunked_gradient_pass(
     multiplied by the upstream gradient (per row for ``"none"``). ``logits``, ``logits_copies`` and
     ``matmul_dtype`` must be those of the forward pass, which then gets the same chunks and the same
     logits, to the last bit (the saved statistics are theirs); ``fresh`` is as in
-    :func:`chunked_loss_pass`. Returns the :class:`~softce_multi._types.LinearGradients` (None in a
-    field not asked for; None altogether if none of the three is) and the gradient to
+    :func:`chunked_loss_pass`, as is ``finish``. Returns the
+    :class:`~softce_multi._types.LinearGradients` (None in a field not asked for; None
+    altogether if none of the three is) and the gradient to
     ``target_probs`` in its dtype and shape (None if not asked for). With ``target_ids`` (sparse
     targets), ``gradient_routine`` must take them.
     """
@@ -454,9 +463,9 @@ def chunked_gradient_pass(
         return _BackwardState(grads, grad_targets)
 
     state = _chunks.over_chunks(n_rows, chunk, step, state, loop)
-    grads = None
-    if state.grads is not None:
-        grads = _finish_gradients(hidden, weight, bias, state.grads, xp=xp)
+    grads = state.grads
+    if grads is not None and finish:
+        grads = finish_gradients(hidden, weight, bias, grads, xp=xp)
     grad_targets = state.grad_targets
     if grad_targets is not None:
         grad_targets = xp.reshape(grad_targets, target_probs.shape)
@@ -566,10 +575,11 @@ def _empty(x: Array, *, xp: Namespace) -> Array:
     return xp.empty(x.shape, dtype=x.dtype, device=_compat.device(x))
 
 
-def _finish_gradients(
+def finish_gradients(
     hidden: Array, weight: Array, bias: Array | None, sums: LinearGradients, *, xp: Namespace
 ) -> LinearGradients:
-    """The summed gradients in the shapes and dtypes of their inputs."""
+    """The summed gradients of a chunked pass (``finish=False``) in the shapes and dtypes of
+    their inputs."""
     return LinearGradients(
         None if sums.hidden is None else xp.reshape(sums.hidden, hidden.shape),
         None if sums.weight is None else xp.astype(sums.weight, weight.dtype, copy=False),

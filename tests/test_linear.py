@@ -847,6 +847,46 @@ def test_torch_chunks_share_one_logits_buffer_that_takes_their_gradient(monkeypa
         assert_gradient_close(grad, want, "float64")
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_torch_frees_the_logits_buffer_before_the_gradients_take_their_dtypes(
+    monkeypatch, reduction
+):
+    """The chunks' logits buffer is gone when the summed gradients are cast (bfloat16 weights:
+    the forward pass of ``"mean"`` is not where they are made, the backward pass is), so that
+    the cast copy of the weight gradient takes its place, not memory beside it."""
+    pytest.importorskip("torch")
+    import torch
+
+    from softce_multi._adapters import torch_linear
+
+    buffers: list[Any] = []
+    released_at_cast: list[bool] = []
+
+    class RecordedBuffer(torch_linear.LogitsBuffer):
+        def __init__(self) -> None:
+            super().__init__()
+            buffers.append(self)
+
+    finish = _linear.finish_gradients
+
+    def spy(*arguments: Any, **options: Any) -> Any:
+        released_at_cast.append(all(buffer._buffer is None for buffer in buffers))
+        return finish(*arguments, **options)
+
+    monkeypatch.setattr(torch_linear, "LogitsBuffer", RecordedBuffer)
+    monkeypatch.setattr(_linear, "finish_gradients", spy)
+    case = make_linear_case(Backend("torch-cpu", "torch", "cpu"), np.random.default_rng(25))
+    hidden, weight = (x.to(torch.bfloat16).requires_grad_() for x in case[:2])
+
+    loss = sc.linear_masked_soft_cross_entropy(
+        hidden, weight, case.target_probs, case.position_mask, reduction=reduction
+    )
+    loss.sum().backward()
+
+    assert buffers and released_at_cast == [True]
+    assert weight.grad is not None and weight.grad.dtype == torch.bfloat16
+
+
 def test_torch_default_chunk_takes_a_row_per_hidden_unit_beyond_the_byte_budget(monkeypatch):
     """With a byte budget of one row, the torch path's one-buffer chunk still takes ``H``
     rows: 18 rows of hidden size 8 make chunks of 8, 8 and 2."""

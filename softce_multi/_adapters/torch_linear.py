@@ -183,6 +183,7 @@ def linear_forward(
         chunk_rows,
         target_ids,
     )
+    buffer = LogitsBuffer()
     with torch.no_grad(), _explicit_dtypes(hidden):
         result = _linear.chunked_loss_pass(
             inputs,
@@ -192,11 +193,12 @@ def linear_forward(
             row_routine=_routines(hidden, target_ids).row_routine_over_logits,
             xp=torch_namespace,
             add=add_product,
-            logits=LogitsBuffer(),
+            logits=buffer,
             logits_copies=1,
             matmul_dtype=matmul_dtype,
+            finish=False,
         )
-    grads = result.grads or LinearGradients(None, None, None)
+    grads = _finished(hidden, weight, bias, result.grads, buffer)
     made = tuple(hidden.new_empty(0) if grad is None else grad for grad in grads)
     return (result.loss, *made, result.row_scale, *result.saved)
 
@@ -253,8 +255,9 @@ def linear_backward(
     one rounding. Returns the gradients to ``hidden``, ``weight``, ``bias`` and ``target_probs``,
     ``[0]`` for one not asked for.
     """
+    buffer = LogitsBuffer()
     with torch.no_grad(), _explicit_dtypes(hidden):
-        grads, grad_targets = _linear.chunked_gradient_pass(
+        sums, grad_targets = _linear.chunked_gradient_pass(
             hidden,
             weight,
             bias,
@@ -269,12 +272,13 @@ def linear_backward(
             gradient_routine=_routines(hidden, target_ids).gradient_routine_over_logits,
             xp=torch_namespace,
             add=add_product,
-            logits=LogitsBuffer(),
+            logits=buffer,
             logits_copies=1,
             matmul_dtype=matmul_dtype,
             target_ids=target_ids,
+            finish=False,
         )
-    made = grads or LinearGradients(None, None, None)
+    made = _finished(hidden, weight, bias, sums, buffer)
     return tuple(  # type: ignore[return-value]
         hidden.new_empty(0) if grad is None else grad for grad in (*made, grad_targets)
     )
@@ -301,6 +305,22 @@ def _(
     grads = _empty_linear_gradients(hidden, weight, bias, (hidden_grad, weight_grad, bias_grad))
     grad_targets = target_probs.new_empty(target_probs.shape if targets_grad else (0,))
     return (*grads, grad_targets)
+
+
+def _finished(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    sums: LinearGradients | None,
+    buffer: LogitsBuffer,
+) -> LinearGradients:
+    """The summed gradients of a chunked pass in their inputs' dtypes, made after the chunks'
+    logits ``buffer`` is freed: the 16-bit copy of a float32 weight gradient then takes its
+    place rather than adding to it."""
+    buffer.release()
+    if sums is None:
+        return LinearGradients(None, None, None)
+    return _linear.finish_gradients(hidden, weight, bias, sums, xp=torch_namespace)
 
 
 def _routines(hidden: Tensor, target_ids: Tensor | None) -> ModuleType:

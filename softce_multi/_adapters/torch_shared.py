@@ -237,6 +237,10 @@ class LogitsBuffer:
     def __init__(self) -> None:
         self._buffer: Tensor | None = None
 
+    def release(self) -> None:
+        """Drop the buffer: its memory is freed once no chunk's logits view it."""
+        self._buffer = None
+
     def __call__(self, hidden: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
         rows = hidden.shape[0]
         if self._buffer is None or self._buffer.shape[0] < rows:
